@@ -1,0 +1,199 @@
+"""How to reach etcd: endpoints, TLS, user/password, timeouts.
+
+From code (`EtcdConfig(...)`), from `DISTSERVE_ETCD*` environment variables (`EtcdConfig.from_env()`), or
+from command-line options (`EtcdConfig.add_arguments(parser)` + `EtcdConfig.from_args(args)`, options win
+over environment variables). The password is a `SecretStr`: it never shows in a repr, a log or an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
+
+ENV_ENDPOINTS = "DISTSERVE_ETCD_ENDPOINTS"
+ENV_CA = "DISTSERVE_ETCD_CA"
+ENV_CERT = "DISTSERVE_ETCD_CERT"
+ENV_KEY = "DISTSERVE_ETCD_KEY"
+ENV_USER = "DISTSERVE_ETCD_USER"
+ENV_PASSWORD = "DISTSERVE_ETCD_PASSWORD"
+ENV_TIMEOUT = "DISTSERVE_ETCD_TIMEOUT"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One etcd client URL, split: `host:port` is what gRPC dials, `tls` says how."""
+
+    url: str
+    host: str
+    port: int
+    tls: bool
+
+    @property
+    def target(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """Accept `http://h:p`, `https://h:p` or a bare `h:p` (plain, unless a CA is configured)."""
+    raw = text.strip()
+    if not raw:
+        raise ValueError("empty etcd endpoint")
+    if "://" not in raw:
+        raw = f"http://{raw}"
+    parts = urlsplit(raw)
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"etcd endpoint {text!r}: scheme must be http or https")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"etcd endpoint {text!r}: expected scheme://host:port only")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(f"etcd endpoint {text!r}: invalid port") from None
+    if not parts.hostname:
+        raise ValueError(f"etcd endpoint {text!r}: missing host")
+    port = port or 2379
+    return Endpoint(url=f"{parts.scheme}://{_host_for_url(parts.hostname)}:{port}", host=parts.hostname,
+                    port=port, tls=parts.scheme == "https")
+
+
+def _host_for_url(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+class EtcdConfig(BaseModel):
+    """Client settings. Files are paths to PEM files; `timeout` bounds every call, retries included."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    endpoints: list[str] = Field(default_factory=lambda: [DEFAULT_ENDPOINT], min_length=1)
+    ca_cert: str | None = None  # CA bundle that signed the etcd server certificates (turns TLS on)
+    cert: str | None = None  # client certificate (mutual TLS), needs `key`
+    key: str | None = None
+    user: str | None = None
+    password: SecretStr | None = None
+    timeout: float = 5.0
+    # Re-authenticate this often (etcd's simple tokens expire after --auth-token-ttl, 300 s by default);
+    # an expired token is also refreshed on demand.
+    token_refresh_interval: float = 120.0
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _split_endpoints(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("endpoints")
+    @classmethod
+    def _check_endpoints(cls, value: list[str]) -> list[str]:
+        return [parse_endpoint(item).url for item in value]
+
+    @field_validator("timeout", "token_refresh_interval")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError("must be > 0 seconds")
+        return value
+
+    @model_validator(mode="after")
+    def _check_pairs(self) -> "EtcdConfig":
+        if bool(self.cert) != bool(self.key):
+            raise ValueError("a client certificate needs both cert and key")
+        if self.password is not None and not self.user:
+            raise ValueError("a password needs a user")
+        for name in ("ca_cert", "cert", "key"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ValueError(f"{name}: no such file: {path}")
+        return self
+
+    # --- derived -------------------------------------------------------------------------------------
+    @property
+    def parsed_endpoints(self) -> list[Endpoint]:
+        return [parse_endpoint(url) for url in self.endpoints]
+
+    @property
+    def tls(self) -> bool:
+        """TLS is on when a CA is given or any endpoint says https."""
+        return bool(self.ca_cert) or any(ep.tls for ep in self.parsed_endpoints)
+
+    def read_tls_files(self) -> tuple[bytes | None, bytes | None, bytes | None]:
+        """(ca, key, cert) PEM bytes; the CA may be None (system roots) when only https is given."""
+
+        def read(path: str | None) -> bytes | None:
+            return Path(path).read_bytes() if path else None
+
+        return read(self.ca_cert), read(self.key), read(self.cert)
+
+    def describe(self) -> str:
+        """A one-line summary safe for logs (never the password)."""
+        auth = f" user={self.user}" if self.user else ""
+        tls = " tls" if self.tls else ""
+        mtls = "+client-cert" if self.cert else ""
+        return f"etcd {','.join(self.endpoints)}{tls}{mtls}{auth} timeout={self.timeout}s"
+
+    # --- environment and command line ----------------------------------------------------------------
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "EtcdConfig":
+        """Read DISTSERVE_ETCD_ENDPOINTS (comma list), _CA, _CERT, _KEY, _USER, _PASSWORD, _TIMEOUT."""
+        env = os.environ if environ is None else environ
+        values: dict[str, object] = {}
+        mapping = {
+            "endpoints": ENV_ENDPOINTS, "ca_cert": ENV_CA, "cert": ENV_CERT, "key": ENV_KEY,
+            "user": ENV_USER, "password": ENV_PASSWORD, "timeout": ENV_TIMEOUT,
+        }
+        for field, var in mapping.items():
+            raw = env.get(var)
+            if raw is not None and raw.strip() != "":
+                values[field] = raw.strip() if field != "password" else raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("etcd", "where the cluster state lives (each also from DISTSERVE_ETCD_*)")
+        group.add_argument("--etcd", dest="etcd_endpoints", metavar="ENDPOINTS",
+                           help=f"comma-separated etcd client URLs (env {ENV_ENDPOINTS}; default {DEFAULT_ENDPOINT})")
+        group.add_argument("--etcd-ca", dest="etcd_ca", metavar="FILE", help=f"CA bundle, turns TLS on (env {ENV_CA})")
+        group.add_argument("--etcd-cert", dest="etcd_cert", metavar="FILE", help=f"client certificate (env {ENV_CERT})")
+        group.add_argument("--etcd-key", dest="etcd_key", metavar="FILE", help=f"client key (env {ENV_KEY})")
+        group.add_argument("--etcd-user", dest="etcd_user", metavar="USER", help=f"etcd user (env {ENV_USER})")
+        group.add_argument("--etcd-password", dest="etcd_password", metavar="PASSWORD",
+                           help=f"etcd password; prefer env {ENV_PASSWORD} (command lines are visible to ps)")
+        group.add_argument("--etcd-timeout", dest="etcd_timeout", metavar="SECONDS", type=float,
+                           help=f"bound on every etcd call, retries included (env {ENV_TIMEOUT}; default 5)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> "EtcdConfig":
+        """Options from add_arguments(); each one given wins over its environment variable."""
+        return cls.from_env(
+            environ,
+            endpoints=getattr(args, "etcd_endpoints", None),
+            ca_cert=getattr(args, "etcd_ca", None),
+            cert=getattr(args, "etcd_cert", None),
+            key=getattr(args, "etcd_key", None),
+            user=getattr(args, "etcd_user", None),
+            password=getattr(args, "etcd_password", None),
+            timeout=getattr(args, "etcd_timeout", None),
+        )
+
+
+def config_error_message(exc: Exception) -> str:
+    """One line for a CLI from a pydantic ValidationError (never echoes the password)."""
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        parts = []
+        for err in errors():
+            loc = ".".join(str(x) for x in err.get("loc", ())) or "etcd config"
+            parts.append(f"{loc}: {err.get('msg', '')}".replace("Value error, ", ""))
+        return "invalid etcd configuration: " + "; ".join(parts)
+    return f"invalid etcd configuration: {exc}"
