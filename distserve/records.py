@@ -79,6 +79,8 @@ class EngineRecord(VersionedRecord):
     id: str
     # New whenever the engine process or the agent's lease is new; links name both incarnations.
     incarnation: str
+    # The engine process's identity (survives agent restarts and new leases; docs/agent.md "Incarnations").
+    instance: str | None = None
     role: Role
     # The URL peers and routers use (never 0.0.0.0); also the engine id used in the lmdeploy handshake.
     url: str
@@ -106,6 +108,9 @@ class LinkRecord(VersionedRecord):
     decode_id: str
     prefill_incarnation: str
     decode_incarnation: str
+    # The engine processes the link was made with; an agent adopts a link only while both are unchanged.
+    prefill_instance: str | None = None
+    decode_instance: str | None = None
     state: LinkState
     protocol: TransferProtocol = "tcp"
     handshake_ms: float | None = None
