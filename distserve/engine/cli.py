@@ -1,0 +1,213 @@
+"""`distserve engine`: the CPU reference engine (or, with --null, a torch-free stand-in).
+
+Importing this module imports neither torch nor dlslime; only the real model path does, at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from aiohttp import web
+
+from distserve.protocol import PROTOCOL_BY_NAME, EngineRole
+
+log = logging.getLogger("distserve.engine")
+
+ROLES = {"hybrid": EngineRole.Hybrid, "prefill": EngineRole.Prefill, "decode": EngineRole.Decode}
+
+
+@dataclass
+class ServedEngine:
+    """One engine listening on one port (several in one process with --null --count N)."""
+
+    engine: "object"  # distserve.engine.core.Engine
+    url: str
+    host: str
+    port: int
+    runner: web.AppRunner
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--role", choices=sorted(ROLES), default="hybrid", help="engine role (default hybrid)")
+    parser.add_argument("--host", default="127.0.0.1", help="HTTP interface to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=23333, help="HTTP port (0: any free port; with --count, the "
+                        "first of N consecutive ports)")
+    parser.add_argument("--model-config", metavar="FILE", help="model and KV-cache configuration (JSON, see "
+                        "docs/reference-engine.md)")
+    parser.add_argument("--model-name", help="served model name (default: the config's name)")
+    parser.add_argument("--weights", metavar="FILE", help="safetensors weights (default: random from --seed)")
+    parser.add_argument("--seed", type=int, help="weight seed (overrides the config)")
+    parser.add_argument("--num-blocks", type=int, help="KV blocks in the pool (overrides the config)")
+    parser.add_argument("--block-size", type=int, help="tokens per KV block (overrides the config)")
+    parser.add_argument("--null", action="store_true", help="null mode: no model, instant deterministic answers, "
+                        "real handshakes and KV bookkeeping without moving data (no torch, no dlslime)")
+    parser.add_argument("--count", type=int, default=1, help="serve N engines in this process (null mode only)")
+    parser.add_argument("--api-keys", nargs="+", metavar="KEY", default=None,
+                        help="accepted Bearer keys; every route but /health then needs one "
+                             "(env DISTSERVE_ENGINE_API_KEYS, comma separated)")
+    parser.add_argument("--peer-token", default=None, help="Bearer key for calls to other engines (free_cache); "
+                        "default: env DISTSERVE_CLUSTER_TOKEN")
+    parser.add_argument("--migration-protocol", choices=sorted(PROTOCOL_BY_NAME), default="tcp",
+                        help="KV transport (tcp here; rdma and nvlink need the hardware)")
+    parser.add_argument("--transfer-host", default=None, help="interface the transfer endpoints bind to and "
+                        "advertise (default: --host, or 127.0.0.1 when --host is 0.0.0.0)")
+    parser.add_argument("--preserve-ttl", type=float, default=60.0, help="seconds a prefill keeps KV no decode "
+                        "claimed (default 60)")
+    parser.add_argument("--migration-deadline", type=float, default=30.0, help="seconds before a KV pull fails "
+                        "(default 30)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together (default 64)")
+    parser.add_argument("--max-prefill-tokens", type=int, default=4096, help="prompt tokens per prefill step")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    _add_agent_arguments(parser)
+
+
+# ---- In-process agent hook (the agent component's spot) ------------------------------------------------
+# `distserve engine --etcd ...` will start an agent next to each engine. Its flags go in
+# `_add_agent_arguments`; `_start_sidecars` runs once every engine listens (and /health answers 200) and
+# returns async cleanups, awaited on shutdown before the engines stop (so an agent can deregister first).
+def _add_agent_arguments(parser: argparse.ArgumentParser) -> None:
+    return None
+
+
+async def _start_sidecars(args: argparse.Namespace,
+                          served: list[ServedEngine]) -> list[Callable[[], Awaitable[None]]]:
+    return []
+# --------------------------------------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    pass
+
+
+def _settings(args: argparse.Namespace, model) -> "object":
+    from distserve.engine.core import EngineSettings
+
+    host = args.host
+    transfer_host = args.transfer_host or ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host)
+    if transfer_host in ("0.0.0.0", "::"):
+        raise ConfigError("--transfer-host must be a concrete private interface, never 0.0.0.0")
+    return EngineSettings(
+        role=ROLES[args.role],
+        model_name=args.model_name or model.name,
+        protocol=PROTOCOL_BY_NAME[args.migration_protocol],
+        transfer_host=transfer_host,
+        preserve_ttl=args.preserve_ttl,
+        migration_deadline=args.migration_deadline,
+        peer_token=args.peer_token or os.environ.get("DISTSERVE_CLUSTER_TOKEN") or None,
+        null=args.null,
+    )
+
+
+def _api_keys(args: argparse.Namespace) -> list[str] | None:
+    if args.api_keys:
+        return list(args.api_keys)
+    env = os.environ.get("DISTSERVE_ENGINE_API_KEYS", "")
+    keys = [k.strip() for k in env.split(",") if k.strip()]
+    return keys or None
+
+
+def _load_model_config(args: argparse.Namespace):
+    from pydantic import ValidationError
+
+    from distserve.engine.config import ModelConfig
+
+    try:
+        return ModelConfig.load(args.model_config, {"seed": args.seed, "num_blocks": args.num_blocks,
+                                                    "block_size": args.block_size, "weights": args.weights})
+    except (OSError, ValueError, ValidationError) as exc:
+        first = str(exc).strip().splitlines()
+        raise ConfigError(f"bad model configuration: {' '.join(first[:3])}") from None
+
+
+def _make_executor(args: argparse.Namespace, model):
+    if args.null:
+        from distserve.engine.core import NullExecutor
+
+        return NullExecutor()
+    from distserve.engine.torch_backend import TorchExecutor  # the only place torch is imported
+
+    return TorchExecutor(model, threads=args.threads, max_batch_size=args.max_batch_size,
+                         max_prefill_tokens=args.max_prefill_tokens)
+
+
+async def _serve(args: argparse.Namespace) -> int:
+    from distserve.engine.core import Engine
+    from distserve.engine.server import create_app
+
+    model = _load_model_config(args)
+    keys = _api_keys(args)
+    if args.count < 1 or (args.count > 1 and not args.null):
+        raise ConfigError("--count N > 1 needs --null (one real engine per process)")
+    if not args.null:
+        from distserve.migration.errors import TransportUnavailable
+        from distserve.migration.transport import check_transport
+
+        try:
+            check_transport(PROTOCOL_BY_NAME[args.migration_protocol])
+        except TransportUnavailable as exc:
+            raise ConfigError(exc.message) from None
+    served: list[ServedEngine] = []
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    cleanups: list[Callable[[], Awaitable[None]]] = []
+    try:
+        for i in range(args.count):
+            engine = Engine(model, _settings(args, model), _make_executor(args, model))
+            await engine.start()
+            runner = web.AppRunner(create_app(engine, keys), access_log=None, handle_signals=False)
+            await runner.setup()
+            port = args.port + i if args.port else 0
+            site = web.TCPSite(runner, args.host, port, reuse_address=True)
+            try:
+                await site.start()
+            except OSError as exc:
+                await runner.cleanup()
+                await engine.stop()
+                raise ConfigError(f"cannot listen on {args.host}:{port}: {exc.strerror or exc}") from None
+            real_port = runner.addresses[0][1]
+            shown = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
+            url = f"http://{shown}:{real_port}"
+            served.append(ServedEngine(engine, url, args.host, real_port, runner))
+            print(f"distserve engine ready: role={args.role} kind={'null' if args.null else 'reference'} "
+                  f"url={url} instance_id={engine.settings.instance_id}", flush=True)
+        cleanups = await _start_sidecars(args, served)
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        for cleanup in reversed(cleanups):
+            try:
+                await asyncio.wait_for(cleanup(), 10)
+            except Exception:  # noqa: BLE001 - shutdown goes on
+                log.exception("sidecar cleanup failed")
+        for item in served:
+            item.engine.healthy = False
+        for item in served:
+            await item.runner.cleanup()
+            await item.engine.stop()
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        return asyncio.run(_serve(args))
+    except ConfigError as exc:
+        print(f"distserve engine: error: {exc}", file=sys.stderr)
+        return 2

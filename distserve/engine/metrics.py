@@ -1,0 +1,46 @@
+"""Prometheus text for GET /metrics (the engine observability contract in docs/internals.md)."""
+
+from __future__ import annotations
+
+# name -> (stats key, type, help)
+_METRICS = [
+    ("distserve_engine_requests_running", "requests_running", "gauge", "requests being prefilled or decoded"),
+    ("distserve_engine_requests_waiting", "requests_waiting", "gauge", "requests queued for KV blocks or a batch slot"),
+    ("distserve_engine_kv_blocks_used", "kv_blocks_used", "gauge", "KV blocks in use (running, preserved, migrating)"),
+    ("distserve_engine_kv_blocks_free", "kv_blocks_free", "gauge", "free KV blocks"),
+    ("distserve_engine_kv_blocks_total", "kv_blocks_total", "gauge", "KV blocks in the pool"),
+    ("distserve_engine_preserved_blocks", "preserved_blocks", "gauge", "prefill KV blocks kept for a decode engine"),
+    ("distserve_engine_preserved_sessions", "preserved_sessions", "gauge", "prefill sessions kept for a decode engine"),
+    ("distserve_engine_preserved_expired_total", "preserved_expired_total", "counter",
+     "preserved prefill sessions freed by their TTL (no decode claimed them)"),
+    ("distserve_engine_prefill_tokens_pending", "prefill_tokens_pending", "gauge", "prompt tokens not yet prefilled"),
+    ("distserve_engine_handshakes_total", "handshakes_total", "counter", "p2p_initialize calls served"),
+    ("distserve_engine_migrations_total", "migrations_total", "counter", "KV migrations pulled by this engine"),
+    ("distserve_engine_migration_failures_total", "migration_failures_total", "counter", "KV migrations that failed"),
+    ("distserve_engine_migration_bytes_total", "migration_bytes_total", "counter", "KV bytes pulled by this engine"),
+    ("distserve_engine_migration_seconds_total", "migration_seconds_total", "counter",
+     "time spent in successful KV pulls"),
+    ("distserve_engine_migration_quarantined_blocks", "quarantined_blocks", "gauge",
+     "local blocks held back after a migration deadline until the late reads finish"),
+    ("distserve_engine_peers", "peers", "gauge", "peers with a p2p handshake"),
+    ("distserve_engine_requests_total", "requests_total", "counter", "generation requests accepted"),
+    ("distserve_engine_request_errors_total", "request_errors_total", "counter", "requests answered with an error"),
+    ("distserve_engine_free_cache_total", "free_cache_total", "counter", "free_cache calls served"),
+]
+
+
+def render(stats: dict, labels: dict[str, str]) -> str:
+    lines = []
+    label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+    lines.append("# HELP distserve_engine_info engine identity (value is always 1)")
+    lines.append("# TYPE distserve_engine_info gauge")
+    lines.append(f"distserve_engine_info{{{label_text}}} 1")
+    for name, key, kind, help_text in _METRICS:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.append(f"{name} {stats.get(key, 0)}")
+    return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")

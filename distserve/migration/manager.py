@@ -1,0 +1,213 @@
+"""Per-peer transfer state of one engine: the p2p handshake routes and validated KV pulls.
+
+The decode side pulls: it validates the migration request against the peer's advertised pool geometry
+(from p2p_connect's cache_pools), plans coalesced reads and issues them with a deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+from distserve.migration.errors import MigrationError, TransportUnavailable
+from distserve.migration.geometry import PoolGeometry, plan_reads, validate_block_ids
+from distserve.migration.transport import MigrationTimeout, Transport, create_transport
+from distserve.protocol import (
+    PROTOCOL_NAMES,
+    ConnectionStatus,
+    ConnectRequest,
+    ConnectResponse,
+    DistServeEngineConfig,
+    DropConnectRequest,
+    EngineEndpointInfo,
+    InitRequest,
+    InitResponse,
+    KVTransferEndpointInfo,
+    MigrationProtocol,
+    MigrationRequest,
+)
+
+log = logging.getLogger("distserve.migration")
+
+
+@dataclass
+class Peer:
+    remote_engine_id: str
+    local_engine_id: str
+    transport: Transport
+    remote_config: DistServeEngineConfig
+    remote_geometry: PoolGeometry | None = None
+    connected: bool = False
+    created_at: float = field(default_factory=time.time)
+
+
+@dataclass
+class MigrationStats:
+    handshakes_total: int = 0
+    connects_total: int = 0
+    migrations_total: int = 0
+    migration_failures_total: int = 0
+    migration_bytes_total: int = 0
+    migration_seconds_total: float = 0.0
+    quarantined_blocks: int = 0
+
+
+class MigrationManager:
+    def __init__(self, local_geometry: PoolGeometry, local_config: DistServeEngineConfig,
+                 protocol: MigrationProtocol, transfer_host: str, pool_ptr: int | None = None,
+                 null: bool = False, deadline_s: float = 30.0, max_inflight_calls: int = 2) -> None:
+        self.local_geometry = local_geometry
+        self.local_config = local_config
+        self.protocol = protocol
+        self.transfer_host = transfer_host
+        self.pool_ptr = pool_ptr
+        self.null = null
+        self.deadline_s = deadline_s
+        self.max_inflight_calls = max_inflight_calls
+        self.peers: dict[str, Peer] = {}
+        self.stats = MigrationStats()
+        self._lock = asyncio.Lock()
+        self._watchers: set[asyncio.Task] = set()
+
+    # -- handshake ---------------------------------------------------------------------------------
+    def local_endpoint_info(self, transport: Transport) -> KVTransferEndpointInfo:
+        return KVTransferEndpointInfo(protocol=self.protocol, endpoint_info=json.dumps(transport.endpoint_info()),
+                                      cache_pools=[self.local_geometry.to_cache_pool()])
+
+    async def initialize(self, req: InitRequest) -> InitResponse:
+        """p2p_initialize: a fresh transfer endpoint for this peer (re-initializing replaces, never leaks)."""
+        self.stats.handshakes_total += 1
+        fail = self._check_init(req)
+        if fail:
+            raise MigrationError(fail, code="handshake_rejected")
+        transport = create_transport(self.protocol, self.transfer_host, self.pool_ptr,
+                                     self.local_geometry.total_bytes, null=self.null,
+                                     max_inflight_calls=self.max_inflight_calls)
+        async with self._lock:
+            old = self.peers.pop(req.remote_engine_id, None)
+            self.peers[req.remote_engine_id] = Peer(req.remote_engine_id, req.local_engine_id, transport,
+                                                    req.remote_engine_config)
+        if old is not None:
+            old.transport.close()
+        return InitResponse(status=ConnectionStatus.SUCCESS, engine_endpoint_info=EngineEndpointInfo(zmq_address=""),
+                            kvtransfer_endpoint_info=[self.local_endpoint_info(transport)])
+
+    def _check_init(self, req: InitRequest) -> str | None:
+        if req.protocol != self.protocol:
+            return (f"protocol {PROTOCOL_NAMES.get(req.protocol, req.protocol)} requested, this engine migrates with "
+                    f"{PROTOCOL_NAMES[self.protocol]}")
+        remote = req.remote_engine_config
+        if remote.block_size != self.local_config.block_size:
+            return f"block_size {remote.block_size} != {self.local_config.block_size}"
+        if remote.tp_size != self.local_config.tp_size:
+            return f"tp_size {remote.tp_size} != {self.local_config.tp_size}"
+        return None
+
+    async def connect(self, req: ConnectRequest) -> ConnectResponse:
+        self.stats.connects_total += 1
+        peer = self.peers.get(req.remote_engine_id)
+        if peer is None:
+            raise MigrationError(f"p2p_connect before p2p_initialize for {req.remote_engine_id}", status=409,
+                                 code="peer_not_initialized")
+        if req.protocol != self.protocol:
+            raise MigrationError(f"protocol {int(req.protocol)} != {int(self.protocol)}", code="handshake_rejected")
+        if len(req.remote_kvtransfer_endpoint_info) != 1:
+            raise MigrationError("expected one kvtransfer endpoint (tp_size 1)", code="handshake_rejected")
+        info = req.remote_kvtransfer_endpoint_info[0]
+        if not info.cache_pools or len(info.cache_pools) != 1:
+            raise MigrationError("the peer advertises no single cache pool: its block ids cannot be validated",
+                                 code="geometry_mismatch")
+        geo = PoolGeometry.from_cache_pool(info.cache_pools[0])
+        reason = self.local_geometry.mismatch(geo)
+        if reason:
+            raise MigrationError(f"KV geometry mismatch: {reason}", code="geometry_mismatch")
+        try:
+            endpoint_info = json.loads(info.endpoint_info)
+        except ValueError:
+            raise MigrationError("endpoint_info is not JSON", code="invalid_endpoint_info") from None
+        await peer.transport.connect(endpoint_info, geo.total_bytes)
+        peer.remote_geometry = geo
+        peer.connected = True
+        return ConnectResponse(status=ConnectionStatus.SUCCESS)
+
+    async def drop(self, req: DropConnectRequest) -> None:
+        async with self._lock:
+            peer = self.peers.pop(req.remote_engine_id, None)
+        if peer is not None:
+            peer.transport.close()
+
+    # -- migration ---------------------------------------------------------------------------------
+    def check(self, mig: MigrationRequest, num_prompt_tokens: int, block_size: int, vocab_size: int) -> Peer:
+        """Validate a decode request's migration_request before anything is allocated or read."""
+        if mig.protocol != self.protocol:
+            raise MigrationError(f"migration protocol {int(mig.protocol)} != this engine's {int(self.protocol)}")
+        if mig.is_dummy_prefill:
+            raise MigrationError("is_dummy_prefill is not supported")
+        peer = self.peers.get(mig.remote_engine_id)
+        if peer is None or not peer.connected or peer.remote_geometry is None:
+            raise MigrationError(f"unknown peer {mig.remote_engine_id!r}: no completed p2p handshake",
+                                 code="unknown_peer")
+        if not 0 <= mig.remote_token_id < vocab_size:
+            raise MigrationError(f"remote_token_id {mig.remote_token_id} out of range [0, {vocab_size})")
+        expected = -(-num_prompt_tokens // block_size)
+        if len(mig.remote_block_ids) != expected:
+            raise MigrationError(f"{len(mig.remote_block_ids)} remote blocks for a {num_prompt_tokens}-token prompt "
+                                 f"(expected {expected} of {block_size} tokens)", code="invalid_block_ids")
+        validate_block_ids(mig.remote_block_ids, peer.remote_geometry)
+        return peer
+
+    async def pull(self, peer: Peer, remote_ids: list[int], local_ids: list[int],
+                   on_quarantine_release=None) -> int:
+        """Read the peer's blocks into ours; returns bytes moved. Raises MigrationError.
+
+        On a deadline the local blocks may still be written later: the caller must not reuse them; when
+        `on_quarantine_release` is given it is called once the late reads have finished.
+        """
+        assert peer.remote_geometry is not None
+        plan = plan_reads(peer.remote_geometry, self.local_geometry, remote_ids, local_ids)
+        started = time.monotonic()
+        try:
+            await peer.transport.read(plan, started + self.deadline_s)
+        except MigrationTimeout as exc:
+            self.stats.migration_failures_total += 1
+            self.stats.quarantined_blocks += len(local_ids)
+            self._watch_late(exc.pending, peer.transport, len(local_ids), on_quarantine_release)
+            raise
+        except MigrationError:
+            self.stats.migration_failures_total += 1
+            raise
+        except Exception as exc:  # noqa: BLE001 - a transport bug must become a clean error
+            self.stats.migration_failures_total += 1
+            raise MigrationError(f"KV migration failed: {exc}", status=502, code="migration_failed") from None
+        moved = sum(n for _, _, n in plan)
+        self.stats.migrations_total += 1
+        self.stats.migration_bytes_total += moved
+        self.stats.migration_seconds_total += time.monotonic() - started
+        return moved
+
+    def _watch_late(self, pending, transport: Transport, nblocks: int, release) -> None:
+        async def watch() -> None:
+            while not all(transport.future_done(f) for f in pending):
+                await asyncio.sleep(0.5)
+            self.stats.quarantined_blocks -= nblocks
+            if release is not None:
+                release()
+
+        if not pending:
+            return  # nothing to watch: the blocks stay quarantined (counted) rather than risk corruption
+        task = asyncio.get_running_loop().create_task(watch())
+        self._watchers.add(task)
+        task.add_done_callback(self._watchers.discard)
+
+    async def close(self) -> None:
+        for task in list(self._watchers):
+            task.cancel()
+        for peer in list(self.peers.values()):
+            peer.transport.close()
+        self.peers.clear()
+
+
+__all__ = ["MigrationManager", "MigrationError", "TransportUnavailable", "Peer"]

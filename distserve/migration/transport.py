@@ -1,0 +1,238 @@
+"""One transfer endpoint per peer engine: the null transport (no data) and DLSlime TCP / RDMA / NVLink.
+
+dlslime is imported only when a DLSlime endpoint is created. Every DLSlime call that can block runs in a
+worker thread; completion is polled with `wait_for(0)` and back-off, never a blocking `wait()` on the
+event loop, and every read has a deadline that turns a hang into a clean error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from abc import ABC, abstractmethod
+from typing import Any
+
+from distserve.migration.errors import MigrationError, TransportUnavailable
+from distserve.migration.geometry import MAX_ASSIGNMENTS_PER_CALL, chunk
+from distserve.protocol import MigrationProtocol
+
+REMOTE_REGION = "peer_kv"
+LOCAL_REGION = "kv"
+
+
+class MigrationTimeout(MigrationError):
+    """A read did not finish before the deadline; `pending` futures may still write local memory."""
+
+    def __init__(self, message: str, pending: list[Any]) -> None:
+        super().__init__(message, status=504, code="migration_timeout")
+        self.pending = pending
+
+
+class Transport(ABC):
+    protocol: MigrationProtocol
+
+    @abstractmethod
+    def endpoint_info(self) -> dict: ...
+
+    @abstractmethod
+    async def connect(self, peer_info: dict, remote_pool_bytes: int) -> None: ...
+
+    @abstractmethod
+    async def read(self, plan: list[tuple[int, int, int]], deadline: float) -> None:
+        """Copy (remote_offset, local_offset, length) ranges from the peer's pool into ours."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    @staticmethod
+    def future_done(fut: Any) -> bool:
+        return True
+
+
+class NullTransport(Transport):
+    """For null-mode engines: the handshake shapes without moving any data."""
+
+    def __init__(self, protocol: MigrationProtocol, host: str) -> None:
+        self.protocol = protocol
+        self.host = host
+
+    def endpoint_info(self) -> dict:
+        return {"transport": "null", "host": self.host, "port": 0, "mr_info": {}}
+
+    async def connect(self, peer_info: dict, remote_pool_bytes: int) -> None:
+        if peer_info.get("transport") != "null":
+            raise MigrationError("a null engine can only link with null engines", code="transport_mismatch")
+
+    async def read(self, plan: list[tuple[int, int, int]], deadline: float) -> None:
+        await asyncio.sleep(0)
+
+    def close(self) -> None:
+        pass
+
+
+def _parse_peer_region(peer_info: dict, remote_pool_bytes: int) -> dict:
+    if not isinstance(peer_info, dict):
+        raise MigrationError("peer endpoint_info is not an object", code="invalid_endpoint_info")
+    mr = (peer_info.get("mr_info") or {}).get(LOCAL_REGION)
+    if not isinstance(mr, dict) or not isinstance(mr.get("addr"), int) or not isinstance(mr.get("length"), int):
+        raise MigrationError(f"peer endpoint_info has no '{LOCAL_REGION}' memory region", code="invalid_endpoint_info")
+    if mr["length"] < remote_pool_bytes:
+        raise MigrationError(f"peer memory region ({mr['length']} bytes) is smaller than its advertised KV pool "
+                             f"({remote_pool_bytes} bytes)", code="geometry_mismatch")
+    return mr
+
+
+async def _poll(fut: Any, deadline: float, failed: Any) -> None:
+    """Wait for a DLSlime future without blocking the loop; raise MigrationTimeout at the deadline."""
+    delay = 0.0001
+    while True:
+        status = fut.wait_for(0)
+        if status is not None:
+            if failed(status):
+                raise MigrationError(f"DLSlime read failed (status {status})", status=502, code="migration_failed")
+            return
+        if time.monotonic() >= deadline:
+            raise MigrationTimeout("KV migration did not finish before its deadline", [fut])
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.005)
+
+
+class DlslimeTcpTransport(Transport):
+    """DLSlime TcpEndpoint; works around its measured defects (see docs/reference-engine.md)."""
+
+    protocol = MigrationProtocol.TCP
+
+    def __init__(self, host: str, pool_ptr: int, pool_bytes: int, max_inflight_calls: int = 2,
+                 max_assignments: int = MAX_ASSIGNMENTS_PER_CALL) -> None:
+        try:
+            import dlslime
+        except ImportError as exc:  # e.g. libibverbs.so.1 missing
+            raise TransportUnavailable(f"dlslime cannot be imported: {exc}") from None
+        if host in ("0.0.0.0", "::", ""):
+            raise TransportUnavailable("the transfer endpoint must bind a concrete private interface, not 0.0.0.0")
+        self.endpoint = dlslime.TcpEndpoint(ip=host, port=0)
+        self.local_handle = self.endpoint.register_memory_region(LOCAL_REGION, pool_ptr, 0, pool_bytes)
+        self.remote_handle: int | None = None
+        # Bounded calls in flight per peer: each assignment opens a TCP connection and the listen backlog
+        # is 64, so more than two calls of 31 at once drop SYNs (1 s stalls).
+        self._inflight = asyncio.Semaphore(max(1, max_inflight_calls))
+        self._max_assignments = max_assignments
+
+    def endpoint_info(self) -> dict:
+        return self.endpoint.endpoint_info()
+
+    async def connect(self, peer_info: dict, remote_pool_bytes: int) -> None:
+        mr = _parse_peer_region(peer_info, remote_pool_bytes)
+        host, port = peer_info.get("host"), peer_info.get("port")
+        if not isinstance(host, str) or host in ("0.0.0.0", "::", "") or not isinstance(port, int) or not 0 < port < 65536:
+            raise MigrationError(f"peer transfer address {host!r}:{port!r} is not usable", code="invalid_endpoint_info")
+        await asyncio.to_thread(self.endpoint.connect, {"host": host, "port": port, "mr_info": {LOCAL_REGION: mr}})
+        self.remote_handle = await asyncio.to_thread(self.endpoint.register_remote_memory_region, REMOTE_REGION, mr)
+
+    async def read(self, plan: list[tuple[int, int, int]], deadline: float) -> None:
+        if self.remote_handle is None:
+            raise MigrationError("transfer endpoint is not connected to the peer", status=409, code="peer_not_connected")
+        for part in chunk(plan, self._max_assignments):
+            assigns = [(self.local_handle, self.remote_handle, r_off, l_off, length) for r_off, l_off, length in part]
+            async with self._inflight:
+                fut = self.endpoint.read(assigns)
+                await _poll(fut, deadline, failed=lambda st: st != 0)
+
+    @staticmethod
+    def future_done(fut: Any) -> bool:
+        return fut.wait_for(0) is not None
+
+    def close(self) -> None:
+        try:
+            self.endpoint.shutdown()
+        except Exception:  # noqa: BLE001 - closing is best effort
+            pass
+
+
+class DlslimeRdmaTransport(DlslimeTcpTransport):
+    """DLSlime RDMAEndpoint (one per peer, the whole pool one memory region), as lmdeploy uses it."""
+
+    protocol = MigrationProtocol.RDMA
+
+    def __init__(self, host: str, pool_ptr: int, pool_bytes: int, max_inflight_calls: int = 4,
+                 device_name: str = "", ib_port: int = 1, link_type: str = "auto") -> None:
+        try:
+            import dlslime
+        except ImportError as exc:
+            raise TransportUnavailable(f"dlslime cannot be imported: {exc}") from None
+        nics = dlslime.available_nic()
+        if not nics:
+            raise TransportUnavailable("RDMA migration needs an RDMA NIC, and this machine has none "
+                                       "(dlslime.available_nic() is empty); use --migration-protocol tcp")
+        try:
+            self.endpoint = dlslime.RDMAEndpoint(device_name=device_name or nics[0], ib_port=ib_port,
+                                                 link_type=link_type)
+        except RuntimeError as exc:
+            raise TransportUnavailable(f"cannot open RDMA device: {exc}") from None
+        self.local_handle = self.endpoint.register_memory_region(LOCAL_REGION, pool_ptr, 0, pool_bytes)
+        self.remote_handle = None
+        self._inflight = asyncio.Semaphore(max(1, max_inflight_calls))
+        self._max_assignments = 1 << 16  # the 31-assignment limit is a TCP defect only
+
+    async def connect(self, peer_info: dict, remote_pool_bytes: int) -> None:
+        mr = _parse_peer_region(peer_info, remote_pool_bytes)
+        await asyncio.to_thread(self.endpoint.connect, peer_info)
+        self.remote_handle = await asyncio.to_thread(self.endpoint.register_remote_memory_region, REMOTE_REGION, mr)
+
+    async def read(self, plan: list[tuple[int, int, int]], deadline: float) -> None:
+        if self.remote_handle is None:
+            raise MigrationError("transfer endpoint is not connected to the peer", status=409, code="peer_not_connected")
+        assigns = [(self.local_handle, self.remote_handle, r, l, n) for r, l, n in plan]
+        async with self._inflight:
+            fut = self.endpoint.read(assigns)
+            # RDMA futures raise on failure instead of returning a status: wait in a thread, bounded.
+            try:
+                await asyncio.wait_for(asyncio.to_thread(fut.wait), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise MigrationTimeout("KV migration did not finish before its deadline", []) from None
+            except RuntimeError as exc:
+                raise MigrationError(f"RDMA read failed: {exc}", status=502, code="migration_failed") from None
+
+
+def create_transport(protocol: MigrationProtocol, host: str, pool_ptr: int | None, pool_bytes: int,
+                     null: bool = False, max_inflight_calls: int = 2) -> Transport:
+    if null:
+        return NullTransport(protocol, host)
+    if pool_ptr is None:
+        raise TransportUnavailable("this engine has no KV pool memory to register")
+    if protocol == MigrationProtocol.TCP:
+        return DlslimeTcpTransport(host, pool_ptr, pool_bytes, max_inflight_calls=max_inflight_calls)
+    if protocol == MigrationProtocol.RDMA:
+        return DlslimeRdmaTransport(host, pool_ptr, pool_bytes)
+    if protocol == MigrationProtocol.NVLINK:
+        try:
+            import dlslime
+        except ImportError as exc:
+            raise TransportUnavailable(f"dlslime cannot be imported: {exc}") from None
+        if not hasattr(dlslime, "NVLinkEndpoint"):
+            raise TransportUnavailable("NVLink migration needs a dlslime build with NVLink (the PyPI wheel has "
+                                       "none) and a KV pool in GPU memory; this engine's pool is on the CPU")
+        raise TransportUnavailable("NVLink migration needs a KV pool in GPU memory; the reference engine "
+                                   "keeps its pool on the CPU")
+    raise TransportUnavailable(f"unknown migration protocol {protocol!r}")
+
+
+def check_transport(protocol: MigrationProtocol) -> None:
+    """Fail at start-up, with a clear message, when the configured transport cannot run here."""
+    if protocol == MigrationProtocol.TCP:
+        try:
+            import dlslime  # noqa: F401
+        except ImportError as exc:
+            raise TransportUnavailable(f"dlslime cannot be imported ({exc}); on Debian/Ubuntu install libibverbs1") \
+                from None
+        return
+    if protocol == MigrationProtocol.RDMA:
+        try:
+            import dlslime
+        except ImportError as exc:
+            raise TransportUnavailable(f"dlslime cannot be imported: {exc}") from None
+        if not dlslime.available_nic():
+            raise TransportUnavailable("--migration-protocol rdma needs an RDMA NIC, and this machine has none "
+                                       "(dlslime.available_nic() is empty); use --migration-protocol tcp")
+        return
+    create_transport(protocol, "127.0.0.1", 0, 0)  # NVLink: raises with the reason
