@@ -331,6 +331,11 @@ class EtcdClient:
             except EtcdError as exc:
                 log.warning("etcd: token refresh failed, will retry: %s", exc)
 
+    async def reauthenticate(self) -> None:
+        """Replace the current token (streams call this when etcd says it expired)."""
+        if self.config.user:
+            await self._authenticate(stale_token=self._token)
+
     async def handle_stream_error(self, conn: _Conn, exc: BaseException) -> str:
         """For watch/keepalive streams: classify, refresh an expired token, fail over. Returns the kind."""
         kind, detail = classify(exc)
