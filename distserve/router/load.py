@@ -1,0 +1,45 @@
+"""How busy each engine is, as this replica sees it.
+
+The agents publish `load/<engine>` (running + waiting) at most every 0.5 s; between two records this
+replica adds what it started and subtracts what finished since the last one, so its estimate moves with
+its own traffic at once and snaps back to the shared figure whenever a record arrives. Because every
+replica starts from the same shared record, replicas agree up to their own last half second of traffic.
+"""
+
+from __future__ import annotations
+
+from distserve.records import LoadRecord
+
+
+class LoadTracker:
+    def __init__(self) -> None:
+        self.own: dict[str, int] = {}  # requests this replica has in flight, per engine
+        self._delta: dict[str, int] = {}  # own starts - own ends since the engine's last load record
+        self._shared: dict[str, int] = {}  # in_flight from the last load record
+
+    def begin(self, engine_id: str) -> None:
+        self.own[engine_id] = self.own.get(engine_id, 0) + 1
+        self._delta[engine_id] = self._delta.get(engine_id, 0) + 1
+
+    def end(self, engine_id: str) -> None:
+        self.own[engine_id] = self.own.get(engine_id, 1) - 1
+        self._delta[engine_id] = self._delta.get(engine_id, 0) - 1
+
+    def on_load(self, engine_id: str, record: LoadRecord | None) -> None:
+        if record is None:
+            self._shared.pop(engine_id, None)
+        else:
+            self._shared[engine_id] = record.in_flight
+        self._delta[engine_id] = 0
+
+    def forget(self, engine_id: str) -> None:
+        self._shared.pop(engine_id, None)
+        self._delta.pop(engine_id, None)
+
+    def unfinished(self, engine_id: str) -> int:
+        shared = self._shared.get(engine_id)
+        own = self.own.get(engine_id, 0)
+        if shared is None:
+            return own
+        estimate = shared + self._delta.get(engine_id, 0)
+        return estimate if estimate > own else own

@@ -1,0 +1,418 @@
+"""One client request through the cluster: hybrid direct, or prefill -> KV migration -> decode.
+
+PD, following LMDeploy's DistServe protocol (docs/router.md has the whole story):
+1. pick a routable prefill P serving the model; POST the request with max_tokens=1 (chat: also
+   max_completion_tokens=1), stream=false, with_cache, preserve_cache. Its answer holds
+   `cache_block_ids`, `remote_token_ids` and `remote_session_id` (P's internal session id).
+2. pick a decode D with an established link to P; POST the client's original bytes with
+   `migration_request` spliced in (no re-serialization of the client body), and pass D's answer (or
+   stream) through byte for byte.
+3. P's preserved blocks are freed by D after the transfer; on every other exit path (decode error,
+   timeout, client disconnect) the router calls P's free_cache itself.
+
+Retries are bounded: an entry engine (prefill or hybrid) that fails before producing output is replaced
+by another one; a decode that fails before its first byte by another decode linked to the same prefill.
+A refused connection also opens that engine's circuit breaker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import sys
+import time
+from collections.abc import Callable
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from distserve.protocol import PROTOCOL_BY_NAME
+from distserve.records import EngineRecord
+from distserve.router.errors import ApiError
+from distserve.router.metrics import RouterMetrics
+from distserve.router.settings import RouterSettings
+from distserve.router.strategies import PickContext, Strategy
+from distserve.router.upstream import UpstreamError, classify_exception, classify_status
+from distserve.router.validation import CHAT, prompt_prefix
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _timeout
+else:  # pragma: no cover - aiohttp depends on async-timeout before 3.11
+    from async_timeout import timeout as _timeout
+
+log = logging.getLogger("distserve.router")
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+DONE_MARK = b"[DONE]"
+
+
+class RetryElsewhere(Exception):
+    """An attempt failed before any output reached the client: another engine may try."""
+
+    def __init__(self, error: UpstreamError, phase: str) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.phase = phase
+
+
+class Routing:
+    """The strategies in use; swapped at run time when etcd's config/routing changes."""
+
+    def __init__(self, entry: Strategy, decode: Strategy, weights: dict[str, float], params: dict) -> None:
+        self.entry = entry
+        self.decode = decode
+        self.weights = weights
+        self.params = params
+
+
+def splice_field(raw: bytes, name: bytes, value: bytes) -> bytes:
+    """Append `"name": value` to a JSON object given as bytes (validated: a non-empty object)."""
+    end = raw.rstrip()
+    return end[:-1] + b',"' + name + b'":' + value + b"}"
+
+
+class Orchestrator:
+    def __init__(self, settings: RouterSettings, view, metrics: RouterMetrics, session: Callable[[], aiohttp.ClientSession],
+                 routing: Callable[[], Routing], spawn: Callable, engine_headers: dict[str, str]) -> None:
+        self.s = settings
+        self.view = view
+        self.load = view.load
+        self.breakers = view.breakers
+        self.metrics = metrics
+        self._session = session
+        self._routing = routing
+        self._spawn = spawn  # runs a coroutine as an owned background task
+        self._engine_headers = engine_headers
+        s = settings
+        self._t_prefill = aiohttp.ClientTimeout(total=s.prefill_timeout, sock_connect=s.connect_timeout)
+        self._t_stream = aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout,
+                                               sock_read=s.decode_idle_timeout)
+        self._t_free = aiohttp.ClientTimeout(total=s.free_cache_timeout, sock_connect=s.connect_timeout)
+
+    # ------------------------------------------------------------------ entry
+    async def generate(self, request: web.Request, kind: str, path: str, raw: bytes, body: dict, model: str,
+                       rid: str, started: float) -> web.StreamResponse:
+        table = self.view.table()
+        if not table.entries.get(model):
+            if model not in table.known_models:
+                raise ApiError(404, f"The model `{model}` does not exist", "model_not_found", "model")
+            raise ApiError(503, f"no routable engine serves model `{model}` right now", "no_route")
+        headers = {**self._engine_headers, "X-Request-Id": rid}
+        stream = body.get("stream") is True
+        routing = self._routing()
+        ctx = PickContext(load=self.load, weights=routing.weights, params=routing.params,
+                          prefix=lambda n: prompt_prefix(kind, body, n))
+        tried: set[str] = set()
+        last: RetryElsewhere | None = None
+        for attempt in range(max(1, self.s.max_prefill_attempts)):
+            entries = self.view.table().entries.get(model) or ()
+            candidates = [e for e in entries if e not in tried]
+            if not candidates:
+                break
+            if attempt:
+                self.metrics.retries.inc((last.phase,))
+                await asyncio.sleep(random.uniform(0, 0.005 * attempt))  # jitter: spread retry bursts
+            engine_id = routing.entry.pick(candidates, ctx)
+            tried.add(engine_id)
+            engine = self.view.engines.get(engine_id)
+            if engine is None:
+                continue
+            try:
+                if engine.role == "hybrid":
+                    return await self._hybrid(request, engine, path, raw, stream, headers, started)
+                return await self._pd(request, kind, engine, path, raw, body, model, stream, headers, routing,
+                                      ctx, started)
+            except RetryElsewhere as exc:
+                last = exc
+                log.info("request %s: %s on %s failed before output (%s), trying another engine",
+                         rid, exc.phase, engine_id, exc.error.message)
+        if last is not None:
+            raise last.error.to_api_error(last.phase)
+        raise ApiError(503, f"no routable engine serves model `{model}` right now", "no_route")
+
+    # ------------------------------------------------------------------ failure bookkeeping
+    def _failed(self, engine: EngineRecord, phase: str, err: UpstreamError) -> None:
+        self.metrics.upstream_errors.inc((phase, err.kind))
+        if err.kind == "connect":
+            if self.breakers.trip(engine.id, engine.incarnation, engine.url, err.message):
+                self.metrics.breaker_trips.inc(("connect",))
+                self.view.invalidate()
+
+    def _upstream(self, exc: BaseException, engine: EngineRecord, phase: str) -> UpstreamError:
+        err = classify_exception(exc)
+        self._failed(engine, phase, err)
+        return err
+
+    # ------------------------------------------------------------------ hybrid
+    async def _hybrid(self, request: web.Request, engine: EngineRecord, path: str, raw: bytes, stream: bool,
+                      headers: dict, started: float) -> web.StreamResponse:
+        self.metrics.picks.inc(("hybrid", engine.id))
+        request["engines"] = engine.id
+        if stream:
+            resp, _ok = await self._stream_through(request, engine, path, raw, headers, started, "hybrid")
+            return resp
+        return await self._unary_through(engine, path, raw, headers, started, "hybrid")
+
+    # ------------------------------------------------------------------ PD
+    async def _pd(self, request: web.Request, kind: str, prefill: EngineRecord, path: str, raw: bytes, body: dict,
+                  model: str, stream: bool, headers: dict, routing: Routing, ctx: PickContext,
+                  started: float) -> web.StreamResponse:
+        self.metrics.picks.inc(("prefill", prefill.id))
+        request["engines"] = prefill.id
+        answer = await self._prefill(prefill, path, body, kind, headers)
+        session_id, token_id, block_ids = self._prefill_outputs(prefill, answer)
+        freed = False
+
+        def free() -> None:
+            nonlocal freed
+            if not freed:
+                freed = True
+                self._spawn(self._free_cache(prefill, session_id, headers))
+
+        try:
+            resp, ok = await self._decode(request, prefill, path, raw, model, stream, headers, routing, ctx,
+                                          session_id, token_id, block_ids, started)
+        except BaseException:
+            # decode error before output, timeout, client disconnect (CancelledError): P keeps the blocks
+            free()
+            raise
+        if not ok:
+            free()
+        return resp
+
+    async def _prefill(self, prefill: EngineRecord, path: str, body: dict, kind: str, headers: dict) -> dict:
+        pre = dict(body)
+        pre["max_tokens"] = 1
+        if kind == CHAT or "max_completion_tokens" in pre:
+            pre["max_completion_tokens"] = 1
+        pre["stream"] = False
+        pre.pop("stream_options", None)
+        pre.pop("min_new_tokens", None)
+        pre.pop("min_tokens", None)
+        pre["with_cache"] = True
+        pre["preserve_cache"] = True
+        data = orjson.dumps(pre)
+        t0 = time.perf_counter()
+        self.load.begin(prefill.id)
+        try:
+            async with self._session().post(prefill.url + path, data=data, headers=headers,
+                                            timeout=self._t_prefill) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every transport failure is classified
+            err = self._upstream(exc, prefill, "prefill")
+            if err.retryable:
+                raise RetryElsewhere(err, "prefill") from None
+            raise err.to_api_error("prefill") from None
+        finally:
+            self.load.end(prefill.id)
+        self.metrics.phase.observe(time.perf_counter() - t0, ("prefill",))
+        if status != 200:
+            err = classify_status(status, raw)
+            self._failed(prefill, "prefill", err)
+            if err.retryable:
+                raise RetryElsewhere(err, "prefill")
+            raise err.to_api_error("prefill")
+        try:
+            answer = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            answer = None
+        if not isinstance(answer, dict):
+            err = UpstreamError("answer", "prefill answer is not a JSON object")
+            self._failed(prefill, "prefill", err)
+            raise err.to_api_error("prefill")
+        return answer
+
+    def _prefill_outputs(self, prefill: EngineRecord, answer: dict) -> tuple[int, int, list[int]]:
+        session_id = answer.get("remote_session_id")
+        if type(session_id) is not int:
+            # lmdeploy 0.17/0.18 engines do not return it; their `id` is the user's session id (completions)
+            # or "chatcmpl-..." (chat), never P's internal session: only a true integer is trusted.
+            session_id = answer.get("id") if "remote_session_id" not in answer else None
+            if type(session_id) is not int:
+                self.metrics.session_id_missing.inc()
+                err = UpstreamError("answer", "the prefill engine did not return its session id "
+                                              "(remote_session_id); its preserved KV cannot be migrated or freed safely")
+                self._failed(prefill, "prefill", err)
+                raise err.to_api_error("prefill")
+        tokens = answer.get("remote_token_ids")
+        blocks = answer.get("cache_block_ids")
+        if (type(tokens) is not list or not tokens or type(tokens[0]) is not int or type(blocks) is not list
+                or any(type(b) is not int for b in blocks)):
+            err = UpstreamError("answer", "prefill answer lacks remote_token_ids / cache_block_ids")
+            self._failed(prefill, "prefill", err)
+            # it did preserve something under that session: give it back
+            self._spawn(self._free_cache(prefill, session_id, self._engine_headers))
+            raise err.to_api_error("prefill")
+        return session_id, tokens[0], blocks
+
+    async def _decode(self, request: web.Request, prefill: EngineRecord, path: str, raw: bytes, model: str,
+                      stream: bool, headers: dict, routing: Routing, ctx: PickContext, session_id: int,
+                      token_id: int, block_ids: list[int], started: float) -> tuple[web.StreamResponse, bool]:
+        tried: set[str] = set()
+        last: UpstreamError | None = None
+        for attempt in range(max(1, self.s.max_decode_attempts)):
+            decodes = self.view.table().decodes.get((prefill.id, model)) or ()
+            candidates = [d for d in decodes if d not in tried]
+            if not candidates:
+                break
+            if attempt:
+                self.metrics.retries.inc(("decode",))
+                await asyncio.sleep(random.uniform(0, 0.005 * attempt))
+            decode_id = routing.decode.pick(candidates, ctx)
+            tried.add(decode_id)
+            decode = self.view.engines.get(decode_id)
+            link = self.view.links.get((prefill.id, decode_id))
+            if decode is None or link is None:
+                continue
+            self.metrics.picks.inc(("decode", decode_id))
+            request["engines"] = f"{prefill.id}>{decode_id}"
+            migration = orjson.dumps({
+                "protocol": int(PROTOCOL_BY_NAME[link.protocol]),
+                "remote_engine_id": prefill.handshake_id,
+                "remote_session_id": session_id,
+                "remote_token_id": token_id,
+                "remote_block_ids": block_ids,
+                "is_dummy_prefill": False,
+            })
+            data = splice_field(raw, b"migration_request", migration)
+            try:
+                if stream:
+                    return await self._stream_through(request, decode, path, data, headers, started, "decode")
+                return await self._unary_through(decode, path, data, headers, started, "decode"), True
+            except RetryElsewhere as exc:
+                last = exc.error
+                log.info("request %s: decode on %s failed before its first byte (%s)",
+                         headers.get("X-Request-Id"), decode_id, exc.error.message)
+        if last is not None:
+            raise last.to_api_error("decode")
+        raise ApiError(503, f"no decode engine linked to prefill {prefill.id} is routable", "no_route")
+
+    async def _free_cache(self, prefill: EngineRecord, session_id: int, headers: dict) -> None:
+        body = orjson.dumps({"remote_engine_id": prefill.handshake_id, "remote_session_id": session_id})
+        for attempt in range(2):
+            try:
+                async with self._session().post(prefill.url + "/distserve/free_cache", data=body, headers=headers,
+                                                timeout=self._t_free) as resp:
+                    await resp.read()
+                    if resp.status == 200:
+                        self.metrics.free_cache.inc(("ok",))
+                        return
+                    result = f"http_{resp.status}"
+            except asyncio.CancelledError:
+                self.metrics.free_cache.inc(("cancelled",))
+                raise
+            except Exception as exc:  # noqa: BLE001
+                result = classify_exception(exc).kind
+            if attempt == 0:
+                await asyncio.sleep(random.uniform(0.05, 0.15))
+        self.metrics.free_cache.inc((result,))
+        log.warning("free_cache on %s for session %s failed (%s)", prefill.id, session_id, result)
+
+    # ------------------------------------------------------------------ pass-through
+    async def _unary_through(self, engine: EngineRecord, path: str, data: bytes, headers: dict, started: float,
+                             phase: str) -> web.Response:
+        remaining = self.s.request_timeout - (time.perf_counter() - started)
+        timeout = aiohttp.ClientTimeout(total=max(0.001, remaining), sock_connect=self.s.connect_timeout)
+        t0 = time.perf_counter()
+        self.load.begin(engine.id)
+        try:
+            async with self._session().post(engine.url + path, data=data, headers=headers, timeout=timeout) as resp:
+                raw = await resp.read()
+                status = resp.status
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            err = self._upstream(exc, engine, phase)
+            if err.retryable:
+                raise RetryElsewhere(err, phase) from None
+            raise err.to_api_error(phase) from None
+        finally:
+            self.load.end(engine.id)
+        elapsed = time.perf_counter() - t0
+        if status != 200:
+            err = classify_status(status, raw)
+            self._failed(engine, phase, err)
+            if err.retryable:
+                raise RetryElsewhere(err, phase)
+            raise err.to_api_error(phase)
+        # non-streamed: the decode phase's first byte is its whole answer (migration + decode)
+        self.metrics.phase.observe(elapsed, (phase,))
+        return web.Response(body=raw, status=200, content_type="application/json",
+                            headers={"X-Request-Id": headers["X-Request-Id"]})
+
+    async def _stream_through(self, request: web.Request, engine: EngineRecord, path: str, data: bytes,
+                              headers: dict, started: float, phase: str) -> tuple[web.StreamResponse, bool]:
+        """Relay an SSE stream byte for byte. Returns (response, ended_well)."""
+        session = self._session()
+        t0 = time.perf_counter()
+        self.load.begin(engine.id)
+        upstream = None
+        complete = False
+        try:
+            try:
+                async with _timeout(self.s.decode_first_byte_timeout):
+                    upstream = await session.post(engine.url + path, data=data, headers=headers,
+                                                  timeout=self._t_stream)
+                    if upstream.status != 200:
+                        err = classify_status(upstream.status, await upstream.read())
+                        self._failed(engine, phase, err)
+                        if err.retryable:
+                            raise RetryElsewhere(err, phase)
+                        raise err.to_api_error(phase)
+                    first = await upstream.content.readany()
+                    if not first:
+                        raise UpstreamError("disconnect", "the engine closed the stream before its first byte")
+            except (RetryElsewhere, ApiError, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # noqa: BLE001
+                err = classify_exception(exc)
+                if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ServerTimeoutError):
+                    err = UpstreamError("timeout", f"no first byte within {self.s.decode_first_byte_timeout}s")
+                self._failed(engine, phase, err)
+                if err.retryable:
+                    raise RetryElsewhere(err, phase) from None
+                raise err.to_api_error(phase) from None
+
+            first_at = time.perf_counter()
+            if phase == "decode":
+                self.metrics.phase.observe(first_at - t0, ("migration",))
+            out = web.StreamResponse(status=200, headers={**SSE_HEADERS, "X-Request-Id": headers["X-Request-Id"]})
+            await out.prepare(request)
+            await out.write(first)
+            self.metrics.ttft.observe(time.perf_counter() - started, (path,))
+            tail = first[-16:]
+            failure: UpstreamError | None = None
+            content = upstream.content
+            while True:
+                try:
+                    chunk = await content.readany()
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    failure = classify_exception(exc)
+                    break
+                if not chunk:
+                    break
+                await out.write(chunk)  # raises when the client went away (handled by the caller)
+                tail = (tail + chunk)[-16:]
+            if failure is None and DONE_MARK not in tail:
+                failure = UpstreamError("disconnect", "the engine ended the stream without [DONE]")
+            if failure is not None:
+                self._failed(engine, phase, failure)
+                await out.write(ApiError(502, f"{phase} failed mid-stream: {failure.message}",
+                                         f"{phase}_failed").sse_event())
+            else:
+                complete = True
+                self.metrics.phase.observe(time.perf_counter() - (first_at if phase == "decode" else t0), (phase,))
+            await out.write_eof()
+            return out, failure is None
+        finally:
+            self.load.end(engine.id)
+            if upstream is not None:
+                if complete:
+                    upstream.release()
+                else:
+                    upstream.close()  # drop the connection: the engine sees the disconnect and stops

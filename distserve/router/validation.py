@@ -1,0 +1,262 @@
+"""Cheap but complete validation of client bodies for /v1/completions and /v1/chat/completions.
+
+One orjson parse and a few isinstance checks per field (no pydantic on the hot path). Everything an
+engine would reject with a 4xx is rejected here first, so a bad request never costs an upstream call and
+never reaches an engine as a 5xx. Unknown fields pass through (engines may accept extensions), but the
+router's own fields never do: a client sending any of them gets a 400.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from distserve.protocol import INTERNAL_REQUEST_FIELDS
+from distserve.router.errors import ApiError
+
+COMPLETIONS = "completions"
+CHAT = "chat"
+
+# Fields only the router may set. `session_id` is lmdeploy's: in PD mode the router owns the prefill
+# session, so a client-chosen one could make two requests share (and free) one prefill session.
+FORBIDDEN_FIELDS = frozenset(INTERNAL_REQUEST_FIELDS | {"session_id", "remote_session_id", "cache_block_ids",
+                                                        "remote_token_ids", "is_dummy_prefill"})
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
+MAX_STOP = 4
+MAX_MODEL_NAME = 512
+
+
+def _bad(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, code, param)
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int  # bool is an int subclass: excluded on purpose
+
+
+def _is_num(v: Any) -> bool:
+    t = type(v)
+    return t is int or t is float
+
+
+def _opt_int(body: dict, name: str, lo: int | None = None, hi: int | None = None) -> None:
+    v = body.get(name)
+    if v is None:
+        return
+    if not _is_int(v):
+        raise _bad(f"'{name}' must be an integer", name, "invalid_type")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise _bad(f"'{name}' must be {_range(lo, hi)}, got {v}", name)
+
+
+def _opt_num(body: dict, name: str, lo: float | None = None, hi: float | None = None,
+             lo_open: bool = False) -> None:
+    v = body.get(name)
+    if v is None:
+        return
+    if not _is_num(v):
+        raise _bad(f"'{name}' must be a number", name, "invalid_type")
+    if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
+        raise _bad(f"'{name}' must be {_range(lo, hi, lo_open)}, got {v}", name)
+
+
+def _opt_bool(body: dict, name: str) -> None:
+    v = body.get(name)
+    if v is not None and type(v) is not bool:
+        raise _bad(f"'{name}' must be a boolean", name, "invalid_type")
+
+
+def _opt_str(body: dict, name: str) -> None:
+    v = body.get(name)
+    if v is not None and type(v) is not str:
+        raise _bad(f"'{name}' must be a string", name, "invalid_type")
+
+
+def _opt_obj(body: dict, name: str) -> None:
+    v = body.get(name)
+    if v is not None and type(v) is not dict:
+        raise _bad(f"'{name}' must be an object", name, "invalid_type")
+
+
+def _range(lo: float | None, hi: float | None, lo_open: bool = False) -> str:
+    if lo is not None and hi is not None:
+        return f"{'>' if lo_open else '>='} {lo} and <= {hi}"
+    if lo is not None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    return f"<= {hi}"
+
+
+def parse_json_object(raw: bytes) -> dict:
+    if not raw:
+        raise ApiError(400, "request body is empty; expected a JSON object", "invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, f"request body is not valid JSON: {str(exc).splitlines()[0][:200]}",
+                       "invalid_json") from None
+    if type(body) is not dict:
+        raise ApiError(400, "request body must be a JSON object", "invalid_json")
+    return body
+
+
+def validate_request(kind: str, body: dict) -> str:
+    """Check a parsed body; returns the model name. Raises ApiError(400) on anything wrong."""
+    forbidden = FORBIDDEN_FIELDS.intersection(body)
+    if forbidden:
+        name = sorted(forbidden)[0]
+        raise ApiError(400, f"'{name}' is an internal field and cannot be set by clients", "internal_field", name)
+    model = body.get("model")
+    if model is None:
+        raise _bad("missing required field 'model'", "model", "missing_field")
+    if type(model) is not str:
+        raise _bad("'model' must be a string", "model", "invalid_type")
+    if not model or len(model) > MAX_MODEL_NAME:
+        raise _bad(f"'model' must be 1-{MAX_MODEL_NAME} characters", "model")
+    if kind == COMPLETIONS:
+        _check_prompt(body)
+        v = body.get("logprobs")
+        if v is not None and not (_is_int(v) and 0 <= v <= 20):
+            raise _bad("'logprobs' must be an integer between 0 and 20", "logprobs", "invalid_type")
+        _opt_bool(body, "echo")
+        _opt_str(body, "suffix")
+    else:
+        _check_messages(body)
+        _opt_bool(body, "logprobs")
+        _opt_int(body, "top_logprobs", 0, 20)
+        v = body.get("tools")
+        if v is not None and type(v) is not list:
+            raise _bad("'tools' must be an array", "tools", "invalid_type")
+        v = body.get("tool_choice")
+        if v is not None and type(v) not in (str, dict):
+            raise _bad("'tool_choice' must be a string or an object", "tool_choice", "invalid_type")
+        _opt_obj(body, "response_format")
+    _check_common(body)
+    return model
+
+
+def _check_common(body: dict) -> None:
+    _opt_bool(body, "stream")
+    v = body.get("stream_options")
+    if v is not None:
+        if type(v) is not dict:
+            raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
+        if v.get("include_usage") is not None and type(v.get("include_usage")) is not bool:
+            raise _bad("'stream_options.include_usage' must be a boolean", "stream_options", "invalid_type")
+    _opt_int(body, "max_tokens", 1)
+    _opt_int(body, "max_completion_tokens", 1)
+    _opt_num(body, "temperature", 0, 2)
+    _opt_num(body, "top_p", 0, 1, lo_open=True)
+    _opt_int(body, "top_k", -1)
+    _opt_num(body, "min_p", 0, 1)
+    _opt_num(body, "presence_penalty", -2, 2)
+    _opt_num(body, "frequency_penalty", -2, 2)
+    _opt_num(body, "repetition_penalty", 0, None, lo_open=True)
+    _opt_int(body, "n", 1, 1)
+    _opt_int(body, "seed", -(1 << 63), (1 << 64) - 1)
+    _opt_int(body, "min_new_tokens", 0)
+    _opt_int(body, "min_tokens", 0)
+    _opt_bool(body, "ignore_eos")
+    _opt_bool(body, "skip_special_tokens")
+    _opt_str(body, "user")
+    _opt_obj(body, "logit_bias")
+    stop = body.get("stop")
+    if stop is not None:
+        if type(stop) is str:
+            items = [stop]
+        elif type(stop) is list:
+            items = stop
+        else:
+            raise _bad("'stop' must be a string or an array of strings", "stop", "invalid_type")
+        if len(items) > MAX_STOP:
+            raise _bad(f"'stop' accepts at most {MAX_STOP} sequences", "stop")
+        for s in items:
+            if type(s) is not str or not s:
+                raise _bad("'stop' sequences must be non-empty strings", "stop", "invalid_type")
+
+
+def _check_prompt(body: dict) -> None:
+    prompt = body.get("prompt")
+    if prompt is None:
+        raise _bad("missing required field 'prompt'", "prompt", "missing_field")
+    if type(prompt) is str:
+        if not prompt:
+            raise _bad("'prompt' must not be empty", "prompt")
+        return
+    if type(prompt) is not list:
+        raise _bad("'prompt' must be a string, an array of strings or an array of token ids", "prompt",
+                   "invalid_type")
+    if not prompt:
+        raise _bad("'prompt' must not be empty", "prompt")
+    first = prompt[0]
+    if type(first) in (str, list):
+        # A batch of prompts: one per request through the router (a PD prefill holds one session).
+        if len(prompt) != 1:
+            raise _bad("only one prompt per request is supported", "prompt")
+        if type(first) is str:
+            if not first:
+                raise _bad("'prompt' must not be empty", "prompt")
+            return
+        prompt = first
+        if not prompt:
+            raise _bad("'prompt' must not be empty", "prompt")
+    for t in prompt:
+        if not _is_int(t) or t < 0:
+            raise _bad("'prompt' token ids must be non-negative integers", "prompt", "invalid_type")
+
+
+def _check_messages(body: dict) -> None:
+    messages = body.get("messages")
+    if messages is None:
+        raise _bad("missing required field 'messages'", "messages", "missing_field")
+    if type(messages) is not list:
+        raise _bad("'messages' must be an array", "messages", "invalid_type")
+    if not messages:
+        raise _bad("'messages' must not be empty", "messages")
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if type(m) is not dict:
+            raise _bad(f"'{where}' must be an object", where, "invalid_type")
+        role = m.get("role")
+        if role is None:
+            raise _bad(f"missing required field '{where}.role'", where, "missing_field")
+        if type(role) is not str or role not in CHAT_ROLES:
+            raise _bad(f"'{where}.role' must be one of {', '.join(sorted(CHAT_ROLES))}", where)
+        content = m.get("content")
+        if content is None:
+            if role != "assistant":
+                raise _bad(f"missing required field '{where}.content'", where, "missing_field")
+        elif type(content) is list:
+            for j, part in enumerate(content):
+                if type(part) is not dict or type(part.get("type")) is not str:
+                    raise _bad(f"'{where}.content[{j}]' must be an object with a string 'type'", where,
+                               "invalid_type")
+        elif type(content) is not str:
+            raise _bad(f"'{where}.content' must be a string or an array of content parts", where, "invalid_type")
+        name = m.get("name")
+        if name is not None and type(name) is not str:
+            raise _bad(f"'{where}.name' must be a string", where, "invalid_type")
+
+
+def prompt_prefix(kind: str, body: dict, max_chars: int) -> bytes:
+    """The start of the prompt, for prefix affinity: texts (or token ids) up to max_chars."""
+    if kind == COMPLETIONS:
+        prompt = body.get("prompt")
+        if type(prompt) is list and prompt and type(prompt[0]) in (str, list):
+            prompt = prompt[0]
+        if type(prompt) is str:
+            return prompt[:max_chars].encode()
+        # token ids: ~4 characters per token
+        return orjson.dumps(prompt[: max(1, max_chars // 4)])
+    out: list[str] = []
+    size = 0
+    for m in body.get("messages") or ():
+        content = m.get("content")
+        if type(content) is list:
+            content = "".join(p.get("text", "") for p in content if type(p.get("text")) is str)
+        text = f"{m.get('role')}\x00{content or ''}\x01"
+        out.append(text)
+        size += len(text)
+        if size >= max_chars:
+            break
+    return "".join(out)[:max_chars].encode()

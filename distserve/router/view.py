@@ -1,0 +1,246 @@
+"""The router's whole view of the cluster, built from etcd by list-and-watch (no other state).
+
+Five informers (engines, links, load, operator flags, routing config) keep local copies of the records;
+the routing table (distserve.topology plus per-model indexes) is recomputed lazily, at most once per
+change, on the first request that needs it. Load records only feed the load tracker and never invalidate
+the table. Local circuit breakers count as exclusions in the topology.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from discovery.record import MalformedRecord
+from distserve.keys import ENGINES, LINKS, Keys
+from distserve.records import EngineRecord, LinkRecord, LoadRecord, OperatorFlags, RoutingConfig
+from distserve.router.breaker import CircuitBreakers
+from distserve.router.load import LoadTracker
+from distserve.router.metrics import RouterMetrics
+from distserve.topology import Topology, compute_topology
+
+log = logging.getLogger("distserve.router.view")
+
+
+@dataclass
+class RoutingTable:
+    topology: Topology
+    # model -> sorted routable entry engines (prefills with a usable link to a decode serving the model,
+    # and hybrids) serving it
+    entries: dict[str, list[str]] = field(default_factory=dict)
+    # (prefill id, model) -> routable decodes linked to that prefill and serving the model
+    decodes: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    # every model any registered engine claims (tells "unknown model" 404 from "nothing routable" 503)
+    known_models: frozenset[str] = frozenset()
+
+    @property
+    def has_path(self) -> bool:
+        return any(self.entries.values())
+
+
+class ClusterView:
+    def __init__(self, client, keys: Keys, breakers: CircuitBreakers, load: LoadTracker,
+                 metrics: RouterMetrics, on_config: Callable[[RoutingConfig | None], None]) -> None:
+        self._client = client
+        self.keys = keys
+        self.breakers = breakers
+        self.load = load
+        self.metrics = metrics
+        self._on_config = on_config
+        self.engines: dict[str, EngineRecord] = {}
+        self.links: dict[tuple[str, str], LinkRecord] = {}
+        self.flags: dict[str, OperatorFlags] = {}
+        self.loads: dict[str, LoadRecord] = {}
+        self.routing_config: RoutingConfig | None = None
+        self._table: RoutingTable | None = None
+        self._informers: list = []
+        self.synced = asyncio.Event()
+        self.last_event_at = 0.0
+
+    # ---------------------------------------------------------------- lifecycle
+    async def start(self) -> None:
+        from discovery.informer import Informer
+
+        k = self.keys
+        specs = [
+            (k.prefix(ENGINES), self._decode_engine, self._on_engine),
+            (k.prefix(LINKS), self._decode_link, self._on_link),
+            (k.prefix("load"), self._decode_load, self._on_load),
+            (k.prefix("state"), self._decode_flags, self._on_flags),
+            (k.config(), self._decode_config, self._on_config_event),
+        ]
+        for prefix, decode, listener in specs:
+            inf = Informer(self._client, prefix, decode=decode)
+            inf.add_listener(listener)
+            self._informers.append(inf)
+        for inf in self._informers:
+            await inf.start()
+
+    async def wait_synced(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(asyncio.gather(*(inf.wait_synced(timeout) for inf in self._informers)),
+                                   timeout)
+        except asyncio.TimeoutError:
+            return False
+        if not all(inf.synced.is_set() for inf in self._informers):
+            return False
+        self.synced.set()
+        self.metrics.view_synced.set(1)
+        self.invalidate()
+        return True
+
+    async def stop(self) -> None:
+        for inf in self._informers:
+            try:
+                await inf.stop()
+            except Exception:  # noqa: BLE001 - shutting down: keep stopping the others
+                log.debug("informer stop failed", exc_info=True)
+
+    @property
+    def revision(self) -> int:
+        return max((inf.revision or 0 for inf in self._informers), default=0)
+
+    @property
+    def malformed(self) -> int:
+        return sum(inf.malformed_count for inf in self._informers)
+
+    # ---------------------------------------------------------------- decoding (bad values are skipped)
+    def _decode_engine(self, key: str, raw: bytes) -> EngineRecord:
+        parsed = self.keys.parse(key)
+        record = EngineRecord.decode(raw)
+        if parsed is None or parsed.ids[0] != record.id:
+            raise MalformedRecord(f"engine record id {record.id!r} does not match its key {key}")
+        return record
+
+    def _decode_link(self, key: str, raw: bytes) -> LinkRecord:
+        parsed = self.keys.parse(key)
+        record = LinkRecord.decode(raw)
+        if parsed is None or parsed.ids != (record.prefill_id, record.decode_id):
+            raise MalformedRecord(f"link record does not match its key {key}")
+        return record
+
+    def _decode_load(self, key: str, raw: bytes) -> LoadRecord:
+        return LoadRecord.decode(raw)
+
+    def _decode_flags(self, key: str, raw: bytes) -> OperatorFlags:
+        return OperatorFlags.decode(raw)
+
+    def _decode_config(self, key: str, raw: bytes) -> RoutingConfig:
+        if key != self.keys.config():
+            raise MalformedRecord(f"not the routing config: {key}")
+        return RoutingConfig.decode(raw)
+
+    # ---------------------------------------------------------------- events
+    def _seen(self, updated_at: float | None = None) -> None:
+        now = time.time()
+        self.last_event_at = now
+        if updated_at:
+            self.metrics.view_lag.set(max(0.0, now - updated_at))
+
+    def _id(self, key: str) -> tuple[str, ...] | None:
+        parsed = self.keys.parse(key)
+        return parsed.ids if parsed else None
+
+    def _on_engine(self, kind: str, key: str, old, new) -> None:
+        ids = self._id(key)
+        if not ids:
+            return
+        engine_id = ids[0]
+        if kind == "put" and new is not None:
+            self.engines[engine_id] = new
+            self.breakers.on_engine(engine_id, new.incarnation)
+        else:
+            self.engines.pop(engine_id, None)
+            self.breakers.on_engine(engine_id, None)
+            self.load.forget(engine_id)
+        self._seen(getattr(new, "registered_at", None))
+        self.invalidate()
+
+    def _on_link(self, kind: str, key: str, old, new) -> None:
+        ids = self._id(key)
+        if not ids:
+            return
+        if kind == "put" and new is not None:
+            self.links[(ids[0], ids[1])] = new
+        else:
+            self.links.pop((ids[0], ids[1]), None)
+        self._seen(getattr(new, "updated_at", None))
+        self.invalidate()
+
+    def _on_load(self, kind: str, key: str, old, new) -> None:
+        ids = self._id(key)
+        if not ids:
+            return
+        if kind == "put" and new is not None:
+            self.loads[ids[0]] = new
+            self.load.on_load(ids[0], new)
+        else:
+            self.loads.pop(ids[0], None)
+            self.load.on_load(ids[0], None)
+        self._seen(getattr(new, "updated_at", None))
+
+    def _on_flags(self, kind: str, key: str, old, new) -> None:
+        ids = self._id(key)
+        if not ids:
+            return
+        if kind == "put" and new is not None:
+            self.flags[ids[0]] = new
+        else:
+            self.flags.pop(ids[0], None)
+        self._seen(getattr(new, "updated_at", None))
+        self.invalidate()
+
+    def _on_config_event(self, kind: str, key: str, old, new) -> None:
+        self.routing_config = new if kind == "put" else None
+        self._seen(getattr(new, "updated_at", None))
+        self._on_config(self.routing_config)
+
+    # ---------------------------------------------------------------- routing table
+    def invalidate(self) -> None:
+        self._table = None
+
+    def table(self) -> RoutingTable:
+        table = self._table
+        if table is None:
+            table = self._table = self._build()
+        return table
+
+    def _build(self) -> RoutingTable:
+        engines = self.engines
+        topo = compute_topology(engines, self.links, self.flags, excluded=self.breakers.open_ids)
+        table = RoutingTable(topology=topo)
+        known: set[str] = set()
+        for e in engines.values():
+            known.update(e.models)
+        table.known_models = frozenset(known)
+        entries: dict[str, list[str]] = {}
+        for prefill_id, decode_ids in topo.decodes_of_prefill.items():
+            for model in engines[prefill_id].models:
+                decodes = [d for d in decode_ids if model in engines[d].models]
+                if decodes:
+                    table.decodes[(prefill_id, model)] = decodes
+                    entries.setdefault(model, []).append(prefill_id)
+        for hybrid_id in topo.routable_hybrids:
+            for model in engines[hybrid_id].models:
+                entries.setdefault(model, []).append(hybrid_id)
+        for ids in entries.values():
+            ids.sort()
+        table.entries = entries
+        self._export(table)
+        return table
+
+    def _export(self, table: RoutingTable) -> None:
+        m = self.metrics
+        by_role: dict[tuple, float] = {("prefill",): 0, ("decode",): 0, ("hybrid",): 0}
+        for e in self.engines.values():
+            by_role[(e.role,)] = by_role.get((e.role,), 0) + 1
+        m.engines_known.values = by_role
+        topo = table.topology
+        m.engines_routable.values = {("prefill",): len(topo.routable_prefills),
+                                     ("decode",): len(topo.routable_decodes),
+                                     ("hybrid",): len(topo.routable_hybrids)}
+        m.links_usable.set(sum(len(v) for v in topo.decodes_of_prefill.values()))
+        m.breaker_open.set(len(self.breakers.open_ids))
