@@ -74,12 +74,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # `_add_agent_arguments`; `_start_sidecars` runs once every engine listens (and /health answers 200) and
 # returns async cleanups, awaited on shutdown before the engines stop (so an agent can deregister first).
 def _add_agent_arguments(parser: argparse.ArgumentParser) -> None:
-    return None
+    from distserve.agent.embed import add_arguments
+
+    add_arguments(parser)
 
 
 async def _start_sidecars(args: argparse.Namespace,
                           served: list[ServedEngine]) -> list[Callable[[], Awaitable[None]]]:
-    return []
+    from distserve.agent.embed import EmbeddedAgentError, start_agents
+
+    try:
+        return await start_agents(args, [(s.url, s.host, s.port) for s in served], api_keys=_api_keys(args))
+    except EmbeddedAgentError as exc:
+        raise ConfigError(str(exc)) from None
 # --------------------------------------------------------------------------------------------------------
 
 

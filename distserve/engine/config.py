@@ -36,6 +36,8 @@ class ModelConfig(BaseModel):
     weights: str | None = None
     # Random-weight models only emit printable ASCII, newline and EOS, so their text is lossless and readable.
     printable_only: bool = True
+    # Added to EOS's logit in random-weight models, so answers are not cut after a few tokens.
+    eos_logit_bias: float = -4.0
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":

@@ -1,0 +1,304 @@
+"""The real engine: the torch model, its paged KV pool and a continuous-batching scheduler thread.
+
+The scheduler runs in one worker thread (torch releases the GIL in its kernels, so the event loop stays
+responsive). Each loop either prefills newly admitted sequences or decodes every running sequence in
+one batch. Admission needs the prompt's blocks; a running sequence that needs a new block when none is
+free preempts the newest running sequence (its KV is recomputed later): requests wait, nothing crashes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import torch
+
+from distserve.engine import tokenizer
+from distserve.engine.config import ModelConfig
+from distserve.engine.core import Engine, Executor, Resume, Step, blocks_for
+from distserve.engine.model import Model, load_weights
+from distserve.engine.openai_api import ApiError, SamplingRequest
+
+log = logging.getLogger("distserve.engine.torch")
+
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+@dataclass(eq=False)
+class Sequence:
+    sid: int
+    req: SamplingRequest
+    tokens: list[int]
+    num_prompt: int
+    generated: int
+    out: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    blocks: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose KV is in the pool
+    seed: int = 0
+    done: bool = False
+
+    def emit(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+
+
+class TorchExecutor(Executor):
+    kind = "reference"
+
+    def __init__(self, cfg: ModelConfig, threads: int = 1, max_batch_size: int = 64,
+                 max_prefill_tokens: int = 4096) -> None:
+        self.cfg = cfg
+        self.threads = max(1, threads)
+        self.max_batch_size = max(1, max_batch_size)
+        self.max_prefill_tokens = max(1, max_prefill_tokens)
+        torch.set_num_threads(self.threads)
+        self.model = Model(cfg, load_weights(cfg))
+        self.pool = torch.zeros(cfg.kv_block_shape, dtype=torch.float32)
+        self.pool_ptr = self.pool.data_ptr()
+        self.engine: Engine | None = None
+        self._inbox: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count(1)
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._running: list[Sequence] = []
+        self._last_was_prefill = False
+        self.running = self.waiting = self.prefill_tokens_pending = 0
+        self.preemptions_total = 0
+
+    async def start(self, engine: Engine) -> None:
+        self.engine = engine
+        self._thread = threading.Thread(target=self._loop, name="engine-scheduler", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._inbox.put(("stop", None))
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+
+    # -- the asyncio side --------------------------------------------------------------------------
+    async def run(self, req: SamplingRequest, resume: Resume | None) -> AsyncIterator[Step]:
+        engine = self.engine
+        assert engine is not None
+        loop = asyncio.get_running_loop()
+        seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "little")
+        seq = Sequence(next(self._ids), req, list(req.prompt_ids), len(req.prompt_ids), 0, asyncio.Queue(), loop,
+                       seed=seed % (1 << 64))
+        if resume is not None:
+            # P sampled the first token; our blocks already hold the prompt's KV.
+            seq.tokens.append(resume.first_token)
+            seq.generated = 1
+            seq.blocks = resume.blocks
+            seq.num_computed = seq.num_prompt
+            finish = self._finish_reason(seq, resume.first_token)
+            if finish:
+                engine.allocator.free(seq.blocks)
+                yield Step([resume.first_token], finish)
+                return
+            yield Step([resume.first_token])
+        self._inbox.put(("add", seq))
+        finished = False
+        try:
+            while True:
+                item = await seq.out.get()
+                if isinstance(item, ApiError):
+                    finished = True
+                    raise item
+                if item.finish:
+                    finished = True
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._inbox.put(("abort", seq))
+
+    # -- the scheduler thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_num_threads(self.threads)
+        while True:
+            idle = not self._running and not self._waiting
+            try:
+                msgs = [self._inbox.get(timeout=1.0)] if idle else []
+            except queue.Empty:
+                msgs = []
+            while True:
+                try:
+                    msgs.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            for kind, seq in msgs:
+                if kind == "stop":
+                    self._fail_all(ApiError(503, "engine is shutting down", "unavailable"))
+                    return
+                if kind == "add":
+                    (self._running if seq.num_computed else self._waiting).append(seq)
+                elif kind == "abort":
+                    self._drop(seq)
+            try:
+                self._step()
+            except Exception:  # noqa: BLE001 - one bad step must not kill the engine
+                log.exception("engine step failed")
+                self._fail_all(ApiError(500, "internal engine error during a model step", "internal_error"))
+            self._publish()
+
+    def _publish(self) -> None:
+        self.running = len(self._running)
+        self.waiting = len(self._waiting)
+        self.prefill_tokens_pending = sum(self._ctx_len(s) for s in self._waiting)
+
+    def _drop(self, seq: Sequence) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        if seq in self._running:
+            self._running.remove(seq)
+        elif seq in self._waiting:
+            self._waiting.remove(seq)
+        self._free(seq)
+
+    def _free(self, seq: Sequence) -> None:
+        assert self.engine is not None
+        if seq.blocks:
+            self.engine.allocator.free(seq.blocks)
+            seq.blocks = []
+
+    def _fail_all(self, error: ApiError) -> None:
+        for seq in [*self._running, *self._waiting]:
+            seq.done = True
+            self._free(seq)
+            seq.emit(error)
+        self._running.clear()
+        self._waiting.clear()
+
+    @staticmethod
+    def _ctx_len(seq: Sequence) -> int:
+        """Tokens to prefill: the prompt (fresh) or everything but the last token (recompute)."""
+        return len(seq.tokens) - (1 if seq.generated else 0)
+
+    def _step(self) -> None:
+        assert self.engine is not None
+        allocator, bs = self.engine.allocator, self.cfg.block_size
+        if self._waiting and (not self._last_was_prefill or not self._running):
+            batch, budget = [], self.max_prefill_tokens
+            while self._waiting and len(self._running) + len(batch) < self.max_batch_size:
+                seq = self._waiting[0]
+                n = self._ctx_len(seq)
+                if batch and n > budget:
+                    break
+                blocks = allocator.allocate(blocks_for(n, bs))
+                if blocks is None:
+                    break  # back-pressure: wait for blocks to be freed
+                seq.blocks = blocks
+                self._waiting.popleft()
+                batch.append(seq)
+                budget -= n
+            if batch:
+                self._last_was_prefill = True
+                self._prefill(batch)
+                return
+        self._last_was_prefill = False
+        if not self._running:
+            return
+        for seq in list(self._running):
+            if seq.done or seq not in self._running:
+                continue
+            while seq.num_computed // bs >= len(seq.blocks):
+                got = allocator.allocate(1)
+                if got is not None:
+                    seq.blocks.extend(got)
+                    continue
+                victim = self._running[-1]
+                if victim is seq and len(self._running) == 1:
+                    # Alone and still no block: the pool is held by preserved sessions; stop here.
+                    self._finish(seq, None, "length")
+                    break
+                self._preempt(victim)
+                if victim is seq:
+                    break
+        if self._running:
+            self._decode(list(self._running))
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.preemptions_total += 1
+        self._running.remove(seq)
+        self._free(seq)
+        seq.num_computed = 0
+        self._waiting.appendleft(seq)
+
+    def _prefill(self, batch: list[Sequence]) -> None:
+        logits = self.model.prefill(self.pool, [(s.tokens[: self._ctx_len(s)], s.blocks) for s in batch])
+        for i, seq in enumerate(batch):
+            seq.num_computed = self._ctx_len(seq)
+            if seq.done:
+                self._free(seq)
+                continue
+            if seq.generated:  # a recomputed sequence resumes decoding
+                self._running.append(seq)
+                continue
+            self._running.append(seq)
+            self._accept(seq, self._sample(seq, logits[i]))
+
+    def _decode(self, batch: list[Sequence]) -> None:
+        logits = self.model.decode(self.pool, [(s.tokens[-1], s.num_computed, s.blocks) for s in batch])
+        for i, seq in enumerate(batch):
+            seq.num_computed += 1
+            self._accept(seq, self._sample(seq, logits[i]))
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
+        req = seq.req
+        if req.temperature == 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.double() / req.temperature, dim=-1)
+        if req.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_p, 0) - sorted_p < req.top_p
+            keep[0] = True
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+        # One generator per position: a seeded request samples the same tokens in PD as in hybrid.
+        gen = torch.Generator().manual_seed((seq.seed + seq.generated * _GOLDEN) % (1 << 64))
+        return int(torch.multinomial(probs, 1, generator=gen))
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        if token == tokenizer.EOS and not seq.req.ignore_eos:
+            return "stop"
+        if seq.generated >= seq.req.max_tokens:
+            return "length"
+        if len(seq.tokens) >= self.cfg.max_model_len:
+            return "length"
+        return None
+
+    def _accept(self, seq: Sequence, token: int) -> None:
+        seq.tokens.append(token)
+        seq.generated += 1
+        finish = self._finish_reason(seq, token)
+        if finish:
+            self._finish(seq, token, finish)
+        else:
+            seq.emit(Step([token]))
+
+    def _finish(self, seq: Sequence, token: int | None, finish: str) -> None:
+        assert self.engine is not None
+        seq.done = True
+        if seq in self._running:
+            self._running.remove(seq)
+        tokens = [token] if token is not None else []
+        prompt_blocks = blocks_for(seq.num_prompt, self.cfg.block_size)
+        if seq.req.preserve_cache and len(seq.blocks) >= prompt_blocks:
+            kept, rest = seq.blocks[:prompt_blocks], seq.blocks[prompt_blocks:]
+            self.engine.allocator.free(rest)
+            sessions = self.engine.sessions
+            sid = sessions.new_session_id()
+            sessions.add(sid, kept)
+            seq.blocks = []
+            seq.emit(Step(tokens, finish, cache_block_ids=list(kept), session_id=sid))
+            return
+        ids = list(seq.blocks[:prompt_blocks])
+        self._free(seq)
+        seq.emit(Step(tokens, finish, cache_block_ids=ids))
