@@ -1,0 +1,102 @@
+"""Install distserve's integration into the running lmdeploy (idempotent, per process).
+
+Two processes matter: the api_server process (HTTP fixes, server_patches.py) and the engine process
+that lmdeploy spawns for the PyTorch backend (migration backend and a status RPC). The launcher
+`python -m distserve.lmdeploy_ext.serve` installs both: the engine process is started with the
+`spawn` method, which re-imports the launcher module as `__mp_main__`, and that import installs the
+engine side there before lmdeploy builds its engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+
+logger = logging.getLogger("distserve.lmdeploy_ext")
+
+SUPPORTED_RANGE = ((0, 17), (0, 19))  # lmdeploy>=0.17,<0.19, as in pyproject's `lmdeploy` extra
+ENV_ENABLE = "DISTSERVE_LMDEPLOY_EXT"  # "1": install in spawned engine processes too
+
+_engine_installed = False
+_server_installed = False
+
+
+class UnsupportedLmdeploy(RuntimeError):
+    pass
+
+
+def lmdeploy_version() -> str:
+    import lmdeploy
+
+    return getattr(lmdeploy, "__version__", "0")
+
+
+def check_version(version: str | None = None) -> tuple[int, int]:
+    version = version or lmdeploy_version()
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if not m:
+        raise UnsupportedLmdeploy(f"cannot read lmdeploy version {version!r}")
+    major_minor = (int(m.group(1)), int(m.group(2)))
+    low, high = SUPPORTED_RANGE
+    if not low <= major_minor < high:
+        raise UnsupportedLmdeploy(
+            f"lmdeploy {version} is outside the supported range >=0.17,<0.19 (pip install 'distserve[lmdeploy]')")
+    return major_minor
+
+
+def install_engine_side() -> None:
+    """Register the migration backend under lmdeploy's default name and add the status RPC."""
+    global _engine_installed
+    if _engine_installed:
+        return
+    check_version()
+    import lmdeploy.pytorch.disagg.backend  # noqa: F401 - registers lmdeploy's own backends first
+    from lmdeploy.pytorch.disagg.backend.backend import MIGRATION_BACKENDS
+
+    from distserve.lmdeploy_ext.backend import make_backend_class
+
+    MIGRATION_BACKENDS.register_module(name="DLSlime", force=True, module=make_backend_class())
+    _add_status_rpc()
+    _engine_installed = True
+    logger.info("distserve migration backend installed (pid %d)", os.getpid())
+
+
+def _add_status_rpc() -> None:
+    """EngineWorkerBase's public methods become the engine process's RPC methods: add one."""
+    try:
+        from lmdeploy.pytorch.engine.mp_engine.base_worker import EngineWorkerBase
+    except ImportError:
+        logger.warning("lmdeploy has no EngineWorkerBase: /distserve/ext/status will lack engine figures")
+        return
+
+    def distserve_ext_status(self) -> dict:
+        from distserve.lmdeploy_ext.staged_tcp import STATS
+
+        scheduler = self.engine.scheduler
+        out = {"sessions": len(scheduler.sessions), "migration": STATS.snapshot()}
+        block_manager = getattr(scheduler, "block_manager", None)
+        if block_manager is not None:
+            out["num_gpu_blocks"] = block_manager.num_gpu_blocks
+            out["free_gpu_blocks"] = block_manager.get_num_free_gpu_blocks()
+        return out
+
+    EngineWorkerBase.distserve_ext_status = distserve_ext_status
+
+
+def install_server_side() -> bool:
+    global _server_installed
+    if _server_installed:
+        return True
+    check_version()
+    from distserve.lmdeploy_ext.server_patches import install_api_server_patches
+
+    _server_installed = install_api_server_patches()
+    return _server_installed
+
+
+def install() -> None:
+    """Both sides, and mark the environment so spawned engine processes install too."""
+    os.environ[ENV_ENABLE] = "1"
+    install_engine_side()
+    install_server_side()
