@@ -74,6 +74,11 @@ def build_model(out: Path, seed: int, vocab: int, tok, layers: int, hidden: int,
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.generation_config.do_sample = False
     model.save_pretrained(out, safe_serialization=True)
+    # Older config readers look for these names (transformers 5 writes `dtype` and `rope_parameters`).
+    raw = json.loads((out / "config.json").read_text())
+    raw.setdefault("torch_dtype", "bfloat16")
+    raw.setdefault("rope_theta", 10000.0)
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
     return cfg
 
 
