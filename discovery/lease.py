@@ -1,0 +1,330 @@
+"""A lease that stays held: keepalive on one stream, owned keys, recovery as a new incarnation.
+
+In the spirit of etcd's Go `concurrency.Session`, plus what a registry needs:
+
+- one LeaseKeepAlive stream, a renewal every TTL/3; transient errors are retried forever with jittered
+  exponential back-off (tenacity), moving to the next endpoint; a stream that stops answering is dropped;
+- the session *owns* keys (`put`/`delete`); a guard watches exactly those keys, so a lease revoked from
+  outside (its keys vanish) or an owned key deleted or overwritten is noticed at once, not at the next
+  renewal;
+- a lease is declared lost only when etcd says so (`time_to_live` = -1). An outage alone proves nothing:
+  etcd re-arms every lease's TTL when it restarts or elects a new leader, so after an outage the old
+  lease usually still holds and nothing is re-registered;
+- when the lease is really gone (expired or revoked): grant a new one, bump `incarnation`, run the
+  `on_new_lease` callbacks, re-put every owned key under it. Never gives up, never exits the process;
+- `close()` revokes the lease so the keys vanish at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import grpc
+from etcd3aio._protobuf import rpc_pb2
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_random_exponential
+
+from discovery.client import EtcdClient, EtcdError, LeaseNotFound, backoff_delay, classify
+
+log = logging.getLogger(__name__)
+
+NewLeaseCallback = Callable[[int], Awaitable[None]]
+
+# Set while on_new_lease callbacks run, so that a callback's session.put() only records the value
+# (the re-put that follows writes it) instead of waiting for the lock the recovery holds.
+_IN_RECOVERY: contextvars.ContextVar[object | None] = contextvars.ContextVar("lease_in_recovery", default=None)
+
+
+class _StreamBroken(Exception):
+    pass
+
+
+class LeaseSession:
+    """See the module docstring and docs/internals.md ("discovery API")."""
+
+    def __init__(self, client: EtcdClient, ttl: int = 5, name: str = "session") -> None:
+        if int(ttl) < 1:
+            raise ValueError("lease ttl must be >= 1 second")
+        self.client = client
+        self.ttl = int(ttl)
+        self.name = name
+        self.lease_id = 0
+        self.incarnation = 0
+        self.granted_ttl = self.ttl  # etcd may raise a short TTL to its minimum
+        self._owned: dict[str, bytes] = {}
+        self._callbacks: list[NewLeaseCallback] = []
+        self._lock = asyncio.Lock()
+        self._kick = asyncio.Event()  # "check the lease and owned keys now"
+        self._keys_changed = asyncio.Event()  # the guard must watch a different key set
+        self._renewed_at = 0.0  # monotonic time of the last renewal etcd confirmed
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        self.renewals = 0
+        self.recoveries = 0  # new leases after a loss
+
+    # --- public API -------------------------------------------------------------------------------
+    def on_new_lease(self, callback: NewLeaseCallback) -> None:
+        """`await callback(lease_id)` for every new lease (the first one too), before owned keys are re-put."""
+        self._callbacks.append(callback)
+
+    @property
+    def alive(self) -> bool:
+        """True while etcd confirmed the lease within its TTL (False during an outage: unknown)."""
+        return (not self._closed and self.lease_id != 0
+                and time.monotonic() - self._renewed_at < self.granted_ttl)
+
+    @property
+    def owned_keys(self) -> list[str]:
+        return sorted(self._owned)
+
+    async def start(self) -> "LeaseSession":
+        """Grant the first lease (raises EtcdUnavailable if etcd does not answer), then keep it forever."""
+        if self._tasks:
+            return self
+        self._closed = False
+        async with self._lock:
+            await self._new_lease_locked(reason="start")
+        self._tasks = [
+            asyncio.create_task(self._keepalive_forever(), name=f"lease-keepalive:{self.name}"),
+            asyncio.create_task(self._guard_forever(), name=f"lease-guard:{self.name}"),
+        ]
+        return self
+
+    async def put(self, key: str, value: bytes) -> None:
+        """Write `key` under the lease and own it (re-put on every new lease).
+
+        Raises EtcdUnavailable when etcd does not answer; the key stays owned and is written as soon as
+        etcd is back.
+        """
+        if _IN_RECOVERY.get() is self:
+            self._owned[key] = value  # written by the recovery's re-put that follows the callbacks
+            return
+        async with self._lock:
+            new_key = key not in self._owned
+            self._owned[key] = value
+            if new_key:
+                self._keys_changed.set()
+            try:
+                await self.client.put(key, value, lease=self.lease_id)
+            except LeaseNotFound:
+                log.warning("lease %s: lease %x gone on put of %s", self.name, self.lease_id, key)
+                await self._new_lease_locked(reason="lease not found on put")
+            except EtcdError:
+                self._kick.set()
+                raise
+
+    async def delete(self, key: str) -> None:
+        """Stop owning `key` and delete it."""
+        async with self._lock:
+            if self._owned.pop(key, None) is not None:
+                self._keys_changed.set()
+            await self.client.delete(key)
+
+    async def close(self, revoke: bool = True) -> None:
+        """Stop keeping the lease; with `revoke` the owned keys vanish at once (else at TTL expiry)."""
+        self._closed = True
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if revoke and self.lease_id:
+            try:
+                await self.client.revoke(self.lease_id, timeout=min(self.client.config.timeout, 3.0))
+            except EtcdError as exc:
+                log.warning("lease %s: revoke of %x failed (keys expire within %ds): %s", self.name,
+                            self.lease_id, self.granted_ttl, exc)
+        self.lease_id = 0
+
+    async def __aenter__(self) -> "LeaseSession":
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # --- lease replacement --------------------------------------------------------------------------
+    def _retrying(self) -> AsyncRetrying:
+        cap = max(0.2, min(2.0, self.ttl / 3))
+        return AsyncRetrying(
+            wait=wait_random_exponential(multiplier=0.1, max=cap), retry=retry_if_exception_type(EtcdError),
+            stop=stop_never, reraise=True,
+            before_sleep=lambda state: log.warning(
+                "lease %s: %s; retrying", self.name, state.outcome.exception() if state.outcome else "?"),
+        )
+
+    async def _new_lease_locked(self, reason: str) -> None:
+        """Grant a lease, run callbacks, re-put every owned key. Caller holds the lock."""
+        old = self.lease_id
+        if self.lease_id == 0 and not self._tasks:
+            lease_id = await self.client.grant(self.ttl)  # start(): let the caller see an outage
+        else:
+            async for attempt in self._retrying():
+                with attempt:
+                    lease_id = await self.client.grant(self.ttl)
+        self.lease_id = lease_id
+        self.incarnation += 1
+        self._renewed_at = time.monotonic()
+        if old:
+            self.recoveries += 1
+            log.warning("lease %s: lease %x lost (%s); new lease %x, incarnation %d, re-putting %d keys",
+                        self.name, old, reason, lease_id, self.incarnation, len(self._owned))
+        token = _IN_RECOVERY.set(self)
+        try:
+            for callback in list(self._callbacks):
+                try:
+                    await callback(lease_id)
+                except Exception:  # noqa: BLE001 - a callback bug must not stop the recovery
+                    log.exception("lease %s: on_new_lease callback failed", self.name)
+        finally:
+            _IN_RECOVERY.reset(token)
+        for key, value in list(self._owned.items()):
+            async for attempt in self._retrying():
+                with attempt:
+                    try:
+                        await self.client.put(key, value, lease=lease_id)
+                    except LeaseNotFound:
+                        # lost again while re-putting (revoked twice?): start over with a fresh lease
+                        return await self._new_lease_locked(reason="lease lost during re-put")
+        self._keys_changed.set()
+
+    async def _reconcile(self) -> int:
+        """Check the lease and every owned key; repair what is missing. Returns the revision it read at."""
+        async with self._lock:
+            ttl_left = await self.client.time_to_live(self.lease_id)
+            if ttl_left < 0:
+                await self._new_lease_locked(reason="expired or revoked")
+                return self.client.last_revision
+            self._renewed_at = max(self._renewed_at, time.monotonic() - max(0, self.granted_ttl - ttl_left))
+            for key, value in list(self._owned.items()):
+                kv = await self.client.get(key)
+                if kv is None or kv.lease != self.lease_id or kv.value != value:
+                    log.warning("lease %s: owned key %s was %s; restoring it", self.name, key,
+                                "deleted" if kv is None else "overwritten")
+                    await self.client.put(key, value, lease=self.lease_id)
+            return self.client.last_revision
+
+    # --- keepalive ----------------------------------------------------------------------------------
+    async def _keepalive_forever(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                await self._keepalive_stream()
+            except (_StreamBroken, EtcdError) as exc:
+                log.info("lease %s: keepalive stream: %s", self.name, exc)
+            attempt = 0 if self.alive else attempt + 1
+            await asyncio.sleep(backoff_delay(attempt, base=0.1, cap=max(0.2, min(2.0, self.ttl / 3))))
+
+    async def _keepalive_stream(self) -> None:
+        conn = self.client.active_conn()
+        interval = max(0.2, self.granted_ttl / 3)
+
+        async def requests() -> AsyncIterator[rpc_pb2.LeaseKeepAliveRequest]:
+            while True:
+                yield rpc_pb2.LeaseKeepAliveRequest(ID=self.lease_id)
+                await asyncio.sleep(max(0.2, self.granted_ttl / 3))
+
+        call = conn.lease_stub.LeaseKeepAlive(requests(), metadata=self.client.metadata())
+        try:
+            while True:
+                try:
+                    resp = await asyncio.wait_for(call.read(), timeout=interval + min(1.0, interval))
+                except asyncio.TimeoutError:
+                    self.client.failover(conn)
+                    raise _StreamBroken(f"no keepalive answer from {conn.endpoint.url}") from None
+                except grpc.aio.AioRpcError as exc:
+                    kind = await self.client.handle_stream_error(conn, exc)
+                    if kind == "lease_not_found":
+                        self._kick.set()
+                    raise _StreamBroken(f"{conn.endpoint.url}: {classify(exc)[1]}") from None
+                if resp is grpc.aio.EOF:
+                    raise _StreamBroken(f"{conn.endpoint.url} closed the keepalive stream")
+                if resp.ID != self.lease_id:
+                    continue  # an answer for the lease we just replaced
+                self.client.note_revision(resp.header.revision)
+                if resp.TTL <= 0:
+                    # etcd says the lease does not exist: let the guard confirm with time_to_live and recover
+                    log.warning("lease %s: keepalive says lease %x is gone", self.name, resp.ID)
+                    self._kick.set()
+                    await asyncio.sleep(interval)
+                    continue
+                self.granted_ttl = int(resp.TTL)
+                interval = max(0.2, self.granted_ttl / 3)
+                self._renewed_at = time.monotonic()
+                self.renewals += 1
+        finally:
+            call.cancel()
+
+    # --- guard: watch the owned keys ----------------------------------------------------------------
+    async def _guard_forever(self) -> None:
+        attempt = 0
+        while True:
+            self._kick.clear()
+            self._keys_changed.clear()
+            try:
+                revision = await self._reconcile()
+                attempt = 0
+                await self._guard_stream(revision + 1)
+            except (_StreamBroken, EtcdError) as exc:
+                attempt += 1
+                log.info("lease %s: guard: %s", self.name, exc)
+                await asyncio.sleep(backoff_delay(attempt, base=0.1, cap=max(0.2, min(2.0, self.ttl / 3))))
+
+    async def _guard_stream(self, start_revision: int) -> None:
+        """Return when an owned key changed hands, the key set changed, or a check was requested."""
+        keys = list(self._owned)
+        kick = asyncio.ensure_future(self._wait_any(self._kick, self._keys_changed))
+        if not keys:
+            try:
+                await kick
+            finally:
+                kick.cancel()
+            return
+        conn = self.client.active_conn()
+
+        async def requests() -> AsyncIterator[rpc_pb2.WatchRequest]:
+            for key in keys:
+                yield rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(
+                    key=key.encode(), start_revision=start_revision))
+            await asyncio.Event().wait()  # keep the stream open
+
+        metadata = tuple(self.client.metadata() or ()) + (("hasleader", "true"),)
+        call = conn.watch_stub.Watch(requests(), metadata=metadata)
+        try:
+            while True:
+                read = asyncio.ensure_future(call.read())
+                done, _ = await asyncio.wait({read, kick}, return_when=asyncio.FIRST_COMPLETED)
+                if kick in done:
+                    read.cancel()
+                    return
+                try:
+                    resp = read.result()
+                except grpc.aio.AioRpcError as exc:
+                    await self.client.handle_stream_error(conn, exc)
+                    raise _StreamBroken(f"{conn.endpoint.url}: {classify(exc)[1]}") from None
+                if resp is grpc.aio.EOF:
+                    raise _StreamBroken(f"{conn.endpoint.url} closed the guard stream")
+                if resp.canceled or resp.compact_revision:
+                    raise _StreamBroken(resp.cancel_reason or "guard watch canceled")
+                for ev in resp.events:
+                    key = ev.kv.key.decode("utf-8", errors="surrogateescape")
+                    if key not in self._owned:
+                        continue
+                    if ev.type == 1 or ev.kv.lease != self.lease_id:  # DELETE, or written by someone else
+                        return  # _guard_forever reconciles now
+        finally:
+            kick.cancel()
+            call.cancel()
+
+    @staticmethod
+    async def _wait_any(*events: asyncio.Event) -> None:
+        waiters = [asyncio.ensure_future(e.wait()) for e in events]
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
