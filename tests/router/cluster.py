@@ -111,12 +111,12 @@ def handshake(prefill_url: str, decode_url: str, headers: dict | None = None) ->
         http_json(f"{local}/distserve/p2p_connect", req.model_dump(mode="json"), headers)
 
 
-def start_null_engines(role: str, count: int = 1, *extra: str) -> tuple[Proc, list[str]]:
+def start_null_engines(role: str, count: int = 1, *extra: str, port: int | None = None) -> tuple[Proc, list[str]]:
     """`count` null engines of one role in one process (consecutive ports)."""
-    while True:
+    while port is None:
         port = free_port()
-        if all(_port_free(port + i) for i in range(count)):
-            break
+        if not all(_port_free(port + i) for i in range(count)):
+            port = None
     proc = Proc.python(["distserve", "engine", "--null", "--role", role, "--host", "127.0.0.1", "--port",
                         str(port), "--count", str(count), "--log-level", "WARNING", *extra],
                        name=f"null-{role}-{port}")

@@ -1,0 +1,95 @@
+"""Client body validation as a pure function: every malformed request is a 400 with the field named."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from distserve.router.errors import ApiError
+from distserve.router.orchestrator import splice_field
+from distserve.router.validation import CHAT, COMPLETIONS, parse_json_object, prompt_prefix, validate_request
+
+OK_COMPLETION = {"model": "m", "prompt": "hi"}
+OK_CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def err(kind: str, body: dict) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        validate_request(kind, body)
+    assert info.value.status == 400
+    return info.value
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b"[1,2]", b'"text"', b"null", b"{'a': 1}", b"\xff\xfe"])
+def test_not_a_json_object(raw):
+    with pytest.raises(ApiError) as info:
+        parse_json_object(raw)
+    assert info.value.status == 400 and info.value.code == "invalid_json"
+
+
+@pytest.mark.parametrize("field", ["migration_request", "with_cache", "preserve_cache", "session_id"])
+@pytest.mark.parametrize("kind,base", [(COMPLETIONS, OK_COMPLETION), (CHAT, OK_CHAT)])
+def test_internal_fields_are_rejected(kind, base, field):
+    e = err(kind, {**base, field: {"protocol": 1} if field == "migration_request" else True})
+    assert e.code == "internal_field" and e.param == field
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "x"}, "model"),
+    ({"model": 3, "prompt": "x"}, "model"),
+    ({"model": ""}, "model"),
+    ({"model": "m"}, "prompt"),
+    ({"model": "m", "prompt": ""}, "prompt"),
+    ({"model": "m", "prompt": []}, "prompt"),
+    ({"model": "m", "prompt": 5}, "prompt"),
+    ({"model": "m", "prompt": [1, "a"]}, "prompt"),
+    ({"model": "m", "prompt": [1, -2]}, "prompt"),
+    ({"model": "m", "prompt": [1, True]}, "prompt"),
+    ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
+    ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"model": "m", "prompt": "x", "max_tokens": "5"}, "max_tokens"),
+    ({"model": "m", "prompt": "x", "max_tokens": 1.5}, "max_tokens"),
+    ({"model": "m", "prompt": "x", "stream": "yes"}, "stream"),
+    ({"model": "m", "prompt": "x", "temperature": 3}, "temperature"),
+    ({"model": "m", "prompt": "x", "top_p": 0}, "top_p"),
+    ({"model": "m", "prompt": "x", "n": 2}, "n"),
+    ({"model": "m", "prompt": "x", "stop": 3}, "stop"),
+    ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"model": "m", "prompt": "x", "stop": [""]}, "stop"),
+    ({"model": "m", "prompt": "x", "stream_options": []}, "stream_options"),
+    ({"model": "m", "prompt": "x", "seed": 1 << 70}, "seed"),
+    ({"model": "m", "prompt": "x", "logprobs": 50}, "logprobs"),
+])
+def test_completions_bad_fields(body, param):
+    assert err(COMPLETIONS, body).param == param
+
+
+@pytest.mark.parametrize("messages", [None, "hi", [], [1], [{"content": "x"}], [{"role": "robot", "content": "x"}],
+                                      [{"role": "user"}], [{"role": "user", "content": 5}],
+                                      [{"role": "user", "content": [{"text": "no type"}]}]])
+def test_chat_bad_messages(messages):
+    body = {"model": "m"} if messages is None else {"model": "m", "messages": messages}
+    assert err(CHAT, body).param.startswith("messages")
+
+
+def test_good_bodies_pass_and_unknown_fields_travel():
+    assert validate_request(COMPLETIONS, {**OK_COMPLETION, "vendor_extension": {"x": 1}, "top_k": 40}) == "m"
+    assert validate_request(COMPLETIONS, {"model": "m", "prompt": [[1, 2, 3]], "stream": True,
+                                          "stream_options": {"include_usage": True}}) == "m"
+    assert validate_request(CHAT, {"model": "m", "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": None, "tool_calls": []}], "max_completion_tokens": 3}) == "m"
+
+
+def test_splice_keeps_the_client_bytes_and_adds_the_field():
+    raw = b'{"model": "m", "prompt": "x\\u00e9 }", "stream": true}  \n'
+    out = orjson.loads(splice_field(raw, b"migration_request", orjson.dumps({"remote_session_id": 7})))
+    assert out == {"model": "m", "prompt": "x\u00e9 }", "stream": True, "migration_request": {"remote_session_id": 7}}
+
+
+def test_prompt_prefix_is_stable_and_bounded():
+    a = prompt_prefix(CHAT, {"messages": [{"role": "system", "content": "s" * 1000}]}, 64)
+    assert len(a) == 64 and a == prompt_prefix(CHAT, {"messages": [{"role": "system", "content": "s" * 999}]}, 64)
+    assert prompt_prefix(COMPLETIONS, {"prompt": "abc"}, 2) == b"ab"
+    assert prompt_prefix(COMPLETIONS, {"prompt": [[5, 6, 7]]}, 8) == b"[5,6]"
