@@ -69,8 +69,11 @@ class TorchExecutor(Executor):
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._running: list[Sequence] = []
         self._last_was_prefill = False
+        self._early: tuple | None = None
         self.running = self.waiting = self.prefill_tokens_pending = 0
         self.preemptions_total = 0
+        self.decode_steps_total = 0
+        self.decode_tokens_total = 0
 
     async def start(self, engine: Engine) -> None:
         self.engine = engine
@@ -90,21 +93,23 @@ class TorchExecutor(Executor):
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "little")
         seq = Sequence(next(self._ids), req, list(req.prompt_ids), len(req.prompt_ids), 0, asyncio.Queue(), loop,
                        seed=seed % (1 << 64))
-        if resume is not None:
-            # P sampled the first token; our blocks already hold the prompt's KV.
-            seq.tokens.append(resume.first_token)
-            seq.generated = 1
-            seq.blocks = resume.blocks
-            seq.num_computed = seq.num_prompt
-            finish = self._finish_reason(seq, resume.first_token)
-            if finish:
-                engine.allocator.free(seq.blocks)
-                yield Step([resume.first_token], finish)
-                return
-            yield Step([resume.first_token])
-        self._inbox.put(("add", seq))
-        finished = False
+        added = finished = False
         try:
+            if resume is not None:
+                # P sampled the first token; our blocks already hold the prompt's KV.
+                seq.tokens.append(resume.first_token)
+                seq.generated = 1
+                seq.blocks = resume.blocks
+                seq.num_computed = seq.num_prompt
+                finish = self._finish_reason(seq, resume.first_token)
+                if finish:
+                    finished = True
+                    engine.allocator.free(seq.blocks)
+                    yield Step([resume.first_token], finish)
+                    return
+                yield Step([resume.first_token])
+            self._inbox.put(("add", seq))
+            added = True
             while True:
                 item = await seq.out.get()
                 if isinstance(item, ApiError):
@@ -117,17 +122,24 @@ class TorchExecutor(Executor):
                     return
         finally:
             if not finished:
-                self._inbox.put(("abort", seq))
+                if added:
+                    self._inbox.put(("abort", seq))
+                else:  # closed before the scheduler saw it (e.g. a stop string in the first token)
+                    seq.done = True
+                    engine.allocator.free(seq.blocks)
 
     # -- the scheduler thread ----------------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_num_threads(self.threads)
         while True:
             idle = not self._running and not self._waiting
+            msgs = [self._early] if self._early is not None else []
+            self._early = None
             try:
-                msgs = [self._inbox.get(timeout=1.0)] if idle else []
+                if idle and not msgs:
+                    msgs.append(self._inbox.get(timeout=1.0))
             except queue.Empty:
-                msgs = []
+                pass
             while True:
                 try:
                     msgs.append(self._inbox.get_nowait())
@@ -137,16 +149,23 @@ class TorchExecutor(Executor):
                 if kind == "stop":
                     self._fail_all(ApiError(503, "engine is shutting down", "unavailable"))
                     return
-                if kind == "add":
+                if kind == "add" and not seq.done:
                     (self._running if seq.num_computed else self._waiting).append(seq)
                 elif kind == "abort":
                     self._drop(seq)
             try:
-                self._step()
+                progressed = self._step()
             except Exception:  # noqa: BLE001 - one bad step must not kill the engine
                 log.exception("engine step failed")
                 self._fail_all(ApiError(500, "internal engine error during a model step", "internal_error"))
+                progressed = True
             self._publish()
+            if not progressed:
+                # Waiting for blocks (freed by other threads, e.g. free_cache): poll, do not spin.
+                try:
+                    self._early = self._inbox.get(timeout=0.01)
+                except queue.Empty:
+                    pass
 
     def _publish(self) -> None:
         self.running = len(self._running)
@@ -182,7 +201,8 @@ class TorchExecutor(Executor):
         """Tokens to prefill: the prompt (fresh) or everything but the last token (recompute)."""
         return len(seq.tokens) - (1 if seq.generated else 0)
 
-    def _step(self) -> None:
+    def _step(self) -> bool:
+        """One prefill or one decode batch; False when nothing could run (waiting for blocks)."""
         assert self.engine is not None
         allocator, bs = self.engine.allocator, self.cfg.block_size
         if self._waiting and (not self._last_was_prefill or not self._running):
@@ -202,10 +222,10 @@ class TorchExecutor(Executor):
             if batch:
                 self._last_was_prefill = True
                 self._prefill(batch)
-                return
+                return True
         self._last_was_prefill = False
         if not self._running:
-            return
+            return False
         for seq in list(self._running):
             if seq.done or seq not in self._running:
                 continue
@@ -224,6 +244,7 @@ class TorchExecutor(Executor):
                     break
         if self._running:
             self._decode(list(self._running))
+        return True
 
     def _preempt(self, seq: Sequence) -> None:
         self.preemptions_total += 1
@@ -247,6 +268,8 @@ class TorchExecutor(Executor):
 
     def _decode(self, batch: list[Sequence]) -> None:
         logits = self.model.decode(self.pool, [(s.tokens[-1], s.num_computed, s.blocks) for s in batch])
+        self.decode_steps_total += 1
+        self.decode_tokens_total += len(batch)
         for i, seq in enumerate(batch):
             seq.num_computed += 1
             self._accept(seq, self._sample(seq, logits[i]))

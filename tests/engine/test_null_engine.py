@@ -98,3 +98,19 @@ def test_many_null_engines_in_one_process():
     finally:
         proc.stop()
     assert proc.popen.returncode == 0, proc.output()[-2000:]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--migration-protocol", "rdma"], "RDMA NIC"),
+    (["--migration-protocol", "nvlink"], "NVLink"),
+    (["--count", "2"], "--count"),
+    (["--num-blocks", "-3"], "bad model configuration"),
+    (["--model-config", "/nonexistent.json"], "bad model configuration"),
+    (["--transfer-host", "0.0.0.0"], "transfer-host"),
+])
+def test_cli_errors_are_one_line(args, needle):
+    out = subprocess.run([sys.executable, "-m", "distserve", "engine", "--port", "0", *args],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in out.stderr, out.stderr
