@@ -1,0 +1,684 @@
+"""`distserve up`: a whole cluster on this machine, for trying distserve and for CI.
+
+    distserve up [--prefill N] [--decode M] [--routers R] [--etcd ENDPOINTS] [--port BASE] [--smoke]
+
+Starts an embedded etcd (unless endpoints are given), N prefill and M decode reference engines, each with
+its in-process agent, and R router replicas; waits until every router answers GET /health/ready; prints
+where everything listens and the `distserve-ctl` command to inspect it. Ctrl-C or SIGTERM stops
+everything in order: routers, then engines (their agents revoke their leases), then etcd (its temporary
+data directory is removed). With --smoke it sends a completion and a streamed chat completion through
+every router with the official `openai` client, prints the answers and `distserve-ctl status`, stops, and
+exits 0, or 1 with the reason.
+
+Every component is a separate OS process in its own process group (a Ctrl-C in the terminal reaches
+only this process, which stops the others in order); each child also gets SIGTERM if this process dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_BASE_PORT = 8000
+LOCAL = "127.0.0.1"
+ETCD_ENV_VARS = ("DISTSERVE_ETCD_ENDPOINTS", "DISTSERVE_ETCD_CA", "DISTSERVE_ETCD_CERT", "DISTSERVE_ETCD_KEY",
+                 "DISTSERVE_ETCD_USER", "DISTSERVE_ETCD_PASSWORD", "DISTSERVE_ETCD_TIMEOUT")
+STOP_GRACE = 15.0  # seconds a component gets after SIGTERM before its process group is killed
+SMOKE_PROMPT = "The capital of France is"
+SMOKE_CHAT = "Say hello to distserve."
+
+
+class UpError(Exception):
+    """Why the cluster could not start or the smoke test failed (one line, shown to the user)."""
+
+
+# ---- options ---------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from discovery.config import EtcdConfig
+
+    parser.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill engines (default 1)")
+    parser.add_argument("--decode", type=int, default=1, metavar="M", help="decode engines (default 1)")
+    parser.add_argument("--routers", type=int, default=2, metavar="R", help="router replicas (default 2)")
+    parser.add_argument("--port", type=int, default=DEFAULT_BASE_PORT, metavar="BASE",
+                        help="routers listen on BASE, BASE+1, ...; the engines on the ports after them "
+                             f"(default {DEFAULT_BASE_PORT}; 0: free ports picked at start)")
+    parser.add_argument("--host", default=LOCAL,
+                        help="interface the routers listen on (default 127.0.0.1); engines and the embedded "
+                             "etcd always stay on 127.0.0.1")
+    parser.add_argument("--cluster", default=os.environ.get("DISTSERVE_CLUSTER", "default"), metavar="NAME",
+                        help="cluster name in the etcd key schema (env DISTSERVE_CLUSTER; default 'default')")
+    parser.add_argument("--strategy", default=None, metavar="NAME",
+                        help="routing strategy given to the routers (default: the router's default)")
+    parser.add_argument("--api-keys", nargs="+", default=None, metavar="KEY",
+                        help="client API keys the routers require (env DISTSERVE_API_KEYS, comma separated; "
+                             "default: none, the routers are open on --host)")
+    parser.add_argument("--model-config", metavar="FILE", help="reference engine model configuration (JSON)")
+    parser.add_argument("--null", action="store_true",
+                        help="null engines: no model, instant answers (the control plane only; no torch)")
+    parser.add_argument("--engine-args", default="", metavar="ARGS",
+                        help="extra options for every engine, one quoted string (see distserve engine --help)")
+    parser.add_argument("--router-args", default="", metavar="ARGS",
+                        help="extra options for every router, one quoted string (see distserve router --help)")
+    parser.add_argument("--timeout", type=float, default=180.0, metavar="SECONDS",
+                        help="how long to wait for every router to be ready (default 180)")
+    parser.add_argument("--log-dir", metavar="DIR",
+                        help="keep each component's log here (default: a temporary directory removed on exit)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="send a completion and a streamed chat completion through every router, print "
+                             "them and distserve-ctl status, stop, exit 0 (or 1 with the reason)")
+    EtcdConfig.add_arguments(parser)
+
+
+def _validate(args: argparse.Namespace) -> None:
+    for name, least in (("prefill", 1), ("decode", 1), ("routers", 1)):
+        if getattr(args, name) < least:
+            raise UpError(f"--{name} must be at least {least}")
+    if args.timeout <= 0:
+        raise UpError("--timeout must be > 0")
+    total = args.prefill + args.decode + args.routers
+    if args.port < 0 or args.port + total - 1 > 65535 or 0 < args.port < 1024:
+        raise UpError(f"--port {args.port}: need {total} ports from BASE, within 1024-65535 (or 0 for free ports)")
+    for option in ("engine_args", "router_args"):
+        try:
+            shlex.split(getattr(args, option))
+        except ValueError as exc:
+            raise UpError(f"--{option.replace('_', '-')}: {exc}") from None
+
+
+# ---- child processes -------------------------------------------------------------------------------------
+_LIBC = None
+
+
+def _libc():
+    global _LIBC
+    if _LIBC is None and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            _LIBC = ctypes.CDLL(None, use_errno=True)
+    return _LIBC
+
+
+def _die_with_parent(parent_pid: int, libc) -> None:
+    """Runs in the child between fork and exec: SIGTERM when `distserve up` dies, even by SIGKILL."""
+    if libc is not None:
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+
+@dataclass
+class Child:
+    """One component in its own process group, its output in a log file."""
+
+    name: str
+    kind: str  # "prefill", "decode" or "router"
+    argv: list[str]
+    url: str
+    log_path: Path
+    env: dict[str, str]
+    proc: asyncio.subprocess.Process | None = None
+    expected_exit: bool = False
+
+    async def start(self) -> None:
+        parent, libc = os.getpid(), _libc()
+        with open(self.log_path, "ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
+                env=self.env, start_new_session=True, preexec_fn=lambda: _die_with_parent(parent, libc),
+            )
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
+
+    def _signal_group(self, sig: int) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, sig)
+
+    async def stop(self, grace: float = STOP_GRACE) -> str | None:
+        """SIGTERM the group, SIGKILL it after `grace`; returns a problem, or None for a clean stop."""
+        if self.proc is None:
+            return None
+        self.expected_exit = True
+        if self.proc.returncode is not None:
+            return None
+        self._signal_group(signal.SIGTERM)
+        try:
+            code = await asyncio.wait_for(self.proc.wait(), grace)
+        except asyncio.TimeoutError:
+            self._signal_group(signal.SIGKILL)
+            await self.proc.wait()
+            return f"{self.name} did not stop within {grace:.0f} s after SIGTERM and was killed"
+        finally:
+            self._signal_group(signal.SIGKILL)  # anything it started and left behind in its group
+        if code not in (0, -signal.SIGTERM):
+            return f"{self.name} exited with code {code} on SIGTERM"
+        return None
+
+    def kill(self) -> None:
+        self.expected_exit = True
+        self._signal_group(signal.SIGKILL)
+
+    def log_tail(self, lines: int = 25) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").rstrip().splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(f"    | {line}" for line in text[-lines:]) or "    | (empty log)"
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "", "::"):
+        return LOCAL
+    return f"[{host}]" if ":" in host else host
+
+
+def _ctl_command() -> list[str]:
+    sibling = Path(sys.executable).with_name("distserve-ctl")
+    return [str(sibling)] if sibling.exists() else [sys.executable, "-m", "distserve.ctl.main"]
+
+
+def _ctl_display() -> str:
+    sibling = Path(sys.executable).with_name("distserve-ctl")
+    if sibling.exists() and shutil.which("distserve-ctl") != str(sibling):
+        return str(sibling)
+    return "distserve-ctl"
+
+
+# ---- the cluster -----------------------------------------------------------------------------------------
+@dataclass
+class LocalCluster:
+    args: argparse.Namespace
+    say: "callable" = print
+    etcd: object | None = None  # discovery.embedded.EmbeddedEtcd when embedded
+    etcd_config: object | None = None
+    children: list[Child] = field(default_factory=list)
+    log_dir: Path | None = None
+    owns_log_dir: bool = False
+    token: str = ""
+    client_keys: list[str] = field(default_factory=list)
+    model: str | None = None
+    etcd_data_dir: str | None = None
+    reaper: asyncio.subprocess.Process | None = None
+
+    # -- start ----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        from discovery.config import EtcdConfig, config_error_message
+
+        args = self.args
+        if args.log_dir:
+            self.log_dir = Path(args.log_dir)
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            self.log_dir = Path(tempfile.mkdtemp(prefix="distserve-up-"))
+            self.owns_log_dir = True
+        external = bool(args.etcd_endpoints or os.environ.get("DISTSERVE_ETCD_ENDPOINTS"))
+        ports = self._ports(args.routers + args.prefill + args.decode)  # before anything starts
+        if external:
+            try:
+                self.etcd_config = EtcdConfig.from_args(args)
+            except ValueError as exc:
+                raise UpError(config_error_message(exc)) from None
+            await self._check_external_etcd()
+        else:
+            await self._start_embedded_etcd()
+        self.token = os.environ.get("DISTSERVE_CLUSTER_TOKEN") or secrets.token_hex(16)
+        self.client_keys = list(args.api_keys or []) or [
+            k.strip() for k in os.environ.get("DISTSERVE_API_KEYS", "").split(",") if k.strip()]
+        self._plan(external, ports)
+        for child in self.children:
+            await child.start()
+
+    async def _start_embedded_etcd(self) -> None:
+        from discovery.config import EtcdConfig
+        from discovery.embedded import EmbeddedEtcd, EmbeddedEtcdError
+
+        # fsync off: this etcd lives in a temporary directory and dies with the cluster anyway.
+        etcd = EmbeddedEtcd(name="up", unsafe_no_fsync=True)
+        self.etcd = etcd
+        self.etcd_data_dir = str(Path(etcd.data_dir).parent)
+        try:
+            await asyncio.to_thread(etcd.start)
+        except EmbeddedEtcdError as exc:
+            raise UpError(f"embedded etcd did not start: {str(exc).splitlines()[0]}") from None
+        self.etcd_config = EtcdConfig(endpoints=etcd.endpoints)
+        # If this process is killed outright (SIGKILL), the engines and routers get SIGTERM from the kernel
+        # (PR_SET_PDEATHSIG); the reaper, which gets it too, then stops etcd and removes its data directory.
+        parent, libc = os.getpid(), _libc()
+        self.reaper = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", "import sys; from distserve.up import reap; reap(*sys.argv[1:])",
+            str(etcd.pid), self.etcd_data_dir, *([str(self.log_dir)] if self.owns_log_dir else []), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=lambda: _die_with_parent(parent, libc))
+
+    async def _check_external_etcd(self) -> None:
+        from discovery.client import EtcdClient
+
+        try:
+            async with EtcdClient(self.etcd_config) as client:
+                await client.status()
+        except Exception as exc:  # noqa: BLE001 - any failure to reach etcd is the user's one-line error
+            raise UpError(f"etcd unreachable ({', '.join(self.etcd_config.endpoints)}): "
+                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+    def _ports(self, count: int) -> list[int]:
+        args = self.args
+        if args.port == 0:
+            return [_free_port(args.host if i < args.routers else LOCAL) for i in range(count)]
+        ports = list(range(args.port, args.port + count))
+        for i, port in enumerate(ports):
+            host = args.host if i < args.routers else LOCAL
+            if not _port_free(host, port):
+                raise UpError(f"port {port} on {host} is in use: choose another --port BASE, or --port 0 for free ports")
+        return ports
+
+    def _env(self, kind: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ETCD_ENV_VARS}
+        env["PYTHONUNBUFFERED"] = "1"
+        cfg = self.etcd_config
+        # etcd credentials travel in the environment, never on command lines (visible to ps).
+        for var, value in (("DISTSERVE_ETCD_CA", cfg.ca_cert), ("DISTSERVE_ETCD_CERT", cfg.cert),
+                           ("DISTSERVE_ETCD_KEY", cfg.key), ("DISTSERVE_ETCD_USER", cfg.user),
+                           ("DISTSERVE_ETCD_TIMEOUT", str(cfg.timeout))):
+            if value:
+                env[var] = value
+        if cfg.password is not None:
+            env["DISTSERVE_ETCD_PASSWORD"] = cfg.password.get_secret_value()
+        env["DISTSERVE_CLUSTER_TOKEN"] = self.token
+        env.pop("DISTSERVE_API_KEYS", None)
+        env.pop("DISTSERVE_ENGINE_API_KEYS", None)
+        if kind == "router" and self.client_keys:
+            env["DISTSERVE_API_KEYS"] = ",".join(self.client_keys)
+        if kind in ("prefill", "decode"):
+            env["DISTSERVE_ENGINE_API_KEYS"] = self.token  # engines answer only token holders
+        return env
+
+    def _plan(self, external: bool, ports: list[int]) -> None:
+        args = self.args
+        endpoints = ",".join(self.etcd_config.endpoints)
+        # Ids stay short in a private etcd; on a shared one they carry the host name so two `up`s never clash.
+        prefix = f"{socket.gethostname()}-" if external else ""
+        python = [sys.executable, "-m", "distserve"]
+        router_ports, engine_ports = ports[:args.routers], ports[args.routers:]
+        roles = ["prefill"] * args.prefill + ["decode"] * args.decode
+        counters = {"prefill": 0, "decode": 0}
+        for role, port in zip(roles, engine_ports):
+            name = f"{role}-{counters[role]}"
+            counters[role] += 1
+            argv = [*python, "engine", "--role", role, "--host", LOCAL, "--port", str(port),
+                    "--etcd", endpoints, "--cluster", args.cluster, "--engine-id", f"{prefix}{name}"]
+            if args.model_config:
+                argv += ["--model-config", args.model_config]
+            if args.null:
+                argv.append("--null")
+            argv += shlex.split(args.engine_args)
+            self._add(name, role, argv, f"http://{LOCAL}:{port}")
+        for i, port in enumerate(router_ports):
+            name = f"router-{i}"
+            argv = [*python, "router", "--host", args.host, "--port", str(port), "--etcd", endpoints,
+                    "--cluster", args.cluster, "--router-id", f"{prefix}{name}"]
+            if args.strategy:
+                argv += ["--strategy", args.strategy]
+            argv += shlex.split(args.router_args)
+            self._add(name, "router", argv, f"http://{_url_host(args.host)}:{port}")
+
+    def _add(self, name: str, kind: str, argv: list[str], url: str) -> None:
+        assert self.log_dir is not None
+        self.children.append(Child(name=name, kind=kind, argv=argv, url=url, log_path=self.log_dir / f"{name}.log",
+                                   env=self._env(kind)))
+
+    @property
+    def routers(self) -> list[Child]:
+        return [c for c in self.children if c.kind == "router"]
+
+    @property
+    def engines(self) -> list[Child]:
+        return [c for c in self.children if c.kind != "router"]
+
+    def engine_id(self, child: Child) -> str:
+        return child.argv[child.argv.index("--engine-id") + 1]
+
+    def router_id(self, child: Child) -> str:
+        return child.argv[child.argv.index("--router-id") + 1]
+
+    # -- readiness ------------------------------------------------------------------------------------
+    def client_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.client_keys[0]}"} if self.client_keys else {}
+
+    async def wait_ready(self, stop: asyncio.Event) -> float:
+        """Until every router answers /health/ready 200; raises UpError naming what is missing."""
+        import aiohttp
+
+        started = time.monotonic()
+        deadline = started + self.args.timeout
+        pending = {c.name: c for c in self.children}
+        timeout = aiohttp.ClientTimeout(total=2.0)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while pending:
+                if stop.is_set():
+                    raise UpError("interrupted while starting")
+                self.raise_if_a_child_died()
+                for name, child in list(pending.items()):
+                    path = "/health/ready" if child.kind == "router" else "/health"
+                    with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                        async with http.get(child.url + path) as resp:
+                            if resp.status == 200:
+                                del pending[name]
+                                self.say(f"  {name:<10} ready  {child.url}  ({time.monotonic() - started:.1f} s)")
+                if not pending:
+                    break
+                if time.monotonic() > deadline:
+                    waiting = sorted(pending)
+                    first = pending[waiting[0]]
+                    raise UpError(f"not ready within {self.args.timeout:.0f} s: {', '.join(waiting)}\n"
+                                  f"  last lines of {first.name}'s log ({first.log_path}):\n{first.log_tail()}")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(stop.wait(), 0.2)
+            self.model = await self._first_model(http)
+        return time.monotonic() - started
+
+    async def _first_model(self, http) -> str | None:
+        with contextlib.suppress(Exception):
+            async with http.get(self.routers[0].url + "/v1/models", headers=self.client_headers()) as resp:
+                body = await resp.json()
+                return body["data"][0]["id"]
+        return None
+
+    def raise_if_a_child_died(self) -> None:
+        for child in self.children:
+            if child.proc is not None and child.proc.returncode is not None and not child.expected_exit:
+                raise UpError(f"{child.name} exited with code {child.proc.returncode}\n"
+                              f"  last lines of its log ({child.log_path}):\n{child.log_tail()}")
+
+    async def watch_children(self) -> str:
+        """Returns the reason as soon as a child exits unexpectedly."""
+        waits = {asyncio.ensure_future(c.proc.wait()): c for c in self.children if c.proc is not None}
+        try:
+            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            child = waits[next(iter(done))]
+            return f"{child.name} exited with code {child.proc.returncode}\n{child.log_tail()}"
+        finally:
+            for task in waits:
+                task.cancel()
+
+    # -- report ---------------------------------------------------------------------------------------
+    def describe(self, took: float) -> str:
+        endpoints = ",".join(self.etcd_config.endpoints)
+        lines = [f"distserve up: cluster '{self.args.cluster}' ready in {took:.1f} s"]
+        etcd_note = "embedded, temporary data dir" if self.etcd is not None else "external"
+        lines.append(f"  {'etcd':<10} {endpoints}  ({etcd_note})")
+        kind = "null engine" if self.args.null else "reference engine"
+        for child in self.engines:
+            lines.append(f"  {child.name:<10} {child.url}  ({kind} + agent, id {self.engine_id(child)})")
+        for child in self.routers:
+            lines.append(f"  {child.name:<10} {child.url}  (OpenAI API: {child.url}/v1)")
+        lines.append(f"  {'logs':<10} {self.log_dir}" + ("  (removed on exit; --log-dir keeps them)" if self.owns_log_dir else ""))
+        ctl = f"{_ctl_display()} --etcd {endpoints} --cluster {self.args.cluster}"
+        lines.append("Inspect:")
+        lines.append(f"  {ctl} status        (also: engines, links, routers, top, watch)")
+        model = self.model or "MODEL"
+        auth = " -H 'Authorization: Bearer <key>'" if self.client_keys else ""
+        lines.append("Try:")
+        lines.append(f"  curl -s {self.routers[0].url}/v1/completions -H 'Content-Type: application/json'{auth} "
+                     f"-d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'")
+        return "\n".join(lines)
+
+    # -- smoke ----------------------------------------------------------------------------------------
+    async def smoke(self) -> list[str]:
+        """Through every router: a completion and a streamed chat completion; returns problems."""
+        try:
+            import openai
+        except ImportError:
+            return ["--smoke needs the openai package (pip install openai)"]
+        problems: list[str] = []
+        texts: dict[str, tuple[str, str]] = {}
+        for router in self.routers:
+            client = openai.AsyncOpenAI(base_url=f"{router.url}/v1", api_key=self.client_keys[0] if self.client_keys else "none",
+                                        timeout=60.0, max_retries=0)
+            try:
+                models = [m.id async for m in client.models.list()]
+                if not models:
+                    problems.append(f"{router.name}: /v1/models lists no model")
+                    continue
+                model = models[0]
+                completion = await client.completions.create(model=model, prompt=SMOKE_PROMPT, max_tokens=16,
+                                                              temperature=0)
+                text = completion.choices[0].text
+                if not completion.usage or completion.usage.completion_tokens < 1:
+                    problems.append(f"{router.name}: the completion produced no tokens")
+                self.say(f"  {router.name} completion   {SMOKE_PROMPT!r} -> {text!r} "
+                         f"({completion.choices[0].finish_reason}, {completion.usage.completion_tokens if completion.usage else 0} tokens)")
+                stream = await client.chat.completions.create(
+                    model=model, messages=[{"role": "user", "content": SMOKE_CHAT}], max_tokens=16,
+                    temperature=0, stream=True)
+                pieces, chunks, finish = [], 0, None
+                async for chunk in stream:
+                    chunks += 1
+                    for choice in chunk.choices:
+                        pieces.append(choice.delta.content or "")
+                        finish = choice.finish_reason or finish
+                chat = "".join(pieces)
+                if chunks == 0 or finish is None:
+                    problems.append(f"{router.name}: the chat stream ended without a finish_reason ({chunks} chunks)")
+                self.say(f"  {router.name} chat stream  {SMOKE_CHAT!r} -> {chat!r} ({finish}, {chunks} chunks)")
+                texts[router.name] = (text, chat)
+            except openai.OpenAIError as exc:
+                problems.append(f"{router.name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            finally:
+                await client.close()
+        # Greedy decoding on the same engines: every router must return the same text.
+        if len(set(texts.values())) > 1:
+            problems.append(f"routers disagree on greedy output: {texts}")
+        return problems
+
+    async def ctl_status(self) -> tuple[int, str]:
+        argv = [*_ctl_command(), "--etcd", ",".join(self.etcd_config.endpoints), "--cluster", self.args.cluster,
+                "--table", "status"]
+        env = self._env("ctl")
+        env["COLUMNS"] = env.get("COLUMNS", "120")
+        proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+                                                    env=env, start_new_session=True)
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), 30)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+            return -1, "distserve-ctl status did not answer within 30 s"
+        return proc.returncode, out.decode(errors="replace")
+
+    # -- stop -----------------------------------------------------------------------------------------
+    async def stop(self) -> list[str]:
+        """Routers, then engines (their agents revoke their leases), then etcd; returns problems."""
+        problems: list[str] = []
+        for tier in (self.routers, self.engines):
+            results = await asyncio.gather(*(c.stop() for c in tier))
+            problems += [p for p in results if p]
+        if self.etcd_config is not None and self.children:
+            problems += await self._leftover_keys()
+        for child in self.children:
+            if child.proc is not None and not await _group_gone(child.proc.pid):
+                problems.append(f"processes of {child.name} (process group {child.proc.pid}) are still running")
+        if self.reaper is not None and self.reaper.returncode is None:
+            self.reaper.kill()
+            await self.reaper.wait()
+        if self.etcd is not None:
+            await asyncio.to_thread(self.etcd.stop)
+            if self.etcd_data_dir and Path(self.etcd_data_dir).exists():
+                problems.append(f"etcd data directory {self.etcd_data_dir} was not removed")
+        if self.owns_log_dir and self.log_dir is not None:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+        return problems
+
+    def kill_all(self) -> None:
+        for child in self.children:
+            child.kill()
+
+    async def _leftover_keys(self) -> list[str]:
+        """After a graceful stop every key this cluster's processes held under a lease must be gone."""
+        from discovery.client import EtcdClient
+        from distserve.keys import Keys
+
+        keys = Keys(self.args.cluster)
+        engine_ids = {self.engine_id(c) for c in self.engines}
+        router_ids = {self.router_id(c) for c in self.routers}
+        try:
+            async with EtcdClient(self.etcd_config) as client:
+                kvs, _ = await client.get_prefix(keys.root)
+        except Exception as exc:  # noqa: BLE001
+            return [f"could not check etcd for leftover keys: {exc}"]
+        left = []
+        for kv in kvs:
+            parsed = keys.parse(kv.key)
+            if parsed is None:
+                continue
+            ours = (parsed.kind in ("engines", "load") and parsed.ids[0] in engine_ids) or \
+                   (parsed.kind == "links" and set(parsed.ids) & engine_ids) or \
+                   (parsed.kind == "routers" and parsed.ids[0] in router_ids)
+            if ours:
+                left.append(kv.key)
+        return [f"keys left in etcd after stopping (leases not revoked): {', '.join(left)}"] if left else []
+
+
+async def _group_gone(pgid: int, wait: float = 2.0) -> bool:
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+
+
+def reap(etcd_pid: str, data_dir: str, *more_dirs: str) -> None:
+    """The reaper process: idle until `distserve up` dies (SIGTERM via PR_SET_PDEATHSIG; a normal stop kills
+    the reaper instead), then give the agents a moment to revoke their leases, stop etcd, remove its data."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.sigwait({signal.SIGTERM})
+    time.sleep(3.0)
+    pid = int(etcd_pid)
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        cmdline = b""
+    if data_dir.encode() in cmdline:  # still our etcd, not a recycled pid
+        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+                time.sleep(0.05)
+    for path in (data_dir, *more_dirs):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- entry point -----------------------------------------------------------------------------------------
+async def run(args: argparse.Namespace) -> int:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = {"count": 0}
+    cluster = LocalCluster(args)
+
+    def on_signal(signame: str) -> None:
+        signals["count"] += 1
+        if signals["count"] == 1:
+            print(f"\ndistserve up: {signame}: stopping (again to kill at once)", flush=True)
+            stop.set()
+        else:
+            cluster.kill_all()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, signal.Signals(sig).name)
+    failure: str | None = None
+    interrupted = False
+    problems: list[str] = []
+    try:
+        counts = f"{args.prefill} prefill, {args.decode} decode, {args.routers} router(s)"
+        print(f"distserve up: starting {counts}", flush=True)
+        try:
+            await cluster.start()
+            took = await cluster.wait_ready(stop)
+        except UpError as exc:
+            interrupted = stop.is_set()
+            if not interrupted:
+                failure = str(exc)
+        else:
+            print(cluster.describe(took), flush=True)
+            if args.smoke:
+                print("Smoke test (openai client, every router):", flush=True)
+                problems += await cluster.smoke()
+                code, out = await cluster.ctl_status()
+                print("distserve-ctl status:\n" + "\n".join(f"  {line}" for line in out.rstrip().splitlines()), flush=True)
+                if code != 0:
+                    problems.append(f"distserve-ctl status exited with code {code}")
+            else:
+                print("Ctrl-C stops everything.", flush=True)
+                watcher = asyncio.ensure_future(cluster.watch_children())
+                stopper = asyncio.ensure_future(stop.wait())
+                done, _ = await asyncio.wait({watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                for task in (watcher, stopper):
+                    task.cancel()
+                if watcher in done and not stop.is_set():
+                    failure = watcher.result()
+    finally:
+        problems += await cluster.stop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.remove_signal_handler(sig)
+    if failure:
+        print(f"distserve up: failed: {failure}", file=sys.stderr, flush=True)
+    if problems:
+        print("distserve up: " + ("smoke test failed" if args.smoke else "problems while stopping") + ":",
+              file=sys.stderr, flush=True)
+        for problem in problems:
+            print(f"  - {problem}", file=sys.stderr, flush=True)
+    if failure or problems:
+        return 1
+    if interrupted:
+        print("distserve up: interrupted before the cluster was ready; stopped cleanly", flush=True)
+        return 130
+    print("distserve up: " + ("smoke test passed; " if args.smoke else "") +
+          "stopped cleanly (leases revoked, no process left, no data directory left)", flush=True)
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        _validate(args)
+    except UpError as exc:
+        print(f"distserve up: error: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(run(args))
