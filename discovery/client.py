@@ -373,8 +373,11 @@ class EtcdClient:
             if remaining <= 0:
                 tried = "; ".join(f"{url}: {err}" for url, err in errors.items()) or "no attempt finished"
                 raise EtcdUnavailable(f"{op}: no etcd endpoint answered within {budget:g}s (tried {tried})")
+            # One attempt gets a third of the budget: a member without a leader drops proposals and
+            # would otherwise hold the whole call until etcd's own request timeout.
+            per_attempt = min(remaining, max(0.5, budget / 3))
             try:
-                return await call(conn, remaining)
+                return await call(conn, per_attempt)
             except Exception as exc:  # noqa: BLE001 - classified below; CancelledError passes through
                 kind, detail = classify(exc)
             if kind == "auth_token" and authenticate and self.config.user and not reauthed:

@@ -390,9 +390,23 @@ class EmbeddedEtcdCluster:
             if m.alive():
                 m.wait_healthy(timeout)
 
-    def stop(self) -> None:
+    def stop(self, graceful: bool = True) -> None:
+        """Stop every member and remove temporary data dirs. Graceful: followers first (in parallel),
+        then the leader, so no member waits on a leader transfer; else SIGKILL all (crash-safe, instant)."""
+        if not graceful:
+            for m in self.members:
+                m.kill()
+        leader: list[EmbeddedEtcd] = []
+        if graceful:
+            try:
+                leader = [self.members[self.leader_index(timeout=0.5)]]
+            except EmbeddedEtcdError:
+                leader = []
+        followers = [m for m in self.members if m not in leader]
         with ThreadPoolExecutor(len(self.members)) as pool:
-            list(pool.map(lambda m: m.stop(), self.members))
+            list(pool.map(lambda m: m.stop(), followers))
+        for m in leader:
+            m.stop()
 
     def __enter__(self) -> "EmbeddedEtcdCluster":
         return self.start()

@@ -1,0 +1,83 @@
+"""`distserve etcd`: a real etcd in the foreground for local clusters and demos.
+
+Prints the client URL (comma-separated for 3 members) as the first line on stdout, then runs until
+SIGINT/SIGTERM and stops cleanly (a temporary data dir is removed; `--data-dir` is kept).
+Production: run your own etcd 3.4.22+ or 3.5.6+ (docs/etcd-clients.md) and point --etcd at it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import signal
+import sys
+import threading
+
+from discovery.embedded import EmbeddedEtcd, EmbeddedEtcdCluster, EmbeddedEtcdError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cluster-size", type=int, choices=(1, 3), default=1,
+                        help="1 node (default) or a 3-member cluster")
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="keep data here across runs (default: a temporary dir removed on exit)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="interface to bind, a loopback or private address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None,
+                        help="client port of a single node (default: a free port)")
+
+
+def _check_host(host: str) -> str | None:
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return f"--host must be an IP address, got {host!r}"
+    if addr.is_unspecified:
+        return "--host must be a specific interface, not a wildcard (etcd advertises it to clients)"
+    if not (addr.is_loopback or addr.is_private or addr.is_link_local):
+        return f"--host {host} is a public address; bind etcd to a private interface"
+    return None
+
+
+def main(args: argparse.Namespace) -> int:
+    problem = _check_host(args.host)
+    if problem is None and args.port is not None and args.cluster_size != 1:
+        problem = "--port applies to a single node only"
+    if problem is None and args.port is not None and not 0 < args.port < 65536:
+        problem = f"--port {args.port} is not a TCP port"
+    if problem:
+        print(f"distserve etcd: {problem}", file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server: EmbeddedEtcd | EmbeddedEtcdCluster
+    if args.cluster_size == 1:
+        server = EmbeddedEtcd(name="distserve", data_dir=args.data_dir, host=args.host, client_port=args.port)
+    else:
+        server = EmbeddedEtcdCluster(size=3, data_dir=args.data_dir)
+        for member in server.members:
+            member.host = args.host
+    try:
+        try:
+            server.start()
+        except EmbeddedEtcdError as exc:
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            print(f"distserve etcd: {lines[0] if lines else exc}: {lines[-1] if len(lines) > 1 else ''}".rstrip(": "),
+                  file=sys.stderr)
+            return 1
+        print(server.client_url, flush=True)
+        print(f"etcd ready ({args.cluster_size} member{'s' if args.cluster_size > 1 else ''}); use it with:\n"
+              f"  export DISTSERVE_ETCD_ENDPOINTS={server.client_url}\nCtrl-C stops it.", file=sys.stderr, flush=True)
+        members = server.members if isinstance(server, EmbeddedEtcdCluster) else [server]
+        while not stop.wait(0.5):
+            dead = [m for m in members if not m.alive()]
+            if dead:
+                print(f"distserve etcd: member {dead[0].name} exited unexpectedly; log: {dead[0].log_tail(300)!r}",
+                      file=sys.stderr)
+                return 1
+        return 0
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
