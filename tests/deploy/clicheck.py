@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import io
 import os
 import shlex
@@ -44,6 +45,10 @@ LMDEPLOY_PROXY_FLAGS = frozenset("""
 --api-keys --disable-cache-status --disable-gdr --dummy-prefill --help --link-type --log-level
 --migration-protocol --routing-strategy --server-name --server-port --serving-strategy --ssl
 """.split())
+
+
+# distserve's launcher for lmdeploy engines (lmdeploy's CLI with fixes installed; distserve/lmdeploy_ext).
+LMDEPLOY_LAUNCHER = "distserve.lmdeploy_ext.serve"
 
 
 class CommandRejected(AssertionError):
@@ -92,11 +97,26 @@ def check_command(argv: list[str], where: str = "") -> argparse.Namespace | None
     if prog == "lmdeploy":
         check_lmdeploy(argv, what)
         return None
+    if prog.startswith("python") and argv[1:3] == ["-m", LMDEPLOY_LAUNCHER]:
+        check_lmdeploy(lmdeploy_argv(argv), what)
+        return None
     raise CommandRejected(f"{what}: unknown program {argv[0]!r}")
 
 
+def lmdeploy_argv(argv: list[str]) -> list[str]:
+    """`python -m distserve.lmdeploy_ext.serve api_server ...` is `lmdeploy serve api_server ...` (the launcher
+    passes every argument to lmdeploy unchanged); other command lines are returned as they are."""
+    if os.path.basename(argv[0]).startswith("python") and argv[1:3] == ["-m", LMDEPLOY_LAUNCHER]:
+        if importlib.util.find_spec(LMDEPLOY_LAUNCHER) is None:
+            raise CommandRejected(f"no module {LMDEPLOY_LAUNCHER}")
+        return ["lmdeploy", "serve", *argv[3:]]
+    return argv
+
+
 def check_lmdeploy(argv: list[str], what: str = "lmdeploy") -> dict[str, str | None]:
-    """`lmdeploy serve api_server MODEL --flag value ...` against lmdeploy 0.18.0; returns the flags."""
+    """`lmdeploy serve api_server MODEL --flag value ...` against lmdeploy 0.18.0 (also through distserve's
+    launcher); returns the flags."""
+    argv = lmdeploy_argv(argv)
     if argv[1:3] != ["serve", "api_server"]:
         raise CommandRejected(f"{what}: expected 'lmdeploy serve api_server', got {shlex.join(argv[:3])!r}")
     flags: dict[str, str | None] = {}

@@ -95,6 +95,7 @@ def test_engines_pair_with_their_agents_on_loopback(compose, pool, role, gpu):
     env = {**example_env(), "MODEL_PATH": "/models/m", "MODEL_NAME": "m"}
     services = compose["services"]
     engine, agent = services[pool], services[f"{pool}-agent"]
+    assert argv_of(engine, env)[:4] == ["python3", "-m", "distserve.lmdeploy_ext.serve", "api_server"]
     flags = check_lmdeploy(argv_of(engine, env))
     assert flags["--role"] == role and flags["--backend"] == "pytorch"
     assert flags["--server-name"] == "127.0.0.1", "engine ports must not face the network"

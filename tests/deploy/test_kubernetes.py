@@ -314,6 +314,8 @@ def test_engine_pools_run_lmdeploy_with_the_agent_sidecar(rendered, pool, role):
     spec = sts["spec"]["template"]["spec"]
     engine = next(c for c in spec["containers"] if c["name"] == "engine")
     agent = next(c for c in spec["containers"] if c["name"] == "agent")
+    # Through distserve's launcher: stock lmdeploy 0.17/0.18 omits the session id PD routing needs.
+    assert command_line(engine)[:4] == ["python3", "-m", "distserve.lmdeploy_ext.serve", "api_server"]
     flags = check_lmdeploy(command_line(engine))
     assert flags["--role"] == role and flags["--backend"] == "pytorch" and flags["--migration-backend"] == "DLSlime"
     assert flags["--api-keys"] == "token"  # the cluster token: only routers and agents may call the engine

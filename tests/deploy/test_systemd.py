@@ -94,7 +94,9 @@ def test_engine_and_agent_commands_are_accepted_and_agree(instance):
     env = instance_env(instance)
     engine = load_unit("lmdeploy-engine@.service")
     agent = load_unit("distserve-agent@.service")
-    flags = check_lmdeploy(expand(engine["Service"]["ExecStart"], instance, env))
+    argv = expand(engine["Service"]["ExecStart"], instance, env)
+    assert argv[1:4] == ["-m", "distserve.lmdeploy_ext.serve", "api_server"]
+    flags = check_lmdeploy(argv)
     assert flags["--role"] == env["LMDEPLOY_ROLE"] and flags["--backend"] == "pytorch"
     assert flags["--api-keys"] == env["DISTSERVE_CLUSTER_TOKEN"]
     assert flags["--server-name"] not in ("0.0.0.0", "::"), "bind a private interface"
