@@ -80,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="send a completion and a streamed chat completion through every router, print "
                              "them and distserve-ctl status, stop, exit 0 (or 1 with the reason)")
     EtcdConfig.add_arguments(parser)
+    for action in parser._actions:
+        if action.dest == "etcd_endpoints":
+            action.help = ("use this etcd, comma-separated client URLs (env DISTSERVE_ETCD_ENDPOINTS), instead of "
+                           "starting an embedded one")
 
 
 def _validate(args: argparse.Namespace) -> None:
