@@ -188,6 +188,10 @@ def classify(exc: BaseException) -> tuple[str, str]:
         return "auth_token", text
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return "auth", text
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION) and (
+        "authentication failed" in low or "authentication is not enabled" in low or "permission denied" in low
+    ):
+        return "auth", text
     if code == grpc.StatusCode.NOT_FOUND and "lease not found" in low:
         return "lease_not_found", text
     if code == grpc.StatusCode.OUT_OF_RANGE and "compacted" in low:
