@@ -11,3 +11,37 @@ Public API (see docs/internals.md for the contract):
 - VersionedRecord, MalformedRecord (discovery.record): typed JSON values with a schema version.
 - EmbeddedEtcd, EmbeddedEtcdCluster (discovery.embedded): real etcd processes for tests and local clusters.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Lazy re-exports: `import discovery.record` (used by every record module) must not pull in grpc.
+_EXPORTS = {
+    "EtcdConfig": "discovery.config",
+    "EtcdClient": "discovery.client",
+    "KeyValue": "discovery.client",
+    "EtcdError": "discovery.client",
+    "EtcdUnavailable": "discovery.client",
+    "EtcdWriteUncertain": "discovery.client",
+    "EtcdAuthError": "discovery.client",
+    "LeaseNotFound": "discovery.client",
+    "LeaseSession": "discovery.lease",
+    "watch_prefix": "discovery.watch",
+    "WatchEvent": "discovery.watch",
+    "Informer": "discovery.informer",
+    "VersionedRecord": "discovery.record",
+    "MalformedRecord": "discovery.record",
+    "EmbeddedEtcd": "discovery.embedded",
+    "EmbeddedEtcdCluster": "discovery.embedded",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'discovery' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -70,6 +70,8 @@ def main(args: argparse.Namespace) -> int:
         print(f"etcd ready ({args.cluster_size} member{'s' if args.cluster_size > 1 else ''}); use it with:\n"
               f"  export DISTSERVE_ETCD_ENDPOINTS={server.client_url}\nCtrl-C stops it.", file=sys.stderr, flush=True)
         members = server.members if isinstance(server, EmbeddedEtcdCluster) else [server]
+        kept = "kept" if args.data_dir else "removed on exit"
+        print(f"data dir: {', '.join(m.data_dir for m in members)} ({kept})", file=sys.stderr, flush=True)
         while not stop.wait(0.5):
             dead = [m for m in members if not m.alive()]
             if dead:
