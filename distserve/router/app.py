@@ -254,6 +254,7 @@ class Router:
         except (asyncio.CancelledError, ConnectionResetError):
             status = 499  # the client went away (nginx's convention); upstream work was cancelled
             self.metrics.client_disconnects.inc((path,))
+            log.debug("request %s: client went away", rid, exc_info=True)
             raise
         except Exception:
             log.exception("request %s %s: unexpected error", rid, path)

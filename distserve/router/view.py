@@ -156,7 +156,7 @@ class ClusterView:
             self.engines.pop(engine_id, None)
             self.breakers.on_engine(engine_id, None)
             self.load.forget(engine_id)
-        self._seen(getattr(new, "registered_at", None))
+        self._seen()  # engine records carry no write time (registered_at is the first registration)
         self.invalidate()
 
     def _on_link(self, kind: str, key: str, old, new) -> None:

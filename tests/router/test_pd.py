@@ -9,9 +9,12 @@ the routers make must carry it.
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 
@@ -173,6 +176,57 @@ def test_usage_and_errors_pass_through_pd(cluster):
         assert engine_metric(cluster.url(name), "distserve_engine_preserved_blocks", ENGINE_AUTH) == 0
 
 
+def decodes_running(cluster: Cluster) -> float:
+    return sum(engine_metric(cluster.url(d), "distserve_engine_requests_running", ENGINE_AUTH)
+               for d in ("d0", "d1") if cluster.engines[d][0].alive())
+
+
+def preserved(cluster: Cluster) -> float:
+    return sum(engine_metric(cluster.url(p), "distserve_engine_preserved_blocks", ENGINE_AUTH)
+               for p in ("p0", "p1") if cluster.engines[p][0].alive())
+
+
+def wait_for(check, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+LONG = {"model": MODEL, "prompt": "a very long story", "max_tokens": 3500, "ignore_eos": True, "temperature": 0}
+
+
+def test_client_disconnect_cancels_the_decode_and_leaves_nothing_preserved(cluster):
+    _, router = cluster.routers[0]
+    with httpx.Client(base_url=router, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
+            chunks = r.iter_bytes()
+            next(chunks)
+            next(chunks)
+            assert decodes_running(cluster) == 1
+    # 3500 tokens would take many seconds: the decode stops because the router dropped its connection
+    wait_for(lambda: decodes_running(cluster) == 0, 5, "the decode kept generating for a gone client")
+    wait_for(lambda: preserved(cluster) == 0, 5, "prefill blocks left preserved")
+    assert router_metric(router, "distserve_router_client_disconnects_total") >= 1
+
+
+def test_max_in_flight_answers_429(cluster):
+    proc, router = start_router(cluster.etcd.endpoints, "--cluster", cluster.name, "--max-in-flight", "1", env=ENV)
+    try:
+        with httpx.Client(base_url=router, timeout=30) as http:
+            with http.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
+                chunks = r.iter_bytes()  # keep a reference: a collected iterator closes the stream
+                assert r.status_code == 200 and next(chunks)
+                busy = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+                assert busy.status_code == 429 and busy.headers["Retry-After"] == "1"
+                assert busy.json()["error"]["code"] == "rate_limited"
+            wait_for(lambda: decodes_running(cluster) == 0, 5, "decode still running")
+            ok = http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+            assert ok.status_code == 200
+    finally:
+        proc.stop()
+
+
 def test_sigkilled_router_replaced_first_pd_completion_needs_no_handshake(cluster):
     before = cluster.handshakes()
     proc, _ = cluster.routers.pop(0)
@@ -184,6 +238,34 @@ def test_sigkilled_router_replaced_first_pd_completion_needs_no_handshake(cluste
     assert text
     assert cluster.handshakes() == before, "a new router replica must not trigger any handshake"
     assert elapsed < 30
+
+
+def test_phase_timeouts_answer_504_and_free_the_prefill(cluster):
+    """Both decodes frozen (SIGSTOP, briefly: their leases must not expire): the decode phase times out."""
+    proc, router = start_router(cluster.etcd.endpoints, "--cluster", cluster.name, "--decode-first-byte-timeout",
+                                "0.7", "--request-timeout", "0.9", env=ENV)
+    frozen = [cluster.engines[d][0] for d in ("d0", "d1")]
+    try:
+        with httpx.Client(base_url=router, timeout=30) as http:
+            for p in frozen:
+                p.signal(signal.SIGSTOP)
+            try:
+                with ThreadPoolExecutor(2) as pool:
+                    streamed = pool.submit(http.post, "/v1/completions", json={**LONG, "stream": True})
+                    unary = pool.submit(http.post, "/v1/chat/completions", json={
+                        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+                    streamed, unary = streamed.result(), unary.result()
+            finally:
+                for p in frozen:
+                    p.signal(signal.SIGCONT)
+        assert streamed.status_code == 504 and streamed.json()["error"]["code"] == "decode_timeout"
+        assert unary.status_code == 504 and unary.json()["error"]["code"] == "decode_timeout"
+        # the decodes never pulled the KV: the router gave it back to the prefill
+        wait_for(lambda: preserved(cluster) == 0, 5, "prefill blocks left preserved after a decode timeout")
+        assert router_metric(router, "distserve_router_free_cache_total", {"result": "ok"}) == 2
+    finally:
+        proc.stop()
+    wait_for(lambda: decodes_running(cluster) == 0, 10, "decode still running")
 
 
 def test_sigkilled_decode_mid_stream_gives_an_error_event_and_frees_the_prefill(cluster):

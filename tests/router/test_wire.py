@@ -1,0 +1,174 @@
+"""What the router puts on the wire to engines, checked at the receiving end.
+
+The receiving end here is a wire stub that answers like an lmdeploy 0.17/0.18 engine does (including
+its defects: no `remote_session_id`, a non-integer `id`), which cannot run on this machine (lmdeploy's
+PyTorch engine needs CUDA). It records every request it gets: headers and raw bodies. The router is a
+real process reading a real etcd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import httpx
+import pytest
+from aiohttp import web
+
+from discovery.client import EtcdClient
+from discovery.config import EtcdConfig
+from distserve.keys import Keys
+from tests.router.cluster import (MODEL, engine_record, link_record, publish_engine, publish_link, router_metric,
+                                  start_router)
+from tests.util import free_port
+
+TOKEN = "wire-token"
+
+
+class WireStub:
+    """An lmdeploy-like engine answering from canned bodies; `prefill_answer` is what a prefill returns."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, object, bytes]] = []
+        self.prefill_answer: dict = {}
+        self.decode_status = 200
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        port = free_port()
+        await web.TCPSite(self.runner, "127.0.0.1", port).start()
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()
+        self.seen.append((request.path, request.headers.copy(), raw))
+        if request.path == "/health":
+            return web.json_response({})
+        if request.path == "/distserve/free_cache":
+            return web.json_response({"status": "SUCCESS"})
+        body = json.loads(raw)
+        if "preserve_cache" in body:
+            return web.json_response(self.prefill_answer)
+        if self.decode_status != 200:
+            return web.json_response({"error": {"message": "decode broke", "type": "x", "code": "y"}},
+                                     status=self.decode_status)
+        if body.get("stream"):
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            for piece in ("a", "b"):
+                await resp.write(b'data: {"choices": [{"index": 0, "text": "' + piece.encode() + b'"}]}\n\n')
+            await resp.write(b"data: [DONE]\n\n")
+            return resp
+        return web.json_response({"id": "x", "object": "text_completion", "choices": [
+            {"index": 0, "text": "decoded", "finish_reason": "length"}], "usage": {"prompt_tokens": 3}})
+
+    def requests(self, path: str) -> list[tuple[dict, bytes]]:
+        return [(h, b) for p, h, b in self.seen if p == path]
+
+
+@pytest.fixture
+async def wire(etcd):
+    prefill, decode, hybrid = WireStub(), WireStub(), WireStub()
+    for stub in (prefill, decode, hybrid):
+        await stub.start()
+    keys = Keys(f"w{uuid.uuid4().hex[:6]}")
+    client = EtcdClient(EtcdConfig(endpoints=etcd.endpoints))
+    await client.connect()
+    p = engine_record("p0", prefill.url, "prefill")
+    d = engine_record("d0", decode.url, "decode")
+    await publish_engine(client, keys, p)
+    await publish_engine(client, keys, d)
+    link = link_record(p, d)
+    link.protocol = "rdma"
+    await publish_link(client, keys, link)
+    await publish_engine(client, keys, engine_record("h0", hybrid.url, "hybrid", models=("hybrid-model",)))
+    proc, url = await asyncio.to_thread(start_router, etcd.endpoints, "--cluster", keys.cluster,
+                                        "--cluster-token", TOKEN)
+    try:
+        yield {"router": url, "prefill": prefill, "decode": decode, "hybrid": hybrid, "proc": proc}
+    finally:
+        proc.stop()
+        await client.close()
+        for stub in (prefill, decode, hybrid):
+            await stub.stop()
+
+
+async def test_pd_prefill_and_decode_bodies_follow_the_protocol(wire):
+    wire["prefill"].prefill_answer = {"id": "chatcmpl-abc", "remote_session_id": 41, "remote_token_ids": [7, 8],
+                                      "cache_block_ids": [3, 4, 5], "choices": []}
+    client_raw = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9, ' \
+                 b'"stream": true, "stream_options": {"include_usage": true}, "temperature": 0}' % MODEL.encode()
+    async with httpx.AsyncClient(base_url=wire["router"], timeout=10) as http:
+        r = await http.post("/v1/chat/completions", content=client_raw, headers={"X-Request-Id": "rid-1"})
+    assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n") and '"text": "a"' in r.text
+    [(ph, pb)] = wire["prefill"].requests("/v1/chat/completions")
+    pre = json.loads(pb)
+    assert pre["max_tokens"] == 1 and pre["max_completion_tokens"] == 1 and pre["stream"] is False
+    assert pre["with_cache"] is True and pre["preserve_cache"] is True and "stream_options" not in pre
+    assert pre["messages"] == [{"role": "user", "content": "hi"}] and pre["temperature"] == 0
+    [(dh, db)] = wire["decode"].requests("/v1/chat/completions")
+    assert db.startswith(client_raw[:-1]), "the client's bytes go to the decode unchanged"
+    dec = json.loads(db)
+    assert dec["migration_request"] == {"protocol": 2, "remote_engine_id": wire["prefill"].url,
+                                        "remote_session_id": 41, "remote_token_id": 7, "remote_block_ids": [3, 4, 5],
+                                        "is_dummy_prefill": False}
+    assert dec["max_tokens"] == 9 and dec["stream"] is True
+    for headers in (ph, dh):
+        assert headers["Authorization"] == f"Bearer {TOKEN}" and headers["X-Request-Id"] == "rid-1"
+    assert r.headers["X-Request-Id"] == "rid-1"
+    assert wire["prefill"].requests("/distserve/free_cache") == []  # the decode frees on success
+
+
+async def test_integer_id_is_the_fallback_and_no_session_id_fails_closed(wire):
+    # lmdeploy answers without remote_session_id: an integer `id` is trusted as the session id
+    wire["prefill"].prefill_answer = {"id": 12, "remote_token_ids": [5], "cache_block_ids": [1]}
+    async with httpx.AsyncClient(base_url=wire["router"], timeout=10) as http:
+        r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+        assert r.status_code == 200
+        [(_, db)] = wire["decode"].requests("/v1/completions")
+        assert json.loads(db)["migration_request"]["remote_session_id"] == 12
+        # "-1" (the user's session id) or "chatcmpl-..." is never taken for P's session: 502, nothing freed
+        for bad in ("-1", "chatcmpl-9"):
+            wire["prefill"].prefill_answer = {"id": bad, "remote_token_ids": [5], "cache_block_ids": [1]}
+            r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+            assert r.status_code == 502 and "remote_session_id" in r.json()["error"]["message"]
+    assert len(wire["decode"].requests("/v1/completions")) == 1
+    assert wire["prefill"].requests("/distserve/free_cache") == []
+    assert router_metric(wire["router"], "distserve_router_prefill_session_id_missing_total") == 2
+
+
+async def test_decode_failure_frees_the_prefill_session(wire):
+    wire["prefill"].prefill_answer = {"id": "x", "remote_session_id": 77, "remote_token_ids": [5],
+                                      "cache_block_ids": [1, 2]}
+    wire["decode"].decode_status = 500
+    async with httpx.AsyncClient(base_url=wire["router"], timeout=10) as http:
+        r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "stream": True})
+    assert r.status_code == 502 and r.json()["error"]["code"] == "decode_failed"
+    for _ in range(50):
+        if wire["prefill"].requests("/distserve/free_cache"):
+            break
+        await asyncio.sleep(0.05)
+    [(headers, body)] = wire["prefill"].requests("/distserve/free_cache")
+    assert json.loads(body) == {"remote_engine_id": wire["prefill"].url, "remote_session_id": 77}
+    assert headers["Authorization"] == f"Bearer {TOKEN}"
+    # a decode retry needs another decode linked to the same prefill: there is none here
+    assert len(wire["decode"].requests("/v1/completions")) == 1
+
+
+async def test_hybrid_gets_the_client_bytes_untouched(wire):
+    raw = b'{"model":"hybrid-model","prompt":"p","x_vendor":{"k":[1,2]},"max_tokens":3}'
+    async with httpx.AsyncClient(base_url=wire["router"], timeout=10) as http:
+        r = await http.post("/v1/completions", content=raw)
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "decoded"
+    [(headers, body)] = wire["hybrid"].requests("/v1/completions")
+    assert body == raw and headers["Authorization"] == f"Bearer {TOKEN}"
+    assert len(headers["X-Request-Id"]) == 32
