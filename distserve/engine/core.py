@@ -208,8 +208,8 @@ class Engine:
                 await self.migration.pull(peer, mig.remote_block_ids, blocks,
                                           on_quarantine_release=lambda b=blocks: self.allocator.free(b))
             except MigrationError as exc:
-                if exc.code == "migration_timeout":
-                    handed_over = True  # quarantined: freed by the watcher once the late reads land
+                if getattr(exc, "quarantined", False):
+                    handed_over = True  # freed by the watcher once the late reads land (or never reused)
                 raise ApiError(exc.status, exc.message, exc.code) from None
             # The prefill's blocks are ours now: free them on P (lmdeploy does this over ZMQ).
             self._spawn(self._free_remote(mig.remote_engine_id, peer.local_engine_id, mig.remote_session_id))

@@ -9,6 +9,8 @@ class MigrationError(Exception):
         self.message = message
         self.status = status
         self.code = code
+        # DLSlime calls issued but unfinished when the error was raised: they may still write local memory.
+        self.pending: list = []
 
 
 class TransportUnavailable(MigrationError):

@@ -122,6 +122,18 @@ def plan_reads(remote: PoolGeometry, local: PoolGeometry, remote_ids: list[int],
     return plan
 
 
+def split(plan: list[tuple[int, int, int]], max_bytes: int) -> list[tuple[int, int, int]]:
+    """Cut ranges longer than max_bytes (same bytes, more assignments)."""
+    out = []
+    for r, l, n in plan:
+        done = 0
+        while done < n:
+            step = min(max_bytes, n - done)
+            out.append((r + done, l + done, step))
+            done += step
+    return out
+
+
 def chunk(plan: list, size: int = MAX_ASSIGNMENTS_PER_CALL) -> list[list]:
     size = max(1, min(size, MAX_ASSIGNMENTS_PER_CALL))
     return [plan[i: i + size] for i in range(0, len(plan), size)]

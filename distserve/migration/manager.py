@@ -171,13 +171,12 @@ class MigrationManager:
         started = time.monotonic()
         try:
             await peer.transport.read(plan, started + self.deadline_s)
-        except MigrationTimeout as exc:
+        except MigrationError as exc:
             self.stats.migration_failures_total += 1
-            self.stats.quarantined_blocks += len(local_ids)
-            self._watch_late(exc.pending, peer.transport, len(local_ids), on_quarantine_release)
-            raise
-        except MigrationError:
-            self.stats.migration_failures_total += 1
+            if exc.pending or exc.code == "migration_timeout":
+                exc.quarantined = True
+                self.stats.quarantined_blocks += len(local_ids)
+                self._watch_late(exc.pending, peer.transport, len(local_ids), on_quarantine_release)
             raise
         except Exception as exc:  # noqa: BLE001 - a transport bug must become a clean error
             self.stats.migration_failures_total += 1

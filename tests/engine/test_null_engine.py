@@ -78,17 +78,39 @@ async def test_null_auth(null_pd):
                 assert resp.status == 200
 
 
+def _free_port_range(n: int) -> int:
+    """A base port with n consecutive free ports (checked by binding them all)."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - n)
+        socks = []
+        try:
+            for i in range(n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", base + i))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
 def test_many_null_engines_in_one_process():
-    base = free_port()
+    base = _free_port_range(16)
     proc = Proc.python(["distserve", "engine", "--null", "--role", "decode", "--count", "16", "--port", str(base),
                         "--host", "127.0.0.1"], name="null-many")
     try:
         urls = []
-        deadline = time.monotonic() + 30
-        while len(urls) < 16 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60
+        while len(urls) < 16 and time.monotonic() < deadline and proc.alive():
             urls = re.findall(r"url=(\S+)", proc.output())
             time.sleep(0.1)
-        assert urls == [f"http://127.0.0.1:{base + i}" for i in range(16)]
+        assert urls == [f"http://127.0.0.1:{base + i}" for i in range(16)], proc.output()[-2000:]
         ids = set()
         for url in urls:
             wait_http(f"{url}/health", timeout=10)

@@ -6,6 +6,7 @@ import asyncio
 import random
 
 import aiohttp
+import psutil
 import pytest
 
 from tests.engine import pd
@@ -80,3 +81,6 @@ async def test_pd_output_equals_hybrid(pd_engines, stream):
         assert m_p["distserve_engine_kv_blocks_used"] == 0
         m_d = await pd.metrics(http, d_url)
         assert m_d["distserve_engine_kv_blocks_used"] == 0 and m_d["distserve_engine_requests_running"] == 0
+    # The default engine stays under 1 GiB RSS after serving all that.
+    for name in ("prefill", "decode", "hybrid"):
+        assert psutil.Process(pd_engines.procs[name].pid).memory_info().rss < 1 << 30
