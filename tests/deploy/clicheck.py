@@ -49,6 +49,8 @@ LMDEPLOY_PROXY_FLAGS = frozenset("""
 
 # distserve's launcher for lmdeploy engines (lmdeploy's CLI with fixes installed; distserve/lmdeploy_ext).
 LMDEPLOY_LAUNCHER = "distserve.lmdeploy_ext.serve"
+# Its own option (what the engine tells agents to use for its links); every other argument goes to lmdeploy.
+LAUNCHER_PROTOCOLS = frozenset({"auto", "tcp", "rdma", "nvlink"})
 
 
 class CommandRejected(AssertionError):
@@ -109,7 +111,17 @@ def lmdeploy_argv(argv: list[str]) -> list[str]:
     if os.path.basename(argv[0]).startswith("python") and argv[1:3] == ["-m", LMDEPLOY_LAUNCHER]:
         if importlib.util.find_spec(LMDEPLOY_LAUNCHER) is None:
             raise CommandRejected(f"no module {LMDEPLOY_LAUNCHER}")
-        return ["lmdeploy", "serve", *argv[3:]]
+        rest = list(argv[3:])
+        for i, word in enumerate(rest):  # the launcher's own option, removed before lmdeploy sees the rest
+            name, eq, value = word.partition("=")
+            if name == "--migration-protocol":
+                value = value if eq else (rest[i + 1] if i + 1 < len(rest) else "")
+                if value not in LAUNCHER_PROTOCOLS:
+                    raise CommandRejected(f"{LMDEPLOY_LAUNCHER}: --migration-protocol {value!r} is not one of "
+                                          f"{sorted(LAUNCHER_PROTOCOLS)}")
+                del rest[i:i + (1 if eq else 2)]
+                break
+        return ["lmdeploy", "serve", *rest]
     return argv
 
 
