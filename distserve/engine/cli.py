@@ -141,8 +141,11 @@ def _make_executor(args: argparse.Namespace, model):
         return NullExecutor()
     from distserve.engine.torch_backend import TorchExecutor  # the only place torch is imported
 
-    return TorchExecutor(model, threads=args.threads, max_batch_size=args.max_batch_size,
-                         max_prefill_tokens=args.max_prefill_tokens)
+    try:
+        return TorchExecutor(model, threads=args.threads, max_batch_size=args.max_batch_size,
+                             max_prefill_tokens=args.max_prefill_tokens)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"cannot load the model: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -198,6 +201,9 @@ async def _serve(args: argparse.Namespace) -> int:
                 log.exception("sidecar cleanup failed")
         for item in served:
             item.engine.healthy = False
+        transport = sys.modules.get("distserve.migration.transport")
+        if transport is not None:
+            transport.stop_waiters()
         for item in served:
             await item.runner.cleanup()
             await item.engine.stop()

@@ -34,10 +34,15 @@ class ModelConfig(BaseModel):
     # Random weights from this seed unless `weights` names a safetensors file.
     seed: int = 0
     weights: str | None = None
-    # Random-weight models only emit printable ASCII, newline and EOS, so their text is lossless and readable.
-    printable_only: bool = True
-    # Added to EOS's logit in random-weight models, so answers are not cut after a few tokens.
+    # Emit only printable ASCII, newline and EOS (text is lossless and readable). None: on for random
+    # weights, off for loaded ones.
+    printable_only: bool | None = None
+    # Added to EOS's logit when printable_only is on, so random answers are not cut after a few tokens.
     eos_logit_bias: float = -4.0
+
+    @property
+    def output_mask(self) -> bool:
+        return self.printable_only if self.printable_only is not None else self.weights is None
 
     @model_validator(mode="after")
     def _check(self) -> "ModelConfig":

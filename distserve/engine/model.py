@@ -81,7 +81,7 @@ class Model:
         self.norm = w64["norm"]
         self.lm_head = w64["lm_head"]
         bias = torch.zeros(cfg.vocab_size)
-        if cfg.printable_only and not cfg.weights:
+        if cfg.output_mask:
             allowed = set(range(32, 127)) | {10, tokenizer.EOS}
             bias[[t for t in range(cfg.vocab_size) if t not in allowed]] = float("-inf")
             bias[tokenizer.EOS] = cfg.eos_logit_bias

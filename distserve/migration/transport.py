@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import threading
 import time
 from abc import ABC, abstractmethod
 from typing import Any
@@ -90,6 +91,12 @@ def _parse_peer_region(peer_info: dict, remote_pool_bytes: int) -> dict:
 # thread polls wait_for(0) with short sleeps (time.sleep releases the GIL and has microsecond
 # resolution, unlike event-loop timers) and the event loop only awaits the result.
 _WAITERS = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="kv-migration-wait")
+_CLOSING = threading.Event()
+
+
+def stop_waiters() -> None:
+    """At process exit: waiting threads give up at once instead of at their deadline."""
+    _CLOSING.set()
 
 
 def _wait_blocking(fut: Any, deadline: float) -> int | None:
@@ -98,7 +105,7 @@ def _wait_blocking(fut: Any, deadline: float) -> int | None:
         status = fut.wait_for(0)
         if status is not None:
             return status
-        if time.monotonic() >= deadline:
+        if time.monotonic() >= deadline or _CLOSING.is_set():
             return None
         time.sleep(delay)
         delay = min(delay * 1.5, 0.001)

@@ -120,3 +120,34 @@ async def test_back_pressure_and_preemption_small_pool():
     finally:
         for proc in engines.procs.values():
             proc.stop()
+
+
+async def test_safetensors_weights_load(tmp_path, pd_engines):
+    """Weights saved to a safetensors file and loaded by an engine give the same answers as the seed."""
+    import json
+
+    from distserve.engine.config import ModelConfig
+    from distserve.engine.model import save_weights
+
+    weights = tmp_path / "model.safetensors"
+    save_weights(ModelConfig(), str(weights))
+    config = tmp_path / "model.json"
+    config.write_text(json.dumps({"weights": str(weights), "printable_only": True, "name": "from-file"}))
+    engines = start_engines({"loaded": ("hybrid", "--model-config", str(config))})
+    try:
+        loaded = openai.AsyncOpenAI(base_url=f"{engines['loaded']}/v1", api_key="x", max_retries=0, timeout=60)
+        seeded = openai.AsyncOpenAI(base_url=f"{pd_engines['hybrid']}/v1", api_key="x", max_retries=0, timeout=60)
+        a = await loaded.completions.create(model="from-file", prompt="weights", max_tokens=32, temperature=0)
+        b = await seeded.completions.create(model=MODEL, prompt="weights", max_tokens=32, temperature=0)
+        assert a.choices[0].text == b.choices[0].text and a.choices[0].text
+    finally:
+        for proc in engines.procs.values():
+            proc.stop()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"weights": str(weights), "hidden_size": 128}))
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "distserve", "engine", "--port", "0", "--model-config", str(bad)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "shape" in out.stderr and "Traceback" not in out.stderr, out.stderr
