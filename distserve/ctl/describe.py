@@ -1,0 +1,160 @@
+"""`describe engine|link|router ID`: everything known about one object, transfer metadata included."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from datetime import datetime
+from typing import Any
+
+from rich.console import Group
+from rich.panel import Panel
+
+from . import views
+from .context import Ctx
+from .errors import CtlError, UnknownId
+from .render import age, cell, make_table
+from .snapshot import ClusterSnapshot, load_snapshot
+
+_LINK_ID = re.compile(r"^\s*([^/,>→\s]+)\s*(?:/|,|->|→)\s*([^/,>→\s]+)\s*$")
+
+
+def register(subparsers: Any, common: Any) -> None:
+    p = common(subparsers.add_parser("describe", help="everything known about one engine, link or router"))
+    p.add_argument("kind", choices=("engine", "link", "router"))
+    p.add_argument("ids", nargs="+", metavar="ID", help="engine or router id; a link is PREFILL/DECODE (or PREFILL DECODE)")
+    p.set_defaults(_run=run_describe)
+
+
+def _kv_meta(entry: Any, snap: ClusterSnapshot) -> dict[str, Any]:
+    kv = entry.kv
+    return {"key": entry.key, "create_revision": kv.create_revision, "mod_revision": kv.mod_revision,
+            "version": kv.version, "lease": kv.lease, "lease_ttl_left_s": snap.ttl_of(kv.lease)}
+
+
+def parse_link_id(ids: list[str]) -> tuple[str, str]:
+    if len(ids) == 2:
+        return ids[0], ids[1]
+    match = _LINK_ID.match(ids[0]) if len(ids) == 1 else None
+    if not match:
+        raise CtlError(f"a link id is PREFILL/DECODE (or PREFILL→DECODE), not {' '.join(ids)!r}")
+    return match.group(1), match.group(2)
+
+
+async def run_describe(ctx: Ctx, args: argparse.Namespace) -> int:
+    if args.kind != "link" and len(args.ids) != 1:
+        raise CtlError(f"describe {args.kind} takes one id")
+    snap = await load_snapshot(ctx.client, ctx.keys)
+    if args.kind == "engine":
+        doc = describe_engine(snap, args.ids[0])
+    elif args.kind == "link":
+        doc = describe_link(snap, parse_link_id(args.ids))
+    else:
+        doc = describe_router(snap, args.ids[0])
+    doc = {"cluster": ctx.keys.cluster, "revision": snap.revision, **doc}
+    if ctx.out.json_mode:
+        ctx.out.json(doc)
+    else:
+        ctx.out.print(render_doc(doc))
+    return 0
+
+
+def describe_engine(snap: ClusterSnapshot, engine_id: str) -> dict[str, Any]:
+    entry = snap.engines.get(engine_id)
+    if entry is None:
+        raise UnknownId("engine", engine_id, list(snap.engines))
+    engine = entry.record
+    row = views.engine_row(snap, engine_id)
+    # Geometry against every engine of the other role serving a shared model.
+    other_role = {"prefill": "decode", "decode": "prefill"}.get(engine.role)
+    counterparts = []
+    for other_id, other in sorted(snap.engines.items()):
+        rec = other.record
+        if other_role is None or rec.role != other_role or not set(rec.models) & set(engine.models):
+            continue
+        prefill, decode = (engine, rec) if engine.role == "prefill" else (rec, engine)
+        counterparts.append({"engine": other_id, "compatible": prefill.engine_info.compatible_with(decode.engine_info) is None,
+                             "mismatch": prefill.engine_info.compatible_with(decode.engine_info),
+                             "linked": (prefill.id, decode.id) in snap.links})
+    return {
+        "kind": "engine",
+        "id": engine_id,
+        "summary": {k: row[k] for k in ("role", "url", "models", "state", "state_reason", "routable",
+                                         "not_routable_because", "incarnation", "incarnation_age_s")},
+        "etcd": _kv_meta(entry, snap),
+        "flags": row["flags"],
+        "load": row["load"],
+        "links": [views.link_row(snap, (e.record.prefill_id, e.record.decode_id)) for e in snap.links_of(engine_id)],
+        "counterparts": counterparts,
+        "record": engine.model_dump(mode="json"),
+    }
+
+
+def describe_link(snap: ClusterSnapshot, pair: tuple[str, str]) -> dict[str, Any]:
+    entry = snap.links.get(pair)
+    if entry is None:
+        raise UnknownId("link", f"{pair[0]}/{pair[1]}", [f"{p}/{d}" for p, d in snap.links])
+    row = views.link_row(snap, pair)
+    engines = {}
+    for side, engine_id in (("prefill", pair[0]), ("decode", pair[1])):
+        engine = snap.engines.get(engine_id)
+        engines[side] = None if engine is None else {
+            "id": engine_id, "url": engine.record.url, "state": engine.record.state,
+            "incarnation": engine.record.incarnation, "transfer": engine.record.transfer.model_dump(mode="json"),
+            "engine_info": engine.record.engine_info.model_dump(mode="json"),
+        }
+    return {"kind": "link", "id": f"{pair[0]}/{pair[1]}", "summary": row, "etcd": _kv_meta(entry, snap),
+            "engines": engines, "record": entry.record.model_dump(mode="json")}
+
+
+def describe_router(snap: ClusterSnapshot, router_id: str) -> dict[str, Any]:
+    entry = snap.routers.get(router_id)
+    if entry is None:
+        raise UnknownId("router", router_id, list(snap.routers))
+    return {"kind": "router", "id": router_id, "summary": views.router_row(snap, router_id),
+            "etcd": _kv_meta(entry, snap), "record": entry.record.model_dump(mode="json")}
+
+
+# --- people -----------------------------------------------------------------------------------------
+def _flatten(data: Any, prefix: str = "") -> list[tuple[str, str]]:
+    rows: list[tuple[str, str]] = []
+    if isinstance(data, dict) and data:
+        for key, value in data.items():
+            rows += _flatten(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        for i, value in enumerate(data):
+            rows += _flatten(value, f"{prefix}[{i}]")
+    else:
+        leaf = prefix.rsplit(".", 1)[-1]
+        if isinstance(data, (int, float)) and not isinstance(data, bool) and leaf.endswith("_s"):
+            text = age(data)
+        elif isinstance(data, (int, float)) and not isinstance(data, bool) and leaf.endswith("_at"):
+            text = datetime.fromtimestamp(data).isoformat(sep=" ", timespec="milliseconds")
+        elif isinstance(data, int) and not isinstance(data, bool) and leaf == "lease":
+            text = f"{data:x}" if data else "none"
+        elif isinstance(data, (list, dict)):
+            text = ", ".join(str(v) for v in data) if isinstance(data, list) and data else (json.dumps(data) if data else "-")
+        else:
+            text = cell(data)
+        rows.append((prefix, text))
+    return rows
+
+
+def render_doc(doc: dict[str, Any]) -> Any:
+    title = f"{doc['kind']} {doc['id']} · cluster {doc['cluster']} · revision {doc['revision']}"
+    parts = []
+    for section in ("summary", "etcd", "flags", "load"):
+        if section in doc:
+            parts.append(make_table(section, ("FIELD", "VALUE"), _flatten(doc[section]) or [("-", "-")]))
+    if doc["kind"] == "engine":
+        parts.append(make_table(f"links ({len(doc['links'])})", views.LINK_COLUMNS,
+                                (views.link_cells(r) for r in doc["links"])))
+        parts.append(make_table("counterparts (same model, other role)", ("ENGINE", "COMPATIBLE", "MISMATCH", "LINKED"),
+                                ((c["engine"], c["compatible"], c["mismatch"], c["linked"]) for c in doc["counterparts"])))
+    if doc["kind"] == "link":
+        for side, engine in doc["engines"].items():
+            rows = _flatten(engine) if engine else [("-", "not registered")]
+            parts.append(make_table(f"{side} engine", ("FIELD", "VALUE"), rows))
+    parts.append(make_table("record (as stored in etcd)", ("FIELD", "VALUE"), _flatten(doc["record"])))
+    return Panel(Group(*parts), title=title, title_align="left", expand=False)

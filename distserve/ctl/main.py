@@ -1,0 +1,142 @@
+"""`distserve-ctl [--etcd ENDPOINTS] [--cluster C] [--json|--table] [TLS and auth options] COMMAND`.
+
+Exit codes: 0 success; 1 a problem (unknown id, doctor findings, drain timeout); 2 etcd unreachable or
+bad arguments; 130 interrupted. Errors are one line on stderr, never a traceback
+(DISTSERVE_CTL_DEBUG=1 shows it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import os
+import sys
+import time
+import traceback
+from typing import Any, NoReturn
+
+from .context import Ctx, close_quietly, connect, describe_error
+from .errors import EXIT_PROBLEM, EXIT_UNAVAILABLE, CtlError
+from .render import Output
+
+PROG = "distserve-ctl"
+
+# Command modules, in the order `--help` lists them; each has register(subparsers, common).
+COMMAND_MODULES = (
+    "distserve.ctl.status",
+    "distserve.ctl.listing",
+    "distserve.ctl.describe",
+    "distserve.ctl.top",
+    "distserve.ctl.watch",
+    "distserve.ctl.flags",
+    "distserve.ctl.doctor",
+    "distserve.ctl.config_cmd",
+    "distserve.ctl.export",
+)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is a single line (plus exit 2), not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        sys.exit(EXIT_UNAVAILABLE)
+
+
+def _add_common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """Global options. Repeated on every sub-command (with defaults suppressed) so they work either side."""
+    from discovery.config import EtcdConfig
+
+    before = len(parser._actions)
+    EtcdConfig.add_arguments(parser)
+    parser.add_argument("--cluster", default=os.environ.get("DISTSERVE_CLUSTER", "default"),
+                        help="cluster name (the <cluster> in /distserve/v1/<cluster>/; env DISTSERVE_CLUSTER)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--json", dest="output", action="store_const", const="json",
+                      help="JSON output (the default when stdout is not a terminal)")
+    mode.add_argument("--table", dest="output", action="store_const", const="table",
+                      help="tables even when stdout is not a terminal")
+    if suppress:
+        for action in parser._actions[before:]:
+            action.default = argparse.SUPPRESS
+    else:
+        parser.set_defaults(output="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(
+        prog=PROG, description="Inspect and steer a distserve cluster through etcd.",
+        epilog="etcd endpoints and credentials also come from DISTSERVE_ETCD_* variables. Exit codes: 0 ok, "
+               "1 a problem (unknown id, doctor findings, drain timeout), 2 etcd unreachable or bad arguments. "
+               "See docs/operations.md.")
+    _add_common(parser, suppress=False)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                       parser_class=OneLineParser)
+
+    def common(sub: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        _add_common(sub, suppress=True)
+        return sub
+
+    for module_name in COMMAND_MODULES:
+        importlib.import_module(module_name).register(subparsers, common)
+    return parser
+
+
+async def _run(args: argparse.Namespace, started: float) -> int:
+    from discovery.client import EtcdUnavailable
+    from discovery.config import EtcdConfig
+
+    from distserve.keys import Keys
+
+    try:
+        cfg = EtcdConfig.from_args(args)
+    except Exception as exc:  # noqa: BLE001 - a bad option or variable value: one line
+        raise CtlError(f"bad etcd configuration: {describe_error(exc)}", EXIT_UNAVAILABLE) from None
+    try:
+        keys = Keys(args.cluster)
+    except ValueError as exc:
+        raise CtlError(str(exc), EXIT_UNAVAILABLE) from None
+    out = Output(args.output)
+    client = await connect(cfg, keys, started)
+    ctx = Ctx(cfg=cfg, keys=keys, out=out, client=client)
+    try:
+        return int(await args._run(ctx, args) or 0)
+    except EtcdUnavailable as exc:
+        raise CtlError(f"etcd unreachable: {describe_error(exc)}", EXIT_UNAVAILABLE) from None
+    finally:
+        await close_quietly(client)
+
+
+def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return asyncio.run(_run(args, started))
+    except CtlError as exc:
+        _fail(str(exc))
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # `distserve-ctl watch | head`: the reader left; not an error.
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the interpreter's flush at exit
+        except OSError:
+            pass
+        return 0
+    except Exception as exc:  # noqa: BLE001 - the promise: one line, never a traceback
+        if os.environ.get("DISTSERVE_CTL_DEBUG"):
+            traceback.print_exc()
+        _fail(f"internal error: {type(exc).__name__}: {describe_error(exc)}")
+        return EXIT_PROBLEM
+
+
+def _fail(message: str) -> None:
+    sys.stderr.write(f"{PROG}: {message}\n")
+    sys.stderr.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

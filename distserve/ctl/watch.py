@@ -1,0 +1,126 @@
+"""`watch [--since-rev N] [--prefix P] [--all] [--json]`: the cluster's changes as a resumable event stream.
+
+Each event carries its etcd revision and its position (`seq`) among the events of that revision, and a
+`resume` token "REV:SEQ+1": `watch --since-rev <resume>` continues exactly after that event (no gap, no
+duplicate), even inside a revision that changed several keys at once (a lease expiry removes an engine's
+record, its load and its links in one revision). `--since-rev N` alone starts at the first event of
+revision N, like `etcdctl watch --rev N`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Any
+
+from discovery.client import RevisionCompacted
+from discovery.watch import watch_prefix
+
+from .context import Ctx
+from .errors import CtlError
+from .events import EventNarrator
+
+_SINCE = re.compile(r"^(\d+)(?::(\d+))?$")
+
+
+def register(subparsers: Any, common: Any) -> None:
+    p = common(subparsers.add_parser("watch", help="follow the cluster as events in plain words (JSON lines with --json)"))
+    p.add_argument("--since-rev", metavar="REV[:SEQ]", type=parse_since,
+                   help="start at etcd revision REV (inclusive), or right after event SEQ-1 of it: pass an "
+                        "event's `resume` to continue after it")
+    p.add_argument("--prefix", metavar="P", default="",
+                   help="only keys under P, relative to the cluster (e.g. engines/, links/P1/) or absolute")
+    p.add_argument("--all", action="store_true", help="also heartbeat-like rewrites (load updates, router counters)")
+    p.add_argument("--limit", type=int, metavar="N", help="stop after N events")
+    p.set_defaults(_run=run_watch)
+
+
+def parse_since(text: str) -> tuple[int, int]:
+    match = _SINCE.match(text.strip())
+    if not match or int(match.group(1)) < 1:
+        raise argparse.ArgumentTypeError(f"expected a revision N >= 1 or a resume token N:SEQ, not {text!r}")
+    return int(match.group(1)), int(match.group(2) or 0)
+
+
+def resolve_prefix(ctx: Ctx, prefix: str) -> str:
+    if prefix.startswith("/"):
+        return prefix
+    return ctx.keys.root + prefix
+
+
+async def _state_at(ctx: Ctx, prefix: str, revision: int) -> tuple[dict[str, Any], bool]:
+    """The keys under `prefix` at `revision` (the state just before the first event), and whether it was readable."""
+    if revision < 1:
+        return {}, True
+    try:
+        kvs, _ = await ctx.client.get_prefix(prefix, revision=revision)
+        return {kv.key: kv for kv in kvs}, True
+    except RevisionCompacted:
+        # The watch itself can still start at revision + 1 when that is the compaction point.
+        try:
+            await ctx.client.get_prefix(prefix, revision=revision + 1, keys_only=True)
+        except RevisionCompacted:
+            raise CtlError(
+                f"revision {revision + 1} has been compacted away: an exact resume is impossible; re-read the "
+                f"state (`distserve-ctl export`) and watch with --since-rev <its revision + 1>") from None
+        return {}, False
+
+
+async def run_watch(ctx: Ctx, args: argparse.Namespace) -> int:
+    prefix = resolve_prefix(ctx, args.prefix)
+    show_quiet = args.all or prefix.startswith(ctx.keys.root + "load/")
+    if args.since_rev is None:
+        kvs, revision = await ctx.client.get_prefix(prefix)
+        state, prior_known = {kv.key: kv for kv in kvs}, True
+        start, skip = revision + 1, 0
+    else:
+        start, skip = args.since_rev
+        state, prior_known = await _state_at(ctx, prefix, start - 1)
+    narrator = EventNarrator(ctx.keys, {k: kv.value for k, kv in state.items()}, prior_known=prior_known)
+    if ctx.out.tty and not ctx.out.json_mode:
+        ctx.out.note(f"watching {prefix} from revision {start}" + (f" (after {skip} of its events)" if skip else "")
+                     + "; Ctrl-C stops")
+    emitted = 0
+    current_rev, seq = 0, -1
+    stream = watch_prefix(ctx.client, prefix, start, known={k: kv.mod_revision for k, kv in state.items()},
+                          meta_events=True)
+    try:
+        async for raw in stream:
+            if raw.type == "progress":
+                continue
+            if raw.type == "synced":
+                # Only after a compaction overtook this watcher: what came just before were differences.
+                _emit_notice(ctx, raw.revision, "watch.resynced",
+                             f"history was compacted while watching; the events before this line summarise "
+                             f"the changes up to revision {raw.revision}")
+                continue
+            if raw.mod_revision != current_rev:
+                current_rev, seq = raw.mod_revision, 0
+            else:
+                seq += 1
+            if current_rev == start and seq < skip:
+                narrator.narrate(raw.type, raw.key, raw.value, raw.mod_revision, seq, raw.lease)
+                continue
+            event = narrator.narrate(raw.type, raw.key, raw.value, raw.mod_revision, seq, raw.lease)
+            if event.quiet and not show_quiet:
+                continue
+            if ctx.out.json_mode:
+                ctx.out.json_line(event.to_json())
+            else:
+                sys.stdout.write(f"{event.revision:>8}  {event.message}\n")
+                sys.stdout.flush()
+            emitted += 1
+            if args.limit is not None and emitted >= args.limit:
+                break
+    finally:
+        await stream.aclose()
+    return 0
+
+
+def _emit_notice(ctx: Ctx, revision: int, code: str, message: str) -> None:
+    if ctx.out.json_mode:
+        ctx.out.json_line({"revision": revision, "event": code, "message": message})
+    else:
+        sys.stdout.write(f"{revision:>8}  ({message})\n")
+        sys.stdout.flush()
