@@ -13,7 +13,7 @@ from distserve.engine.tokenizer import VOCAB_SIZE
 class ModelConfig(BaseModel):
     """A decoder-only transformer and its paged KV cache.
 
-    The default keeps one engine under 1 GiB RSS (about 13 M parameters, a 64 MiB KV pool) and a 64-token
+    The default keeps one engine under 1 GiB RSS (about 4.3 M parameters, a 64 MiB KV pool) and a 64-token
     completion well under a second on one CPU core.
     """
 
