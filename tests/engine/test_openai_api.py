@@ -151,3 +151,31 @@ async def test_safetensors_weights_load(tmp_path, pd_engines):
     out = subprocess.run([sys.executable, "-m", "distserve", "engine", "--port", "0", "--model-config", str(bad)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "shape" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+async def test_client_disconnect_aborts_the_sequence(pd_engines):
+    import time
+
+    import aiohttp
+
+    from tests.engine import pd
+
+    url = pd_engines["hybrid"]
+    body = {"model": MODEL, "prompt": "endless", "max_tokens": 3000, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(f"{url}/v1/completions", json=body)
+        chunks = 0
+        async for line in resp.content:
+            chunks += line.startswith(b"data: ")
+            if chunks >= 3:
+                break
+        assert (await pd.metrics(http, url))["distserve_engine_requests_running"] >= 1
+        resp.close()  # the client goes away mid-stream
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            m = await pd.metrics(http, url)
+            if m["distserve_engine_requests_running"] == 0 and m["distserve_engine_kv_blocks_used"] == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert m["distserve_engine_requests_running"] == 0 and m["distserve_engine_kv_blocks_used"] == 0
