@@ -119,18 +119,25 @@ def test_smoke_runs_both_calls_through_every_router_and_stops_cleanly(tmp, clust
     assert_nothing_left(tmp, cluster)
 
 
-def test_sigterm_revokes_every_lease_at_once_on_an_external_etcd(etcd, tmp, cluster):
-    up = Up(["--etcd", etcd.client_url, "--cluster", cluster, "--prefill", "2", "--routers", "1"], tmp)
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_a_stop_signal_revokes_every_lease_at_once_on_an_external_etcd(etcd, tmp, cluster, how):
+    up = Up(["--etcd", etcd.client_url, "--cluster", cluster, "--prefill", "2", "--routers", "1",
+             "--api-keys", "sk-test-key"], tmp)
     try:
         up.wait_for(r"Ctrl-C stops everything")
         [router] = up.router_urls()
-        client = openai.OpenAI(base_url=f"{router}/v1", api_key="none", timeout=30, max_retries=0)
+        client = openai.OpenAI(base_url=f"{router}/v1", api_key="sk-test-key", timeout=30, max_retries=0)
         model = client.models.list().data[0].id
         assert client.completions.create(model=model, prompt="hi", max_tokens=4, temperature=0).usage.completion_tokens == 4
+        with pytest.raises(openai.AuthenticationError):  # --api-keys reached the routers
+            openai.OpenAI(base_url=f"{router}/v1", api_key="wrong", max_retries=0).models.list()
         keys = Keys(cluster)
         held = sorted(_kinds(etcd.endpoints, keys))
         assert held == ["engines", "links", "load", "routers"], held
-        up.proc.send_signal(signal.SIGTERM)
+        if how == "ctrl-c":  # a terminal sends SIGINT to the whole foreground process group
+            os.killpg(up.proc.pid, signal.SIGINT)
+        else:
+            up.proc.send_signal(signal.SIGTERM)
         code, text = up.finish()
         # Agents hold a 5 s lease and routers a 10 s one: keys gone right after exit means revoked, not expired.
         assert _kinds(etcd.endpoints, keys) == set(), text
@@ -173,7 +180,7 @@ def test_sigkill_of_up_itself_leaves_no_process_and_no_data_directory(tmp, clust
         assert any("distserve-etcd-" in p.name for p in tmp.iterdir())
         os.kill(up.proc.pid, signal.SIGKILL)  # only `up`: its children must notice by themselves
         up.proc.wait()
-        assert_nothing_left(tmp, cluster, within=15.0)
+        assert_nothing_left(tmp, cluster, within=30.0)
     finally:
         up.kill()
 
@@ -191,3 +198,17 @@ def test_bad_options_and_a_busy_port_fail_in_one_line(tmp, cluster):
     assert out.returncode == 1
     assert f"port {port} on 127.0.0.1 is in use" in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert_nothing_left(tmp, cluster)
+
+
+def test_ctrl_c_while_starting_stops_what_was_started(tmp, cluster):
+    up = Up(["--cluster", cluster], tmp)
+    try:
+        up.wait_for(r"starting 1 prefill")
+        time.sleep(0.5)  # etcd is up, the engines and routers are on their way
+        os.killpg(up.proc.pid, signal.SIGINT)
+        code, text = up.finish()
+        assert code == 130, text
+        assert "interrupted before the cluster was ready; stopped cleanly" in text
+        assert_nothing_left(tmp, cluster)
+    finally:
+        up.kill()
