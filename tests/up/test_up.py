@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -131,6 +133,14 @@ def test_a_stop_signal_revokes_every_lease_at_once_on_an_external_etcd(etcd, tmp
         assert client.completions.create(model=model, prompt="hi", max_tokens=4, temperature=0).usage.completion_tokens == 4
         with pytest.raises(openai.AuthenticationError):  # --api-keys reached the routers
             openai.OpenAI(base_url=f"{router}/v1", api_key="wrong", max_retries=0).models.list()
+        # The engines answer only the run's random cluster token, which the client key is not.
+        engines = re.findall(r"^  (?:prefill|decode)-\d+\s+(http://\S+)", "".join(up.lines), re.M)
+        assert len(engines) == 3
+        for url in engines:
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(urllib.request.Request(f"{url}/v1/models", headers={
+                    "Authorization": "Bearer sk-test-key"}), timeout=10)
+            assert refused.value.code == 401
         keys = Keys(cluster)
         held = sorted(_kinds(etcd.endpoints, keys))
         assert held == ["engines", "links", "load", "routers"], held
