@@ -12,11 +12,15 @@ from __future__ import annotations
 import logging
 import os
 import re
+import uuid
 
 logger = logging.getLogger("distserve.lmdeploy_ext")
 
 SUPPORTED_RANGE = ((0, 17), (0, 19))  # lmdeploy>=0.17,<0.19, as in pyproject's `lmdeploy` extra
 ENV_ENABLE = "DISTSERVE_LMDEPLOY_EXT"  # "1": install in spawned engine processes too
+
+ENV_PROTOCOL = "DISTSERVE_LMDEPLOY_MIGRATION_PROTOCOL"  # reported to agents: tcp | rdma | nvlink
+INSTANCE_ID = f"lmd-{uuid.uuid4().hex[:16]}"
 
 _engine_installed = False
 _server_installed = False
@@ -27,16 +31,20 @@ class UnsupportedLmdeploy(RuntimeError):
 
 
 def lmdeploy_version() -> str:
-    import lmdeploy
+    """The installed lmdeploy's version, read from its metadata (no torch import); raises ImportError."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return getattr(lmdeploy, "__version__", "0")
+    try:
+        return version("lmdeploy")
+    except PackageNotFoundError:
+        raise ImportError("No module named 'lmdeploy'") from None
 
 
 def check_version(version: str | None = None) -> tuple[int, int]:
     version = version or lmdeploy_version()
     m = re.match(r"(\d+)\.(\d+)", version)
     if not m:
-        raise UnsupportedLmdeploy(f"cannot read lmdeploy version {version!r}")
+        raise UnsupportedLmdeploy(f"cannot read lmdeploy version {version!r} (supported: >=0.17,<0.19)")
     major_minor = (int(m.group(1)), int(m.group(2)))
     low, high = SUPPORTED_RANGE
     if not low <= major_minor < high:
@@ -95,8 +103,25 @@ def install_server_side() -> bool:
     return _server_installed
 
 
-def install() -> None:
+def resolve_protocol(choice: str) -> str:
+    """`auto`: lmdeploy's RDMA path where DLSlime sees an RDMA NIC, else distserve's staged TCP."""
+    choice = choice.lower()
+    if choice not in ("auto", "tcp", "rdma", "nvlink"):
+        raise ValueError(f"--migration-protocol must be auto, tcp, rdma or nvlink, not {choice!r}")
+    if choice != "auto":
+        return choice
+    try:
+        from dlslime import available_nic
+
+        return "rdma" if available_nic() else "tcp"
+    except Exception:  # noqa: BLE001 - no usable DLSlime RDMA: TCP
+        return "tcp"
+
+
+def install(protocol: str = "auto") -> str:
     """Both sides, and mark the environment so spawned engine processes install too."""
     os.environ[ENV_ENABLE] = "1"
+    os.environ[ENV_PROTOCOL] = resolve_protocol(os.environ.get(ENV_PROTOCOL) or protocol)
     install_engine_side()
     install_server_side()
+    return os.environ[ENV_PROTOCOL]

@@ -35,6 +35,25 @@ class PeerBook:
     def __init__(self) -> None:
         self.initialized: dict[str, int] = {}
         self.connected: set[str] = set()
+        self.handshakes = 0  # p2p_initialize calls served (a router restart must not add any)
+
+
+def engine_info_extras() -> dict[str, Any]:
+    """Fields added to /distserve/engine_info for distserve agents (lmdeploy's own readers ignore them)."""
+    import os
+
+    from distserve.lmdeploy_ext.install import INSTANCE_ID, lmdeploy_version
+
+    try:
+        software = f"lmdeploy {lmdeploy_version()} (distserve lmdeploy_ext)"
+    except ImportError:
+        software = "lmdeploy (distserve lmdeploy_ext)"
+    return {
+        "engine_kind": "lmdeploy",
+        "instance_id": INSTANCE_ID,  # new per api_server process: agents tell an engine restart from a blip
+        "software_version": software,
+        "migration_protocol": os.environ.get("DISTSERVE_LMDEPLOY_MIGRATION_PROTOCOL", "tcp"),
+    }
 
 
 def error_body(message: str, code: str = "invalid_migration_request") -> bytes:
@@ -84,9 +103,13 @@ class DistserveApiMiddleware:
         self.peers = peers
 
     async def __call__(self, scope, receive, send):
-        if scope.get("type") != "http" or scope.get("method") != "POST":
+        if scope.get("type") != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
+        if scope.get("method") == "GET" and path == "/distserve/engine_info":
+            return await self._engine_info(scope, receive, send)
+        if scope.get("method") != "POST":
+            return await self.app(scope, receive, send)
         if path not in GENERATION_PATHS and path not in ("/distserve/p2p_initialize", "/distserve/p2p_connect"):
             return await self.app(scope, receive, send)
 
@@ -130,6 +153,33 @@ class DistserveApiMiddleware:
             return await self.app(scope, replay, send)
         return await self._with_session_id(scope, replay, send)
 
+    async def _engine_info(self, scope, receive, send):
+        """lmdeploy answers a JSON string holding the object (double-encoded): keep that shape."""
+        start, chunks = None, []
+
+        async def capture(message):
+            nonlocal start
+            if message["type"] == "http.response.start":
+                start = message
+            elif message["type"] == "http.response.body":
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, capture)
+        if start is None:
+            return
+        body = b"".join(chunks)
+        if start["status"] == 200:
+            try:
+                outer = json.loads(body)
+                inner = json.loads(outer) if isinstance(outer, str) else outer
+                if isinstance(inner, dict):
+                    inner.update(engine_info_extras())
+                    body = json.dumps(json.dumps(inner) if isinstance(outer, str) else inner).encode()
+            except ValueError:
+                logger.warning("engine_info answer is not JSON; left as is")
+        await send(_patched_start(start, body))
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
     async def _record_handshake(self, scope, receive, send, payload: dict, initialize: bool):
         status_holder: dict[str, int] = {}
 
@@ -145,6 +195,7 @@ class DistserveApiMiddleware:
         if not isinstance(engine, str):
             return
         if initialize:
+            self.peers.handshakes += 1
             cfg = payload.get("remote_engine_config") or {}
             blocks = cfg.get("num_gpu_blocks") if isinstance(cfg, dict) else None
             if isinstance(blocks, int) and blocks > 0:
@@ -263,6 +314,7 @@ def install_api_server_patches() -> bool:
                 except Exception as e:  # noqa: BLE001 - reported, not raised: a status probe
                     out["error"] = f"{type(e).__name__}: {e}"
             out["links"] = sorted(peers.connected)
+            out["handshakes"] = peers.handshakes
             return out
 
         router.add_api_route("/distserve/ext/status", distserve_ext_status, methods=["GET"])

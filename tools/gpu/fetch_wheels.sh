@@ -41,7 +41,7 @@ with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED
             continue
         data = zin.read(info)
         if info.filename.endswith(".dist-info/RECORD"):
-            data = b"\n".join(l for l in data.split(b"\n") if not dropped(l.split(b",")[0].decode())) + b"\n"
+            data = b"\n".join(l for l in data.split(b"\n") if l.strip() and not dropped(l.split(b",")[0].decode())) + b"\n"
         zout.writestr(info, data)
 PY
 du -sh "$DEST"; ls "$DEST" | wc -l
