@@ -358,3 +358,33 @@ def test_engines_and_etcd_are_reachable_only_from_distserve_pods(rendered):
                 if peer["podSelector"] == {}:  # any pod of the namespace: only etcd's health/metrics port
                     assert name == "etcd-ingress" and [p["port"] for p in rule["ports"]] == [2381]
                 assert "ipBlock" not in peer and "namespaceSelector" not in peer
+
+
+# Pod Security Standards: capabilities a container may add at each level (kubernetes.io/docs/concepts/
+# security/pod-security-standards); "restricted" allows only NET_BIND_SERVICE and requires dropping ALL.
+PSS_BASELINE_CAPS = {"AUDIT_WRITE", "CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "MKNOD",
+                     "NET_BIND_SERVICE", "SETFCAP", "SETGID", "SETPCAP", "SETUID", "SYS_CHROOT"}
+
+
+def test_pods_are_admitted_by_the_namespace_pod_security_level(rendered):
+    level = rendered.get("Namespace", "distserve")["metadata"]["labels"]["pod-security.kubernetes.io/enforce"]
+    allowed = {"privileged": None, "baseline": PSS_BASELINE_CAPS, "restricted": {"NET_BIND_SERVICE"}}[level]
+    for workload, spec in pod_specs(rendered):
+        for container in spec["containers"]:
+            ctx = container.get("securityContext", {})
+            added = set(ctx.get("capabilities", {}).get("add", []))
+            if allowed is not None:
+                assert added <= allowed, f"{workload['metadata']['name']}/{container['name']} adds {added - allowed}, " \
+                                         f"which the namespace's '{level}' level rejects"
+            assert "ALL" in ctx.get("capabilities", {}).get("drop", []), f"{container['name']} keeps default capabilities"
+            assert ctx.get("allowPrivilegeEscalation") is False and not ctx.get("privileged")
+        for name in ("hostNetwork", "hostPID", "hostIPC"):
+            assert not spec.get(name), f"{workload['metadata']['name']}: {name}"
+    # Everything but the engine containers meets "restricted": non-root, read-only root, no added capability.
+    for workload, spec in pod_specs(rendered):
+        for container in spec["containers"]:
+            if container["name"] == "engine":
+                continue
+            ctx = {**spec.get("securityContext", {}), **container.get("securityContext", {})}
+            assert ctx.get("runAsNonRoot") is True and ctx.get("readOnlyRootFilesystem") is True, container["name"]
+            assert not ctx.get("capabilities", {}).get("add"), container["name"]
