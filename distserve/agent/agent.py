@@ -162,6 +162,7 @@ class Agent:
         self._tasks.append(asyncio.create_task(self._record_writer(), name="agent-record"))
         if self.config.role == "decode":
             await self._start_engines_informer()
+        self._tasks.append(asyncio.create_task(self._etcd_watchdog(), name="agent-etcd-watchdog"))
         while True:
             if self.flags.drain:
                 if self.phase != "drained":
@@ -402,6 +403,19 @@ class Agent:
         if self.links is not None:
             self.links.wake_all()
 
+    async def _put_record_forced(self) -> None:
+        """Put our record even if unchanged. If the lease was replaced while this put waited, what we wrote
+        names the old incarnation: remembering it as written makes the record writer correct it at once."""
+        async with self._record_lock:
+            record, session = self.build_record(), self.session
+            if record is None or session is None:
+                return
+            try:
+                await session.put(self.keys.engine(self.config.id), record.encode())
+            finally:
+                self.record = record
+                self._mark_dirty()
+
     # --- writes under the lease --------------------------------------------------------------------------
     async def _put_owned(self, key: str, value: bytes) -> None:
         session = self.session
@@ -509,6 +523,8 @@ class Agent:
                             ",".join(self.client.endpoints))
 
     async def _start_engines_informer(self) -> None:
+        """The decode side's view of engines/ (prefill records only matter). Also used to re-list at once
+        after an etcd outage: the old informer stops, a fresh one lists at the current revision."""
         assert self.client is not None
 
         def decode(k: str, raw: bytes) -> EngineRecord:
@@ -522,6 +538,8 @@ class Agent:
             if engine_id == self.config.id:
                 return
             if kind == "put" and new is not None and new.role == "prefill":
+                if self.prefills.get(engine_id) == new:
+                    return
                 self.prefills[engine_id] = new
             elif engine_id in self.prefills:
                 del self.prefills[engine_id]
@@ -530,15 +548,52 @@ class Agent:
             if self.links is not None:
                 self.links.wake(engine_id)
 
-        self._engines_informer = Informer(self.client, self.keys.prefix(ENGINES), decode, name="engines")
-        self._engines_informer.add_listener(on_change)
-        await self._engines_informer.start()
+        previous, self._engines_informer = self._engines_informer, None
+        if previous is not None:
+            await previous.stop()
+        informer: Informer[EngineRecord] = Informer(self.client, self.keys.prefix(ENGINES), decode, name="engines")
+        informer.add_listener(on_change)
+        await informer.start()
+        self._engines_informer = informer
         while True:
             try:
-                await self._engines_informer.wait_synced(timeout=10)
-                return
+                await informer.wait_synced(timeout=10)
+                break
             except TimeoutError:
                 log.warning("agent %s: engines view not synced yet; still trying", self.config.id)
+        # A re-list only reports what exists: forget prefills that vanished meanwhile.
+        present = {self.keys.parse(k).ids[0] for k in informer.items() if self.keys.parse(k) is not None}
+        for engine_id in [e for e in self.prefills if e not in present]:
+            del self.prefills[engine_id]
+            if self.links is not None:
+                self.links.wake(engine_id)
+
+    async def _etcd_watchdog(self) -> None:
+        """Speed up the return after an etcd outage longer than the TTL.
+
+        The lease session and the watches retry with jittered back-off (up to ~2 s apart). While our lease is
+        unconfirmed, ask etcd every 0.25 s; the moment it answers, (1) if the lease is gone, a put under it
+        makes the session replace it now, and (2) the decode side re-lists engines/ at once instead of waiting
+        for its watch to come back."""
+        while True:
+            await asyncio.sleep(0.25)
+            session = self.session
+            if session is None or session.alive or self.client is None:
+                continue
+            try:
+                ttl_left = await self.client.time_to_live(session.lease_id, timeout=0.5)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - still unreachable
+                continue
+            log.info("agent %s: etcd answers again (lease %s)", self.config.id,
+                     "gone" if ttl_left < 0 else f"held, {ttl_left}s left")
+            if ttl_left < 0 and self.session is session:
+                with contextlib.suppress(Exception):
+                    await self._put_record_forced()  # under the lost lease: the session replaces it now
+            if self.config.role == "decode":
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._start_engines_informer(), 10)
 
     # --- drain ------------------------------------------------------------------------------------------
     async def _drain_loop(self) -> None:

@@ -188,8 +188,11 @@ class LinkManager:
             while True:
                 wake.clear()
                 delay = None
+                me_before = self._me()
                 try:
                     result = await self._step(prefill_id, attempt, next_try)
+                    if self._me() is not me_before and result[0] == "idle":
+                        result = ("wait", 0.0)  # our record changed meanwhile (a new lease): check again
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - an etcd write failed: retry this pair soon

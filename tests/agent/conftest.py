@@ -236,9 +236,73 @@ async def wait_full(client: EtcdClient, fleet: Fleet, timeout: float) -> View:
     try:
         await wait_until(check, timeout, "every engine ready and every pair linked")
     except AssertionError:
-        state = {k: v.state for k, v in view.engines.items()} if view else None
-        links = sorted(view.links) if view else None
+        state = {k: (v.state, v.incarnation) for k, v in view.engines.items()} if view else None
+        links = {k: (v.state, v.prefill_incarnation, v.decode_incarnation) for k, v in view.links.items()} if view else None
         raise AssertionError(f"cluster not full within {timeout}s: engines {state}, links {links}\n"
                              f"{fleet.logs()}") from None
     assert view is not None
     return view
+
+
+class TcpProxy:
+    """A loopback TCP relay in front of etcd, to cut the agents off while etcd keeps running (a partition:
+    leases expire for real, unlike a restart, which re-arms them)."""
+
+    def __init__(self, target: str) -> None:
+        host_port = target.split("://", 1)[-1]
+        self.target_host, port = host_port.rsplit(":", 1)
+        self.target_port = int(port)
+        self.port = free_port()
+        self._server: asyncio.base_events.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> "TcpProxy":
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
+        return self
+
+    async def cut(self) -> None:
+        """Refuse new connections and reset the open ones."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._writers):
+            writer.transport.abort()
+        self._writers.clear()
+
+    async def close(self) -> None:
+        await self.cut()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.wait_for(
+                asyncio.open_connection(self.target_host, self.target_port), 3)
+        except (OSError, asyncio.TimeoutError):
+            writer.transport.abort()
+            return
+        self._writers.update((writer, up_writer))
+        pipes = [asyncio.create_task(self._pipe(reader, up_writer)), asyncio.create_task(self._pipe(up_reader, writer))]
+        self._tasks.update(pipes)
+        await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        for task in pipes:
+            task.cancel()
+        for w in (writer, up_writer):
+            w.transport.abort()
+            self._writers.discard(w)
+        self._tasks.difference_update(pipes)
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return
+            writer.write(data)
+            await writer.drain()
