@@ -69,9 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--null", action="store_true",
                         help="null engines: no model, instant answers (the control plane only; no torch)")
     parser.add_argument("--engine-args", default="", metavar="ARGS",
-                        help="extra options for every engine, one quoted string (see distserve engine --help)")
+                        help="extra options for every engine, one string given with '=': --engine-args='--threads 2'")
     parser.add_argument("--router-args", default="", metavar="ARGS",
-                        help="extra options for every router, one quoted string (see distserve router --help)")
+                        help="extra options for every router, one string given with '=': --router-args='--max-in-flight 256'")
     parser.add_argument("--timeout", type=float, default=180.0, metavar="SECONDS",
                         help="how long to wait for every router to be ready (default 180)")
     parser.add_argument("--log-dir", metavar="DIR",
@@ -403,7 +403,7 @@ class LocalCluster:
                     waiting = sorted(pending)
                     first = pending[waiting[0]]
                     raise UpError(f"not ready within {self.args.timeout:.0f} s: {', '.join(waiting)}\n"
-                                  f"  last lines of {first.name}'s log ({first.log_path}):\n{first.log_tail()}")
+                                  f"  {self.log_note(first)}:\n{first.log_tail()}")
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(stop.wait(), 0.2)
             self.model = await self._first_model(http)
@@ -416,11 +416,15 @@ class LocalCluster:
                 return body["data"][0]["id"]
         return None
 
+    def log_note(self, child: Child) -> str:
+        where = "removed on exit; --log-dir keeps logs" if self.owns_log_dir else str(child.log_path)
+        return f"last lines of {child.name}'s log ({where})"
+
     def raise_if_a_child_died(self) -> None:
         for child in self.children:
             if child.proc is not None and child.proc.returncode is not None and not child.expected_exit:
                 raise UpError(f"{child.name} exited with code {child.proc.returncode}\n"
-                              f"  last lines of its log ({child.log_path}):\n{child.log_tail()}")
+                              f"  {self.log_note(child)}:\n{child.log_tail()}")
 
     async def watch_children(self) -> str:
         """Returns the reason as soon as a child exits unexpectedly."""
