@@ -92,9 +92,32 @@ def classify_exception(exc: BaseException) -> UpstreamError:
     return UpstreamError("disconnect", f"{type(exc).__name__}: {exc}")
 
 
+class PacedConnector(aiohttp.TCPConnector):
+    """A TCP connector with at most `connects_per_host` connection set-ups in progress per engine.
+
+    A cold router facing a burst would otherwise open hundreds of connections to one engine at once; SYNs
+    beyond the engine's listen backlog are dropped and retried by the kernel only after a second. Paced,
+    the engine accepts them as they come and requests wait microseconds, not seconds. Established
+    connections are not limited (long decode streams each hold one).
+    """
+
+    def __init__(self, *args, connects_per_host: int = 32, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._connects_per_host = connects_per_host
+        self._connect_gates: dict = {}
+
+    async def _create_connection(self, req, traces, timeout):  # noqa: ANN001 - aiohttp's signature
+        gate = self._connect_gates.get(req.connection_key)
+        if gate is None:
+            gate = self._connect_gates[req.connection_key] = asyncio.Semaphore(self._connects_per_host)
+        async with gate:
+            return await super()._create_connection(req, traces, timeout)
+
+
 def new_session(max_connections: int, connect_timeout: float) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, ttl_dns_cache=300,
-                                     keepalive_timeout=60, enable_cleanup_closed=False)
+    connector_class = PacedConnector if hasattr(aiohttp.TCPConnector, "_create_connection") else aiohttp.TCPConnector
+    connector = connector_class(limit=max_connections, limit_per_host=0, ttl_dns_cache=300,
+                                keepalive_timeout=60, enable_cleanup_closed=False)
     return aiohttp.ClientSession(
         connector=connector,
         timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout),

@@ -1,0 +1,529 @@
+#!/usr/bin/env python3
+"""Router overhead, throughput and cold start: direct calls vs distserve's router vs LMDeploy's proxy.
+
+Side by side in one run, against null-mode reference engines (they answer at once, so what is measured
+is the routing layer):
+- direct: the client itself calls the prefill, then the decode with `migration_request`;
+- distserve: `distserve router` reading etcd (engines registered and linked by their agents);
+- lmdeploy: LMDeploy 0.18.0's `lmdeploy serve proxy --serving-strategy DistServe`, installed by this
+  script in its own virtual environment under .bench/ (lmdeploy pins torch<=2.12.1 and its proxy imports
+  torch: the local CPU torch wheel is used, with only the packages the proxy really imports).
+
+The router under test (or the proxy) is pinned to CPU 1 with taskset; everything else (etcd, engines,
+this load generator) to CPU 0. Reported: added latency p50/p99 (mode minus direct) at concurrency 1, 16
+and 64, throughput, CPU-ms per PD request of the router process, stream and not; cold start at 1x1 and
+8x8 engines (process start -> first successful PD completion, handshake calls made, then a burst of 256
+requests: its p99).
+
+The engines answer like an lmdeploy api_server that returns its session id as the completion `id` (the
+stock proxy needs that to work at all; `remote_session_id` is what distserve's router reads).
+
+    .venv/bin/python tools/bench_router.py            # full run (about 6 minutes), markdown on stdout
+    .venv/bin/python tools/bench_router.py --quick    # smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+BENCH = REPO / ".bench"
+LMD_VENV = BENCH / "lmdeploy-venv"
+LMD_VERSION = "0.18.0"
+# What `lmdeploy serve proxy` imports (found by importing it), beyond lmdeploy itself and torch.
+LMD_PROXY_DEPS = ["typing_extensions", "tqdm", "pydantic", "transformers", "mmengine-lite", "psutil", "requests",
+                  "pybase64", "aiohttp", "uvicorn", "fastapi", "shortuuid", "numpy", "pyyaml"]
+MODEL = "distserve-reference"
+PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
+MAX_TOKENS = 16
+ROUTER_CPU, OTHERS_CPU = 1, 0
+PY = sys.executable
+
+
+# ------------------------------------------------------------------------------------------ processes
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def free_ports(n: int) -> int:
+    while True:
+        base = free_port()
+        ok = True
+        for i in range(n):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", base + i))
+                except OSError:
+                    ok = False
+                    break
+        if ok:
+            return base
+
+
+class Proc:
+    def __init__(self, args: list[str], cpu: int, name: str, env: dict | None = None) -> None:
+        self.name = name
+        self.log = open(BENCH / f"{name}.log", "wb")
+        cmd = ["taskset", "-c", str(cpu), *args] if shutil.which("taskset") else args
+        self.started = time.perf_counter()
+        self.popen = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
+                                      env={**os.environ, **(env or {})}, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def cpu_seconds(self) -> float:
+        """utime + stime of the process (the taskset wrapper execs it, so this is the real pid)."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def kill(self) -> None:
+        if self.popen.poll() is None:
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.popen.wait(10)
+        self.log.close()
+
+
+def wait_http(url: str, timeout: float = 60.0) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(url)
+        time.sleep(0.02)
+
+
+def engine_metric(url: str, name: str) -> float:
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(name) and line[len(name)] in " {")
+
+
+def handshakes(urls: list[str]) -> float:
+    return sum(engine_metric(u, "distserve_engine_handshakes_total") for u in urls)
+
+
+# ------------------------------------------------------------------------------------------ engines
+def engine_process_main(argv: list[str]) -> int:
+    """Run `distserve engine ARGS` with lmdeploy-style completion ids (the session id, as a string)."""
+    import aiohttp.web as real_web
+
+    import distserve.engine.server as server
+
+    class LmdeployIds:
+        def __getattr__(self, name):  # everything else is aiohttp.web itself
+            return getattr(real_web, name)
+
+        @staticmethod
+        def json_response(data=None, **kw):
+            if isinstance(data, dict) and "remote_session_id" in data:
+                data["id"] = str(data["remote_session_id"])
+            return real_web.json_response(data, **kw)
+
+    server.web = LmdeployIds()
+    from distserve.cli import main
+
+    return main(["engine", *argv])
+
+
+class Engines:
+    """`count` null prefills and `count` null decodes, each role in one process, optionally with agents."""
+
+    def __init__(self, count: int, etcd: list[str] | None, cluster: str, tag: str) -> None:
+        self.count = count
+        self.procs: list[Proc] = []
+        self.prefills: list[str] = []
+        self.decodes: list[str] = []
+        for role, urls in (("prefill", self.prefills), ("decode", self.decodes)):
+            port = free_ports(count)
+            args = ["--null", "--role", role, "--host", "127.0.0.1", "--port", str(port), "--count", str(count),
+                    "--migration-protocol", "rdma", "--log-level", "WARNING", "--preserve-ttl", "30"]
+            if etcd:
+                args += ["--etcd", ",".join(etcd), "--cluster", cluster, "--ttl", "10"]
+            self.procs.append(Proc([PY, __file__, "--engine-process", *args], OTHERS_CPU, f"{tag}-{role}"))
+            urls.extend(f"http://127.0.0.1:{port + i}" for i in range(count))
+        for url in self.prefills + self.decodes:
+            wait_http(f"{url}/health")
+
+    @property
+    def urls(self) -> list[str]:
+        return self.prefills + self.decodes
+
+    def stop(self) -> None:
+        for p in self.procs:
+            p.kill()
+
+
+async def wait_links(etcd: list[str], cluster: str, n: int, timeout: float = 120.0) -> None:
+    from discovery.client import EtcdClient
+    from discovery.config import EtcdConfig
+    from distserve.keys import Keys
+    from distserve.records import LinkRecord
+
+    client = EtcdClient(EtcdConfig(endpoints=etcd))
+    await client.connect()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            kvs, _ = await client.get_prefix(Keys(cluster).prefix("links"))
+            done = sum(LinkRecord.decode(kv.value).state == "established" for kv in kvs)
+            if done >= n:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{done}/{n} links established")
+            await asyncio.sleep(0.1)
+    finally:
+        await client.close()
+
+
+# ------------------------------------------------------------------------------------------ front ends
+def start_router(etcd: list[str], cluster: str, tag: str) -> tuple[Proc, str]:
+    port = free_port()
+    proc = Proc([PY, "-m", "distserve", "router", "--host", "127.0.0.1", "--port", str(port), "--etcd", ",".join(etcd),
+                 "--cluster", cluster], ROUTER_CPU, f"{tag}-router")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def lmdeploy_available() -> str | None:
+    """None when the proxy can run, else why not."""
+    py = LMD_VENV / "bin" / "python"
+    if not py.exists():
+        return "not installed"
+    r = subprocess.run([str(py), "-c", "import lmdeploy.serve.proxy.proxy"], capture_output=True, text=True)
+    return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["import failed"])[-1]
+
+
+def install_lmdeploy() -> str | None:
+    """Install lmdeploy==0.18.0 (no deps) + CPU torch + the proxy's imports in .bench/lmdeploy-venv."""
+    if lmdeploy_available() is None:
+        return None
+    BENCH.mkdir(exist_ok=True)
+    base_python = os.path.realpath(PY)
+    pip = [str(LMD_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    torch_wheels = sorted(Path("/opt/wheels").glob(f"torch-*+cpu-cp{sys.version_info[0]}{sys.version_info[1]}-*.whl"))
+    steps = [[base_python, "-m", "venv", str(LMD_VENV)],
+             [*pip, "--no-deps", f"lmdeploy=={LMD_VERSION}"],
+             [*pip, "--no-deps", str(torch_wheels[-1]) if torch_wheels else "torch"]
+             + ([] if torch_wheels else ["--index-url", "https://download.pytorch.org/whl/cpu"]),
+             [*pip, *LMD_PROXY_DEPS]]
+    for step in steps:
+        print("[bench] " + " ".join(step), file=sys.stderr)
+        r = subprocess.run(step, capture_output=True, text=True)
+        if r.returncode != 0:
+            return f"{' '.join(step[:6])} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}"
+    return lmdeploy_available()
+
+
+def start_proxy(tag: str) -> tuple[Proc, str]:
+    port = free_port()
+    proc = Proc([str(LMD_VENV / "bin" / "lmdeploy"), "serve", "proxy", "--server-name", "127.0.0.1",
+                 "--server-port", str(port), "--serving-strategy", "DistServe", "--routing-strategy",
+                 "min_expected_latency", "--disable-cache-status", "--migration-protocol", "RDMA", "--log-level",
+                 "WARNING"], ROUTER_CPU, f"{tag}-proxy")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+async def register_with_proxy(session, proxy: str, engines: Engines) -> None:
+    """What `api_server --proxy-url` does at its start-up: POST /nodes/add (role Prefill=2, Decode=3)."""
+    for urls, role in ((engines.prefills, 2), (engines.decodes, 3)):
+        for url in urls:
+            async with session.post(f"{proxy}/nodes/add", json={"url": url, "status": {"models": [MODEL],
+                                                                                       "role": role}}) as r:
+                await r.read()
+
+
+# ------------------------------------------------------------------------------------------ load
+class Client:
+    """The load generator: one pooled aiohttp session, pre-encoded bodies."""
+
+    def __init__(self, session, mode: str, target: str | tuple[list[str], list[str]], stream: bool) -> None:
+        import orjson
+
+        self.session, self.mode, self.stream = session, mode, stream
+        self.body = {"model": MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": stream}
+        self.raw = orjson.dumps(self.body)
+        self.orjson = orjson
+        if mode == "direct":
+            self.prefills, self.decodes = target
+            pre = {**self.body, "max_tokens": 1, "stream": False, "with_cache": True, "preserve_cache": True}
+            self.prefill_raw = orjson.dumps(pre)
+            self.i = 0
+        else:
+            self.url = f"{target}/v1/completions"
+
+    async def one(self) -> None:
+        s = self.session
+        if self.mode != "direct":
+            async with s.post(self.url, data=self.raw, headers={"Content-Type": "application/json"}) as r:
+                data = await r.read()
+            ok = r.status == 200 and (data.rstrip().endswith(b"[DONE]") if self.stream else b'"choices"' in data)
+            if not ok or b'"error' in data:
+                raise RuntimeError(f"{self.mode}: HTTP {r.status} {data[:200]!r}")
+            return
+        self.i += 1
+        p = self.prefills[self.i % len(self.prefills)]
+        d = self.decodes[self.i % len(self.decodes)]
+        async with s.post(f"{p}/v1/completions", data=self.prefill_raw,
+                          headers={"Content-Type": "application/json"}) as r:
+            pre = self.orjson.loads(await r.read())
+        mig = {"protocol": 2, "remote_engine_id": p, "remote_session_id": pre["remote_session_id"],
+               "remote_token_id": pre["remote_token_ids"][0], "remote_block_ids": pre["cache_block_ids"],
+               "is_dummy_prefill": False}
+        body = self.raw[:-1] + b',"migration_request":' + self.orjson.dumps(mig) + b"}"
+        async with s.post(f"{d}/v1/completions", data=body, headers={"Content-Type": "application/json"}) as r:
+            data = await r.read()
+        if r.status != 200:
+            raise RuntimeError(f"direct decode: HTTP {r.status} {data[:200]!r}")
+
+
+async def closed_loop(client: Client, concurrency: int, duration: float) -> list[float]:
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + duration
+
+    async def worker() -> None:
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            await client.one()
+            latencies.append(time.perf_counter() - t0)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies
+
+
+async def burst(client: Client, n: int) -> list[float]:
+    async def timed() -> float:
+        t0 = time.perf_counter()
+        await client.one()
+        return time.perf_counter() - t0
+
+    return list(await asyncio.gather(*(timed() for _ in range(n))))
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+def new_session():
+    import aiohttp
+
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+                                 timeout=aiohttp.ClientTimeout(total=60), skip_auto_headers=("User-Agent",))
+
+
+# ------------------------------------------------------------------------------------------ scenarios
+async def steady_state(args, etcd: list[str], results: dict, proxy_ok: bool) -> None:
+    cluster = "bench-steady"
+    engines = Engines(1, etcd, cluster, "steady")
+    router = proxy = None
+    try:
+        await wait_links(etcd, cluster, 1)
+        router, router_url = start_router(etcd, cluster, "steady")
+        wait_http(f"{router_url}/health/ready")
+        fronts = {"direct": ((engines.prefills, engines.decodes), None), "distserve": (router_url, router)}
+        async with new_session() as session:
+            if proxy_ok:
+                proxy, proxy_url = start_proxy("steady")
+                wait_http(f"{proxy_url}/v1/models", 120)
+                await register_with_proxy(session, proxy_url, engines)
+                fronts["lmdeploy"] = (proxy_url, proxy)
+            for mode, (target, _) in fronts.items():  # warm-up (the proxy handshakes here, lazily)
+                for stream in (False, True):
+                    await burst(Client(session, mode, target, stream), 50)
+            rows = results.setdefault("steady", [])
+            for rep in range(args.repeats):
+                for concurrency in args.concurrency:
+                    for stream in (False, True):
+                        for mode, (target, proc) in fronts.items():
+                            client = Client(session, mode, target, stream)
+                            cpu0 = proc.cpu_seconds() if proc else 0.0
+                            t0 = time.perf_counter()
+                            lat = await closed_loop(client, concurrency, args.duration)
+                            wall = time.perf_counter() - t0
+                            cpu = (proc.cpu_seconds() - cpu0) if proc else 0.0
+                            rows.append({"rep": rep, "mode": mode, "stream": stream, "concurrency": concurrency,
+                                         "n": len(lat), "rps": len(lat) / wall, "p50": pct(lat, 50),
+                                         "p99": pct(lat, 99), "cpu_ms_per_req": 1000 * cpu / max(1, len(lat)),
+                                         "cpu_util": cpu / wall})
+                            print(f"[bench] rep {rep} c={concurrency} stream={stream} {mode}: "
+                                  f"{rows[-1]['rps']:.0f} req/s p50 {rows[-1]['p50'] * 1e3:.2f} ms "
+                                  f"p99 {rows[-1]['p99'] * 1e3:.2f} ms cpu {rows[-1]['cpu_ms_per_req']:.2f} ms/req",
+                                  file=sys.stderr)
+    finally:
+        for p in (router, proxy):
+            if p:
+                p.kill()
+        engines.stop()
+
+
+async def first_success(session, url: str, timeout: float = 60.0) -> float:
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0}).encode()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            async with session.post(f"{url}/v1/completions", data=body,
+                                    headers={"Content-Type": "application/json"}) as r:
+                data = await r.read()
+                if r.status == 200 and b'"choices"' in data and b"error" not in data:
+                    return time.perf_counter()
+        except Exception:  # noqa: BLE001 - not listening yet
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no successful completion from {url}")
+        await asyncio.sleep(0.005)
+
+
+async def cold_start(args, etcd: list[str], results: dict, proxy_ok: bool) -> None:
+    rows = results.setdefault("cold", [])
+    for size in args.cold_sizes:
+        for mode in (["distserve", "lmdeploy"] if proxy_ok else ["distserve"]):
+            cluster = f"bench-cold-{size}-{mode}"
+            engines = Engines(size, etcd if mode == "distserve" else None, cluster, f"cold{size}")
+            proc = None
+            try:
+                if mode == "distserve":
+                    await wait_links(etcd, cluster, size * size)
+                before = handshakes(engines.urls)
+                async with new_session() as session:
+                    if mode == "distserve":
+                        proc, url = start_router(etcd, cluster, f"cold{size}")
+                    else:
+                        proc, url = start_proxy(f"cold{size}")
+                    t0 = proc.started
+                    if mode == "lmdeploy":  # engines register themselves when they (re)start: do it as they would
+                        while True:
+                            try:
+                                await register_with_proxy(session, url, engines)
+                                break
+                            except Exception:  # noqa: BLE001 - proxy not listening yet
+                                await asyncio.sleep(0.005)
+                    t1 = await first_success(session, url)
+                    at_first = handshakes(engines.urls) - before
+                    lat = await burst(Client(session, mode, url, False), 256)
+                    after = handshakes(engines.urls) - before
+                rows.append({"size": size, "mode": mode, "first_success_s": t1 - t0, "handshakes_first": at_first,
+                             "handshakes_after_burst": after, "burst_p99": pct(lat, 99), "burst_p50": pct(lat, 50)})
+                print(f"[bench] cold {size}x{size} {mode}: first success {t1 - t0:.3f} s, handshakes {at_first:.0f}"
+                      f" -> {after:.0f} after burst, burst p99 {pct(lat, 99) * 1e3:.1f} ms", file=sys.stderr)
+            finally:
+                if proc:
+                    proc.kill()
+                engines.stop()
+
+
+# ------------------------------------------------------------------------------------------ report
+def report(results: dict) -> str:
+    out = []
+    steady = results.get("steady", [])
+    if steady:
+        out.append("| stream | concurrency | mode | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | "
+                   "router CPU-ms/req | router CPU use |")
+        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        keys = sorted({(r["stream"], r["concurrency"]) for r in steady})
+        for stream, conc in keys:
+            med = {}
+            for mode in ("direct", "distserve", "lmdeploy"):
+                rs = [r for r in steady if r["stream"] == stream and r["concurrency"] == conc and r["mode"] == mode]
+                if rs:
+                    med[mode] = {k: statistics.median(r[k] for r in rs)
+                                 for k in ("rps", "p50", "p99", "cpu_ms_per_req", "cpu_util")}
+            for mode, m in med.items():
+                added = ("-", "-") if mode == "direct" else (f"{(m['p50'] - med['direct']['p50']) * 1e3:.2f}",
+                                                             f"{(m['p99'] - med['direct']['p99']) * 1e3:.2f}")
+                cpu = ("-", "-") if mode == "direct" else (f"{m['cpu_ms_per_req']:.2f}", f"{m['cpu_util'] * 100:.0f}%")
+                out.append(f"| {'yes' if stream else 'no'} | {conc} | {mode} | {m['rps']:.0f} | {m['p50'] * 1e3:.2f} | "
+                           f"{m['p99'] * 1e3:.2f} | {added[0]} | {added[1]} | {cpu[0]} | {cpu[1]} |")
+    cold = results.get("cold", [])
+    if cold:
+        out.append("")
+        out.append("| engines | front end | process start -> first PD success | handshake calls (p2p_initialize) "
+                   "at first success / after burst | burst of 256: p50 / p99 |")
+        out.append("| --- | --- | --- | --- | --- |")
+        for r in cold:
+            out.append(f"| {r['size']}x{r['size']} | {r['mode']} | {r['first_success_s']:.3f} s | "
+                       f"{r['handshakes_first']:.0f} / {r['handshakes_after_burst']:.0f} | "
+                       f"{r['burst_p50'] * 1e3:.1f} / {r['burst_p99'] * 1e3:.1f} ms |")
+    return "\n".join(out)
+
+
+async def amain(args) -> int:
+    from discovery.embedded import EmbeddedEtcd
+
+    BENCH.mkdir(exist_ok=True)
+    why = None if args.skip_lmdeploy else install_lmdeploy()
+    proxy_ok = not args.skip_lmdeploy and why is None
+    if not proxy_ok:
+        print(f"[bench] LMDeploy proxy not run: {why or 'skipped'}", file=sys.stderr)
+    etcd = EmbeddedEtcd(unsafe_no_fsync=True).start()
+    os.sched_setaffinity(etcd.pid, {OTHERS_CPU})
+    os.sched_setaffinity(0, {OTHERS_CPU})
+    results: dict = {"machine": f"{platform.node()} {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+                     "python": platform.python_version(), "lmdeploy": LMD_VERSION if proxy_ok else f"not run: {why}",
+                     "args": vars(args)}
+    try:
+        if "steady" in args.scenarios:
+            await steady_state(args, etcd.endpoints, results, proxy_ok)
+        if "cold" in args.scenarios:
+            await cold_start(args, etcd.endpoints, results, proxy_ok)
+    finally:
+        etcd.stop()
+    (BENCH / "bench_router.json").write_text(json.dumps(results, indent=1))
+    print(report(results))
+    return 0
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--engine-process":
+        return engine_process_main(sys.argv[2:])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--duration", type=float, default=4.0, help="seconds per measurement (default 4)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats, interleaved; tables show medians")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    p.add_argument("--cold-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--scenarios", nargs="+", default=["steady", "cold"], choices=["steady", "cold"])
+    p.add_argument("--skip-lmdeploy", action="store_true", help="do not install or run LMDeploy's proxy")
+    p.add_argument("--quick", action="store_true", help="one short repeat (smoke run)")
+    args = p.parse_args()
+    if args.quick:
+        args.duration, args.repeats = 1.0, 1
+    try:
+        import uvloop
+
+        return uvloop.run(amain(args))
+    except ImportError:
+        return asyncio.run(amain(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
