@@ -39,6 +39,7 @@ from engines import ProbeError, ext_status, greedy, http, start_engine, wait_hea
 PROMPTS = ["the prefill engine reads a block", "river mountain cloud stone light",
            "one two three four five six seven", "alpha beta gamma delta omega " * 30]
 MAX_TOKENS = 24
+MODEL = "tiny"  # --model-name of the engines
 
 
 def free_port() -> int:
@@ -108,12 +109,12 @@ def router_ready(url: str) -> bool:
 def hybrid_reference(hybrid_url: str) -> dict:
     ref = {}
     for prompt in PROMPTS:
-        body = greedy({"model": "tiny", "prompt": prompt, "max_tokens": MAX_TOKENS})
+        body = greedy({"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS})
         status, ans = http("POST", hybrid_url + "/v1/completions", body)
         if status != 200:
             raise ProbeError(f"hybrid completion: {status} {ans}")
         ref[("completion", prompt)] = {"text": ans["choices"][0]["text"]}
-        body = greedy({"model": "tiny", "messages": [{"role": "user", "content": prompt}],
+        body = greedy({"model": MODEL, "messages": [{"role": "user", "content": prompt}],
                        "max_tokens": MAX_TOKENS, "return_token_ids": True})
         status, ans = http("POST", hybrid_url + "/v1/chat/completions", body)
         if status != 200:
@@ -135,10 +136,10 @@ def through_router(router_url: str, ref: dict) -> list[dict]:
             want = ref[("completion", prompt)]
             if stream:
                 text = "".join(c.choices[0].text for c in client.completions.create(
-                    model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=1.0, top_p=1.0,
+                    model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=1.0, top_p=1.0,
                     stream=True, extra_body=extra) if c.choices)
             else:
-                text = client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS,
+                text = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS,
                                                  temperature=1.0, top_p=1.0, extra_body=extra).choices[0].text
             out.append({"router": router_url, "kind": "completion", "stream": stream, "prompt": prompt[:40],
                         "equal": text == want["text"], "got": text, "want": want["text"]})
@@ -147,11 +148,11 @@ def through_router(router_url: str, ref: dict) -> list[dict]:
             ids = None
             if stream:
                 text = "".join((c.choices[0].delta.content or "") for c in client.chat.completions.create(
-                    model="tiny", messages=messages, max_tokens=MAX_TOKENS, temperature=1.0, top_p=1.0,
+                    model=MODEL, messages=messages, max_tokens=MAX_TOKENS, temperature=1.0, top_p=1.0,
                     stream=True, extra_body=extra) if c.choices)
                 equal = text == want["text"]
             else:
-                resp = client.chat.completions.create(model="tiny", messages=messages, max_tokens=MAX_TOKENS,
+                resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS,
                                                       temperature=1.0, top_p=1.0,
                                                       extra_body={**extra, "return_token_ids": True})
                 text = resp.choices[0].message.content
@@ -167,10 +168,10 @@ def concurrent_burst(routers: list[str], n: int = 16) -> list[int]:
     def one(i: int) -> int:
         url = routers[i % len(routers)]
         if i % 2:
-            body = {"model": "tiny", "messages": [{"role": "user", "content": PROMPTS[i % 3] + f" {i}"}],
+            body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPTS[i % 3] + f" {i}"}],
                     "max_tokens": 12}
             return http("POST", url + "/v1/chat/completions", body, timeout=120)[0]
-        body = {"model": "tiny", "prompt": PROMPTS[i % 3] + f" {i}", "max_tokens": 12}
+        body = {"model": MODEL, "prompt": PROMPTS[i % 3] + f" {i}", "max_tokens": 12}
         return http("POST", url + "/v1/completions", body, timeout=120)[0]
 
     with ThreadPoolExecutor(n) as pool:
@@ -272,7 +273,7 @@ def main() -> int:
         cluster.spawn("router-0", ["router", "--port", str(router_ports[0]), "--etcd", endpoints])
         wait_for("restarted router ready", lambda: router_ready(routers[0]), 60)
         status, ans = http("POST", routers[0] + "/v1/completions",
-                           greedy({"model": "tiny", "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS}))
+                           greedy({"model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS}))
         same_answer = status == 200 and ans["choices"][0]["text"] == ref[("completion", PROMPTS[0])]["text"]
         handshakes1 = ext_status(prefill)["handshakes"] + ext_status(decode)["handshakes"]
         links_after = etcd_links(etcd.endpoints)
