@@ -29,6 +29,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -221,7 +222,7 @@ def _ctl_display() -> str:
 @dataclass
 class LocalCluster:
     args: argparse.Namespace
-    say: "callable" = print
+    say: Callable[[str], None] = print
     etcd: object | None = None  # discovery.embedded.EmbeddedEtcd when embedded
     etcd_config: object | None = None
     children: list[Child] = field(default_factory=list)
@@ -277,9 +278,10 @@ class LocalCluster:
         # If this process is killed outright (SIGKILL), the engines and routers get SIGTERM from the kernel
         # (PR_SET_PDEATHSIG); the reaper, which gets it too, then stops etcd and removes its data directory.
         parent, libc = os.getpid(), _libc()
+        doomed = [self.etcd_data_dir, *([str(self.log_dir)] if self.owns_log_dir else [])]
         self.reaper = await asyncio.create_subprocess_exec(
             sys.executable, "-c", "import sys; from distserve.up import reap; reap(*sys.argv[1:])",
-            str(etcd.pid), self.etcd_data_dir, *([str(self.log_dir)] if self.owns_log_dir else []), stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+            str(etcd.pid), *doomed, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
             preexec_fn=lambda: _die_with_parent(parent, libc))
 
