@@ -78,6 +78,8 @@ class LinkStats:
     adopted: int = 0
     dropped: int = 0
     handshake_ms: list[float] = field(default_factory=list)
+    # (monotonic start, monotonic end, prefill id) of every handshake attempt, for benchmarks
+    timeline: list[tuple[float, float, str]] = field(default_factory=list)
 
 
 def incompatibility(prefill: EngineRecord, decode: EngineRecord) -> str | None:
@@ -413,9 +415,12 @@ class LinkManager:
                 raise HandshakeError(str(exc)) from None
             finally:
                 stats.in_flight -= 1
+                stats.timeline.append((started, time.perf_counter(), prefill.id))
+                del stats.timeline[:-1000]  # bounded
             elapsed_ms = (time.perf_counter() - started) * 1000.0
             stats.handshakes_ok += 1
             stats.handshake_ms.append(elapsed_ms)
+            del stats.handshake_ms[:-1000]
         return Link(prefill_id=prefill.id, prefill_url=prefill.url, prefill_instance=prefill.instance,
                     decode_instance=me.instance, protocol=me.transfer.protocol,
                     handshake_ms=round(elapsed_ms, 3), established_at=time.time())
