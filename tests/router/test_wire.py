@@ -32,6 +32,7 @@ class WireStub:
     def __init__(self) -> None:
         self.seen: list[tuple[str, object, bytes]] = []
         self.prefill_answer: dict = {}
+        self.prefill_status = 200
         self.decode_status = 200
         self.runner: web.AppRunner | None = None
         self.url = ""
@@ -57,7 +58,7 @@ class WireStub:
             return web.json_response({"status": "SUCCESS"})
         body = json.loads(raw)
         if "preserve_cache" in body:
-            return web.json_response(self.prefill_answer)
+            return web.json_response(self.prefill_answer, status=self.prefill_status)
         if self.decode_status != 200:
             return web.json_response({"error": {"message": "decode broke", "type": "x", "code": "y"}},
                                      status=self.decode_status)
@@ -172,3 +173,41 @@ async def test_hybrid_gets_the_client_bytes_untouched(wire):
     [(headers, body)] = wire["hybrid"].requests("/v1/completions")
     assert body == raw and headers["Authorization"] == f"Bearer {TOKEN}"
     assert len(headers["X-Request-Id"]) == 32
+
+
+async def test_prefill_failing_before_output_is_retried_on_another_prefill(etcd):
+    broken, healthy, decode = WireStub(), WireStub(), WireStub()
+    for stub in (broken, healthy, decode):
+        await stub.start()
+    answer = {"id": "x", "remote_session_id": 5, "remote_token_ids": [1], "cache_block_ids": [0]}
+    broken.prefill_answer, broken.prefill_status = {"error": {"message": "engine crashed"}}, 500
+    healthy.prefill_answer = answer
+    keys = Keys(f"w{uuid.uuid4().hex[:6]}")
+    client = EtcdClient(EtcdConfig(endpoints=etcd.endpoints))
+    await client.connect()
+    d = engine_record("d0", decode.url, "decode")
+    await publish_engine(client, keys, d)
+    for name, stub in (("p-broken", broken), ("p-healthy", healthy)):
+        p = engine_record(name, stub.url, "prefill")
+        await publish_engine(client, keys, p)
+        await publish_link(client, keys, link_record(p, d))
+    proc, url = await asyncio.to_thread(start_router, etcd.endpoints, "--cluster", keys.cluster,
+                                        "--strategy", "round_robin")
+    try:
+        async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+            for _ in range(4):
+                r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+                assert r.status_code == 200 and r.json()["choices"][0]["text"] == "decoded"
+        failed = len(broken.requests("/v1/completions"))
+        assert failed >= 1  # round robin sends it first tries
+        assert len(healthy.requests("/v1/completions")) == 4
+        assert router_metric(url, "distserve_router_retries_total", {"phase": "prefill"}) == failed
+        assert router_metric(url, "distserve_router_upstream_errors_total",
+                             {"phase": "prefill", "kind": "status"}) == failed
+        # a 5xx is not a refused connection: no breaker (the engine may answer the next one)
+        assert router_metric(url, "distserve_router_breaker_open") == 0
+    finally:
+        proc.stop()
+        await client.close()
+        for stub in (broken, healthy, decode):
+            await stub.stop()
