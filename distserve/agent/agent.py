@@ -34,7 +34,7 @@ from discovery.informer import Informer
 from discovery.lease import LeaseSession
 from distserve import __version__
 from distserve.agent.config import AgentConfig
-from distserve.agent.engine_client import EngineClient, EngineError, EngineFacts
+from distserve.agent.engine_client import EngineClient, EngineError, EngineFacts, instance_from
 from distserve.agent.links import LinkManager
 from distserve.agent.load import LoadPublisher
 from distserve.keys import ENGINES, LINKS, Keys
@@ -459,17 +459,23 @@ class Agent:
                 log.warning("engine %s unhealthy: %s", self.config.id, exc)
                 self._mark_dirty()
             return
-        was_down = not self.healthy or self._refused_since_ok
+        # Nothing listened on the port meanwhile: the process went away (a SIGSTOPped or overloaded engine
+        # times out instead, and keeps its identity).
+        was_down = self._refused_since_ok
         down_for = time.monotonic() - self._last_ok
         self._last_ok = time.monotonic()
         facts = self.facts
         restarted = False
         if facts is not None:
-            reported = extras.get("instance_id")
+            metrics = None
+            if "instance_id" not in extras and (self.instance or "").startswith("pst-"):
+                with contextlib.suppress(EngineError):
+                    metrics = await self.engine.metrics(timeout=self.config.probe_timeout)
+            reported = instance_from(extras, metrics)
             if reported is not None:
-                restarted = str(reported) != self.instance
+                restarted = reported != self.instance
             elif was_down:
-                restarted = True  # checked against the metrics below (lmdeploy has no instance id)
+                restarted = True  # no identity exposed (lmdeploy without metrics): an outage means a new process
             if config.model_dump() != facts.config.model_dump():
                 restarted = True
         if restarted:

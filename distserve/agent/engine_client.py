@@ -48,14 +48,19 @@ class EngineFacts:
 
     @property
     def instance_id(self) -> str | None:
-        """The engine process's own identity, when it reports one."""
-        value = self.extras.get("instance_id")
-        if value:
-            return str(value)
-        start = (self.metrics or {}).get("process_start_time_seconds")
-        if start:  # prometheus_client's process collector (lmdeploy --enable-metrics): the process start time
-            return f"pst-{start:.2f}"
-        return None
+        return instance_from(self.extras, self.metrics)
+
+
+def instance_from(extras: dict[str, Any], metrics: dict[str, float] | None) -> str | None:
+    """The engine process's own identity, when it exposes one: the reference engine's `instance_id`, else the
+    process start time that prometheus_client's process collector exports (lmdeploy --enable-metrics)."""
+    value = extras.get("instance_id")
+    if value:
+        return str(value)
+    start = (metrics or {}).get("process_start_time_seconds")
+    if start:
+        return f"pst-{start:.2f}"
+    return None
 
 
 @dataclass
