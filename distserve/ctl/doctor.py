@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import email.utils
+import json
 import ssl
 import time
 from dataclasses import asdict, dataclass
@@ -154,14 +155,23 @@ def check_incarnations(snap: ClusterSnapshot) -> list[Finding]:
 
 
 def check_routers(snap: ClusterSnapshot) -> list[Finding]:
+    """Schema versions from the raw values: a router newer than this tool writes records it cannot decode."""
     out = []
-    schemas: dict[int, list[str]] = {}
+    schemas: dict[Any, list[str]] = {}
     versions: dict[str, list[str]] = {}
-    for router_id, entry in sorted(snap.routers.items()):
-        schemas.setdefault(entry.record.schema_version, []).append(router_id)
-        versions.setdefault(entry.record.version or "?", []).append(router_id)
+    for kv in snap.kvs:
+        parsed = snap.keys.parse(kv.key)
+        if parsed is None or parsed.kind != "routers":
+            continue
+        try:
+            raw = json.loads(kv.value)
+        except ValueError:
+            continue
+        if isinstance(raw, dict):
+            schemas.setdefault(raw.get("schema_version"), []).append(parsed.ids[0])
+            versions.setdefault(str(raw.get("version") or "?"), []).append(parsed.ids[0])
     if len(schemas) > 1:
-        detail = "; ".join(f"v{v}: {', '.join(ids)}" for v, ids in sorted(schemas.items()))
+        detail = "; ".join(f"v{v}: {', '.join(ids)}" for v, ids in sorted(schemas.items(), key=lambda x: str(x[0])))
         out.append(Finding(PROBLEM, "routers", "routers", f"routers on different schema versions ({detail})"))
     if len(versions) > 1:
         detail = "; ".join(f"{v}: {', '.join(ids)}" for v, ids in sorted(versions.items()))

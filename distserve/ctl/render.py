@@ -47,8 +47,9 @@ class Output:
 
 def make_table(title: str | None, columns: Sequence[str], rows: Iterable[Sequence[Any]],
                caption: str | None = None) -> Table:
+    # min_width: a title is never wrapped into the columns' width
     table = Table(title=title, caption=caption, title_justify="left", caption_justify="left",
-                  header_style="bold")
+                  header_style="bold", min_width=len(title or "") + 2)
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows:

@@ -10,6 +10,7 @@ revision N, like `etcdctl watch --rev N`.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import re
 import sys
 from typing import Any
@@ -33,6 +34,7 @@ def register(subparsers: Any, common: Any) -> None:
                    help="only keys under P, relative to the cluster (e.g. engines/, links/P1/) or absolute")
     p.add_argument("--all", action="store_true", help="also heartbeat-like rewrites (load updates, router counters)")
     p.add_argument("--limit", type=int, metavar="N", help="stop after N events")
+    p.add_argument("--timeout", type=float, metavar="S", help="stop after S seconds (exit 0)")
     p.set_defaults(_run=run_watch)
 
 
@@ -81,6 +83,17 @@ async def run_watch(ctx: Ctx, args: argparse.Namespace) -> int:
     if ctx.out.tty and not ctx.out.json_mode:
         ctx.out.note(f"watching {prefix} from revision {start}" + (f" (after {skip} of its events)" if skip else "")
                      + "; Ctrl-C stops")
+    if args.timeout is not None:
+        try:
+            return await asyncio.wait_for(_follow(ctx, args, prefix, start, skip, state, narrator, show_quiet),
+                                          args.timeout)
+        except asyncio.TimeoutError:
+            return 0
+    return await _follow(ctx, args, prefix, start, skip, state, narrator, show_quiet)
+
+
+async def _follow(ctx: Ctx, args: argparse.Namespace, prefix: str, start: int, skip: int, state: dict[str, Any],
+                  narrator: EventNarrator, show_quiet: bool) -> int:
     emitted = 0
     current_rev, seq = 0, -1
     stream = watch_prefix(ctx.client, prefix, start, known={k: kv.mod_revision for k, kv in state.items()},

@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,10 +70,14 @@ def run_ctl_inprocess(endpoints: list[str] | str, *args: str, timeout: float = 6
         saved = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = out, err
         started = time.monotonic()
+        pool = ThreadPoolExecutor(1)
         try:
-            with ThreadPoolExecutor(1) as pool:
-                rc = pool.submit(_exit_code, main, ["--etcd", endpoint_text, *args]).result(timeout)
+            rc = pool.submit(_exit_code, main, ["--etcd", endpoint_text, *args]).result(timeout)
+        except FuturesTimeout:
+            raise AssertionError(f"distserve-ctl {' '.join(args)} did not finish within {timeout} s; "
+                                 f"output so far:\n{out.getvalue()}\n{err.getvalue()}") from None
         finally:
+            pool.shutdown(wait=False)
             sys.stdout, sys.stderr = saved
         return Result(rc, out.getvalue(), err.getvalue(), time.monotonic() - started)
 
