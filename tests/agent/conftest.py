@@ -176,9 +176,7 @@ class Fleet:
 
     def start_in_process(self, role: str, count: int, *extra: str) -> list[Node]:
         """`distserve engine --null --count N --etcd ...`: N engines and their agents in one process."""
-        base = free_port()
-        while not all(_port_free(base + i) for i in range(count)):
-            base = free_port()
+        base = consecutive_free_ports(count)
         nodes = [Node(role, base + i) for i in range(count)]
         proc = Proc.python(["distserve", "engine", "--role", role, "--null", "--count", str(count),
                             "--host", "127.0.0.1", "--port", str(base), "--etcd", ",".join(self.endpoints),
@@ -209,6 +207,14 @@ class Fleet:
     def stop(self) -> None:
         for proc in self.procs:
             proc.stop(timeout=5)
+
+
+def consecutive_free_ports(count: int) -> int:
+    """The first of `count` consecutive free loopback ports."""
+    while True:
+        base = free_port()
+        if all(_port_free(base + i) for i in range(count)):
+            return base
 
 
 def _port_free(port: int) -> bool:
