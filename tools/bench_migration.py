@@ -34,6 +34,12 @@ LAYERS, BLOCK_TOKENS, KV_HEADS, HEAD_DIM = 4, 16, 4, 64  # the default engine's 
 BLOCK_BYTES = 2 * BLOCK_TOKENS * KV_HEADS * HEAD_DIM * 4
 
 
+def _set_block_tokens(tokens: int) -> None:
+    global BLOCK_TOKENS, BLOCK_BYTES
+    BLOCK_TOKENS = tokens
+    BLOCK_BYTES = 2 * BLOCK_TOKENS * KV_HEADS * HEAD_DIM * 4
+
+
 def _geometry(total_bytes: int):
     from distserve.migration.geometry import PoolGeometry
 
@@ -73,7 +79,8 @@ def serve_dlslime(max_bytes: int) -> None:
 
 
 def _child(kind: str, max_bytes: int) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, __file__, "--serve", kind, "--max-bytes", str(max_bytes)],
+    return subprocess.Popen([sys.executable, __file__, "--serve", kind, "--max-bytes", str(max_bytes),
+                             "--block-tokens", str(BLOCK_TOKENS)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=str(REPO))
 
 
@@ -225,9 +232,11 @@ def main() -> int:
     ap.add_argument("--sizes-mib", default="1,4,16,64,256")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--no-engine", action="store_true")
+    ap.add_argument("--block-tokens", type=int, default=16, help="tokens per KV block in the copy part (engine: 16)")
     ap.add_argument("--serve", choices=["socket", "dlslime"], help=argparse.SUPPRESS)
     ap.add_argument("--max-bytes", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    _set_block_tokens(args.block_tokens)
     if args.serve == "socket":
         serve_socket(args.max_bytes)
         return 0

@@ -21,6 +21,8 @@ from distserve.protocol import MigrationProtocol
 REMOTE_REGION = "peer_kv"
 # Large contiguous ranges are cut into pieces of this size so concurrent calls share the work.
 SPLIT_BYTES = 4 << 20
+# A loopback rate used only to decide how long to poll by yielding before handing off to a thread.
+SPIN_BYTES_PER_S = 3 << 30
 
 LOCAL_REGION = "kv"
 
@@ -111,10 +113,11 @@ def _wait_blocking(fut: Any, deadline: float) -> int | None:
         delay = min(delay * 1.5, 0.001)
 
 
-async def _poll(fut: Any, deadline: float, failed: Any) -> None:
+async def _poll(fut: Any, deadline: float, failed: Any, nbytes: int = 0) -> None:
     """Wait for a DLSlime future without blocking the loop; raise MigrationTimeout at the deadline."""
-    # Small reads finish within a few hundred microseconds: poll by yielding first (no thread hand-off).
-    spin_until = time.monotonic() + 0.0003
+    # Small reads finish within about a millisecond: poll by yielding first (no thread hand-off), for
+    # about as long as the read should take on loopback, at most 1 ms.
+    spin_until = time.monotonic() + min(0.001, 0.0002 + nbytes / SPIN_BYTES_PER_S)
     status = fut.wait_for(0)
     while status is None and time.monotonic() < spin_until:
         await asyncio.sleep(0)
@@ -171,7 +174,7 @@ class DlslimeTcpTransport(Transport):
                     raise MigrationTimeout("KV migration did not finish before its deadline", [])
                 fut = self.endpoint.read(assigns)
                 issued.append(fut)
-                await _poll(fut, deadline, failed=lambda st: st != 0)
+                await _poll(fut, deadline, failed=lambda st: st != 0, nbytes=sum(n for _, _, n in part))
 
         # Calls run concurrently up to the per-peer bound; large ranges are split so both calls get work.
         tasks = [asyncio.ensure_future(one(part)) for part in chunk(split(plan, SPLIT_BYTES), self._max_assignments)]
