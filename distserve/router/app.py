@@ -16,7 +16,6 @@ import socket
 import time
 import uuid
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -30,12 +29,13 @@ from distserve.router.metrics import RouterMetrics
 from distserve.router.orchestrator import Orchestrator, Routing
 from distserve.router.settings import RouterSettings
 from distserve.router.strategies import make_strategy
-from distserve.router.upstream import new_session
+from distserve.router.http1 import EnginePool
 from distserve.router.validation import CHAT, COMPLETIONS, parse_json_object, validate_request
 
 log = logging.getLogger("distserve.router")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_HEADER_SAFE = re.compile(r"^[\x21-\x7e]{1,4096}$")
 ROUTES = {"/v1/completions": "POST", "/v1/chat/completions": "POST", "/v1/models": "GET", "/health": "GET",
           "/health/ready": "GET", "/metrics": "GET"}
 
@@ -48,20 +48,21 @@ class Router:
         self.metrics = RouterMetrics()
         self.router_id = sanitize_id(s.router_id or f"{socket.gethostname()}-{s.port}")
         self._api_keys = [k.encode() for k in s.api_keys if k]
-        self._engine_headers = {"Content-Type": "application/json"}
+        auth = b""
         if s.cluster_token:
-            self._engine_headers["Authorization"] = f"Bearer {s.cluster_token}"
-        self._session: aiohttp.ClientSession | None = None
+            if not _HEADER_SAFE.match(s.cluster_token):
+                raise ValueError("the cluster token must be printable ASCII without spaces")
+            auth = b"Authorization: Bearer " + s.cluster_token.encode() + b"\r\n"
+        self._engine_headers = b"Content-Type: application/json\r\n" + auth
+        self._pool: EnginePool | None = None
         self.load = LoadTracker()
-        self.breakers = CircuitBreakers(self._get_session, {k: v for k, v in self._engine_headers.items()
-                                                            if k == "Authorization"},
-                                        s.breaker_probe_interval, s.breaker_probe_max_interval,
+        self.breakers = CircuitBreakers(self._get_pool, auth, s.breaker_probe_interval, s.breaker_probe_max_interval,
                                         on_change=lambda: self.view.invalidate())
         from distserve.router.view import ClusterView
 
         self.view = ClusterView(etcd_client, self.keys, self.breakers, self.load, self.metrics, self._on_config)
         self._routing = self._make_routing(None)
-        self.orchestrator = Orchestrator(s, self.view, self.metrics, self._get_session, lambda: self._routing,
+        self.orchestrator = Orchestrator(s, self.view, self.metrics, self._get_pool, lambda: self._routing,
                                          self.spawn, self._engine_headers)
         self._tasks: set[asyncio.Task] = set()
         self.in_flight = 0
@@ -106,10 +107,10 @@ class Router:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    def _get_session(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = new_session(self.settings.max_connections, self.settings.connect_timeout)
-        return self._session
+    def _get_pool(self) -> EnginePool:
+        if self._pool is None:  # needs the running loop
+            self._pool = EnginePool(self.settings.connect_timeout, self.settings.connects_per_engine)
+        return self._pool
 
     # ------------------------------------------------------------------ lifecycle
     def build_app(self) -> web.Application:
@@ -125,7 +126,7 @@ class Router:
 
     async def start(self) -> None:
         s = self.settings
-        self._get_session()
+        self._get_pool()
         await self.view.start()
         if not await self.view.wait_synced(s.sync_timeout):
             log.warning("view not synced with etcd after %.1fs: serving, not ready until it is", s.sync_timeout)
@@ -176,8 +177,8 @@ class Router:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.breakers.close()
         await self.view.stop()
-        if self._session is not None:
-            await self._session.close()
+        if self._pool is not None:
+            self._pool.close()
 
     # ------------------------------------------------------------------ helpers
     def _authorized(self, request: web.Request) -> bool:

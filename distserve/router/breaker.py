@@ -13,17 +13,14 @@ import random
 import time
 from collections.abc import Callable
 
-import aiohttp
-
 log = logging.getLogger("distserve.router.breaker")
 
 
 class CircuitBreakers:
-    def __init__(self, session_getter: Callable[[], aiohttp.ClientSession], headers: dict[str, str],
-                 probe_interval: float = 0.5, probe_max_interval: float = 5.0,
-                 on_change: Callable[[], None] | None = None) -> None:
-        self._session = session_getter
-        self._headers = headers
+    def __init__(self, pool_getter: Callable, auth_header: bytes, probe_interval: float = 0.5,
+                 probe_max_interval: float = 5.0, on_change: Callable[[], None] | None = None) -> None:
+        self._pool = pool_getter
+        self._headers = auth_header
         self._probe_interval = probe_interval
         self._probe_max = probe_max_interval
         self._on_change = on_change or (lambda: None)
@@ -64,16 +61,24 @@ class CircuitBreakers:
 
     async def _probe(self, engine_id: str, url: str) -> None:
         delay = self._probe_interval
-        timeout = aiohttp.ClientTimeout(total=max(0.5, self._probe_interval * 2))
+        timeout = max(0.5, self._probe_interval * 2)
         while True:
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            resp = None
             try:
-                async with self._session().get(f"{url}/health", headers=self._headers, timeout=timeout) as resp:
-                    if resp.status == 200:
-                        self._close(engine_id, "health probe answered")
-                        return
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                resp = await asyncio.wait_for(self._pool().request(url, b"GET", b"/health", b"", self._headers),
+                                              timeout)
+                await asyncio.wait_for(resp.read(), timeout)
+                if resp.status == 200:
+                    self._close(engine_id, "health probe answered")
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - still down: probe again later
                 pass
+            finally:
+                if resp is not None:
+                    resp.close()
             delay = min(delay * 2, self._probe_max)
 
     async def close(self) -> None:

@@ -24,13 +24,13 @@ import sys
 import time
 from collections.abc import Callable
 
-import aiohttp
 import orjson
 from aiohttp import web
 
 from distserve.protocol import PROTOCOL_BY_NAME
 from distserve.records import EngineRecord
 from distserve.router.errors import ApiError
+from distserve.router.http1 import EnginePool, Response
 from distserve.router.metrics import RouterMetrics
 from distserve.router.settings import RouterSettings
 from distserve.router.strategies import PickContext, Strategy
@@ -74,22 +74,17 @@ def splice_field(raw: bytes, name: bytes, value: bytes) -> bytes:
 
 
 class Orchestrator:
-    def __init__(self, settings: RouterSettings, view, metrics: RouterMetrics, session: Callable[[], aiohttp.ClientSession],
-                 routing: Callable[[], Routing], spawn: Callable, engine_headers: dict[str, str]) -> None:
+    def __init__(self, settings: RouterSettings, view, metrics: RouterMetrics, pool: Callable[[], EnginePool],
+                 routing: Callable[[], Routing], spawn: Callable, engine_headers: bytes) -> None:
         self.s = settings
         self.view = view
         self.load = view.load
         self.breakers = view.breakers
         self.metrics = metrics
-        self._session = session
+        self._pool = pool
         self._routing = routing
         self._spawn = spawn  # runs a coroutine as an owned background task
-        self._engine_headers = engine_headers
-        s = settings
-        self._t_prefill = aiohttp.ClientTimeout(total=s.prefill_timeout, sock_connect=s.connect_timeout)
-        self._t_stream = aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout,
-                                               sock_read=s.decode_idle_timeout)
-        self._t_free = aiohttp.ClientTimeout(total=s.free_cache_timeout, sock_connect=s.connect_timeout)
+        self._engine_headers = engine_headers  # header lines sent on every engine call (auth, content type)
 
     # ------------------------------------------------------------------ entry
     async def generate(self, request: web.Request, kind: str, path: str, raw: bytes, body: dict, model: str,
@@ -99,7 +94,7 @@ class Orchestrator:
             if model not in table.known_models:
                 raise ApiError(404, f"The model `{model}` does not exist", "model_not_found", "model")
             raise ApiError(503, f"no routable engine serves model `{model}` right now", "no_route")
-        headers = {**self._engine_headers, "X-Request-Id": rid}
+        headers = self._engine_headers + b"X-Request-Id: " + rid.encode() + b"\r\n"
         stream = body.get("stream") is True
         routing = self._routing()
         ctx = PickContext(load=self.load, weights=routing.weights, params=routing.params,
@@ -121,8 +116,8 @@ class Orchestrator:
                 continue
             try:
                 if engine.role == "hybrid":
-                    return await self._hybrid(request, engine, path, raw, stream, headers, started)
-                return await self._pd(request, kind, engine, path, raw, body, model, stream, headers, routing,
+                    return await self._hybrid(request, engine, path, raw, stream, headers, rid, started)
+                return await self._pd(request, kind, engine, path, raw, body, model, stream, headers, rid, routing,
                                       ctx, started)
             except RetryElsewhere as exc:
                 last = exc
@@ -140,29 +135,24 @@ class Orchestrator:
                 self.metrics.breaker_trips.inc(("connect",))
                 self.view.invalidate()
 
-    def _upstream(self, exc: BaseException, engine: EngineRecord, phase: str) -> UpstreamError:
-        err = classify_exception(exc)
-        self._failed(engine, phase, err)
-        return err
-
     # ------------------------------------------------------------------ hybrid
     async def _hybrid(self, request: web.Request, engine: EngineRecord, path: str, raw: bytes, stream: bool,
-                      headers: dict, started: float) -> web.StreamResponse:
+                      headers: bytes, rid: str, started: float) -> web.StreamResponse:
         self.metrics.picks.inc(("hybrid", engine.id))
         request["engines"] = engine.id
         if stream:
-            resp, _ok = await self._stream_through(request, engine, path, raw, headers, started, "hybrid")
+            resp, _ok = await self._stream_through(request, engine, path, raw, headers, rid, started, "hybrid")
             return resp
-        return await self._unary_through(engine, path, raw, headers, started, "hybrid")
+        return await self._unary_through(engine, path, raw, headers, rid, started, "hybrid")
 
     # ------------------------------------------------------------------ PD
     async def _pd(self, request: web.Request, kind: str, prefill: EngineRecord, path: str, raw: bytes, body: dict,
-                  model: str, stream: bool, headers: dict, routing: Routing, ctx: PickContext,
+                  model: str, stream: bool, headers: bytes, rid: str, routing: Routing, ctx: PickContext,
                   started: float) -> web.StreamResponse:
         self.metrics.picks.inc(("prefill", prefill.id))
         request["engines"] = prefill.id
         answer = await self._prefill(prefill, path, body, kind, headers)
-        session_id, token_id, block_ids = self._prefill_outputs(prefill, answer)
+        session_id, token_id, block_ids = self._prefill_outputs(prefill, answer, headers)
         freed = False
 
         def free() -> None:
@@ -172,7 +162,7 @@ class Orchestrator:
                 self._spawn(self._free_cache(prefill, session_id, headers))
 
         try:
-            resp, ok = await self._decode(request, prefill, path, raw, model, stream, headers, routing, ctx,
+            resp, ok = await self._decode(request, prefill, path, raw, model, stream, headers, rid, routing, ctx,
                                           session_id, token_id, block_ids, started)
         except BaseException:
             # decode error before output, timeout, client disconnect (CancelledError): P keeps the blocks
@@ -182,7 +172,25 @@ class Orchestrator:
             free()
         return resp
 
-    async def _prefill(self, prefill: EngineRecord, path: str, body: dict, kind: str, headers: dict) -> dict:
+    async def _call(self, engine: EngineRecord, phase: str, path: str, data: bytes, headers: bytes,
+                    timeout: float) -> tuple[int, bytes]:
+        """One whole engine call (status, body) within `timeout`; failures raised as UpstreamError."""
+        resp: Response | None = None
+        try:
+            async with _timeout(timeout):
+                resp = await self._pool().request(engine.url, b"POST", path.encode(), data, headers)
+                return resp.status, await resp.read()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every transport failure is classified
+            err = classify_exception(exc)
+            self._failed(engine, phase, err)
+            raise err from None
+        finally:
+            if resp is not None:
+                resp.close()
+
+    async def _prefill(self, prefill: EngineRecord, path: str, body: dict, kind: str, headers: bytes) -> dict:
         pre = dict(body)
         pre["max_tokens"] = 1
         if kind == CHAT or "max_completion_tokens" in pre:
@@ -193,18 +201,12 @@ class Orchestrator:
         pre.pop("min_tokens", None)
         pre["with_cache"] = True
         pre["preserve_cache"] = True
-        data = orjson.dumps(pre)
         t0 = time.perf_counter()
         self.load.begin(prefill.id)
         try:
-            async with self._session().post(prefill.url + path, data=data, headers=headers,
-                                            timeout=self._t_prefill) as resp:
-                raw = await resp.read()
-                status = resp.status
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - every transport failure is classified
-            err = self._upstream(exc, prefill, "prefill")
+            status, raw = await self._call(prefill, "prefill", path, orjson.dumps(pre), headers,
+                                           self.s.prefill_timeout)
+        except UpstreamError as err:
             if err.retryable:
                 raise RetryElsewhere(err, "prefill") from None
             raise err.to_api_error("prefill") from None
@@ -227,7 +229,7 @@ class Orchestrator:
             raise err.to_api_error("prefill")
         return answer
 
-    def _prefill_outputs(self, prefill: EngineRecord, answer: dict) -> tuple[int, int, list[int]]:
+    def _prefill_outputs(self, prefill: EngineRecord, answer: dict, headers: bytes) -> tuple[int, int, list[int]]:
         session_id = answer.get("remote_session_id")
         if type(session_id) is not int:
             # lmdeploy 0.17/0.18 engines do not return it; their `id` is the user's session id (completions)
@@ -246,12 +248,12 @@ class Orchestrator:
             err = UpstreamError("answer", "prefill answer lacks remote_token_ids / cache_block_ids")
             self._failed(prefill, "prefill", err)
             # it did preserve something under that session: give it back
-            self._spawn(self._free_cache(prefill, session_id, self._engine_headers))
+            self._spawn(self._free_cache(prefill, session_id, headers))
             raise err.to_api_error("prefill")
         return session_id, tokens[0], blocks
 
     async def _decode(self, request: web.Request, prefill: EngineRecord, path: str, raw: bytes, model: str,
-                      stream: bool, headers: dict, routing: Routing, ctx: PickContext, session_id: int,
+                      stream: bool, headers: bytes, rid: str, routing: Routing, ctx: PickContext, session_id: int,
                       token_id: int, block_ids: list[int], started: float) -> tuple[web.StreamResponse, bool]:
         tried: set[str] = set()
         last: UpstreamError | None = None
@@ -282,52 +284,51 @@ class Orchestrator:
             data = splice_field(raw, b"migration_request", migration)
             try:
                 if stream:
-                    return await self._stream_through(request, decode, path, data, headers, started, "decode")
-                return await self._unary_through(decode, path, data, headers, started, "decode"), True
+                    return await self._stream_through(request, decode, path, data, headers, rid, started, "decode")
+                return await self._unary_through(decode, path, data, headers, rid, started, "decode"), True
             except RetryElsewhere as exc:
                 last = exc.error
-                log.info("request %s: decode on %s failed before its first byte (%s)",
-                         headers.get("X-Request-Id"), decode_id, exc.error.message)
+                log.info("request %s: decode on %s failed before its first byte (%s)", rid, decode_id,
+                         exc.error.message)
         if last is not None:
             raise last.to_api_error("decode")
         raise ApiError(503, f"no decode engine linked to prefill {prefill.id} is routable", "no_route")
 
-    async def _free_cache(self, prefill: EngineRecord, session_id: int, headers: dict) -> None:
+    async def _free_cache(self, prefill: EngineRecord, session_id: int, headers: bytes) -> None:
         body = orjson.dumps({"remote_engine_id": prefill.handshake_id, "remote_session_id": session_id})
+        result = "error"
         for attempt in range(2):
+            resp: Response | None = None
             try:
-                async with self._session().post(prefill.url + "/distserve/free_cache", data=body, headers=headers,
-                                                timeout=self._t_free) as resp:
+                async with _timeout(self.s.free_cache_timeout):
+                    resp = await self._pool().request(prefill.url, b"POST", b"/distserve/free_cache", body, headers)
                     await resp.read()
-                    if resp.status == 200:
-                        self.metrics.free_cache.inc(("ok",))
-                        return
-                    result = f"http_{resp.status}"
+                if resp.status == 200:
+                    self.metrics.free_cache.inc(("ok",))
+                    return
+                result = f"http_{resp.status}"
             except asyncio.CancelledError:
                 self.metrics.free_cache.inc(("cancelled",))
                 raise
             except Exception as exc:  # noqa: BLE001
                 result = classify_exception(exc).kind
+            finally:
+                if resp is not None:
+                    resp.close()
             if attempt == 0:
                 await asyncio.sleep(random.uniform(0.05, 0.15))
         self.metrics.free_cache.inc((result,))
         log.warning("free_cache on %s for session %s failed (%s)", prefill.id, session_id, result)
 
     # ------------------------------------------------------------------ pass-through
-    async def _unary_through(self, engine: EngineRecord, path: str, data: bytes, headers: dict, started: float,
-                             phase: str) -> web.Response:
+    async def _unary_through(self, engine: EngineRecord, path: str, data: bytes, headers: bytes, rid: str,
+                             started: float, phase: str) -> web.Response:
         remaining = self.s.request_timeout - (time.perf_counter() - started)
-        timeout = aiohttp.ClientTimeout(total=max(0.001, remaining), sock_connect=self.s.connect_timeout)
         t0 = time.perf_counter()
         self.load.begin(engine.id)
         try:
-            async with self._session().post(engine.url + path, data=data, headers=headers, timeout=timeout) as resp:
-                raw = await resp.read()
-                status = resp.status
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            err = self._upstream(exc, engine, phase)
+            status, raw = await self._call(engine, phase, path, data, headers, max(0.001, remaining))
+        except UpstreamError as err:
             if err.retryable:
                 raise RetryElsewhere(err, phase) from None
             raise err.to_api_error(phase) from None
@@ -342,36 +343,32 @@ class Orchestrator:
             raise err.to_api_error(phase)
         # non-streamed: the decode phase's first byte is its whole answer (migration + decode)
         self.metrics.phase.observe(elapsed, (phase,))
-        return web.Response(body=raw, status=200, content_type="application/json",
-                            headers={"X-Request-Id": headers["X-Request-Id"]})
+        return web.Response(body=raw, status=200, content_type="application/json", headers={"X-Request-Id": rid})
 
     async def _stream_through(self, request: web.Request, engine: EngineRecord, path: str, data: bytes,
-                              headers: dict, started: float, phase: str) -> tuple[web.StreamResponse, bool]:
+                              headers: bytes, rid: str, started: float, phase: str) -> tuple[web.StreamResponse, bool]:
         """Relay an SSE stream byte for byte. Returns (response, ended_well)."""
-        session = self._session()
         t0 = time.perf_counter()
         self.load.begin(engine.id)
-        upstream = None
-        complete = False
+        upstream: Response | None = None
         try:
             try:
                 async with _timeout(self.s.decode_first_byte_timeout):
-                    upstream = await session.post(engine.url + path, data=data, headers=headers,
-                                                  timeout=self._t_stream)
+                    upstream = await self._pool().request(engine.url, b"POST", path.encode(), data, headers)
                     if upstream.status != 200:
                         err = classify_status(upstream.status, await upstream.read())
                         self._failed(engine, phase, err)
                         if err.retryable:
                             raise RetryElsewhere(err, phase)
                         raise err.to_api_error(phase)
-                    first = await upstream.content.readany()
+                    first = await upstream.readany()
                     if not first:
                         raise UpstreamError("disconnect", "the engine closed the stream before its first byte")
             except (RetryElsewhere, ApiError, asyncio.CancelledError):
                 raise
             except Exception as exc:  # noqa: BLE001
                 err = classify_exception(exc)
-                if isinstance(exc, TimeoutError) and not isinstance(exc, aiohttp.ServerTimeoutError):
+                if err.kind == "timeout":
                     err = UpstreamError("timeout", f"no first byte within {self.s.decode_first_byte_timeout}s")
                 self._failed(engine, phase, err)
                 if err.retryable:
@@ -381,17 +378,17 @@ class Orchestrator:
             first_at = time.perf_counter()
             if phase == "decode":
                 self.metrics.phase.observe(first_at - t0, ("migration",))
-            out = web.StreamResponse(status=200, headers={**SSE_HEADERS, "X-Request-Id": headers["X-Request-Id"]})
+            out = web.StreamResponse(status=200, headers={**SSE_HEADERS, "X-Request-Id": rid})
             await out.prepare(request)
             await out.write(first)
             self.metrics.ttft.observe(time.perf_counter() - started, (path,))
             tail = first[-16:]
             failure: UpstreamError | None = None
-            content = upstream.content
+            idle = self.s.decode_idle_timeout
             while True:
                 try:
-                    chunk = await content.readany()
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+                    chunk = await upstream.readany(idle)
+                except (UpstreamError, asyncio.TimeoutError, OSError) as exc:
                     failure = classify_exception(exc)
                     break
                 if not chunk:
@@ -405,14 +402,10 @@ class Orchestrator:
                 await out.write(ApiError(502, f"{phase} failed mid-stream: {failure.message}",
                                          f"{phase}_failed").sse_event())
             else:
-                complete = True
                 self.metrics.phase.observe(time.perf_counter() - (first_at if phase == "decode" else t0), (phase,))
             await out.write_eof()
             return out, failure is None
         finally:
             self.load.end(engine.id)
             if upstream is not None:
-                if complete:
-                    upstream.release()
-                else:
-                    upstream.close()  # drop the connection: the engine sees the disconnect and stops
+                upstream.close()  # no-op when complete; else drops the connection: the engine sees it and stops

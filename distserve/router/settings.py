@@ -49,5 +49,5 @@ class RouterSettings:
     sync_timeout: float = 10.0
     # On SIGTERM: stop taking requests, let in-flight ones finish for at most this long.
     shutdown_grace: float = 10.0
-    # Upstream connection pool size (all engines together).
-    max_connections: int = 4096
+    # Connection set-ups in progress per engine (a cold burst must not overflow an engine's listen backlog).
+    connects_per_engine: int = 32

@@ -1,7 +1,8 @@
-"""Calls to engines: one shared aiohttp session (pooled keep-alive connections), failures classified.
+"""How engine calls fail, and what the client is told.
 
-Every engine call carries the cluster token (`Authorization: Bearer`) and the request id. A failure
-becomes an `UpstreamError` whose `kind` says what the caller may do about it:
+Engine calls go through distserve.router.http1 (pooled keep-alive connections) and carry the cluster
+token (`Authorization: Bearer`) and the request id. A failure becomes an `UpstreamError` whose `kind`
+says what the caller may do about it:
 
 | kind       | meaning                                            | retry elsewhere | trips the breaker |
 | ---------- | -------------------------------------------------- | --------------- | ----------------- |
@@ -17,13 +18,11 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
 import orjson
 
 from distserve.router.errors import ApiError
 
 CLIENT_STATUSES = frozenset({400, 413, 422})
-_CONNECT_TIMEOUT = getattr(aiohttp, "ConnectionTimeoutError", ())  # aiohttp >= 3.10
 
 
 class UpstreamError(Exception):
@@ -81,48 +80,8 @@ def classify_status(status: int, body: bytes) -> UpstreamError:
 def classify_exception(exc: BaseException) -> UpstreamError:
     if isinstance(exc, UpstreamError):
         return exc
-    # connect timeouts first: aiohttp's ConnectionTimeoutError is also a TimeoutError
-    if isinstance(exc, (aiohttp.ClientConnectorError, _CONNECT_TIMEOUT)):
-        return UpstreamError("connect", str(exc) or "connection timed out")
     if isinstance(exc, asyncio.TimeoutError):
         return UpstreamError("timeout", str(exc) or "no answer in time")
-    if isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError,
-                        ConnectionError)):
-        return UpstreamError("disconnect", str(exc) or type(exc).__name__)
+    if isinstance(exc, (ConnectionRefusedError, ConnectionAbortedError)):
+        return UpstreamError("connect", str(exc))
     return UpstreamError("disconnect", f"{type(exc).__name__}: {exc}")
-
-
-class PacedConnector(aiohttp.TCPConnector):
-    """A TCP connector with at most `connects_per_host` connection set-ups in progress per engine.
-
-    A cold router facing a burst would otherwise open hundreds of connections to one engine at once; SYNs
-    beyond the engine's listen backlog are dropped and retried by the kernel only after a second. Paced,
-    the engine accepts them as they come and requests wait microseconds, not seconds. Established
-    connections are not limited (long decode streams each hold one).
-    """
-
-    def __init__(self, *args, connects_per_host: int = 32, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._connects_per_host = connects_per_host
-        self._connect_gates: dict = {}
-
-    async def _create_connection(self, req, traces, timeout):  # noqa: ANN001 - aiohttp's signature
-        gate = self._connect_gates.get(req.connection_key)
-        if gate is None:
-            gate = self._connect_gates[req.connection_key] = asyncio.Semaphore(self._connects_per_host)
-        async with gate:
-            return await super()._create_connection(req, traces, timeout)
-
-
-def new_session(max_connections: int, connect_timeout: float) -> aiohttp.ClientSession:
-    connector_class = PacedConnector if hasattr(aiohttp.TCPConnector, "_create_connection") else aiohttp.TCPConnector
-    connector = connector_class(limit=max_connections, limit_per_host=0, ttl_dns_cache=300,
-                                keepalive_timeout=60, enable_cleanup_closed=False)
-    return aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout),
-        auto_decompress=False,
-        # no Accept-Encoding: engines must not compress, answers pass through byte for byte
-        skip_auto_headers=("User-Agent", "Accept-Encoding"),
-        json_serialize=lambda o: orjson.dumps(o).decode(),
-    )

@@ -1,0 +1,145 @@
+"""The router's engine-facing HTTP/1.1 client against a real TCP server that writes scripted answers.
+
+The server side is raw bytes on purpose: every framing an engine may use (content-length, chunked with
+extensions and trailers, close-delimited, 1xx first), split at every byte boundary, and broken peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from distserve.router.http1 import EnginePool
+from distserve.router.upstream import UpstreamError
+
+
+class ScriptedServer:
+    """Answers each request on a connection with the next scripted answer, written in `pieces`-byte slices."""
+
+    def __init__(self, answers: list[bytes], pieces: int = 0, close_after: int | None = None,
+                 hold_open: bool = False) -> None:
+        self.answers = list(answers)
+        self.hold_open = hold_open
+        self.pieces = pieces
+        self.close_after = close_after
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+        self.url = ""
+
+    async def start(self) -> "ScriptedServer":
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        served = 0
+        try:
+            while self.answers:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                self.requests.append(head + await reader.readexactly(length))
+                answer = self.answers.pop(0)
+                if self.pieces:
+                    for i in range(0, len(answer), self.pieces):
+                        writer.write(answer[i:i + self.pieces])
+                        await writer.drain()
+                        await asyncio.sleep(0)
+                else:
+                    writer.write(answer)
+                await writer.drain()
+                served += 1
+                if self.close_after is not None and served >= self.close_after:
+                    break
+            if self.hold_open:
+                await reader.read()  # silent until the client gives up
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        writer.close()
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+CL = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"a\": \"b\"}\n"
+CHUNKED = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n"
+           b"7;ext=1\r\ndata: 1\r\n" b"10\r\n\ndata: [DONE]\n\n\n\r\n" b"0\r\nX-Trailer: t\r\n\r\n")
+
+
+@pytest.mark.parametrize("pieces", [0, 1, 3])
+async def test_framings_split_anywhere(pieces):
+    close_delimited = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end"
+    server = await ScriptedServer([b"HTTP/1.1 100 Continue\r\n\r\n" + CL, CHUNKED], pieces=pieces).start()
+    other = await ScriptedServer([close_delimited], pieces=pieces, close_after=1).start()
+    pool = EnginePool(connect_timeout=2)
+    try:
+        r = await pool.request(server.url, b"POST", b"/v1/x", b'{"q": 1}', b"X-Request-Id: r1\r\n")
+        assert r.status == 200 and r.headers["content-type"] == "application/json"
+        assert await r.read() == b'{"a": "b"}\n'
+        r = await pool.request(server.url, b"POST", b"/v1/y", b"{}")
+        assert "chunked" in r.headers["transfer-encoding"]
+        assert await r.read() == b"data: 1\ndata: [DONE]\n\n\n"
+        assert server.connections == 1, "keep-alive: both requests on one connection"
+        assert server.requests[0].startswith(b"POST /v1/x HTTP/1.1\r\nHost: 127.0.0.1:")
+        assert b"X-Request-Id: r1\r\n" in server.requests[0] and server.requests[0].endswith(b'{"q": 1}')
+        r = await pool.request(other.url, b"GET", b"/health")
+        assert await r.read() == b"until the end"
+    finally:
+        pool.close()
+        await server.stop()
+        await other.stop()
+
+
+async def test_idle_connection_closed_by_the_engine_is_replaced():
+    server = await ScriptedServer([CL, CL], close_after=1).start()
+    pool = EnginePool(connect_timeout=2)
+    try:
+        assert await (await pool.request(server.url, b"POST", b"/", b"")).read()
+        await asyncio.sleep(0.05)  # the server closed the pooled connection meanwhile
+        assert await (await pool.request(server.url, b"POST", b"/", b"")).read() == b'{"a": "b"}\n'
+        assert server.connections == 2
+    finally:
+        pool.close()
+        await server.stop()
+
+
+async def test_failures_are_classified():
+    pool = EnginePool(connect_timeout=2)
+    # nothing listens: connect
+    server = await ScriptedServer([]).start()
+    url = server.url
+    await server.stop()
+    with pytest.raises(UpstreamError) as info:
+        await pool.request(url, b"POST", b"/", b"")
+    assert info.value.kind == "connect"
+    # the engine dies in the middle of an answer: disconnect
+    server = await ScriptedServer([CHUNKED[:-20]], close_after=1).start()
+    r = await pool.request(server.url, b"POST", b"/", b"")
+    with pytest.raises(UpstreamError) as info:
+        await r.read()
+    assert info.value.kind == "disconnect"
+    await server.stop()
+    # garbage instead of HTTP: disconnect, and the process goes on
+    server = await ScriptedServer([b"SSH-2.0-OpenSSH\r\n\r\n"]).start()
+    with pytest.raises(UpstreamError) as info:
+        await pool.request(server.url, b"POST", b"/", b"")
+    assert info.value.kind == "disconnect" and "bad" in info.value.message
+    await server.stop()
+    pool.close()
+
+
+async def test_idle_timeout_inside_a_stream():
+    server = await ScriptedServer([CHUNKED[:98]], hold_open=True).start()  # headers and the first chunk, then silence
+    pool = EnginePool(connect_timeout=2)
+    try:
+        r = await pool.request(server.url, b"POST", b"/", b"")
+        assert await r.readany(0.5) == b"data: 1"
+        with pytest.raises(asyncio.TimeoutError):
+            await r.readany(0.2)
+        r.close()
+    finally:
+        pool.close()
+        await server.stop()
