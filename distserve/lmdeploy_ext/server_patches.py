@@ -139,6 +139,16 @@ class DistserveApiMiddleware:
             return await self.app(scope, replay, send)
 
         if path == "/distserve/p2p_initialize":
+            # lmdeploy declares `pp_size: int | None` with no default, so a client that leaves out a null
+            # (pydantic exclude_none, as distserve's agent does) gets HTTP 400: send the explicit null.
+            patched = False
+            for name in ("local_engine_config", "remote_engine_config"):
+                cfg = payload.get(name)
+                if isinstance(cfg, dict) and "pp_size" not in cfg:
+                    cfg["pp_size"] = None
+                    patched = True
+            if patched:
+                body = json.dumps(payload).encode()
             return await self._record_handshake(scope, replay, send, payload, initialize=True)
         if path == "/distserve/p2p_connect":
             return await self._record_handshake(scope, replay, send, payload, initialize=False)

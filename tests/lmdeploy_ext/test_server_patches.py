@@ -27,6 +27,12 @@ async def lmdeploy_like_app(scope, receive, send):
     if scope["path"] == "/distserve/engine_info":
         out = json.dumps(json.dumps({"tp_size": 1, "block_size": 64, "num_gpu_blocks": 100}))
         ctype = b"application/json"
+    elif scope["path"] == "/distserve/p2p_initialize" and any(
+            "pp_size" not in body.get(k, {}) for k in ("local_engine_config", "remote_engine_config")):
+        data = b'{"message":"local_engine_config.pp_size: Field required"}'  # lmdeploy: required, nullable
+        await send({"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": data, "more_body": False})
+        return
     elif scope["path"].startswith("/distserve/"):
         out, ctype = json.dumps({"status": 1}), b"application/json"
     elif body.get("stream"):
@@ -108,8 +114,11 @@ async def test_decode_rejects_migration_requests_for_unknown_links_then_accepts_
     err = json.loads(data)["error"]
     assert status == 400 and "no link" in err["message"] and err["type"] == "invalid_request_error"
 
-    await call(app, "POST", "/distserve/p2p_initialize", {"remote_engine_id": P,
-                                                          "remote_engine_config": {"num_gpu_blocks": 50}})
+    # Configs without pp_size (a client dumping with exclude_none): lmdeploy alone would answer 400.
+    status, _ = await call(app, "POST", "/distserve/p2p_initialize", {
+        "remote_engine_id": P, "local_engine_config": {"num_gpu_blocks": 60},
+        "remote_engine_config": {"num_gpu_blocks": 50}})
+    assert status == 200
     await call(app, "POST", "/distserve/p2p_connect", {"remote_engine_id": P})
     assert app.peers.handshakes == 1 and P in app.peers.connected
     status, _ = await call(app, "POST", "/v1/completions", body)

@@ -35,13 +35,12 @@ from distserve.lmdeploy_ext.staged_tcp import (  # noqa: E402
 
 
 def pattern(shape, device):
+    """The same pseudo-random bytes in every process (seeded generator on the same device)."""
     import torch
 
-    n = 1
-    for d in shape:
-        n *= d
-    i = torch.arange(n, device=device, dtype=torch.int64)
-    return ((i * 2654435761) >> 7).remainder(251).to(torch.uint8).reshape(shape)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(20261125)
+    return torch.randint(0, 256, shape, dtype=torch.uint8, device=device, generator=gen)
 
 
 def serve(conn, shape, staging_mb, device):

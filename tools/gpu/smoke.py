@@ -226,7 +226,7 @@ def main() -> int:
 
         links = wait_for("an established link in etcd",
                          lambda: {k: v for k, v in etcd_links(etcd.endpoints).items() if v.get("state") == "established"},
-                         90)
+                         150)
         check("link established in etcd before any request", len(links) == 1,
               links={k: {f: v.get(f) for f in ("protocol", "handshake_ms", "state")} for k, v in links.items()})
         for r in routers:
