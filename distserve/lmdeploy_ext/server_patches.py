@@ -110,7 +110,8 @@ class DistserveApiMiddleware:
             return await self._engine_info(scope, receive, send)
         if scope.get("method") != "POST":
             return await self.app(scope, receive, send)
-        if path not in GENERATION_PATHS and path not in ("/distserve/p2p_initialize", "/distserve/p2p_connect"):
+        if path not in GENERATION_PATHS and path not in ("/distserve/p2p_initialize", "/distserve/p2p_connect",
+                                                         "/distserve/p2p_drop_connect"):
             return await self.app(scope, receive, send)
 
         body, more = b"", True
@@ -152,6 +153,8 @@ class DistserveApiMiddleware:
             return await self._record_handshake(scope, replay, send, payload, initialize=True)
         if path == "/distserve/p2p_connect":
             return await self._record_handshake(scope, replay, send, payload, initialize=False)
+        if path == "/distserve/p2p_drop_connect":
+            return await self._drop(scope, replay, send, payload)
 
         if "migration_request" in payload and payload["migration_request"] is not None:
             problem = check_migration_request(payload["migration_request"], self.peers)
@@ -189,6 +192,17 @@ class DistserveApiMiddleware:
                 logger.warning("engine_info answer is not JSON; left as is")
         await send(_patched_start(start, body))
         await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    async def _drop(self, scope, receive, send, payload: dict):
+        """lmdeploy answers HTTP 500 (KeyError) when asked to drop a peer it never initialized, e.g. after a
+        handshake that failed half way: there is nothing to drop, so that is a success."""
+        engine = payload.get("remote_engine_id")
+        if isinstance(engine, str) and engine not in self.peers.initialized and engine not in self.peers.connected:
+            return await _send_json(send, 200, b'{"success": true}')
+        if isinstance(engine, str):
+            self.peers.connected.discard(engine)
+            self.peers.initialized.pop(engine, None)
+        return await self.app(scope, receive, send)
 
     async def _record_handshake(self, scope, receive, send, payload: dict, initialize: bool):
         status_holder: dict[str, int] = {}

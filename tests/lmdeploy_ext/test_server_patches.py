@@ -146,3 +146,20 @@ def test_check_migration_request(bad, why):
 
 def test_dummy_prefill_needs_no_link():
     assert check_migration_request(migration(is_dummy_prefill=True, remote_block_ids=[]), PeerBook()) is None
+
+
+async def test_drop_of_a_never_initialized_peer_is_a_success_not_a_500(app):
+    status, data = await call(app, "POST", "/distserve/p2p_drop_connect", {"engine_id": "x", "remote_engine_id": P})
+    assert status == 200 and json.loads(data) == {"success": True}
+
+
+async def test_drop_forgets_the_link_for_migration_requests(app):
+    cfg = {"num_gpu_blocks": 50, "pp_size": None}
+    await call(app, "POST", "/distserve/p2p_initialize", {"remote_engine_id": P, "local_engine_config": cfg,
+                                                          "remote_engine_config": cfg})
+    await call(app, "POST", "/distserve/p2p_connect", {"remote_engine_id": P})
+    status, _ = await call(app, "POST", "/distserve/p2p_drop_connect", {"engine_id": "x", "remote_engine_id": P})
+    assert status == 200 and P not in app.peers.connected
+    status, _ = await call(app, "POST", "/v1/completions", {"model": "m", "prompt": "x",
+                                                            "migration_request": migration()})
+    assert status == 400
