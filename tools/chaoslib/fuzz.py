@@ -1,6 +1,7 @@
 """Property-based fuzzing of the router's HTTP API with hypothesis (runs in a thread, plain http.client).
 
-What is drawn: request bodies that are almost valid (each field either valid or any JSON value, extra and
+What is drawn: valid requests with odd parameter values (they reach the engines), valid requests with
+exactly one thing wrong, request bodies that are almost valid (each field either valid or any JSON value, extra and
 internal fields, nested junk), raw bytes (broken JSON, non-UTF-8, deep nesting, huge numbers), every route
 with every method plus unknown paths, and odd headers (content types, auth, request ids, lengths).
 The property: no answer is a 5xx and no connection is dropped. Every example is kept (no shrinking:
@@ -34,8 +35,9 @@ def maybe(valid):
 
 
 def request_body(model: str):
-    message = st.fixed_dictionaries({"role": maybe(st.sampled_from(["user", "system", "assistant", "robot"])),
-                                     "content": maybe(st.text(max_size=60))})
+    message = st.fixed_dictionaries({}, optional={
+        "role": st.one_of(st.sampled_from(["user", "system", "assistant", "robot"]), json_values),
+        "content": st.one_of(st.text(max_size=60), st.text(max_size=60), json_values)})
     fields = {
         "model": maybe(st.sampled_from([model, model, "no-such-model", ""])),
         "prompt": maybe(st.one_of(st.text(max_size=80), st.lists(st.text(max_size=20), max_size=3),
@@ -58,15 +60,64 @@ def request_body(model: str):
     def build(draw):
         body = {}
         for name, strategy in fields.items():
-            if draw(st.booleans()):
+            if name == "max_tokens" or draw(st.booleans()):  # see valid_body: keep answers short
                 value = draw(strategy)
                 if value is not KeyError:
                     body[name] = value
+                elif name == "max_tokens":
+                    body[name] = 8
         for _ in range(draw(st.integers(0, 2))):
             body[draw(st.one_of(st.sampled_from(INTERNAL), st.text(max_size=12)))] = draw(json_values)
         return body
 
     return build()
+
+
+def valid_body(model: str, route: str):
+    """A request the API accepts, with odd but valid parameter values (what reaches the engines)."""
+    text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=60)
+    # max_tokens is always there and small: without it a chat answer may run to the context length
+    optional = {
+        "temperature": st.floats(0, 2, allow_nan=False),
+        "top_p": st.floats(0.01, 1, allow_nan=False),
+        "top_k": st.integers(1, 50),
+        "stream": st.booleans(),
+        "stop": st.one_of(text.map(lambda t: t[:4]), st.lists(text.map(lambda t: t[:4]), min_size=1, max_size=4)),
+        "seed": st.integers(0, 2 ** 31),
+        "ignore_eos": st.booleans(),
+        "n": st.just(1),
+        "presence_penalty": st.floats(-2, 2, allow_nan=False),
+        "frequency_penalty": st.floats(-2, 2, allow_nan=False),
+        "repetition_penalty": st.floats(0.5, 2, allow_nan=False),
+        "user": text,
+    }
+    if route.endswith("chat/completions"):
+        content = {"messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
+                                                               "content": text}), min_size=1, max_size=3)}
+    else:
+        content = {"prompt": st.one_of(text, st.lists(st.integers(1, 200), min_size=1, max_size=12))}
+    return st.fixed_dictionaries({"model": st.just(model), "max_tokens": st.integers(1, 12), **content},
+                                 optional=optional)
+
+
+@st.composite
+def mutated_body(draw, model: str, route: str):
+    """A valid request with exactly one thing wrong (a field of the wrong type or out of range, a missing
+    field, an internal field, an unknown field)."""
+    body = dict(draw(valid_body(model, route)))
+    how = draw(st.sampled_from(["retype", "drop", "internal", "unknown", "model"]))
+    if how == "retype":
+        body[draw(st.sampled_from(sorted(body) + ["max_tokens", "temperature", "stream", "stop", "n"]))] = \
+            draw(json_values)
+    elif how == "drop":
+        body.pop(draw(st.sampled_from(sorted(set(body) - {"max_tokens"}))))
+    elif how == "internal":
+        body[draw(st.sampled_from(INTERNAL))] = draw(json_values)
+    elif how == "unknown":
+        body[draw(st.text(min_size=1, max_size=12))] = draw(json_values)
+    else:
+        body["model"] = draw(st.one_of(st.just(""), st.text(max_size=20), st.just("x" * 600)))
+    return body
 
 
 raw_bodies = st.one_of(
@@ -125,6 +176,18 @@ def run_fuzz(router_urls: list[str], model: str, examples: int) -> dict:
         send("POST", route, json.dumps(body).encode(), {"Content-Type": "application/json", **hdrs})
 
     @common
+    @given(data=st.data(), route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+    def valid(data, route):
+        body = data.draw(valid_body(model, route))
+        send("POST", route, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+    @common
+    @given(data=st.data(), route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]))
+    def mutated(data, route):
+        body = data.draw(mutated_body(model, route))
+        send("POST", route, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+    @common
     @given(route=st.sampled_from(["/v1/completions", "/v1/chat/completions"]), raw=raw_bodies, hdrs=headers)
     def raw(route, raw, hdrs):
         send("POST", route, raw, hdrs)
@@ -139,6 +202,8 @@ def run_fuzz(router_urls: list[str], model: str, examples: int) -> dict:
     def paths(method, path, body):
         send(method, path, body, {"Content-Type": "application/json"})
 
+    valid()
+    mutated()
     bodies()
     raw()
     paths()

@@ -168,6 +168,10 @@ class Harness:
             values = await self.preserved_blocks()
             self.result.check("0 preserved blocks left on the prefills", all(v == 0 for v in values.values()),
                               str(values))
+            used = await self.cluster.metric_by_engine("distserve_engine_kv_blocks_used")
+            self.result.figures["kv_blocks_used_at_rest"] = used
+            self.result.check("0 KV blocks held by any engine at rest (no leak)", all(v == 0 for v in used.values()),
+                              str(used))
         view = await self.snapshot()
         self.result.keys_without_lease = sorted(k.rsplit("/v1/", 1)[-1] for k, lease in view.leases.items()
                                                 if lease == 0)
@@ -290,6 +294,7 @@ async def etcd_outage(h: Harness) -> None:
     outage = 12.0 if h.short else 30.0
     await h.warmup(2.0)
     etcd = h.cluster.etcd_members[0]
+    before = await h.snapshot()
     t_kill = h.fault("SIGKILL etcd (all members)")
     await asyncio.to_thread(etcd.kill)
     await asyncio.sleep(outage)
@@ -318,8 +323,10 @@ async def etcd_outage(h: Harness) -> None:
         await asyncio.sleep(0.05)
     # leases granted while etcd was down are gone; let superseded records expire before the final scan
     await asyncio.sleep(h.ttl + 1.0)
+    after = await h.snapshot()
     await h.stop_load()
     r = h.result
+    r.figures["lease_losses"] = h.lease_losses(before, after)
     r.times["outage_s"] = t_back - t_kill
     r.times["registered_after_return_s"] = registered_at and registered_at - t_back
     r.times["links_after_return_s"] = linked_at and linked_at - t_back
@@ -525,7 +532,7 @@ async def api_fuzz(h: Harness) -> None:
     await h.warmup(1.0)
     routers = [r.url for r in h.cluster.live_routers()]
     t = h.fault("fuzzing starts")
-    report = await asyncio.to_thread(run_fuzz, routers, MODEL, 150 if h.short else 1500)
+    report = await asyncio.to_thread(run_fuzz, routers, MODEL, 100 if h.short else 800)
     h.mark("fuzzing ends")
     r = h.result
     r.times["fuzz_s"] = time.time() - t
@@ -580,9 +587,9 @@ async def etcd_malformed(h: Harness) -> None:
     h.mark("planted values removed")
     await asyncio.sleep(1.0)
     await h.stop_load()
-    short_samples = h.monitor.always(lambda s: routers_report(s, "prefill", expected["prefill"])
-                                     and routers_report(s, "decode", expected["decode"])
-                                     and routers_report(s, "hybrid", expected["hybrid"]), t, time.time())
+    first_routers = ["r0", "r1"]  # the fresh replica is checked on its own once it listens
+    short_samples = h.monitor.always(lambda s: all(routers_report(s, role, n, first_routers)
+                                                   for role, n in expected.items()), t, time.time())
     r.check("views correct: routers kept exactly the real engines routable", not short_samples,
             f"{len(short_samples)} samples off, first: {short_samples[0].routers}" if short_samples else "")
     r.check("views correct: /v1/models lists only the real model on every router",
