@@ -49,7 +49,7 @@ def _geometry(total_bytes: int):
 
 # -- child processes ---------------------------------------------------------------------------------
 def serve_socket(max_bytes: int) -> None:
-    buf = bytearray(os.urandom(1 << 20)) * (max_bytes >> 20)
+    buf = bytearray(os.urandom(1 << 20)) * ((max_bytes + (1 << 20) - 1) >> 20)
     view = memoryview(buf)
     with socket.socket() as srv:
         srv.bind(("127.0.0.1", 0))
@@ -206,6 +206,13 @@ async def bench_engines(repeat: int) -> dict:
                                        - before["distserve_engine_migration_bytes_total"])
                     blocks = len(pre["cache_block_ids"])
             result.update(pull_s=statistics.median(pulls), decode_call_s=statistics.median(pds), blocks=blocks)
+            # The baseline for the same bytes, in the same run.
+            sock = SocketClient(int(result["bytes"]))
+            try:
+                copies = [sock.copy(int(result["bytes"])) for _ in range(4 * repeat + 1)][1:]
+            finally:
+                sock.close()
+            result["socket_s"] = statistics.median(copies)
             # Context: a 64-token greedy completion on one engine, and its memory.
             lat = []
             for i in range(repeat + 1):
@@ -259,7 +266,8 @@ def main() -> int:
         eng = asyncio.run(bench_engines(args.repeat))
         print(f"\n1,000-token prompt, prefill -> decode engine (default model, {eng['blocks']} blocks, "
               f"{eng['bytes'] / (1 << 20):.2f} MiB of KV): pull {eng['pull_s'] * 1e3:.1f} ms "
-              f"({_gib_s(eng['bytes'], eng['pull_s']):.2f} GiB/s), whole decode call "
+              f"({_gib_s(eng['bytes'], eng['pull_s']):.2f} GiB/s; socket copy of the same bytes "
+              f"{eng['socket_s'] * 1e3:.1f} ms, ratio {eng['socket_s'] / eng['pull_s']:.2f}), whole decode call "
               f"(validate + allocate + pull + first token) {eng['decode_call_s'] * 1e3:.1f} ms")
         print(f"64-token greedy completion on one engine: {eng['completion64_s'] * 1e3:.0f} ms; "
               f"engine RSS {eng['rss_mib']:.0f} MiB")

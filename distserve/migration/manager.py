@@ -182,6 +182,8 @@ class MigrationManager:
             self.stats.migration_failures_total += 1
             raise MigrationError(f"KV migration failed: {exc}", status=502, code="migration_failed") from None
         moved = sum(n for _, _, n in plan)
+        log.debug("pulled %d bytes in %d ranges from %s in %.2f ms", moved, len(plan), peer.remote_engine_id,
+                  (time.monotonic() - started) * 1e3)
         self.stats.migrations_total += 1
         self.stats.migration_bytes_total += moved
         self.stats.migration_seconds_total += time.monotonic() - started

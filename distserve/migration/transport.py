@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -20,7 +21,10 @@ from distserve.protocol import MigrationProtocol
 
 REMOTE_REGION = "peer_kv"
 # Large contiguous ranges are cut into pieces of this size so concurrent calls share the work.
-SPLIT_BYTES = 4 << 20
+# (Tuning knobs for tools/bench_migration.py A/B runs; the defaults were measured there.)
+SPLIT_BYTES = int(os.environ.get("DISTSERVE_MIGRATION_SPLIT_BYTES", 4 << 20))
+# Migrations of at least this many bytes are spread over all the calls allowed in flight.
+SPREAD_BYTES = int(os.environ.get("DISTSERVE_MIGRATION_SPREAD_BYTES", 16 << 20))
 # A loopback rate used only to decide how long to poll by yielding before handing off to a thread.
 SPIN_BYTES_PER_S = 3 << 30
 
@@ -149,6 +153,7 @@ class DlslimeTcpTransport(Transport):
         # Bounded calls in flight per peer: each assignment opens a TCP connection and the listen backlog
         # is 64, so more than two calls of 31 at once drop SYNs (1 s stalls).
         self._inflight = asyncio.Semaphore(max(1, max_inflight_calls))
+        self._max_inflight_calls = max(1, max_inflight_calls)
         self._max_assignments = max_assignments
 
     def endpoint_info(self) -> dict:
@@ -177,7 +182,11 @@ class DlslimeTcpTransport(Transport):
                 await _poll(fut, deadline, failed=lambda st: st != 0, nbytes=sum(n for _, _, n in part))
 
         # Calls run concurrently up to the per-peer bound; large ranges are split so both calls get work.
-        tasks = [asyncio.ensure_future(one(part)) for part in chunk(split(plan, SPLIT_BYTES), self._max_assignments)]
+        pieces = split(plan, SPLIT_BYTES)
+        per_call = self._max_assignments
+        if sum(n for _, _, n in pieces) >= SPREAD_BYTES:  # big enough to keep every allowed call busy
+            per_call = min(per_call, -(-len(pieces) // self._max_inflight_calls))
+        tasks = [asyncio.ensure_future(one(part)) for part in chunk(pieces, per_call)]
         try:
             await asyncio.gather(*tasks)
         except BaseException as exc:
