@@ -16,7 +16,9 @@ and 64, throughput, CPU-ms per PD request of the router process, stream and not;
 requests: its p99).
 
 The engines answer like an lmdeploy api_server that returns its session id as the completion `id` (the
-stock proxy needs that to work at all; `remote_session_id` is what distserve's router reads).
+stock proxy needs that to work at all; `remote_session_id` is what distserve's router reads), and listen
+with uvicorn's backlog of 2048 (aiohttp's default of 128 overflows under a cold burst: dropped SYNs are
+retried by the kernel after one second, whatever the front end).
 
     .venv/bin/python tools/bench_router.py            # full run (about 6 minutes), markdown on stdout
     .venv/bin/python tools/bench_router.py --quick    # smoke run
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import os
 import platform
@@ -50,8 +53,12 @@ LMD_PROXY_DEPS = ["typing_extensions", "tqdm", "pydantic", "transformers", "mmen
 MODEL = "distserve-reference"
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
 MAX_TOKENS = 16
-ROUTER_CPU, OTHERS_CPU = 1, 0
 PY = sys.executable
+# The router (or proxy) under test gets CPU 1 alone; everything else shares the other CPUs.
+ROUTER_CPUS = "1"
+OTHER_CPUS = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)) if c != 1) or "0"
+# A copy of what the device machine needs (wheels, etcd, lmdeploy's Python part): --device-bundle builds it.
+DEVICE = BENCH / "device"
 
 
 # ------------------------------------------------------------------------------------------ processes
@@ -77,13 +84,13 @@ def free_ports(n: int) -> int:
 
 
 class Proc:
-    def __init__(self, args: list[str], cpu: int, name: str, env: dict | None = None) -> None:
+    def __init__(self, args: list[str], cpus: str, name: str, env: dict | None = None) -> None:
         self.name = name
         self.log = open(BENCH / f"{name}.log", "wb")
-        cmd = ["taskset", "-c", str(cpu), *args] if shutil.which("taskset") else args
+        cmd = ["taskset", "-c", cpus, *args] if shutil.which("taskset") else args
         self.started = time.perf_counter()
         self.popen = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
-                                      env={**os.environ, **(env or {})}, start_new_session=True)
+                                      env={**bench_env(), **(env or {})}, start_new_session=True)
 
     @property
     def pid(self) -> int:
@@ -152,27 +159,43 @@ def engine_process_main(argv: list[str]) -> int:
             return real_web.json_response(data, **kw)
 
     server.web = LmdeployIds()
+    # Listen like lmdeploy's api_server (uvicorn: backlog 2048). aiohttp's default of 128 overflows when a
+    # burst opens hundreds of connections at once, and the kernel retries a dropped SYN only after 1 s.
+    import functools
+
+    import distserve.engine.cli as engine_cli
+
+    class Web2048:
+        def __getattr__(self, name):
+            return getattr(real_web, name)
+
+        TCPSite = functools.partial(real_web.TCPSite, backlog=2048)
+
+    engine_cli.web = Web2048()
     from distserve.cli import main
 
     return main(["engine", *argv])
 
 
 class Engines:
-    """`count` null prefills and `count` null decodes, each role in one process, optionally with agents."""
+    """`count` null prefills and `count` null decodes, optionally with agents. `split`: one process per
+    engine (steady-state runs: engines must not be the bottleneck); else one process per role (--count)."""
 
-    def __init__(self, count: int, etcd: list[str] | None, cluster: str, tag: str) -> None:
+    def __init__(self, count: int, etcd: list[str] | None, cluster: str, tag: str, split: bool = False) -> None:
         self.count = count
         self.procs: list[Proc] = []
         self.prefills: list[str] = []
         self.decodes: list[str] = []
         for role, urls in (("prefill", self.prefills), ("decode", self.decodes)):
-            port = free_ports(count)
-            args = ["--null", "--role", role, "--host", "127.0.0.1", "--port", str(port), "--count", str(count),
-                    "--migration-protocol", "rdma", "--log-level", "WARNING", "--preserve-ttl", "30"]
-            if etcd:
-                args += ["--etcd", ",".join(etcd), "--cluster", cluster, "--ttl", "10"]
-            self.procs.append(Proc([PY, __file__, "--engine-process", *args], OTHERS_CPU, f"{tag}-{role}"))
-            urls.extend(f"http://127.0.0.1:{port + i}" for i in range(count))
+            for index, per_proc in enumerate([1] * count if split else [count]):
+                port = free_ports(per_proc)
+                args = ["--null", "--role", role, "--host", "127.0.0.1", "--port", str(port), "--count",
+                        str(per_proc), "--migration-protocol", "rdma", "--log-level", "WARNING", "--preserve-ttl", "30"]
+                if etcd:
+                    args += ["--etcd", ",".join(etcd), "--cluster", cluster, "--ttl", "10"]
+                self.procs.append(Proc([PY, __file__, "--engine-process", *args], OTHER_CPUS,
+                                       f"{tag}-{role}-{index}"))
+                urls.extend(f"http://127.0.0.1:{port + i}" for i in range(per_proc))
         for url in self.prefills + self.decodes:
             wait_http(f"{url}/health")
 
@@ -211,17 +234,40 @@ async def wait_links(etcd: list[str], cluster: str, n: int, timeout: float = 120
 def start_router(etcd: list[str], cluster: str, tag: str) -> tuple[Proc, str]:
     port = free_port()
     proc = Proc([PY, "-m", "distserve", "router", "--host", "127.0.0.1", "--port", str(port), "--etcd", ",".join(etcd),
-                 "--cluster", cluster], ROUTER_CPU, f"{tag}-router")
+                 "--cluster", cluster], ROUTER_CPUS, f"{tag}-router")
     return proc, f"http://127.0.0.1:{port}"
+
+
+def lmdeploy_command() -> list[str] | None:
+    """How to run `lmdeploy` here: the device bundle's copy (system python, its own torch) or .bench's venv."""
+    if (DEVICE / "lmdeploy_root" / "lmdeploy").is_dir():
+        return [PY, "-c", "import sys; from lmdeploy.cli import run; sys.argv[0] = 'lmdeploy'; run()"]
+    if (LMD_VENV / "bin" / "lmdeploy").exists():
+        return [str(LMD_VENV / "bin" / "lmdeploy")]
+    return None
 
 
 def lmdeploy_available() -> str | None:
     """None when the proxy can run, else why not."""
-    py = LMD_VENV / "bin" / "python"
-    if not py.exists():
+    cmd = lmdeploy_command()
+    if cmd is None:
         return "not installed"
-    r = subprocess.run([str(py), "-c", "import lmdeploy.serve.proxy.proxy"], capture_output=True, text=True)
+    py = cmd[0] if cmd[0] == PY else str(LMD_VENV / "bin" / "python")
+    r = subprocess.run([py, "-c", "import lmdeploy.serve.proxy.proxy"], capture_output=True, text=True,
+                       env=bench_env())
     return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["import failed"])[-1]
+
+
+def bench_env() -> dict:
+    """PYTHONPATH for the device bundle (its wheels and lmdeploy copy), when there is one."""
+    env = dict(os.environ)
+    if (DEVICE / "site").is_dir():
+        extra = [str(DEVICE / "site"), str(DEVICE / "lmdeploy_root"), str(REPO)]
+        env["PYTHONPATH"] = os.pathsep.join(extra + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        etcd = DEVICE / "etcd"
+        if etcd.exists():
+            env["DISTSERVE_ETCD_BINARY"] = str(etcd)
+    return env
 
 
 def install_lmdeploy() -> str | None:
@@ -247,10 +293,10 @@ def install_lmdeploy() -> str | None:
 
 def start_proxy(tag: str) -> tuple[Proc, str]:
     port = free_port()
-    proc = Proc([str(LMD_VENV / "bin" / "lmdeploy"), "serve", "proxy", "--server-name", "127.0.0.1",
-                 "--server-port", str(port), "--serving-strategy", "DistServe", "--routing-strategy",
-                 "min_expected_latency", "--disable-cache-status", "--migration-protocol", "RDMA", "--log-level",
-                 "WARNING"], ROUTER_CPU, f"{tag}-proxy")
+    proc = Proc([*lmdeploy_command(), "serve", "proxy", "--server-name", "127.0.0.1", "--server-port", str(port),
+                 "--serving-strategy", "DistServe", "--routing-strategy", "min_expected_latency",
+                 "--disable-cache-status", "--migration-protocol", "RDMA", "--log-level", "WARNING"],
+                ROUTER_CPUS, f"{tag}-proxy", env=bench_env())
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -261,6 +307,78 @@ async def register_with_proxy(session, proxy: str, engines: Engines) -> None:
             async with session.post(f"{proxy}/nodes/add", json={"url": url, "status": {"models": [MODEL],
                                                                                        "role": role}}) as r:
                 await r.read()
+
+
+# ------------------------------------------------------------------------------------------ device machine
+# A lent machine with many cores runs the benchmark without the noise of a shared 2-core box. It has
+# python3 3.12 with torch 2.11 (lmdeploy accepts it), aiohttp, grpcio and protobuf, and no network: the
+# rest travels as wheels (same versions as here), with etcd's binary and lmdeploy's Python files (its
+# TurboMind extension is not needed by the proxy and is left out).
+DEVICE_WHEELS = [
+    # router, agents and null engines
+    "pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.8.0", "typing-inspection==0.4.5",
+    "typing-extensions==4.16.0", "orjson==3.13.0", "uvloop==0.23.0", "etcd3aio==0.3.0", "tenacity==9.2.1",
+    # lmdeploy's proxy
+    "fastapi==0.165.0", "starlette==1.10.0", "annotated-doc==0.0.7", "anyio==4.16.0", "h11==0.16.0",
+    "click==8.5.1", "uvicorn==0.54.0", "shortuuid==1.0.13", "pybase64==1.5.1", "mmengine-lite==0.10.7",
+    "addict==2.4.0", "termcolor==3.3.0", "yapf==0.43.0", "platformdirs==4.14.8", "rich==15.0.0",
+    "markdown-it-py==4.3.0", "mdurl==0.1.2", "pygments==2.21.0", "psutil==7.2.2", "pyyaml==6.0.4",
+    "requests==2.34.2", "urllib3==2.8.0", "certifi==2026.10.19.post1", "charset-normalizer==3.5.2", "idna==3.20",
+]
+
+
+def device_bundle() -> int:
+    """Build .bench/device here (needs the network once): wheels for CPython 3.12, etcd, lmdeploy's Python part."""
+    import gzip
+    import tarfile
+    import zipfile
+
+    wheels = DEVICE / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    cmd = [PY, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps", "--only-binary=:all:",
+           "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312", "--abi", "abi3", "--abi", "none",
+           "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
+           "--platform", "manylinux2014_x86_64", "--platform", "any", "-d", str(wheels), *DEVICE_WHEELS]
+    subprocess.run(cmd, check=True)
+    from discovery.embedded import etcd_binary
+
+    with open(etcd_binary(), "rb") as src, gzip.open(DEVICE / "etcd.gz", "wb", compresslevel=6) as dst:
+        shutil.copyfileobj(src, dst)
+    lmd_wheel = sorted((BENCH / "wheels").glob(f"lmdeploy-{LMD_VERSION}-*.whl"))
+    if not lmd_wheel:
+        subprocess.run([PY, "-m", "pip", "download", "-q", "--no-deps", f"lmdeploy=={LMD_VERSION}", "-d",
+                        str(BENCH / "wheels")], check=True)
+        lmd_wheel = sorted((BENCH / "wheels").glob(f"lmdeploy-{LMD_VERSION}-*.whl"))
+    with zipfile.ZipFile(lmd_wheel[-1]) as z, tarfile.open(DEVICE / "lmdeploy.tar.gz", "w:gz") as tar:
+        for info in z.infolist():
+            name = info.filename
+            if not name.startswith("lmdeploy/") or "/turbomind/" in name and (name.endswith(".so") or
+                                                                              name.endswith(".a")):
+                continue
+            data = z.read(info)
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tar.addfile(ti, io.BytesIO(data))
+    total = sum(f.stat().st_size for f in DEVICE.rglob("*") if f.is_file())
+    print(f"[bench] device bundle: {DEVICE} ({total / 2**20:.1f} MiB)")
+    return 0
+
+
+def device_setup() -> int:
+    """On the device machine: unpack the bundle (no network needed)."""
+    import gzip
+    import tarfile
+
+    site = DEVICE / "site"
+    subprocess.run([PY, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index", "--no-deps",
+                    "--target", str(site), *sorted(str(w) for w in (DEVICE / "wheels").glob("*.whl"))], check=True)
+    with gzip.open(DEVICE / "etcd.gz", "rb") as src, open(DEVICE / "etcd", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.chmod(DEVICE / "etcd", 0o755)
+    with tarfile.open(DEVICE / "lmdeploy.tar.gz") as tar:
+        tar.extractall(DEVICE / "lmdeploy_root")
+    print("[bench] device set up:", lmdeploy_available() or "lmdeploy proxy importable")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------ load
@@ -330,6 +448,60 @@ async def burst(client: Client, n: int) -> list[float]:
     return list(await asyncio.gather(*(timed() for _ in range(n))))
 
 
+def load_worker_main(spec_json: str) -> int:
+    """One load-generating process (big machines run several, so the client is never the bottleneck)."""
+    spec = json.loads(spec_json)
+    target = spec["target"] if isinstance(spec["target"], str) else tuple(spec["target"])
+
+    async def run() -> list[float]:
+        async with new_session() as session:
+            client = Client(session, spec["mode"], target, spec["stream"])
+            await burst(client, spec["concurrency"])  # open the connections before the clock starts
+            await asyncio.sleep(max(0.0, spec["start_at"] - time.time()))
+            return await closed_loop(client, spec["concurrency"], spec["duration"])
+
+    print(json.dumps(_run(run())))
+    return 0
+
+
+def _run(coro):
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
+
+
+async def measure(session, mode: str, target, stream: bool, concurrency: int, duration: float, clients: int,
+                  proc: Proc | None) -> tuple[list[float], float, float]:
+    """Closed loop at `concurrency`: (latencies, wall seconds, CPU seconds of `proc`)."""
+    if clients <= 1 or concurrency < clients:
+        client = Client(session, mode, target, stream)
+        cpu0 = proc.cpu_seconds() if proc else 0.0
+        t0 = time.perf_counter()
+        lat = await closed_loop(client, concurrency, duration)
+        return lat, time.perf_counter() - t0, (proc.cpu_seconds() - cpu0) if proc else 0.0
+    start_at = time.time() + 1.0 + 0.3 * clients
+    share = [concurrency // clients + (1 if i < concurrency % clients else 0) for i in range(clients)]
+    workers = []
+    for c in share:
+        spec = {"mode": mode, "target": target, "stream": stream, "concurrency": c, "duration": duration,
+                "start_at": start_at}
+        cmd = [PY, __file__, "--load-worker", json.dumps(spec)]
+        if shutil.which("taskset"):
+            cmd = ["taskset", "-c", OTHER_CPUS, *cmd]
+        workers.append(await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE, env=bench_env()))
+    await asyncio.sleep(max(0.0, start_at - time.time()))
+    cpu0 = proc.cpu_seconds() if proc else 0.0
+    outs = await asyncio.gather(*(w.communicate() for w in workers))
+    cpu = (proc.cpu_seconds() - cpu0) if proc else 0.0
+    if any(w.returncode for w in workers):
+        raise RuntimeError(f"a load worker failed ({mode}, stream={stream}, c={concurrency})")
+    lat = [x for out, _ in outs for x in json.loads(out)]
+    return lat, duration, cpu
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
@@ -345,10 +517,11 @@ def new_session():
 # ------------------------------------------------------------------------------------------ scenarios
 async def steady_state(args, etcd: list[str], results: dict, proxy_ok: bool) -> None:
     cluster = "bench-steady"
-    engines = Engines(1, etcd, cluster, "steady")
+    n = args.steady_engines
+    engines = Engines(n, etcd, cluster, "steady", split=n > 1)
     router = proxy = None
     try:
-        await wait_links(etcd, cluster, 1)
+        await wait_links(etcd, cluster, n * n)
         router, router_url = start_router(etcd, cluster, "steady")
         wait_http(f"{router_url}/health/ready")
         fronts = {"direct": ((engines.prefills, engines.decodes), None), "distserve": (router_url, router)}
@@ -366,12 +539,8 @@ async def steady_state(args, etcd: list[str], results: dict, proxy_ok: bool) -> 
                 for concurrency in args.concurrency:
                     for stream in (False, True):
                         for mode, (target, proc) in fronts.items():
-                            client = Client(session, mode, target, stream)
-                            cpu0 = proc.cpu_seconds() if proc else 0.0
-                            t0 = time.perf_counter()
-                            lat = await closed_loop(client, concurrency, args.duration)
-                            wall = time.perf_counter() - t0
-                            cpu = (proc.cpu_seconds() - cpu0) if proc else 0.0
+                            lat, wall, cpu = await measure(session, mode, target, stream, concurrency,
+                                                           args.duration, args.clients, proc)
                             rows.append({"rep": rep, "mode": mode, "stream": stream, "concurrency": concurrency,
                                          "n": len(lat), "rps": len(lat) / wall, "p50": pct(lat, 50),
                                          "p99": pct(lat, 99), "cpu_ms_per_req": 1000 * cpu / max(1, len(lat)),
@@ -486,8 +655,9 @@ async def amain(args) -> int:
     if not proxy_ok:
         print(f"[bench] LMDeploy proxy not run: {why or 'skipped'}", file=sys.stderr)
     etcd = EmbeddedEtcd(unsafe_no_fsync=True).start()
-    os.sched_setaffinity(etcd.pid, {OTHERS_CPU})
-    os.sched_setaffinity(0, {OTHERS_CPU})
+    others = {int(c) for c in OTHER_CPUS.split(",")}
+    os.sched_setaffinity(etcd.pid, others)
+    os.sched_setaffinity(0, others)
     results: dict = {"machine": f"{platform.node()} {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
                      "python": platform.python_version(), "lmdeploy": LMD_VERSION if proxy_ok else f"not run: {why}",
                      "args": vars(args)}
@@ -506,6 +676,16 @@ async def amain(args) -> int:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--engine-process":
         return engine_process_main(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "--load-worker":
+        return load_worker_main(sys.argv[2])
+    if len(sys.argv) > 1 and sys.argv[1] == "--device-bundle":
+        return device_bundle()
+    if len(sys.argv) > 1 and sys.argv[1] == "--device-setup":
+        return device_setup()
+    if (DEVICE / "site").is_dir():  # running on the device machine from its bundle
+        sys.path[:0] = [str(DEVICE / "site"), str(DEVICE / "lmdeploy_root")]
+        os.environ.update(bench_env())
+    big = (os.cpu_count() or 1) > 4
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=4.0, help="seconds per measurement (default 4)")
     p.add_argument("--repeats", type=int, default=3, help="repeats, interleaved; tables show medians")
@@ -514,15 +694,13 @@ def main() -> int:
     p.add_argument("--scenarios", nargs="+", default=["steady", "cold"], choices=["steady", "cold"])
     p.add_argument("--skip-lmdeploy", action="store_true", help="do not install or run LMDeploy's proxy")
     p.add_argument("--quick", action="store_true", help="one short repeat (smoke run)")
+    p.add_argument("--clients", type=int, default=4 if big else 1, help="load-generating processes")
+    p.add_argument("--steady-engines", type=int, default=4 if big else 1,
+                   help="prefills (and as many decodes) in the steady-state runs")
     args = p.parse_args()
     if args.quick:
         args.duration, args.repeats = 1.0, 1
-    try:
-        import uvloop
-
-        return uvloop.run(amain(args))
-    except ImportError:
-        return asyncio.run(amain(args))
+    return _run(amain(args))
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import re
 import socket
 import time
-import uuid
 
 import orjson
 from aiohttp import web
@@ -202,7 +202,7 @@ class Router:
         rid = request.headers.get("X-Request-Id")
         if rid and _REQUEST_ID.match(rid):
             return rid
-        return uuid.uuid4().hex
+        return os.urandom(16).hex()
 
     async def _read_body(self, request: web.Request) -> bytes:
         limit = self.settings.max_body_bytes

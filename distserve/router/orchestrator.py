@@ -243,8 +243,8 @@ class Orchestrator:
                 raise err.to_api_error("prefill")
         tokens = answer.get("remote_token_ids")
         blocks = answer.get("cache_block_ids")
-        if (type(tokens) is not list or not tokens or type(tokens[0]) is not int or type(blocks) is not list
-                or any(type(b) is not int for b in blocks)):
+        # element types of cache_block_ids are the decode engine's to check (it validates migration_request)
+        if type(tokens) is not list or not tokens or type(tokens[0]) is not int or type(blocks) is not list:
             err = UpstreamError("answer", "prefill answer lacks remote_token_ids / cache_block_ids")
             self._failed(prefill, "prefill", err)
             # it did preserve something under that session: give it back
