@@ -208,6 +208,39 @@ def backoff_delay(attempt: int, base: float = 0.05, cap: float = 1.0) -> float:
     return random.uniform(0, min(cap, base * (2 ** min(attempt, 16))))
 
 
+async def read_stream(call: Any, timeout: float) -> Any:
+    """`await call.read()` with a timeout (raises asyncio.TimeoutError), without asyncio.wait_for.
+
+    On Python < 3.12, wait_for can swallow the caller's cancellation: when the inner read, cancelled on
+    the caller's behalf, ends with grpc's own error instead of CancelledError, wait_for returns that, and a
+    watch loop being stopped would just reconnect forever. asyncio.wait never does that.
+    """
+    read = asyncio.ensure_future(call.read())
+    read.add_done_callback(_retrieve)
+    try:
+        done, _ = await asyncio.wait({read}, timeout=timeout)
+    except BaseException:
+        read.cancel()
+        raise
+    if not done:
+        read.cancel()
+        raise asyncio.TimeoutError
+    return read.result()
+
+
+def raise_if_cancelling() -> None:
+    """Re-raise a cancellation some library call swallowed (retry loops call this before retrying)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)
+    if cancelling is not None and cancelling():
+        raise asyncio.CancelledError
+
+
+def _retrieve(task: "asyncio.Future[Any]") -> None:
+    if not task.cancelled():
+        task.exception()  # mark it retrieved: a cancelled read's error is expected, not news
+
+
 # --- one endpoint -------------------------------------------------------------------------------------
 class _Conn:
     """A gRPC channel to one endpoint and the etcd3aio services on it (all with max_attempts=1)."""

@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Generic, Literal, TypeVar
 
-from discovery.client import EtcdClient, backoff_delay
+from discovery.client import EtcdClient, backoff_delay, raise_if_cancelling
 from discovery.record import MalformedRecord
 from discovery.watch import watch_prefix
 
@@ -123,6 +123,7 @@ class Informer(Generic[T]):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the view must outlive any error; retried with back-off
+                raise_if_cancelling()
                 attempt += 1
                 log.error("informer %s: watch failed (%s); restarting from revision %d", self.name, exc,
                           self.revision + 1)

@@ -28,7 +28,16 @@ import grpc
 from etcd3aio._protobuf import rpc_pb2
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_random_exponential
 
-from discovery.client import EtcdClient, EtcdError, LeaseNotFound, backoff_delay, classify
+from discovery.client import (
+    EtcdClient,
+    EtcdError,
+    LeaseNotFound,
+    _retrieve,
+    backoff_delay,
+    classify,
+    raise_if_cancelling,
+    read_stream,
+)
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +225,7 @@ class LeaseSession:
                 await self._keepalive_stream()
             except (_StreamBroken, EtcdError) as exc:
                 log.info("lease %s: keepalive stream: %s", self.name, exc)
+            raise_if_cancelling()
             attempt = 0 if self.alive else attempt + 1
             await asyncio.sleep(backoff_delay(attempt, base=0.1, cap=max(0.2, min(2.0, self.ttl / 3))))
 
@@ -232,7 +242,7 @@ class LeaseSession:
         try:
             while True:
                 try:
-                    resp = await asyncio.wait_for(call.read(), timeout=interval + min(1.0, interval))
+                    resp = await read_stream(call, interval + min(1.0, interval))
                 except asyncio.TimeoutError:
                     self.client.failover(conn)
                     raise _StreamBroken(f"no keepalive answer from {conn.endpoint.url}") from None
@@ -270,6 +280,7 @@ class LeaseSession:
                 attempt = 0
                 await self._guard_stream(revision + 1)
             except (_StreamBroken, EtcdError) as exc:
+                raise_if_cancelling()
                 attempt += 1
                 log.info("lease %s: guard: %s", self.name, exc)
                 await asyncio.sleep(backoff_delay(attempt, base=0.1, cap=max(0.2, min(2.0, self.ttl / 3))))
@@ -297,7 +308,12 @@ class LeaseSession:
         try:
             while True:
                 read = asyncio.ensure_future(call.read())
-                done, _ = await asyncio.wait({read, kick}, return_when=asyncio.FIRST_COMPLETED)
+                read.add_done_callback(_retrieve)
+                try:
+                    done, _ = await asyncio.wait({read, kick}, return_when=asyncio.FIRST_COMPLETED)
+                except BaseException:
+                    read.cancel()
+                    raise
                 if kick in done:
                     read.cancel()
                     return

@@ -35,6 +35,8 @@ from discovery.client import (
     RevisionCompacted,
     backoff_delay,
     classify,
+    raise_if_cancelling,
+    read_stream,
 )
 
 log = logging.getLogger(__name__)
@@ -132,6 +134,7 @@ async def watch_prefix(
             raise
         except _StreamBroken as exc:
             log.info("watch %s: stream broken (%s); resuming from revision %d", prefix, exc, next_revision)
+        raise_if_cancelling()
         attempt += 1
         await asyncio.sleep(backoff_delay(attempt, base=0.05, cap=2.0))
 
@@ -186,7 +189,7 @@ async def _stream(
     try:
         while True:
             try:
-                resp = await asyncio.wait_for(call.read(), timeout=idle_timeout)
+                resp = await read_stream(call, idle_timeout)
             except asyncio.TimeoutError:
                 client.failover(conn)
                 raise _StreamBroken(f"no answer from {conn.endpoint.url} for {idle_timeout:g}s") from None
