@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import re
 import socket
 import time
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ async def connect(cfg: Any, keys: Keys, started: float | None = None) -> Any:
     """A connected client that has answered one read, or CtlError(exit 2) before the timeout runs out.
 
     The timeout counts from `started` (when main() began), so `distserve-ctl` as a whole gives up within it."""
-    from discovery.client import EtcdClient, EtcdUnavailable
+    from discovery.client import EtcdAuthError, EtcdClient, EtcdUnavailable
 
     spent = time.monotonic() - started if started is not None else 0.0
     budget = max(0.5, float(cfg.timeout) - spent - STARTUP_MARGIN_S)
@@ -55,23 +56,47 @@ async def connect(cfg: Any, keys: Keys, started: float | None = None) -> Any:
     async def first_contact() -> None:
         await client.connect()
         # gRPC connects lazily: one cheap read proves an endpoint answers (and that auth works).
-        await client.get(keys.config())
+        await client.get(keys.config(), timeout=budget)
 
     try:
-        await asyncio.wait_for(first_contact(), budget)
+        # the client gives up at `budget` with what each endpoint said; the outer bound is a backstop
+        await asyncio.wait_for(first_contact(), budget + 0.25)
     except (TimeoutError, asyncio.TimeoutError):
         await close_quietly(client)
         raise unreachable(cfg) from None
+    except EtcdAuthError as exc:
+        await close_quietly(client)
+        raise CtlError(f"etcd at {endpoints_text(cfg)} refused the credentials: {_after_op(exc)}",
+                       EXIT_UNAVAILABLE) from None
     except EtcdUnavailable as exc:
         await close_quietly(client)
-        raise CtlError(one_line(exc), EXIT_UNAVAILABLE) from None
+        raise unreachable(cfg, _tried(exc)) from None
     except CtlError:
         await close_quietly(client)
         raise
-    except Exception as exc:  # auth refused, bad TLS material, ...: one line, not a traceback
+    except Exception as exc:  # bad TLS material, ...: one line, not a traceback
         await close_quietly(client)
         raise CtlError(f"etcd at {endpoints_text(cfg)}: {describe_error(exc)}", EXIT_UNAVAILABLE) from None
     return client
+
+
+def _tried(exc: BaseException) -> str | None:
+    """The per-endpoint errors from an EtcdUnavailable message ("... (tried URL: error; ...)")."""
+    text = one_line(exc)
+    start = text.find("(tried ")
+    if start < 0 or "no attempt finished" in text:
+        return None
+    tried = text[start + 1:].rstrip(")")
+    # gRPC's wording around a refused connection says the same thing four times
+    return re.sub(r"UNAVAILABLE: failed to connect to all addresses; last error: \w+: \S+?:\d+: "
+                  r"(?:Failed to connect to remote host: )?", "", tried)
+
+
+def _after_op(exc: BaseException) -> str:
+    """"KV.Range: detail" -> "detail"."""
+    text = one_line(exc)
+    head, sep, tail = text.partition(": ")
+    return tail if sep and "." in head and " " not in head else text
 
 
 async def close_quietly(client: Any) -> None:

@@ -75,10 +75,7 @@ def check_records(snap: ClusterSnapshot) -> list[Finding]:
 
 def _pairs_by_model(snap: ClusterSnapshot) -> list[tuple[Any, Any, str]]:
     """(prefill, decode, reason or '') for every prefill/decode pair sharing a model."""
-    prefills = [e.record for _, e in sorted(snap.engines.items()) if e.record.role == "prefill"]
-    decodes = [e.record for _, e in sorted(snap.engines.items()) if e.record.role == "decode"]
-    return [(p, d, p.engine_info.compatible_with(d.engine_info) or "")
-            for p in prefills for d in decodes if set(p.models) & set(d.models)]
+    return [(p, d, reason or "") for p, d, reason in views.same_model_pairs(snap)]
 
 
 def check_geometry(snap: ClusterSnapshot) -> list[Finding]:

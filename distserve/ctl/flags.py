@@ -30,7 +30,8 @@ def register(subparsers: Any, common: Any) -> None:
     p = common(subparsers.add_parser("drain", help="stop new requests to an engine; --wait until its work is done"))
     p.add_argument("engine_id", metavar="ID")
     p.add_argument("--wait", action="store_true", help="return only when in-flight work is zero and routers stopped sending")
-    p.add_argument("--timeout", type=float, default=300.0, metavar="S", help="give up waiting after S seconds (exit 1)")
+    p.add_argument("--timeout", type=float, default=None, metavar="S",
+                   help="give up waiting after S seconds (exit 1; default: wait until done)")
     p.add_argument("--settle", type=float, default=DEFAULT_SETTLE_S, metavar="S", help=argparse.SUPPRESS)
     p.add_argument("--reason", help="why (shown by engines, describe and watch)")
     p.add_argument("--force", action="store_true", help="flag an id that is not registered now")
@@ -127,19 +128,20 @@ async def run_drain(ctx: Ctx, args: argparse.Namespace) -> int:
                 f"`distserve-ctl drain {args.engine_id} --wait` waits for its work to finish")
         return 0
     if not ctx.out.json_mode:
+        limit = f"timeout {args.timeout:g} s" if args.timeout is not None else "Ctrl-C stops waiting"
         ctx.out.note(f"{args.engine_id} draining (revision {rev}); waiting for in-flight work to finish "
-                     f"and routers to stop sending (timeout {args.timeout:g} s)")
+                     f"and routers to stop sending ({limit})")
     outcome = await wait_drained(ctx, args.engine_id, rev, timeout=args.timeout, settle=args.settle)
     _result(ctx, args.engine_id, flags, rev, outcome["message"], {"drained": True, **outcome})
     return 0
 
 
-async def wait_drained(ctx: Ctx, engine_id: str, flag_revision: int, *, timeout: float,
+async def wait_drained(ctx: Ctx, engine_id: str, flag_revision: int, *, timeout: float | None,
                        settle: float = DEFAULT_SETTLE_S) -> dict[str, Any]:
     """Wait until (every live router has applied the flag and the engine's in-flight work reads zero for
     `settle` seconds) or the engine deregistered. Raises CtlError (exit 1) on timeout."""
     started = time.monotonic()
-    deadline = started + timeout
+    deadline = started + timeout if timeout is not None else float("inf")
     zero_since: float | None = None
     status: dict[str, Any] = {}
     while True:
@@ -164,7 +166,7 @@ async def wait_drained(ctx: Ctx, engine_id: str, flag_revision: int, *, timeout:
             raise CtlError(f"timed out after {timeout:g} s waiting for {engine_id} to drain: "
                            f"{status['in_flight']} request(s) in flight, {status['preserved_blocks']} KV blocks "
                            f"awaiting migration{tail} (the drain flag stays set)")
-        await asyncio.sleep(min(POLL_S, max(0.0, deadline - now)))
+        await asyncio.sleep(max(0.0, min(POLL_S, deadline - now)))
 
 
 async def drain_status(ctx: Ctx, engine_id: str, flag_revision: int) -> dict[str, Any]:

@@ -33,7 +33,8 @@ def _head(ctx: Ctx, snap: Any) -> dict[str, Any]:
 
 async def run_engines(ctx: Ctx, args: argparse.Namespace) -> int:
     snap = await load_snapshot(ctx.client, ctx.keys)
-    rows = [views.engine_row(snap, i) for i in sorted(snap.engines)]
+    routable = views.routable_ids(snap)
+    rows = [views.engine_row(snap, i, routable) for i in sorted(snap.engines)]
     if args.role:
         rows = [r for r in rows if r["role"] == args.role]
     if args.model:

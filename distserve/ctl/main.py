@@ -7,18 +7,22 @@ bad arguments; 130 interrupted. Errors are one line on stderr, never a traceback
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import importlib
 import os
-import sys
-import time
-import traceback
-from typing import Any, NoReturn
 
-from .context import Ctx, close_quietly, connect, describe_error
-from .errors import EXIT_PROBLEM, EXIT_UNAVAILABLE, CtlError
-from .render import Output
+# gRPC's C core logs TLS handshake failures and the like straight to stderr; our errors are one line.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+import argparse  # noqa: E402
+import asyncio  # noqa: E402
+import importlib  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+from typing import NoReturn  # noqa: E402
+
+from .context import Ctx, close_quietly, connect, describe_error  # noqa: E402
+from .errors import EXIT_PROBLEM, EXIT_UNAVAILABLE, CtlError  # noqa: E402
+from .render import Output  # noqa: E402
 
 PROG = "distserve-ctl"
 

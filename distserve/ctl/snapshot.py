@@ -90,6 +90,8 @@ class ClusterSnapshot:
     # lease id -> seconds left (-1: gone); filled by fetch_lease_ttls
     lease_ttl: dict[int, int] = field(default_factory=dict)
     _topology: Topology | None = None
+    _links_by_engine: dict[str, list[Entry[LinkRecord]]] | None = None
+    _engine_records: dict[str, EngineRecord] | None = None
 
     @classmethod
     def from_kvs(cls, keys: K.Keys, kvs: list[Any], revision: int) -> "ClusterSnapshot":
@@ -124,10 +126,16 @@ class ClusterSnapshot:
 
     # derived views --------------------------------------------------------------------------------
     @property
+    def engine_records(self) -> dict[str, EngineRecord]:
+        if self._engine_records is None:
+            self._engine_records = {i: e.record for i, e in self.engines.items()}
+        return self._engine_records
+
+    @property
     def topology(self) -> Topology:
         if self._topology is None:
             self._topology = compute_topology(
-                {i: e.record for i, e in self.engines.items()},
+                self.engine_records,
                 {p: e.record for p, e in self.links.items()},
                 {i: e.record for i, e in self.flags.items()},
             )
@@ -142,7 +150,15 @@ class ClusterSnapshot:
         return entry.record if entry else None
 
     def links_of(self, engine_id: str) -> list[Entry[LinkRecord]]:
-        return [e for (p, d), e in sorted(self.links.items()) if engine_id in (p, d)]
+        """The links an engine is part of (either side), sorted by (prefill, decode); indexed once."""
+        if self._links_by_engine is None:
+            index: dict[str, list[Entry[LinkRecord]]] = {}
+            for (p, d), entry in sorted(self.links.items()):
+                index.setdefault(p, []).append(entry)
+                if d != p:
+                    index.setdefault(d, []).append(entry)
+            self._links_by_engine = index
+        return self._links_by_engine.get(engine_id, [])
 
     def ttl_of(self, lease: int) -> int | None:
         """Seconds left on a lease; None when unknown or the key has no lease."""

@@ -49,7 +49,7 @@ def load_text(load: dict[str, Any] | None) -> str:
 
 def peers_of(snap: ClusterSnapshot, engine: EngineRecord) -> tuple[list[str], list[str]]:
     """(usable peers, all linked peers) of an engine, by the shared routability rule."""
-    engines = {i: e.record for i, e in snap.engines.items()}
+    engines = snap.engine_records
     usable, linked = [], []
     for entry in snap.links_of(engine.id):
         link = entry.record
@@ -60,10 +60,14 @@ def peers_of(snap: ClusterSnapshot, engine: EngineRecord) -> tuple[list[str], li
     return usable, linked
 
 
-def why_not_routable(snap: ClusterSnapshot, engine_id: str) -> str | None:
-    """None when the shared rule routes to this engine, else the first reason it does not."""
+def routable_ids(snap: ClusterSnapshot) -> set[str]:
     topo = snap.topology
-    if engine_id in (*topo.routable_prefills, *topo.routable_decodes, *topo.routable_hybrids):
+    return {*topo.routable_prefills, *topo.routable_decodes, *topo.routable_hybrids}
+
+
+def why_not_routable(snap: ClusterSnapshot, engine_id: str, routable: set[str] | None = None) -> str | None:
+    """None when the shared rule routes to this engine, else the first reason it does not."""
+    if engine_id in (routable if routable is not None else routable_ids(snap)):
         return None
     engine = snap.engines[engine_id].record
     if engine.state != "ready":
@@ -77,11 +81,12 @@ def why_not_routable(snap: ClusterSnapshot, engine_id: str) -> str | None:
     return "no linked peer takes new requests"
 
 
-def engine_row(snap: ClusterSnapshot, engine_id: str) -> dict[str, Any]:
+def engine_row(snap: ClusterSnapshot, engine_id: str, routable: set[str] | None = None) -> dict[str, Any]:
     entry = snap.engines[engine_id]
     engine = entry.record
     usable, linked = peers_of(snap, engine)
     flags = flags_dict(snap, engine_id)
+    reason = why_not_routable(snap, engine_id, routable if routable is not None else routable_ids(snap))
     return {
         "id": engine.id,
         "role": engine.role,
@@ -90,8 +95,8 @@ def engine_row(snap: ClusterSnapshot, engine_id: str) -> dict[str, Any]:
         "state": engine.state,
         "state_reason": engine.state_reason,
         "flags": flags,
-        "routable": why_not_routable(snap, engine_id) is None,
-        "not_routable_because": why_not_routable(snap, engine_id),
+        "routable": reason is None,
+        "not_routable_because": reason,
         "load": load_dict(snap, engine_id),
         "links": {"usable": len(usable), "total": len(linked), "peers": usable},
         "lease": {"id": entry.lease, "ttl_left_s": snap.ttl_of(entry.lease)},
@@ -121,7 +126,7 @@ def engine_cells(row: dict[str, Any]) -> list[Any]:
 def link_row(snap: ClusterSnapshot, pair: tuple[str, str]) -> dict[str, Any]:
     entry = snap.links[pair]
     link = entry.record
-    engines = {i: e.record for i, e in snap.engines.items()}
+    engines = snap.engine_records
     problems = []
     for side, engine_id, incarnation in (("prefill", link.prefill_id, link.prefill_incarnation),
                                          ("decode", link.decode_id, link.decode_incarnation)):
@@ -194,9 +199,8 @@ def router_cells(row: dict[str, Any]) -> list[Any]:
 
 
 def model_rows(snap: ClusterSnapshot) -> list[dict[str, Any]]:
-    topo = snap.topology
-    routable = set(topo.routable_prefills) | set(topo.routable_decodes) | set(topo.routable_hybrids)
-    routable_models = set(topo.models())
+    routable = routable_ids(snap)
+    routable_models = set(snap.topology.models())
     models: dict[str, dict[str, Any]] = {}
     for engine_id, entry in sorted(snap.engines.items()):
         for model in entry.record.models:
@@ -223,11 +227,34 @@ def model_cells(row: dict[str, Any]) -> list[Any]:
 
 def possible_pairs(snap: ClusterSnapshot) -> list[tuple[str, str]]:
     """Prefill/decode pairs that could be linked: a shared model and compatible geometry."""
-    prefills = [e.record for e in snap.engines.values() if e.record.role == "prefill"]
-    decodes = [e.record for e in snap.engines.values() if e.record.role == "decode"]
-    pairs = []
-    for p in prefills:
-        for d in decodes:
-            if set(p.models) & set(d.models) and p.engine_info.compatible_with(d.engine_info) is None:
-                pairs.append((p.id, d.id))
-    return sorted(pairs)
+    return sorted((p.id, d.id) for p, d, reason in same_model_pairs(snap) if reason is None)
+
+
+def same_model_pairs(snap: ClusterSnapshot) -> list[tuple[EngineRecord, EngineRecord, str | None]]:
+    """(prefill, decode, why they cannot be linked or None) for every pair sharing a model, sorted by ids.
+
+    A fleet has few distinct geometries: each distinct (prefill, decode) geometry pair is compared once."""
+    engines = sorted(snap.engine_records.values(), key=lambda e: e.id)
+    geometry = {e.id: e.engine_info.model_dump_json() for e in engines}
+    decodes_by_model: dict[str, list[EngineRecord]] = {}
+    for d in engines:
+        if d.role == "decode":
+            for model in d.models:
+                decodes_by_model.setdefault(model, []).append(d)
+    verdicts: dict[tuple[str, str], str | None] = {}
+    out = []
+    for p in engines:
+        if p.role != "prefill":
+            continue
+        seen: set[str] = set()
+        for model in p.models:
+            for d in decodes_by_model.get(model, ()):
+                if d.id in seen:
+                    continue
+                seen.add(d.id)
+                key = (geometry[p.id], geometry[d.id])
+                if key not in verdicts:
+                    verdicts[key] = p.engine_info.compatible_with(d.engine_info)
+                out.append((p, d, verdicts[key]))
+    out.sort(key=lambda t: (t[0].id, t[1].id))
+    return out

@@ -34,7 +34,8 @@ def register(subparsers: Any, common: Any) -> None:
                    help="only keys under P, relative to the cluster (e.g. engines/, links/P1/) or absolute")
     p.add_argument("--all", action="store_true", help="also heartbeat-like rewrites (load updates, router counters)")
     p.add_argument("--limit", type=int, metavar="N", help="stop after N events")
-    p.add_argument("--timeout", type=float, metavar="S", help="stop after S seconds (exit 0)")
+    # stop after S seconds, exit 0 (for scripts and tests; not in --help until docs/configuration.md lists it)
+    p.add_argument("--timeout", type=float, metavar="S", help=argparse.SUPPRESS)
     p.set_defaults(_run=run_watch)
 
 
