@@ -68,7 +68,11 @@ class LeaseSession:
         self._callbacks: list[NewLeaseCallback] = []
         self._lock = asyncio.Lock()
         self._kick = asyncio.Event()  # "check the lease and owned keys now"
-        self._keys_changed = asyncio.Event()  # the guard must watch a different key set
+        self._keys_changed = asyncio.Event()  # the guard must start over (new lease, many stale watchers)
+        # The live guard stream's request queue: (key, start_revision) of owned keys to watch; None while
+        # the guard is reconnecting (its next reconcile then covers every owned key).
+        self._guard_queue: asyncio.Queue[tuple[str, int]] | None = None
+        self._stale_watchers = 0  # watchers on keys no longer owned (their events are ignored)
         self._renewed_at = 0.0  # monotonic time of the last renewal etcd confirmed
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
@@ -115,10 +119,10 @@ class LeaseSession:
         async with self._lock:
             new_key = key not in self._owned
             self._owned[key] = value
-            if new_key:
-                self._keys_changed.set()
             try:
-                await self.client.put(key, value, lease=self.lease_id)
+                revision = await self.client.put(key, value, lease=self.lease_id)
+                if new_key and self._guard_queue is not None:
+                    self._guard_queue.put_nowait((key, revision + 1))  # watched from right after our write
             except LeaseNotFound:
                 log.warning("lease %s: lease %x gone on put of %s", self.name, self.lease_id, key)
                 await self._new_lease_locked(reason="lease not found on put")
@@ -130,7 +134,9 @@ class LeaseSession:
         """Stop owning `key` and delete it."""
         async with self._lock:
             if self._owned.pop(key, None) is not None:
-                self._keys_changed.set()
+                self._stale_watchers += 1
+                if self._stale_watchers > len(self._owned) + 16:
+                    self._keys_changed.set()  # rebuild the guard stream without them
             await self.client.delete(key)
 
     async def close(self, revoke: bool = True) -> None:
@@ -201,21 +207,32 @@ class LeaseSession:
                         return await self._new_lease_locked(reason="lease lost during re-put")
         self._keys_changed.set()
 
-    async def _reconcile(self) -> int:
-        """Check the lease and every owned key; repair what is missing. Returns the revision it read at."""
+    async def _reconcile(self) -> asyncio.Queue[tuple[str, int]]:
+        """Check the lease and every owned key, repair what is missing; return the new guard queue,
+        filled with every owned key to watch from the revision checked at."""
         async with self._lock:
-            ttl_left = await self.client.time_to_live(self.lease_id)
-            if ttl_left < 0:
-                await self._new_lease_locked(reason="expired or revoked")
-                return self.client.last_revision
-            self._renewed_at = max(self._renewed_at, time.monotonic() - max(0, self.granted_ttl - ttl_left))
-            for key, value in list(self._owned.items()):
-                kv = await self.client.get(key)
-                if kv is None or kv.lease != self.lease_id or kv.value != value:
-                    log.warning("lease %s: owned key %s was %s; restoring it", self.name, key,
-                                "deleted" if kv is None else "overwritten")
-                    await self.client.put(key, value, lease=self.lease_id)
-            return self.client.last_revision
+            # Any change after the reads below has a higher revision than what the client saw before them.
+            start = self.client.last_revision + 1
+            await self._check_locked()
+            queue: asyncio.Queue[tuple[str, int]] = asyncio.Queue()
+            for key in self._owned:
+                queue.put_nowait((key, start))
+            self._guard_queue = queue  # from now on put() adds new keys to it (it holds the lock)
+            self._stale_watchers = 0
+            return queue
+
+    async def _check_locked(self) -> None:
+        ttl_left = await self.client.time_to_live(self.lease_id)
+        if ttl_left < 0:
+            await self._new_lease_locked(reason="expired or revoked")
+            return
+        self._renewed_at = max(self._renewed_at, time.monotonic() - max(0, self.granted_ttl - ttl_left))
+        for key, value in list(self._owned.items()):
+            kv = await self.client.get(key)
+            if kv is None or kv.lease != self.lease_id or kv.value != value:
+                log.warning("lease %s: owned key %s was %s; restoring it", self.name, key,
+                            "deleted" if kv is None else "overwritten")
+                await self.client.put(key, value, lease=self.lease_id)
 
     # --- keepalive ----------------------------------------------------------------------------------
     async def _keepalive_forever(self) -> None:
@@ -276,32 +293,26 @@ class LeaseSession:
             self._kick.clear()
             self._keys_changed.clear()
             try:
-                revision = await self._reconcile()
+                queue = await self._reconcile()
                 attempt = 0
-                await self._guard_stream(revision + 1)
+                await self._guard_stream(queue)
             except (_StreamBroken, EtcdError) as exc:
                 raise_if_cancelling()
                 attempt += 1
                 log.info("lease %s: guard: %s", self.name, exc)
                 await asyncio.sleep(backoff_delay(attempt, base=0.1, cap=max(0.2, min(2.0, self.ttl / 3))))
 
-    async def _guard_stream(self, start_revision: int) -> None:
-        """Return when an owned key changed hands, the key set changed, or a check was requested."""
-        keys = list(self._owned)
+    async def _guard_stream(self, queue: asyncio.Queue[tuple[str, int]]) -> None:
+        """Watch every key the queue names (more arrive as they are put) on one stream. Return when an
+        owned key was deleted or written by someone else, or a check or a rebuild was requested."""
         kick = asyncio.ensure_future(self._wait_any(self._kick, self._keys_changed))
-        if not keys:
-            try:
-                await kick
-            finally:
-                kick.cancel()
-            return
         conn = self.client.active_conn()
 
         async def requests() -> AsyncIterator[rpc_pb2.WatchRequest]:
-            for key in keys:
+            while True:
+                key, start_revision = await queue.get()
                 yield rpc_pb2.WatchRequest(create_request=rpc_pb2.WatchCreateRequest(
                     key=key.encode(), start_revision=start_revision))
-            await asyncio.Event().wait()  # keep the stream open
 
         metadata = tuple(self.client.metadata() or ()) + (("hasleader", "true"),)
         call = conn.watch_stub.Watch(requests(), metadata=metadata)
@@ -333,6 +344,7 @@ class LeaseSession:
                     if ev.type == 1 or ev.kv.lease != self.lease_id:  # DELETE, or written by someone else
                         return  # _guard_forever reconciles now
         finally:
+            self._guard_queue = None  # puts from now on are covered by the next reconcile
             kick.cancel()
             call.cancel()
 

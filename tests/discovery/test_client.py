@@ -114,3 +114,22 @@ async def test_reconnects_quickly_after_restart(etcd, etcd_client: EtcdClient):
     t0 = time.monotonic()
     assert (await etcd_client.get("/k")).value == b"1"  # data dir kept across the restart
     assert time.monotonic() - t0 < 2.0
+
+
+async def test_fails_over_from_a_dead_endpoint(etcd):
+    from tests.util import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    client = EtcdClient(EtcdConfig(endpoints=[dead, etcd.client_url], timeout=3.0))
+    await client.connect()
+    try:
+        for attempt in range(4):  # whichever endpoint it starts on, every call succeeds
+            client._active = attempt % 2
+            t0 = time.monotonic()
+            assert await client.put("/f", str(attempt).encode()) > 0
+            assert (await client.get("/f")).value == str(attempt).encode()
+            assert time.monotonic() - t0 < 2.0
+        st = await client.status()
+        assert [m.healthy for m in st.members] == [False, True] and st.members[0].error
+    finally:
+        await client.close()
