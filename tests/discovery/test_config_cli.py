@@ -97,3 +97,39 @@ def test_distserve_etcd_rejects_a_wildcard_host_in_one_line():
     assert proc.popen.wait(30) == 2
     out = proc.output().strip()
     assert out.startswith("distserve etcd:") and len(out.splitlines()) == 1 and "Traceback" not in out
+
+
+def _start_cmd(*args: str) -> tuple[Proc, str]:
+    proc = Proc.python(["distserve", "etcd", *args], name="distserve-etcd")
+    deadline = time.monotonic() + 30
+    while "data dir: " not in proc.output() and time.monotonic() < deadline:
+        assert proc.alive(), proc.output()
+        time.sleep(0.05)
+    return proc, proc.output().splitlines()[0]
+
+
+def test_distserve_etcd_three_members_with_a_kept_data_dir(tmp_path: Path):
+    """--cluster-size 3 prints three URLs; --data-dir keeps the data and the ports across runs."""
+
+    async def put_then_get(url: str, value: bytes | None) -> bytes | None:
+        async with EtcdClient(EtcdConfig(endpoints=url, timeout=5)) as client:
+            if value is not None:
+                await client.put("/kept", value)
+            kv = await client.get("/kept")
+            return kv.value if kv else None
+
+    for run in range(2):
+        proc, urls = _start_cmd("--cluster-size", "3", "--data-dir", str(tmp_path))
+        try:
+            assert len(urls.split(",")) == 3
+            if run == 0:
+                first_urls = urls
+                assert asyncio.run(put_then_get(urls, b"survives")) == b"survives"
+            else:
+                assert urls == first_urls  # same ports: the members find each other again
+                assert asyncio.run(put_then_get(urls, None)) == b"survives"
+            proc.signal(signal.SIGINT)
+            assert proc.popen.wait(20) == 0
+        finally:
+            proc.kill()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0", "m1", "m2"]
