@@ -76,6 +76,7 @@ class LeaseSession:
         self._renewed_at = 0.0  # monotonic time of the last renewal etcd confirmed
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
+        self._recovering = False  # on_new_lease callbacks are running
         self.renewals = 0
         self.recoveries = 0  # new leases after a loss
 
@@ -113,9 +114,11 @@ class LeaseSession:
         Raises EtcdUnavailable when etcd does not answer; the key stays owned and is written as soon as
         etcd is back.
         """
-        if _IN_RECOVERY.get() is self:
+        if self._recovering and _IN_RECOVERY.get() is self:
             self._owned[key] = value  # written by the recovery's re-put that follows the callbacks
             return
+        if self._closed or self.lease_id == 0:
+            raise EtcdError(f"lease session {self.name} is {'closed' if self._closed else 'not started'}")
         async with self._lock:
             new_key = key not in self._owned
             self._owned[key] = value
@@ -189,6 +192,7 @@ class LeaseSession:
             log.warning("lease %s: lease %x lost (%s); new lease %x, incarnation %d, re-putting %d keys",
                         self.name, old, reason, lease_id, self.incarnation, len(self._owned))
         token = _IN_RECOVERY.set(self)
+        self._recovering = True
         try:
             for callback in list(self._callbacks):
                 try:
@@ -196,6 +200,7 @@ class LeaseSession:
                 except Exception:  # noqa: BLE001 - a callback bug must not stop the recovery
                     log.exception("lease %s: on_new_lease callback failed", self.name)
         finally:
+            self._recovering = False
             _IN_RECOVERY.reset(token)
         for key, value in list(self._owned.items()):
             async for attempt in self._retrying():

@@ -147,3 +147,17 @@ async def test_ten_second_outage_with_ttl_3_loses_no_registration(etcd, etcd_cli
         assert session.alive
     finally:
         await session.close()
+
+
+async def test_put_needs_a_started_open_session(etcd_client: EtcdClient):
+    from discovery.client import EtcdError
+    import pytest
+
+    session = LeaseSession(etcd_client, ttl=5)
+    with pytest.raises(EtcdError, match="not started"):
+        await session.put("/lease/early", b"x")
+    await session.start()
+    await session.close()
+    with pytest.raises(EtcdError, match="closed"):
+        await session.put("/lease/late", b"x")
+    assert await etcd_client.get("/lease/early") is None and await etcd_client.get("/lease/late") is None
