@@ -52,6 +52,7 @@ def _consecutive_ports(count: int) -> int:
         ok = True
         for port in range(base, base + count):
             with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the engine binds (TIME_WAIT is fine)
                 try:
                     s.bind(("127.0.0.1", port))
                 except OSError:
@@ -92,7 +93,17 @@ def per_engine_peak(intervals: dict[str, list[tuple[float, float]]]) -> int:
     return max((max_overlap(v) for v in intervals.values()), default=0)
 
 
+def _dump_tasks() -> None:
+    """SIGUSR1: print every asyncio task's stack (to diagnose a stuck run)."""
+    for task in asyncio.all_tasks():
+        print(f"--- {task.get_name()}", file=sys.stderr)
+        task.print_stack(limit=12, file=sys.stderr)
+
+
 async def run_agents(prefills: int, decodes: int, concurrency: int, ttl: int) -> dict:
+    import signal
+
+    asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
     etcd = EmbeddedEtcd(unsafe_no_fsync=True).start()
     procs: list[Proc] = []
     agents: list[Agent] = []
@@ -201,8 +212,9 @@ def main() -> int:
     parser.add_argument("--ttl", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", metavar="FILE", help="also write the raw results here")
+    parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     runs, baselines = [], []
     for i in range(args.repeat):
         runs.append(asyncio.run(run_agents(args.prefills, args.decodes, args.concurrency, args.ttl)))

@@ -129,25 +129,22 @@ class Agent:
         tasks = [t for t in (self._main_task, *self._epoch_tasks, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _bounded(asyncio.gather(*tasks, return_exceptions=True), 5.0, "cancelling tasks")
         links = self.links
-        held = await links.close() if links is not None else []
+        held = (await _bounded(links.close(), 5.0, "stopping link workers") or []) if links is not None else []
         session, self.session = self.session, None
         if session is not None:
-            with contextlib.suppress(Exception):
-                await session.close(revoke=not self.config.keep_on_exit)
+            await _bounded(session.close(revoke=not self.config.keep_on_exit), 5.0, "revoking the lease")
         if links is not None and held and not self.config.keep_on_exit:
             # The records are gone; clear the engines' side of our links too (bounded, best effort).
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(links.drop_on_engines(held), 3.0)
+            await _bounded(links.drop_on_engines(held), 3.0, "dropping links on the engines")
         for informer in (self._flags_informer, self._engines_informer):
             if informer is not None:
-                with contextlib.suppress(Exception):
-                    await informer.stop()
+                await _bounded(informer.stop(), 2.0, "stopping a watch")
         if self.http is not None:
-            await self.http.close()
+            await _bounded(self.http.close(), 2.0, "closing HTTP connections")
         if self._own_client and self.client is not None:
-            await self.client.close()
+            await _bounded(self.client.close(), 2.0, "closing the etcd client")
         self.phase = "stopped"
         log.info("agent %s stopped", self.config.id)
 
@@ -250,17 +247,16 @@ class Agent:
         for task in self._epoch_tasks:
             if task is not current:
                 task.cancel()
-        await asyncio.gather(*(t for t in self._epoch_tasks if t is not current), return_exceptions=True)
+        await _bounded(asyncio.gather(*(t for t in self._epoch_tasks if t is not current), return_exceptions=True),
+                       5.0, "cancelling tasks")
         self._epoch_tasks = []
         links, self.links = self.links, None
-        held = await links.close() if links is not None else []
+        held = (await _bounded(links.close(), 5.0, "stopping link workers") or []) if links is not None else []
         session, self.session = self.session, None
         if session is not None:
-            with contextlib.suppress(Exception):
-                await session.close(revoke=True)
+            await _bounded(session.close(revoke=True), 5.0, "revoking the lease")
         if links is not None and held:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(links.drop_on_engines(held), 5.0)
+            await _bounded(links.drop_on_engines(held), 5.0, "dropping links on the engines")
         self.record = None
         self.load = None
         self.registered.clear()
@@ -639,6 +635,17 @@ class Agent:
                     raise
                 log.warning("agent %s: etcd call failed (%s); retrying", self.config.id, exc)
                 await asyncio.sleep(min(2.0, 0.1 * 2 ** min(attempt, 5)) * random.uniform(0.5, 1.5))
+
+
+async def _bounded(awaitable, timeout: float, what: str):
+    """Await a shutdown step, but never let one step hang the stop (logged, then skipped)."""
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except asyncio.TimeoutError:
+        log.warning("agent stop: %s took longer than %.0fs; skipped", what, timeout)
+    except Exception as exc:  # noqa: BLE001 - shutdown goes on
+        log.warning("agent stop: %s failed: %s", what, exc)
+    return None
 
 
 def _same_record(a: EngineRecord, b: EngineRecord) -> bool:

@@ -221,6 +221,7 @@ def _port_free(port: int) -> bool:
     import socket
 
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the engine binds (TIME_WAIT is fine)
         try:
             s.bind(("127.0.0.1", port))
             return True
