@@ -92,3 +92,25 @@ def test_help_lists_every_command():
     for name in ("status", "engines", "links", "routers", "models", "describe", "top", "watch", "drain", "cordon",
                  "uncordon", "doctor", "config", "export"):
         assert name in res.out
+
+
+def test_every_command_line_in_the_operations_guide_parses():
+    """docs/operations.md stays true: each `distserve-ctl ...` line of its examples is accepted as written."""
+    import re
+    import shlex
+
+    from distserve.ctl.main import build_parser
+    from tests.util import REPO
+
+    text = (REPO / "docs" / "operations.md").read_text()
+    lines = [line.split(" #")[0].strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+             for line in block.splitlines()]
+    commands = [shlex.split(line)[1:] for line in lines if line.startswith("distserve-ctl ")]
+    commands = [[w.split(">")[0] for w in argv if not w.startswith(">")] for argv in commands]
+    assert len(commands) >= 15
+    parser = build_parser()
+    for argv in commands:
+        try:
+            parser.parse_args([a for a in argv if a])
+        except SystemExit:
+            raise AssertionError(f"docs/operations.md: distserve-ctl {' '.join(argv)} does not parse") from None

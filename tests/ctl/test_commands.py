@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 from distserve.keys import Keys
 from distserve.records import OperatorFlags
-from tests.ctl.plant import engine, link, load
+from tests.ctl.conftest import ctl_argv, ctl_env
+from tests.ctl.plant import engine, link, load, router
 
 
 async def test_engines_table_and_json(ctl, planter, etcd_client):
@@ -145,19 +147,19 @@ async def test_top_frames_follow_the_watch(ctl, planter, etcd_client, etcd):
     table = ctl("top", "--once", "--table").out
     assert "RUNNING" in table and "REQ/S" in table and "r1" in table
 
-    # three frames 1.5 s apart; load changes while it runs must show in the later frames
-    from tests.ctl.conftest import ctl_argv, ctl_env
-
+    # three frames 1.5 s apart; changes while it runs must show in the later frames (it follows a watch)
     proc = await asyncio.create_subprocess_exec(*ctl_argv("top", "--iterations", "3", "--interval", "1.5", "--json"),
                                                 stdout=asyncio.subprocess.PIPE, env=ctl_env(etcd.endpoints))
     first = await asyncio.wait_for(proc.stdout.readline(), 30)
     await planter.load(load("P1", running=7, waiting=3))
-    await planter.router(planter_router := __import__("tests.ctl.plant", fromlist=["router"]).router(
-        "r1", requests_total=100, in_flight=4))
+    await planter.router(router("r1", requests_total=100, in_flight=4))
+    await asyncio.sleep(0.1)
+    await planter.router(router("r1", requests_total=150, in_flight=4))
     rest, _ = await asyncio.wait_for(proc.communicate(), 30)
-    frames = [__import__("json").loads(first)] + [__import__("json").loads(x) for x in rest.splitlines()]
+    frames = [json.loads(first)] + [json.loads(x) for x in rest.splitlines()]
     assert proc.returncode == 0 and len(frames) == 3
     p1 = [next(e for e in f["engines"] if e["id"] == "P1") for f in frames]
     assert p1[0]["running"] == 1 and (p1[-1]["running"], p1[-1]["waiting"]) == (7, 3)
-    assert frames[-1]["routers"][0]["in_flight"] == 4 and frames[-1]["totals"]["router_in_flight"] == 4
-    assert planter_router.id == "r1"
+    r1 = frames[-1]["routers"][0]
+    assert r1["in_flight"] == 4 and frames[-1]["totals"]["router_in_flight"] == 4
+    assert r1["requests_total"] == 150 and r1["requests_per_s"] > 0  # 50 requests between two records

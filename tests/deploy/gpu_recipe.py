@@ -40,9 +40,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD = REPO / "deploy" / "systemd"
-# One GPU holds both engines here (the docs give each engine its own GPU).
-SHARED_GPU_ARGS = ["--cache-max-entry-count", "0.05", "--eager-mode", "--session-len", "4096",
-                   "--max-batch-size", "16"]
+# One GPU holds both engines here (the docs give each engine its own GPU): a small KV pool of the same
+# size on both (the agents link only pools of identical shape, block count included).
+SHARED_GPU_ARGS = ["--num-gpu-blocks", "2048", "--eager-mode", "--session-len", "4096", "--max-batch-size", "16"]
 
 
 def exec_start(unit: str) -> str:
@@ -143,7 +143,7 @@ def main() -> int:
 
     def start(name: str, argv: list[str], env: dict[str, str]) -> None:
         summary["commands"][name] = shlex.join(a if "TOKEN" not in a else "<token>" for a in argv)
-        log = open(logs / f"{name}.log", "ab", buffering=0)  # noqa: SIM115 - closed at exit
+        log = open(logs / f"{name.replace('@', '-')}.log", "ab", buffering=0)  # noqa: SIM115 - closed at exit
         procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                        env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
 
@@ -190,7 +190,7 @@ def main() -> int:
             return all(http(url + "/health/ready")[0] == 200 for url in routers)
 
         started = time.time()
-        wait("routers ready", all_ready, 900, procs)
+        wait("routers ready", all_ready, 420, procs)
         summary["ready_after_s"] = round(time.time() - started, 1)
         state = etcd_kinds(etcd.endpoints)
         links = state.get("links", [])
