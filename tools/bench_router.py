@@ -48,8 +48,22 @@ BENCH = REPO / ".bench"
 LMD_VENV = BENCH / "lmdeploy-venv"
 LMD_VERSION = "0.18.0"
 # What `lmdeploy serve proxy` imports (found by importing it), beyond lmdeploy itself and torch.
-LMD_PROXY_DEPS = ["typing_extensions", "tqdm", "pydantic", "transformers", "mmengine-lite", "psutil", "requests",
-                  "pybase64", "aiohttp", "uvicorn", "fastapi", "shortuuid", "numpy", "pyyaml"]
+LMD_PROXY_DEPS = [
+    "typing_extensions",
+    "tqdm",
+    "pydantic",
+    "transformers",
+    "mmengine-lite",
+    "psutil",
+    "requests",
+    "pybase64",
+    "aiohttp",
+    "uvicorn",
+    "fastapi",
+    "shortuuid",
+    "numpy",
+    "pyyaml",
+]
 MODEL = "distserve-reference"
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
 MAX_TOKENS = 16
@@ -89,8 +103,14 @@ class Proc:
         self.log = open(BENCH / f"{name}.log", "wb")
         cmd = ["taskset", "-c", cpus, *args] if shutil.which("taskset") else args
         self.started = time.perf_counter()
-        self.popen = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=REPO,
-                                      env={**bench_env(), **(env or {})}, start_new_session=True)
+        self.popen = subprocess.Popen(
+            cmd,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**bench_env(), **(env or {})},
+            start_new_session=True,
+        )
 
     @property
     def pid(self) -> int:
@@ -128,13 +148,26 @@ def wait_http(url: str, timeout: float = 60.0) -> None:
         time.sleep(0.02)
 
 
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except Exception:  # noqa: BLE001 - not up (yet)
+        return False
+
+
 def engine_metric(url: str, name: str) -> float:
     import urllib.request
 
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
         text = r.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and line[len(name)] in " {")
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name) and line[len(name)] in " {"
+    )
 
 
 def handshakes(urls: list[str]) -> float:
@@ -181,23 +214,49 @@ class Engines:
     """`count` null prefills and `count` null decodes, optionally with agents. `split`: one process per
     engine (steady-state runs: engines must not be the bottleneck); else one process per role (--count)."""
 
-    def __init__(self, count: int, etcd: list[str] | None, cluster: str, tag: str, split: bool = False) -> None:
+    def __init__(
+        self, count: int, etcd: list[str] | None, cluster: str, tag: str, split: bool = False
+    ) -> None:
         self.count = count
         self.procs: list[Proc] = []
         self.prefills: list[str] = []
         self.decodes: list[str] = []
         for role, urls in (("prefill", self.prefills), ("decode", self.decodes)):
             for index, per_proc in enumerate([1] * count if split else [count]):
-                port = free_ports(per_proc)
-                args = ["--null", "--role", role, "--host", "127.0.0.1", "--port", str(port), "--count",
-                        str(per_proc), "--migration-protocol", "rdma", "--log-level", "WARNING", "--preserve-ttl", "30"]
-                if etcd:
-                    args += ["--etcd", ",".join(etcd), "--cluster", cluster, "--ttl", "10"]
-                self.procs.append(Proc([PY, __file__, "--engine-process", *args], OTHER_CPUS,
-                                       f"{tag}-{role}-{index}"))
-                urls.extend(f"http://127.0.0.1:{port + i}" for i in range(per_proc))
-        for url in self.prefills + self.decodes:
-            wait_http(f"{url}/health")
+                urls.extend(self._start(role, per_proc, etcd, cluster, f"{tag}-{role}-{index}"))
+
+    def _start(self, role: str, count: int, etcd: list[str] | None, cluster: str, name: str) -> list[str]:
+        for _ in range(5):  # a port found free may be taken by another process before the engine binds it
+            port = free_ports(count)
+            args = [
+                "--null",
+                "--role",
+                role,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--count",
+                str(count),
+                "--migration-protocol",
+                "rdma",
+                "--log-level",
+                "WARNING",
+                "--preserve-ttl",
+                "30",
+            ]
+            if etcd:
+                args += ["--etcd", ",".join(etcd), "--cluster", cluster, "--ttl", "10"]
+            proc = Proc([PY, __file__, "--engine-process", *args], OTHER_CPUS, name)
+            urls = [f"http://127.0.0.1:{port + i}" for i in range(count)]
+            deadline = time.monotonic() + 60
+            while proc.popen.poll() is None and time.monotonic() < deadline:
+                if all(_answers(f"{u}/health") for u in urls):
+                    self.procs.append(proc)
+                    return urls
+                time.sleep(0.05)
+            proc.kill()
+        raise RuntimeError(f"engines {name} did not start: see {BENCH / (name + '.log')}")
 
     @property
     def urls(self) -> list[str]:
@@ -233,8 +292,24 @@ async def wait_links(etcd: list[str], cluster: str, n: int, timeout: float = 120
 # ------------------------------------------------------------------------------------------ front ends
 def start_router(etcd: list[str], cluster: str, tag: str) -> tuple[Proc, str]:
     port = free_port()
-    proc = Proc([PY, "-m", "distserve", "router", "--host", "127.0.0.1", "--port", str(port), "--etcd", ",".join(etcd),
-                 "--cluster", cluster], ROUTER_CPUS, f"{tag}-router")
+    proc = Proc(
+        [
+            PY,
+            "-m",
+            "distserve",
+            "router",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--etcd",
+            ",".join(etcd),
+            "--cluster",
+            cluster,
+        ],
+        ROUTER_CPUS,
+        f"{tag}-router",
+    )
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -253,8 +328,9 @@ def lmdeploy_available() -> str | None:
     if cmd is None:
         return "not installed"
     py = cmd[0] if cmd[0] == PY else str(LMD_VENV / "bin" / "python")
-    r = subprocess.run([py, "-c", "import lmdeploy.serve.proxy.proxy"], capture_output=True, text=True,
-                       env=bench_env())
+    r = subprocess.run(
+        [py, "-c", "import lmdeploy.serve.proxy.proxy"], capture_output=True, text=True, env=bench_env()
+    )
     return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["import failed"])[-1]
 
 
@@ -263,7 +339,9 @@ def bench_env() -> dict:
     env = dict(os.environ)
     if (DEVICE / "site").is_dir():
         extra = [str(DEVICE / "site"), str(DEVICE / "lmdeploy_root"), str(REPO)]
-        env["PYTHONPATH"] = os.pathsep.join(extra + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+        env["PYTHONPATH"] = os.pathsep.join(
+            extra + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        )
         etcd = DEVICE / "etcd"
         if etcd.exists():
             env["DISTSERVE_ETCD_BINARY"] = str(etcd)
@@ -277,12 +355,16 @@ def install_lmdeploy() -> str | None:
     BENCH.mkdir(exist_ok=True)
     base_python = os.path.realpath(PY)
     pip = [str(LMD_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    torch_wheels = sorted(Path("/opt/wheels").glob(f"torch-*+cpu-cp{sys.version_info[0]}{sys.version_info[1]}-*.whl"))
-    steps = [[base_python, "-m", "venv", str(LMD_VENV)],
-             [*pip, "--no-deps", f"lmdeploy=={LMD_VERSION}"],
-             [*pip, "--no-deps", str(torch_wheels[-1]) if torch_wheels else "torch"]
-             + ([] if torch_wheels else ["--index-url", "https://download.pytorch.org/whl/cpu"]),
-             [*pip, *LMD_PROXY_DEPS]]
+    torch_wheels = sorted(
+        Path("/opt/wheels").glob(f"torch-*+cpu-cp{sys.version_info[0]}{sys.version_info[1]}-*.whl")
+    )
+    steps = [
+        [base_python, "-m", "venv", str(LMD_VENV)],
+        [*pip, "--no-deps", f"lmdeploy=={LMD_VERSION}"],
+        [*pip, "--no-deps", str(torch_wheels[-1]) if torch_wheels else "torch"]
+        + ([] if torch_wheels else ["--index-url", "https://download.pytorch.org/whl/cpu"]),
+        [*pip, *LMD_PROXY_DEPS],
+    ]
     for step in steps:
         print("[bench] " + " ".join(step), file=sys.stderr)
         r = subprocess.run(step, capture_output=True, text=True)
@@ -293,10 +375,29 @@ def install_lmdeploy() -> str | None:
 
 def start_proxy(tag: str) -> tuple[Proc, str]:
     port = free_port()
-    proc = Proc([*lmdeploy_command(), "serve", "proxy", "--server-name", "127.0.0.1", "--server-port", str(port),
-                 "--serving-strategy", "DistServe", "--routing-strategy", "min_expected_latency",
-                 "--disable-cache-status", "--migration-protocol", "RDMA", "--log-level", "WARNING"],
-                ROUTER_CPUS, f"{tag}-proxy", env=bench_env())
+    proc = Proc(
+        [
+            *lmdeploy_command(),
+            "serve",
+            "proxy",
+            "--server-name",
+            "127.0.0.1",
+            "--server-port",
+            str(port),
+            "--serving-strategy",
+            "DistServe",
+            "--routing-strategy",
+            "min_expected_latency",
+            "--disable-cache-status",
+            "--migration-protocol",
+            "RDMA",
+            "--log-level",
+            "WARNING",
+        ],
+        ROUTER_CPUS,
+        f"{tag}-proxy",
+        env=bench_env(),
+    )
     return proc, f"http://127.0.0.1:{port}"
 
 
@@ -304,8 +405,9 @@ async def register_with_proxy(session, proxy: str, engines: Engines) -> None:
     """What `api_server --proxy-url` does at its start-up: POST /nodes/add (role Prefill=2, Decode=3)."""
     for urls, role in ((engines.prefills, 2), (engines.decodes, 3)):
         for url in urls:
-            async with session.post(f"{proxy}/nodes/add", json={"url": url, "status": {"models": [MODEL],
-                                                                                       "role": role}}) as r:
+            async with session.post(
+                f"{proxy}/nodes/add", json={"url": url, "status": {"models": [MODEL], "role": role}}
+            ) as r:
                 await r.read()
 
 
@@ -316,14 +418,41 @@ async def register_with_proxy(session, proxy: str, engines: Engines) -> None:
 # TurboMind extension is not needed by the proxy and is left out).
 DEVICE_WHEELS = [
     # router, agents and null engines
-    "pydantic==2.14.4", "pydantic-core==2.50.5", "annotated-types==0.8.0", "typing-inspection==0.4.5",
-    "typing-extensions==4.16.0", "orjson==3.13.0", "uvloop==0.23.0", "etcd3aio==0.3.0", "tenacity==9.2.1",
+    "pydantic==2.14.4",
+    "pydantic-core==2.50.5",
+    "annotated-types==0.8.0",
+    "typing-inspection==0.4.5",
+    "typing-extensions==4.16.0",
+    "orjson==3.13.0",
+    "uvloop==0.23.0",
+    "etcd3aio==0.3.0",
+    "tenacity==9.2.1",
     # lmdeploy's proxy
-    "fastapi==0.165.0", "starlette==1.10.0", "annotated-doc==0.0.7", "anyio==4.16.0", "h11==0.16.0",
-    "click==8.5.1", "uvicorn==0.54.0", "shortuuid==1.0.13", "pybase64==1.5.1", "mmengine-lite==0.10.7",
-    "addict==2.4.0", "termcolor==3.3.0", "yapf==0.43.0", "platformdirs==4.14.8", "rich==15.0.0",
-    "markdown-it-py==4.3.0", "mdurl==0.1.2", "pygments==2.21.0", "psutil==7.2.2", "pyyaml==6.0.4",
-    "requests==2.34.2", "urllib3==2.8.0", "certifi==2026.10.19.post1", "charset-normalizer==3.5.2", "idna==3.20",
+    "fastapi==0.165.0",
+    "starlette==1.10.0",
+    "annotated-doc==0.0.7",
+    "anyio==4.16.0",
+    "h11==0.16.0",
+    "click==8.5.1",
+    "uvicorn==0.54.0",
+    "shortuuid==1.0.13",
+    "pybase64==1.5.1",
+    "mmengine-lite==0.10.7",
+    "addict==2.4.0",
+    "termcolor==3.3.0",
+    "yapf==0.43.0",
+    "platformdirs==4.14.8",
+    "rich==15.0.0",
+    "markdown-it-py==4.3.0",
+    "mdurl==0.1.2",
+    "pygments==2.21.0",
+    "psutil==7.2.2",
+    "pyyaml==6.0.4",
+    "requests==2.34.2",
+    "urllib3==2.8.0",
+    "certifi==2026.10.19.post1",
+    "charset-normalizer==3.5.2",
+    "idna==3.20",
 ]
 
 
@@ -335,10 +464,37 @@ def device_bundle() -> int:
 
     wheels = DEVICE / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
-    cmd = [PY, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps", "--only-binary=:all:",
-           "--python-version", "3.12", "--implementation", "cp", "--abi", "cp312", "--abi", "abi3", "--abi", "none",
-           "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64",
-           "--platform", "manylinux2014_x86_64", "--platform", "any", "-d", str(wheels), *DEVICE_WHEELS]
+    cmd = [
+        PY,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--disable-pip-version-check",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        "3.12",
+        "--implementation",
+        "cp",
+        "--abi",
+        "cp312",
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+        "--platform",
+        "manylinux_2_28_x86_64",
+        "--platform",
+        "manylinux_2_17_x86_64",
+        "--platform",
+        "manylinux2014_x86_64",
+        "--platform",
+        "any",
+        "-d",
+        str(wheels),
+        *DEVICE_WHEELS,
+    ]
     subprocess.run(cmd, check=True)
     from discovery.embedded import etcd_binary
 
@@ -346,14 +502,29 @@ def device_bundle() -> int:
         shutil.copyfileobj(src, dst)
     lmd_wheel = sorted((BENCH / "wheels").glob(f"lmdeploy-{LMD_VERSION}-*.whl"))
     if not lmd_wheel:
-        subprocess.run([PY, "-m", "pip", "download", "-q", "--no-deps", f"lmdeploy=={LMD_VERSION}", "-d",
-                        str(BENCH / "wheels")], check=True)
+        subprocess.run(
+            [
+                PY,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                f"lmdeploy=={LMD_VERSION}",
+                "-d",
+                str(BENCH / "wheels"),
+            ],
+            check=True,
+        )
         lmd_wheel = sorted((BENCH / "wheels").glob(f"lmdeploy-{LMD_VERSION}-*.whl"))
     with zipfile.ZipFile(lmd_wheel[-1]) as z, tarfile.open(DEVICE / "lmdeploy.tar.gz", "w:gz") as tar:
         for info in z.infolist():
             name = info.filename
-            if not name.startswith("lmdeploy/") or "/turbomind/" in name and (name.endswith(".so") or
-                                                                              name.endswith(".a")):
+            if (
+                not name.startswith("lmdeploy/")
+                or "/turbomind/" in name
+                and (name.endswith(".so") or name.endswith(".a"))
+            ):
                 continue
             data = z.read(info)
             ti = tarfile.TarInfo(name)
@@ -370,8 +541,22 @@ def device_setup() -> int:
     import tarfile
 
     site = DEVICE / "site"
-    subprocess.run([PY, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-index", "--no-deps",
-                    "--target", str(site), *sorted(str(w) for w in (DEVICE / "wheels").glob("*.whl"))], check=True)
+    subprocess.run(
+        [
+            PY,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            "--no-index",
+            "--no-deps",
+            "--target",
+            str(site),
+            *sorted(str(w) for w in (DEVICE / "wheels").glob("*.whl")),
+        ],
+        check=True,
+    )
     with gzip.open(DEVICE / "etcd.gz", "rb") as src, open(DEVICE / "etcd", "wb") as dst:
         shutil.copyfileobj(src, dst)
     os.chmod(DEVICE / "etcd", 0o755)
@@ -389,7 +574,13 @@ class Client:
         import orjson
 
         self.session, self.mode, self.stream = session, mode, stream
-        self.body = {"model": MODEL, "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": stream}
+        self.body = {
+            "model": MODEL,
+            "prompt": PROMPT,
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            "stream": stream,
+        }
         self.raw = orjson.dumps(self.body)
         self.orjson = orjson
         if mode == "direct":
@@ -405,21 +596,31 @@ class Client:
         if self.mode != "direct":
             async with s.post(self.url, data=self.raw, headers={"Content-Type": "application/json"}) as r:
                 data = await r.read()
-            ok = r.status == 200 and (data.rstrip().endswith(b"[DONE]") if self.stream else b'"choices"' in data)
+            ok = r.status == 200 and (
+                data.rstrip().endswith(b"[DONE]") if self.stream else b'"choices"' in data
+            )
             if not ok or b'"error' in data:
                 raise RuntimeError(f"{self.mode}: HTTP {r.status} {data[:200]!r}")
             return
         self.i += 1
         p = self.prefills[self.i % len(self.prefills)]
         d = self.decodes[self.i % len(self.decodes)]
-        async with s.post(f"{p}/v1/completions", data=self.prefill_raw,
-                          headers={"Content-Type": "application/json"}) as r:
+        async with s.post(
+            f"{p}/v1/completions", data=self.prefill_raw, headers={"Content-Type": "application/json"}
+        ) as r:
             pre = self.orjson.loads(await r.read())
-        mig = {"protocol": 2, "remote_engine_id": p, "remote_session_id": pre["remote_session_id"],
-               "remote_token_id": pre["remote_token_ids"][0], "remote_block_ids": pre["cache_block_ids"],
-               "is_dummy_prefill": False}
+        mig = {
+            "protocol": 2,
+            "remote_engine_id": p,
+            "remote_session_id": pre["remote_session_id"],
+            "remote_token_id": pre["remote_token_ids"][0],
+            "remote_block_ids": pre["cache_block_ids"],
+            "is_dummy_prefill": False,
+        }
         body = self.raw[:-1] + b',"migration_request":' + self.orjson.dumps(mig) + b"}"
-        async with s.post(f"{d}/v1/completions", data=body, headers={"Content-Type": "application/json"}) as r:
+        async with s.post(
+            f"{d}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        ) as r:
             data = await r.read()
         if r.status != 200:
             raise RuntimeError(f"direct decode: HTTP {r.status} {data[:200]!r}")
@@ -473,8 +674,16 @@ def _run(coro):
         return asyncio.run(coro)
 
 
-async def measure(session, mode: str, target, stream: bool, concurrency: int, duration: float, clients: int,
-                  proc: Proc | None) -> tuple[list[float], float, float]:
+async def measure(
+    session,
+    mode: str,
+    target,
+    stream: bool,
+    concurrency: int,
+    duration: float,
+    clients: int,
+    proc: Proc | None,
+) -> tuple[list[float], float, float]:
     """Closed loop at `concurrency`: (latencies, wall seconds, CPU seconds of `proc`)."""
     if clients <= 1 or concurrency < clients:
         client = Client(session, mode, target, stream)
@@ -486,8 +695,14 @@ async def measure(session, mode: str, target, stream: bool, concurrency: int, du
     share = [concurrency // clients + (1 if i < concurrency % clients else 0) for i in range(clients)]
     workers = []
     for c in share:
-        spec = {"mode": mode, "target": target, "stream": stream, "concurrency": c, "duration": duration,
-                "start_at": start_at}
+        spec = {
+            "mode": mode,
+            "target": target,
+            "stream": stream,
+            "concurrency": c,
+            "duration": duration,
+            "start_at": start_at,
+        }
         cmd = [PY, __file__, "--load-worker", json.dumps(spec)]
         if shutil.which("taskset"):
             cmd = ["taskset", "-c", OTHER_CPUS, *cmd]
@@ -510,8 +725,11 @@ def pct(values: list[float], q: float) -> float:
 def new_session():
     import aiohttp
 
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
-                                 timeout=aiohttp.ClientTimeout(total=60), skip_auto_headers=("User-Agent",))
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60),
+        timeout=aiohttp.ClientTimeout(total=60),
+        skip_auto_headers=("User-Agent",),
+    )
 
 
 # ------------------------------------------------------------------------------------------ scenarios
@@ -539,16 +757,29 @@ async def steady_state(args, etcd: list[str], results: dict, proxy_ok: bool) -> 
                 for concurrency in args.concurrency:
                     for stream in (False, True):
                         for mode, (target, proc) in fronts.items():
-                            lat, wall, cpu = await measure(session, mode, target, stream, concurrency,
-                                                           args.duration, args.clients, proc)
-                            rows.append({"rep": rep, "mode": mode, "stream": stream, "concurrency": concurrency,
-                                         "n": len(lat), "rps": len(lat) / wall, "p50": pct(lat, 50),
-                                         "p99": pct(lat, 99), "cpu_ms_per_req": 1000 * cpu / max(1, len(lat)),
-                                         "cpu_util": cpu / wall})
-                            print(f"[bench] rep {rep} c={concurrency} stream={stream} {mode}: "
-                                  f"{rows[-1]['rps']:.0f} req/s p50 {rows[-1]['p50'] * 1e3:.2f} ms "
-                                  f"p99 {rows[-1]['p99'] * 1e3:.2f} ms cpu {rows[-1]['cpu_ms_per_req']:.2f} ms/req",
-                                  file=sys.stderr)
+                            lat, wall, cpu = await measure(
+                                session, mode, target, stream, concurrency, args.duration, args.clients, proc
+                            )
+                            rows.append(
+                                {
+                                    "rep": rep,
+                                    "mode": mode,
+                                    "stream": stream,
+                                    "concurrency": concurrency,
+                                    "n": len(lat),
+                                    "rps": len(lat) / wall,
+                                    "p50": pct(lat, 50),
+                                    "p99": pct(lat, 99),
+                                    "cpu_ms_per_req": 1000 * cpu / max(1, len(lat)),
+                                    "cpu_util": cpu / wall,
+                                }
+                            )
+                            print(
+                                f"[bench] rep {rep} c={concurrency} stream={stream} {mode}: "
+                                f"{rows[-1]['rps']:.0f} req/s p50 {rows[-1]['p50'] * 1e3:.2f} ms "
+                                f"p99 {rows[-1]['p99'] * 1e3:.2f} ms cpu {rows[-1]['cpu_ms_per_req']:.2f} ms/req",
+                                file=sys.stderr,
+                            )
     finally:
         for p in (router, proxy):
             if p:
@@ -561,8 +792,9 @@ async def first_success(session, url: str, timeout: float = 60.0) -> float:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            async with session.post(f"{url}/v1/completions", data=body,
-                                    headers={"Content-Type": "application/json"}) as r:
+            async with session.post(
+                f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+            ) as r:
                 data = await r.read()
                 if r.status == 200 and b'"choices"' in data and b"error" not in data:
                     return time.perf_counter()
@@ -576,7 +808,7 @@ async def first_success(session, url: str, timeout: float = 60.0) -> float:
 async def cold_start(args, etcd: list[str], results: dict, proxy_ok: bool) -> None:
     rows = results.setdefault("cold", [])
     for size in args.cold_sizes:
-        for mode in (["distserve", "lmdeploy"] if proxy_ok else ["distserve"]):
+        for mode in ["distserve", "lmdeploy"] if proxy_ok else ["distserve"]:
             cluster = f"bench-cold-{size}-{mode}"
             engines = Engines(size, etcd if mode == "distserve" else None, cluster, f"cold{size}")
             proc = None
@@ -590,7 +822,9 @@ async def cold_start(args, etcd: list[str], results: dict, proxy_ok: bool) -> No
                     else:
                         proc, url = start_proxy(f"cold{size}")
                     t0 = proc.started
-                    if mode == "lmdeploy":  # engines register themselves when they (re)start: do it as they would
+                    if (
+                        mode == "lmdeploy"
+                    ):  # engines register themselves when they (re)start: do it as they would
                         while True:
                             try:
                                 await register_with_proxy(session, url, engines)
@@ -601,10 +835,22 @@ async def cold_start(args, etcd: list[str], results: dict, proxy_ok: bool) -> No
                     at_first = handshakes(engines.urls) - before
                     lat = await burst(Client(session, mode, url, False), 256)
                     after = handshakes(engines.urls) - before
-                rows.append({"size": size, "mode": mode, "first_success_s": t1 - t0, "handshakes_first": at_first,
-                             "handshakes_after_burst": after, "burst_p99": pct(lat, 99), "burst_p50": pct(lat, 50)})
-                print(f"[bench] cold {size}x{size} {mode}: first success {t1 - t0:.3f} s, handshakes {at_first:.0f}"
-                      f" -> {after:.0f} after burst, burst p99 {pct(lat, 99) * 1e3:.1f} ms", file=sys.stderr)
+                rows.append(
+                    {
+                        "size": size,
+                        "mode": mode,
+                        "first_success_s": t1 - t0,
+                        "handshakes_first": at_first,
+                        "handshakes_after_burst": after,
+                        "burst_p99": pct(lat, 99),
+                        "burst_p50": pct(lat, 50),
+                    }
+                )
+                print(
+                    f"[bench] cold {size}x{size} {mode}: first success {t1 - t0:.3f} s, handshakes {at_first:.0f}"
+                    f" -> {after:.0f} after burst, burst p99 {pct(lat, 99) * 1e3:.1f} ms",
+                    file=sys.stderr,
+                )
             finally:
                 if proc:
                     proc.kill()
@@ -616,33 +862,57 @@ def report(results: dict) -> str:
     out = []
     steady = results.get("steady", [])
     if steady:
-        out.append("| stream | concurrency | mode | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | "
-                   "router CPU-ms/req | router CPU use |")
+        out.append(
+            "| stream | concurrency | mode | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | "
+            "router CPU-ms/req | router CPU use |"
+        )
         out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         keys = sorted({(r["stream"], r["concurrency"]) for r in steady})
         for stream, conc in keys:
             med = {}
             for mode in ("direct", "distserve", "lmdeploy"):
-                rs = [r for r in steady if r["stream"] == stream and r["concurrency"] == conc and r["mode"] == mode]
+                rs = [
+                    r
+                    for r in steady
+                    if r["stream"] == stream and r["concurrency"] == conc and r["mode"] == mode
+                ]
                 if rs:
-                    med[mode] = {k: statistics.median(r[k] for r in rs)
-                                 for k in ("rps", "p50", "p99", "cpu_ms_per_req", "cpu_util")}
+                    med[mode] = {
+                        k: statistics.median(r[k] for r in rs)
+                        for k in ("rps", "p50", "p99", "cpu_ms_per_req", "cpu_util")
+                    }
             for mode, m in med.items():
-                added = ("-", "-") if mode == "direct" else (f"{(m['p50'] - med['direct']['p50']) * 1e3:.2f}",
-                                                             f"{(m['p99'] - med['direct']['p99']) * 1e3:.2f}")
-                cpu = ("-", "-") if mode == "direct" else (f"{m['cpu_ms_per_req']:.2f}", f"{m['cpu_util'] * 100:.0f}%")
-                out.append(f"| {'yes' if stream else 'no'} | {conc} | {mode} | {m['rps']:.0f} | {m['p50'] * 1e3:.2f} | "
-                           f"{m['p99'] * 1e3:.2f} | {added[0]} | {added[1]} | {cpu[0]} | {cpu[1]} |")
+                added = (
+                    ("-", "-")
+                    if mode == "direct"
+                    else (
+                        f"{(m['p50'] - med['direct']['p50']) * 1e3:.2f}",
+                        f"{(m['p99'] - med['direct']['p99']) * 1e3:.2f}",
+                    )
+                )
+                cpu = (
+                    ("-", "-")
+                    if mode == "direct"
+                    else (f"{m['cpu_ms_per_req']:.2f}", f"{m['cpu_util'] * 100:.0f}%")
+                )
+                out.append(
+                    f"| {'yes' if stream else 'no'} | {conc} | {mode} | {m['rps']:.0f} | {m['p50'] * 1e3:.2f} | "
+                    f"{m['p99'] * 1e3:.2f} | {added[0]} | {added[1]} | {cpu[0]} | {cpu[1]} |"
+                )
     cold = results.get("cold", [])
     if cold:
         out.append("")
-        out.append("| engines | front end | process start -> first PD success | handshake calls (p2p_initialize) "
-                   "at first success / after burst | burst of 256: p50 / p99 |")
+        out.append(
+            "| engines | front end | process start -> first PD success | handshake calls (p2p_initialize) "
+            "at first success / after burst | burst of 256: p50 / p99 |"
+        )
         out.append("| --- | --- | --- | --- | --- |")
         for r in cold:
-            out.append(f"| {r['size']}x{r['size']} | {r['mode']} | {r['first_success_s']:.3f} s | "
-                       f"{r['handshakes_first']:.0f} / {r['handshakes_after_burst']:.0f} | "
-                       f"{r['burst_p50'] * 1e3:.1f} / {r['burst_p99'] * 1e3:.1f} ms |")
+            out.append(
+                f"| {r['size']}x{r['size']} | {r['mode']} | {r['first_success_s']:.3f} s | "
+                f"{r['handshakes_first']:.0f} / {r['handshakes_after_burst']:.0f} | "
+                f"{r['burst_p50'] * 1e3:.1f} / {r['burst_p99'] * 1e3:.1f} ms |"
+            )
     return "\n".join(out)
 
 
@@ -658,19 +928,27 @@ async def amain(args) -> int:
     others = {int(c) for c in OTHER_CPUS.split(",")}
     os.sched_setaffinity(etcd.pid, others)
     os.sched_setaffinity(0, others)
-    results: dict = {"machine": f"{platform.node()} {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
-                     "python": platform.python_version(), "lmdeploy": LMD_VERSION if proxy_ok else f"not run: {why}",
-                     "args": vars(args)}
+    results: dict = {
+        "machine": f"{platform.node()} {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
+        "python": platform.python_version(),
+        "lmdeploy": LMD_VERSION if proxy_ok else f"not run: {why}",
+        "args": vars(args),
+    }
+    failed = False
     try:
-        if "steady" in args.scenarios:
-            await steady_state(args, etcd.endpoints, results, proxy_ok)
-        if "cold" in args.scenarios:
-            await cold_start(args, etcd.endpoints, results, proxy_ok)
+        for name, scenario in (("steady", steady_state), ("cold", cold_start)):
+            if name in args.scenarios:
+                try:
+                    await scenario(args, etcd.endpoints, results, proxy_ok)
+                except Exception as exc:  # noqa: BLE001 - keep what the other scenarios measured
+                    failed = True
+                    results.setdefault("errors", []).append(f"{name}: {type(exc).__name__}: {exc}")
+                    print(f"[bench] {name} failed: {exc}", file=sys.stderr)
     finally:
         etcd.stop()
-    (BENCH / "bench_router.json").write_text(json.dumps(results, indent=1))
+        (BENCH / "bench_router.json").write_text(json.dumps(results, indent=1))
     print(report(results))
-    return 0
+    return 1 if failed else 0
 
 
 def main() -> int:
@@ -695,8 +973,12 @@ def main() -> int:
     p.add_argument("--skip-lmdeploy", action="store_true", help="do not install or run LMDeploy's proxy")
     p.add_argument("--quick", action="store_true", help="one short repeat (smoke run)")
     p.add_argument("--clients", type=int, default=4 if big else 1, help="load-generating processes")
-    p.add_argument("--steady-engines", type=int, default=4 if big else 1,
-                   help="prefills (and as many decodes) in the steady-state runs")
+    p.add_argument(
+        "--steady-engines",
+        type=int,
+        default=4 if big else 1,
+        help="prefills (and as many decodes) in the steady-state runs",
+    )
     args = p.parse_args()
     if args.quick:
         args.duration, args.repeats = 1.0, 1

@@ -24,20 +24,26 @@ from distserve.keys import Keys, sanitize_id
 from distserve.records import RoutingConfig
 from distserve.router.breaker import CircuitBreakers
 from distserve.router.errors import ApiError
+from distserve.router.http1 import EnginePool
 from distserve.router.load import LoadTracker
 from distserve.router.metrics import RouterMetrics
 from distserve.router.orchestrator import Orchestrator, Routing
 from distserve.router.settings import RouterSettings
 from distserve.router.strategies import make_strategy
-from distserve.router.http1 import EnginePool
 from distserve.router.validation import CHAT, COMPLETIONS, parse_json_object, validate_request
 
 log = logging.getLogger("distserve.router")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _HEADER_SAFE = re.compile(r"^[\x21-\x7e]{1,4096}$")
-ROUTES = {"/v1/completions": "POST", "/v1/chat/completions": "POST", "/v1/models": "GET", "/health": "GET",
-          "/health/ready": "GET", "/metrics": "GET"}
+ROUTES = {
+    "/v1/completions": "POST",
+    "/v1/chat/completions": "POST",
+    "/v1/models": "GET",
+    "/health": "GET",
+    "/health/ready": "GET",
+    "/metrics": "GET",
+}
 
 
 class Router:
@@ -56,14 +62,28 @@ class Router:
         self._engine_headers = b"Content-Type: application/json\r\n" + auth
         self._pool: EnginePool | None = None
         self.load = LoadTracker()
-        self.breakers = CircuitBreakers(self._get_pool, auth, s.breaker_probe_interval, s.breaker_probe_max_interval,
-                                        on_change=lambda: self.view.invalidate())
+        self.breakers = CircuitBreakers(
+            self._get_pool,
+            auth,
+            s.breaker_probe_interval,
+            s.breaker_probe_max_interval,
+            on_change=lambda: self.view.invalidate(),
+        )
         from distserve.router.view import ClusterView
 
-        self.view = ClusterView(etcd_client, self.keys, self.breakers, self.load, self.metrics, self._on_config)
+        self.view = ClusterView(
+            etcd_client, self.keys, self.breakers, self.load, self.metrics, self._on_config
+        )
         self._routing = self._make_routing(None)
-        self.orchestrator = Orchestrator(s, self.view, self.metrics, self._get_pool, lambda: self._routing,
-                                         self.spawn, self._engine_headers)
+        self.orchestrator = Orchestrator(
+            s,
+            self.view,
+            self.metrics,
+            self._get_pool,
+            lambda: self._routing,
+            self.spawn,
+            self._engine_headers,
+        )
         self._tasks: set[asyncio.Task] = set()
         self.in_flight = 0
         self.requests_total = 0
@@ -93,8 +113,12 @@ class Router:
             return
         self._routing = routing
         self.metrics.config_reloads.inc()
-        log.info("routing: strategy %s, %d weights, params %s", routing.entry.name, len(routing.weights),
-                 routing.params)
+        log.info(
+            "routing: strategy %s, %d weights, params %s",
+            routing.entry.name,
+            len(routing.weights),
+            routing.params,
+        )
 
     @property
     def strategy_name(self) -> str:
@@ -129,7 +153,9 @@ class Router:
         self._get_pool()
         await self.view.start()
         if not await self.view.wait_synced(s.sync_timeout):
-            log.warning("view not synced with etcd after %.1fs: serving, not ready until it is", s.sync_timeout)
+            log.warning(
+                "view not synced with etcd after %.1fs: serving, not ready until it is", s.sync_timeout
+            )
             self.spawn(self._wait_sync_forever())
         self._runner = web.AppRunner(self.build_app(), handler_cancellation=True, access_log=None)
         await self._runner.setup()
@@ -146,8 +172,16 @@ class Router:
             self.url = f"http://{host}:{port}"
         from distserve.router.registration import Registration
 
-        self._registration = Registration(self.etcd, self.keys, self.router_id, self.url, __version__,
-                                          s.lease_ttl, s.record_refresh_interval, self._counters)
+        self._registration = Registration(
+            self.etcd,
+            self.keys,
+            self.router_id,
+            self.url,
+            __version__,
+            s.lease_ttl,
+            s.record_refresh_interval,
+            self._counters,
+        )
         try:
             await self._registration.start()
         except Exception as exc:  # noqa: BLE001 - visibility only; serving does not depend on it
@@ -194,8 +228,12 @@ class Router:
         return ok
 
     def _auth_error(self) -> ApiError:
-        return ApiError(401, "missing or invalid API key (send Authorization: Bearer <key>)", "invalid_api_key",
-                        headers={"WWW-Authenticate": "Bearer"})
+        return ApiError(
+            401,
+            "missing or invalid API key (send Authorization: Bearer <key>)",
+            "invalid_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
     @staticmethod
     def _request_id(request: web.Request) -> str:
@@ -208,12 +246,15 @@ class Router:
         limit = self.settings.max_body_bytes
         length = request.content_length
         if length is not None and length > limit:
-            raise ApiError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes",
-                           "request_too_large")
+            raise ApiError(
+                413, f"request body of {length} bytes exceeds the limit of {limit} bytes", "request_too_large"
+            )
         try:
             return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", "request_too_large") from None
+            raise ApiError(
+                413, f"request body exceeds the limit of {limit} bytes", "request_too_large"
+            ) from None
 
     # ------------------------------------------------------------------ handlers
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -236,8 +277,12 @@ class Router:
             if self._closing:
                 raise ApiError(503, "the router is shutting down", "shutting_down")
             if limit and self.in_flight > limit:
-                raise ApiError(429, f"too many requests in flight on this router (limit {limit})", "rate_limited",
-                               headers={"Retry-After": "1"})
+                raise ApiError(
+                    429,
+                    f"too many requests in flight on this router (limit {limit})",
+                    "rate_limited",
+                    headers={"Retry-After": "1"},
+                )
             raw = await self._read_body(request)
             body = parse_json_object(raw)
             model = validate_request(kind, body)
@@ -269,18 +314,35 @@ class Router:
             self.metrics.requests.inc((path, status))
             self.metrics.latency.observe(elapsed, (path,))
             if log.isEnabledFor(logging.INFO):
-                log.info("request %s %s -> %s in %.1f ms via %s", rid, path, status, elapsed * 1000,
-                         request.get("engines", "-"))
+                log.info(
+                    "request %s %s -> %s in %.1f ms via %s",
+                    rid,
+                    path,
+                    status,
+                    elapsed * 1000,
+                    request.get("engines", "-"),
+                )
 
     async def models(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return self._auth_error().response()
         created = int(time.time())
-        data = [{"id": m, "object": "model", "created": created, "owned_by": "distserve", "root": m,
-                 "parent": None, "permission": []}
-                for m in self.view.table().topology.models()]
+        data = [
+            {
+                "id": m,
+                "object": "model",
+                "created": created,
+                "owned_by": "distserve",
+                "root": m,
+                "parent": None,
+                "permission": [],
+            }
+            for m in self.view.table().topology.models()
+        ]
         self.metrics.requests.inc(("/v1/models", 200))
-        return web.Response(body=orjson.dumps({"object": "list", "data": data}), content_type="application/json")
+        return web.Response(
+            body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"
+        )
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(body=b'{"status":"ok"}', content_type="application/json")
@@ -290,24 +352,43 @@ class Router:
             return ApiError(503, "not ready: the view is not synced with etcd yet", "not_synced").response()
         table = self.view.table()
         if not table.has_path:
-            return ApiError(503, "not ready: no routable prefill->decode path or hybrid engine",
-                            "no_route").response()
+            return ApiError(
+                503, "not ready: no routable prefill->decode path or hybrid engine", "no_route"
+            ).response()
         topo = table.topology
-        return web.Response(body=orjson.dumps({
-            "status": "ready", "prefill": len(topo.routable_prefills), "decode": len(topo.routable_decodes),
-            "hybrid": len(topo.routable_hybrids), "models": sorted(table.entries),
-            "revision": self.view.revision, "strategy": self.strategy_name}), content_type="application/json")
+        return web.Response(
+            body=orjson.dumps(
+                {
+                    "status": "ready",
+                    "prefill": len(topo.routable_prefills),
+                    "decode": len(topo.routable_decodes),
+                    "hybrid": len(topo.routable_hybrids),
+                    "models": sorted(table.entries),
+                    "revision": self.view.revision,
+                    "strategy": self.strategy_name,
+                }
+            ),
+            content_type="application/json",
+        )
 
     async def prometheus(self, request: web.Request) -> web.Response:
         if not self._authorized(request):
             return self._auth_error().response()
         self.view.table()  # refresh the topology gauges
-        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8",
-                            headers={"X-Prometheus-Format": "0.0.4"})
+        return web.Response(
+            body=self.metrics.render(),
+            content_type="text/plain",
+            charset="utf-8",
+            headers={"X-Prometheus-Format": "0.0.4"},
+        )
 
     async def not_found(self, request: web.Request) -> web.Response:
         allowed = ROUTES.get(request.path)
         if allowed:
-            return ApiError(405, f"{request.method} is not allowed on {request.path} (use {allowed})",
-                            "method_not_allowed", headers={"Allow": allowed}).response()
+            return ApiError(
+                405,
+                f"{request.method} is not allowed on {request.path} (use {allowed})",
+                "method_not_allowed",
+                headers={"Allow": allowed},
+            ).response()
         return ApiError(404, f"no route {request.method} {request.path}", "not_found").response()

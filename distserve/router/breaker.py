@@ -17,8 +17,14 @@ log = logging.getLogger("distserve.router.breaker")
 
 
 class CircuitBreakers:
-    def __init__(self, pool_getter: Callable, auth_header: bytes, probe_interval: float = 0.5,
-                 probe_max_interval: float = 5.0, on_change: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        pool_getter: Callable,
+        auth_header: bytes,
+        probe_interval: float = 0.5,
+        probe_max_interval: float = 5.0,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
         self._pool = pool_getter
         self._headers = auth_header
         self._probe_interval = probe_interval
@@ -66,8 +72,9 @@ class CircuitBreakers:
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             resp = None
             try:
-                resp = await asyncio.wait_for(self._pool().request(url, b"GET", b"/health", b"", self._headers),
-                                              timeout)
+                resp = await asyncio.wait_for(
+                    self._pool().request(url, b"GET", b"/health", b"", self._headers), timeout
+                )
                 await asyncio.wait_for(resp.read(), timeout)
                 if resp.status == 200:
                     self._close(engine_id, "health probe answered")

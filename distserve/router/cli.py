@@ -26,35 +26,72 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=d.port, help="port to listen on; 0 picks a free one")
     EtcdConfig.add_arguments(parser)
     parser.add_argument("--cluster", default=d.cluster, help="cluster name in the etcd key schema")
-    parser.add_argument("--strategy", default=d.strategy, choices=sorted(STRATEGIES),
-                        help="routing strategy until etcd's config/routing sets one (default %(default)s)")
-    parser.add_argument("--api-keys", nargs="+", default=None, metavar="KEY",
-                        help=f"client API keys (Bearer); also ${ENV_API_KEYS} (comma-separated); none = open")
-    parser.add_argument("--cluster-token", default=None,
-                        help=f"token sent to engines as a Bearer key (or ${ENV_CLUSTER_TOKEN})")
+    parser.add_argument(
+        "--strategy",
+        default=d.strategy,
+        choices=sorted(STRATEGIES),
+        help="routing strategy until etcd's config/routing sets one (default %(default)s)",
+    )
+    parser.add_argument(
+        "--api-keys",
+        nargs="+",
+        default=None,
+        metavar="KEY",
+        help=f"client API keys (Bearer); also ${ENV_API_KEYS} (comma-separated); none = open",
+    )
+    parser.add_argument(
+        "--cluster-token",
+        default=None,
+        help=f"token sent to engines as a Bearer key (or ${ENV_CLUSTER_TOKEN})",
+    )
     parser.add_argument("--router-id", default=None, help="id under routers/ (default <hostname>-<port>)")
-    parser.add_argument("--advertise-url", default=None, help="URL recorded in etcd (default http://host:port)")
-    parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
-                        help="client bodies above this get 413 (default %(default)s)")
-    parser.add_argument("--max-in-flight", type=int, default=d.max_in_flight,
-                        help="requests in flight above which new ones get 429 (0 = unbounded)")
+    parser.add_argument(
+        "--advertise-url", default=None, help="URL recorded in etcd (default http://host:port)"
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=d.max_body_bytes,
+        help="client bodies above this get 413 (default %(default)s)",
+    )
+    parser.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=d.max_in_flight,
+        help="requests in flight above which new ones get 429 (0 = unbounded)",
+    )
     g = parser.add_argument_group("timeouts (seconds)")
     g.add_argument("--connect-timeout", type=float, default=d.connect_timeout)
     g.add_argument("--prefill-timeout", type=float, default=d.prefill_timeout)
     g.add_argument("--decode-first-byte-timeout", type=float, default=d.decode_first_byte_timeout)
     g.add_argument("--decode-idle-timeout", type=float, default=d.decode_idle_timeout)
-    g.add_argument("--request-timeout", type=float, default=d.request_timeout,
-                   help="bound on a whole non-streamed request")
+    g.add_argument(
+        "--request-timeout",
+        type=float,
+        default=d.request_timeout,
+        help="bound on a whole non-streamed request",
+    )
     g.add_argument("--free-cache-timeout", type=float, default=d.free_cache_timeout)
     r = parser.add_argument_group("retries and breakers")
-    r.add_argument("--max-prefill-attempts", type=int, default=d.max_prefill_attempts,
-                   help="entry engines (prefill or hybrid) tried per request (default %(default)s)")
-    r.add_argument("--max-decode-attempts", type=int, default=d.max_decode_attempts,
-                   help="decode engines tried per request before the first byte (default %(default)s)")
+    r.add_argument(
+        "--max-prefill-attempts",
+        type=int,
+        default=d.max_prefill_attempts,
+        help="entry engines (prefill or hybrid) tried per request (default %(default)s)",
+    )
+    r.add_argument(
+        "--max-decode-attempts",
+        type=int,
+        default=d.max_decode_attempts,
+        help="decode engines tried per request before the first byte (default %(default)s)",
+    )
     r.add_argument("--breaker-probe-interval", type=float, default=d.breaker_probe_interval)
     parser.add_argument("--lease-ttl", type=float, default=d.lease_ttl, help="TTL of the router's own lease")
-    parser.add_argument("--log-level", default=os.environ.get("DISTSERVE_LOG_LEVEL", "INFO"),
-                        help="DEBUG, INFO (one line per request), WARNING, ERROR")
+    parser.add_argument(
+        "--log-level",
+        default=os.environ.get("DISTSERVE_LOG_LEVEL", "INFO"),
+        help="DEBUG, INFO (one line per request), WARNING, ERROR",
+    )
 
 
 def settings_from_args(args: argparse.Namespace) -> RouterSettings:
@@ -62,18 +99,37 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
     if not api_keys and os.environ.get(ENV_API_KEYS):
         api_keys = [k.strip() for k in os.environ[ENV_API_KEYS].split(",") if k.strip()]
     s = RouterSettings(
-        host=args.host, port=args.port, cluster=args.cluster, router_id=args.router_id,
-        advertise_url=args.advertise_url, strategy=args.strategy, api_keys=api_keys,
+        host=args.host,
+        port=args.port,
+        cluster=args.cluster,
+        router_id=args.router_id,
+        advertise_url=args.advertise_url,
+        strategy=args.strategy,
+        api_keys=api_keys,
         cluster_token=args.cluster_token or os.environ.get(ENV_CLUSTER_TOKEN) or None,
-        max_body_bytes=args.max_body_bytes, max_in_flight=args.max_in_flight,
-        connect_timeout=args.connect_timeout, prefill_timeout=args.prefill_timeout,
-        decode_first_byte_timeout=args.decode_first_byte_timeout, decode_idle_timeout=args.decode_idle_timeout,
-        request_timeout=args.request_timeout, free_cache_timeout=args.free_cache_timeout,
-        max_prefill_attempts=args.max_prefill_attempts, max_decode_attempts=args.max_decode_attempts,
-        breaker_probe_interval=args.breaker_probe_interval, lease_ttl=args.lease_ttl,
+        max_body_bytes=args.max_body_bytes,
+        max_in_flight=args.max_in_flight,
+        connect_timeout=args.connect_timeout,
+        prefill_timeout=args.prefill_timeout,
+        decode_first_byte_timeout=args.decode_first_byte_timeout,
+        decode_idle_timeout=args.decode_idle_timeout,
+        request_timeout=args.request_timeout,
+        free_cache_timeout=args.free_cache_timeout,
+        max_prefill_attempts=args.max_prefill_attempts,
+        max_decode_attempts=args.max_decode_attempts,
+        breaker_probe_interval=args.breaker_probe_interval,
+        lease_ttl=args.lease_ttl,
     )
-    for name in ("connect_timeout", "prefill_timeout", "decode_first_byte_timeout", "decode_idle_timeout",
-                 "request_timeout", "free_cache_timeout", "lease_ttl", "breaker_probe_interval"):
+    for name in (
+        "connect_timeout",
+        "prefill_timeout",
+        "decode_first_byte_timeout",
+        "decode_idle_timeout",
+        "request_timeout",
+        "free_cache_timeout",
+        "lease_ttl",
+        "breaker_probe_interval",
+    ):
         if getattr(s, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0")
     if s.max_prefill_attempts < 1 or s.max_decode_attempts < 1:
@@ -98,8 +154,11 @@ async def serve(settings: RouterSettings, etcd_config) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await router.start()
-        print(f"distserve router {router.router_id} listening on {router.url} "
-              f"(cluster {settings.cluster}, strategy {router.strategy_name})", flush=True)
+        print(
+            f"distserve router {router.router_id} listening on {router.url} "
+            f"(cluster {settings.cluster}, strategy {router.strategy_name})",
+            flush=True,
+        )
         await stop.wait()
         log.info("shutting down")
     finally:
@@ -109,13 +168,15 @@ async def serve(settings: RouterSettings, etcd_config) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    from discovery.client import EtcdError
     from discovery.config import EtcdConfig
 
-    from discovery.client import EtcdError
-
     try:
-        logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(
+            level=args.log_level.upper(),
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
         settings = settings_from_args(args)
         etcd_config = EtcdConfig.from_args(args)
     except ValueError as exc:

@@ -21,8 +21,14 @@ _TYPES = {
 class ApiError(Exception):
     """An error the router answers to its client (never a 200 carrying an error)."""
 
-    def __init__(self, status: int, message: str, code: str, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
@@ -48,5 +54,6 @@ class ApiError(Exception):
         headers = dict(self.headers or {})
         if request_id:
             headers["X-Request-Id"] = request_id
-        return web.Response(status=self.status, body=self.body(), content_type="application/json",
-                            headers=headers)
+        return web.Response(
+            status=self.status, body=self.body(), content_type="application/json", headers=headers
+        )

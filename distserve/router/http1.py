@@ -39,8 +39,19 @@ class _Lost(Exception):
 
 
 class Response:
-    __slots__ = ("status", "headers", "_conn", "_chunks", "_size", "_waiter", "_head", "_done", "_error",
-                 "_loop", "_paused")
+    __slots__ = (
+        "status",
+        "headers",
+        "_conn",
+        "_chunks",
+        "_size",
+        "_waiter",
+        "_head",
+        "_done",
+        "_error",
+        "_loop",
+        "_paused",
+    )
 
     def __init__(self, conn: "_Connection", loop: asyncio.AbstractEventLoop) -> None:
         self.status = 0
@@ -183,8 +194,12 @@ class _Connection(asyncio.Protocol):
         if self._state == _UNTIL_CLOSE:
             resp._finish()
             return
-        resp._fail(_Lost(f"connection to {self.key[0]}:{self.key[1]} lost"
-                         + (f": {exc}" if exc else ""), before_response=not self._got_bytes))
+        resp._fail(
+            _Lost(
+                f"connection to {self.key[0]}:{self.key[1]} lost" + (f": {exc}" if exc else ""),
+                before_response=not self._got_bytes,
+            )
+        )
 
     # ------------------------------------------------------------- requests
     def start(self, request: bytes) -> Response:
@@ -234,7 +249,7 @@ class _Connection(asyncio.Protocol):
                         raise ValueError("header section too large")
                     return
                 head = bytes(buf[:end])
-                del buf[:end + 4]
+                del buf[: end + 4]
                 if not self._head(resp, head):
                     continue  # a 1xx answer: the real one follows
             elif state == _LENGTH:
@@ -253,7 +268,7 @@ class _Connection(asyncio.Protocol):
                         raise ValueError("chunk size line too long")
                     return
                 size = int(bytes(buf[:end]).split(b";", 1)[0].strip(), 16)
-                del buf[:end + 2]
+                del buf[: end + 2]
                 if size < 0:
                     raise ValueError("negative chunk size")
                 if size == 0:
@@ -281,7 +296,7 @@ class _Connection(asyncio.Protocol):
                 end = buf.find(b"\r\n")
                 if end < 0:
                     return
-                del buf[:end + 2]
+                del buf[: end + 2]
                 if end == 0:  # the empty line ending the (usually empty) trailer section
                     self._state = _DONE
             elif state == _UNTIL_CLOSE:
@@ -331,8 +346,13 @@ class _Connection(asyncio.Protocol):
 
 
 class EnginePool:
-    def __init__(self, connect_timeout: float = 2.0, connects_per_host: int = 32, idle_ttl: float = 30.0,
-                 max_idle_per_host: int = 1024) -> None:
+    def __init__(
+        self,
+        connect_timeout: float = 2.0,
+        connects_per_host: int = 32,
+        idle_ttl: float = 30.0,
+        max_idle_per_host: int = 1024,
+    ) -> None:
         self.loop = asyncio.get_running_loop()
         self.connect_timeout = connect_timeout
         self.idle_ttl = idle_ttl
@@ -381,19 +401,34 @@ class EnginePool:
             try:
                 _, conn = await asyncio.wait_for(
                     self.loop.create_connection(lambda: _Connection(self, key), key[0], key[1]),
-                    self.connect_timeout)
+                    self.connect_timeout,
+                )
             except asyncio.TimeoutError:
                 raise UpstreamError("connect", f"connect to {key[0]}:{key[1]} timed out") from None
             except OSError as exc:
-                raise UpstreamError("connect", f"cannot connect to {key[0]}:{key[1]}: {exc.strerror or exc}") from None
+                raise UpstreamError(
+                    "connect", f"cannot connect to {key[0]}:{key[1]}: {exc.strerror or exc}"
+                ) from None
         return conn
 
-    async def request(self, base_url: str, method: bytes, path: bytes, body: bytes = b"",
-                      headers: bytes = b"") -> Response:
+    async def request(
+        self, base_url: str, method: bytes, path: bytes, body: bytes = b"", headers: bytes = b""
+    ) -> Response:
         """`headers`: complete header lines (each ending in CRLF), Host and Content-Length excluded."""
         key, host = self._target(base_url)
-        request = (method + b" " + path + b" HTTP/1.1\r\nHost: " + host + b"\r\n" + headers
-                   + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        request = (
+            method
+            + b" "
+            + path
+            + b" HTTP/1.1\r\nHost: "
+            + host
+            + b"\r\n"
+            + headers
+            + b"Content-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
         for attempt in range(2):
             conn = self._take_idle(key)
             reused = conn is not None

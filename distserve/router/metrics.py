@@ -8,8 +8,25 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 
-LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                   30.0, 60.0, 120.0)
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
 
 
 def _escape(value: str) -> str:
@@ -53,8 +70,13 @@ class Counter:
 class Gauge:
     kind = "gauge"
 
-    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = (),
-                 callback: Callable[[], dict[tuple, float]] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        labels: tuple[str, ...] = (),
+        callback: Callable[[], dict[tuple, float]] | None = None,
+    ) -> None:
         self.name, self.help, self.labelnames = name, help_text, labels
         self.values: dict[tuple, float] = {}
         self.callback = callback
@@ -74,8 +96,13 @@ class Gauge:
 class Histogram:
     kind = "histogram"
 
-    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = (),
-                 buckets: tuple[float, ...] = LATENCY_BUCKETS) -> None:
+    def __init__(
+        self,
+        name: str,
+        help_text: str,
+        labels: tuple[str, ...] = (),
+        buckets: tuple[float, ...] = LATENCY_BUCKETS,
+    ) -> None:
         self.name, self.help, self.labelnames = name, help_text, labels
         self.buckets = buckets
         # labels -> [per-bucket counts (non-cumulative, last is +Inf), sum, count]
@@ -127,50 +154,104 @@ class RouterMetrics:
 
     def __init__(self) -> None:
         r = self.registry = Registry()
-        self.requests = r.add(Counter("distserve_router_requests_total",
-                                      "Client requests answered, by route and HTTP status", ("route", "status")))
-        self.latency = r.add(Histogram("distserve_router_request_duration_seconds",
-                                       "End-to-end latency of client requests", ("route",)))
-        self.ttft = r.add(Histogram("distserve_router_ttft_seconds",
-                                    "Time to the first byte of the answer sent to the client", ("route",)))
-        self.phase = r.add(Histogram(
-            "distserve_router_phase_seconds",
-            "Time per phase: prefill (prefill call), migration (decode call to its first byte: KV transfer "
-            "plus the first step), decode (first byte to end), hybrid (whole call to a hybrid engine)",
-            ("phase",)))
-        self.retries = r.add(Counter("distserve_router_retries_total", "Attempts retried on another engine",
-                                     ("phase",)))
-        self.upstream_errors = r.add(Counter("distserve_router_upstream_errors_total",
-                                             "Failed engine calls, by phase and kind", ("phase", "kind")))
+        self.requests = r.add(
+            Counter(
+                "distserve_router_requests_total",
+                "Client requests answered, by route and HTTP status",
+                ("route", "status"),
+            )
+        )
+        self.latency = r.add(
+            Histogram(
+                "distserve_router_request_duration_seconds",
+                "End-to-end latency of client requests",
+                ("route",),
+            )
+        )
+        self.ttft = r.add(
+            Histogram(
+                "distserve_router_ttft_seconds",
+                "Time to the first byte of the answer sent to the client",
+                ("route",),
+            )
+        )
+        self.phase = r.add(
+            Histogram(
+                "distserve_router_phase_seconds",
+                "Time per phase: prefill (prefill call), migration (decode call to its first byte: KV transfer "
+                "plus the first step), decode (first byte to end), hybrid (whole call to a hybrid engine)",
+                ("phase",),
+            )
+        )
+        self.retries = r.add(
+            Counter("distserve_router_retries_total", "Attempts retried on another engine", ("phase",))
+        )
+        self.upstream_errors = r.add(
+            Counter(
+                "distserve_router_upstream_errors_total",
+                "Failed engine calls, by phase and kind",
+                ("phase", "kind"),
+            )
+        )
         self.in_flight = r.add(Gauge("distserve_router_in_flight", "Client requests in progress"))
-        self.engines_known = r.add(Gauge("distserve_router_engines_known",
-                                         "Engines in the view, by role", ("role",)))
-        self.engines_routable = r.add(Gauge("distserve_router_engines_routable",
-                                            "Engines taking new requests through this router, by role", ("role",)))
+        self.engines_known = r.add(
+            Gauge("distserve_router_engines_known", "Engines in the view, by role", ("role",))
+        )
+        self.engines_routable = r.add(
+            Gauge(
+                "distserve_router_engines_routable",
+                "Engines taking new requests through this router, by role",
+                ("role",),
+            )
+        )
         self.links_usable = r.add(Gauge("distserve_router_links_usable", "Established prefill->decode links"))
-        self.view_revision = r.add(Gauge("distserve_router_view_revision",
-                                         "Highest etcd revision applied to the view"))
-        self.view_lag = r.add(Gauge("distserve_router_view_lag_seconds",
-                                    "Delay between a record's write (its updated_at) and its arrival in the view, "
-                                    "last observed"))
-        self.view_synced = r.add(Gauge("distserve_router_view_synced", "1 once every watched prefix was listed"))
-        self.breaker_open = r.add(Gauge("distserve_router_breaker_open",
-                                        "Engines skipped locally after refusing a connection"))
-        self.breaker_trips = r.add(Counter("distserve_router_breaker_trips_total",
-                                           "Circuit breakers opened", ("reason",)))
-        self.free_cache = r.add(Counter("distserve_router_free_cache_total",
-                                        "free_cache calls made to prefill engines, by result", ("result",)))
-        self.session_id_missing = r.add(Counter(
-            "distserve_router_prefill_session_id_missing_total",
-            "Prefill answers with no integer remote_session_id nor integer id (nothing can be freed safely)"))
-        self.client_disconnects = r.add(Counter("distserve_router_client_disconnects_total",
-                                                "Clients that went away before their answer ended", ("route",)))
-        self.config_reloads = r.add(Counter("distserve_router_config_reloads_total",
-                                            "Routing configurations applied from etcd"))
-        self.strategy = r.add(Gauge("distserve_router_strategy", "The routing strategy in use (value 1)",
-                                    ("strategy",)))
-        self.picks = r.add(Counter("distserve_router_picks_total", "Engines picked, by phase",
-                                   ("phase", "engine")))
+        self.view_revision = r.add(
+            Gauge("distserve_router_view_revision", "Highest etcd revision applied to the view")
+        )
+        self.view_lag = r.add(
+            Gauge(
+                "distserve_router_view_lag_seconds",
+                "Delay between a record's write (its updated_at) and its arrival in the view, last observed",
+            )
+        )
+        self.view_synced = r.add(
+            Gauge("distserve_router_view_synced", "1 once every watched prefix was listed")
+        )
+        self.breaker_open = r.add(
+            Gauge("distserve_router_breaker_open", "Engines skipped locally after refusing a connection")
+        )
+        self.breaker_trips = r.add(
+            Counter("distserve_router_breaker_trips_total", "Circuit breakers opened", ("reason",))
+        )
+        self.free_cache = r.add(
+            Counter(
+                "distserve_router_free_cache_total",
+                "free_cache calls made to prefill engines, by result",
+                ("result",),
+            )
+        )
+        self.session_id_missing = r.add(
+            Counter(
+                "distserve_router_prefill_session_id_missing_total",
+                "Prefill answers with no integer remote_session_id nor integer id (nothing can be freed safely)",
+            )
+        )
+        self.client_disconnects = r.add(
+            Counter(
+                "distserve_router_client_disconnects_total",
+                "Clients that went away before their answer ended",
+                ("route",),
+            )
+        )
+        self.config_reloads = r.add(
+            Counter("distserve_router_config_reloads_total", "Routing configurations applied from etcd")
+        )
+        self.strategy = r.add(
+            Gauge("distserve_router_strategy", "The routing strategy in use (value 1)", ("strategy",))
+        )
+        self.picks = r.add(
+            Counter("distserve_router_picks_total", "Engines picked, by phase", ("phase", "engine"))
+        )
 
     def render(self) -> bytes:
         return self.registry.render()

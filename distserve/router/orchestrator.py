@@ -74,8 +74,16 @@ def splice_field(raw: bytes, name: bytes, value: bytes) -> bytes:
 
 
 class Orchestrator:
-    def __init__(self, settings: RouterSettings, view, metrics: RouterMetrics, pool: Callable[[], EnginePool],
-                 routing: Callable[[], Routing], spawn: Callable, engine_headers: bytes) -> None:
+    def __init__(
+        self,
+        settings: RouterSettings,
+        view,
+        metrics: RouterMetrics,
+        pool: Callable[[], EnginePool],
+        routing: Callable[[], Routing],
+        spawn: Callable,
+        engine_headers: bytes,
+    ) -> None:
         self.s = settings
         self.view = view
         self.load = view.load
@@ -87,8 +95,17 @@ class Orchestrator:
         self._engine_headers = engine_headers  # header lines sent on every engine call (auth, content type)
 
     # ------------------------------------------------------------------ entry
-    async def generate(self, request: web.Request, kind: str, path: str, raw: bytes, body: dict, model: str,
-                       rid: str, started: float) -> web.StreamResponse:
+    async def generate(
+        self,
+        request: web.Request,
+        kind: str,
+        path: str,
+        raw: bytes,
+        body: dict,
+        model: str,
+        rid: str,
+        started: float,
+    ) -> web.StreamResponse:
         table = self.view.table()
         if not table.entries.get(model):
             if model not in table.known_models:
@@ -97,8 +114,12 @@ class Orchestrator:
         headers = self._engine_headers + b"X-Request-Id: " + rid.encode() + b"\r\n"
         stream = body.get("stream") is True
         routing = self._routing()
-        ctx = PickContext(load=self.load, weights=routing.weights, params=routing.params,
-                          prefix=lambda n: prompt_prefix(kind, body, n))
+        ctx = PickContext(
+            load=self.load,
+            weights=routing.weights,
+            params=routing.params,
+            prefix=lambda n: prompt_prefix(kind, body, n),
+        )
         tried: set[str] = set()
         last: RetryElsewhere | None = None
         for attempt in range(max(1, self.s.max_prefill_attempts)):
@@ -117,12 +138,18 @@ class Orchestrator:
             try:
                 if engine.role == "hybrid":
                     return await self._hybrid(request, engine, path, raw, stream, headers, rid, started)
-                return await self._pd(request, kind, engine, path, raw, body, model, stream, headers, rid, routing,
-                                      ctx, started)
+                return await self._pd(
+                    request, kind, engine, path, raw, body, model, stream, headers, rid, routing, ctx, started
+                )
             except RetryElsewhere as exc:
                 last = exc
-                log.info("request %s: %s on %s failed before output (%s), trying another engine",
-                         rid, exc.phase, engine_id, exc.error.message)
+                log.info(
+                    "request %s: %s on %s failed before output (%s), trying another engine",
+                    rid,
+                    exc.phase,
+                    engine_id,
+                    exc.error.message,
+                )
         if last is not None:
             raise last.error.to_api_error(last.phase)
         raise ApiError(503, f"no routable engine serves model `{model}` right now", "no_route")
@@ -136,19 +163,43 @@ class Orchestrator:
                 self.view.invalidate()
 
     # ------------------------------------------------------------------ hybrid
-    async def _hybrid(self, request: web.Request, engine: EngineRecord, path: str, raw: bytes, stream: bool,
-                      headers: bytes, rid: str, started: float) -> web.StreamResponse:
+    async def _hybrid(
+        self,
+        request: web.Request,
+        engine: EngineRecord,
+        path: str,
+        raw: bytes,
+        stream: bool,
+        headers: bytes,
+        rid: str,
+        started: float,
+    ) -> web.StreamResponse:
         self.metrics.picks.inc(("hybrid", engine.id))
         request["engines"] = engine.id
         if stream:
-            resp, _ok = await self._stream_through(request, engine, path, raw, headers, rid, started, "hybrid")
+            resp, _ok = await self._stream_through(
+                request, engine, path, raw, headers, rid, started, "hybrid"
+            )
             return resp
         return await self._unary_through(engine, path, raw, headers, rid, started, "hybrid")
 
     # ------------------------------------------------------------------ PD
-    async def _pd(self, request: web.Request, kind: str, prefill: EngineRecord, path: str, raw: bytes, body: dict,
-                  model: str, stream: bool, headers: bytes, rid: str, routing: Routing, ctx: PickContext,
-                  started: float) -> web.StreamResponse:
+    async def _pd(
+        self,
+        request: web.Request,
+        kind: str,
+        prefill: EngineRecord,
+        path: str,
+        raw: bytes,
+        body: dict,
+        model: str,
+        stream: bool,
+        headers: bytes,
+        rid: str,
+        routing: Routing,
+        ctx: PickContext,
+        started: float,
+    ) -> web.StreamResponse:
         self.metrics.picks.inc(("prefill", prefill.id))
         request["engines"] = prefill.id
         answer = await self._prefill(prefill, path, body, kind, headers)
@@ -162,8 +213,22 @@ class Orchestrator:
                 self._spawn(self._free_cache(prefill, session_id, headers))
 
         try:
-            resp, ok = await self._decode(request, prefill, path, raw, model, stream, headers, rid, routing, ctx,
-                                          session_id, token_id, block_ids, started)
+            resp, ok = await self._decode(
+                request,
+                prefill,
+                path,
+                raw,
+                model,
+                stream,
+                headers,
+                rid,
+                routing,
+                ctx,
+                session_id,
+                token_id,
+                block_ids,
+                started,
+            )
         except BaseException:
             # decode error before output, timeout, client disconnect (CancelledError): P keeps the blocks
             free()
@@ -172,8 +237,9 @@ class Orchestrator:
             free()
         return resp
 
-    async def _call(self, engine: EngineRecord, phase: str, path: str, data: bytes, headers: bytes,
-                    timeout: float) -> tuple[int, bytes]:
+    async def _call(
+        self, engine: EngineRecord, phase: str, path: str, data: bytes, headers: bytes, timeout: float
+    ) -> tuple[int, bytes]:
         """One whole engine call (status, body) within `timeout`; failures raised as UpstreamError."""
         resp: Response | None = None
         try:
@@ -204,8 +270,9 @@ class Orchestrator:
         t0 = time.perf_counter()
         self.load.begin(prefill.id)
         try:
-            status, raw = await self._call(prefill, "prefill", path, orjson.dumps(pre), headers,
-                                           self.s.prefill_timeout)
+            status, raw = await self._call(
+                prefill, "prefill", path, orjson.dumps(pre), headers, self.s.prefill_timeout
+            )
         except UpstreamError as err:
             if err.retryable:
                 raise RetryElsewhere(err, "prefill") from None
@@ -229,7 +296,9 @@ class Orchestrator:
             raise err.to_api_error("prefill")
         return answer
 
-    def _prefill_outputs(self, prefill: EngineRecord, answer: dict, headers: bytes) -> tuple[int, int, list[int]]:
+    def _prefill_outputs(
+        self, prefill: EngineRecord, answer: dict, headers: bytes
+    ) -> tuple[int, int, list[int]]:
         session_id = answer.get("remote_session_id")
         if type(session_id) is not int:
             # lmdeploy 0.17/0.18 engines do not return it; their `id` is the user's session id (completions)
@@ -237,8 +306,11 @@ class Orchestrator:
             session_id = answer.get("id") if "remote_session_id" not in answer else None
             if type(session_id) is not int:
                 self.metrics.session_id_missing.inc()
-                err = UpstreamError("answer", "the prefill engine did not return its session id "
-                                              "(remote_session_id); its preserved KV cannot be migrated or freed safely")
+                err = UpstreamError(
+                    "answer",
+                    "the prefill engine did not return its session id "
+                    "(remote_session_id); its preserved KV cannot be migrated or freed safely",
+                )
                 self._failed(prefill, "prefill", err)
                 raise err.to_api_error("prefill")
         tokens = answer.get("remote_token_ids")
@@ -252,9 +324,23 @@ class Orchestrator:
             raise err.to_api_error("prefill")
         return session_id, tokens[0], blocks
 
-    async def _decode(self, request: web.Request, prefill: EngineRecord, path: str, raw: bytes, model: str,
-                      stream: bool, headers: bytes, rid: str, routing: Routing, ctx: PickContext, session_id: int,
-                      token_id: int, block_ids: list[int], started: float) -> tuple[web.StreamResponse, bool]:
+    async def _decode(
+        self,
+        request: web.Request,
+        prefill: EngineRecord,
+        path: str,
+        raw: bytes,
+        model: str,
+        stream: bool,
+        headers: bytes,
+        rid: str,
+        routing: Routing,
+        ctx: PickContext,
+        session_id: int,
+        token_id: int,
+        block_ids: list[int],
+        started: float,
+    ) -> tuple[web.StreamResponse, bool]:
         tried: set[str] = set()
         last: UpstreamError | None = None
         for attempt in range(max(1, self.s.max_decode_attempts)):
@@ -273,23 +359,31 @@ class Orchestrator:
                 continue
             self.metrics.picks.inc(("decode", decode_id))
             request["engines"] = f"{prefill.id}>{decode_id}"
-            migration = orjson.dumps({
-                "protocol": int(PROTOCOL_BY_NAME[link.protocol]),
-                "remote_engine_id": prefill.handshake_id,
-                "remote_session_id": session_id,
-                "remote_token_id": token_id,
-                "remote_block_ids": block_ids,
-                "is_dummy_prefill": False,
-            })
+            migration = orjson.dumps(
+                {
+                    "protocol": int(PROTOCOL_BY_NAME[link.protocol]),
+                    "remote_engine_id": prefill.handshake_id,
+                    "remote_session_id": session_id,
+                    "remote_token_id": token_id,
+                    "remote_block_ids": block_ids,
+                    "is_dummy_prefill": False,
+                }
+            )
             data = splice_field(raw, b"migration_request", migration)
             try:
                 if stream:
-                    return await self._stream_through(request, decode, path, data, headers, rid, started, "decode")
+                    return await self._stream_through(
+                        request, decode, path, data, headers, rid, started, "decode"
+                    )
                 return await self._unary_through(decode, path, data, headers, rid, started, "decode"), True
             except RetryElsewhere as exc:
                 last = exc.error
-                log.info("request %s: decode on %s failed before its first byte (%s)", rid, decode_id,
-                         exc.error.message)
+                log.info(
+                    "request %s: decode on %s failed before its first byte (%s)",
+                    rid,
+                    decode_id,
+                    exc.error.message,
+                )
         if last is not None:
             raise last.to_api_error("decode")
         raise ApiError(503, f"no decode engine linked to prefill {prefill.id} is routable", "no_route")
@@ -301,7 +395,9 @@ class Orchestrator:
             resp: Response | None = None
             try:
                 async with _timeout(self.s.free_cache_timeout):
-                    resp = await self._pool().request(prefill.url, b"POST", b"/distserve/free_cache", body, headers)
+                    resp = await self._pool().request(
+                        prefill.url, b"POST", b"/distserve/free_cache", body, headers
+                    )
                     await resp.read()
                 if resp.status == 200:
                     self.metrics.free_cache.inc(("ok",))
@@ -321,8 +417,16 @@ class Orchestrator:
         log.warning("free_cache on %s for session %s failed (%s)", prefill.id, session_id, result)
 
     # ------------------------------------------------------------------ pass-through
-    async def _unary_through(self, engine: EngineRecord, path: str, data: bytes, headers: bytes, rid: str,
-                             started: float, phase: str) -> web.Response:
+    async def _unary_through(
+        self,
+        engine: EngineRecord,
+        path: str,
+        data: bytes,
+        headers: bytes,
+        rid: str,
+        started: float,
+        phase: str,
+    ) -> web.Response:
         remaining = self.s.request_timeout - (time.perf_counter() - started)
         t0 = time.perf_counter()
         self.load.begin(engine.id)
@@ -343,10 +447,21 @@ class Orchestrator:
             raise err.to_api_error(phase)
         # non-streamed: the decode phase's first byte is its whole answer (migration + decode)
         self.metrics.phase.observe(elapsed, (phase,))
-        return web.Response(body=raw, status=200, content_type="application/json", headers={"X-Request-Id": rid})
+        return web.Response(
+            body=raw, status=200, content_type="application/json", headers={"X-Request-Id": rid}
+        )
 
-    async def _stream_through(self, request: web.Request, engine: EngineRecord, path: str, data: bytes,
-                              headers: bytes, rid: str, started: float, phase: str) -> tuple[web.StreamResponse, bool]:
+    async def _stream_through(
+        self,
+        request: web.Request,
+        engine: EngineRecord,
+        path: str,
+        data: bytes,
+        headers: bytes,
+        rid: str,
+        started: float,
+        phase: str,
+    ) -> tuple[web.StreamResponse, bool]:
         """Relay an SSE stream byte for byte. Returns (response, ended_well)."""
         t0 = time.perf_counter()
         self.load.begin(engine.id)
@@ -363,13 +478,17 @@ class Orchestrator:
                         raise err.to_api_error(phase)
                     first = await upstream.readany()
                     if not first:
-                        raise UpstreamError("disconnect", "the engine closed the stream before its first byte")
+                        raise UpstreamError(
+                            "disconnect", "the engine closed the stream before its first byte"
+                        )
             except (RetryElsewhere, ApiError, asyncio.CancelledError):
                 raise
             except Exception as exc:  # noqa: BLE001
                 err = classify_exception(exc)
                 if err.kind == "timeout":
-                    err = UpstreamError("timeout", f"no first byte within {self.s.decode_first_byte_timeout}s")
+                    err = UpstreamError(
+                        "timeout", f"no first byte within {self.s.decode_first_byte_timeout}s"
+                    )
                 self._failed(engine, phase, err)
                 if err.retryable:
                     raise RetryElsewhere(err, phase) from None
@@ -399,10 +518,15 @@ class Orchestrator:
                 failure = UpstreamError("disconnect", "the engine ended the stream without [DONE]")
             if failure is not None:
                 self._failed(engine, phase, failure)
-                await out.write(ApiError(502, f"{phase} failed mid-stream: {failure.message}",
-                                         f"{phase}_failed").sse_event())
+                await out.write(
+                    ApiError(
+                        502, f"{phase} failed mid-stream: {failure.message}", f"{phase}_failed"
+                    ).sse_event()
+                )
             else:
-                self.metrics.phase.observe(time.perf_counter() - (first_at if phase == "decode" else t0), (phase,))
+                self.metrics.phase.observe(
+                    time.perf_counter() - (first_at if phase == "decode" else t0), (phase,)
+                )
             await out.write_eof()
             return out, failure is None
         finally:

@@ -16,12 +16,22 @@ log = logging.getLogger("distserve.router.registration")
 
 
 class Registration:
-    def __init__(self, client, keys: Keys, router_id: str, url: str, version: str, ttl: float, interval: float,
-                 counters: Callable[[], tuple[str, int, int, int]]) -> None:
+    def __init__(
+        self,
+        client,
+        keys: Keys,
+        router_id: str,
+        url: str,
+        version: str,
+        ttl: float,
+        interval: float,
+        counters: Callable[[], tuple[str, int, int, int]],
+    ) -> None:
         self._client = client
         self._key = keys.router(router_id)
-        self._record = RouterRecord(id=router_id, url=url, version=version, hostname=socket.gethostname(),
-                                    pid=os.getpid())
+        self._record = RouterRecord(
+            id=router_id, url=url, version=version, hostname=socket.gethostname(), pid=os.getpid()
+        )
         self._ttl = ttl
         self._interval = interval
         self._counters = counters  # -> (strategy, view revision, requests total, in flight)
@@ -32,7 +42,9 @@ class Registration:
     async def start(self) -> None:
         from discovery.lease import LeaseSession
 
-        self._session = LeaseSession(self._client, ttl=max(1, int(round(self._ttl))), name=f"router-{self._record.id}")
+        self._session = LeaseSession(
+            self._client, ttl=max(1, int(round(self._ttl))), name=f"router-{self._record.id}"
+        )
         await self._session.start()
         await self._put()
         self._task = asyncio.get_running_loop().create_task(self._refresh(), name="router-record")
@@ -40,7 +52,12 @@ class Registration:
     async def _put(self) -> None:
         strategy, revision, total, in_flight = self._counters()
         rec = self._record
-        rec.strategy, rec.view_revision, rec.requests_total, rec.in_flight = strategy, revision, total, in_flight
+        rec.strategy, rec.view_revision, rec.requests_total, rec.in_flight = (
+            strategy,
+            revision,
+            total,
+            in_flight,
+        )
         rec.updated_at = now()
         self._last = (strategy, revision, total, in_flight)
         await self._session.put(self._key, rec.encode())

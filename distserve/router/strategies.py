@@ -119,7 +119,11 @@ class PrefixAffinityStrategy(Strategy):
 
     def _ring(self, candidates: list[str], ctx: PickContext) -> tuple[list[int], list[str]]:
         vnodes = int(ctx.params.get("vnodes", 64))
-        key = (tuple(candidates), vnodes, tuple(sorted((c, ctx.weights[c]) for c in candidates if c in ctx.weights)))
+        key = (
+            tuple(candidates),
+            vnodes,
+            tuple(sorted((c, ctx.weights[c]) for c in candidates if c in ctx.weights)),
+        )
         ring = self._rings.get(key)
         if ring is None:
             points: list[tuple[int, str]] = []
@@ -160,8 +164,13 @@ class PrefixAffinityStrategy(Strategy):
 
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
-    for cls in (RandomStrategy, RoundRobinStrategy, MinExpectedLatencyStrategy, PowerOfTwoStrategy,
-                PrefixAffinityStrategy)
+    for cls in (
+        RandomStrategy,
+        RoundRobinStrategy,
+        MinExpectedLatencyStrategy,
+        PowerOfTwoStrategy,
+        PrefixAffinityStrategy,
+    )
 }
 
 

@@ -44,8 +44,12 @@ class UpstreamError(Exception):
         if self.kind == "timeout":
             return ApiError(504, f"{phase} timed out: {self.message}", f"{phase}_timeout")
         if self.kind == "status" and self.status == 429:
-            return ApiError(429, f"{phase} engines are overloaded: {self.message}", "engine_overloaded",
-                            headers={"Retry-After": "1"})
+            return ApiError(
+                429,
+                f"{phase} engines are overloaded: {self.message}",
+                "engine_overloaded",
+                headers={"Retry-After": "1"},
+            )
         return ApiError(502, f"{phase} failed: {self.message}", f"{phase}_failed")
 
 
@@ -72,8 +76,9 @@ def classify_status(status: int, body: bytes) -> UpstreamError:
     if status in CLIENT_STATUSES:
         return UpstreamError("client", f"HTTP {status}: {snippet}", status, body)
     if status in (401, 403):
-        return UpstreamError("status", f"HTTP {status}: the engine rejected the router's cluster token",
-                             status, body)
+        return UpstreamError(
+            "status", f"HTTP {status}: the engine rejected the router's cluster token", status, body
+        )
     return UpstreamError("status", f"HTTP {status}: {snippet}", status, body)
 
 

@@ -20,8 +20,10 @@ CHAT = "chat"
 
 # Fields only the router may set. `session_id` is lmdeploy's: in PD mode the router owns the prefill
 # session, so a client-chosen one could make two requests share (and free) one prefill session.
-FORBIDDEN_FIELDS = frozenset(INTERNAL_REQUEST_FIELDS | {"session_id", "remote_session_id", "cache_block_ids",
-                                                        "remote_token_ids", "is_dummy_prefill"})
+FORBIDDEN_FIELDS = frozenset(
+    INTERNAL_REQUEST_FIELDS
+    | {"session_id", "remote_session_id", "cache_block_ids", "remote_token_ids", "is_dummy_prefill"}
+)
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 MAX_STOP = 4
 MAX_MODEL_NAME = 512
@@ -50,8 +52,9 @@ def _opt_int(body: dict, name: str, lo: int | None = None, hi: int | None = None
         raise _bad(f"'{name}' must be {_range(lo, hi)}, got {v}", name)
 
 
-def _opt_num(body: dict, name: str, lo: float | None = None, hi: float | None = None,
-             lo_open: bool = False) -> None:
+def _opt_num(
+    body: dict, name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False
+) -> None:
     v = body.get(name)
     if v is None:
         return
@@ -93,8 +96,9 @@ def parse_json_object(raw: bytes) -> dict:
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise ApiError(400, f"request body is not valid JSON: {str(exc).splitlines()[0][:200]}",
-                       "invalid_json") from None
+        raise ApiError(
+            400, f"request body is not valid JSON: {str(exc).splitlines()[0][:200]}", "invalid_json"
+        ) from None
     if type(body) is not dict:
         raise ApiError(400, "request body must be a JSON object", "invalid_json")
     return body
@@ -105,7 +109,9 @@ def validate_request(kind: str, body: dict) -> str:
     forbidden = FORBIDDEN_FIELDS.intersection(body)
     if forbidden:
         name = sorted(forbidden)[0]
-        raise ApiError(400, f"'{name}' is an internal field and cannot be set by clients", "internal_field", name)
+        raise ApiError(
+            400, f"'{name}' is an internal field and cannot be set by clients", "internal_field", name
+        )
     model = body.get("model")
     if model is None:
         raise _bad("missing required field 'model'", "model", "missing_field")
@@ -184,8 +190,11 @@ def _check_prompt(body: dict) -> None:
             raise _bad("'prompt' must not be empty", "prompt")
         return
     if type(prompt) is not list:
-        raise _bad("'prompt' must be a string, an array of strings or an array of token ids", "prompt",
-                   "invalid_type")
+        raise _bad(
+            "'prompt' must be a string, an array of strings or an array of token ids",
+            "prompt",
+            "invalid_type",
+        )
     if not prompt:
         raise _bad("'prompt' must not be empty", "prompt")
     first = prompt[0]
@@ -229,10 +238,15 @@ def _check_messages(body: dict) -> None:
         elif type(content) is list:
             for j, part in enumerate(content):
                 if type(part) is not dict or type(part.get("type")) is not str:
-                    raise _bad(f"'{where}.content[{j}]' must be an object with a string 'type'", where,
-                               "invalid_type")
+                    raise _bad(
+                        f"'{where}.content[{j}]' must be an object with a string 'type'",
+                        where,
+                        "invalid_type",
+                    )
         elif type(content) is not str:
-            raise _bad(f"'{where}.content' must be a string or an array of content parts", where, "invalid_type")
+            raise _bad(
+                f"'{where}.content' must be a string or an array of content parts", where, "invalid_type"
+            )
         name = m.get("name")
         if name is not None and type(name) is not str:
             raise _bad(f"'{where}.name' must be a string", where, "invalid_type")

@@ -42,8 +42,15 @@ class RoutingTable:
 
 
 class ClusterView:
-    def __init__(self, client, keys: Keys, breakers: CircuitBreakers, load: LoadTracker,
-                 metrics: RouterMetrics, on_config: Callable[[RoutingConfig | None], None]) -> None:
+    def __init__(
+        self,
+        client,
+        keys: Keys,
+        breakers: CircuitBreakers,
+        load: LoadTracker,
+        metrics: RouterMetrics,
+        on_config: Callable[[RoutingConfig | None], None],
+    ) -> None:
         self._client = client
         self.keys = keys
         self.breakers = breakers
@@ -81,8 +88,9 @@ class ClusterView:
 
     async def wait_synced(self, timeout: float) -> bool:
         try:
-            await asyncio.wait_for(asyncio.gather(*(inf.wait_synced(timeout) for inf in self._informers)),
-                                   timeout)
+            await asyncio.wait_for(
+                asyncio.gather(*(inf.wait_synced(timeout) for inf in self._informers)), timeout
+            )
         except asyncio.TimeoutError:
             return False
         if not all(inf.synced.is_set() for inf in self._informers):
@@ -239,8 +247,10 @@ class ClusterView:
             by_role[(e.role,)] = by_role.get((e.role,), 0) + 1
         m.engines_known.values = by_role
         topo = table.topology
-        m.engines_routable.values = {("prefill",): len(topo.routable_prefills),
-                                     ("decode",): len(topo.routable_decodes),
-                                     ("hybrid",): len(topo.routable_hybrids)}
+        m.engines_routable.values = {
+            ("prefill",): len(topo.routable_prefills),
+            ("decode",): len(topo.routable_decodes),
+            ("hybrid",): len(topo.routable_hybrids),
+        }
         m.links_usable.set(sum(len(v) for v in topo.decodes_of_prefill.values()))
         m.breaker_open.set(len(self.breakers.open_ids))

@@ -14,8 +14,7 @@ import urllib.request
 import uuid
 
 from distserve.keys import Keys
-from distserve.protocol import (ConnectRequest, InitRequest, InitResponse, MigrationProtocol,
-                                parse_engine_info)
+from distserve.protocol import ConnectRequest, InitRequest, InitResponse, MigrationProtocol, parse_engine_info
 from distserve.records import EngineGeometry, EngineRecord, LinkRecord, OperatorFlags, RoutingConfig
 from tests.util import Proc, free_port, spawn_engine, wait_http
 
@@ -24,8 +23,12 @@ MODEL = "distserve-reference"
 
 def http_json(url: str, body: dict | None = None, headers: dict | None = None, timeout: float = 10.0):
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})},
-                                 method="GET" if body is None else "POST")
+    req = urllib.request.Request(
+        url,
+        data=data,
+        headers={"Content-Type": "application/json", **(headers or {})},
+        method="GET" if body is None else "POST",
+    )
     with urllib.request.urlopen(req, timeout=timeout) as resp:
         return json.loads(resp.read())
 
@@ -61,18 +64,38 @@ def geometry_of(url: str, headers: dict | None = None) -> EngineGeometry:
     return EngineGeometry(**info.model_dump())
 
 
-def engine_record(engine_id: str, url: str, role: str, *, models: tuple[str, ...] = (MODEL,),
-                  state: str = "ready", incarnation: str | None = None,
-                  geometry: EngineGeometry | None = None) -> EngineRecord:
-    return EngineRecord(id=engine_id, incarnation=incarnation or uuid.uuid4().hex[:12], role=role, url=url,
-                        models=list(models), state=state, engine_kind="null",
-                        engine_info=geometry or EngineGeometry(block_size=16, num_gpu_blocks=512))
+def engine_record(
+    engine_id: str,
+    url: str,
+    role: str,
+    *,
+    models: tuple[str, ...] = (MODEL,),
+    state: str = "ready",
+    incarnation: str | None = None,
+    geometry: EngineGeometry | None = None,
+) -> EngineRecord:
+    return EngineRecord(
+        id=engine_id,
+        incarnation=incarnation or uuid.uuid4().hex[:12],
+        role=role,
+        url=url,
+        models=list(models),
+        state=state,
+        engine_kind="null",
+        engine_info=geometry or EngineGeometry(block_size=16, num_gpu_blocks=512),
+    )
 
 
 def link_record(prefill: EngineRecord, decode: EngineRecord, state: str = "established") -> LinkRecord:
-    return LinkRecord(prefill_id=prefill.id, decode_id=decode.id, prefill_incarnation=prefill.incarnation,
-                      decode_incarnation=decode.incarnation, state=state, protocol="tcp",
-                      established_at=time.time())
+    return LinkRecord(
+        prefill_id=prefill.id,
+        decode_id=decode.id,
+        prefill_incarnation=prefill.incarnation,
+        decode_incarnation=decode.incarnation,
+        state=state,
+        protocol="tcp",
+        established_at=time.time(),
+    )
 
 
 async def publish_engine(client, keys: Keys, record: EngineRecord) -> None:
@@ -84,7 +107,9 @@ async def publish_link(client, keys: Keys, link: LinkRecord) -> None:
 
 
 async def set_flags(client, keys: Keys, engine_id: str, drain: bool = False, cordon: bool = False) -> None:
-    await client.put(keys.state(engine_id), OperatorFlags(drain=drain, cordon=cordon, updated_by="test").encode())
+    await client.put(
+        keys.state(engine_id), OperatorFlags(drain=drain, cordon=cordon, updated_by="test").encode()
+    )
 
 
 async def set_routing(client, keys: Keys, strategy: str, **params) -> None:
@@ -97,29 +122,57 @@ def handshake(prefill_url: str, decode_url: str, headers: dict | None = None) ->
     d_info = parse_engine_info(http_json(f"{decode_url}/distserve/engine_info", headers=headers))
 
     def init(local, local_cfg, remote, remote_cfg) -> InitResponse:
-        req = InitRequest(local_engine_id=local, local_engine_config=local_cfg, remote_engine_id=remote,
-                          remote_engine_config=remote_cfg, protocol=MigrationProtocol.TCP, rank=0)
+        req = InitRequest(
+            local_engine_id=local,
+            local_engine_config=local_cfg,
+            remote_engine_id=remote,
+            remote_engine_config=remote_cfg,
+            protocol=MigrationProtocol.TCP,
+            rank=0,
+        )
         return InitResponse.model_validate(
-            http_json(f"{local}/distserve/p2p_initialize", req.model_dump(mode="json"), headers))
+            http_json(f"{local}/distserve/p2p_initialize", req.model_dump(mode="json"), headers)
+        )
 
     p_resp = init(prefill_url, p_info, decode_url, d_info)
     d_resp = init(decode_url, d_info, prefill_url, p_info)
     for local, remote, resp in ((prefill_url, decode_url, d_resp), (decode_url, prefill_url, p_resp)):
-        req = ConnectRequest(protocol=MigrationProtocol.TCP, remote_engine_id=remote,
-                             remote_engine_endpoint_info=resp.engine_endpoint_info,
-                             remote_kvtransfer_endpoint_info=resp.kvtransfer_endpoint_info)
+        req = ConnectRequest(
+            protocol=MigrationProtocol.TCP,
+            remote_engine_id=remote,
+            remote_engine_endpoint_info=resp.engine_endpoint_info,
+            remote_kvtransfer_endpoint_info=resp.kvtransfer_endpoint_info,
+        )
         http_json(f"{local}/distserve/p2p_connect", req.model_dump(mode="json"), headers)
 
 
-def start_null_engines(role: str, count: int = 1, *extra: str, port: int | None = None) -> tuple[Proc, list[str]]:
+def start_null_engines(
+    role: str, count: int = 1, *extra: str, port: int | None = None
+) -> tuple[Proc, list[str]]:
     """`count` null engines of one role in one process (consecutive ports)."""
     while port is None:
         port = free_port()
         if not all(_port_free(port + i) for i in range(count)):
             port = None
-    proc = Proc.python(["distserve", "engine", "--null", "--role", role, "--host", "127.0.0.1", "--port",
-                        str(port), "--count", str(count), "--log-level", "WARNING", *extra],
-                       name=f"null-{role}-{port}")
+    proc = Proc.python(
+        [
+            "distserve",
+            "engine",
+            "--null",
+            "--role",
+            role,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--count",
+            str(count),
+            "--log-level",
+            "WARNING",
+            *extra,
+        ],
+        name=f"null-{role}-{port}",
+    )
     urls = [f"http://127.0.0.1:{port + i}" for i in range(count)]
     try:
         for url in urls:
@@ -141,12 +194,31 @@ def _port_free(port: int) -> bool:
             return False
 
 
-def start_router(etcd_endpoints: list[str], *extra: str, port: int | None = None,
-                 env: dict | None = None, wait_ready: bool = True) -> tuple[Proc, str]:
+def start_router(
+    etcd_endpoints: list[str],
+    *extra: str,
+    port: int | None = None,
+    env: dict | None = None,
+    wait_ready: bool = True,
+) -> tuple[Proc, str]:
     port = port or free_port()
-    proc = Proc.python(["distserve", "router", "--host", "127.0.0.1", "--port", str(port), "--etcd",
-                        ",".join(etcd_endpoints), "--log-level", os.environ.get("ROUTER_LOG_LEVEL", "INFO"),
-                        *extra], name=f"router-{port}", env=env)
+    proc = Proc.python(
+        [
+            "distserve",
+            "router",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--etcd",
+            ",".join(etcd_endpoints),
+            "--log-level",
+            os.environ.get("ROUTER_LOG_LEVEL", "INFO"),
+            *extra,
+        ],
+        name=f"router-{port}",
+        env=env,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/health/ready" if wait_ready else f"{url}/health", timeout=60)
@@ -156,6 +228,20 @@ def start_router(etcd_endpoints: list[str], *extra: str, port: int | None = None
     return proc, url
 
 
-__all__ = ["MODEL", "engine_metric", "engine_record", "geometry_of", "handshake", "http_json", "link_record",
-           "publish_engine", "publish_link", "router_metric", "set_flags", "set_routing", "spawn_engine",
-           "start_null_engines", "start_router"]
+__all__ = [
+    "MODEL",
+    "engine_metric",
+    "engine_record",
+    "geometry_of",
+    "handshake",
+    "http_json",
+    "link_record",
+    "publish_engine",
+    "publish_link",
+    "router_metric",
+    "set_flags",
+    "set_routing",
+    "spawn_engine",
+    "start_null_engines",
+    "start_router",
+]

@@ -20,8 +20,17 @@ from discovery.config import EtcdConfig
 from discovery.embedded import EmbeddedEtcd
 from distserve.keys import Keys
 from distserve.protocol import INTERNAL_REQUEST_FIELDS
-from tests.router.cluster import (MODEL, engine_record, geometry_of, handshake, link_record, publish_engine,
-                                  publish_link, start_null_engines, start_router)
+from tests.router.cluster import (
+    MODEL,
+    engine_record,
+    geometry_of,
+    handshake,
+    link_record,
+    publish_engine,
+    publish_link,
+    start_null_engines,
+    start_router,
+)
 
 MAX_BODY = 64 * 1024
 
@@ -50,8 +59,14 @@ def router():
             await client.close()
 
         asyncio.run(publish())
-        rp, url = start_router(etcd.endpoints, "--cluster", keys.cluster, "--max-body-bytes", str(MAX_BODY),
-                               env={"ROUTER_LOG_LEVEL": "WARNING"})
+        rp, url = start_router(
+            etcd.endpoints,
+            "--cluster",
+            keys.cluster,
+            "--max-body-bytes",
+            str(MAX_BODY),
+            env={"ROUTER_LOG_LEVEL": "WARNING"},
+        )
         procs.append(rp)
         with httpx.Client(base_url=url, timeout=20) as http:
             yield http, rp
@@ -61,27 +76,78 @@ def router():
         etcd.stop()
 
 
-json_scalars = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70),
-                         st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=40))
-json_values = st.recursive(json_scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                                 st.dictionaries(st.text(max_size=10), inner, max_size=4)),
-                           max_leaves=12)
-field_names = st.sampled_from(["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "stream",
-                               "stream_options", "temperature", "top_p", "top_k", "n", "stop", "seed", "echo",
-                               "logprobs", "ignore_eos", "user", *sorted(INTERNAL_REQUEST_FIELDS), "session_id",
-                               "x_unknown"])
+json_scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(1 << 70), 1 << 70),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=40),
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+field_names = st.sampled_from(
+    [
+        "model",
+        "prompt",
+        "messages",
+        "max_tokens",
+        "max_completion_tokens",
+        "stream",
+        "stream_options",
+        "temperature",
+        "top_p",
+        "top_k",
+        "n",
+        "stop",
+        "seed",
+        "echo",
+        "logprobs",
+        "ignore_eos",
+        "user",
+        *sorted(INTERNAL_REQUEST_FIELDS),
+        "session_id",
+        "x_unknown",
+    ]
+)
 DELETE = object()
 valid_completion = st.fixed_dictionaries(
-    {"model": st.just(MODEL), "prompt": st.one_of(st.text(min_size=1, max_size=40),
-                                                   st.lists(st.integers(0, 200), min_size=1, max_size=8))},
-    optional={"max_tokens": st.integers(1, 20), "stream": st.booleans(), "temperature": st.floats(0, 2),
-              "stop": st.lists(st.text(min_size=1, max_size=3), max_size=2), "seed": st.integers(0, 1 << 32)})
+    {
+        "model": st.just(MODEL),
+        "prompt": st.one_of(
+            st.text(min_size=1, max_size=40), st.lists(st.integers(0, 200), min_size=1, max_size=8)
+        ),
+    },
+    optional={
+        "max_tokens": st.integers(1, 20),
+        "stream": st.booleans(),
+        "temperature": st.floats(0, 2),
+        "stop": st.lists(st.text(min_size=1, max_size=3), max_size=2),
+        "seed": st.integers(0, 1 << 32),
+    },
+)
 valid_chat = st.fixed_dictionaries(
-    {"model": st.just(MODEL), "messages": st.lists(st.fixed_dictionaries(
-        {"role": st.sampled_from(["user", "system", "assistant"]), "content": st.text(max_size=30)}),
-        min_size=1, max_size=3)},
-    optional={"max_tokens": st.integers(1, 20), "stream": st.booleans(), "top_p": st.floats(0.1, 1),
-              "max_completion_tokens": st.integers(1, 20)})
+    {
+        "model": st.just(MODEL),
+        "messages": st.lists(
+            st.fixed_dictionaries(
+                {"role": st.sampled_from(["user", "system", "assistant"]), "content": st.text(max_size=30)}
+            ),
+            min_size=1,
+            max_size=3,
+        ),
+    },
+    optional={
+        "max_tokens": st.integers(1, 20),
+        "stream": st.booleans(),
+        "top_p": st.floats(0.1, 1),
+        "max_completion_tokens": st.integers(1, 20),
+    },
+)
 mutations = st.lists(st.tuples(field_names, st.one_of(json_values, st.just(DELETE))), max_size=2)
 
 
@@ -102,17 +168,23 @@ def encode(body) -> bytes:
 requests_ = st.one_of(
     st.tuples(st.just("/v1/completions"), st.builds(mutate, valid_completion, mutations).map(encode)),
     st.tuples(st.just("/v1/chat/completions"), st.builds(mutate, valid_chat, mutations).map(encode)),
-    st.tuples(st.sampled_from(["/v1/completions", "/v1/chat/completions"]), st.one_of(
-        st.binary(max_size=200),  # malformed JSON, wrong encodings
-        json_values.map(encode),  # JSON that is not an object
-        st.dictionaries(field_names, json_values, max_size=5).map(encode),
-        st.integers(MAX_BODY + 1, MAX_BODY * 3).map(lambda n: b'{"model": "' + b"x" * n + b'"}'),  # huge
-    )),
+    st.tuples(
+        st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+        st.one_of(
+            st.binary(max_size=200),  # malformed JSON, wrong encodings
+            json_values.map(encode),  # JSON that is not an object
+            st.dictionaries(field_names, json_values, max_size=5).map(encode),
+            st.integers(MAX_BODY + 1, MAX_BODY * 3).map(lambda n: b'{"model": "' + b"x" * n + b'"}'),  # huge
+        ),
+    ),
 )
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow])
+@settings(
+    max_examples=250,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(request=requests_)
 def test_fuzzed_bodies_get_4xx_never_5xx(router, request):
     http, proc = router

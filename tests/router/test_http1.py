@@ -17,8 +17,9 @@ from distserve.router.upstream import UpstreamError
 class ScriptedServer:
     """Answers each request on a connection with the next scripted answer, written in `pieces`-byte slices."""
 
-    def __init__(self, answers: list[bytes], pieces: int = 0, close_after: int | None = None,
-                 hold_open: bool = False) -> None:
+    def __init__(
+        self, answers: list[bytes], pieces: int = 0, close_after: int | None = None, hold_open: bool = False
+    ) -> None:
         self.answers = list(answers)
         self.hold_open = hold_open
         self.pieces = pieces
@@ -44,7 +45,7 @@ class ScriptedServer:
                 answer = self.answers.pop(0)
                 if self.pieces:
                     for i in range(0, len(answer), self.pieces):
-                        writer.write(answer[i:i + self.pieces])
+                        writer.write(answer[i : i + self.pieces])
                         await writer.drain()
                         await asyncio.sleep(0)
                 else:
@@ -64,9 +65,13 @@ class ScriptedServer:
         await self.server.wait_closed()
 
 
-CL = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{\"a\": \"b\"}\n"
-CHUNKED = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n"
-           b"7;ext=1\r\ndata: 1\r\n" b"10\r\n\ndata: [DONE]\n\n\n\r\n" b"0\r\nX-Trailer: t\r\n\r\n")
+CL = b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 11\r\n\r\n{"a": "b"}\n'
+CHUNKED = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Type: text/event-stream\r\n\r\n"
+    b"7;ext=1\r\ndata: 1\r\n"
+    b"10\r\n\ndata: [DONE]\n\n\n\r\n"
+    b"0\r\nX-Trailer: t\r\n\r\n"
+)
 
 
 @pytest.mark.parametrize("pieces", [0, 1, 3])
@@ -132,7 +137,9 @@ async def test_failures_are_classified():
 
 
 async def test_idle_timeout_inside_a_stream():
-    server = await ScriptedServer([CHUNKED[:98]], hold_open=True).start()  # headers and the first chunk, then silence
+    server = await ScriptedServer(
+        [CHUNKED[:98]], hold_open=True
+    ).start()  # headers and the first chunk, then silence
     pool = EnginePool(connect_timeout=2)
     try:
         r = await pool.request(server.url, b"POST", b"/", b"")

@@ -27,7 +27,10 @@ ENGINE_AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ENV = {"DISTSERVE_CLUSTER_TOKEN": TOKEN}
 
 CASES = [
-    ("completions", False), ("completions", True), ("chat", False), ("chat", True),
+    ("completions", False),
+    ("completions", True),
+    ("chat", False),
+    ("chat", True),
 ]
 
 
@@ -40,8 +43,20 @@ class Cluster:
 
     def start_engine(self, name: str, role: str, register: bool = True) -> None:
         port = free_port()
-        args = ["distserve", "engine", "--role", role, "--host", "127.0.0.1", "--port", str(port),
-                "--api-keys", TOKEN, "--log-level", "WARNING"]
+        args = [
+            "distserve",
+            "engine",
+            "--role",
+            role,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--api-keys",
+            TOKEN,
+            "--log-level",
+            "WARNING",
+        ]
         if register:
             args += ["--etcd", ",".join(self.etcd.endpoints), "--cluster", self.name, "--ttl", "3"]
         self.engines[name] = (Proc.python(args, name=f"engine-{name}", env=ENV), f"http://127.0.0.1:{port}")
@@ -55,8 +70,11 @@ class Cluster:
         return router
 
     def handshakes(self) -> dict[str, float]:
-        return {name: engine_metric(url, "distserve_engine_handshakes_total", ENGINE_AUTH)
-                for name, (proc, url) in self.engines.items() if proc.alive()}
+        return {
+            name: engine_metric(url, "distserve_engine_handshakes_total", ENGINE_AUTH)
+            for name, (proc, url) in self.engines.items()
+            if proc.alive()
+        }
 
     def stop(self) -> None:
         for proc, _ in [*self.routers, *self.engines.values()]:
@@ -76,32 +94,54 @@ def cluster():
                 wait_http(f"{url}/health", timeout=90)
             except TimeoutError:
                 pytest.fail(f"engine {name} did not start:\n{proc.output()[-3000:]}")
-        c.start_router("--cluster-token", TOKEN)  # one replica gets the token as a flag, the other from the env
+        c.start_router(
+            "--cluster-token", TOKEN
+        )  # one replica gets the token as a flag, the other from the env
         c.start_router()
         deadline = time.monotonic() + 60
         for _, router in c.routers:  # links pre-established by the decode agents, before any request
             while router_metric(router, "distserve_router_links_usable") < 4:
-                assert time.monotonic() < deadline, "links not established:\n" + c.engines["d0"][0].output()[-3000:]
+                assert time.monotonic() < deadline, (
+                    "links not established:\n" + c.engines["d0"][0].output()[-3000:]
+                )
                 time.sleep(0.1)
         yield c
     finally:
         c.stop()
 
 
-def ask_sync(base_url: str, kind: str, stream: bool, prompt: str, max_tokens: int = 12,
-             api_key: str = "unused") -> str:
+def ask_sync(
+    base_url: str, kind: str, stream: bool, prompt: str, max_tokens: int = 12, api_key: str = "unused"
+) -> str:
     client = openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0)
     if kind == "completions":
         if stream:
-            return "".join(c.choices[0].text for c in client.completions.create(
-                model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True) if c.choices)
-        return client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0).choices[0].text
+            return "".join(
+                c.choices[0].text
+                for c in client.completions.create(
+                    model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True
+                )
+                if c.choices
+            )
+        return (
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0)
+            .choices[0]
+            .text
+        )
     messages = [{"role": "user", "content": prompt}]
     if stream:
-        return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-            model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0, stream=True) if c.choices)
-    return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens,
-                                          temperature=0).choices[0].message.content
+        return "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0, stream=True
+            )
+            if c.choices
+        )
+    return (
+        client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0)
+        .choices[0]
+        .message.content
+    )
 
 
 async def ask_async(base_url: str, kind: str, stream: bool, prompt: str, max_tokens: int = 12) -> str:
@@ -110,27 +150,35 @@ async def ask_async(base_url: str, kind: str, stream: bool, prompt: str, max_tok
         if kind == "completions":
             if stream:
                 out = []
-                async for c in await client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens,
-                                                               temperature=0, stream=True):
+                async for c in await client.completions.create(
+                    model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True
+                ):
                     out.extend(ch.text for ch in c.choices)
                 return "".join(out)
-            r = await client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0)
+            r = await client.completions.create(
+                model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0
+            )
             return r.choices[0].text
         messages = [{"role": "user", "content": prompt}]
         if stream:
             out = []
-            async for c in await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens,
-                                                                temperature=0, stream=True):
+            async for c in await client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0, stream=True
+            ):
                 out.extend(ch.delta.content or "" for ch in c.choices)
             return "".join(out)
-        r = await client.chat.completions.create(model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0)
+        r = await client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0
+        )
         return r.choices[0].message.content
     finally:
         await client.close()
 
 
 def migrations(cluster: Cluster) -> float:
-    return sum(engine_metric(cluster.url(d), "distserve_engine_migrations_total", ENGINE_AUTH) for d in ("d0", "d1"))
+    return sum(
+        engine_metric(cluster.url(d), "distserve_engine_migrations_total", ENGINE_AUTH) for d in ("d0", "d1")
+    )
 
 
 def test_openai_client_gets_the_hybrid_engines_greedy_text_through_either_router(cluster):
@@ -149,8 +197,13 @@ def test_openai_client_gets_the_hybrid_engines_greedy_text_through_either_router
         outs = []
         for i, (kind, stream) in enumerate(CASES):
             prompt = f"The {i}th router test says"
-            outs.append((kind, stream, await asyncio.gather(*(ask_async(r, kind, stream, prompt)
-                                                                 for _, r in cluster.routers))))
+            outs.append(
+                (
+                    kind,
+                    stream,
+                    await asyncio.gather(*(ask_async(r, kind, stream, prompt) for _, r in cluster.routers)),
+                )
+            )
         return outs
 
     for i, (kind, stream, texts) in enumerate(asyncio.run(async_cases())):
@@ -177,13 +230,19 @@ def test_usage_and_errors_pass_through_pd(cluster):
 
 
 def decodes_running(cluster: Cluster) -> float:
-    return sum(engine_metric(cluster.url(d), "distserve_engine_requests_running", ENGINE_AUTH)
-               for d in ("d0", "d1") if cluster.engines[d][0].alive())
+    return sum(
+        engine_metric(cluster.url(d), "distserve_engine_requests_running", ENGINE_AUTH)
+        for d in ("d0", "d1")
+        if cluster.engines[d][0].alive()
+    )
 
 
 def preserved(cluster: Cluster) -> float:
-    return sum(engine_metric(cluster.url(p), "distserve_engine_preserved_blocks", ENGINE_AUTH)
-               for p in ("p0", "p1") if cluster.engines[p][0].alive())
+    return sum(
+        engine_metric(cluster.url(p), "distserve_engine_preserved_blocks", ENGINE_AUTH)
+        for p in ("p0", "p1")
+        if cluster.engines[p][0].alive()
+    )
 
 
 def wait_for(check, timeout: float, what: str) -> None:
@@ -193,7 +252,13 @@ def wait_for(check, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-LONG = {"model": MODEL, "prompt": "a very long story", "max_tokens": 3500, "ignore_eos": True, "temperature": 0}
+LONG = {
+    "model": MODEL,
+    "prompt": "a very long story",
+    "max_tokens": 3500,
+    "ignore_eos": True,
+    "temperature": 0,
+}
 
 
 def test_client_disconnect_cancels_the_decode_and_leaves_nothing_preserved(cluster):
@@ -211,7 +276,9 @@ def test_client_disconnect_cancels_the_decode_and_leaves_nothing_preserved(clust
 
 
 def test_max_in_flight_answers_429(cluster):
-    proc, router = start_router(cluster.etcd.endpoints, "--cluster", cluster.name, "--max-in-flight", "1", env=ENV)
+    proc, router = start_router(
+        cluster.etcd.endpoints, "--cluster", cluster.name, "--max-in-flight", "1", env=ENV
+    )
     try:
         with httpx.Client(base_url=router, timeout=30) as http:
             with http.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as r:
@@ -242,8 +309,16 @@ def test_sigkilled_router_replaced_first_pd_completion_needs_no_handshake(cluste
 
 def test_phase_timeouts_answer_504_and_free_the_prefill(cluster):
     """Both decodes frozen (SIGSTOP, briefly: their leases must not expire): the decode phase times out."""
-    proc, router = start_router(cluster.etcd.endpoints, "--cluster", cluster.name, "--decode-first-byte-timeout",
-                                "0.7", "--request-timeout", "0.9", env=ENV)
+    proc, router = start_router(
+        cluster.etcd.endpoints,
+        "--cluster",
+        cluster.name,
+        "--decode-first-byte-timeout",
+        "0.7",
+        "--request-timeout",
+        "0.9",
+        env=ENV,
+    )
     frozen = [cluster.engines[d][0] for d in ("d0", "d1")]
     try:
         with httpx.Client(base_url=router, timeout=30) as http:
@@ -252,8 +327,15 @@ def test_phase_timeouts_answer_504_and_free_the_prefill(cluster):
             try:
                 with ThreadPoolExecutor(2) as pool:
                     streamed = pool.submit(http.post, "/v1/completions", json={**LONG, "stream": True})
-                    unary = pool.submit(http.post, "/v1/chat/completions", json={
-                        "model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5})
+                    unary = pool.submit(
+                        http.post,
+                        "/v1/chat/completions",
+                        json={
+                            "model": MODEL,
+                            "messages": [{"role": "user", "content": "hi"}],
+                            "max_tokens": 5,
+                        },
+                    )
                     streamed, unary = streamed.result(), unary.result()
             finally:
                 for p in frozen:
@@ -271,12 +353,21 @@ def test_phase_timeouts_answer_504_and_free_the_prefill(cluster):
 def test_sigkilled_decode_mid_stream_gives_an_error_event_and_frees_the_prefill(cluster):
     _, router = cluster.routers[-1]
     client = openai.OpenAI(base_url=f"{router}/v1", api_key="unused", max_retries=0)
-    stream = client.completions.create(model=MODEL, prompt="a very long story", max_tokens=3500, temperature=0,
-                                       stream=True, extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model=MODEL,
+        prompt="a very long story",
+        max_tokens=3500,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
     chunks = iter(stream)
     for _ in range(3):
         next(chunks)
-    running = {d: engine_metric(cluster.url(d), "distserve_engine_requests_running", ENGINE_AUTH) for d in ("d0", "d1")}
+    running = {
+        d: engine_metric(cluster.url(d), "distserve_engine_requests_running", ENGINE_AUTH)
+        for d in ("d0", "d1")
+    }
     victim = max(running, key=running.get)
     assert running[victim] == 1
     cluster.engines[victim][0].kill()
@@ -286,8 +377,10 @@ def test_sigkilled_decode_mid_stream_gives_an_error_event_and_frees_the_prefill(
     assert "decode failed mid-stream" in str(info.value.message)
     deadline = time.monotonic() + 10
     while True:
-        preserved = sum(engine_metric(cluster.url(p), "distserve_engine_preserved_blocks", ENGINE_AUTH)
-                        for p in ("p0", "p1"))
+        preserved = sum(
+            engine_metric(cluster.url(p), "distserve_engine_preserved_blocks", ENGINE_AUTH)
+            for p in ("p0", "p1")
+        )
         if preserved == 0:
             break
         assert time.monotonic() < deadline, f"prefill engines still preserve {preserved} blocks"
@@ -297,7 +390,12 @@ def test_sigkilled_decode_mid_stream_gives_an_error_event_and_frees_the_prefill(
     for i in range(4):
         assert ask_sync(router, "chat", i % 2 == 0, f"after the decode died {i}")
     assert router_metric(router, "distserve_router_retries_total", {"phase": "decode"}) == 1
-    assert router_metric(router, "distserve_router_upstream_errors_total", {"phase": "decode", "kind": "connect"}) == 1
+    assert (
+        router_metric(
+            router, "distserve_router_upstream_errors_total", {"phase": "decode", "kind": "connect"}
+        )
+        == 1
+    )
 
 
 def test_sigkilled_prefill_following_requests_succeed_on_the_other(cluster):

@@ -18,9 +18,21 @@ from discovery.config import EtcdConfig
 from discovery.embedded import EmbeddedEtcd
 from distserve.keys import Keys
 from distserve.records import RouterRecord
-from tests.router.cluster import (MODEL, engine_metric, engine_record, geometry_of, handshake, link_record,
-                                  publish_engine, publish_link, router_metric, set_flags, set_routing,
-                                  start_null_engines, start_router)
+from tests.router.cluster import (
+    MODEL,
+    engine_metric,
+    engine_record,
+    geometry_of,
+    handshake,
+    link_record,
+    publish_engine,
+    publish_link,
+    router_metric,
+    set_flags,
+    set_routing,
+    start_null_engines,
+    start_router,
+)
 from tests.util import free_port
 
 STRATEGY_NAMES = ["random", "round_robin", "min_expected_latency", "power_of_two", "prefix_affinity"]
@@ -42,7 +54,13 @@ def farm():
             for d in decodes:
                 handshake(p, d)
         geometry = geometry_of(prefills[0])
-        yield {"etcd": etcd, "prefills": prefills, "decodes": decodes, "hybrids": hybrids, "geometry": geometry}
+        yield {
+            "etcd": etcd,
+            "prefills": prefills,
+            "decodes": decodes,
+            "hybrids": hybrids,
+            "geometry": geometry,
+        }
     finally:
         for p in procs:
             p.kill()
@@ -67,9 +85,13 @@ async def publish_pd(client, keys, farm, prefills=None, decodes=None, **states):
     geometry = farm["geometry"]
     recs = {}
     for i, url in enumerate(prefills if prefills is not None else farm["prefills"]):
-        recs[f"p{i}"] = engine_record(f"p{i}", url, "prefill", state=states.get(f"p{i}", "ready"), geometry=geometry)
+        recs[f"p{i}"] = engine_record(
+            f"p{i}", url, "prefill", state=states.get(f"p{i}", "ready"), geometry=geometry
+        )
     for i, url in enumerate(decodes if decodes is not None else farm["decodes"]):
-        recs[f"d{i}"] = engine_record(f"d{i}", url, "decode", state=states.get(f"d{i}", "ready"), geometry=geometry)
+        recs[f"d{i}"] = engine_record(
+            f"d{i}", url, "decode", state=states.get(f"d{i}", "ready"), geometry=geometry
+        )
     for r in recs.values():
         await publish_engine(client, keys, r)
     for p in (r for r in recs.values() if r.role == "prefill"):
@@ -82,13 +104,24 @@ def counts(urls: list[str]) -> list[float]:
     return [engine_metric(u, "distserve_engine_requests_total") for u in urls]
 
 
-async def fire(router: str, n: int, *, stream_every: int = 2, chat_every: int = 3, prompt: str = "hello {i}",
-               headers: dict | None = None) -> list[int]:
+async def fire(
+    router: str,
+    n: int,
+    *,
+    stream_every: int = 2,
+    chat_every: int = 3,
+    prompt: str = "hello {i}",
+    headers: dict | None = None,
+) -> list[int]:
     async with httpx.AsyncClient(base_url=router, timeout=30, headers=headers) as http:
+
         async def one(i: int) -> int:
             stream = i % stream_every == 0
             if i % chat_every == 0:
-                path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt.format(i=i)}]}
+                path, body = (
+                    "/v1/chat/completions",
+                    {"messages": [{"role": "user", "content": prompt.format(i=i)}]},
+                )
             else:
                 path, body = "/v1/completions", {"prompt": prompt.format(i=i)}
             body.update(model=MODEL, max_tokens=4, stream=stream)
@@ -97,6 +130,7 @@ async def fire(router: str, n: int, *, stream_every: int = 2, chat_every: int = 
                 assert r.text.rstrip().endswith("data: [DONE]"), r.text
                 assert '"error"' not in r.text, r.text
             return r.status_code
+
         return list(await asyncio.gather(*(one(i) for i in range(n))))
 
 
@@ -195,8 +229,15 @@ async def test_refused_connection_opens_the_breaker_until_the_engine_is_back(far
     gone = engine_record("p-gone", f"http://127.0.0.1:{port}", "prefill", geometry=geometry)
     await publish_engine(etcdc, keys, gone)
     await publish_link(etcdc, keys, link_record(gone, recs["d0"]))
-    proc, router = start_router(farm["etcd"].endpoints, "--cluster", keys.cluster, "--strategy", "round_robin",
-                                "--breaker-probe-interval", "0.2")
+    proc, router = start_router(
+        farm["etcd"].endpoints,
+        "--cluster",
+        keys.cluster,
+        "--strategy",
+        "round_robin",
+        "--breaker-probe-interval",
+        "0.2",
+    )
     try:
         for _ in range(2):  # round robin: one of these two picks p-gone; refused -> retried on p0
             assert await fire(router, 1) == [200]
@@ -231,17 +272,38 @@ async def test_api_surface_errors_and_auth(farm, etcdc, keys):
     await publish_pd(etcdc, keys, farm, prefills=farm["prefills"][:1], decodes=farm["decodes"][:1])
     for i, url in enumerate(farm["hybrids"]):  # two hybrids serve the same model: /v1/models de-duplicates
         await publish_engine(etcdc, keys, engine_record(f"h{i}", url, "hybrid", geometry=geometry))
-    await publish_engine(etcdc, keys, engine_record("other", farm["hybrids"][0], "hybrid", models=("other-model",),
-                                                    state="draining", geometry=geometry))
-    proc, router = start_router(farm["etcd"].endpoints, "--cluster", keys.cluster, "--api-keys", "k1", "k2",
-                                "--max-body-bytes", "4096")
+    await publish_engine(
+        etcdc,
+        keys,
+        engine_record(
+            "other",
+            farm["hybrids"][0],
+            "hybrid",
+            models=("other-model",),
+            state="draining",
+            geometry=geometry,
+        ),
+    )
+    proc, router = start_router(
+        farm["etcd"].endpoints,
+        "--cluster",
+        keys.cluster,
+        "--api-keys",
+        "k1",
+        "k2",
+        "--max-body-bytes",
+        "4096",
+    )
     auth = {"Authorization": "Bearer k2"}
     try:
         async with httpx.AsyncClient(base_url=router, timeout=10) as http:
             r = await http.get("/v1/models")
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-            r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x"},
-                                headers={"Authorization": "Bearer nope"})
+            r = await http.post(
+                "/v1/completions",
+                json={"model": MODEL, "prompt": "x"},
+                headers={"Authorization": "Bearer nope"},
+            )
             assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
             r = await http.get("/v1/models", headers=auth)
             assert [m["id"] for m in r.json()["data"]] == [MODEL]
@@ -256,26 +318,40 @@ async def test_api_surface_errors_and_auth(farm, etcdc, keys):
                 assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
             r = await http.get("/v1/completions", headers=auth)
             assert r.status_code == 405 and r.headers["Allow"] == "POST"
-            r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "migration_request": {}},
-                                headers=auth)
+            r = await http.post(
+                "/v1/completions", json={"model": MODEL, "prompt": "x", "migration_request": {}}, headers=auth
+            )
             assert r.status_code == 400 and r.json()["error"]["code"] == "internal_field"
             # request ids: accepted and echoed, or generated
-            r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2},
-                                headers={**auth, "X-Request-Id": "client-chosen-42"})
+            r = await http.post(
+                "/v1/completions",
+                json={"model": MODEL, "prompt": "x", "max_tokens": 2},
+                headers={**auth, "X-Request-Id": "client-chosen-42"},
+            )
             assert r.status_code == 200 and r.headers["X-Request-Id"] == "client-chosen-42"
-            r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}, headers=auth)
+            r = await http.post(
+                "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2}, headers=auth
+            )
             assert len(r.headers["X-Request-Id"]) == 32
             assert (await http.get("/health")).status_code == 200
             ready = (await http.get("/health/ready")).json()
             assert ready["status"] == "ready" and ready["prefill"] == 1 and ready["hybrid"] == 2
             text = (await http.get("/metrics", headers=auth)).text
         assert "client-chosen-42" in proc.output()
-        for name in ("distserve_router_requests_total", "distserve_router_ttft_seconds_bucket",
-                     "distserve_router_request_duration_seconds_count", "distserve_router_phase_seconds_bucket",
-                     "distserve_router_engines_known", "distserve_router_view_revision",
-                     "distserve_router_view_lag_seconds", "distserve_router_retries_total",
-                     "distserve_router_upstream_errors_total"):
-            assert name in text or name.startswith(("distserve_router_retries", "distserve_router_upstream")), name
+        for name in (
+            "distserve_router_requests_total",
+            "distserve_router_ttft_seconds_bucket",
+            "distserve_router_request_duration_seconds_count",
+            "distserve_router_phase_seconds_bucket",
+            "distserve_router_engines_known",
+            "distserve_router_view_revision",
+            "distserve_router_view_lag_seconds",
+            "distserve_router_retries_total",
+            "distserve_router_upstream_errors_total",
+        ):
+            assert name in text or name.startswith(
+                ("distserve_router_retries", "distserve_router_upstream")
+            ), name
         assert 'distserve_router_requests_total{route="/v1/completions",status="404"} 1' in text
         assert 'distserve_router_requests_total{route="/v1/completions",status="401"} 1' in text
     finally:

@@ -34,39 +34,53 @@ def test_internal_fields_are_rejected(kind, base, field):
     assert e.code == "internal_field" and e.param == field
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"prompt": "x"}, "model"),
-    ({"model": 3, "prompt": "x"}, "model"),
-    ({"model": ""}, "model"),
-    ({"model": "m"}, "prompt"),
-    ({"model": "m", "prompt": ""}, "prompt"),
-    ({"model": "m", "prompt": []}, "prompt"),
-    ({"model": "m", "prompt": 5}, "prompt"),
-    ({"model": "m", "prompt": [1, "a"]}, "prompt"),
-    ({"model": "m", "prompt": [1, -2]}, "prompt"),
-    ({"model": "m", "prompt": [1, True]}, "prompt"),
-    ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
-    ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
-    ({"model": "m", "prompt": "x", "max_tokens": "5"}, "max_tokens"),
-    ({"model": "m", "prompt": "x", "max_tokens": 1.5}, "max_tokens"),
-    ({"model": "m", "prompt": "x", "stream": "yes"}, "stream"),
-    ({"model": "m", "prompt": "x", "temperature": 3}, "temperature"),
-    ({"model": "m", "prompt": "x", "top_p": 0}, "top_p"),
-    ({"model": "m", "prompt": "x", "n": 2}, "n"),
-    ({"model": "m", "prompt": "x", "stop": 3}, "stop"),
-    ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
-    ({"model": "m", "prompt": "x", "stop": [""]}, "stop"),
-    ({"model": "m", "prompt": "x", "stream_options": []}, "stream_options"),
-    ({"model": "m", "prompt": "x", "seed": 1 << 70}, "seed"),
-    ({"model": "m", "prompt": "x", "logprobs": 50}, "logprobs"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"prompt": "x"}, "model"),
+        ({"model": 3, "prompt": "x"}, "model"),
+        ({"model": ""}, "model"),
+        ({"model": "m"}, "prompt"),
+        ({"model": "m", "prompt": ""}, "prompt"),
+        ({"model": "m", "prompt": []}, "prompt"),
+        ({"model": "m", "prompt": 5}, "prompt"),
+        ({"model": "m", "prompt": [1, "a"]}, "prompt"),
+        ({"model": "m", "prompt": [1, -2]}, "prompt"),
+        ({"model": "m", "prompt": [1, True]}, "prompt"),
+        ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
+        ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "max_tokens": "5"}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "max_tokens": 1.5}, "max_tokens"),
+        ({"model": "m", "prompt": "x", "stream": "yes"}, "stream"),
+        ({"model": "m", "prompt": "x", "temperature": 3}, "temperature"),
+        ({"model": "m", "prompt": "x", "top_p": 0}, "top_p"),
+        ({"model": "m", "prompt": "x", "n": 2}, "n"),
+        ({"model": "m", "prompt": "x", "stop": 3}, "stop"),
+        ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": "m", "prompt": "x", "stop": [""]}, "stop"),
+        ({"model": "m", "prompt": "x", "stream_options": []}, "stream_options"),
+        ({"model": "m", "prompt": "x", "seed": 1 << 70}, "seed"),
+        ({"model": "m", "prompt": "x", "logprobs": 50}, "logprobs"),
+    ],
+)
 def test_completions_bad_fields(body, param):
     assert err(COMPLETIONS, body).param == param
 
 
-@pytest.mark.parametrize("messages", [None, "hi", [], [1], [{"content": "x"}], [{"role": "robot", "content": "x"}],
-                                      [{"role": "user"}], [{"role": "user", "content": 5}],
-                                      [{"role": "user", "content": [{"text": "no type"}]}]])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        None,
+        "hi",
+        [],
+        [1],
+        [{"content": "x"}],
+        [{"role": "robot", "content": "x"}],
+        [{"role": "user"}],
+        [{"role": "user", "content": 5}],
+        [{"role": "user", "content": [{"text": "no type"}]}],
+    ],
+)
 def test_chat_bad_messages(messages):
     body = {"model": "m"} if messages is None else {"model": "m", "messages": messages}
     assert err(CHAT, body).param.startswith("messages")
@@ -74,22 +88,45 @@ def test_chat_bad_messages(messages):
 
 def test_good_bodies_pass_and_unknown_fields_travel():
     assert validate_request(COMPLETIONS, {**OK_COMPLETION, "vendor_extension": {"x": 1}, "top_k": 40}) == "m"
-    assert validate_request(COMPLETIONS, {"model": "m", "prompt": [[1, 2, 3]], "stream": True,
-                                          "stream_options": {"include_usage": True}}) == "m"
-    assert validate_request(CHAT, {"model": "m", "messages": [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
-        {"role": "assistant", "content": None, "tool_calls": []}], "max_completion_tokens": 3}) == "m"
+    assert (
+        validate_request(
+            COMPLETIONS,
+            {"model": "m", "prompt": [[1, 2, 3]], "stream": True, "stream_options": {"include_usage": True}},
+        )
+        == "m"
+    )
+    assert (
+        validate_request(
+            CHAT,
+            {
+                "model": "m",
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                    {"role": "assistant", "content": None, "tool_calls": []},
+                ],
+                "max_completion_tokens": 3,
+            },
+        )
+        == "m"
+    )
 
 
 def test_splice_keeps_the_client_bytes_and_adds_the_field():
     raw = b'{"model": "m", "prompt": "x\\u00e9 }", "stream": true}  \n'
     out = orjson.loads(splice_field(raw, b"migration_request", orjson.dumps({"remote_session_id": 7})))
-    assert out == {"model": "m", "prompt": "x\u00e9 }", "stream": True, "migration_request": {"remote_session_id": 7}}
+    assert out == {
+        "model": "m",
+        "prompt": "x\u00e9 }",
+        "stream": True,
+        "migration_request": {"remote_session_id": 7},
+    }
 
 
 def test_prompt_prefix_is_stable_and_bounded():
     a = prompt_prefix(CHAT, {"messages": [{"role": "system", "content": "s" * 1000}]}, 64)
-    assert len(a) == 64 and a == prompt_prefix(CHAT, {"messages": [{"role": "system", "content": "s" * 999}]}, 64)
+    assert len(a) == 64 and a == prompt_prefix(
+        CHAT, {"messages": [{"role": "system", "content": "s" * 999}]}, 64
+    )
     assert prompt_prefix(COMPLETIONS, {"prompt": "abc"}, 2) == b"ab"
     assert prompt_prefix(COMPLETIONS, {"prompt": [[5, 6, 7]]}, 8) == b"[5,6]"

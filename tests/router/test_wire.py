@@ -19,8 +19,15 @@ from aiohttp import web
 from discovery.client import EtcdClient
 from discovery.config import EtcdConfig
 from distserve.keys import Keys
-from tests.router.cluster import (MODEL, engine_record, link_record, publish_engine, publish_link, router_metric,
-                                  start_router)
+from tests.router.cluster import (
+    MODEL,
+    engine_record,
+    link_record,
+    publish_engine,
+    publish_link,
+    router_metric,
+    start_router,
+)
 from tests.util import free_port
 
 TOKEN = "wire-token"
@@ -60,8 +67,9 @@ class WireStub:
         if "preserve_cache" in body:
             return web.json_response(self.prefill_answer, status=self.prefill_status)
         if self.decode_status != 200:
-            return web.json_response({"error": {"message": "decode broke", "type": "x", "code": "y"}},
-                                     status=self.decode_status)
+            return web.json_response(
+                {"error": {"message": "decode broke", "type": "x", "code": "y"}}, status=self.decode_status
+            )
         if body.get("stream"):
             resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
             await resp.prepare(request)
@@ -69,8 +77,14 @@ class WireStub:
                 await resp.write(b'data: {"choices": [{"index": 0, "text": "' + piece.encode() + b'"}]}\n\n')
             await resp.write(b"data: [DONE]\n\n")
             return resp
-        return web.json_response({"id": "x", "object": "text_completion", "choices": [
-            {"index": 0, "text": "decoded", "finish_reason": "length"}], "usage": {"prompt_tokens": 3}})
+        return web.json_response(
+            {
+                "id": "x",
+                "object": "text_completion",
+                "choices": [{"index": 0, "text": "decoded", "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 3},
+            }
+        )
 
     def requests(self, path: str) -> list[tuple[dict, bytes]]:
         return [(h, b) for p, h, b in self.seen if p == path]
@@ -92,8 +106,9 @@ async def wire(etcd):
     link.protocol = "rdma"
     await publish_link(client, keys, link)
     await publish_engine(client, keys, engine_record("h0", hybrid.url, "hybrid", models=("hybrid-model",)))
-    proc, url = await asyncio.to_thread(start_router, etcd.endpoints, "--cluster", keys.cluster,
-                                        "--cluster-token", TOKEN)
+    proc, url = await asyncio.to_thread(
+        start_router, etcd.endpoints, "--cluster", keys.cluster, "--cluster-token", TOKEN
+    )
     try:
         yield {"router": url, "prefill": prefill, "decode": decode, "hybrid": hybrid, "proc": proc}
     finally:
@@ -104,10 +119,17 @@ async def wire(etcd):
 
 
 async def test_pd_prefill_and_decode_bodies_follow_the_protocol(wire):
-    wire["prefill"].prefill_answer = {"id": "chatcmpl-abc", "remote_session_id": 41, "remote_token_ids": [7, 8],
-                                      "cache_block_ids": [3, 4, 5], "choices": []}
-    client_raw = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9, ' \
-                 b'"stream": true, "stream_options": {"include_usage": true}, "temperature": 0}' % MODEL.encode()
+    wire["prefill"].prefill_answer = {
+        "id": "chatcmpl-abc",
+        "remote_session_id": 41,
+        "remote_token_ids": [7, 8],
+        "cache_block_ids": [3, 4, 5],
+        "choices": [],
+    }
+    client_raw = (
+        b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9, '
+        b'"stream": true, "stream_options": {"include_usage": true}, "temperature": 0}' % MODEL.encode()
+    )
     async with httpx.AsyncClient(base_url=wire["router"], timeout=10) as http:
         r = await http.post("/v1/chat/completions", content=client_raw, headers={"X-Request-Id": "rid-1"})
     assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n") and '"text": "a"' in r.text
@@ -119,9 +141,14 @@ async def test_pd_prefill_and_decode_bodies_follow_the_protocol(wire):
     [(dh, db)] = wire["decode"].requests("/v1/chat/completions")
     assert db.startswith(client_raw[:-1]), "the client's bytes go to the decode unchanged"
     dec = json.loads(db)
-    assert dec["migration_request"] == {"protocol": 2, "remote_engine_id": wire["prefill"].url,
-                                        "remote_session_id": 41, "remote_token_id": 7, "remote_block_ids": [3, 4, 5],
-                                        "is_dummy_prefill": False}
+    assert dec["migration_request"] == {
+        "protocol": 2,
+        "remote_engine_id": wire["prefill"].url,
+        "remote_session_id": 41,
+        "remote_token_id": 7,
+        "remote_block_ids": [3, 4, 5],
+        "is_dummy_prefill": False,
+    }
     assert dec["max_tokens"] == 9 and dec["stream"] is True
     for headers in (ph, dh):
         assert headers["Authorization"] == f"Bearer {TOKEN}" and headers["X-Request-Id"] == "rid-1"
@@ -148,8 +175,12 @@ async def test_integer_id_is_the_fallback_and_no_session_id_fails_closed(wire):
 
 
 async def test_decode_failure_frees_the_prefill_session(wire):
-    wire["prefill"].prefill_answer = {"id": "x", "remote_session_id": 77, "remote_token_ids": [5],
-                                      "cache_block_ids": [1, 2]}
+    wire["prefill"].prefill_answer = {
+        "id": "x",
+        "remote_session_id": 77,
+        "remote_token_ids": [5],
+        "cache_block_ids": [1, 2],
+    }
     wire["decode"].decode_status = 500
     async with httpx.AsyncClient(base_url=wire["router"], timeout=10) as http:
         r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "stream": True})
@@ -191,8 +222,9 @@ async def test_prefill_failing_before_output_is_retried_on_another_prefill(etcd)
         p = engine_record(name, stub.url, "prefill")
         await publish_engine(client, keys, p)
         await publish_link(client, keys, link_record(p, d))
-    proc, url = await asyncio.to_thread(start_router, etcd.endpoints, "--cluster", keys.cluster,
-                                        "--strategy", "round_robin")
+    proc, url = await asyncio.to_thread(
+        start_router, etcd.endpoints, "--cluster", keys.cluster, "--strategy", "round_robin"
+    )
     try:
         async with httpx.AsyncClient(base_url=url, timeout=10) as http:
             for _ in range(4):
@@ -202,8 +234,12 @@ async def test_prefill_failing_before_output_is_retried_on_another_prefill(etcd)
         assert failed >= 1  # round robin sends it first tries
         assert len(healthy.requests("/v1/completions")) == 4
         assert router_metric(url, "distserve_router_retries_total", {"phase": "prefill"}) == failed
-        assert router_metric(url, "distserve_router_upstream_errors_total",
-                             {"phase": "prefill", "kind": "status"}) == failed
+        assert (
+            router_metric(
+                url, "distserve_router_upstream_errors_total", {"phase": "prefill", "kind": "status"}
+            )
+            == failed
+        )
         # a 5xx is not a refused connection: no breaker (the engine may answer the next one)
         assert router_metric(url, "distserve_router_breaker_open") == 0
     finally:
