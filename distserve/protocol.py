@@ -158,7 +158,11 @@ def kv_layout_fingerprint(cache_pools: list[CachePool] | None) -> str | None:
     """A stable text describing the KV pools, compared between prefill and decode before linking."""
     if not cache_pools:
         return None
-    return ";".join(f"{'x'.join(map(str, p.shape))}:{p.dtype}:{p.entry_axis}" for p in cache_pools)
+    # The entry axis counts the engine's own KV blocks, which differ between engines; lmdeploy compares
+    # the payload shape without it, and so does this fingerprint ("*" in its place).
+    return ";".join(
+        f"{'x'.join('*' if i == p.entry_axis else str(d) for i, d in enumerate(p.shape))}:{p.dtype}:{p.entry_axis}"
+        for p in cache_pools)
 
 
 def geometry(info: DistServeEngineConfig, cache_pools: list[CachePool] | None = None) -> EngineGeometry:
