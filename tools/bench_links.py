@@ -100,7 +100,7 @@ def _dump_tasks() -> None:
         task.print_stack(limit=12, file=sys.stderr)
 
 
-async def run_agents(prefills: int, decodes: int, concurrency: int, ttl: int) -> dict:
+async def run_agents(prefills: int, decodes: int, concurrency: int, ttl: int, decodes_join_later: bool = False) -> dict:
     import signal
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, _dump_tasks)
@@ -120,7 +120,13 @@ async def run_agents(prefills: int, decodes: int, concurrency: int, ttl: int) ->
         want = prefills * decodes
         async with EtcdClient(etcd_config) as client:
             started = time.perf_counter()
-            await asyncio.gather(*(agent.start() for agent in agents))
+            if decodes_join_later:  # the prefills are registered first; then every decode joins at once
+                await asyncio.gather(*(a.start() for a in agents if a.config.role == "prefill"))
+                await asyncio.gather(*(a.wait_registered(60) for a in agents if a.config.role == "prefill"))
+                started = time.perf_counter()
+                await asyncio.gather(*(a.start() for a in agents if a.config.role == "decode"))
+            else:  # everything joins at once
+                await asyncio.gather(*(agent.start() for agent in agents))
             registered_at = None
             while True:
                 kvs, _ = await client.get_prefix(keys.root)
@@ -212,12 +218,15 @@ def main() -> int:
     parser.add_argument("--ttl", type=int, default=5)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", metavar="FILE", help="also write the raw results here")
+    parser.add_argument("--decodes-join-later", action="store_true",
+                        help="register the prefills first, then start every decode agent at once")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     runs, baselines = [], []
     for i in range(args.repeat):
-        runs.append(asyncio.run(run_agents(args.prefills, args.decodes, args.concurrency, args.ttl)))
+        runs.append(asyncio.run(run_agents(args.prefills, args.decodes, args.concurrency, args.ttl,
+                                           args.decodes_join_later)))
         baselines.append(asyncio.run(run_baseline(args.prefills, args.decodes)))
         print(f"run {i + 1}: agents {json.dumps(runs[-1])}\n       baseline {json.dumps(baselines[-1])}", flush=True)
 
@@ -225,8 +234,9 @@ def main() -> int:
         return statistics.median(r[key] for r in rows)
 
     pairs = args.prefills * args.decodes
-    print(f"\n{args.prefills} prefill x {args.decodes} decode null engines, {pairs} links, median of {args.repeat} "
-          f"runs, host {os.uname().nodename} ({os.cpu_count()} CPUs)")
+    joined = "prefills registered first, then all decodes at once" if args.decodes_join_later else "all at once"
+    print(f"\n{args.prefills} prefill x {args.decodes} decode null engines, {pairs} links, agents joining {joined}, "
+          f"median of {args.repeat} runs, host {os.uname().nodename} ({os.cpu_count()} CPUs)")
     print("| | agents (etcd, bounded) | unbounded warmup (lmdeploy proxy style) |")
     print("| --- | --- | --- |")
     print(f"| all engines registered in etcd | {med(runs, 'registered_s'):.2f} s | - |")

@@ -35,7 +35,7 @@ from discovery.lease import LeaseSession
 from distserve import __version__
 from distserve.agent.config import AgentConfig
 from distserve.agent.engine_client import EngineClient, EngineError, EngineFacts, instance_from
-from distserve.agent.links import LinkManager
+from distserve.agent.links import HandshakeLimiter, LinkManager
 from distserve.agent.load import LoadPublisher
 from distserve.keys import ENGINES, LINKS, Keys
 from distserve.protocol import geometry
@@ -54,7 +54,7 @@ class Agent:
     """One engine's agent. `await start()`, then `await stop()` (or `run()` until cancelled)."""
 
     def __init__(self, config: AgentConfig, etcd: EtcdConfig | None = None, *, client: EtcdClient | None = None,
-                 handshake_semaphore: asyncio.Semaphore | None = None) -> None:
+                 handshake_semaphore: HandshakeLimiter | None = None) -> None:
         self.config = config
         self.keys = Keys(config.cluster)
         self._etcd_config = etcd

@@ -10,7 +10,6 @@ of one process share one handshake semaphore, so the process as a whole stays wi
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
@@ -55,7 +54,9 @@ async def start_agents(args: argparse.Namespace, engines: list[tuple[str, str, i
                                                      "engine_id": engine_id}))
     except ValueError as exc:
         raise EmbeddedAgentError(str(exc)) from None
-    semaphore = asyncio.Semaphore(configs[0].handshake_concurrency) if configs else None
+    from distserve.agent.links import HandshakeLimiter
+
+    semaphore = HandshakeLimiter(configs[0].handshake_concurrency) if configs else None
     agents = [Agent(config, etcd, handshake_semaphore=semaphore) for config in configs]
     for agent in agents:
         await agent.start()

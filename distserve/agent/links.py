@@ -18,6 +18,9 @@ handshakes again. That is also how a restarted decode agent adopts the links its
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
+import heapq
 import logging
 import random
 import time
@@ -101,6 +104,53 @@ def backoff(attempt: int, base: float, cap: float) -> float:
     return min(cap, base * (2 ** max(0, attempt - 1))) * random.uniform(0.5, 1.5)
 
 
+class HandshakeLimiter:
+    """A semaphore whose waiters are served lowest priority first (FIFO among equals).
+
+    Decode agents ask with the pair's place in a rotation (see LinkManager._priority), so when many
+    engines join at once the first handshakes of each decode go to different prefills instead of all
+    starting with the same ones."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+        self._free = value
+        self._waiters: list[tuple[float, int, asyncio.Future]] = []
+        self._seq = 0
+
+    async def acquire(self, priority: float = 0.0) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        future = asyncio.get_running_loop().create_future()
+        self._seq += 1
+        heapq.heappush(self._waiters, (priority, self._seq, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release()  # granted just as we were cancelled: pass it on
+            else:
+                self._waiters = [w for w in self._waiters if w[2] is not future]
+                heapq.heapify(self._waiters)
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            _, _, future = heapq.heappop(self._waiters)
+            if not future.done():
+                future.set_result(None)
+                return
+        self._free += 1
+
+    @contextlib.asynccontextmanager
+    async def slot(self, priority: float = 0.0):
+        await self.acquire(priority)
+        try:
+            yield
+        finally:
+            self.release()
+
+
 class LinkManager:
     """Keeps this decode engine linked with every compatible prefill engine, and the link records true."""
 
@@ -114,7 +164,7 @@ class LinkManager:
         prefills: Callable[[], dict[str, EngineRecord]],
         put: Callable[[str, bytes], Awaitable[None]],
         delete: Callable[[str], Awaitable[None]],
-        semaphore: asyncio.Semaphore | None = None,
+        semaphore: HandshakeLimiter | None = None,
     ) -> None:
         self.config = config
         self.keys = keys
@@ -123,7 +173,8 @@ class LinkManager:
         self._prefills = prefills
         self._put = put
         self._delete = delete
-        self._semaphore = semaphore or asyncio.Semaphore(config.handshake_concurrency)
+        self._semaphore = semaphore or HandshakeLimiter(config.handshake_concurrency)
+        self._order: tuple[int, dict[str, int], int] | None = None  # cache for _priority
         self.links: dict[str, Link] = {}
         self.recorded: dict[str, LinkRecord] = {}  # what we last wrote, per prefill id
         self._found: dict[str, LinkRecord] = {}  # records of a previous agent of this engine (adoption)
@@ -140,19 +191,26 @@ class LinkManager:
         for prefill_id in records:
             self.wake(prefill_id)
 
-    def wake(self, prefill_id: str) -> None:
+    def wake(self, prefill_id: str, start_delay: float | None = None) -> None:
+        """Have the pair's worker look at it again (creating the worker for a new pair). A prefill that
+        joins later is first tried after a random 0-join_jitter delay, so the decodes do not all hit it
+        at the same instant."""
         if self._closing:
             return
         event = self._wakers.get(prefill_id)
         if event is None or prefill_id not in self._workers:
+            if start_delay is None:
+                start_delay = random.uniform(0, self.config.join_jitter)
             event = self._wakers[prefill_id] = asyncio.Event()
-            self._workers[prefill_id] = asyncio.create_task(self._worker(prefill_id, event),
+            self._workers[prefill_id] = asyncio.create_task(self._worker(prefill_id, event, start_delay),
                                                             name=f"link-{prefill_id}")
         event.set()
 
     def wake_all(self) -> None:
+        """Every pair; new pairs start in rotation order, 1 ms apart (see _priority), so a whole fleet
+        starting together spreads its first handshakes evenly over the prefills."""
         for prefill_id in set(self._prefills()) | set(self._workers) | set(self.links):
-            self.wake(prefill_id)
+            self.wake(prefill_id, self._priority(prefill_id) * 0.001 + random.uniform(0, 0.001))
 
     async def close(self) -> list[Link]:
         """Stop every worker; returns the links held (the caller decides whether to tear them down)."""
@@ -183,9 +241,9 @@ class LinkManager:
         return dict(self.links)
 
     # --- one worker per prefill ------------------------------------------------------------------------
-    async def _worker(self, prefill_id: str, wake: asyncio.Event) -> None:
+    async def _worker(self, prefill_id: str, wake: asyncio.Event, start_delay: float) -> None:
         attempt = 0  # failed attempts in the current round
-        next_try = time.monotonic() + random.uniform(0, self.config.join_jitter)
+        next_try = time.monotonic() + start_delay
         try:
             while True:
                 wake.clear()
@@ -367,6 +425,19 @@ class LinkManager:
             if isinstance(result, Exception):
                 log.debug("p2p_drop_connect: %s", result)
 
+    def _priority(self, prefill_id: str) -> float:
+        """This pair's place in this decode's rotation over the prefills (ids sorted, starting at a place
+        drawn from a hash of the decode's id): decodes that start together begin with different prefills,
+        with no coordination between them."""
+        prefills = self._prefills()
+        if self._order is None or self._order[0] != len(prefills):  # membership changed (ordering only)
+            index = {engine_id: i for i, engine_id in enumerate(sorted(prefills))}
+            digest = int.from_bytes(hashlib.sha256(self.config.id.encode()).digest()[:8], "big")
+            self._order = (len(prefills), index, digest % max(1, len(index)))
+        _, index, offset = self._order
+        position = index.get(prefill_id)
+        return float(len(index)) if position is None else float((position - offset) % max(1, len(index)))
+
     # --- the handshake -------------------------------------------------------------------------------
     def _client(self, url: str) -> EngineClient:
         return EngineClient(self.http, url, self.config.token, self.config.handshake_timeout)
@@ -376,7 +447,7 @@ class LinkManager:
         p_config, d_config = _wire_config(prefill), _wire_config(me)
         p_client, d_client = self._client(prefill.url), self._client(me.url)
         extra = _protocol_config(protocol, self.config)
-        async with self._semaphore:
+        async with self._semaphore.slot(self._priority(prefill.id)):
             stats = self.stats
             stats.handshakes_started += 1
             stats.in_flight += 1
