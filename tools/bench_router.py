@@ -350,8 +350,9 @@ def bench_env() -> dict:
 
 def install_lmdeploy() -> str | None:
     """Install lmdeploy==0.18.0 (no deps) + CPU torch + the proxy's imports in .bench/lmdeploy-venv."""
-    if lmdeploy_available() is None:
-        return None
+    why = lmdeploy_available()
+    if why is None or (DEVICE / "site").is_dir():  # on the device machine nothing can be installed
+        return why
     BENCH.mkdir(exist_ok=True)
     base_python = os.path.realpath(PY)
     pip = [str(LMD_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
