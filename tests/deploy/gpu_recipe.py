@@ -142,7 +142,8 @@ def main() -> int:
     etcd = None
 
     def start(name: str, argv: list[str], env: dict[str, str]) -> None:
-        summary["commands"][name] = shlex.join(a if "TOKEN" not in a else "<token>" for a in argv)
+        secret_values = {env.get("DISTSERVE_CLUSTER_TOKEN"), env.get("DISTSERVE_API_KEYS")} - {None}
+        summary["commands"][name] = shlex.join("<secret>" if a in secret_values else a for a in argv)
         log = open(logs / f"{name.replace('@', '-')}.log", "ab", buffering=0)  # noqa: SIM115 - closed at exit
         procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                        env={**os.environ, "PYTHONUNBUFFERED": "1", **env})
