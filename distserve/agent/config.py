@@ -80,7 +80,7 @@ class AgentConfig(BaseModel):
     # Liveness: probe every probe_interval; unhealthy when no probe succeeded for unhealthy_after.
     probe_interval: float = Field(1.0, gt=0)
     probe_timeout: float = Field(1.0, gt=0)
-    unhealthy_after: float = Field(2.0, gt=0)
+    unhealthy_after: float = Field(1.5, gt=0)
     http_timeout: float = Field(5.0, gt=0)  # any other engine call
 
     # Links (decode side): bounded handshakes.

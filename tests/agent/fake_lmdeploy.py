@@ -9,6 +9,8 @@ lmdeploy 0.18 (../shared/notes/engine-protocol.md):
 - GET /metrics only with --enable-metrics: the `lmdeploy:*` scheduler gauges and, unless
   --no-process-metrics, prometheus_client's `process_start_time_seconds`.
 - GET /_fake/stats (test-only): how many handshake calls it served.
+- fault options (test-only): --fail-initialize N (the first N p2p_initialize answer 500), --pool-layers L
+  (a KV pool shape that differs from a peer's).
 
     python -m tests.agent.fake_lmdeploy --port 23333 --role prefill [--enable-metrics]
 """
@@ -56,11 +58,13 @@ def build_app(args: argparse.Namespace) -> web.Application:
     async def p2p_initialize(request: web.Request) -> web.Response:
         req = await parse(request, InitRequest)
         stats["p2p_initialize"] += 1
+        if stats["p2p_initialize"] <= args.fail_initialize:  # a transient failure (lmdeploy answers 500s)
+            return web.json_response({"error": "Internal Server Error"}, status=500)
         endpoint = json.dumps({"qp_num": [1234], "gid": "fe80::1", "lid": 0, "mr_info": {}})
         return web.json_response({
             "status": 1, "engine_endpoint_info": {"zmq_address": f"tcp://127.0.0.1:{args.port + 1000}"},
             "kvtransfer_endpoint_info": [{"protocol": int(req.protocol), "endpoint_info": endpoint,
-                                          "cache_pools": [{"shape": [32, args.num_gpu_blocks, 2, 64, 8, 128],
+                                          "cache_pools": [{"shape": [args.pool_layers, args.num_gpu_blocks, 2, 64, 8, 128],
                                                            "dtype": "bfloat16", "element_size": 2,
                                                            "entry_axis": 1}]}]})
 
@@ -125,6 +129,8 @@ def main() -> None:
     parser.add_argument("--running", type=int, default=0)
     parser.add_argument("--waiting", type=int, default=0)
     parser.add_argument("--usage", type=float, default=0.0)
+    parser.add_argument("--fail-initialize", type=int, default=0, help="answer the first N p2p_initialize with 500")
+    parser.add_argument("--pool-layers", type=int, default=32, help="layers in the advertised KV pool shape")
     asyncio.run(serve(parser.parse_args()))
 
 

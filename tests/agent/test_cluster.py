@@ -75,6 +75,11 @@ async def test_4x4_all_links_established_before_the_first_request(fleet, client)
         assert record.transfer.backend == "dlslime" and record.transfer.protocol == "tcp"
         assert view.leases[node.id] != 0  # under the agent's lease
         assert view.load[node.id].kv_blocks_total == 512
+    # Load is published on change only: an idle engine's load record is not rewritten.
+    load_key = KEYS.load(fleet.decodes[0].id)
+    revision = (await client.get(load_key)).mod_revision
+    await asyncio.sleep(1.5)
+    assert (await client.get(load_key)).mod_revision == revision
     # The first requests use the recorded links; no engine handshakes again.
     for p in fleet.prefills:
         for d in fleet.decodes:
@@ -153,6 +158,11 @@ async def test_sigkill_of_prefill_and_agent_then_restart_on_same_port(fleet, cli
     assert took <= TTL + 1
     assert time.monotonic() - killed_at <= TTL + 1.5
 
+    async def dropped_on_decodes() -> bool:  # p2p_drop_connect reached every decode engine
+        return all(engine_metrics(d.url)["distserve_engine_peers"] == 3 for d in fleet.decodes)
+
+    await wait_until(dropped_on_decodes, 5, "decode engines dropped the dead prefill")
+
     fleet.start_engine(victim)  # same port: same engine id, a new engine process
     fleet.wait_engines()
     fleet.start_agent(victim)
@@ -164,6 +174,7 @@ async def test_sigkill_of_prefill_and_agent_then_restart_on_same_port(fleet, cli
         assert link.prefill_incarnation == new.incarnation and link.prefill_instance == new.instance
         assert handshakes(d.url) == decode_before[d.id] + 1
     assert handshakes(victim.url) == len(fleet.decodes)
+    assert all(engine_metrics(d.url)["distserve_engine_peers"] == 4 for d in fleet.decodes)
     assert pd_request(victim.url, fleet.decodes[3].url)
 
 

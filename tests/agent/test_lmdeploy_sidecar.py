@@ -95,3 +95,35 @@ async def test_lmdeploy_sidecars_register_link_publish_load_and_follow_restarts(
             assert (fake_stats(prefill)["p2p_initialize"], fake_stats(decode)["p2p_initialize"]) == before
     finally:
         fleet.stop()
+
+
+async def test_handshake_retries_then_links_and_a_kv_mismatch_is_recorded_failed(etcd):
+    fleet = Fleet(etcd.endpoints)
+    flaky = Node("prefill", free_port())  # its first 2 p2p_initialize calls fail
+    other_layout = Node("prefill", free_port())  # a model with 16 layers: its KV pool cannot match
+    decode = Node("decode", free_port())
+    fleet.nodes += [flaky, other_layout, decode]
+    try:
+        start_fake(fleet, flaky, "--fail-initialize", "2")
+        start_fake(fleet, other_layout, "--pool-layers", "16")
+        start_fake(fleet, decode)
+        for node in fleet.nodes:
+            fleet.start_agent(node)
+        async with EtcdClient(fleet.etcd_config()) as client:
+            async def settled() -> bool:
+                view = await read_view(client)
+                good, bad = view.links.get((flaky.id, decode.id)), view.links.get((other_layout.id, decode.id))
+                return good is not None and good.state == "established" and bad is not None and bad.state == "failed"
+
+            await wait_until(settled, 30, "flaky pair established after retries, mismatched pair failed")
+            view = await read_view(client)
+            assert view.usable_links() == {(flaky.id, decode.id)}
+            assert fake_stats(flaky)["p2p_initialize"] == 3  # two failures, then success: bounded retries
+            assert fake_stats(flaky)["p2p_drop_connect"] >= 2  # half-made state cleared before each retry
+            failed = view.links[(other_layout.id, decode.id)]
+            assert "KV pools differ" in failed.error
+            assert fake_stats(other_layout)["p2p_initialize"] == 1  # a mismatch is not retried in a loop
+            await asyncio.sleep(2.0)
+            assert fake_stats(other_layout)["p2p_initialize"] == 1
+    finally:
+        fleet.stop()
