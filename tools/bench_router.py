@@ -454,6 +454,7 @@ DEVICE_WHEELS = [
     "certifi==2026.10.19.post1",
     "charset-normalizer==3.5.2",
     "idna==3.20",
+    "opentelemetry-api==1.45.2",  # fastapi imports it
 ]
 
 
@@ -811,7 +812,8 @@ async def cold_start(args, etcd: list[str], results: dict, proxy_ok: bool) -> No
     for size in args.cold_sizes:
         for mode in ["distserve", "lmdeploy"] if proxy_ok else ["distserve"]:
             cluster = f"bench-cold-{size}-{mode}"
-            engines = Engines(size, etcd if mode == "distserve" else None, cluster, f"cold{size}")
+            engines = Engines(size, etcd if mode == "distserve" else None, cluster, f"cold{size}",
+                              split=args.split_engines and size > 1)
             proc = None
             try:
                 if mode == "distserve":
@@ -836,6 +838,10 @@ async def cold_start(args, etcd: list[str], results: dict, proxy_ok: bool) -> No
                     at_first = handshakes(engines.urls) - before
                     lat = await burst(Client(session, mode, url, False), 256)
                     after = handshakes(engines.urls) - before
+                    # the same burst from a fresh client straight to the engines: what the engines allow
+                    async with new_session() as direct_session:
+                        direct = await burst(Client(direct_session, "direct", (engines.prefills, engines.decodes),
+                                                    False), 256)
                 rows.append(
                     {
                         "size": size,
@@ -845,6 +851,8 @@ async def cold_start(args, etcd: list[str], results: dict, proxy_ok: bool) -> No
                         "handshakes_after_burst": after,
                         "burst_p99": pct(lat, 99),
                         "burst_p50": pct(lat, 50),
+                        "direct_burst_p50": pct(direct, 50),
+                        "direct_burst_p99": pct(direct, 99),
                     }
                 )
                 print(
@@ -905,14 +913,15 @@ def report(results: dict) -> str:
         out.append("")
         out.append(
             "| engines | front end | process start -> first PD success | handshake calls (p2p_initialize) "
-            "at first success / after burst | burst of 256: p50 / p99 |"
+            "at first success / after burst | burst of 256: p50 / p99 | same burst, direct: p50 / p99 |"
         )
-        out.append("| --- | --- | --- | --- | --- |")
+        out.append("| --- | --- | --- | --- | --- | --- |")
         for r in cold:
             out.append(
                 f"| {r['size']}x{r['size']} | {r['mode']} | {r['first_success_s']:.3f} s | "
                 f"{r['handshakes_first']:.0f} / {r['handshakes_after_burst']:.0f} | "
-                f"{r['burst_p50'] * 1e3:.1f} / {r['burst_p99'] * 1e3:.1f} ms |"
+                f"{r['burst_p50'] * 1e3:.1f} / {r['burst_p99'] * 1e3:.1f} ms | "
+                f"{r['direct_burst_p50'] * 1e3:.1f} / {r['direct_burst_p99'] * 1e3:.1f} ms |"
             )
     return "\n".join(out)
 
@@ -974,6 +983,12 @@ def main() -> int:
     p.add_argument("--skip-lmdeploy", action="store_true", help="do not install or run LMDeploy's proxy")
     p.add_argument("--quick", action="store_true", help="one short repeat (smoke run)")
     p.add_argument("--clients", type=int, default=4 if big else 1, help="load-generating processes")
+    p.add_argument(
+        "--split-engines",
+        action=argparse.BooleanOptionalAction,
+        default=big,
+        help="cold start: one process per engine (default on machines with more than 4 CPUs)",
+    )
     p.add_argument(
         "--steady-engines",
         type=int,
