@@ -185,6 +185,10 @@ class Agent:
                          facts.config.model_dump(exclude_none=True))
                 return facts
             except EngineError as exc:
+                if exc.status in (401, 403):
+                    raise AgentConfigError(
+                        f"engine {self.config.engine_url} refused the agent (HTTP {exc.status}): give the agent one "
+                        f"of the engine's API keys (--cluster-token or DISTSERVE_CLUSTER_TOKEN)") from None
                 attempt += 1
                 if time.monotonic() - last_logged > 10:
                     log.info("waiting for engine %s: %s", self.config.engine_url, exc)

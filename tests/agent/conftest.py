@@ -161,7 +161,7 @@ class Fleet:
                                  name=f"agent-{node.id}")
         self.procs.append(node.agent)
 
-    def add(self, role: str, with_agent: bool = True) -> Node:
+    def add(self, role: str) -> Node:
         node = Node(role, free_port())
         self.nodes.append(node)
         self.start_engine(node)

@@ -208,3 +208,33 @@ def test_engine_with_etcd_rejects_an_advertise_url_shared_by_several_engines(etc
                             cwd=str(REPO))
     assert result.returncode == 2
     assert "--advertise-url names one engine" in result.stderr.strip().splitlines()[-1]
+
+
+async def test_engines_with_api_keys_need_the_cluster_token(etcd):
+    from discovery.client import EtcdClient
+    from tests.agent.conftest import Fleet, Node, wait_full
+
+    fleet = Fleet(etcd.endpoints)
+    nodes = [Node("prefill", free_port()), Node("decode", free_port())]
+    try:
+        for node in nodes:
+            node.engine = Proc.python(["distserve", "engine", "--role", node.role, "--null", "--port", str(node.port),
+                                       "--api-keys", "k-1", "k-2"], name=f"engine-auth-{node.port}")
+            fleet.procs.append(node.engine)
+            fleet.nodes.append(node)
+        fleet.wait_engines()
+        refused = _agent_cli("--engine-url", nodes[0].url, "--role", "prefill", "--etcd", etcd.client_url,
+                             "--cluster-token", "wrong")
+        assert refused.returncode == 2
+        assert "refused the agent (HTTP 401)" in refused.stderr.strip().splitlines()[-1]
+        assert "wrong" not in refused.stderr  # the token is never echoed
+        for node in nodes:
+            node.agent = Proc.python(["distserve", "agent", "--engine-url", node.url, "--role", node.role,
+                                      "--etcd", etcd.client_url], name=f"agent-auth-{node.port}",
+                                     env={"DISTSERVE_CLUSTER_TOKEN": "k-2"})
+            fleet.procs.append(node.agent)
+        async with EtcdClient(fleet.etcd_config()) as client:
+            view = await wait_full(client, fleet, timeout=30)  # handshakes carried the token to both engines
+        assert "k-2" not in str(view.engines) + fleet.logs()
+    finally:
+        fleet.stop()
