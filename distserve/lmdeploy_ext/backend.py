@@ -56,14 +56,22 @@ class StagedTcpLinkAdapter:
         host = resolve_bind_host(urlparse(init_request.local_engine_id).hostname, settings.host)
         self.link = StagedTcpLink(host, settings, name=f"{init_request.remote_engine_id}#{self.rank}")
         self.device = _current_device()
-        logger.info("distserve staged-TCP KV link to %s on %s (rank %s, %s, staging %d MiB)",
-                    init_request.remote_engine_id, host, self.rank, self.device, settings.staging_bytes >> 20)
+        logger.info(
+            "distserve staged-TCP KV link to %s on %s (rank %s, %s, staging %d MiB)",
+            init_request.remote_engine_id,
+            host,
+            self.rank,
+            self.device,
+            settings.staging_bytes >> 20,
+        )
 
     def register_memory_region(self, req: Any) -> None:
         # lmdeploy passes data_ptr() (already at the storage offset) and the storage offset in elements;
         # the bytes start at data_ptr().
         if req.offset:
-            logger.warning("cache pool %s has storage offset %s; using data_ptr as its start", req.mr_key, req.offset)
+            logger.warning(
+                "cache pool %s has storage offset %s; using data_ptr as its start", req.mr_key, req.offset
+            )
         self.link.register_region(req.mr_key, req.addr, req.length, self.device)
 
     def endpoint_info(self) -> dict:

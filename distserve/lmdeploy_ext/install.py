@@ -49,7 +49,9 @@ def check_version(version: str | None = None) -> tuple[int, int]:
     low, high = SUPPORTED_RANGE
     if not low <= major_minor < high:
         raise UnsupportedLmdeploy(
-            f"lmdeploy {version} is outside the supported range >=0.17,<0.19 (pip install 'distserve[lmdeploy]')")
+            f"lmdeploy {version} is outside the supported range >=0.17,<0.19 "
+            "(pip install 'distserve[lmdeploy]')"
+        )
     return major_minor
 
 

@@ -29,7 +29,7 @@ def _pop_option(argv: list[str], name: str, default: str) -> str:
             if i + 1 >= len(argv):
                 raise ValueError(f"{name} needs a value")
             value = argv[i + 1]
-            del argv[i:i + 2]
+            del argv[i : i + 2]
             return value
         if arg.startswith(name + "="):
             del argv[i]
@@ -42,17 +42,23 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
-    logging.basicConfig(level=os.environ.get("DISTSERVE_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("DISTSERVE_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         protocol = install(_pop_option(argv, "--migration-protocol", "auto"))
     except (UnsupportedLmdeploy, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:
-        print(f"error: lmdeploy is not installed here ({e}); pip install 'distserve[lmdeploy]'", file=sys.stderr)
+        print(
+            f"error: lmdeploy is not installed here ({e}); pip install 'distserve[lmdeploy]'", file=sys.stderr
+        )
         return 2
-    logging.getLogger("distserve.lmdeploy_ext").info("links of this engine use migration protocol %s", protocol)
+    logging.getLogger("distserve.lmdeploy_ext").info(
+        "links of this engine use migration protocol %s", protocol
+    )
     from lmdeploy.cli.entrypoint import run
 
     sys.argv = ["lmdeploy", "serve", *argv]
@@ -64,6 +70,8 @@ if __name__ == "__main__":
     sys.exit(main())
 elif __name__ == "__mp_main__" and os.environ.get(ENV_ENABLE) == "1":
     # lmdeploy's engine process (multiprocessing spawn re-imports the launcher under this name).
-    logging.basicConfig(level=os.environ.get("DISTSERVE_LOG_LEVEL", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=os.environ.get("DISTSERVE_LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     install_engine_side()

@@ -23,7 +23,8 @@ logger = logging.getLogger("distserve.lmdeploy_ext")
 
 # The internal ids of the sessions the current HTTP request created (set per request by the middleware).
 _CREATED_SESSIONS: contextvars.ContextVar[list[int] | None] = contextvars.ContextVar(
-    "distserve_created_sessions", default=None)
+    "distserve_created_sessions", default=None
+)
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 MAX_BODY_BYTES = 64 << 20
@@ -64,8 +65,14 @@ def check_migration_request(raw: Any, peers: PeerBook) -> str | None:
     """None when `raw` is a migration_request this engine can act on, else why not."""
     if not isinstance(raw, dict):
         return "migration_request must be an object"
-    allowed = {"protocol", "remote_engine_id", "remote_session_id", "remote_token_id", "remote_block_ids",
-               "is_dummy_prefill"}
+    allowed = {
+        "protocol",
+        "remote_engine_id",
+        "remote_session_id",
+        "remote_token_id",
+        "remote_block_ids",
+        "is_dummy_prefill",
+    }
     extra = set(raw) - allowed
     if extra:
         return f"migration_request has unknown fields {sorted(extra)}"
@@ -81,7 +88,9 @@ def check_migration_request(raw: Any, peers: PeerBook) -> str | None:
     if not isinstance(raw.get("is_dummy_prefill", False), bool):
         return "migration_request.is_dummy_prefill must be a boolean"
     blocks = raw.get("remote_block_ids")
-    if not isinstance(blocks, list) or not all(isinstance(b, int) and not isinstance(b, bool) for b in blocks):
+    if not isinstance(blocks, list) or not all(
+        isinstance(b, int) and not isinstance(b, bool) for b in blocks
+    ):
         return "migration_request.remote_block_ids must be a list of integers"
     if raw.get("is_dummy_prefill"):
         return None
@@ -110,8 +119,11 @@ class DistserveApiMiddleware:
             return await self._engine_info(scope, receive, send)
         if scope.get("method") != "POST":
             return await self.app(scope, receive, send)
-        if path not in GENERATION_PATHS and path not in ("/distserve/p2p_initialize", "/distserve/p2p_connect",
-                                                         "/distserve/p2p_drop_connect"):
+        if path not in GENERATION_PATHS and path not in (
+            "/distserve/p2p_initialize",
+            "/distserve/p2p_connect",
+            "/distserve/p2p_drop_connect",
+        ):
             return await self.app(scope, receive, send)
 
         body, more = b"", True
@@ -197,7 +209,11 @@ class DistserveApiMiddleware:
         """lmdeploy answers HTTP 500 (KeyError) when asked to drop a peer it never initialized, e.g. after a
         handshake that failed half way: there is nothing to drop, so that is a success."""
         engine = payload.get("remote_engine_id")
-        if isinstance(engine, str) and engine not in self.peers.initialized and engine not in self.peers.connected:
+        if (
+            isinstance(engine, str)
+            and engine not in self.peers.initialized
+            and engine not in self.peers.connected
+        ):
             return await _send_json(send, 200, b'{"success": true}')
         if isinstance(engine, str):
             self.peers.connected.discard(engine)
@@ -277,8 +293,13 @@ def _patched_start(start: dict, body: bytes) -> dict:
 
 
 async def _send_json(send, status: int, body: bytes) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
@@ -296,8 +317,12 @@ def install_api_server_patches() -> bool:
         logger.warning("lmdeploy api_server not importable (%s): server fixes not installed", e)
         return False
     ctx_cls = getattr(api_server, "ServerContext", None)
-    if ctx_cls is None or not hasattr(ctx_cls, "create_session") or not hasattr(api_server, "mount_metrics") \
-            or not hasattr(api_server, "create_openai_router"):
+    if (
+        ctx_cls is None
+        or not hasattr(ctx_cls, "create_session")
+        or not hasattr(api_server, "mount_metrics")
+        or not hasattr(api_server, "create_openai_router")
+    ):
         logger.warning("lmdeploy api_server has an unexpected shape: server fixes not installed")
         return False
     if getattr(api_server, "_distserve_patched", False):
@@ -329,7 +354,9 @@ def install_api_server_patches() -> bool:
         router = original_create_router(server_context, *args, **kwargs)
 
         async def distserve_ext_status():
-            out: dict[str, Any] = {"api_sessions": len(getattr(server_context.session_manager, "sessions", {}))}
+            out: dict[str, Any] = {
+                "api_sessions": len(getattr(server_context.session_manager, "sessions", {}))
+            }
             engine = getattr(server_context.async_engine, "engine", None)
             rpc = getattr(engine, "_collective_rpc_async", None)
             if rpc is not None:

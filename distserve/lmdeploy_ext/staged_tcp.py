@@ -147,8 +147,9 @@ STATS = MigrationStats()
 # Pure planning and validation (unit-tested without sockets)
 
 
-def validate_segments(segments: Iterable[Segment], remote_regions: dict[int, int],
-                      local_regions: dict[int, int] | None = None) -> list[Segment]:
+def validate_segments(
+    segments: Iterable[Segment], remote_regions: dict[int, int], local_regions: dict[int, int] | None = None
+) -> list[Segment]:
     """Reject a segment that is not inside an advertised region (DLSlime TCP checks nothing itself)."""
     out = []
     for s in segments:
@@ -164,7 +165,8 @@ def validate_segments(segments: Iterable[Segment], remote_regions: dict[int, int
         if s.remote_offset + s.length > remote_len:
             raise MigrationError(
                 f"remote range [{s.remote_offset}, {s.remote_offset + s.length}) is outside region {s.key} "
-                f"of {remote_len} bytes")
+                f"of {remote_len} bytes"
+            )
         if local_regions is not None:
             local_len = local_regions.get(s.key)
             if local_len is None:
@@ -172,7 +174,8 @@ def validate_segments(segments: Iterable[Segment], remote_regions: dict[int, int
             if s.local_offset + s.length > local_len:
                 raise MigrationError(
                     f"local range [{s.local_offset}, {s.local_offset + s.length}) is outside region {s.key} "
-                    f"of {local_len} bytes")
+                    f"of {local_len} bytes"
+                )
         out.append(s)
     return out
 
@@ -184,8 +187,11 @@ def coalesce(segments: Sequence[Segment]) -> list[Segment]:
     for s in ordered:
         if out:
             p = out[-1]
-            if (p.key == s.key and p.remote_offset + p.length == s.remote_offset
-                    and p.local_offset + p.length == s.local_offset):
+            if (
+                p.key == s.key
+                and p.remote_offset + p.length == s.remote_offset
+                and p.local_offset + p.length == s.local_offset
+            ):
                 out[-1] = Segment(p.key, p.remote_offset, p.local_offset, p.length + s.length)
                 continue
         out.append(s)
@@ -216,13 +222,14 @@ def plan_rounds(segments: Sequence[Segment], capacity: int) -> list[list[Segment
     return rounds
 
 
-def chunk_calls(nbytes: int, chunk_bytes: int,
-                per_call: int = MAX_ASSIGNMENTS_PER_CALL) -> list[list[tuple[int, int]]]:
+def chunk_calls(
+    nbytes: int, chunk_bytes: int, per_call: int = MAX_ASSIGNMENTS_PER_CALL
+) -> list[list[tuple[int, int]]]:
     """Split [0, nbytes) into (offset, length) chunks, grouped into calls of at most `per_call`."""
     if not 0 < per_call <= MAX_ASSIGNMENTS_PER_CALL:
         raise ValueError(f"per_call must be in 1..{MAX_ASSIGNMENTS_PER_CALL}")
     chunks = [(off, min(chunk_bytes, nbytes - off)) for off in range(0, nbytes, chunk_bytes)]
-    return [chunks[i:i + per_call] for i in range(0, len(chunks), per_call)]
+    return [chunks[i : i + per_call] for i in range(0, len(chunks), per_call)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -234,7 +241,12 @@ class _CudaPointer:
 
     def __init__(self, addr: int, length: int):
         self.__cuda_array_interface__ = {
-            "shape": (length,), "typestr": "|u1", "data": (addr, False), "version": 3, "strides": None}
+            "shape": (length,),
+            "typestr": "|u1",
+            "data": (addr, False),
+            "version": 3,
+            "strides": None,
+        }
 
 
 def byte_view(addr: int, length: int, device: str):
@@ -335,7 +347,8 @@ def resolve_bind_host(engine_url_host: str | None, override: str | None = None) 
     if ip == "0.0.0.0":
         raise MigrationError(
             "the engine id has host 0.0.0.0: start the engine with --server-name set to its private "
-            "address, or set DISTSERVE_LMDEPLOY_TRANSFER_HOST")
+            "address, or set DISTSERVE_LMDEPLOY_TRANSFER_HOST"
+        )
     return ip
 
 
@@ -372,8 +385,9 @@ class StagedTcpLink:
         self._closed = False
         self._server = socket.create_server((host, 0), backlog=16)
         self.control_port = self._server.getsockname()[1]
-        self._server_thread = threading.Thread(target=self._serve_forever, name=f"distserve-kv-control-{self.name}",
-                                               daemon=True)
+        self._server_thread = threading.Thread(
+            target=self._serve_forever, name=f"distserve-kv-control-{self.name}", daemon=True
+        )
         self._server_thread.start()
 
     # -- setup ---------------------------------------------------------------------------------
@@ -401,11 +415,17 @@ class StagedTcpLink:
         if not isinstance(remote, dict) or remote.get("kind") != LINK_KIND:
             raise MigrationError(f"peer endpoint is not a {LINK_KIND} endpoint")
         if remote.get("version") != LINK_VERSION:
-            raise MigrationError(f"peer speaks {LINK_KIND} version {remote.get('version')}, we speak {LINK_VERSION}")
+            raise MigrationError(
+                f"peer speaks {LINK_KIND} version {remote.get('version')}, we speak {LINK_VERSION}"
+            )
         try:
             regions = {int(k): int(v) for k, v in dict(remote["regions"]).items()}
             control = (str(remote["control"]["host"]), int(remote["control"]["port"]))
-            slime = {"host": str(remote["slime"]["host"]), "port": int(remote["slime"]["port"]), "mr_info": {}}
+            slime = {
+                "host": str(remote["slime"]["host"]),
+                "port": int(remote["slime"]["port"]),
+                "mr_info": {},
+            }
             token = str(remote["token"])
             staging_bytes = int(remote["staging_bytes"])
         except (KeyError, TypeError, ValueError) as e:
@@ -413,7 +433,12 @@ class StagedTcpLink:
         if staging_bytes <= 0 or any(v <= 0 for v in regions.values()):
             raise MigrationError("peer endpoint advertises empty regions or staging")
         self.endpoint.connect(slime)
-        self._remote = {"regions": regions, "control": control, "token": token, "staging_bytes": staging_bytes}
+        self._remote = {
+            "regions": regions,
+            "control": control,
+            "token": token,
+            "staging_bytes": staging_bytes,
+        }
         self._remote_staging_handle = None
         self._remote_staging_addr = None
 
@@ -443,16 +468,21 @@ class StagedTcpLink:
                 conn, _ = self._server.accept()
             except OSError:
                 return
-            threading.Thread(target=self._serve_connection, args=(conn,), daemon=True,
-                             name=f"distserve-kv-stage-{self.name}").start()
+            threading.Thread(
+                target=self._serve_connection,
+                args=(conn,),
+                daemon=True,
+                name=f"distserve-kv-stage-{self.name}",
+            ).start()
 
     def _ensure_staging(self) -> dict:
         with self._lock:
             if self._staging is None:
                 device = next(iter(self.regions.values())).device if self.regions else "cpu"
                 self._staging = host_buffer(self.settings.staging_bytes, device)
-                self.endpoint.register_memory_region(STAGING_NAME, self._staging.data_ptr(), 0,
-                                                     self.settings.staging_bytes)
+                self.endpoint.register_memory_region(
+                    STAGING_NAME, self._staging.data_ptr(), 0, self.settings.staging_bytes
+                )
                 self._staging_mr = self.endpoint.endpoint_info()["mr_info"][STAGING_NAME]
                 self._serve_copier = _Copier(device)
             return self._staging_mr
@@ -508,13 +538,15 @@ class StagedTcpLink:
         validate_segments(segs, lengths)
         total = sum(s.length for s in segs)
         if total > self.settings.staging_bytes:
-            raise MigrationError(f"stage request of {total} bytes exceeds the {self.settings.staging_bytes}-byte staging")
+            raise MigrationError(
+                f"stage request of {total} bytes exceeds the {self.settings.staging_bytes}-byte staging"
+            )
         mr = self._ensure_staging()
         pairs, pos = [], 0
         for s in segs:
             r = regions[s.key]
-            src = byte_view(r.addr, r.length, r.device)[s.remote_offset:s.remote_offset + s.length]
-            pairs.append((self._staging[pos:pos + s.length], src))
+            src = byte_view(r.addr, r.length, r.device)[s.remote_offset : s.remote_offset + s.length]
+            pairs.append((self._staging[pos : pos + s.length], src))
             pos += s.length
         self._serve_copier.copy(pairs)
         STATS.add(staged_bytes_served=total)
@@ -528,8 +560,11 @@ class StagedTcpLink:
                 device = next(iter(self.regions.values())).device if self.regions else "cpu"
                 self._landing = host_buffer(self.settings.staging_bytes, device)
                 self._landing_handle = self.endpoint.register_memory_region(
-                    LANDING_NAME + f"_{len(self._stale_buffers)}", self._landing.data_ptr(), 0,
-                    self.settings.staging_bytes)
+                    LANDING_NAME + f"_{len(self._stale_buffers)}",
+                    self._landing.data_ptr(),
+                    0,
+                    self.settings.staging_bytes,
+                )
                 self._pull_copier = _Copier(device)
 
     def _retire_landing(self) -> None:
@@ -570,12 +605,22 @@ class StagedTcpLink:
                     if attempt >= 3 or loop.time() + 0.5 > deadline or "outside region" in str(err):
                         raise err from None
                     delay = min(0.2 * attempt, 1.0) * (0.5 + secrets.randbelow(1000) / 1000)
-                    logger.warning("kv migration attempt %d failed (%s); retrying in %.2fs", attempt, err, delay)
+                    logger.warning(
+                        "kv migration attempt %d failed (%s); retrying in %.2fs", attempt, err, delay
+                    )
                     await asyncio.sleep(delay)
         total = sum(s.length for s in segs)
         elapsed = loop.time() - started
-        STATS.add(migrations=1, bytes=total, segments=len(segs), rounds=len(rounds), total_s=elapsed,
-                  stage_s=timings["stage_s"], read_s=timings["read_s"], scatter_s=timings["scatter_s"])
+        STATS.add(
+            migrations=1,
+            bytes=total,
+            segments=len(segs),
+            rounds=len(rounds),
+            total_s=elapsed,
+            stage_s=timings["stage_s"],
+            read_s=timings["read_s"],
+            scatter_s=timings["scatter_s"],
+        )
         return {"bytes": total, "segments": len(segs), "rounds": len(rounds), "seconds": elapsed, **timings}
 
     async def _pull(self, rounds: list[list[Segment]], deadline: float) -> dict:
@@ -592,8 +637,9 @@ class StagedTcpLink:
             return rest
 
         host, port = remote["control"]
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port),
-                                                min(left(), self.settings.control_timeout_s))
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port), min(left(), self.settings.control_timeout_s)
+        )
         try:
             await _send_frame(writer, {"op": "hello", "token": remote["token"]})
             reply = await asyncio.wait_for(_recv_frame(reader), min(left(), self.settings.control_timeout_s))
@@ -601,9 +647,12 @@ class StagedTcpLink:
                 raise MigrationError(f"peer refused the link: {reply.get('error')}")
             for segs in rounds:
                 t0 = loop.time()
-                await _send_frame(writer, {"op": "stage",
-                                           "ranges": [[s.key, s.remote_offset, s.length] for s in segs]})
-                reply = await asyncio.wait_for(_recv_frame(reader), min(left(), self.settings.control_timeout_s))
+                await _send_frame(
+                    writer, {"op": "stage", "ranges": [[s.key, s.remote_offset, s.length] for s in segs]}
+                )
+                reply = await asyncio.wait_for(
+                    _recv_frame(reader), min(left(), self.settings.control_timeout_s)
+                )
                 if not reply.get("ok"):
                     raise MigrationError(f"peer could not stage: {reply.get('error')}")
                 nbytes = sum(s.length for s in segs)
@@ -638,7 +687,8 @@ class StagedTcpLink:
             raise MigrationError(f"peer staging region of {length} bytes cannot hold {nbytes}")
         if self._remote_staging_handle is None or self._remote_staging_addr != addr:
             self._remote_staging_handle = self.endpoint.register_remote_memory_region(
-                STAGING_NAME, {"name": STAGING_NAME, "addr": addr, "length": length})
+                STAGING_NAME, {"name": STAGING_NAME, "addr": addr, "length": length}
+            )
             self._remote_staging_addr = addr
 
     async def _read(self, nbytes: int, deadline: float) -> None:
@@ -665,8 +715,8 @@ class StagedTcpLink:
         pairs, pos = [], 0
         for s in segs:
             r = regions[s.key]
-            dst = byte_view(r.addr, r.length, r.device)[s.local_offset:s.local_offset + s.length]
-            pairs.append((dst, self._landing[pos:pos + s.length]))
+            dst = byte_view(r.addr, r.length, r.device)[s.local_offset : s.local_offset + s.length]
+            pairs.append((dst, self._landing[pos : pos + s.length]))
             pos += s.length
         assert self._pull_copier is not None
         self._pull_copier.copy(pairs)
@@ -692,6 +742,9 @@ def segments_from_lmdeploy(batch: Iterable[Any]) -> list[Segment]:
     """lmdeploy's AssignmentInstruct: target = the remote (prefill) offset, source = the local one."""
     out = []
     for a in batch:
-        out.append(Segment(key=a.mr_key, remote_offset=a.target_offset, local_offset=a.source_offset,
-                           length=a.length))
+        out.append(
+            Segment(
+                key=a.mr_key, remote_offset=a.target_offset, local_offset=a.source_offset, length=a.length
+            )
+        )
     return out

@@ -20,8 +20,11 @@ def pattern(key: int, length: int) -> torch.Tensor:
 def main() -> None:
     sizes = [int(x) for x in sys.argv[1].split(",")]
     staging = int(sys.argv[2])
-    link = StagedTcpLink("127.0.0.1", StagedTcpSettings(staging_bytes=staging, chunk_bytes=64 << 10,
-                                                         deadline_s=30, control_timeout_s=10), name="peer")
+    link = StagedTcpLink(
+        "127.0.0.1",
+        StagedTcpSettings(staging_bytes=staging, chunk_bytes=64 << 10, deadline_s=30, control_timeout_s=10),
+        name="peer",
+    )
     pools = [pattern(k, n) for k, n in enumerate(sizes)]
     for k, t in enumerate(pools):
         link.register_region(k, t.data_ptr(), t.numel(), "cpu")

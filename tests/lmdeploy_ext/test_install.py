@@ -40,8 +40,13 @@ def test_launcher_strips_only_its_own_option():
 
 
 def run_launcher(*args):
-    return subprocess.run([sys.executable, "-m", "distserve.lmdeploy_ext.serve", *args], cwd=str(REPO),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "distserve.lmdeploy_ext.serve", *args],
+        cwd=str(REPO),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_launcher_help():

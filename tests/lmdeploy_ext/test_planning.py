@@ -1,4 +1,4 @@
-"""Planning and validation of staged-TCP migrations (pure functions: what is read, from where, in what order)."""
+"""Planning and validation of staged-TCP migrations (pure functions: what is read, from where, in order)."""
 
 import pytest
 from hypothesis import given, settings
@@ -17,14 +17,17 @@ from distserve.lmdeploy_ext.staged_tcp import (
 REMOTE = {0: 1 << 20, 1: 4096}
 
 
-@pytest.mark.parametrize("seg, why", [
-    (Segment(2, 0, 0, 10), "unknown remote region"),
-    (Segment(1, 4000, 0, 97), "outside region"),
-    (Segment(0, -1, 0, 10), "negative"),
-    (Segment(0, 0, 0, 0), "empty"),
-    (Segment(0, True, 0, 1), "integer"),
-    (Segment(0, 0, 5000, 10), "outside region 0 of 4096"),
-])
+@pytest.mark.parametrize(
+    "seg, why",
+    [
+        (Segment(2, 0, 0, 10), "unknown remote region"),
+        (Segment(1, 4000, 0, 97), "outside region"),
+        (Segment(0, -1, 0, 10), "negative"),
+        (Segment(0, 0, 0, 0), "empty"),
+        (Segment(0, True, 0, 1), "integer"),
+        (Segment(0, 0, 5000, 10), "outside region 0 of 4096"),
+    ],
+)
 def test_validate_rejects_what_dlslime_would_not(seg, why):
     with pytest.raises(MigrationError, match=why):
         validate_segments([seg], REMOTE, local_regions={0: 4096, 1: 4096})
@@ -37,7 +40,11 @@ def test_validate_accepts_exact_region_end():
 def test_coalesce_merges_runs_contiguous_on_both_sides_only():
     # blocks 3,4,5 -> 10,11,12 (one run), block 7 -> 14 (remote gap), block 8 -> 16 (local gap)
     segs = [Segment(0, b * 100, d * 100, 100) for b, d in ((4, 11), (3, 10), (5, 12), (7, 14), (8, 16))]
-    assert coalesce(segs) == [Segment(0, 300, 1000, 300), Segment(0, 700, 1400, 100), Segment(0, 800, 1600, 100)]
+    assert coalesce(segs) == [
+        Segment(0, 300, 1000, 300),
+        Segment(0, 700, 1400, 100),
+        Segment(0, 800, 1600, 100),
+    ]
 
 
 def test_coalesce_never_merges_across_regions():
@@ -62,13 +69,13 @@ def test_plan_rounds_covers_every_byte_once_within_capacity(lengths, capacity):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.integers(1, 10 ** 7), st.integers(1 << 10, 1 << 22))
+@given(st.integers(1, 10**7), st.integers(1 << 10, 1 << 22))
 def test_chunk_calls_respect_the_31_assignment_limit(nbytes, chunk):
     calls = chunk_calls(nbytes, chunk)
     assert all(1 <= len(c) <= MAX_ASSIGNMENTS_PER_CALL for c in calls)
     flat = [x for c in calls for x in c]
     assert flat[0][0] == 0 and sum(n for _, n in flat) == nbytes
-    assert all(a + n == b for (a, n), (b, _) in zip(flat, flat[1:]))
+    assert all(a + n == b for (a, n), (b, _) in zip(flat, flat[1:], strict=False))
 
 
 def test_chunk_calls_refuses_32():

@@ -28,9 +28,16 @@ async def lmdeploy_like_app(scope, receive, send):
         out = json.dumps(json.dumps({"tp_size": 1, "block_size": 64, "num_gpu_blocks": 100}))
         ctype = b"application/json"
     elif scope["path"] == "/distserve/p2p_initialize" and any(
-            "pp_size" not in body.get(k, {}) for k in ("local_engine_config", "remote_engine_config")):
+        "pp_size" not in body.get(k, {}) for k in ("local_engine_config", "remote_engine_config")
+    ):
         data = b'{"message":"local_engine_config.pp_size: Field required"}'  # lmdeploy: required, nullable
-        await send({"type": "http.response.start", "status": 400, "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 400,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
         await send({"type": "http.response.body", "body": data, "more_body": False})
         return
     elif scope["path"].startswith("/distserve/"):
@@ -45,8 +52,13 @@ async def lmdeploy_like_app(scope, receive, send):
             ans.update(cache_block_ids=[3, 4], remote_token_ids=[7])
         out, ctype = json.dumps(ans), b"application/json"
     data = out.encode()
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", ctype), (b"content-length", str(len(data)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", ctype), (b"content-length", str(len(data)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
@@ -80,8 +92,12 @@ def app():
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 async def test_prefill_answer_carries_the_internal_session_id(app, path):
-    status, data = await call(app, "POST", path, {"model": "m", "prompt": "x", "with_cache": True,
-                                                  "preserve_cache": True, "max_tokens": 1})
+    status, data = await call(
+        app,
+        "POST",
+        path,
+        {"model": "m", "prompt": "x", "with_cache": True, "preserve_cache": True, "max_tokens": 1},
+    )
     ans = json.loads(data)
     assert status == 200 and ans["remote_session_id"] == 41 and ans["cache_block_ids"] == [3, 4]
 
@@ -89,8 +105,9 @@ async def test_prefill_answer_carries_the_internal_session_id(app, path):
 async def test_plain_requests_and_streams_pass_untouched(app):
     _, data = await call(app, "POST", "/v1/completions", {"model": "m", "prompt": "x"})
     assert "remote_session_id" not in json.loads(data)
-    status, data = await call(app, "POST", "/v1/completions", {"model": "m", "prompt": "x", "stream": True,
-                                                               "with_cache": True})
+    status, data = await call(
+        app, "POST", "/v1/completions", {"model": "m", "prompt": "x", "stream": True, "with_cache": True}
+    )
     assert status == 200 and data.startswith(b"data: ")
 
 
@@ -100,12 +117,23 @@ async def test_engine_info_keeps_lmdeploy_double_encoding_and_adds_agent_fields(
     assert status == 200 and isinstance(outer, str)
     inner = json.loads(outer)
     assert inner["block_size"] == 64 and inner["engine_kind"] == "lmdeploy"
-    assert inner["instance_id"].startswith("lmd-") and inner["migration_protocol"] in ("tcp", "rdma", "nvlink")
+    assert inner["instance_id"].startswith("lmd-") and inner["migration_protocol"] in (
+        "tcp",
+        "rdma",
+        "nvlink",
+    )
 
 
 def migration(**over):
-    return {"protocol": 1, "remote_engine_id": P, "remote_session_id": 3, "remote_token_id": 9,
-            "remote_block_ids": [1, 2], "is_dummy_prefill": False, **over}
+    return {
+        "protocol": 1,
+        "remote_engine_id": P,
+        "remote_session_id": 3,
+        "remote_token_id": 9,
+        "remote_block_ids": [1, 2],
+        "is_dummy_prefill": False,
+        **over,
+    }
 
 
 async def test_decode_rejects_migration_requests_for_unknown_links_then_accepts_after_handshake(app):
@@ -115,29 +143,40 @@ async def test_decode_rejects_migration_requests_for_unknown_links_then_accepts_
     assert status == 400 and "no link" in err["message"] and err["type"] == "invalid_request_error"
 
     # Configs without pp_size (a client dumping with exclude_none): lmdeploy alone would answer 400.
-    status, _ = await call(app, "POST", "/distserve/p2p_initialize", {
-        "remote_engine_id": P, "local_engine_config": {"num_gpu_blocks": 60},
-        "remote_engine_config": {"num_gpu_blocks": 50}})
+    status, _ = await call(
+        app,
+        "POST",
+        "/distserve/p2p_initialize",
+        {
+            "remote_engine_id": P,
+            "local_engine_config": {"num_gpu_blocks": 60},
+            "remote_engine_config": {"num_gpu_blocks": 50},
+        },
+    )
     assert status == 200
     await call(app, "POST", "/distserve/p2p_connect", {"remote_engine_id": P})
     assert app.peers.handshakes == 1 and P in app.peers.connected
     status, _ = await call(app, "POST", "/v1/completions", body)
     assert status == 200
-    status, data = await call(app, "POST", "/v1/completions",
-                              {**body, "migration_request": migration(remote_block_ids=[49, 50])})
+    status, data = await call(
+        app, "POST", "/v1/completions", {**body, "migration_request": migration(remote_block_ids=[49, 50])}
+    )
     assert status == 400 and b"[0, 50)" in data
 
 
-@pytest.mark.parametrize("bad, why", [
-    ("nope", "must be an object"),
-    (migration(remote_session_id="chatcmpl-1"), "remote_session_id"),
-    (migration(remote_token_id=-1), "remote_token_id"),
-    (migration(protocol=7), "protocol"),
-    (migration(remote_block_ids=[1, "2"]), "list of integers"),
-    (migration(remote_block_ids=[]), "empty"),
-    (migration(extra=1), "unknown fields"),
-    (migration(remote_engine_id=5), "remote_engine_id"),
-])
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ("nope", "must be an object"),
+        (migration(remote_session_id="chatcmpl-1"), "remote_session_id"),
+        (migration(remote_token_id=-1), "remote_token_id"),
+        (migration(protocol=7), "protocol"),
+        (migration(remote_block_ids=[1, "2"]), "list of integers"),
+        (migration(remote_block_ids=[]), "empty"),
+        (migration(extra=1), "unknown fields"),
+        (migration(remote_engine_id=5), "remote_engine_id"),
+    ],
+)
 def test_check_migration_request(bad, why):
     peers = PeerBook()
     peers.connected.add(P)
@@ -149,17 +188,26 @@ def test_dummy_prefill_needs_no_link():
 
 
 async def test_drop_of_a_never_initialized_peer_is_a_success_not_a_500(app):
-    status, data = await call(app, "POST", "/distserve/p2p_drop_connect", {"engine_id": "x", "remote_engine_id": P})
+    status, data = await call(
+        app, "POST", "/distserve/p2p_drop_connect", {"engine_id": "x", "remote_engine_id": P}
+    )
     assert status == 200 and json.loads(data) == {"success": True}
 
 
 async def test_drop_forgets_the_link_for_migration_requests(app):
     cfg = {"num_gpu_blocks": 50, "pp_size": None}
-    await call(app, "POST", "/distserve/p2p_initialize", {"remote_engine_id": P, "local_engine_config": cfg,
-                                                          "remote_engine_config": cfg})
+    await call(
+        app,
+        "POST",
+        "/distserve/p2p_initialize",
+        {"remote_engine_id": P, "local_engine_config": cfg, "remote_engine_config": cfg},
+    )
     await call(app, "POST", "/distserve/p2p_connect", {"remote_engine_id": P})
-    status, _ = await call(app, "POST", "/distserve/p2p_drop_connect", {"engine_id": "x", "remote_engine_id": P})
+    status, _ = await call(
+        app, "POST", "/distserve/p2p_drop_connect", {"engine_id": "x", "remote_engine_id": P}
+    )
     assert status == 200 and P not in app.peers.connected
-    status, _ = await call(app, "POST", "/v1/completions", {"model": "m", "prompt": "x",
-                                                            "migration_request": migration()})
+    status, _ = await call(
+        app, "POST", "/v1/completions", {"model": "m", "prompt": "x", "migration_request": migration()}
+    )
     assert status == 400

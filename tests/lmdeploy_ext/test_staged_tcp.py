@@ -31,8 +31,12 @@ PEER_STAGING = 256 << 10  # small: a migration takes several rounds
 
 
 def _start_peer():
-    proc = subprocess.Popen([sys.executable, "-m", "tests.lmdeploy_ext.peer", ",".join(map(str, SIZES)),
-                             str(PEER_STAGING)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=str(REPO))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.lmdeploy_ext.peer", ",".join(map(str, SIZES)), str(PEER_STAGING)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=str(REPO),
+    )
     return proc, json.loads(proc.stdout.readline())
 
 
@@ -75,8 +79,8 @@ def make_link(info=None, **settings):
 def expect(local, segs):
     ref = [pattern(k, n) for k, n in enumerate(SIZES)]
     for s in segs:
-        got = local[s.key][s.local_offset:s.local_offset + s.length]
-        assert torch.equal(got, ref[s.key][s.remote_offset:s.remote_offset + s.length]), s
+        got = local[s.key][s.local_offset : s.local_offset + s.length]
+        assert torch.equal(got, ref[s.key][s.remote_offset : s.remote_offset + s.length]), s
 
 
 async def test_pull_scattered_blocks_over_several_rounds(peer):
@@ -84,7 +88,9 @@ async def test_pull_scattered_blocks_over_several_rounds(peer):
     link, local = make_link(info)
     try:
         # 100 one-block copies in reverse order, plus a 2 MiB range: 10 rounds of the peer's 256 KiB staging.
-        segs = [Segment(0, b * 4096, (100 - b) * 4096, 4096) for b in range(100)] + [Segment(1, 1 << 20, 0, 2 << 20)]
+        segs = [Segment(0, b * 4096, (100 - b) * 4096, 4096) for b in range(100)] + [
+            Segment(1, 1 << 20, 0, 2 << 20)
+        ]
         ticks = 0
 
         async def ticker():
@@ -100,7 +106,7 @@ async def test_pull_scattered_blocks_over_several_rounds(peer):
         assert stats["bytes"] == 100 * 4096 + (2 << 20)
         assert stats["rounds"] == -(-stats["bytes"] // PEER_STAGING)
         assert ticks > 0  # the event loop kept running during the migration
-        untouched = local[0][101 * 4096:]
+        untouched = local[0][101 * 4096 :]
         assert not untouched.any()  # nothing written outside the requested ranges
     finally:
         link.close()
@@ -134,7 +140,9 @@ def control_call(info, frames):
 
 def test_serving_side_checks_token_and_ranges(peer):
     _, info = peer
-    assert control_call(info, [{"op": "hello", "token": "0" * 32}]) == [{"ok": False, "error": "bad link token"}]
+    assert control_call(info, [{"op": "hello", "token": "0" * 32}]) == [
+        {"ok": False, "error": "bad link token"}
+    ]
     hello = {"op": "hello", "token": info["token"]}
     out = control_call(info, [hello, {"op": "stage", "ranges": [[0, (1 << 20) - 4, 8]]}])
     assert out[1]["ok"] is False and "outside region 0" in out[1]["error"]
@@ -171,12 +179,15 @@ async def test_peer_gone_is_a_clean_error_within_the_deadline(own_peer):
         link.close()
 
 
-@pytest.mark.parametrize("mutate, why", [
-    (lambda i: {**i, "kind": "rdma"}, "not a distserve-staged-tcp"),
-    (lambda i: {**i, "version": 99}, "version 99"),
-    (lambda i: {k: v for k, v in i.items() if k != "regions"}, "malformed"),
-    (lambda i: {**i, "regions": {"0": -5}}, "empty regions"),
-])
+@pytest.mark.parametrize(
+    "mutate, why",
+    [
+        (lambda i: {**i, "kind": "rdma"}, "not a distserve-staged-tcp"),
+        (lambda i: {**i, "version": 99}, "version 99"),
+        (lambda i: {k: v for k, v in i.items() if k != "regions"}, "malformed"),
+        (lambda i: {**i, "regions": {"0": -5}}, "empty regions"),
+    ],
+)
 def test_connect_refuses_malformed_peer_info(peer, mutate, why):
     _, info = peer
     link, _ = make_link()

@@ -109,13 +109,17 @@ def staging_copies(pool, segs, nbytes) -> float:
     with torch.cuda.stream(stream):
         pos = 0
         for s in segs:
-            host[pos:pos + s.length].copy_(flat[s.remote_offset:s.remote_offset + s.length], non_blocking=True)
+            host[pos : pos + s.length].copy_(
+                flat[s.remote_offset : s.remote_offset + s.length], non_blocking=True
+            )
             pos += s.length
     stream.synchronize()
     with torch.cuda.stream(stream):
         pos = 0
         for s in segs:
-            out[s.local_offset:s.local_offset + s.length].copy_(host[pos:pos + s.length], non_blocking=True)
+            out[s.local_offset : s.local_offset + s.length].copy_(
+                host[pos : pos + s.length], non_blocking=True
+            )
             pos += s.length
     stream.synchronize()
     return time.perf_counter() - t0
@@ -144,21 +148,32 @@ def main() -> int:
         torch.cuda.set_device(0)
     local = torch.zeros(shape, dtype=torch.uint8, device=a.device)
     # Blocks in runs of 8 (a paged allocator's usual fragmentation), scattered over the pool.
-    blocks = [b for start in range(0, a.blocks, a.blocks // (a.migrate_blocks // 8)) for b in range(start, start + 8)]
-    blocks = blocks[:a.migrate_blocks]
+    blocks = [
+        b
+        for start in range(0, a.blocks, a.blocks // (a.migrate_blocks // 8))
+        for b in range(start, start + 8)
+    ]
+    blocks = blocks[: a.migrate_blocks]
     segs = segments_for(shape, blocks)
     nbytes = sum(s.length for s in segs)
     remote = pattern(shape, a.device)
-    results = {"nbytes": nbytes, "pool_shape": list(shape), "migrate_blocks": len(blocks),
-               "device": torch.cuda.get_device_name(0) if cuda else "cpu", "runs": []}
+    results = {
+        "nbytes": nbytes,
+        "pool_shape": list(shape),
+        "migrate_blocks": len(blocks),
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "runs": [],
+    }
 
     def gib_s(seconds):
         return round(nbytes / (1 << 30) / seconds, 3)
 
     configs = [(64, 1), (64, 4), (64, 16), (256, 4), (256, 16)]
     for staging_mb, chunk_mb in configs:
-        link = StagedTcpLink("127.0.0.1", StagedTcpSettings(staging_bytes=staging_mb << 20,
-                                                             chunk_bytes=chunk_mb << 20, deadline_s=120))
+        link = StagedTcpLink(
+            "127.0.0.1",
+            StagedTcpSettings(staging_bytes=staging_mb << 20, chunk_bytes=chunk_mb << 20, deadline_s=120),
+        )
         link.register_region(0, local.data_ptr(), local.numel(), a.device)
         link.connect(info)
         times, detail = [], None
@@ -170,30 +185,53 @@ def main() -> int:
             times.append(detail["seconds"])
             flat_l, flat_r = local.view(-1), remote.view(-1)
             for s in segs[:: max(1, len(segs) // 64)]:
-                if not torch.equal(flat_l[s.local_offset:s.local_offset + s.length],
-                                   flat_r[s.remote_offset:s.remote_offset + s.length]):
+                if not torch.equal(
+                    flat_l[s.local_offset : s.local_offset + s.length],
+                    flat_r[s.remote_offset : s.remote_offset + s.length],
+                ):
                     raise RuntimeError("staged TCP migration: wrong bytes")
-            ok_total = int(local.view(-1)[[s.local_offset for s in segs]].sum()) == \
-                int(remote.view(-1)[[s.remote_offset for s in segs]].sum())
+            ok_total = int(local.view(-1)[[s.local_offset for s in segs]].sum()) == int(
+                remote.view(-1)[[s.remote_offset for s in segs]].sum()
+            )
             if not ok_total:
                 raise RuntimeError("staged TCP migration: wrong bytes")
         times = times[1:]  # first run warms buffers and connections
         link.close()
         med = statistics.median(times)
-        results["runs"].append({"path": "staged-tcp", "staging_mib": staging_mb, "chunk_mib": chunk_mb,
-                                "median_s": round(med, 4), "gib_per_s": gib_s(med), "rounds": detail["rounds"],
-                                "stage_s": round(detail["stage_s"], 4), "read_s": round(detail["read_s"], 4),
-                                "scatter_s": round(detail["scatter_s"], 4)})
+        results["runs"].append(
+            {
+                "path": "staged-tcp",
+                "staging_mib": staging_mb,
+                "chunk_mib": chunk_mb,
+                "median_s": round(med, 4),
+                "gib_per_s": gib_s(med),
+                "rounds": detail["rounds"],
+                "stage_s": round(detail["stage_s"], 4),
+                "read_s": round(detail["read_s"], 4),
+                "scatter_s": round(detail["scatter_s"], 4),
+            }
+        )
         print(json.dumps(results["runs"][-1]), flush=True)
     for chunk_mb in (4, 16):
         t = statistics.median([asyncio.run(raw_tcp(nbytes, chunk_mb << 20)) for _ in range(a.repeats)])
-        results["runs"].append({"path": "baseline A: DLSlime TCP host->host", "chunk_mib": chunk_mb,
-                                "median_s": round(t, 4), "gib_per_s": gib_s(t)})
+        results["runs"].append(
+            {
+                "path": "baseline A: DLSlime TCP host->host",
+                "chunk_mib": chunk_mb,
+                "median_s": round(t, 4),
+                "gib_per_s": gib_s(t),
+            }
+        )
         print(json.dumps(results["runs"][-1]), flush=True)
     if cuda:
         t = statistics.median([staging_copies(remote, segs, nbytes) for _ in range(a.repeats)])
-        results["runs"].append({"path": "baseline B: GPU->pinned->GPU copies, one process", "median_s": round(t, 4),
-                                "gib_per_s": gib_s(t)})
+        results["runs"].append(
+            {
+                "path": "baseline B: GPU->pinned->GPU copies, one process",
+                "median_s": round(t, 4),
+                "gib_per_s": gib_s(t),
+            }
+        )
         print(json.dumps(results["runs"][-1]), flush=True)
     parent.send("stop")
     server.join(10)

@@ -46,16 +46,51 @@ class Engine:
                 self.proc.wait(5)
 
 
-def start_engine(model: str, role: str, port: int, log_path: str, cache: float = 0.05,
-                 extra: list[str] | None = None, env: dict | None = None) -> Engine:
+def start_engine(
+    model: str,
+    role: str,
+    port: int,
+    log_path: str,
+    cache: float = 0.05,
+    extra: list[str] | None = None,
+    env: dict | None = None,
+) -> Engine:
     """`python -m distserve.lmdeploy_ext.serve api_server MODEL --role ROLE` in its own process group."""
-    cmd = [sys.executable, "-m", "distserve.lmdeploy_ext.serve", "api_server", model, "--backend", "pytorch",
-           "--role", role, "--server-name", "127.0.0.1", "--server-port", str(port),
-           "--cache-max-entry-count", str(cache), "--eager-mode", "--model-name", "tiny",
-           "--max-batch-size", "16", "--session-len", "4096", "--log-level", "INFO", *(extra or [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "distserve.lmdeploy_ext.serve",
+        "api_server",
+        model,
+        "--backend",
+        "pytorch",
+        "--role",
+        role,
+        "--server-name",
+        "127.0.0.1",
+        "--server-port",
+        str(port),
+        "--cache-max-entry-count",
+        str(cache),
+        "--eager-mode",
+        "--model-name",
+        "tiny",
+        "--max-batch-size",
+        "16",
+        "--session-len",
+        "4096",
+        "--log-level",
+        "INFO",
+        *(extra or []),
+    ]
     log = open(log_path, "ab", buffering=0)
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    proc = subprocess.Popen(
+        cmd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
     return Engine(role, port, proc, log_path)
 
 
@@ -107,17 +142,25 @@ def handshake(p: Engine, d: Engine, protocol: int = 1) -> dict:
     t0 = time.time()
     init = {}
     for local, remote, linfo, rinfo in ((p, d, pi, di), (d, p, di, pi)):
-        body = {"local_engine_id": local.url, "local_engine_config": linfo, "remote_engine_id": remote.url,
-                "remote_engine_config": rinfo, "protocol": protocol,
-                "rdma_config": {"with_gdr": True, "link_type": 2}}
+        body = {
+            "local_engine_id": local.url,
+            "local_engine_config": linfo,
+            "remote_engine_id": remote.url,
+            "remote_engine_config": rinfo,
+            "protocol": protocol,
+            "rdma_config": {"with_gdr": True, "link_type": 2},
+        }
         status, ans = http("POST", local.url + "/distserve/p2p_initialize", body)
         if status != 200 or ans.get("status") != 1:
             raise ProbeError(f"p2p_initialize on {local.role}: {status} {ans}")
         init[local.role] = ans
     for local, remote in ((p, d), (d, p)):
-        body = {"protocol": protocol, "remote_engine_id": remote.url,
-                "remote_engine_endpoint_info": init[remote.role]["engine_endpoint_info"],
-                "remote_kvtransfer_endpoint_info": init[remote.role]["kvtransfer_endpoint_info"]}
+        body = {
+            "protocol": protocol,
+            "remote_engine_id": remote.url,
+            "remote_engine_endpoint_info": init[remote.role]["engine_endpoint_info"],
+            "remote_kvtransfer_endpoint_info": init[remote.role]["kvtransfer_endpoint_info"],
+        }
         status, ans = http("POST", local.url + "/distserve/p2p_connect", body)
         if status != 200 or ans.get("status") != 1:
             raise ProbeError(f"p2p_connect on {local.role}: {status} {ans}")
@@ -145,9 +188,14 @@ def pd_request(p: Engine, d: Engine, path: str, body: dict, protocol: int = 1) -
         raise ProbeError(f"prefill {path}: {status} {ans}")
     if "remote_session_id" not in ans:
         raise ProbeError(f"prefill answer has no remote_session_id: {ans}")
-    mig = {"protocol": protocol, "remote_engine_id": p.url, "remote_session_id": ans["remote_session_id"],
-           "remote_token_id": ans["remote_token_ids"][-1], "remote_block_ids": ans["cache_block_ids"],
-           "is_dummy_prefill": False}
+    mig = {
+        "protocol": protocol,
+        "remote_engine_id": p.url,
+        "remote_session_id": ans["remote_session_id"],
+        "remote_token_id": ans["remote_token_ids"][-1],
+        "remote_block_ids": ans["cache_block_ids"],
+        "is_dummy_prefill": False,
+    }
     status, out = http("POST", d.url + path, {**body, "migration_request": mig}, timeout=120)
     if status != 200:
         raise ProbeError(f"decode {path}: {status} {out}")

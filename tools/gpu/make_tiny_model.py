@@ -24,9 +24,11 @@ SPECIAL = ["<unk>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|system|>", "<
 
 def corpus(seed: int, lines: int = 4000) -> list[str]:
     rng = random.Random(seed)
-    words = ("the a prefill decode engine cache block token router etcd lease watch link model serve "
-             "fast slow red green blue river mountain cloud stone light dark open close read write "
-             "one two three four five six seven eight nine ten alpha beta gamma delta omega").split()
+    words = (
+        "the a prefill decode engine cache block token router etcd lease watch link model serve "
+        "fast slow red green blue river mountain cloud stone light dark open close read write "
+        "one two three four five six seven eight nine ten alpha beta gamma delta omega"
+    ).split()
     syllables = ["ka", "lo", "mi", "ne", "ru", "ta", "vo", "zi", "pe", "su", "do", "ga"]
     out = []
     for _ in range(lines):
@@ -48,11 +50,20 @@ def build_tokenizer(out: Path, seed: int, vocab_size: int):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(corpus(seed), trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   additional_special_tokens=SPECIAL[3:])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        additional_special_tokens=SPECIAL[3:],
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
     return fast
@@ -64,12 +75,23 @@ def build_model(out: Path, seed: int, vocab: int, tok, layers: int, hidden: int,
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
-        max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.eos_token_id,
         # A wide init keeps the greedy argmax well separated (random models otherwise sit on near-ties).
-        initializer_range=0.08, torch_dtype="bfloat16",
+        initializer_range=0.08,
+        torch_dtype="bfloat16",
     )
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.generation_config.do_sample = False
@@ -97,8 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     tok = build_tokenizer(out, a.seed, a.vocab)
     vocab = len(tok)
     cfg = build_model(out, a.seed, vocab, tok, a.layers, a.hidden, a.heads, a.kv_heads)
-    (out / "distserve_tiny.json").write_text(json.dumps({"seed": a.seed, "vocab": vocab, "layers": a.layers,
-                                                          "hidden": a.hidden, "arch": cfg.architectures}))
+    (out / "distserve_tiny.json").write_text(
+        json.dumps(
+            {
+                "seed": a.seed,
+                "vocab": vocab,
+                "layers": a.layers,
+                "hidden": a.hidden,
+                "arch": cfg.architectures,
+            }
+        )
+    )
     print(f"tiny model in {out}: vocab {vocab}, {a.layers} layers, hidden {a.hidden}", file=sys.stderr)
     return 0
 

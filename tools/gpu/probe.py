@@ -20,7 +20,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engines import ProbeError, ext_status, greedy, handshake, http, pd_request, start_engine, wait_healthy  # noqa: E402
+from engines import ext_status, greedy, handshake, http, pd_request, start_engine, wait_healthy  # noqa: E402
 
 PROMPTS = ["the prefill engine reads a block", "river mountain cloud stone", "one two three four five six"]
 
@@ -66,7 +66,9 @@ def main() -> int:
     try:
         report["versions"] = versions()
         step("versions", **report["versions"])
-        subprocess.run([sys.executable, str(Path(__file__).parent / "make_tiny_model.py"), a.model], check=True)
+        subprocess.run(
+            [sys.executable, str(Path(__file__).parent / "make_tiny_model.py"), a.model], check=True
+        )
         step("tiny model built")
         ports = {"Hybrid": 23401, "Prefill": 23402, "Decode": 23403}
         for role, port in ports.items():
@@ -75,36 +77,69 @@ def main() -> int:
         wait_healthy(engines, 400)
         step("engines healthy")
         hs = handshake(p, d, protocol=1)
-        step("handshake", handshake_s=round(hs["handshake_s"], 3), prefill_info=hs["prefill_info"],
-             kv=hs["init"]["Prefill"]["kvtransfer_endpoint_info"][0].get("cache_pools"))
+        step(
+            "handshake",
+            handshake_s=round(hs["handshake_s"], 3),
+            prefill_info=hs["prefill_info"],
+            kv=hs["init"]["Prefill"]["kvtransfer_endpoint_info"][0].get("cache_pools"),
+        )
         results = []
         for prompt in PROMPTS:
             body = greedy({"model": "tiny", "prompt": prompt, "max_tokens": 24})
             _, href = http("POST", hy.url + "/v1/completions", body)
             pre, pdo = pd_request(p, d, "/v1/completions", body)
-            results.append({"kind": "completion", "prompt": prompt, "hybrid": href["choices"][0]["text"],
-                            "pd": pdo["choices"][0]["text"], "remote_session_id": pre["remote_session_id"],
-                            "blocks": len(pre["cache_block_ids"]), "usage_pd": pdo.get("usage"),
-                            "usage_hybrid": href.get("usage")})
-            body = greedy({"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": 24,
-                           "return_token_ids": True})
+            results.append(
+                {
+                    "kind": "completion",
+                    "prompt": prompt,
+                    "hybrid": href["choices"][0]["text"],
+                    "pd": pdo["choices"][0]["text"],
+                    "remote_session_id": pre["remote_session_id"],
+                    "blocks": len(pre["cache_block_ids"]),
+                    "usage_pd": pdo.get("usage"),
+                    "usage_hybrid": href.get("usage"),
+                }
+            )
+            body = greedy(
+                {
+                    "model": "tiny",
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": 24,
+                    "return_token_ids": True,
+                }
+            )
             _, href = http("POST", hy.url + "/v1/chat/completions", body)
             pre, pdo = pd_request(p, d, "/v1/chat/completions", body)
-            results.append({"kind": "chat", "prompt": prompt, "hybrid": href["choices"][0],
-                            "pd": pdo["choices"][0], "remote_session_id": pre["remote_session_id"],
-                            "id": pre.get("id")})
+            results.append(
+                {
+                    "kind": "chat",
+                    "prompt": prompt,
+                    "hybrid": href["choices"][0],
+                    "pd": pdo["choices"][0],
+                    "remote_session_id": pre["remote_session_id"],
+                    "id": pre.get("id"),
+                }
+            )
         # A longer prompt: several blocks, measurable migration.
         long_prompt = " ".join(PROMPTS * 60)
         body = greedy({"model": "tiny", "prompt": long_prompt, "max_tokens": 8})
         _, href = http("POST", hy.url + "/v1/completions", body)
         pre, pdo = pd_request(p, d, "/v1/completions", body)
-        results.append({"kind": "long", "hybrid": href["choices"][0]["text"], "pd": pdo["choices"][0]["text"],
-                        "blocks": len(pre["cache_block_ids"]), "prompt_tokens": pdo.get("usage")})
+        results.append(
+            {
+                "kind": "long",
+                "hybrid": href["choices"][0]["text"],
+                "pd": pdo["choices"][0]["text"],
+                "blocks": len(pre["cache_block_ids"]),
+                "prompt_tokens": pdo.get("usage"),
+            }
+        )
         for r in results:
             h, q = r["hybrid"], r["pd"]
             if r["kind"] == "chat":
-                r["equal"] = (h.get("message", {}).get("content") == q.get("message", {}).get("content")
-                              and h.get("output_ids") == q.get("output_ids"))
+                r["equal"] = h.get("message", {}).get("content") == q.get("message", {}).get(
+                    "content"
+                ) and h.get("output_ids") == q.get("output_ids")
             else:
                 r["equal"] = h == q
         report["results"] = results
@@ -114,9 +149,18 @@ def main() -> int:
         report["decode_status"] = ext_status(d)
         step("status", prefill=report["prefill_status"], decode=report["decode_status"])
         # Bad migration_request straight to D must be a 400, and D must live on.
-        bad = {"model": "tiny", "prompt": "x", "max_tokens": 2,
-               "migration_request": {"protocol": 1, "remote_engine_id": "http://10.9.9.9:1", "remote_session_id": 1,
-                                     "remote_token_id": 1, "remote_block_ids": [10 ** 9]}}
+        bad = {
+            "model": "tiny",
+            "prompt": "x",
+            "max_tokens": 2,
+            "migration_request": {
+                "protocol": 1,
+                "remote_engine_id": "http://10.9.9.9:1",
+                "remote_session_id": 1,
+                "remote_token_id": 1,
+                "remote_block_ids": [10**9],
+            },
+        }
         status, ans = http("POST", d.url + "/v1/completions", bad)
         status2, _ = http("GET", d.url + "/health")
         report["bad_migration"] = {"status": status, "answer": ans, "health_after": status2}

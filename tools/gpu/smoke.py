@@ -36,8 +36,12 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from engines import ProbeError, ext_status, greedy, http, start_engine, wait_healthy  # noqa: E402
 
-PROMPTS = ["the prefill engine reads a block", "river mountain cloud stone light",
-           "one two three four five six seven", "alpha beta gamma delta omega " * 30]
+PROMPTS = [
+    "the prefill engine reads a block",
+    "river mountain cloud stone light",
+    "one two three four five six seven",
+    "alpha beta gamma delta omega " * 30,
+]
 MAX_TOKENS = 24
 MODEL = "tiny"  # --model-name of the engines
 
@@ -55,8 +59,13 @@ class Cluster:
 
     def spawn(self, name: str, args: list[str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "ab", buffering=0)
-        proc = subprocess.Popen([sys.executable, "-m", "distserve", *args], stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "distserve", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         self.procs[name] = proc
         return proc
 
@@ -114,13 +123,21 @@ def hybrid_reference(hybrid_url: str) -> dict:
         if status != 200:
             raise ProbeError(f"hybrid completion: {status} {ans}")
         ref[("completion", prompt)] = {"text": ans["choices"][0]["text"]}
-        body = greedy({"model": MODEL, "messages": [{"role": "user", "content": prompt}],
-                       "max_tokens": MAX_TOKENS, "return_token_ids": True})
+        body = greedy(
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": prompt}],
+                "max_tokens": MAX_TOKENS,
+                "return_token_ids": True,
+            }
+        )
         status, ans = http("POST", hybrid_url + "/v1/chat/completions", body)
         if status != 200:
             raise ProbeError(f"hybrid chat: {status} {ans}")
-        ref[("chat", prompt)] = {"text": ans["choices"][0]["message"]["content"],
-                                 "output_ids": ans["choices"][0].get("output_ids")}
+        ref[("chat", prompt)] = {
+            "text": ans["choices"][0]["message"]["content"],
+            "output_ids": ans["choices"][0].get("output_ids"),
+        }
     return ref
 
 
@@ -135,32 +152,86 @@ def through_router(router_url: str, ref: dict) -> list[dict]:
         for stream in (False, True):
             want = ref[("completion", prompt)]
             if stream:
-                text = "".join(c.choices[0].text for c in client.completions.create(
-                    model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS, temperature=1.0, top_p=1.0,
-                    stream=True, extra_body=extra) if c.choices)
+                text = "".join(
+                    c.choices[0].text
+                    for c in client.completions.create(
+                        model=MODEL,
+                        prompt=prompt,
+                        max_tokens=MAX_TOKENS,
+                        temperature=1.0,
+                        top_p=1.0,
+                        stream=True,
+                        extra_body=extra,
+                    )
+                    if c.choices
+                )
             else:
-                text = client.completions.create(model=MODEL, prompt=prompt, max_tokens=MAX_TOKENS,
-                                                 temperature=1.0, top_p=1.0, extra_body=extra).choices[0].text
-            out.append({"router": router_url, "kind": "completion", "stream": stream, "prompt": prompt[:40],
-                        "equal": text == want["text"], "got": text, "want": want["text"]})
+                text = (
+                    client.completions.create(
+                        model=MODEL,
+                        prompt=prompt,
+                        max_tokens=MAX_TOKENS,
+                        temperature=1.0,
+                        top_p=1.0,
+                        extra_body=extra,
+                    )
+                    .choices[0]
+                    .text
+                )
+            out.append(
+                {
+                    "router": router_url,
+                    "kind": "completion",
+                    "stream": stream,
+                    "prompt": prompt[:40],
+                    "equal": text == want["text"],
+                    "got": text,
+                    "want": want["text"],
+                }
+            )
             want = ref[("chat", prompt)]
             messages = [{"role": "user", "content": prompt}]
             ids = None
             if stream:
-                text = "".join((c.choices[0].delta.content or "") for c in client.chat.completions.create(
-                    model=MODEL, messages=messages, max_tokens=MAX_TOKENS, temperature=1.0, top_p=1.0,
-                    stream=True, extra_body=extra) if c.choices)
+                text = "".join(
+                    (c.choices[0].delta.content or "")
+                    for c in client.chat.completions.create(
+                        model=MODEL,
+                        messages=messages,
+                        max_tokens=MAX_TOKENS,
+                        temperature=1.0,
+                        top_p=1.0,
+                        stream=True,
+                        extra_body=extra,
+                    )
+                    if c.choices
+                )
                 equal = text == want["text"]
             else:
-                resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=MAX_TOKENS,
-                                                      temperature=1.0, top_p=1.0,
-                                                      extra_body={**extra, "return_token_ids": True})
+                resp = client.chat.completions.create(
+                    model=MODEL,
+                    messages=messages,
+                    max_tokens=MAX_TOKENS,
+                    temperature=1.0,
+                    top_p=1.0,
+                    extra_body={**extra, "return_token_ids": True},
+                )
                 text = resp.choices[0].message.content
                 ids = resp.model_dump()["choices"][0].get("output_ids")
                 equal = text == want["text"] and ids == want["output_ids"] and ids is not None
-            out.append({"router": router_url, "kind": "chat", "stream": stream, "prompt": prompt[:40],
-                        "equal": equal, "got": text, "want": want["text"], "output_ids": ids,
-                        "want_ids": want["output_ids"] if not stream else None})
+            out.append(
+                {
+                    "router": router_url,
+                    "kind": "chat",
+                    "stream": stream,
+                    "prompt": prompt[:40],
+                    "equal": equal,
+                    "got": text,
+                    "want": want["text"],
+                    "output_ids": ids,
+                    "want_ids": want["output_ids"] if not stream else None,
+                }
+            )
     return out
 
 
@@ -168,8 +239,11 @@ def concurrent_burst(routers: list[str], n: int = 16) -> list[int]:
     def one(i: int) -> int:
         url = routers[i % len(routers)]
         if i % 2:
-            body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPTS[i % 3] + f" {i}"}],
-                    "max_tokens": 12}
+            body = {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": PROMPTS[i % 3] + f" {i}"}],
+                "max_tokens": 12,
+            }
             return http("POST", url + "/v1/chat/completions", body, timeout=120)[0]
         body = {"model": MODEL, "prompt": PROMPTS[i % 3] + f" {i}", "max_tokens": 12}
         return http("POST", url + "/v1/completions", body, timeout=120)[0]
@@ -192,8 +266,10 @@ def main() -> int:
 
     def check(name: str, ok: bool, **detail) -> bool:
         checks.append({"check": name, "ok": bool(ok), **detail})
-        print(f"[smoke {time.time() - t0:6.1f}s] {'PASS' if ok else 'FAIL'} {name} {json.dumps(detail)[:300]}",
-              flush=True)
+        print(
+            f"[smoke {time.time() - t0:6.1f}s] {'PASS' if ok else 'FAIL'} {name} {json.dumps(detail)[:300]}",
+            flush=True,
+        )
         return ok
 
     cluster = Cluster(logs)
@@ -203,7 +279,9 @@ def main() -> int:
         from discovery.embedded import EmbeddedEtcd
 
         if not Path(a.model, "config.json").exists():
-            subprocess.run([sys.executable, str(Path(__file__).parent / "make_tiny_model.py"), a.model], check=True)
+            subprocess.run(
+                [sys.executable, str(Path(__file__).parent / "make_tiny_model.py"), a.model], check=True
+            )
         etcd = EmbeddedEtcd()
         etcd.start()
         endpoints = ",".join(etcd.endpoints)
@@ -217,18 +295,25 @@ def main() -> int:
         check("three lmdeploy engines healthy on one GPU", True, ports=ports)
 
         for e in (prefill, decode):
-            cluster.spawn(f"agent-{e.role.lower()}", ["agent", "--engine-url", e.url, "--role", e.role.lower(),
-                                                       "--etcd", endpoints])
+            cluster.spawn(
+                f"agent-{e.role.lower()}",
+                ["agent", "--engine-url", e.url, "--role", e.role.lower(), "--etcd", endpoints],
+            )
         router_ports = [free_port(), free_port()]
         routers = [f"http://127.0.0.1:{p}" for p in router_ports]
         for i, port in enumerate(router_ports):
             cluster.spawn(f"router-{i}", ["router", "--port", str(port), "--etcd", endpoints])
 
-        links = wait_for("an established link in etcd",
-                         lambda: {k: v for k, v in etcd_links(etcd.endpoints).items() if v.get("state") == "established"},
-                         150)
-        check("link established in etcd before any request", len(links) == 1,
-              links={k: {f: v.get(f) for f in ("protocol", "handshake_ms", "state")} for k, v in links.items()})
+        links = wait_for(
+            "an established link in etcd",
+            lambda: {k: v for k, v in etcd_links(etcd.endpoints).items() if v.get("state") == "established"},
+            150,
+        )
+        check(
+            "link established in etcd before any request",
+            len(links) == 1,
+            links={k: {f: v.get(f) for f in ("protocol", "handshake_ms", "state")} for k, v in links.items()},
+        )
         for r in routers:
             wait_for(f"router {r} ready", lambda r=r: router_ready(r), 60)
         check("both routers ready", True, routers=routers)
@@ -243,16 +328,26 @@ def main() -> int:
             results.extend(through_router(r, ref))
         summary["results"] = results
         bad = [x for x in results if not x["equal"]]
-        check(f"greedy PD == Hybrid through both routers ({len(results)} requests: completions and chat, "
-              "stream and not; chat token ids)", not bad and len(results) == 2 * len(PROMPTS) * 4,
-              mismatches=bad[:3])
+        check(
+            f"greedy PD == Hybrid through both routers ({len(results)} requests: completions and chat, "
+            "stream and not; chat token ids)",
+            not bad and len(results) == 2 * len(PROMPTS) * 4,
+            mismatches=bad[:3],
+        )
 
         mig = ext_status(decode)["migration"]
-        check("every PD request migrated KV over the staged-TCP path", mig["migrations"] >= len(results)
-              and mig["failures"] == 0, migration=mig)
+        check(
+            "every PD request migrated KV over the staged-TCP path",
+            mig["migrations"] >= len(results) and mig["failures"] == 0,
+            migration=mig,
+        )
 
         statuses = concurrent_burst(routers)
-        check("16 concurrent PD requests through both routers", all(s == 200 for s in statuses), statuses=statuses)
+        check(
+            "16 concurrent PD requests through both routers",
+            all(s == 200 for s in statuses),
+            statuses=statuses,
+        )
 
         def drained():
             s = ext_status(prefill)
@@ -262,26 +357,39 @@ def main() -> int:
             final = wait_for("prefill sessions back to zero", drained, 30)
         except ProbeError:
             final = ext_status(prefill)
-        check("prefill engine sessions return to zero (no preserved-KV leak)",
-              final["sessions"] == 0 and final["free_gpu_blocks"] == status_p0["free_gpu_blocks"],
-              sessions=final["sessions"], free_gpu_blocks=final["free_gpu_blocks"],
-              free_at_start=status_p0["free_gpu_blocks"], num_gpu_blocks=final.get("num_gpu_blocks"),
-              api_sessions=final.get("api_sessions"))
+        check(
+            "prefill engine sessions return to zero (no preserved-KV leak)",
+            final["sessions"] == 0 and final["free_gpu_blocks"] == status_p0["free_gpu_blocks"],
+            sessions=final["sessions"],
+            free_gpu_blocks=final["free_gpu_blocks"],
+            free_at_start=status_p0["free_gpu_blocks"],
+            num_gpu_blocks=final.get("num_gpu_blocks"),
+            api_sessions=final.get("api_sessions"),
+        )
 
         links_before = etcd_links(etcd.endpoints)
         cluster.kill("router-0", signal.SIGKILL)
         cluster.spawn("router-0", ["router", "--port", str(router_ports[0]), "--etcd", endpoints])
         wait_for("restarted router ready", lambda: router_ready(routers[0]), 60)
-        status, ans = http("POST", routers[0] + "/v1/completions",
-                           greedy({"model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS}))
+        status, ans = http(
+            "POST",
+            routers[0] + "/v1/completions",
+            greedy({"model": MODEL, "prompt": PROMPTS[0], "max_tokens": MAX_TOKENS}),
+        )
         same_answer = status == 200 and ans["choices"][0]["text"] == ref[("completion", PROMPTS[0])]["text"]
         handshakes1 = ext_status(prefill)["handshakes"] + ext_status(decode)["handshakes"]
         links_after = etcd_links(etcd.endpoints)
-        stable = {k: (v.get("established_at"), v.get("handshake_ms")) for k, v in links_before.items()} == \
-                 {k: (v.get("established_at"), v.get("handshake_ms")) for k, v in links_after.items()}
-        check("router SIGKILL + restart: serves again, no new handshake", same_answer and handshakes1 == handshakes0
-              and stable, handshakes_before=handshakes0, handshakes_after=handshakes1, link_unchanged=stable,
-              status=status)
+        stable = {k: (v.get("established_at"), v.get("handshake_ms")) for k, v in links_before.items()} == {
+            k: (v.get("established_at"), v.get("handshake_ms")) for k, v in links_after.items()
+        }
+        check(
+            "router SIGKILL + restart: serves again, no new handshake",
+            same_answer and handshakes1 == handshakes0 and stable,
+            handshakes_before=handshakes0,
+            handshakes_after=handshakes1,
+            link_unchanged=stable,
+            status=status,
+        )
 
         summary["decode_status"] = ext_status(decode)
         summary["prefill_status"] = ext_status(prefill)
