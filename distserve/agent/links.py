@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import heapq
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -265,9 +266,9 @@ class LinkManager:
                     return
                 if kind == "attempted":
                     attempt, next_try = result[1], result[2]
-                    delay = max(0.0, next_try - time.monotonic())
+                    delay = None if math.isinf(next_try) else max(0.0, next_try - time.monotonic())
                 elif kind == "wait":
-                    delay = result[1]
+                    delay = None if math.isinf(result[1]) else result[1]
                 elif kind == "idle":
                     attempt = 0 if result[1] else attempt
                 try:
@@ -304,20 +305,22 @@ class LinkManager:
             await self._record(prefill_id, key, self._link_record(link, prefill, me, "established"))
             return ("idle", True)
 
-        found = self._found.pop(prefill_id, None)
+        found = self._found.get(prefill_id)  # dropped from _found only once handled (a failed write retries)
         if found is not None:
             if prefill is not None and self._adoptable(found, prefill, me):
                 link = Link(prefill_id=prefill_id, prefill_url=prefill.url, prefill_instance=prefill.instance,
                             decode_instance=me.instance, protocol=found.protocol, handshake_ms=found.handshake_ms,
                             established_at=found.established_at, adopted=True)
+                await self._record(prefill_id, key, self._link_record(link, prefill, me, "established"))
+                self._found.pop(prefill_id, None)
                 self.links[prefill_id] = link
                 self.stats.adopted += 1
                 log.info("link %s -> %s adopted (engines unchanged, no handshake)", prefill_id, me.id)
-                await self._record(prefill_id, key, self._link_record(link, prefill, me, "established"))
                 return ("idle", True)
             # A predecessor's record we cannot vouch for: delete it, and clear our engine's side of it.
             log.info("link %s -> %s: dropping a stale record from an earlier agent", prefill_id, me.id)
             await self._delete(key)
+            self._found.pop(prefill_id, None)
             self.recorded.pop(prefill_id, None)
             self.changed.set()
             if found.decode_instance == me.instance and prefill is not None:
@@ -342,6 +345,10 @@ class LinkManager:
             return ("idle", True)
 
         now = time.monotonic()
+        failed = self.recorded.get(prefill_id)
+        if failed is not None and failed.state == "failed" and (
+                failed.prefill_incarnation, failed.decode_incarnation) != (prefill.incarnation, me.incarnation):
+            next_try = now  # an engine changed since the pair failed: try again now, not after the cool-down
         if now < next_try:
             return ("wait", next_try - now)
 
@@ -356,6 +363,8 @@ class LinkManager:
             if exc.permanent or attempt >= self.config.handshake_attempts:
                 log.warning("link %s -> %s failed after %d attempt(s): %s", prefill_id, me.id, attempt, exc)
                 await self._record(prefill_id, key, self._pending_record(prefill, me, "failed", error=str(exc)))
+                if exc.permanent:  # retrying cannot help (and re-initializing leaks lmdeploy's sockets):
+                    return ("attempted", 0, math.inf)  # wait until one of the engines changes
                 retry = self.config.retry_failed_after * random.uniform(0.75, 1.25)
                 return ("attempted", 0, time.monotonic() + retry)
             log.info("link %s -> %s attempt %d failed: %s", prefill_id, me.id, attempt, exc)
