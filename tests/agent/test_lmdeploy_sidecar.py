@@ -125,5 +125,18 @@ async def test_handshake_retries_then_links_and_a_kv_mismatch_is_recorded_failed
             assert fake_stats(other_layout)["p2p_initialize"] == 1  # a mismatch is not retried in a loop
             await asyncio.sleep(2.0)
             assert fake_stats(other_layout)["p2p_initialize"] == 1
+            # When an engine of a failed pair changes (here: the mismatched prefill restarts), it is tried again.
+            other_layout.engine.kill()
+            await asyncio.sleep(1.5)
+            start_fake(fleet, other_layout, "--pool-layers", "16")
+
+            async def retried() -> bool:
+                view = await read_view(client)
+                record, link = view.engines.get(other_layout.id), view.links.get((other_layout.id, decode.id))
+                return (record is not None and link is not None and link.state == "failed"
+                        and link.prefill_incarnation == record.incarnation != failed.prefill_incarnation)
+
+            await wait_until(retried, 15, "failed pair tried again with the restarted engine")
+            assert fake_stats(other_layout)["p2p_initialize"] == 1
     finally:
         fleet.stop()
