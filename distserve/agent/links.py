@@ -271,6 +271,8 @@ class LinkManager:
                     delay = None if math.isinf(result[1]) else result[1]
                 elif kind == "idle":
                     attempt = 0 if result[1] else attempt
+                    if len(result) > 2 and result[2] == "fresh":
+                        next_try = time.monotonic()
                 try:
                     await asyncio.wait_for(wake.wait(), timeout=delay)
                 except asyncio.TimeoutError:
@@ -342,7 +344,7 @@ class LinkManager:
                 self.changed.set()
             if reason and prefill.role == "prefill":
                 log.debug("link %s -> %s not possible: %s", prefill_id, me.id, reason)
-            return ("idle", True)
+            return ("idle", True, "fresh")  # when the pair becomes eligible again, start a fresh round
 
         now = time.monotonic()
         failed = self.recorded.get(prefill_id)
