@@ -628,27 +628,34 @@ class Client:
             raise RuntimeError(f"direct decode: HTTP {r.status} {data[:200]!r}")
 
 
+REQUEST_TIMEOUT = 30.0  # a request not answered by then counts as failed (latency +inf)
+FAILED = float("inf")
+
+
+async def _timed(client: Client) -> float:
+    t0 = time.perf_counter()
+    try:
+        await asyncio.wait_for(client.one(), REQUEST_TIMEOUT)
+    except Exception as exc:  # noqa: BLE001 - counted, not fatal: a front end that hangs is a result
+        print(f"[bench] {client.mode} request failed: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+        return FAILED
+    return time.perf_counter() - t0
+
+
 async def closed_loop(client: Client, concurrency: int, duration: float) -> list[float]:
     latencies: list[float] = []
     stop_at = time.perf_counter() + duration
 
     async def worker() -> None:
         while time.perf_counter() < stop_at:
-            t0 = time.perf_counter()
-            await client.one()
-            latencies.append(time.perf_counter() - t0)
+            latencies.append(await _timed(client))
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return latencies
 
 
 async def burst(client: Client, n: int) -> list[float]:
-    async def timed() -> float:
-        t0 = time.perf_counter()
-        await client.one()
-        return time.perf_counter() - t0
-
-    return list(await asyncio.gather(*(timed() for _ in range(n))))
+    return list(await asyncio.gather(*(_timed(client) for _ in range(n))))
 
 
 def load_worker_main(spec_json: str) -> int:
@@ -751,7 +758,13 @@ async def steady_state(args, etcd: list[str], results: dict, proxy_ok: bool) -> 
                 wait_http(f"{proxy_url}/v1/models", 120)
                 await register_with_proxy(session, proxy_url, engines)
                 fronts["lmdeploy"] = (proxy_url, proxy)
-            for mode, (target, _) in fronts.items():  # warm-up (the proxy handshakes here, lazily)
+            # Warm-up. The proxy handshakes each prefill/decode pair lazily on the first request that picks it;
+            # sequential requests first, so no two requests race on one pair's handshake (a request that
+            # does can hang forever in lmdeploy 0.18: see docs/benchmarks.md).
+            if proxy:
+                for _ in range(8 * n * n):
+                    await _timed(Client(session, "lmdeploy", fronts["lmdeploy"][0], False))
+            for mode, (target, _) in fronts.items():
                 for stream in (False, True):
                     await burst(Client(session, mode, target, stream), 50)
             rows = results.setdefault("steady", [])
@@ -769,7 +782,8 @@ async def steady_state(args, etcd: list[str], results: dict, proxy_ok: bool) -> 
                                     "stream": stream,
                                     "concurrency": concurrency,
                                     "n": len(lat),
-                                    "rps": len(lat) / wall,
+                                    "failed": sum(x == FAILED for x in lat),
+                                    "rps": sum(x != FAILED for x in lat) / wall,
                                     "p50": pct(lat, 50),
                                     "p99": pct(lat, 99),
                                     "cpu_ms_per_req": 1000 * cpu / max(1, len(lat)),
@@ -851,6 +865,7 @@ async def cold_start(args, etcd: list[str], results: dict, proxy_ok: bool) -> No
                         "handshakes_after_burst": after,
                         "burst_p99": pct(lat, 99),
                         "burst_p50": pct(lat, 50),
+                        "burst_failed": sum(x == FAILED for x in lat),
                         "direct_burst_p50": pct(direct, 50),
                         "direct_burst_p99": pct(direct, 99),
                     }
@@ -867,6 +882,10 @@ async def cold_start(args, etcd: list[str], results: dict, proxy_ok: bool) -> No
 
 
 # ------------------------------------------------------------------------------------------ report
+def _ms(seconds: float) -> str:
+    return "never" if seconds == FAILED else f"{seconds * 1e3:.1f} ms"
+
+
 def report(results: dict) -> str:
     out = []
     steady = results.get("steady", [])
@@ -904,8 +923,11 @@ def report(results: dict) -> str:
                     if mode == "direct"
                     else (f"{m['cpu_ms_per_req']:.2f}", f"{m['cpu_util'] * 100:.0f}%")
                 )
+                failed = sum(r.get("failed", 0) for r in steady
+                             if r["stream"] == stream and r["concurrency"] == conc and r["mode"] == mode)
+                label = f"{mode} ({failed} failed)" if failed else mode
                 out.append(
-                    f"| {'yes' if stream else 'no'} | {conc} | {mode} | {m['rps']:.0f} | {m['p50'] * 1e3:.2f} | "
+                    f"| {'yes' if stream else 'no'} | {conc} | {label} | {m['rps']:.0f} | {m['p50'] * 1e3:.2f} | "
                     f"{m['p99'] * 1e3:.2f} | {added[0]} | {added[1]} | {cpu[0]} | {cpu[1]} |"
                 )
     cold = results.get("cold", [])
@@ -920,7 +942,9 @@ def report(results: dict) -> str:
             out.append(
                 f"| {r['size']}x{r['size']} | {r['mode']} | {r['first_success_s']:.3f} s | "
                 f"{r['handshakes_first']:.0f} / {r['handshakes_after_burst']:.0f} | "
-                f"{r['burst_p50'] * 1e3:.1f} / {r['burst_p99'] * 1e3:.1f} ms | "
+                f"{_ms(r['burst_p50'])} / {_ms(r['burst_p99'])}"
+                + (f" ({r['burst_failed']} of 256 unanswered after {REQUEST_TIMEOUT:.0f} s)" if r.get("burst_failed") else "")
+                + " | "
                 f"{r['direct_burst_p50'] * 1e3:.1f} / {r['direct_burst_p99'] * 1e3:.1f} ms |"
             )
     return "\n".join(out)
