@@ -326,7 +326,8 @@ class Agent:
             transfer=self._transfer_info(facts, engine_kind),
             state=self._state(),
             engine_kind=engine_kind,
-            software_version=str(extras.get("software_version") or extras.get("version") or ""),
+            software_version=str(extras.get("software_version") or extras.get("version")
+                                 or self.config.software_version or ""),
             agent_version=f"distserve-agent {__version__}",
             started_at=self.instance_seen_at,
             registered_at=self.record.registered_at if self.record else time.time(),

@@ -97,6 +97,7 @@ class AgentConfig(BaseModel):
     drain_quiet: float = Field(1.0, ge=0)  # in-flight must stay zero this long before deregistering
     drain_unknown_grace: float = Field(30.0, ge=0)  # engines without load metrics: wait this long instead
     keep_on_exit: bool = False  # graceful stop leaves the lease to expire (a replacement adopts the links)
+    software_version: str | None = None  # recorded when the engine does not report its own version
 
     @field_validator("engine_url")
     @classmethod

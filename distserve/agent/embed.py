@@ -14,6 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
+from distserve import __version__
 from distserve.agent.options import add_agent_arguments, agent_config_from_args, etcd_config_from_args
 
 log = logging.getLogger("distserve.agent")
@@ -51,7 +52,8 @@ async def start_agents(args: argparse.Namespace, engines: list[tuple[str, str, i
                 engine_id = f"{engine_id}-{index}"
             config = agent_config_from_args(args, engine_url=url, role=args.role)
             configs.append(config.model_copy(update={"advertise_url": advertise or config.advertise_url,
-                                                     "engine_id": engine_id}))
+                                                     "engine_id": engine_id,
+                                                     "software_version": f"distserve-reference {__version__}"}))
     except ValueError as exc:
         raise EmbeddedAgentError(str(exc)) from None
     from distserve.agent.links import HandshakeLimiter

@@ -48,6 +48,9 @@ def add_agent_arguments(parser: argparse.ArgumentParser, *, standalone: bool) ->
                        help="on a graceful stop leave the lease to expire instead of revoking it, so an agent "
                             "restarted within the TTL adopts the links without handshaking")
     if standalone:
+        group.add_argument("--software-version", default=None, metavar="TEXT",
+                           help="engine software version to record when the engine does not report one "
+                                "(lmdeploy has no version route), e.g. 'lmdeploy 0.18.0'")
         group.add_argument("--log-level", default="INFO", type=str.upper,
                            choices=["DEBUG", "INFO", "WARNING", "ERROR"], help="default INFO")
     if not any(action.dest == "etcd_endpoints" for action in parser._actions):
@@ -71,6 +74,7 @@ def agent_config_from_args(args: argparse.Namespace, *, engine_url: str | None =
         rdma_devices=[d.strip() for d in (args.rdma_devices or "").split(",") if d.strip()],
         handshake_concurrency=args.handshake_concurrency,
         keep_on_exit=args.keep_on_exit,
+        software_version=getattr(args, "software_version", None),
     )
     try:
         return AgentConfig(**values)

@@ -37,7 +37,7 @@ async def test_lmdeploy_sidecars_register_link_publish_load_and_follow_restarts(
         start_fake(fleet, prefill, *prefill_args)
         start_fake(fleet, decode)  # no --enable-metrics: no load figures, no process identity
         for node in fleet.nodes:
-            fleet.start_agent(node)
+            fleet.start_agent(node, "--software-version", "lmdeploy 0.18.0")
         async with EtcdClient(fleet.etcd_config()) as client:
             async def linked(expect_decode_instance: str | None = None, expect_prefill_instance: str | None = None):
                 view = await read_view(client)
@@ -56,6 +56,7 @@ async def test_lmdeploy_sidecars_register_link_publish_load_and_follow_restarts(
                 assert record.engine_kind == "lmdeploy" and record.models == [MODEL]
                 assert record.transfer.protocol == "rdma"  # lmdeploy's only implemented transport
                 assert record.engine_info.block_size == 64 and record.engine_info.kv_layout is None
+                assert record.software_version == "lmdeploy 0.18.0"
             assert p.instance.startswith("pst-")  # from process_start_time_seconds
             assert d.instance.startswith("a-")  # drawn by the agent: lmdeploy exposes no identity
             load = view.load[prefill.id]

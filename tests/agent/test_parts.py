@@ -186,6 +186,7 @@ def test_engine_with_etcd_runs_the_agent_in_process_and_revokes_on_stop(etcd):
             while (kv := await client.get(key)) is None or b'"ready"' not in kv.value:
                 assert time.monotonic() < deadline, engine.output()
                 await asyncio.sleep(0.05)
+            assert b'"software_version":"distserve-reference ' in kv.value
             stopped = time.monotonic()
             engine.signal(15)
             while await client.get(key) is not None:
