@@ -222,6 +222,9 @@ def main() -> int:
                         help="register the prefills first, then start every decode agent at once")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args()
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the engines and etcd are stopped
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     runs, baselines = [], []
     for i in range(args.repeat):
