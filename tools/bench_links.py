@@ -39,7 +39,7 @@ from distserve.agent.agent import Agent  # noqa: E402
 from distserve.agent.config import AgentConfig  # noqa: E402
 from distserve.agent.engine_client import EngineClient, Metrics  # noqa: E402
 from distserve.keys import Keys  # noqa: E402
-from distserve.protocol import ConnectRequest, InitRequest, MigrationProtocol, parse_engine_info  # noqa: E402
+from distserve.protocol import ConnectRequest, InitRequest, MigrationProtocol  # noqa: E402
 from distserve.records import LinkRecord  # noqa: E402
 from tests.util import Proc, free_port, wait_http  # noqa: E402
 
