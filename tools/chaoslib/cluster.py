@@ -212,13 +212,15 @@ class Cluster:
         return [r for r in self.routers if not r.killed]
 
     # ------------------------------------------------------------------ faults and repairs
-    async def kill_engine(self, name: str) -> float:
+    async def kill_engine(self, name: str) -> tuple[float, float]:
+        """SIGKILL the engine (and its sidecar agent); returns (signal sent, process gone) times: a request
+        that started between the two may still have reached it."""
         engine = self.engines[name]
         t = time.time()
         for proc in engine.processes():
             await asyncio.to_thread(proc.kill)
         engine.killed = True
-        return t
+        return t, time.time()
 
     async def restart_engine(self, name: str, timeout: float = 60.0) -> float:
         """Start a killed engine again on the same port (a new process: a new incarnation)."""
@@ -242,11 +244,12 @@ class Cluster:
         self.engines[name].proc.resume()
         return t
 
-    async def kill_router(self, router: Router) -> float:
+    async def kill_router(self, router: Router) -> tuple[float, float]:
+        """As kill_engine: (signal sent, process gone)."""
         t = time.time()
         await asyncio.to_thread(router.proc.kill)
         router.killed = True
-        return t
+        return t, time.time()
 
     def add_router(self) -> Router:
         router = Router(f"r{self._router_seq}", self)

@@ -78,8 +78,9 @@ def valid_body(model: str, route: str):
     text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=60)
     # max_tokens is always there and small: without it a chat answer may run to the context length
     optional = {
-        "temperature": st.floats(0, 2, allow_nan=False),
-        "top_p": st.floats(0.01, 1, allow_nan=False),
+        # the range's edges and the smallest floats are always tried (5e-324 once broke sampling)
+        "temperature": st.one_of(st.sampled_from([0.0, 5e-324, 1e-300, 1e-9, 2.0]), st.floats(0, 2, allow_nan=False)),
+        "top_p": st.one_of(st.sampled_from([5e-324, 1e-9, 1.0]), st.floats(0.01, 1, allow_nan=False)),
         "top_k": st.integers(1, 50),
         "stream": st.booleans(),
         "stop": st.one_of(text.map(lambda t: t[:4]), st.lists(text.map(lambda t: t[:4]), min_size=1, max_size=4)),

@@ -63,7 +63,11 @@ class RequestRecord:
         return self.start <= t and (self.end is None or self.end >= t)
 
     def to_json(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        for key in ("start", "end", "first_byte"):
+            if out[key] is not None:
+                out[key] = round(out[key], 4)
+        return out
 
 
 class LoadGenerator:

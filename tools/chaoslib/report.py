@@ -74,7 +74,7 @@ class Result:
     def write(self, out_dir: Path) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / f"{self.scenario}.json"
-        path.write_text(json.dumps(self.to_json(), indent=1, default=str))
+        path.write_text(json.dumps(self.to_json(), separators=(",", ":"), default=str))
         return path
 
     def text(self) -> str:
