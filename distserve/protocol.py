@@ -10,7 +10,7 @@ import enum
 import json
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
 from distserve.records import EngineGeometry
 
@@ -61,6 +61,15 @@ class DistServeEngineConfig(_Wire):
     block_size: int
     num_cpu_blocks: int = 0
     num_gpu_blocks: int
+
+    @model_serializer(mode="wrap")
+    def _keep_pp_size(self, handler: Any) -> Any:
+        # lmdeploy declares pp_size Optional but without a default: the key must be sent even when null,
+        # also by callers that dump with exclude_none.
+        data = handler(self)
+        if isinstance(data, dict):
+            data.setdefault("pp_size", self.pp_size)
+        return data
 
 
 class RDMAConfig(_Wire):

@@ -56,6 +56,11 @@ def build_app(args: argparse.Namespace) -> web.Application:
             raise web.HTTPBadRequest(text=str(exc)) from None
 
     async def p2p_initialize(request: web.Request) -> web.Response:
+        raw = await request.json()
+        for side in ("local_engine_config", "remote_engine_config"):
+            # lmdeploy's DistServeEngineConfig declares pp_size Optional without a default: it is required.
+            if not isinstance(raw.get(side), dict) or "pp_size" not in raw[side]:
+                raise web.HTTPBadRequest(text=f"{side}.pp_size: Field required")
         req = await parse(request, InitRequest)
         stats["p2p_initialize"] += 1
         if stats["p2p_initialize"] <= args.fail_initialize:  # a transient failure (lmdeploy answers 500s)
