@@ -48,7 +48,7 @@ _CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     # gRPC's default reconnect back-off grows to 120 s: after an etcd outage we want it back within ~1 s.
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1_000),
+    ("grpc.max_reconnect_backoff_ms", 500),  # agents must be back <= 2 s after an outage
     ("grpc.max_receive_message_length", 128 * 1024 * 1024),
 ]
 

@@ -132,6 +132,10 @@ class Agent:
         await _bounded(asyncio.gather(*tasks, return_exceptions=True), 5.0, "cancelling tasks")
         links = self.links
         held = (await _bounded(links.close(), 5.0, "stopping link workers") or []) if links is not None else []
+        if self.session is not None and self.record is not None and not self.config.keep_on_exit:
+            # One last put saying "draining: stopping", so watchers (distserve-ctl watch) can tell this
+            # graceful revoke from a lease that expired; bounded so a dead etcd does not delay the stop.
+            await _bounded(self._write_record_now(), 0.5, "announcing the stop")
         session, self.session = self.session, None
         if session is not None:
             await _bounded(session.close(revoke=not self.config.keep_on_exit), 5.0, "revoking the lease")
@@ -354,6 +358,8 @@ class Agent:
         return TransferInfo(protocol=protocol, ranks=ranks)
 
     def _state(self) -> str:
+        if self._stopping:
+            return "draining"
         if not self.healthy:
             return "unhealthy"
         if self.flags.drain:
@@ -363,6 +369,8 @@ class Agent:
         return "ready"
 
     def _state_reason(self) -> str | None:
+        if self._stopping:
+            return "stopping"
         if not self.healthy:
             return self.health_reason
         if self.flags.drain:

@@ -14,7 +14,8 @@ import pytest
 from discovery.client import EtcdClient
 from discovery.embedded import EmbeddedEtcd
 from distserve.keys import Keys
-from distserve.records import OperatorFlags
+from discovery.watch import watch_prefix
+from distserve.records import EngineRecord, OperatorFlags
 from tests.agent.conftest import (
     Fleet,
     View,
@@ -182,6 +183,7 @@ async def test_graceful_stop_revokes_within_200ms(fleet, client):
     await wait_full(client, fleet, timeout=30)
     victim = fleet.decodes[3]
     lease = (await read_view(client)).leases[victim.id]
+    _, before_stop = await client.get_prefix(KEYS.engine(victim.id))
     stopped_at = time.monotonic()
     victim.agent.signal(signal.SIGTERM)
 
@@ -194,6 +196,16 @@ async def test_graceful_stop_revokes_within_200ms(fleet, client):
     assert took <= 0.2
     assert await client.time_to_live(lease) == -1
     assert victim.agent.popen.wait(timeout=10) == 0
+    # The last value before the delete says "draining: stopping", so watchers tell a graceful stop from
+    # an expired lease (distserve-ctl watch prints "deregistered (graceful stop)").
+    history = []
+    async with asyncio.timeout(10):
+        async for ev in watch_prefix(client, KEYS.engine(victim.id), start_revision=before_stop + 1):
+            history.append(ev)
+            if ev.type == "delete":
+                break
+    last_put = EngineRecord.decode([ev for ev in history if ev.type == "put"][-1].value)
+    assert (last_put.state, last_put.state_reason) == ("draining", "stopping")
     fleet.start_agent(victim)
     await wait_full(client, fleet, timeout=30)
 
