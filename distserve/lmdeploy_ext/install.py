@@ -9,6 +9,7 @@ engine side there before lmdeploy builds its engine.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -68,6 +69,14 @@ def install_engine_side() -> None:
 
     MIGRATION_BACKENDS.register_module(name="DLSlime", force=True, module=make_backend_class())
     _add_status_rpc()
+    try:
+        import lmdeploy.pytorch.engine  # noqa: F401 - engine_conn imported on its own is a circular import
+        from lmdeploy.pytorch.disagg.conn.engine_conn import EngineP2PConnection
+    except ImportError:
+        pass
+    else:
+        if fix_unawaited_zmq_disconnect(EngineP2PConnection):
+            logger.info("lmdeploy's p2p_drop_connect now closes the dropped link's ZMQ sockets (0.17 fix)")
     _engine_installed = True
     logger.info("distserve migration backend installed (pid %d)", os.getpid())
 
@@ -92,6 +101,32 @@ def _add_status_rpc() -> None:
         return out
 
     EngineWorkerBase.distserve_ext_status = distserve_ext_status
+
+
+def fix_unawaited_zmq_disconnect(conn_cls) -> bool:
+    """lmdeploy 0.17: `p2p_drop_connect` calls `zmq_disconnect`, an `async def`, without awaiting it, so
+    a dropped link's ZMQ sockets and context (two IO threads) are never closed ("coroutine ... was never
+    awaited", seen on the GPU): one leak per dropped link. 0.18 made it a plain method. Here it becomes a
+    plain method too, running 0.17's own body, which never awaits, to its end. True if patched; a class
+    whose `zmq_disconnect` is already plain (0.18) is left as it is."""
+    original = getattr(conn_cls, "zmq_disconnect", None)
+    if original is None or not inspect.iscoroutinefunction(original):
+        return False
+
+    def zmq_disconnect(self, remote_engine_id: str) -> None:
+        coro = original(self, remote_engine_id)
+        try:
+            coro.send(None)  # no await inside: this one step runs the whole body
+        except StopIteration:
+            return
+        coro.close()
+        logger.warning(
+            "lmdeploy's zmq_disconnect suspended; link %s left as lmdeploy left it", remote_engine_id
+        )
+
+    zmq_disconnect.__doc__ = "distserve: lmdeploy 0.17's zmq_disconnect run to completion (it never awaits)."
+    conn_cls.zmq_disconnect = zmq_disconnect
+    return True
 
 
 def install_server_side() -> bool:

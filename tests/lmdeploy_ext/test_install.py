@@ -76,3 +76,76 @@ def test_backend_registered_under_lmdeploys_default_name():
 
     cls = MIGRATION_BACKENDS.module_dict["DLSlime"]
     assert cls.__name__ == "DistserveMigrationBackend" and hasattr(cls(), "links")
+
+
+class _ZmqThing:
+    """Stands in for a ZMQ socket or context (pyzmq/lmdeploy are not installed where CI runs)."""
+
+    def __init__(self):
+        self.closed = False
+
+    def close(self):
+        self.closed = True
+
+    term = close
+
+
+def _conn_class(async_disconnect: bool):
+    """The shape of lmdeploy's EngineP2PConnection around p2p_drop_connect: 0.17 (async zmq_disconnect,
+    called without await) or 0.18 (plain method). Stand-in: lmdeploy is not installed where CI runs;
+    the real 0.17 class was checked the same way on CPU, and on the GPU by tools/gpu_smoke.sh."""
+
+    class Conn:
+        def __init__(self):
+            self.p2p_conn_ctx = {"P": _ZmqThing()}
+            self.p2p_sender = {"P": _ZmqThing()}
+            self.p2p_receiver = {"P": _ZmqThing()}
+
+        def _close(self, remote_engine_id):
+            for d in (self.p2p_receiver, self.p2p_sender, self.p2p_conn_ctx):
+                d[remote_engine_id].close()
+
+        def p2p_drop_connect(self, remote_engine_id):
+            self.zmq_disconnect(remote_engine_id)  # as lmdeploy does: no await
+            return {"success": True}
+
+    if async_disconnect:
+
+        async def zmq_disconnect(self, remote_engine_id):
+            self._close(remote_engine_id)
+    else:
+
+        def zmq_disconnect(self, remote_engine_id):
+            self._close(remote_engine_id)
+
+    Conn.zmq_disconnect = zmq_disconnect
+    return Conn
+
+
+def closed(conn):
+    return [d["P"].closed for d in (conn.p2p_receiver, conn.p2p_sender, conn.p2p_conn_ctx)]
+
+
+@pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")
+def test_lmdeploy_017_drop_connect_closes_the_links_sockets():
+    from distserve.lmdeploy_ext.install import fix_unawaited_zmq_disconnect
+
+    cls = _conn_class(async_disconnect=True)
+    leaky = cls()
+    leaky.p2p_drop_connect("P")
+    assert closed(leaky) == [False, False, False]  # the 0.17 defect: nothing closed
+    assert fix_unawaited_zmq_disconnect(cls) is True
+    conn = cls()
+    assert conn.p2p_drop_connect("P") == {"success": True}
+    assert closed(conn) == [True, True, True]
+
+
+def test_lmdeploy_018_drop_connect_left_as_it_is():
+    from distserve.lmdeploy_ext.install import fix_unawaited_zmq_disconnect
+
+    cls = _conn_class(async_disconnect=False)
+    original = cls.zmq_disconnect
+    assert fix_unawaited_zmq_disconnect(cls) is False and cls.zmq_disconnect is original
+    conn = cls()
+    conn.p2p_drop_connect("P")
+    assert closed(conn) == [True, True, True]

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # First look at a lent GPU machine: environment, imports, and tools/gpu/probe.py (three lmdeploy
-# engines, PD by hand over distserve's staged-TCP backend). Needs .whl (tools/gpu/fetch_wheels.sh).
+# engines, PD by hand over distserve's staged-TCP backend). Needs .whl (tools/gpu/fetch_wheels.sh);
+# LMDEPLOY_VERSION picks the lmdeploy wheel (default 0.18.0).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/distserve-gpu-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 3
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .whl/*.whl .whl/lmdeploy/lmdeploy-"${LMDEPLOY_VERSION:-0.18.0}"-*.whl || exit 3
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv
 ls /sys/class/infiniband 2>&1 | head -2; nproc; free -g | head -2; which python3

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Fill .whl/ (git-ignored) with the wheels a bare GPU machine needs to run tools/gpu_smoke.sh offline:
-# lmdeploy 0.18.0 slimmed (TurboMind extension and libxgrammar.a dropped: the PyTorch backend does not
-# use them; the full wheel is ~102 MiB), its Python dependencies missing from the GPU image, DLSlime and
-# distserve's own dependencies, for CPython 3.12 on x86-64. Run here (where pip reaches PyPI), then carry
-# .whl to the GPU machine. Never commit .whl or a rebuilt lmdeploy wheel.
+# lmdeploy slimmed (TurboMind extension and libxgrammar.a dropped: the PyTorch backend does not use them;
+# a full wheel is ~100 MiB), its Python dependencies missing from the GPU image, DLSlime and distserve's
+# own dependencies, for CPython 3.12 on x86-64. Run here (where pip reaches PyPI), then carry .whl to the
+# GPU machine. Never commit .whl or a rebuilt lmdeploy wheel.
+#
+#   tools/gpu/fetch_wheels.sh [DEST]                            # lmdeploy 0.18.0
+#   LMDEPLOY_VERSIONS="0.18.0 0.17.0" tools/gpu/fetch_wheels.sh  # several (the smoke picks one by version)
+#
+# The lmdeploy wheels go to DEST/lmdeploy/ (one per version; a plain `DEST/*.whl` install never sees two),
+# everything else to DEST/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
 DEST=${1:-.whl}
-LMDEPLOY_VERSION=${LMDEPLOY_VERSION:-0.18.0}
-mkdir -p "$DEST" .gpu/download
+LMDEPLOY_VERSIONS=${LMDEPLOY_VERSIONS:-${LMDEPLOY_VERSION:-0.18.0}}
+mkdir -p "$DEST/lmdeploy" .gpu/download
 PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_26_x86_64
       --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
@@ -27,14 +33,18 @@ WHEELS=(
 for w in "${WHEELS[@]}"; do
   "$PY" -m pip download -q --no-deps "${PLAT[@]}" -d "$DEST" "$w" 2>&1 | grep -v '^WARNING: Location' || true
 done
-FULL=.gpu/download/lmdeploy-$LMDEPLOY_VERSION-cp312-cp312-manylinux_2_28_x86_64.whl
-[ -f "$FULL" ] || "$PY" -m pip download -q --no-deps "${PLAT[@]}" -d .gpu/download "lmdeploy==$LMDEPLOY_VERSION" \
-  2>&1 | grep -v '^WARNING: Location' || true
-"$PY" - "$FULL" "$DEST/$(basename "$FULL")" <<'PY'
-import sys, zipfile
+rm -f "$DEST"/lmdeploy-*.whl  # an older layout kept lmdeploy beside the other wheels
+for v in $LMDEPLOY_VERSIONS; do
+  FULL=.gpu/download/lmdeploy-$v-cp312-cp312-manylinux_2_28_x86_64.whl
+  [ -f "$FULL" ] || "$PY" -m pip download -q --no-deps "${PLAT[@]}" -d .gpu/download "lmdeploy==$v" \
+    2>&1 | grep -v '^WARNING: Location' || true
+  "$PY" - "$FULL" "$DEST/lmdeploy/$(basename "$FULL")" <<'PY'
+import re, sys, zipfile
 src, dst = sys.argv[1], sys.argv[2]
+# TurboMind's extension: lmdeploy/turbomind/ in 0.18, lmdeploy/lib/ in 0.17.
+TURBOMIND_SO = re.compile(r"lmdeploy/(turbomind|lib)/_turbomind[^/]*\.so$")
 def dropped(name):
-    return (name.startswith("lmdeploy/turbomind/_turbomind") and name.endswith(".so")) or name.endswith("lib64/libxgrammar.a")
+    return bool(TURBOMIND_SO.match(name)) or name.endswith("lib64/libxgrammar.a")
 with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED) as zout:
     for info in zin.infolist():
         if dropped(info.filename):
@@ -44,4 +54,5 @@ with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED
             data = b"\n".join(l for l in data.split(b"\n") if l.strip() and not dropped(l.split(b",")[0].decode())) + b"\n"
         zout.writestr(info, data)
 PY
-du -sh "$DEST"; ls "$DEST" | wc -l
+done
+du -sh "$DEST"; ls "$DEST" | wc -l; ls -la "$DEST/lmdeploy"

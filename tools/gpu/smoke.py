@@ -12,9 +12,10 @@ sidecar for Prefill and Decode; two `distserve router`s. Then:
 4. the prefill engine's live sessions return to zero and its free KV blocks to their starting count;
 5. SIGKILL a router, restart it, send through it: no new handshake (engines' p2p_initialize count and
    the link record unchanged).
-Prints a summary and exits 0 only if every check held. Writes summary.json and logs.tgz to --out.
+Prints a summary and exits 0 only if every check held. Writes summary.json (with the versions that ran)
+and logs.tgz to --out. With --lmdeploy-version V, also checks that all three engines report lmdeploy V.
 
-    python tools/gpu/smoke.py --out DIR
+    python tools/gpu/smoke.py --out DIR [--lmdeploy-version 0.17.0]
 """
 
 from __future__ import annotations
@@ -28,13 +29,22 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from engines import ProbeError, ext_status, greedy, http, start_engine, wait_healthy  # noqa: E402
+from engines import (  # noqa: E402
+    ProbeError,
+    engine_info,
+    ext_status,
+    greedy,
+    http,
+    start_engine,
+    wait_healthy,
+)
 
 PROMPTS = [
     "the prefill engine reads a block",
@@ -252,17 +262,37 @@ def concurrent_burst(routers: list[str], n: int = 16) -> list[int]:
         return list(pool.map(one, range(n)))
 
 
+def installed_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for name in ("lmdeploy", "dlslime", "torch", "transformers", "triton", "fastapi", "pydantic"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _terminated(signum, frame):
+    # `timeout` sends SIGTERM: fail through the normal path, so engines are stopped and the summary written.
+    raise ProbeError(f"terminated by signal {signum}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="/tmp/distserve-tiny")
+    ap.add_argument("--lmdeploy-version", help="fail unless every engine reports this lmdeploy version")
     a = ap.parse_args()
     out = Path(a.out)
-    logs = Path("/tmp/distserve-smoke-logs")
-    logs.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    logs = Path(tempfile.mkdtemp(prefix="distserve-smoke-logs-"))  # one per run: runs can follow each other
+    signal.signal(signal.SIGTERM, _terminated)
     t0 = time.time()
     checks: list[dict] = []
-    summary: dict = {"checks": checks}
+    summary: dict = {"checks": checks, "versions": installed_versions()}
+    print(f"[smoke] versions: {json.dumps(summary['versions'])}", flush=True)
 
     def check(name: str, ok: bool, **detail) -> bool:
         checks.append({"check": name, "ok": bool(ok), **detail})
@@ -293,6 +323,14 @@ def main() -> int:
         hybrid, prefill, decode = engines
         wait_healthy(engines, 420)
         check("three lmdeploy engines healthy on one GPU", True, ports=ports)
+        reported = {e.role: engine_info(e).get("software_version") for e in engines}
+        summary["engine_software"] = reported
+        if a.lmdeploy_version:
+            check(
+                f"all engines run lmdeploy {a.lmdeploy_version}",
+                all(f"lmdeploy {a.lmdeploy_version} " in (v or "") for v in reported.values()),
+                reported=reported,
+            )
 
         for e in (prefill, decode):
             cluster.spawn(
@@ -408,7 +446,7 @@ def main() -> int:
         (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
         with tarfile.open(out / "logs.tgz", "w:gz") as tar:
             tar.add(logs, arcname="logs")
-    print("\nSUMMARY")
+    print(f"\nSUMMARY (lmdeploy {summary['versions'].get('lmdeploy')})")
     for c in checks:
         print(f"  {'PASS' if c['ok'] else 'FAIL'}  {c['check']}")
     print(f"GPU SMOKE {'PASSED' if summary['ok'] else 'FAILED'} in {time.time() - t0:.0f}s", flush=True)
