@@ -9,7 +9,8 @@ Lifecycle:
    process is a new incarnation), publish load on change, follow the flags;
 5. drain: state "draining"; once in-flight work stays at zero for `drain_quiet`, deregister (revoke the
    lease, drop the links) and wait for the flag to be cleared, then register again (step 3);
-6. stop: revoke the lease first (records vanish at once), then tear down.
+6. stop: announce it (state "draining", reason "stopping"), revoke the lease (records vanish at once),
+   then tear down.
 
 The incarnation is `<instance>.<lease id in hex>`: `instance` names the engine process (the reference
 engine's `instance_id`, lmdeploy's process start time from /metrics, else an id the agent draws and
