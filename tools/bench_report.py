@@ -91,8 +91,8 @@ def chaos_timeline(result: dict, path: Path) -> None:
                          label=f"{name}: routable prefill")
             ax_view.step(xs, [None if v is None else v + off for v in dec], where="post", lw=1.2, ls="--",
                          label=f"{name}: routable decode")
-        ax_view.step(xs, [row["engines_ready"] for row in tl], where="post", color="k", lw=0.8, alpha=0.6,
-                     label="etcd: engines ready")
+        ax_view.step(xs, [row["engines_ready"] if row["etcd_ok"] else None for row in tl], where="post", color="k",
+                     lw=0.8, alpha=0.6, label="etcd: engines ready")
         down = [x for x, row in zip(xs, tl) if not row["etcd_ok"]]
         if down:
             ax_view.axvspan(min(down), max(down), color="#d62728", alpha=0.08, label="etcd unreachable")
