@@ -21,7 +21,6 @@ import argparse
 import json
 import statistics
 import sys
-from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,8 +114,8 @@ def chaos_timeline(result: dict, path: Path) -> None:
 
 
 def chaos_table(results: list[dict]) -> str:
-    rows = ["| scenario | result | sent | failed (outcome/status) | detect | recover | preserved blocks left | "
-            "keys without lease | checks |", "| --- | --- | ---: | --- | --- | --- | --- | ---: | --- |"]
+    rows = [("| scenario | result | sent | failed (outcome/status) | detect | recover | preserved blocks left | "
+             "keys without lease | checks |"), "| --- | --- | ---: | --- | --- | --- | --- | ---: | --- |"]
     for r in results:
         s, t = r["summary"], r["times"]
         failed = f"{s['failed']}" + (f" ({', '.join(f'{k} {v}' for k, v in s['failed_by_outcome'].items())})"

@@ -39,14 +39,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-import aiohttp  # noqa: E402
-import psutil  # noqa: E402
+import aiohttp
+import psutil
 
-from discovery.client import EtcdClient  # noqa: E402
-from discovery.config import EtcdConfig  # noqa: E402
-from discovery.embedded import EmbeddedEtcd  # noqa: E402
-from distserve.keys import Keys  # noqa: E402
-from distserve.records import EngineGeometry, EngineRecord, LinkRecord, LoadRecord, TransferInfo  # noqa: E402
+from discovery.client import EtcdClient
+from discovery.config import EtcdConfig
+from discovery.embedded import EmbeddedEtcd
+from distserve.keys import Keys
+from distserve.records import EngineGeometry, EngineRecord, LinkRecord, LoadRecord, TransferInfo
 
 MODEL = "bench-model"
 STRATEGIES = ["random", "round_robin", "min_expected_latency", "power_of_two", "prefix_affinity"]
@@ -130,7 +130,7 @@ class RouterProc:
                     body = await resp.json(content_type=None)
                     if resp.status == 200 and all(body.get(k) == v for k, v in expect.items()):
                         return time.monotonic() - self.started
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
                 pass
             await asyncio.sleep(0.005)
         raise TimeoutError("router not ready")
@@ -235,7 +235,7 @@ async def propagation(client: EtcdClient, keys: Keys, http, routers: list[Router
                     if count == want:
                         out.append(time.perf_counter() - t0)
                         return
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
                 pass
             await asyncio.sleep(0.001)
 
@@ -260,7 +260,7 @@ async def propagation(client: EtcdClient, keys: Keys, http, routers: list[Router
                     if body.get("revision", 0) >= revision:
                         out.append(time.perf_counter() - t0)
                         return
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
                 pass
             await asyncio.sleep(0.001)
 
@@ -272,7 +272,7 @@ async def propagation(client: EtcdClient, keys: Keys, http, routers: list[Router
         got = []
         await asyncio.wait_for(asyncio.gather(*(wait_revision(r, revision, t0, got) for r in routers)), 30)
         load_lat.extend(got)
-    ms = lambda v, q: pct(v, q) * 1e3  # noqa: E731
+    ms = lambda v, q: pct(v, q) * 1e3
     return {"engine_state": {"p50_ms": ms(state_lat, 50), "p99_ms": ms(state_lat, 99), "max_ms": max(state_lat) * 1e3,
                              "samples": len(state_lat)},
             "etcd_put": {"p50_ms": ms(put_lat, 50), "p99_ms": ms(put_lat, 99)},

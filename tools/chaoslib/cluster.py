@@ -49,7 +49,7 @@ class ClusterSpec:
     router_args: list[str] = field(default_factory=list)
 
     @classmethod
-    def pd(cls, prefills: int = 2, decodes: int = 2, **kw) -> "ClusterSpec":
+    def pd(cls, prefills: int = 2, decodes: int = 2, **kw) -> ClusterSpec:
         engines = [EngineSpec(f"p{i}", "prefill") for i in range(prefills)]
         engines += [EngineSpec(f"d{i}", "decode") for i in range(decodes)]
         return cls(engines=engines, **kw)
@@ -61,7 +61,7 @@ class ClusterSpec:
 
 
 class Engine:
-    def __init__(self, spec: EngineSpec, cluster: "Cluster") -> None:
+    def __init__(self, spec: EngineSpec, cluster: Cluster) -> None:
         self.spec = spec
         self.name = spec.name
         self.role = spec.role
@@ -88,7 +88,7 @@ class Engine:
 
 
 class Router:
-    def __init__(self, name: str, cluster: "Cluster") -> None:
+    def __init__(self, name: str, cluster: Cluster) -> None:
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -163,7 +163,7 @@ class Cluster:
                     if resp.status == status:
                         return time.monotonic() - t0
                     last = resp.status
-            except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 last = exc
             await asyncio.sleep(0.05)
         raise TimeoutError(f"{url} did not answer {status} within {timeout:.0f}s (last: {last!r})")
@@ -185,7 +185,7 @@ class Cluster:
                 if resp.status != 200:
                     return {"status": resp.status, "prefill": 0, "decode": 0, "hybrid": 0}
                 return {"status": 200, **{k: body.get(k, 0) for k in ("prefill", "decode", "hybrid")}}
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
             return None
 
     async def wait_routable(self, expected: dict[str, int] | None = None, timeout: float = 60.0,
@@ -269,7 +269,7 @@ class Cluster:
             async with self.http.get(f"{engine.url}/metrics",  # type: ignore[union-attr]
                                      timeout=aiohttp.ClientTimeout(total=2)) as resp:
                 text = await resp.text()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             return None
         for line in text.splitlines():
             if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"):

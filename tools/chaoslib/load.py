@@ -29,8 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import aiohttp
 
-WORDS = ("alpha bravo charlie delta echo foxtrot golf hotel india juliet kilo lima mike november oscar papa "
-         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
+WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima", "mike", "november", "oscar", "papa", "quebec", "romeo", "sierra", "tango", "uniform", "victor", "whiskey", "xray", "yankee", "zulu"]
 
 # (route kind, streamed)
 MIX = (("completions", False), ("completions", True), ("chat", False), ("chat", True))
@@ -104,7 +103,7 @@ class LoadGenerator:
         """Stop sending; wait up to `drain` seconds for requests in flight, then cancel the rest."""
         self._stop.set()
         if self._tasks:
-            done, pending = await asyncio.wait(self._tasks, timeout=drain)
+            _, pending = await asyncio.wait(self._tasks, timeout=drain)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -127,7 +126,7 @@ class LoadGenerator:
             seq += 1
             try:
                 await asyncio.wait_for(self._stop.wait(), self.interval * (0.5 + self._rng.random()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     def _body(self, kind: str, stream: bool, long: bool) -> dict:

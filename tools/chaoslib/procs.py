@@ -36,10 +36,10 @@ class Process:
         self.log_path = log_dir / f"{name}.log"
 
     @classmethod
-    def distserve(cls, name: str, args: list[str], log_dir: Path, env: dict | None = None) -> "Process":
+    def distserve(cls, name: str, args: list[str], log_dir: Path, env: dict | None = None) -> Process:
         return cls(name, [sys.executable, "-m", "distserve", *args], log_dir, env)
 
-    def start(self) -> "Process":
+    def start(self) -> Process:
         self.generation += 1
         # one log per generation, so a restarted process does not overwrite its predecessor's story
         self.log_path = self.log_dir / (f"{self.name}.log" if self.generation == 1

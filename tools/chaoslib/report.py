@@ -79,8 +79,8 @@ class Result:
 
     def text(self) -> str:
         s = self.summary()
-        lines = [f"== {self.scenario} ({self.form}): {'PASS' if self.passed else 'FAIL'} "
-                 f"in {self.duration_s:.1f}s — {self.description}",
+        lines = [(f"== {self.scenario} ({self.form}): {'PASS' if self.passed else 'FAIL'} "
+                  f"in {self.duration_s:.1f}s — {self.description}"),
                  f"   requests: sent {s['sent']}, succeeded {s['succeeded']}, failed {s['failed']}"
                  + (f" {s['failed_by_outcome']} statuses {s['failed_by_status']}" if s["failed"] else "")]
         if self.times:

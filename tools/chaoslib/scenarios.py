@@ -16,7 +16,14 @@ from pathlib import Path
 
 from tools.chaoslib.cluster import MODEL, Cluster, ClusterSpec, EngineSpec
 from tools.chaoslib.load import LoadGenerator, RequestRecord
-from tools.chaoslib.observe import EtcdView, Monitor, lease_alive, router_log_engines, routers_report, scan_etcd
+from tools.chaoslib.observe import (
+    EtcdView,
+    Monitor,
+    lease_alive,
+    router_log_engines,
+    routers_report,
+    scan_etcd,
+)
 from tools.chaoslib.report import Result
 
 
@@ -25,7 +32,7 @@ class Scenario:
     name: str
     description: str
     spec: Callable[[bool], ClusterSpec]  # short -> cluster
-    body: Callable[["Harness"], Awaitable[None]]
+    body: Callable[[Harness], Awaitable[None]]
     load: Callable[[bool], dict] = lambda short: {}
     in_ci: bool = False
 
@@ -466,7 +473,7 @@ async def prefill_kill(h: Harness) -> None:
     r.check(f"{victim} removed from routing <= TTL ({h.ttl} s)", detect is not None and detect <= h.ttl,
             f"{detect:.2f}s" if detect is not None else "never")
     gone = r.times["record_gone_s"]
-    r.check(f"its record and links gone from etcd <= TTL + 1 s", gone is not None and gone <= h.ttl + 1,
+    r.check("its record and links gone from etcd <= TTL + 1 s", gone is not None and gone <= h.ttl + 1,
             f"{gone:.2f}s" if gone is not None else "never")
     await h.leftovers()
 
@@ -531,7 +538,7 @@ async def engine_stop(h: Harness) -> None:
                                 t_stop, pause)
     r.times["detect_s"], r.times["unhealthy_in_etcd_s"] = await asyncio.gather(detect_router, detect_etcd)
     await asyncio.sleep(max(0.0, t_stop + pause - time.time()))
-    t_cont = h.mark(f"SIGCONT {victim}", h.cluster.resume_engine(victim))
+    h.mark(f"SIGCONT {victim}", h.cluster.resume_engine(victim))
     waited = await h.cluster.wait_routable(timeout=30)
     r.times["routable_after_sigcont_s"] = waited
     r.times["recover_s"] = time.time() - t_stop
@@ -720,8 +727,8 @@ async def run(name: str, form: str = "long", out_dir: Path | None = None, keep_d
     finally:
         try:
             await h.stop_load()
-        except Exception:  # noqa: BLE001
-            pass
+        except Exception as exc:  # noqa: BLE001 - the result is written whatever happened
+            result.error = result.error or f"stopping the load: {type(exc).__name__}: {exc}"
         await monitor.stop()
         result.requests = load.records
         result.timeline = monitor.timeline()
