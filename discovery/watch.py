@@ -130,7 +130,7 @@ async def watch_prefix(
             if meta_events:
                 yield WatchEvent("synced", "", None, revision, revision)
             continue
-        except (EtcdAuthError,):
+        except EtcdAuthError:
             raise
         except _StreamBroken as exc:
             log.info("watch %s: stream broken (%s); resuming from revision %d", prefix, exc, next_revision)

@@ -138,7 +138,7 @@ class Child:
 
     async def start(self) -> None:
         parent, libc = os.getpid(), _libc()
-        with open(self.log_path, "ab") as log:
+        with open(self.log_path, "ab") as log:  # noqa: ASYNC230 - a local log file, opened once per child
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
                 env=self.env, start_new_session=True, preexec_fn=lambda: _die_with_parent(parent, libc),
@@ -543,7 +543,7 @@ class LocalCluster:
             await self.reaper.wait()
         if self.etcd is not None:
             await asyncio.to_thread(self.etcd.stop)
-            if self.etcd_data_dir and Path(self.etcd_data_dir).exists():
+            if self.etcd_data_dir and Path(self.etcd_data_dir).exists():  # noqa: ASYNC240 - one local stat at shutdown
                 problems.append(f"etcd data directory {self.etcd_data_dir} was not removed")
         if self.owns_log_dir and self.log_dir is not None:
             shutil.rmtree(self.log_dir, ignore_errors=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from distserve.migration.errors import MigrationError, TransportUnavailable
 from distserve.migration.geometry import PoolGeometry, plan_reads, validate_block_ids
-from distserve.migration.transport import MigrationTimeout, Transport, create_transport
+from distserve.migration.transport import Transport, create_transport
 from distserve.protocol import (
     PROTOCOL_NAMES,
     ConnectionStatus,

@@ -184,7 +184,6 @@ async def test_graceful_stop_revokes_within_200ms(fleet, client):
     victim = fleet.decodes[3]
     lease = (await read_view(client)).leases[victim.id]
     _, before_stop = await client.get_prefix(KEYS.engine(victim.id))
-    stopped_at = time.monotonic()
     victim.agent.signal(signal.SIGTERM)
 
     async def gone() -> bool:

@@ -63,7 +63,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str], what: str) -> argpa
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
             return parser.parse_args(argv)
     except SystemExit as exc:
-        raise CommandRejected(f"{what}: rejected {shlex.join(argv)!r}: {err.getvalue().strip()} (exit {exc.code})")
+        raise CommandRejected(f"{what}: rejected {shlex.join(argv)!r}: {err.getvalue().strip()} (exit {exc.code})") from None
 
 
 def distserve_parser(sub: str) -> argparse.ArgumentParser:

@@ -128,7 +128,7 @@ def to_argv(line: str) -> list[str] | None:
     try:
         words = shlex.split(line, comments=True)
     except ValueError as exc:
-        raise AssertionError(f"unparsable shell line {line!r}: {exc}")
+        raise AssertionError(f"unparsable shell line {line!r}: {exc}") from None
     while words and re.fullmatch(r"[A-Z_][A-Z0-9_]*=.*", words[0]):  # VAR=value prefixes
         words = words[1:]
     if not words:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import pytest
 
 from discovery.client import EtcdClient
 from discovery.informer import Informer
