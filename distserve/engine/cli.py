@@ -19,6 +19,7 @@ from aiohttp import web
 from distserve.protocol import PROTOCOL_BY_NAME, EngineRole
 
 log = logging.getLogger("distserve.engine")
+LISTEN_BACKLOG = 2048
 
 ROLES = {"hybrid": EngineRole.Hybrid, "prefill": EngineRole.Prefill, "decode": EngineRole.Decode}
 
@@ -174,10 +175,14 @@ async def _serve(args: argparse.Namespace) -> int:
         for i in range(args.count):
             engine = Engine(model, _settings(args, model), _make_executor(args, model))
             await engine.start()
-            runner = web.AppRunner(create_app(engine, keys), access_log=None, handle_signals=False)
+            # handler_cancellation: a client that goes away cancels its handler, which aborts the
+            # sequence and frees its KV (aiohttp would otherwise run a non-streamed request to the end).
+            runner = web.AppRunner(create_app(engine, keys), access_log=None, handle_signals=False,
+                                   handler_cancellation=True)
             await runner.setup()
             port = args.port + i if args.port else 0
-            site = web.TCPSite(runner, args.host, port, reuse_address=True)
+            # aiohttp's default backlog (128) overflows under cold bursts from many router connections.
+            site = web.TCPSite(runner, args.host, port, reuse_address=True, backlog=LISTEN_BACKLOG)
             try:
                 await site.start()
             except OSError as exc:

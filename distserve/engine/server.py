@@ -94,6 +94,12 @@ def _parse(model: type, body: Any):
         raise ApiError(400, validation_message(exc)) from None
 
 
+def _request_id(request: web.Request) -> str:
+    """The caller's X-Request-Id for logs, bounded and quoted (it is client input), or '-'."""
+    rid = request.headers.get("X-Request-Id")
+    return ascii(rid[:128]) if rid else "-"
+
+
 @web.middleware
 async def _errors(request: web.Request, handler):
     engine: Engine = request.app[ENGINE_KEY]
@@ -113,7 +119,8 @@ async def _errors(request: web.Request, handler):
         return error_response(exc.status, exc.reason or "error", "not_found" if exc.status == 404 else "http_error")
     except Exception:  # noqa: BLE001 - the engine keeps serving whatever happens in one request
         engine.request_errors_total += 1
-        log.exception("internal error on %s %s", request.method, request.path)
+        log.exception("internal error on %s %s x_request_id=%s", request.method, request.path,
+                      _request_id(request))
         return error_response(500, "internal engine error", "internal_error")
 
 
@@ -193,6 +200,8 @@ class Routes:
         req, sampling = parse_request(kind, body, engine.settings.model_name, engine.model.max_model_len)
         engine.requests_total += 1
         rid, created, model = new_id(kind), int(time.time()), req.model
+        log.debug("%s %s x_request_id=%s prompt_tokens=%d max_tokens=%d stream=%s", kind, rid,
+                  _request_id(request), len(sampling.prompt_ids), sampling.max_tokens, bool(req.stream))
         want_cache = req.with_cache or req.preserve_cache
         async with aclosing(engine.generate(sampling)) as steps:
             try:

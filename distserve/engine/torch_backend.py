@@ -29,6 +29,9 @@ from distserve.engine.openai_api import ApiError, SamplingRequest
 log = logging.getLogger("distserve.engine.torch")
 
 _GOLDEN = 0x9E3779B97F4A7C15
+# Below these, sampling is greedy (see _sample).
+MIN_TEMPERATURE = 1e-5
+MIN_TOP_P = 1e-8
 
 
 @dataclass(eq=False)
@@ -44,6 +47,7 @@ class Sequence:
     num_computed: int = 0  # tokens whose KV is in the pool
     seed: int = 0
     done: bool = False
+    session_id: int | None = None  # a preserved prefill session made for this sequence
 
     def emit(self, item) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -174,6 +178,11 @@ class TorchExecutor(Executor):
 
     def _drop(self, seq: Sequence) -> None:
         if seq.done:
+            # Aborted after it finished but before its caller took the result (e.g. the client went
+            # away): nobody will migrate a preserved prefill, so free it now rather than at its TTL.
+            if seq.session_id is not None and self.engine is not None:
+                self.engine.sessions.free(seq.session_id)
+                seq.session_id = None
             return
         seq.done = True
         if seq in self._running:
@@ -187,6 +196,17 @@ class TorchExecutor(Executor):
         if seq.blocks:
             self.engine.allocator.free(seq.blocks)
             seq.blocks = []
+
+    def _fail(self, seq: Sequence, error: ApiError) -> None:
+        """Fail one sequence: out of the queues, blocks freed, the error to its caller."""
+        if seq in self._running:
+            self._running.remove(seq)
+        elif seq in self._waiting:
+            self._waiting.remove(seq)
+        if not seq.done:
+            seq.done = True
+            self._free(seq)
+            seq.emit(error)
 
     def _fail_all(self, error: ApiError) -> None:
         for seq in [*self._running, *self._waiting]:
@@ -254,7 +274,13 @@ class TorchExecutor(Executor):
         self._waiting.appendleft(seq)
 
     def _prefill(self, batch: list[Sequence]) -> None:
-        logits = self.model.prefill(self.pool, [(s.tokens[: self._ctx_len(s)], s.blocks) for s in batch])
+        try:
+            logits = self.model.prefill(self.pool, [(s.tokens[: self._ctx_len(s)], s.blocks) for s in batch])
+        except Exception:  # noqa: BLE001 - the batch is in neither queue yet: fail it here or its blocks leak
+            log.exception("prefill step failed")
+            for seq in batch:
+                self._fail(seq, ApiError(500, "internal engine error during prefill", "internal_error"))
+            return
         for i, seq in enumerate(batch):
             seq.num_computed = self._ctx_len(seq)
             if seq.done:
@@ -264,7 +290,7 @@ class TorchExecutor(Executor):
                 self._running.append(seq)
                 continue
             self._running.append(seq)
-            self._accept(seq, self._sample(seq, logits[i]))
+            self._sample_and_accept(seq, logits[i])
 
     def _decode(self, batch: list[Sequence]) -> None:
         logits = self.model.decode(self.pool, [(s.tokens[-1], s.num_computed, s.blocks) for s in batch])
@@ -272,13 +298,27 @@ class TorchExecutor(Executor):
         self.decode_tokens_total += len(batch)
         for i, seq in enumerate(batch):
             seq.num_computed += 1
-            self._accept(seq, self._sample(seq, logits[i]))
+            self._sample_and_accept(seq, logits[i])
+
+    def _sample_and_accept(self, seq: Sequence, logits: torch.Tensor) -> None:
+        # A sampling failure concerns this request only; the rest of the batch goes on.
+        try:
+            token = self._sample(seq, logits)
+        except Exception:  # noqa: BLE001
+            log.exception("sampling failed for request %d", seq.sid)
+            self._fail(seq, ApiError(500, "internal engine error while sampling", "internal_error"))
+            return
+        self._accept(seq, token)
 
     def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
         req = seq.req
-        if req.temperature == 0:
+        # Tiny temperatures overflow logits/temperature to inf (softmax NaN); tiny top_p keeps one
+        # token anyway. Both are greedy in effect, so sample them greedily.
+        if req.temperature < MIN_TEMPERATURE or req.top_p < MIN_TOP_P:
             return int(torch.argmax(logits))
         probs = torch.softmax(logits.double() / req.temperature, dim=-1)
+        if not bool(torch.isfinite(probs).all()):
+            return int(torch.argmax(logits))
         if req.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
             keep = torch.cumsum(sorted_p, 0) - sorted_p < req.top_p
@@ -319,6 +359,7 @@ class TorchExecutor(Executor):
             sessions = self.engine.sessions
             sid = sessions.new_session_id()
             sessions.add(sid, kept)
+            seq.session_id = sid
             seq.blocks = []
             seq.emit(Step(tokens, finish, cache_block_ids=list(kept), session_id=sid))
             return
