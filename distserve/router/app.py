@@ -298,6 +298,9 @@ class Router:
                 log.warning("request %s %s -> %d %s", rid, path, exc.status, exc.message)
             return exc.response(rid)
         except (asyncio.CancelledError, ConnectionResetError):
+            if request.get("answered"):  # closed after reading [DONE]: the request completed
+                status = 200
+                raise
             status = 499  # the client went away (nginx's convention); upstream work was cancelled
             self.metrics.client_disconnects.inc((path,))
             log.debug("request %s: client went away", rid, exc_info=True)

@@ -13,6 +13,7 @@ import sys
 from distserve.router.settings import RouterSettings
 from distserve.router.strategies import STRATEGIES
 
+ENV_CLUSTER = "DISTSERVE_CLUSTER"
 ENV_CLUSTER_TOKEN = "DISTSERVE_CLUSTER_TOKEN"
 ENV_API_KEYS = "DISTSERVE_API_KEYS"
 
@@ -26,7 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=d.host, help="interface to listen on (default %(default)s)")
     parser.add_argument("--port", type=int, default=d.port, help="port to listen on; 0 picks a free one")
     EtcdConfig.add_arguments(parser)
-    parser.add_argument("--cluster", default=d.cluster, help="cluster name in the etcd key schema")
+    parser.add_argument(
+        "--cluster",
+        default=os.environ.get(ENV_CLUSTER) or d.cluster,
+        help=f"cluster name in the etcd key schema (env {ENV_CLUSTER}; default %(default)s)",
+    )
     parser.add_argument(
         "--strategy",
         default=d.strategy,

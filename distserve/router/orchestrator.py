@@ -4,7 +4,8 @@ PD, following LMDeploy's DistServe protocol (docs/router.md has the whole story)
 1. pick a routable prefill P serving the model; POST the request with max_tokens=1 (chat: also
    max_completion_tokens=1), stream=false, with_cache, preserve_cache. Its answer holds
    `cache_block_ids`, `remote_token_ids` and `remote_session_id` (P's internal session id).
-2. pick a decode D with an established link to P; POST the client's original bytes with
+2. pick a decode D with an established link to P (P's own state no longer matters: a prefill cordoned,
+   drained or unhealthy since step 1 still holds the KV, as long as its incarnation is the same); POST the client's original bytes with
    `migration_request` spliced in (no re-serialization of the client body), and pass D's answer (or
    stream) through byte for byte.
 3. P's preserved blocks are freed by D after the transfer; on every other exit path (decode error,
@@ -108,9 +109,16 @@ class Orchestrator:
     ) -> web.StreamResponse:
         table = self.view.table()
         if not table.entries.get(model):
-            if model not in table.known_models:
+            # 404 only when the view is complete and engines are routable: an empty view (all engines
+            # re-registering after an etcd blip, or not synced yet) says nothing about which models exist
+            if self.view.synced.is_set() and table.has_path and model not in table.known_models:
                 raise ApiError(404, f"The model `{model}` does not exist", "model_not_found", "model")
-            raise ApiError(503, f"no routable engine serves model `{model}` right now", "no_route")
+            raise ApiError(
+                503,
+                f"no routable engine serves model `{model}` right now",
+                "no_route",
+                headers={"Retry-After": "1"},
+            )
         headers = self._engine_headers + b"X-Request-Id: " + rid.encode() + b"\r\n"
         stream = body.get("stream") is True
         routing = self._routing()
@@ -231,7 +239,9 @@ class Orchestrator:
             )
         except BaseException:
             # decode error before output, timeout, client disconnect (CancelledError): P keeps the blocks
-            free()
+            # (unless the client got the whole answer: the decode has taken them)
+            if not request.get("answered"):
+                free()
             raise
         if not ok:
             free()
@@ -344,7 +354,7 @@ class Orchestrator:
         tried: set[str] = set()
         last: UpstreamError | None = None
         for attempt in range(max(1, self.s.max_decode_attempts)):
-            decodes = self.view.table().decodes.get((prefill.id, model)) or ()
+            decodes = self.view.decodes_for_inflight(prefill, model)
             candidates = [d for d in decodes if d not in tried]
             if not candidates:
                 break
@@ -415,6 +425,29 @@ class Orchestrator:
                 await asyncio.sleep(random.uniform(0.05, 0.15))
         self.metrics.free_cache.inc((result,))
         log.warning("free_cache on %s for session %s failed (%s)", prefill.id, session_id, result)
+
+    @staticmethod
+    def _answered(request: web.Request, tail: bytes) -> bool:
+        """Whether the client has been sent the stream's final [DONE] event (`tail`: its last bytes).
+
+        It may close at once (the openai SDK does): the relay finishes without waiting for the engine's
+        end of stream, which that close would cancel (a completed request miscounted as a disconnect,
+        and a redundant free_cache); `request["answered"]` tells the handler and _pd so.
+        """
+        if tail.rstrip().endswith(b"data: " + DONE_MARK):
+            request["answered"] = True
+            return True
+        return False
+
+    async def _drain(self, upstream: Response) -> None:
+        try:
+            async with _timeout(self.s.decode_idle_timeout):
+                while await upstream.readany():
+                    pass
+        except Exception:  # noqa: BLE001 - best effort: close() below drops the connection
+            pass
+        finally:
+            upstream.close()
 
     # ------------------------------------------------------------------ pass-through
     async def _unary_through(
@@ -504,7 +537,7 @@ class Orchestrator:
             tail = first[-16:]
             failure: UpstreamError | None = None
             idle = self.s.decode_idle_timeout
-            while True:
+            while not self._answered(request, tail):
                 try:
                     chunk = await upstream.readany(idle)
                 except (UpstreamError, asyncio.TimeoutError, OSError) as exc:
@@ -527,7 +560,17 @@ class Orchestrator:
                 self.metrics.phase.observe(
                     time.perf_counter() - (first_at if phase == "decode" else t0), (phase,)
                 )
-            await out.write_eof()
+            try:
+                await out.write_eof()
+            except ConnectionResetError:
+                # clients (the openai SDK) may close as soon as they read [DONE], before the chunked
+                # stream's end: the request completed, the decode freed P's KV; not a disconnect
+                if failure is not None or DONE_MARK not in tail:
+                    raise
+            if failure is None and not upstream.complete:
+                # drain the engine's end of stream in the background so its connection is reused
+                self._spawn(self._drain(upstream))
+                upstream = None
             return out, failure is None
         finally:
             self.load.end(engine.id)

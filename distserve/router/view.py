@@ -20,7 +20,7 @@ from distserve.records import EngineRecord, LinkRecord, LoadRecord, OperatorFlag
 from distserve.router.breaker import CircuitBreakers
 from distserve.router.load import LoadTracker
 from distserve.router.metrics import RouterMetrics
-from distserve.topology import Topology, compute_topology
+from distserve.topology import Topology, compute_topology, link_usable, takes_new_requests
 
 log = logging.getLogger("distserve.router.view")
 
@@ -215,6 +215,36 @@ class ClusterView:
         if table is None:
             table = self._table = self._build()
         return table
+
+    def decodes_for_inflight(self, prefill: EngineRecord, model: str) -> list[str]:
+        """Decodes an in-flight request may finish on after its prefill on `prefill` succeeded.
+
+        The prefill's own state no longer matters (it may have been cordoned, drained or marked unhealthy
+        meanwhile: its preserved KV is still there); only its record must still exist with the same
+        incarnation. Each decode must take new requests, serve the model, have a usable link to that
+        prefill, and not be excluded by a local circuit breaker.
+        """
+        current = self.engines.get(prefill.id)
+        if current is None or current.incarnation != prefill.incarnation:
+            return []
+        routable = self.table().decodes.get((prefill.id, model))
+        if routable is not None:  # the prefill is still routable: the precomputed answer is the same
+            return routable
+        excluded = self.breakers.open_ids
+        found = []
+        for (prefill_id, decode_id), link in self.links.items():
+            if prefill_id != prefill.id or decode_id in excluded:
+                continue
+            decode = self.engines.get(decode_id)
+            if (
+                decode is not None
+                and decode.role == "decode"
+                and model in decode.models
+                and takes_new_requests(decode, self.flags.get(decode_id))
+                and link_usable(link, self.engines)
+            ):
+                found.append(decode_id)
+        return sorted(found)
 
     def _build(self) -> RoutingTable:
         engines = self.engines

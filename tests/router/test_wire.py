@@ -19,6 +19,7 @@ from aiohttp import web
 from discovery.client import EtcdClient
 from discovery.config import EtcdConfig
 from distserve.keys import Keys
+from distserve.records import EngineRecord
 from tests.router.cluster import (
     MODEL,
     engine_record,
@@ -26,6 +27,7 @@ from tests.router.cluster import (
     publish_engine,
     publish_link,
     router_metric,
+    set_flags,
     start_router,
 )
 from tests.util import free_port
@@ -41,6 +43,8 @@ class WireStub:
         self.prefill_answer: dict = {}
         self.prefill_status = 200
         self.decode_status = 200
+        self.linger_after_done = 0.0  # seconds a stream stays open after [DONE] (an engine ending late)
+        self.before_prefill_answer = None  # async hook run after a prefill is computed, before answering
         self.runner: web.AppRunner | None = None
         self.url = ""
 
@@ -65,6 +69,8 @@ class WireStub:
             return web.json_response({"status": "SUCCESS"})
         body = json.loads(raw)
         if "preserve_cache" in body:
+            if self.before_prefill_answer is not None:
+                await self.before_prefill_answer()
             return web.json_response(self.prefill_answer, status=self.prefill_status)
         if self.decode_status != 200:
             return web.json_response(
@@ -76,6 +82,7 @@ class WireStub:
             for piece in ("a", "b"):
                 await resp.write(b'data: {"choices": [{"index": 0, "text": "' + piece.encode() + b'"}]}\n\n')
             await resp.write(b"data: [DONE]\n\n")
+            await asyncio.sleep(self.linger_after_done)
             return resp
         return web.json_response(
             {
@@ -110,7 +117,15 @@ async def wire(etcd):
         start_router, etcd.endpoints, "--cluster", keys.cluster, "--cluster-token", TOKEN
     )
     try:
-        yield {"router": url, "prefill": prefill, "decode": decode, "hybrid": hybrid, "proc": proc}
+        yield {
+            "router": url,
+            "prefill": prefill,
+            "decode": decode,
+            "hybrid": hybrid,
+            "proc": proc,
+            "client": client,
+            "keys": keys,
+        }
     finally:
         proc.stop()
         await client.close()
@@ -154,6 +169,71 @@ async def test_pd_prefill_and_decode_bodies_follow_the_protocol(wire):
         assert headers["Authorization"] == f"Bearer {TOKEN}" and headers["X-Request-Id"] == "rid-1"
     assert r.headers["X-Request-Id"] == "rid-1"
     assert wire["prefill"].requests("/distserve/free_cache") == []  # the decode frees on success
+
+
+@pytest.mark.parametrize("change", ["cordon", "unhealthy"])
+async def test_prefill_leaving_service_mid_request_still_decodes(wire, change):
+    """p0 is cordoned or marked unhealthy after computing the prefill: the request finishes on
+    d0 (p0 still holds the KV), and the router has seen the change (p0 takes no NEW requests)."""
+    router, client, keys = wire["router"], wire["client"], wire["keys"]
+    wire["prefill"].prefill_answer = {
+        "remote_session_id": 5,
+        "remote_token_ids": [7],
+        "cache_block_ids": [1],
+        "choices": [],
+    }
+    p0 = EngineRecord.decode((await client.get(keys.engine("p0"))).value)
+
+    async def leave_service() -> None:
+        if change == "unhealthy":
+            p0.state = "unhealthy"
+            await publish_engine(client, keys, p0)
+        else:
+            await set_flags(client, keys, "p0", **{change: True})
+        async with httpx.AsyncClient(base_url=router, timeout=5) as http:
+            for _ in range(200):
+                if (await http.get("/health/ready")).json().get("prefill") == 0:
+                    return
+                await asyncio.sleep(0.02)
+        raise AssertionError("the router never saw p0 leave service")
+
+    wire["prefill"].before_prefill_answer = leave_service
+    async with httpx.AsyncClient(base_url=router, timeout=10) as http:
+        r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == "decoded", r.text
+        wire["prefill"].before_prefill_answer = None
+        r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "stream": True})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "no_route"  # no NEW request on p0
+    assert len(wire["decode"].requests("/v1/completions")) == 1
+    assert wire["prefill"].requests("/distserve/free_cache") == []  # the decode frees on success
+
+
+async def test_client_closing_right_after_done_is_a_completed_request(wire):
+    """A client (the openai SDK does) may close its connection as soon as it has read [DONE], before the
+    router ends the chunked stream: that is a completed request (200, the decode frees P's KV), not a
+    client disconnect (499) followed by a redundant free_cache."""
+    wire["prefill"].prefill_answer = {"remote_session_id": 6, "remote_token_ids": [7], "cache_block_ids": [1]}
+    wire["decode"].linger_after_done = 0.3
+    host, port = wire["router"].removeprefix("http://").split(":")
+    body = json.dumps({"model": MODEL, "prompt": "x", "stream": True}).encode()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"X-Request-Id: closes-after-done\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    got = b""
+    while b"data: [DONE]" not in got:
+        piece = await asyncio.wait_for(reader.read(65536), 10)
+        assert piece, got
+        got += piece
+    writer.close()
+    assert got.startswith(b"HTTP/1.1 200")
+    await asyncio.sleep(0.6)  # the decode ends its stream; the router finishes the request
+    router = wire["router"]
+    assert router_metric(router, "distserve_router_client_disconnects_total") == 0, wire["proc"].output()[-3000:]
+    assert router_metric(router, "distserve_router_requests_total", {"status": "200"}) == 1
+    assert wire["prefill"].requests("/distserve/free_cache") == []
+    assert "closes-after-done /v1/completions -> 200" in wire["proc"].output()
 
 
 async def test_integer_id_is_the_fallback_and_no_session_id_fails_closed(wire):
