@@ -3,8 +3,10 @@
 One pure function shared by routers, agents and distserve-ctl, so they all agree:
 - an engine is *live* when its record says state "ready" (not starting, draining or unhealthy);
 - it takes *new* requests when it is live and not flagged drain or cordon by an operator;
-- a link is usable when it is "established" and both incarnations match the current engine records
-  (a record never points at a dead incarnation, but a reader may see the engine change first);
+- a link is usable when it is "established" and it names the engine processes of the current engine
+  records: their `instance` when the records carry one (a lease that was replaced leaves the engines and
+  their connection intact, so the link stays usable while its agent rewrites the record), else their
+  incarnation (a reader may see an engine change before the link's record does);
 - a decode is routable when it takes new requests and has a usable link; a prefill is routable when it
   takes new requests and has a usable link to a routable decode; hybrid engines need no link.
 """
@@ -34,14 +36,21 @@ class Topology:
         return list(seen)
 
 
+def same_engine_process(engine: EngineRecord, instance: str | None, incarnation: str) -> bool:
+    """Whether a record naming (`instance`, `incarnation`) was made with this engine's current process."""
+    if engine.instance and instance:
+        return engine.instance == instance
+    return engine.incarnation == incarnation
+
+
 def link_usable(link: LinkRecord, engines: Mapping[str, EngineRecord]) -> bool:
     prefill, decode = engines.get(link.prefill_id), engines.get(link.decode_id)
     return (
         link.state == "established"
         and prefill is not None
         and decode is not None
-        and prefill.incarnation == link.prefill_incarnation
-        and decode.incarnation == link.decode_incarnation
+        and same_engine_process(prefill, link.prefill_instance, link.prefill_incarnation)
+        and same_engine_process(decode, link.decode_instance, link.decode_incarnation)
     )
 
 

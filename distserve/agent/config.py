@@ -91,6 +91,9 @@ class AgentConfig(BaseModel):
     backoff_max: float = Field(5.0, gt=0)
     retry_failed_after: float = Field(30.0, gt=0)  # a failed pair is retried after this (jittered)
     join_jitter: float = Field(0.1, ge=0)  # spread the first handshakes of a new pair
+    # How long a link outlives its prefill's record: a record that vanishes may be a lost lease (the prefill
+    # agent re-registers the same engine process within moments) rather than a dead engine. None = ttl.
+    link_hold: float | None = Field(None, ge=0)
 
     # Load and drain.
     load_interval: float = Field(0.5, gt=0)
@@ -150,6 +153,10 @@ class AgentConfig(BaseModel):
             return self.engine_id
         parts = urlsplit(self.url)
         return sanitize_id(f"{parts.hostname}-{parts.port}")
+
+    @property
+    def link_hold_s(self) -> float:
+        return float(self.ttl) if self.link_hold is None else self.link_hold
 
     @property
     def token(self) -> str | None:

@@ -70,6 +70,7 @@ class Link:
     handshake_ms: float | None
     established_at: float | None
     adopted: bool = False
+    held_since: float | None = None  # monotonic time the prefill's record vanished (see LinkManager._hold)
 
 
 @dataclass
@@ -292,10 +293,14 @@ class LinkManager:
             return ("idle", False)
 
         if link is not None:
-            reason = None
             if prefill is None:
-                reason = "prefill record gone"
-            elif prefill.instance != link.prefill_instance:
+                return await self._hold(prefill_id, link, key)
+            if link.held_since is not None:
+                log.info("link %s -> %s: the prefill is back after %.2f s", prefill_id, me.id,
+                         time.monotonic() - link.held_since)
+                link.held_since = None
+            reason = None
+            if prefill.instance != link.prefill_instance:
                 reason = "prefill engine restarted"
             elif me.instance != link.decode_instance:
                 reason = "decode engine restarted"
@@ -414,6 +419,28 @@ class LinkManager:
         await self._put(key, record.encode())
         self.recorded[prefill_id] = record
         self.changed.set()
+
+    async def _hold(self, prefill_id: str, link: Link, key: str) -> tuple:
+        """The prefill's record vanished. Its record goes at once (routers must not use it), but the
+        engines keep their connection for `link_hold_s`: a lease the prefill agent lost (etcd revoking leases,
+        a long pause) comes back with the same engine process within moments, and then the link is written
+        again with no handshake. An engine that is really gone is dropped when the hold runs out."""
+        now = time.monotonic()
+        hold = self.config.link_hold_s
+        if link.held_since is None:
+            link.held_since = now
+            if prefill_id in self.recorded:
+                await self._delete(key)
+                self.recorded.pop(prefill_id, None)
+                self.changed.set()
+            if hold > 0:
+                log.info("link %s -> %s: prefill record gone; holding the link %.1f s", prefill_id,
+                         self.config.id, hold)
+        remaining = link.held_since + hold - now
+        if remaining > 0:
+            return ("wait", remaining)
+        await self._drop(prefill_id, link, key, "prefill record gone")
+        return ("wait", 0.0)
 
     async def _drop(self, prefill_id: str, link: Link, key: str, reason: str) -> None:
         """Delete the record first (routers stop using it at once), then tear the link down on both engines."""

@@ -44,6 +44,10 @@ def add_agent_arguments(parser: argparse.ArgumentParser, *, standalone: bool) ->
                        help="RDMA NICs per TP rank, recorded for peers (e.g. mlx5_0,mlx5_1)")
     group.add_argument("--handshake-concurrency", type=int, default=8, metavar="N",
                        help="most link handshakes in flight at once (decode agents; default 8)")
+    group.add_argument("--link-hold", type=float, default=None, metavar="SECONDS",
+                       help="decode agents: keep a link this long after its prefill's record vanished, so a "
+                            "prefill that only lost its lease keeps its link without a new handshake "
+                            "(default: the lease TTL)")
     group.add_argument("--keep-on-exit", action="store_true",
                        help="on a graceful stop leave the lease to expire instead of revoking it, so an agent "
                             "restarted within the TTL adopts the links without handshaking")
@@ -73,6 +77,7 @@ def agent_config_from_args(args: argparse.Namespace, *, engine_url: str | None =
         rdma_link_type=args.rdma_link_type,
         rdma_devices=[d.strip() for d in (args.rdma_devices or "").split(",") if d.strip()],
         handshake_concurrency=args.handshake_concurrency,
+        link_hold=args.link_hold,
         keep_on_exit=args.keep_on_exit,
         software_version=getattr(args, "software_version", None),
     )

@@ -92,6 +92,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="decode engines tried per request before the first byte (default %(default)s)",
     )
     r.add_argument("--breaker-probe-interval", type=float, default=d.breaker_probe_interval)
+    r.add_argument(
+        "--route-wait",
+        type=float,
+        default=d.route_wait,
+        help="seconds a request waits for a routable engine before its 503, e.g. while engines re-register "
+        "after etcd lost their leases (0 = at once; default %(default)s)",
+    )
     parser.add_argument("--lease-ttl", type=float, default=d.lease_ttl, help="TTL of the router's own lease")
     parser.add_argument(
         "--log-level",
@@ -124,6 +131,7 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
         max_prefill_attempts=args.max_prefill_attempts,
         max_decode_attempts=args.max_decode_attempts,
         breaker_probe_interval=args.breaker_probe_interval,
+        route_wait=args.route_wait,
         lease_ttl=args.lease_ttl,
     )
     for name in (
@@ -140,6 +148,8 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0")
     if s.max_prefill_attempts < 1 or s.max_decode_attempts < 1:
         raise ValueError("--max-prefill-attempts and --max-decode-attempts must be >= 1")
+    if not 0 <= s.route_wait <= 600:
+        raise ValueError("--route-wait must be in 0-600 seconds")
     if s.max_body_bytes < 1024:
         raise ValueError("--max-body-bytes must be >= 1024")
     if not 0 <= s.port < 65536:

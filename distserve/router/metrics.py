@@ -186,6 +186,13 @@ class RouterMetrics:
         self.retries = r.add(
             Counter("distserve_router_retries_total", "Attempts retried on another engine", ("phase",))
         )
+        self.route_waits = r.add(
+            Counter(
+                "distserve_router_route_waits_total",
+                "Requests that found no routable engine and waited for one (--route-wait), by outcome",
+                ("phase", "outcome"),
+            )
+        )
         self.upstream_errors = r.add(
             Counter(
                 "distserve_router_upstream_errors_total",

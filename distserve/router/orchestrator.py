@@ -107,18 +107,20 @@ class Orchestrator:
         rid: str,
         started: float,
     ) -> web.StreamResponse:
-        table = self.view.table()
-        if not table.entries.get(model):
-            # 404 only when the view is complete and engines are routable: an empty view (all engines
-            # re-registering after an etcd blip, or not synced yet) says nothing about which models exist
-            if self.view.synced.is_set() and table.has_path and model not in table.known_models:
+        if not self.view.table().entries.get(model):
+            if self._unknown_model(model):
                 raise ApiError(404, f"The model `{model}` does not exist", "model_not_found", "model")
-            raise ApiError(
-                503,
-                f"no routable engine serves model `{model}` right now",
-                "no_route",
-                headers={"Retry-After": "1"},
-            )
+            # Nothing routable serves it right now: wait a little for the view to change (engines
+            # re-registering after etcd revoked their leases are back within a fraction of a second).
+            if not await self._wait_for_route("entry", lambda: self.view.table().entries.get(model)):
+                if self._unknown_model(model):
+                    raise ApiError(404, f"The model `{model}` does not exist", "model_not_found", "model")
+                raise ApiError(
+                    503,
+                    f"no routable engine serves model `{model}` right now",
+                    "no_route",
+                    headers={"Retry-After": "1"},
+                )
         headers = self._engine_headers + b"X-Request-Id: " + rid.encode() + b"\r\n"
         stream = body.get("stream") is True
         routing = self._routing()
@@ -161,6 +163,24 @@ class Orchestrator:
         if last is not None:
             raise last.error.to_api_error(last.phase)
         raise ApiError(503, f"no routable engine serves model `{model}` right now", "no_route")
+
+    def _unknown_model(self, model: str) -> bool:
+        """404 only when the view is complete and engines are routable: an empty view (all engines
+        re-registering after an etcd blip, or not synced yet) says nothing about which models exist."""
+        table = self.view.table()
+        return self.view.synced.is_set() and table.has_path and model not in table.known_models
+
+    async def _wait_for_route(self, phase: str, found: Callable[[], object]) -> bool:
+        """Wait up to `route_wait` seconds for `found()` to become true, re-checking on every view change."""
+        deadline = time.monotonic() + self.s.route_wait
+        while not found():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.metrics.route_waits.inc((phase, "timeout"))
+                return False
+            await self.view.wait_changed(remaining)
+        self.metrics.route_waits.inc((phase, "found"))
+        return True
 
     # ------------------------------------------------------------------ failure bookkeeping
     def _failed(self, engine: EngineRecord, phase: str, err: UpstreamError) -> None:
@@ -356,6 +376,10 @@ class Orchestrator:
         for attempt in range(max(1, self.s.max_decode_attempts)):
             decodes = self.view.decodes_for_inflight(prefill, model)
             candidates = [d for d in decodes if d not in tried]
+            if not candidates and not tried:
+                # The prefill's KV is waiting: give its links a moment to come back (a lease replaced).
+                if await self._wait_for_route("decode", lambda: self.view.decodes_for_inflight(prefill, model)):
+                    candidates = self.view.decodes_for_inflight(prefill, model)
             if not candidates:
                 break
             if attempt:

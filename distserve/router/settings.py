@@ -36,6 +36,9 @@ class RouterSettings:
     decode_idle_timeout: float = 60.0
     request_timeout: float = 600.0
     free_cache_timeout: float = 5.0
+    # A request that finds no routable engine waits this long for one before its 503 (engines re-registering
+    # after etcd lost their leases come back within a fraction of a second); 0 = answer 503 at once.
+    route_wait: float = 2.0
     # Bounded retries: total attempts per phase (1 = no retry).
     max_prefill_attempts: int = 3
     max_decode_attempts: int = 3

@@ -20,7 +20,13 @@ from distserve.records import EngineRecord, LinkRecord, LoadRecord, OperatorFlag
 from distserve.router.breaker import CircuitBreakers
 from distserve.router.load import LoadTracker
 from distserve.router.metrics import RouterMetrics
-from distserve.topology import Topology, compute_topology, link_usable, takes_new_requests
+from distserve.topology import (
+    Topology,
+    compute_topology,
+    link_usable,
+    same_engine_process,
+    takes_new_requests,
+)
 
 log = logging.getLogger("distserve.router.view")
 
@@ -66,6 +72,7 @@ class ClusterView:
         self._informers: list = []
         self.synced = asyncio.Event()
         self.last_event_at = 0.0
+        self._changed: asyncio.Future | None = None  # resolved by the next invalidate() (wait_changed)
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -209,6 +216,22 @@ class ClusterView:
     # ---------------------------------------------------------------- routing table
     def invalidate(self) -> None:
         self._table = None
+        waiter, self._changed = self._changed, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait_changed(self, timeout: float) -> bool:
+        """Wait until the routing table may have changed (any engine, link, flag or breaker event), at most
+        `timeout` seconds; False on timeout."""
+        if timeout <= 0:
+            return False
+        if self._changed is None:
+            self._changed = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._changed), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     def table(self) -> RoutingTable:
         table = self._table
@@ -220,12 +243,12 @@ class ClusterView:
         """Decodes an in-flight request may finish on after its prefill on `prefill` succeeded.
 
         The prefill's own state no longer matters (it may have been cordoned, drained or marked unhealthy
-        meanwhile: its preserved KV is still there); only its record must still exist with the same
-        incarnation. Each decode must take new requests, serve the model, have a usable link to that
-        prefill, and not be excluded by a local circuit breaker.
+        meanwhile: its preserved KV is still there); only its record must exist and name the same engine
+        process (a new lease is fine: the KV lives in the process). Each decode must take new requests,
+        serve the model, have a usable link to that prefill, and not be excluded by a local circuit breaker.
         """
         current = self.engines.get(prefill.id)
-        if current is None or current.incarnation != prefill.incarnation:
+        if current is None or not same_engine_process(current, prefill.instance, prefill.incarnation):
             return []
         routable = self.table().decodes.get((prefill.id, model))
         if routable is not None:  # the prefill is still routable: the precomputed answer is the same

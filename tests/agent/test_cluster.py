@@ -162,7 +162,8 @@ async def test_sigkill_of_prefill_and_agent_then_restart_on_same_port(fleet, cli
     async def dropped_on_decodes() -> bool:  # p2p_drop_connect reached every decode engine
         return all(engine_metrics(d.url)["distserve_engine_peers"] == 3 for d in fleet.decodes)
 
-    await wait_until(dropped_on_decodes, 5, "decode engines dropped the dead prefill")
+    # The decode agents hold the link for --link-hold (default: the TTL) in case only the lease was lost.
+    await wait_until(dropped_on_decodes, TTL + 5, "decode engines dropped the dead prefill")
 
     fleet.start_engine(victim)  # same port: same engine id, a new engine process
     fleet.wait_engines()

@@ -15,7 +15,16 @@ from discovery.client import EtcdClient
 from discovery.config import EtcdConfig
 from discovery.watch import watch_prefix
 from distserve.keys import ENGINES, LINKS, Keys
-from tests.agent.conftest import Fleet, TcpProxy, View, handshakes, read_view, wait_full, wait_until
+from tests.agent.conftest import (
+    Fleet,
+    TcpProxy,
+    View,
+    engine_metrics,
+    handshakes,
+    read_view,
+    wait_full,
+    wait_until,
+)
 
 KEYS = Keys()
 
@@ -148,5 +157,44 @@ async def test_lease_revoked_from_outside_is_replaced_with_a_new_incarnation(etc
             # Same engine process on both sides: the links were re-recorded, not handshaken again.
             assert handshakes(decode.url) == decode_handshakes
             assert all(p.engine.alive() for p in fleet.nodes)
+    finally:
+        fleet.stop()
+
+
+async def test_every_lease_revoked_at_once_keeps_every_link_without_a_handshake(etcd):
+    """What etcd 3.5.1 does when a SIGSTOPped leader resumes (etcd-io/etcd#15247): every lease revoked at
+    once. The engine processes are unchanged, so their connections are still good: each agent registers
+    again under a new lease and the decode agents hold their links through the gap (--link-hold) and
+    write them again, with no new handshake and no p2p_drop_connect."""
+    fleet = _fleet(etcd.endpoints)
+    try:
+        async with EtcdClient(fleet.etcd_config()) as client:
+            start = await wait_full(client, fleet, timeout=60)
+            before = fleet.handshake_counts()
+            peers_before = {d.id: engine_metrics(d.url)["distserve_engine_peers"] for d in fleet.decodes}
+            await asyncio.gather(*(client.revoke(lease) for lease in set(start.leases.values())))
+            revoked = time.monotonic()
+
+            async def back() -> bool:
+                view = await read_view(client)
+                return all(
+                    view.engines.get(n.id) is not None
+                    and view.engines[n.id].incarnation != start.engines[n.id].incarnation
+                    and view.engines[n.id].state == "ready"
+                    for n in fleet.nodes
+                ) and view.usable_links() == fleet.all_pairs()
+
+            took = await wait_until(back, 5, "every engine and link back under new leases")
+            print(f"all leases revoked: every engine and link back in {took:.2f}s")
+            assert took <= 2.0
+            view = await read_view(client)
+            for prefill_id, decode_id in fleet.all_pairs():
+                link = view.links[(prefill_id, decode_id)]
+                assert link.prefill_incarnation == view.engines[prefill_id].incarnation
+                assert link.decode_incarnation == view.engines[decode_id].incarnation
+            await asyncio.sleep(fleet.ttl + 1.0)  # past the link hold: nothing was dropped meanwhile
+            assert fleet.handshake_counts() == before
+            assert {d.id: engine_metrics(d.url)["distserve_engine_peers"] for d in fleet.decodes} == peers_before
+            assert (await read_view(client)).usable_links() == fleet.all_pairs()
     finally:
         fleet.stop()

@@ -8,6 +8,7 @@ uses its own cluster name in one shared etcd, and its own router process.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import httpx
@@ -359,17 +360,32 @@ async def test_api_surface_errors_and_auth(farm, etcdc, keys):
 
 
 async def test_not_ready_until_a_path_exists(farm, etcdc, keys):
-    proc, router = start_router(farm["etcd"].endpoints, "--cluster", keys.cluster, wait_ready=False)
+    proc, router = start_router(
+        farm["etcd"].endpoints, "--cluster", keys.cluster, "--route-wait", "1", wait_ready=False
+    )
     try:
         async with httpx.AsyncClient(base_url=router, timeout=10) as http:
             r = await http.get("/health/ready")
             assert r.status_code == 503 and r.json()["error"]["code"] == "no_route"
             # an empty view (nothing registered yet, or all re-registering after an etcd blip) says
-            # nothing about which models exist: retryable 503, never 404 model_not_found
+            # nothing about which models exist: retryable 503 after --route-wait, never 404 model_not_found
             for model in (MODEL, "nope"):
+                started = time.monotonic()
                 r = await http.post("/v1/completions", json={"model": model, "prompt": "x"})
                 assert r.status_code == 503 and r.json()["error"]["code"] == "no_route", r.text
                 assert r.headers["Retry-After"] == "1"
+                assert time.monotonic() - started >= 1.0  # it waited for a route first
+            # a request that arrives while nothing is routable is served once engines appear
+            waiting = asyncio.ensure_future(
+                http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 3})
+            )
+            await asyncio.sleep(0.1)
+            await publish_pd(etcdc, keys, farm, prefills=farm["prefills"][:1], decodes=farm["decodes"][:1])
+            r = await waiting
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3, r.text
+            text = (await http.get("/metrics")).text
+            assert 'distserve_router_route_waits_total{phase="entry",outcome="timeout"} 2' in text
+            assert 'distserve_router_route_waits_total{phase="entry",outcome="found"} 1' in text
             await publish_pd(etcdc, keys, farm, prefills=farm["prefills"][:1], decodes=farm["decodes"][:1])
             for _ in range(100):
                 if (await http.get("/health/ready")).status_code == 200:
