@@ -173,7 +173,6 @@ async def test_every_lease_revoked_at_once_keeps_every_link_without_a_handshake(
             before = fleet.handshake_counts()
             peers_before = {d.id: engine_metrics(d.url)["distserve_engine_peers"] for d in fleet.decodes}
             await asyncio.gather(*(client.revoke(lease) for lease in set(start.leases.values())))
-            revoked = time.monotonic()
 
             async def back() -> bool:
                 view = await read_view(client)
