@@ -141,6 +141,16 @@ class CacheFreeRequest(_Wire):
     remote_session_id: int
 
 
+class KvStagingRange(_Wire):
+    """A prefill's packed copy of a session's blocks: a byte range of its staging region (distserve only;
+    a prefill answers it as `remote_kv_staging`, the router passes it on, lmdeploy engines never see it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    offset: int = Field(ge=0, lt=1 << 48)
+    length: int = Field(gt=0, lt=1 << 48)
+
+
 class MigrationRequest(_Wire):
     """The `migration_request` field of a decode request."""
 
@@ -152,6 +162,7 @@ class MigrationRequest(_Wire):
     remote_token_id: int
     remote_block_ids: list[int] = Field(max_length=1 << 20)
     is_dummy_prefill: bool = False
+    remote_kv_staging: KvStagingRange | None = None
 
 
 def parse_engine_info(body: Any) -> DistServeEngineConfig:

@@ -14,13 +14,18 @@ import time
 
 
 class BlockAllocator:
-    """First fit: the first run of n consecutive free ids, else the n lowest free ids."""
+    """First fit: the first run of n consecutive free ids, else the n lowest free ids.
+
+    `scattered=True` hands out n random free ids instead: the worst case of a fragmented pool, for tests
+    and benchmarks of the migration path (`distserve engine --kv-allocation scattered`).
+    """
 
     # Above this many free blocks the run search is skipped (it is a Python loop).
     MAX_SCAN = 1 << 16
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(self, num_blocks: int, scattered: bool = False, seed: int | None = None) -> None:
         self.total = num_blocks
+        self._scatter = random.Random(seed) if scattered else None
         self._free = list(range(num_blocks))  # sorted
         self._used: set[int] = set()
         self._lock = threading.Lock()
@@ -33,6 +38,12 @@ class BlockAllocator:
             free = self._free
             if len(free) < n:
                 return None
+            if self._scatter is not None:
+                ids = self._scatter.sample(free, n)
+                taken = set(ids)
+                self._free = [b for b in free if b not in taken]
+                self._used.update(ids)
+                return ids
             start = self._find_run(n) if n > 1 and len(free) <= self.MAX_SCAN else 0
             if start is None:
                 start = 0
@@ -42,6 +53,22 @@ class BlockAllocator:
             else:  # pragma: no cover - _find_run returns only real runs
                 ids = free[:n]
                 del free[:n]
+            self._used.update(ids)
+            return ids
+
+    def allocate_run(self, n: int) -> list[int] | None:
+        """n consecutive ids, or None when no run of n is free (never scattered ids)."""
+        if n <= 0:
+            return []
+        with self._lock:
+            free = self._free
+            if len(free) < n:
+                return None
+            start = self._find_run(n) if n > 1 else 0
+            if start is None:
+                return None
+            ids = free[start: start + n]
+            del free[start: start + n]
             self._used.update(ids)
             return ids
 
@@ -80,7 +107,9 @@ class PreservedSessions:
     def __init__(self, allocator: BlockAllocator, ttl: float) -> None:
         self.allocator = allocator
         self.ttl = ttl
-        self._sessions: dict[int, tuple[list[int], float]] = {}
+        self._sessions: dict[int, tuple[list[int], float, object]] = {}
+        # Set by the engine when it has a staging arena: a session's packed copy is released with it.
+        self.arena = None
         self._lock = threading.Lock()
         # Random start: a stale free_cache from before a restart cannot free a new session's blocks.
         self._next_id = random.randrange(1, 1 << 40)
@@ -92,16 +121,23 @@ class PreservedSessions:
             self._next_id += 1
             return self._next_id
 
-    def add(self, session_id: int, blocks: list[int]) -> None:
+    def add(self, session_id: int, blocks: list[int], slot: object = None) -> None:
+        """Keep `blocks` (and `slot`, their packed copy in the staging arena) until freed or expired."""
         with self._lock:
-            self._sessions[session_id] = (blocks, time.monotonic() + self.ttl)
+            self._sessions[session_id] = (blocks, time.monotonic() + self.ttl, slot)
+
+    def _release(self, entry: tuple) -> None:
+        blocks, _, slot = entry
+        self.allocator.free(blocks)
+        if slot is not None and self.arena is not None:
+            self.arena.release(slot)
 
     def free(self, session_id: int) -> bool:
         with self._lock:
             entry = self._sessions.pop(session_id, None)
         if entry is None:
             return False
-        self.allocator.free(entry[0])
+        self._release(entry)
         self.freed_total += 1
         return True
 
@@ -109,10 +145,10 @@ class PreservedSessions:
         """Free every session past its TTL; returns how many."""
         now = time.monotonic()
         with self._lock:
-            dead = [sid for sid, (_, deadline) in self._sessions.items() if deadline <= now]
+            dead = [sid for sid, (_, deadline, _) in self._sessions.items() if deadline <= now]
             entries = [self._sessions.pop(sid) for sid in dead]
-        for blocks, _ in entries:
-            self.allocator.free(blocks)
+        for entry in entries:
+            self._release(entry)
         self.expired_total += len(entries)
         return len(entries)
 
@@ -120,8 +156,8 @@ class PreservedSessions:
         with self._lock:
             entries = list(self._sessions.values())
             self._sessions.clear()
-        for blocks, _ in entries:
-            self.allocator.free(blocks)
+        for entry in entries:
+            self._release(entry)
 
     @property
     def num_sessions(self) -> int:
@@ -130,4 +166,4 @@ class PreservedSessions:
     @property
     def num_blocks(self) -> int:
         with self._lock:
-            return sum(len(b) for b, _ in self._sessions.values())
+            return sum(len(entry[0]) for entry in self._sessions.values())

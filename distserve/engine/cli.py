@@ -63,6 +63,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "claimed (default 60)")
     parser.add_argument("--migration-deadline", type=float, default=30.0, help="seconds before a KV pull fails "
                         "(default 30)")
+    parser.add_argument("--kv-staging-blocks", type=int, default=None, metavar="N",
+                        help="staging arena, in KV blocks: scattered blocks migrate as one packed range "
+                        "(default: a quarter of the pool; 0 = off, every pull reads blocks directly)")
+    parser.add_argument("--kv-allocation", choices=["first-fit", "scattered"], default="first-fit",
+                        help="block allocation: first-fit (contiguous runs when free, the default) or scattered "
+                        "(random ids: a worst-case fragmented pool, for tests and benchmarks)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together (default 64)")
     parser.add_argument("--max-prefill-tokens", type=int, default=4096, help="prompt tokens per prefill step")
@@ -102,6 +108,8 @@ def _settings(args: argparse.Namespace, model) -> "object":
     transfer_host = args.transfer_host or ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host)
     if transfer_host in ("0.0.0.0", "::"):
         raise ConfigError("--transfer-host must be a concrete private interface, never 0.0.0.0")
+    if args.kv_staging_blocks is not None and not 0 <= args.kv_staging_blocks <= 1 << 22:
+        raise ConfigError("--kv-staging-blocks must be in 0-4194304")
     return EngineSettings(
         role=ROLES[args.role],
         model_name=args.model_name or model.name,
@@ -109,6 +117,8 @@ def _settings(args: argparse.Namespace, model) -> "object":
         transfer_host=transfer_host,
         preserve_ttl=args.preserve_ttl,
         migration_deadline=args.migration_deadline,
+        staging_blocks=args.kv_staging_blocks,
+        scattered_allocation=args.kv_allocation == "scattered",
         peer_token=args.peer_token or os.environ.get("DISTSERVE_CLUSTER_TOKEN") or None,
         null=args.null,
     )

@@ -45,6 +45,7 @@ class Step:
     finish: str | None = None  # "stop" | "length"
     cache_block_ids: list[int] | None = None
     session_id: int | None = None
+    kv_staging: tuple[int, int] | None = None  # (offset, length) of the packed copy in the staging arena
 
 
 @dataclass
@@ -88,6 +89,9 @@ class EngineSettings:
     preserve_ttl: float = 60.0
     migration_deadline: float = 30.0
     migration_inflight_calls: int = 2
+    # Block units of the staging arena (distserve.migration.staging); 0 = no staging (direct reads only).
+    staging_blocks: int | None = None  # None: a quarter of the pool
+    scattered_allocation: bool = False  # random block ids: a worst-case fragmented pool (tests, benchmarks)
     peer_token: str | None = None  # Bearer key for calls to other engines (free_cache)
     null: bool = False
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
@@ -98,7 +102,7 @@ class Engine:
         self.model = model
         self.settings = settings
         self.executor = executor
-        self.allocator = BlockAllocator(model.num_blocks)
+        self.allocator = BlockAllocator(model.num_blocks, scattered=settings.scattered_allocation)
         self.sessions = PreservedSessions(self.allocator, settings.preserve_ttl)
         self.started_at = time.time()
         self.requests_total = 0
@@ -106,6 +110,7 @@ class Engine:
         self.free_cache_calls_total = 0
         self.remote_frees_failed_total = 0
         self.migration: MigrationManager | None = None
+        self.staging = None  # StagingArena, for engines with a real KV pool
         self._tasks: set[asyncio.Task] = set()
         self._reaper: asyncio.Task | None = None
         self._http = None
@@ -134,13 +139,26 @@ class Engine:
     # -- life cycle --------------------------------------------------------------------------------
     async def start(self) -> None:
         await self.executor.start(self)
+        self.staging = self._make_staging()
+        self.sessions.arena = self.staging
         self.migration = MigrationManager(
             PoolGeometry.from_cache_pool(self.cache_pool()), self.engine_config(), self.settings.protocol,
             self.settings.transfer_host, pool_ptr=self.executor.pool_ptr, null=self.settings.null,
             deadline_s=self.settings.migration_deadline,
-            max_inflight_calls=self.settings.migration_inflight_calls)
+            max_inflight_calls=self.settings.migration_inflight_calls, staging=self.staging)
         self._reaper = asyncio.get_running_loop().create_task(self._reap_sessions())
         self.healthy = True
+
+    def _make_staging(self):
+        pool = getattr(self.executor, "pool", None)
+        units = self.settings.staging_blocks
+        if units is None:
+            units = max(16, self.model.num_blocks // 4)
+        if self.settings.null or pool is None or units <= 0:
+            return None
+        from distserve.migration.staging import StagingArena
+
+        return StagingArena(pool, units)
 
     async def stop(self) -> None:
         self.healthy = False
@@ -206,7 +224,8 @@ class Engine:
         try:
             try:
                 await self.migration.pull(peer, mig.remote_block_ids, blocks,
-                                          on_quarantine_release=lambda b=blocks: self.allocator.free(b))
+                                          on_quarantine_release=lambda b=blocks: self.allocator.free(b),
+                                          remote_staging=mig.remote_kv_staging)
             except MigrationError as exc:
                 if getattr(exc, "quarantined", False):
                     handed_over = True  # freed by the watcher once the late reads land (or never reused)
@@ -272,6 +291,12 @@ class Engine:
             "migration_bytes_total": mig.migration_bytes_total if mig else 0,
             "migration_seconds_total": mig.migration_seconds_total if mig else 0.0,
             "quarantined_blocks": mig.quarantined_blocks if mig else 0,
+            "migration_reads_total": mig.reads_total if mig else 0,
+            "migrations_landed_total": mig.landed_total if mig else 0,
+            "migrations_from_packed_total": mig.packed_sources_total if mig else 0,
+            "kv_packs_total": self.staging.packs_total if self.staging else 0,
+            "staging_blocks_used": self.staging.units_used if self.staging else 0,
+            "staging_blocks_total": self.staging.units if self.staging else 0,
             "peers": len(self.migration.peers) if self.migration else 0,
             "decode_steps_total": getattr(self.executor, "decode_steps_total", 0),
             "decode_tokens_total": getattr(self.executor, "decode_tokens_total", 0),

@@ -243,6 +243,8 @@ class Routes:
         extra = {"cache_block_ids": step.cache_block_ids, "remote_token_ids": generated[:1]}
         if step.session_id is not None:
             extra["remote_session_id"] = step.session_id
+        if step.kv_staging is not None:
+            extra["remote_kv_staging"] = {"offset": step.kv_staging[0], "length": step.kv_staging[1]}
         return extra
 
     async def _stream(self, request, kind, rid, created, model, sampling, steps, first, want_cache,

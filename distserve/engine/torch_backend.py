@@ -25,6 +25,7 @@ from distserve.engine.config import ModelConfig
 from distserve.engine.core import Engine, Executor, Resume, Step, blocks_for
 from distserve.engine.model import Model, load_weights
 from distserve.engine.openai_api import ApiError, SamplingRequest
+from distserve.migration.staging import is_one_run
 
 log = logging.getLogger("distserve.engine.torch")
 
@@ -346,6 +347,19 @@ class TorchExecutor(Executor):
         else:
             seq.emit(Step([token]))
 
+    def _pack(self, blocks: list[int]):
+        """The staging slot holding a copy of scattered blocks, or None (one run already, no arena, arena
+        full, or the copy failed: packing is an optimisation, the decode then reads the blocks)."""
+        arena = self.engine.staging if self.engine is not None else None
+        if arena is None or is_one_run(blocks):
+            return None
+        try:
+            return arena.pack(blocks)
+        except Exception:  # noqa: BLE001 - never fail a finished prefill over its packed copy
+            log.exception("packing %d blocks into the staging arena failed; the decode reads them directly",
+                          len(blocks))
+            return None
+
     def _finish(self, seq: Sequence, token: int | None, finish: str) -> None:
         assert self.engine is not None
         seq.done = True
@@ -358,10 +372,14 @@ class TorchExecutor(Executor):
             self.engine.allocator.free(rest)
             sessions = self.engine.sessions
             sid = sessions.new_session_id()
-            sessions.add(sid, kept)
+            # Scattered blocks are packed into one slot here, in the thread that wrote them, so a decode
+            # reads one range instead of one per run and layer (distserve.migration.staging).
+            slot = self._pack(kept)
+            sessions.add(sid, kept, slot)
             seq.session_id = sid
             seq.blocks = []
-            seq.emit(Step(tokens, finish, cache_block_ids=list(kept), session_id=sid))
+            seq.emit(Step(tokens, finish, cache_block_ids=list(kept), session_id=sid,
+                          kv_staging=(slot.offset, slot.length) if slot is not None else None))
             return
         ids = list(seq.blocks[:prompt_blocks])
         self._free(seq)

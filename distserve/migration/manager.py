@@ -14,7 +14,16 @@ from dataclasses import dataclass, field
 
 from distserve.migration.errors import MigrationError, TransportUnavailable
 from distserve.migration.geometry import PoolGeometry, plan_reads, validate_block_ids
-from distserve.migration.transport import Transport, create_transport
+from distserve.migration.staging import (
+    LANDING_PIECE_BYTES,
+    STAGING_REGION,
+    StagingArena,
+    check_remote_staging,
+    is_one_run,
+    landing_pieces,
+    source_ranges,
+)
+from distserve.migration.transport import LOCAL_REGION, SPLIT_BYTES, Transport, create_transport
 from distserve.protocol import (
     PROTOCOL_NAMES,
     ConnectionStatus,
@@ -27,6 +36,7 @@ from distserve.protocol import (
     InitResponse,
     KVTransferEndpointInfo,
     MigrationProtocol,
+    KvStagingRange,
     MigrationRequest,
 )
 
@@ -53,12 +63,16 @@ class MigrationStats:
     migration_bytes_total: int = 0
     migration_seconds_total: float = 0.0
     quarantined_blocks: int = 0
+    reads_total: int = 0  # transfer ranges (DLSlime assignments) issued by pulls
+    landed_total: int = 0  # pulls landed in the staging arena, then unpacked
+    packed_sources_total: int = 0  # pulls that read a prefill's packed slot
 
 
 class MigrationManager:
     def __init__(self, local_geometry: PoolGeometry, local_config: DistServeEngineConfig,
                  protocol: MigrationProtocol, transfer_host: str, pool_ptr: int | None = None,
-                 null: bool = False, deadline_s: float = 30.0, max_inflight_calls: int = 2) -> None:
+                 null: bool = False, deadline_s: float = 30.0, max_inflight_calls: int = 2,
+                 staging: StagingArena | None = None) -> None:
         self.local_geometry = local_geometry
         self.local_config = local_config
         self.protocol = protocol
@@ -67,6 +81,7 @@ class MigrationManager:
         self.null = null
         self.deadline_s = deadline_s
         self.max_inflight_calls = max_inflight_calls
+        self.staging = None if null else staging
         self.peers: dict[str, Peer] = {}
         self.stats = MigrationStats()
         self._lock = asyncio.Lock()
@@ -85,7 +100,9 @@ class MigrationManager:
             raise MigrationError(fail, code="handshake_rejected")
         transport = create_transport(self.protocol, self.transfer_host, self.pool_ptr,
                                      self.local_geometry.total_bytes, null=self.null,
-                                     max_inflight_calls=self.max_inflight_calls)
+                                     max_inflight_calls=self.max_inflight_calls,
+                                     staging_ptr=self.staging.ptr if self.staging else None,
+                                     staging_bytes=self.staging.nbytes if self.staging else 0)
         async with self._lock:
             old = self.peers.pop(req.remote_engine_id, None)
             self.peers[req.remote_engine_id] = Peer(req.remote_engine_id, req.local_engine_id, transport,
@@ -157,37 +174,115 @@ class MigrationManager:
             raise MigrationError(f"{len(mig.remote_block_ids)} remote blocks for a {num_prompt_tokens}-token prompt "
                                  f"(expected {expected} of {block_size} tokens)", code="invalid_block_ids")
         validate_block_ids(mig.remote_block_ids, peer.remote_geometry)
+        if mig.remote_kv_staging is not None:
+            check_remote_staging(mig.remote_kv_staging.offset, mig.remote_kv_staging.length,
+                                 len(mig.remote_block_ids), peer.remote_geometry, peer.transport.remote_staging_bytes)
         return peer
 
+    def _plan(self, peer: Peer, remote_ids: list[int], local_ids: list[int],
+              remote_staging: KvStagingRange | None) -> tuple[list[tuple[int, int, int]], str, str, object]:
+        """The reads of one pull: (plan, remote region, local region, landing slot or None).
+
+        Fewest reads wins: DLSlime TCP pays a TCP connection per read. Straight into our blocks when they
+        are one run (from the prefill's packed slot when it made one, one read per layer); else landed in
+        a slot of our staging arena and unpacked, when that takes fewer reads than block-to-block.
+        """
+        remote, local = peer.remote_geometry, self.local_geometry
+        assert remote is not None
+        direct = plan_reads(remote, local, remote_ids, local_ids)  # validates every id, never reads
+        if remote_staging is not None:
+            check_remote_staging(remote_staging.offset, remote_staging.length, len(remote_ids), remote,
+                                 peer.transport.remote_staging_bytes)
+        if len(direct) <= local.outer:
+            return direct, LOCAL_REGION, LOCAL_REGION, None  # already one read per layer
+        n, eb = len(local_ids), local.entry_bytes
+        if remote_staging is not None:
+            source, remote_region = [(remote_staging.offset, 0, remote_staging.length)], STAGING_REGION
+        else:
+            source, remote_region = source_ranges(remote, remote_ids), LOCAL_REGION
+        if is_one_run(local_ids):  # slot order [layer][i] maps onto our run layer by layer
+            layer_bytes = n * eb
+            plan = []
+            for r_off, coord, length in source:
+                while length > 0:
+                    layer, within = divmod(coord, layer_bytes)
+                    step = min(length, layer_bytes - within)
+                    plan.append((r_off, (layer * local.num_entries + local_ids[0]) * eb + within, step))
+                    r_off, coord, length = r_off + step, coord + step, length - step
+            if len(plan) < len(direct):
+                return plan, remote_region, LOCAL_REGION, None
+            return direct, LOCAL_REGION, LOCAL_REGION, None
+        if self.staging is None or not peer.transport.has_local_staging or len(source) >= len(direct):
+            return direct, LOCAL_REGION, LOCAL_REGION, None
+        slot = self.staging.allocate(n)
+        if slot is None:  # arena full: correct, only slower
+            return direct, LOCAL_REGION, LOCAL_REGION, None
+        return source, remote_region, STAGING_REGION, slot
+
     async def pull(self, peer: Peer, remote_ids: list[int], local_ids: list[int],
-                   on_quarantine_release=None) -> int:
+                   on_quarantine_release=None, remote_staging: KvStagingRange | None = None) -> int:
         """Read the peer's blocks into ours; returns bytes moved. Raises MigrationError.
 
+        `remote_staging`: the prefill's packed copy of these blocks (see distserve.migration.staging).
         On a deadline the local blocks may still be written later: the caller must not reuse them; when
         `on_quarantine_release` is given it is called once the late reads have finished.
         """
-        assert peer.remote_geometry is not None
-        plan = plan_reads(peer.remote_geometry, self.local_geometry, remote_ids, local_ids)
+        plan, remote_region, local_region, slot = self._plan(peer, remote_ids, local_ids, remote_staging)
         started = time.monotonic()
+        release = on_quarantine_release
+        if slot is not None:
+            def release(base=on_quarantine_release, slot=slot) -> None:
+                self.staging.release(slot)
+                if base is not None:
+                    base()
         try:
-            await peer.transport.read(plan, started + self.deadline_s)
+            if slot is None:
+                await peer.transport.read(plan, started + self.deadline_s, remote_region=remote_region,
+                                          local_region=local_region)
+            else:
+                plan = await self._land(peer, plan, remote_region, slot, local_ids, started + self.deadline_s)
         except MigrationError as exc:
             self.stats.migration_failures_total += 1
             if exc.pending or exc.code == "migration_timeout":
                 exc.quarantined = True
                 self.stats.quarantined_blocks += len(local_ids)
-                self._watch_late(exc.pending, peer.transport, len(local_ids), on_quarantine_release)
+                self._watch_late(exc.pending, peer.transport, len(local_ids), release)
+                slot = None  # released by the watcher once the late reads have landed
             raise
         except Exception as exc:  # noqa: BLE001 - a transport bug must become a clean error
             self.stats.migration_failures_total += 1
             raise MigrationError(f"KV migration failed: {exc}", status=502, code="migration_failed") from None
+        finally:
+            if slot is not None:
+                self.staging.release(slot)
         moved = sum(n for _, _, n in plan)
         log.debug("pulled %d bytes in %d ranges from %s in %.2f ms", moved, len(plan), peer.remote_engine_id,
                   (time.monotonic() - started) * 1e3)
+        self.stats.reads_total += len(plan)
+        self.stats.landed_total += slot is not None
+        self.stats.packed_sources_total += remote_region == STAGING_REGION
         self.stats.migrations_total += 1
         self.stats.migration_bytes_total += moved
         self.stats.migration_seconds_total += time.monotonic() - started
         return moved
+
+    async def _land(self, peer: Peer, source: list[tuple[int, int, int]], remote_region: str, slot,
+                    local_ids: list[int], deadline: float) -> list[tuple[int, int, int]]:
+        """Read `source` into the landing slot piece by piece, unpacking each piece into our blocks as
+        soon as it has landed (the copy overlaps the next pieces' transfer). Returns the reads made."""
+        assert self.staging is not None
+        pieces = landing_pieces(source, slot, self.local_geometry.entry_bytes, min(LANDING_PIECE_BYTES, SPLIT_BYTES))
+        rows = {local_off: (first, end) for _, local_off, _, first, end in pieces}
+        arena = self.staging
+
+        def landed(part: list[tuple[int, int, int]]) -> None:
+            for _, local_off, _ in part:
+                arena.unpack_rows(slot, *rows[local_off], local_ids)
+
+        plan = [(r, local_off, length) for r, local_off, length, *_ in pieces]
+        await peer.transport.read(plan, deadline, remote_region=remote_region, local_region=STAGING_REGION,
+                                  per_call=1, on_call_done=landed)
+        return plan
 
     def _watch_late(self, pending, transport: Transport, nblocks: int, release) -> None:
         async def watch() -> None:

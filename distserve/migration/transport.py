@@ -13,20 +13,24 @@ import os
 import threading
 import time
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable
 
 from distserve.migration.errors import MigrationError, TransportUnavailable
 from distserve.migration.geometry import MAX_ASSIGNMENTS_PER_CALL, chunk, split
+from distserve.migration.staging import STAGING_REGION
 from distserve.protocol import MigrationProtocol
 
-REMOTE_REGION = "peer_kv"
+REMOTE_PREFIX = "peer_"
 # Large contiguous ranges are cut into pieces of this size so concurrent calls share the work.
 # (Tuning knobs for tools/bench_migration.py A/B runs; the defaults were measured there.)
 SPLIT_BYTES = int(os.environ.get("DISTSERVE_MIGRATION_SPLIT_BYTES", 4 << 20))
 # Migrations of at least this many bytes are spread over all the calls allowed in flight.
 SPREAD_BYTES = int(os.environ.get("DISTSERVE_MIGRATION_SPREAD_BYTES", 16 << 20))
-# A loopback rate used only to decide how long to poll by yielding before handing off to a thread.
-SPIN_BYTES_PER_S = 3 << 30
+# How long a wait polls by yielding to the event loop before handing off to a thread: about as long as
+# the read should take at a slow loopback rate, at most SPIN_MAX_S. A hand-off costs a thread wake-up and
+# a loop wake-up (0.1-1 ms on a busy machine), as much as a whole 1 MiB read.
+SPIN_BYTES_PER_S = 1 << 30
+SPIN_MAX_S = 0.002
 
 LOCAL_REGION = "kv"
 
@@ -48,9 +52,16 @@ class Transport(ABC):
     @abstractmethod
     async def connect(self, peer_info: dict, remote_pool_bytes: int) -> None: ...
 
+    # Byte size of the peer's staging region, when it advertised one (see distserve.migration.staging).
+    remote_staging_bytes: int | None = None
+    has_local_staging: bool = False
+
     @abstractmethod
-    async def read(self, plan: list[tuple[int, int, int]], deadline: float) -> None:
-        """Copy (remote_offset, local_offset, length) ranges from the peer's pool into ours."""
+    async def read(self, plan: list[tuple[int, int, int]], deadline: float, remote_region: str = LOCAL_REGION,
+                   local_region: str = LOCAL_REGION, per_call: int | None = None,
+                   on_call_done: Callable[[list[tuple[int, int, int]]], None] | None = None) -> None:
+        """Copy (remote_offset, local_offset, length) ranges from a peer region into a local one
+        (LOCAL_REGION: the KV pools; STAGING_REGION: the staging arenas)."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -74,8 +85,12 @@ class NullTransport(Transport):
         if peer_info.get("transport") != "null":
             raise MigrationError("a null engine can only link with null engines", code="transport_mismatch")
 
-    async def read(self, plan: list[tuple[int, int, int]], deadline: float) -> None:
+    async def read(self, plan: list[tuple[int, int, int]], deadline: float, remote_region: str = LOCAL_REGION,
+                   local_region: str = LOCAL_REGION, per_call: int | None = None,
+                   on_call_done: Callable[[list[tuple[int, int, int]]], None] | None = None) -> None:
         await asyncio.sleep(0)
+        if on_call_done is not None:
+            on_call_done(plan)
 
     def close(self) -> None:
         pass
@@ -91,6 +106,14 @@ def _parse_peer_region(peer_info: dict, remote_pool_bytes: int) -> dict:
         raise MigrationError(f"peer memory region ({mr['length']} bytes) is smaller than its advertised KV pool "
                              f"({remote_pool_bytes} bytes)", code="geometry_mismatch")
     return mr
+
+
+def _parse_peer_staging(peer_info: dict) -> dict | None:
+    """The peer's staging region, when it advertises a well-formed one (else staging is not used)."""
+    mr = (peer_info.get("mr_info") or {}).get(STAGING_REGION)
+    if isinstance(mr, dict) and type(mr.get("addr")) is int and type(mr.get("length")) is int and mr["length"] > 0:
+        return mr
+    return None
 
 
 # Completion waits run here: DLSlime's wait() spins a core and wait_for(t) keeps the GIL, so a worker
@@ -114,14 +137,14 @@ def _wait_blocking(fut: Any, deadline: float) -> int | None:
         if time.monotonic() >= deadline or _CLOSING.is_set():
             return None
         time.sleep(delay)
-        delay = min(delay * 1.5, 0.001)
+        delay = min(delay * 1.5, 0.0002)  # a late poll adds its whole delay to the migration
 
 
 async def _poll(fut: Any, deadline: float, failed: Any, nbytes: int = 0) -> None:
     """Wait for a DLSlime future without blocking the loop; raise MigrationTimeout at the deadline."""
-    # Small reads finish within about a millisecond: poll by yielding first (no thread hand-off), for
-    # about as long as the read should take on loopback, at most 1 ms.
-    spin_until = time.monotonic() + min(0.001, 0.0002 + nbytes / SPIN_BYTES_PER_S)
+    # Small reads finish within a few milliseconds: poll by yielding first (no thread hand-off), for
+    # about as long as the read should take on loopback, at most SPIN_MAX_S.
+    spin_until = time.monotonic() + min(SPIN_MAX_S, 0.0003 + nbytes / SPIN_BYTES_PER_S)
     status = fut.wait_for(0)
     while status is None and time.monotonic() < spin_until:
         await asyncio.sleep(0)
@@ -140,7 +163,8 @@ class DlslimeTcpTransport(Transport):
     protocol = MigrationProtocol.TCP
 
     def __init__(self, host: str, pool_ptr: int, pool_bytes: int, max_inflight_calls: int = 2,
-                 max_assignments: int = MAX_ASSIGNMENTS_PER_CALL) -> None:
+                 max_assignments: int = MAX_ASSIGNMENTS_PER_CALL, staging_ptr: int | None = None,
+                 staging_bytes: int = 0) -> None:
         try:
             import dlslime
         except ImportError as exc:  # e.g. libibverbs.so.1 missing
@@ -148,44 +172,80 @@ class DlslimeTcpTransport(Transport):
         if host in ("0.0.0.0", "::", ""):
             raise TransportUnavailable("the transfer endpoint must bind a concrete private interface, not 0.0.0.0")
         self.endpoint = dlslime.TcpEndpoint(ip=host, port=0)
-        self.local_handle = self.endpoint.register_memory_region(LOCAL_REGION, pool_ptr, 0, pool_bytes)
-        self.remote_handle: int | None = None
+        self._register_local(pool_ptr, pool_bytes, staging_ptr, staging_bytes)
         # Bounded calls in flight per peer: each assignment opens a TCP connection and the listen backlog
         # is 64, so more than two calls of 31 at once drop SYNs (1 s stalls).
         self._inflight = asyncio.Semaphore(max(1, max_inflight_calls))
         self._max_inflight_calls = max(1, max_inflight_calls)
         self._max_assignments = max_assignments
 
+    def _register_local(self, pool_ptr: int, pool_bytes: int, staging_ptr: int | None, staging_bytes: int) -> None:
+        self.local_handles = {LOCAL_REGION: self.endpoint.register_memory_region(LOCAL_REGION, pool_ptr, 0, pool_bytes)}
+        if staging_ptr and staging_bytes > 0:
+            self.local_handles[STAGING_REGION] = self.endpoint.register_memory_region(
+                STAGING_REGION, staging_ptr, 0, staging_bytes)
+        self.has_local_staging = STAGING_REGION in self.local_handles
+        self.remote_handles: dict[str, int] = {}
+
+    async def _import_remote(self, regions: dict[str, dict]) -> None:
+        for name, mr in regions.items():
+            self.remote_handles[name] = await asyncio.to_thread(
+                self.endpoint.register_remote_memory_region, REMOTE_PREFIX + name, mr)
+        staging = regions.get(STAGING_REGION)
+        self.remote_staging_bytes = staging["length"] if staging else None
+
+    def _handles(self, remote_region: str, local_region: str) -> tuple[int, int]:
+        remote, local = self.remote_handles.get(remote_region), self.local_handles.get(local_region)
+        if remote is None or local is None:
+            if LOCAL_REGION not in self.remote_handles:
+                raise MigrationError("transfer endpoint is not connected to the peer", status=409,
+                                     code="peer_not_connected")
+            raise MigrationError(f"no {remote_region!r} region at the peer or {local_region!r} region here",
+                                 code="invalid_kv_staging")
+        return local, remote
+
     def endpoint_info(self) -> dict:
         return self.endpoint.endpoint_info()
 
     async def connect(self, peer_info: dict, remote_pool_bytes: int) -> None:
         mr = _parse_peer_region(peer_info, remote_pool_bytes)
+        regions = {LOCAL_REGION: mr}
+        staging = _parse_peer_staging(peer_info)
+        if staging is not None:
+            regions[STAGING_REGION] = staging
         host, port = peer_info.get("host"), peer_info.get("port")
         if not isinstance(host, str) or host in ("0.0.0.0", "::", "") or not isinstance(port, int) or not 0 < port < 65536:
             raise MigrationError(f"peer transfer address {host!r}:{port!r} is not usable", code="invalid_endpoint_info")
-        await asyncio.to_thread(self.endpoint.connect, {"host": host, "port": port, "mr_info": {LOCAL_REGION: mr}})
-        self.remote_handle = await asyncio.to_thread(self.endpoint.register_remote_memory_region, REMOTE_REGION, mr)
+        await asyncio.to_thread(self.endpoint.connect, {"host": host, "port": port, "mr_info": regions})
+        await self._import_remote(regions)
 
-    async def read(self, plan: list[tuple[int, int, int]], deadline: float) -> None:
-        if self.remote_handle is None:
-            raise MigrationError("transfer endpoint is not connected to the peer", status=409, code="peer_not_connected")
+    async def read(self, plan: list[tuple[int, int, int]], deadline: float, remote_region: str = LOCAL_REGION,
+                   local_region: str = LOCAL_REGION, per_call: int | None = None,
+                   on_call_done: Callable[[list[tuple[int, int, int]]], None] | None = None) -> None:
+        """`per_call`: ranges per DLSlime call (default: as many as allowed, spread over the calls in flight
+        for large reads); `on_call_done(ranges)`: called on the event loop as each call completes, while
+        the next calls are in flight (a landing pull unpacks there)."""
+        local_handle, remote_handle = self._handles(remote_region, local_region)
         issued: list[Any] = []
 
         async def one(part: list[tuple[int, int, int]]) -> None:
-            assigns = [(self.local_handle, self.remote_handle, r, l, n) for r, l, n in part]
+            assigns = [(local_handle, remote_handle, r, l, n) for r, l, n in part]
             async with self._inflight:
                 if time.monotonic() >= deadline:
                     raise MigrationTimeout("KV migration did not finish before its deadline", [])
                 fut = self.endpoint.read(assigns)
                 issued.append(fut)
                 await _poll(fut, deadline, failed=lambda st: st != 0, nbytes=sum(n for _, _, n in part))
+            if on_call_done is not None:
+                on_call_done(part)
 
         # Calls run concurrently up to the per-peer bound; large ranges are split so both calls get work.
         pieces = split(plan, SPLIT_BYTES)
-        per_call = self._max_assignments
-        if sum(n for _, _, n in pieces) >= SPREAD_BYTES:  # big enough to keep every allowed call busy
-            per_call = min(per_call, -(-len(pieces) // self._max_inflight_calls))
+        if per_call is None:
+            per_call = self._max_assignments
+            if sum(n for _, _, n in pieces) >= SPREAD_BYTES:  # big enough to keep every allowed call busy
+                per_call = min(per_call, -(-len(pieces) // self._max_inflight_calls))
+        per_call = max(1, min(per_call, self._max_assignments))
         tasks = [asyncio.ensure_future(one(part)) for part in chunk(pieces, per_call)]
         try:
             await asyncio.gather(*tasks)
@@ -220,7 +280,8 @@ class DlslimeRdmaTransport(DlslimeTcpTransport):
     protocol = MigrationProtocol.RDMA
 
     def __init__(self, host: str, pool_ptr: int, pool_bytes: int, max_inflight_calls: int = 4,
-                 device_name: str = "", ib_port: int = 1, link_type: str = "auto") -> None:
+                 device_name: str = "", ib_port: int = 1, link_type: str = "auto", staging_ptr: int | None = None,
+                 staging_bytes: int = 0) -> None:
         try:
             import dlslime
         except ImportError as exc:
@@ -234,21 +295,25 @@ class DlslimeRdmaTransport(DlslimeTcpTransport):
                                                  link_type=link_type)
         except RuntimeError as exc:
             raise TransportUnavailable(f"cannot open RDMA device: {exc}") from None
-        self.local_handle = self.endpoint.register_memory_region(LOCAL_REGION, pool_ptr, 0, pool_bytes)
-        self.remote_handle = None
+        self._register_local(pool_ptr, pool_bytes, staging_ptr, staging_bytes)
         self._inflight = asyncio.Semaphore(max(1, max_inflight_calls))
         self._max_assignments = 1 << 16  # the 31-assignment limit is a TCP defect only
 
     async def connect(self, peer_info: dict, remote_pool_bytes: int) -> None:
         mr = _parse_peer_region(peer_info, remote_pool_bytes)
+        regions = {LOCAL_REGION: mr}
+        staging = _parse_peer_staging(peer_info)
+        if staging is not None:
+            regions[STAGING_REGION] = staging
         await asyncio.to_thread(self.endpoint.connect, peer_info)
-        self.remote_handle = await asyncio.to_thread(self.endpoint.register_remote_memory_region, REMOTE_REGION, mr)
+        await self._import_remote(regions)
 
-    async def read(self, plan: list[tuple[int, int, int]], deadline: float) -> None:
-        if self.remote_handle is None:
-            raise MigrationError("transfer endpoint is not connected to the peer", status=409, code="peer_not_connected")
-        assigns = [(self.local_handle, self.remote_handle, r, l, n) for r, l, n in plan]
-        async with self._inflight:
+    async def read(self, plan: list[tuple[int, int, int]], deadline: float, remote_region: str = LOCAL_REGION,
+                   local_region: str = LOCAL_REGION, per_call: int | None = None,
+                   on_call_done: Callable[[list[tuple[int, int, int]]], None] | None = None) -> None:
+        local_handle, remote_handle = self._handles(remote_region, local_region)
+        assigns = [(local_handle, remote_handle, r, l, n) for r, l, n in plan]
+        async with self._inflight:  # RDMA: one call, however many ranges (no 31-range defect)
             fut = self.endpoint.read(assigns)
             # RDMA futures raise on failure instead of returning a status: wait in a thread, bounded.
             try:
@@ -257,18 +322,22 @@ class DlslimeRdmaTransport(DlslimeTcpTransport):
                 raise MigrationTimeout("KV migration did not finish before its deadline", []) from None
             except RuntimeError as exc:
                 raise MigrationError(f"RDMA read failed: {exc}", status=502, code="migration_failed") from None
+        if on_call_done is not None:
+            on_call_done(plan)
 
 
 def create_transport(protocol: MigrationProtocol, host: str, pool_ptr: int | None, pool_bytes: int,
-                     null: bool = False, max_inflight_calls: int = 2) -> Transport:
+                     null: bool = False, max_inflight_calls: int = 2, staging_ptr: int | None = None,
+                     staging_bytes: int = 0) -> Transport:
     if null:
         return NullTransport(protocol, host)
     if pool_ptr is None:
         raise TransportUnavailable("this engine has no KV pool memory to register")
     if protocol == MigrationProtocol.TCP:
-        return DlslimeTcpTransport(host, pool_ptr, pool_bytes, max_inflight_calls=max_inflight_calls)
+        return DlslimeTcpTransport(host, pool_ptr, pool_bytes, max_inflight_calls=max_inflight_calls,
+                                   staging_ptr=staging_ptr, staging_bytes=staging_bytes)
     if protocol == MigrationProtocol.RDMA:
-        return DlslimeRdmaTransport(host, pool_ptr, pool_bytes)
+        return DlslimeRdmaTransport(host, pool_ptr, pool_bytes, staging_ptr=staging_ptr, staging_bytes=staging_bytes)
     if protocol == MigrationProtocol.NVLINK:
         try:
             import dlslime

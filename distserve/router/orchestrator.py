@@ -232,6 +232,7 @@ class Orchestrator:
         request["engines"] = prefill.id
         answer = await self._prefill(prefill, path, body, kind, headers)
         session_id, token_id, block_ids = self._prefill_outputs(prefill, answer, headers)
+        staging = _kv_staging(answer)
         freed = False
 
         def free() -> None:
@@ -256,6 +257,7 @@ class Orchestrator:
                 token_id,
                 block_ids,
                 started,
+                staging=staging,
             )
         except BaseException:
             # decode error before output, timeout, client disconnect (CancelledError): P keeps the blocks
@@ -370,6 +372,7 @@ class Orchestrator:
         token_id: int,
         block_ids: list[int],
         started: float,
+        staging: dict | None = None,
     ) -> tuple[web.StreamResponse, bool]:
         tried: set[str] = set()
         last: UpstreamError | None = None
@@ -393,16 +396,17 @@ class Orchestrator:
                 continue
             self.metrics.picks.inc(("decode", decode_id))
             request["engines"] = f"{prefill.id}>{decode_id}"
-            migration = orjson.dumps(
-                {
-                    "protocol": int(PROTOCOL_BY_NAME[link.protocol]),
-                    "remote_engine_id": prefill.handshake_id,
-                    "remote_session_id": session_id,
-                    "remote_token_id": token_id,
-                    "remote_block_ids": block_ids,
-                    "is_dummy_prefill": False,
-                }
-            )
+            fields = {
+                "protocol": int(PROTOCOL_BY_NAME[link.protocol]),
+                "remote_engine_id": prefill.handshake_id,
+                "remote_session_id": session_id,
+                "remote_token_id": token_id,
+                "remote_block_ids": block_ids,
+                "is_dummy_prefill": False,
+            }
+            if staging is not None:
+                fields["remote_kv_staging"] = staging
+            migration = orjson.dumps(fields)
             data = splice_field(raw, b"migration_request", migration)
             try:
                 if stream:
@@ -600,3 +604,13 @@ class Orchestrator:
             self.load.end(engine.id)
             if upstream is not None:
                 upstream.close()  # no-op when complete; else drops the connection: the engine sees it and stops
+
+
+def _kv_staging(answer: dict) -> dict | None:
+    """A distserve prefill's packed copy of the blocks (`remote_kv_staging`), passed on to the decode only
+    when well formed: it is an optimisation, so anything odd is dropped and the decode reads the blocks."""
+    staging = answer.get("remote_kv_staging")
+    if type(staging) is dict and staging.keys() == {"offset", "length"}:
+        if type(staging["offset"]) is int and type(staging["length"]) is int:
+            return staging
+    return None

@@ -53,9 +53,13 @@ async def prefill(http: aiohttp.ClientSession, p_url: str, route: str, body: dic
 
 
 def migration_request(p_url: str, pre: dict, protocol: str = "tcp") -> dict:
-    return {"protocol": PROTO[protocol], "remote_engine_id": p_url, "remote_session_id": pre["remote_session_id"],
-            "remote_token_id": pre["remote_token_ids"][0], "remote_block_ids": pre["cache_block_ids"],
-            "is_dummy_prefill": False}
+    """What a router sends: the prefill's packed copy too, when it made one (remote_kv_staging)."""
+    mig = {"protocol": PROTO[protocol], "remote_engine_id": p_url, "remote_session_id": pre["remote_session_id"],
+           "remote_token_id": pre["remote_token_ids"][0], "remote_block_ids": pre["cache_block_ids"],
+           "is_dummy_prefill": False}
+    if pre.get("remote_kv_staging") is not None:
+        mig["remote_kv_staging"] = pre["remote_kv_staging"]
+    return mig
 
 
 async def collect(resp: aiohttp.ClientResponse, route: str) -> tuple[str, str | None]:
