@@ -7,6 +7,7 @@ The decode side pulls: it validates the migration request against the peer's adv
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import time
@@ -16,6 +17,7 @@ from distserve.migration.errors import MigrationError, TransportUnavailable
 from distserve.migration.geometry import PoolGeometry, plan_reads, validate_block_ids
 from distserve.migration.staging import (
     LANDING_PIECE_BYTES,
+    LANDING_PIECES_PER_CALL,
     STAGING_REGION,
     StagingArena,
     check_remote_staging,
@@ -41,6 +43,10 @@ from distserve.protocol import (
 )
 
 log = logging.getLogger("distserve.migration")
+
+# Landed pieces are unpacked here, one at a time per engine, off the event loop (numpy and torch copies
+# release the GIL), so the copy of one piece overlaps the transfer of the next.
+_UNPACKER = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="kv-unpack")
 
 
 @dataclass
@@ -268,20 +274,29 @@ class MigrationManager:
 
     async def _land(self, peer: Peer, source: list[tuple[int, int, int]], remote_region: str, slot,
                     local_ids: list[int], deadline: float) -> list[tuple[int, int, int]]:
-        """Read `source` into the landing slot piece by piece, unpacking each piece into our blocks as
-        soon as it has landed (the copy overlaps the next pieces' transfer). Returns the reads made."""
+        """Read `source` into the landing slot piece by piece; each landed piece is unpacked into our blocks
+        by a worker thread while the event loop issues the next reads (the copy overlaps the transfer).
+        Every unpack has finished when this returns or raises: none may write our blocks afterwards."""
         assert self.staging is not None
         pieces = landing_pieces(source, slot, self.local_geometry.entry_bytes, min(LANDING_PIECE_BYTES, SPLIT_BYTES))
         rows = {local_off: (first, end) for _, local_off, _, first, end in pieces}
-        arena = self.staging
+        arena, loop = self.staging, asyncio.get_running_loop()
+        unpacks: list[asyncio.Future] = []
 
         def landed(part: list[tuple[int, int, int]]) -> None:
             for _, local_off, _ in part:
-                arena.unpack_rows(slot, *rows[local_off], local_ids)
+                unpacks.append(loop.run_in_executor(_UNPACKER, arena.unpack_rows, slot, *rows[local_off], local_ids))
 
         plan = [(r, local_off, length) for r, local_off, length, *_ in pieces]
-        await peer.transport.read(plan, deadline, remote_region=remote_region, local_region=STAGING_REGION,
-                                  per_call=1, on_call_done=landed)
+        try:
+            await peer.transport.read(plan, deadline, remote_region=remote_region, local_region=STAGING_REGION,
+                                      per_call=min(LANDING_PIECES_PER_CALL, max(1, -(-len(plan) // 2))),
+                                      on_call_done=landed)
+        finally:
+            done = await asyncio.gather(*unpacks, return_exceptions=True)  # shielded from nothing: they are short
+        for result in done:
+            if isinstance(result, BaseException):
+                raise MigrationError(f"unpacking landed KV failed: {result}", status=500, code="migration_failed")
         return plan
 
     def _watch_late(self, pending, transport: Transport, nblocks: int, release) -> None:

@@ -200,6 +200,7 @@ def check_remote_staging(offset: int, length: int, count: int, geometry: PoolGeo
                              f"{region_bytes}-byte staging region", code="invalid_kv_staging")
 
 
-# A landing pull reads pieces of this size and unpacks each as it lands, on the event loop (a 2 MiB copy
-# takes 0.05-0.2 ms, less than a hand-off to a worker thread and back), while the next piece is in flight.
-LANDING_PIECE_BYTES = 2 << 20
+# A landing pull reads pieces of this size, several per DLSlime call (each piece its own TCP stream, as
+# many streams in flight as a direct pull), and unpacks a call's pieces as soon as the call completes.
+LANDING_PIECE_BYTES = 1 << 20
+LANDING_PIECES_PER_CALL = 8

@@ -22,7 +22,8 @@ CHAT = "chat"
 # session, so a client-chosen one could make two requests share (and free) one prefill session.
 FORBIDDEN_FIELDS = frozenset(
     INTERNAL_REQUEST_FIELDS
-    | {"session_id", "remote_session_id", "cache_block_ids", "remote_token_ids", "is_dummy_prefill"}
+    | {"session_id", "remote_session_id", "cache_block_ids", "remote_token_ids", "is_dummy_prefill",
+       "remote_kv_staging"}
 )
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 MAX_STOP = 4

@@ -27,7 +27,9 @@ def test_not_a_json_object(raw):
     assert info.value.status == 400 and info.value.code == "invalid_json"
 
 
-@pytest.mark.parametrize("field", ["migration_request", "with_cache", "preserve_cache", "session_id"])
+@pytest.mark.parametrize(
+    "field", ["migration_request", "with_cache", "preserve_cache", "session_id", "remote_kv_staging"]
+)
 @pytest.mark.parametrize("kind,base", [(COMPLETIONS, OK_COMPLETION), (CHAT, OK_CHAT)])
 def test_internal_fields_are_rejected(kind, base, field):
     e = err(kind, {**base, field: {"protocol": 1} if field == "migration_request" else True})

@@ -171,6 +171,37 @@ async def test_pd_prefill_and_decode_bodies_follow_the_protocol(wire):
     assert wire["prefill"].requests("/distserve/free_cache") == []  # the decode frees on success
 
 
+@pytest.mark.parametrize(
+    "staging,passed",
+    [
+        ({"offset": 4096, "length": 8192}, True),
+        ({"offset": "4096", "length": 8192}, False),
+        ({"offset": 4096, "length": 8192, "evil": 1}, False),
+        ([4096, 8192], False),
+    ],
+)
+async def test_a_packed_prefill_slot_reaches_the_decode_only_when_well_formed(wire, staging, passed):
+    """remote_kv_staging (a distserve prefill's packed copy of the blocks) goes into the migration_request;
+    anything malformed is dropped (the decode then reads the blocks), never passed on."""
+    wire["prefill"].prefill_answer = {
+        "remote_session_id": 9,
+        "remote_token_ids": [7],
+        "cache_block_ids": [6, 2],
+        "remote_kv_staging": staging,
+        "choices": [],
+    }
+    async with httpx.AsyncClient(base_url=wire["router"], timeout=10) as http:
+        r = await http.post("/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    [(_, db)] = wire["decode"].requests("/v1/completions")
+    mig = json.loads(db)["migration_request"]
+    assert mig["remote_block_ids"] == [6, 2]
+    if passed:
+        assert mig["remote_kv_staging"] == staging
+    else:
+        assert "remote_kv_staging" not in mig
+
+
 @pytest.mark.parametrize("change", ["cordon", "unhealthy"])
 async def test_prefill_leaving_service_mid_request_still_decodes(wire, change):
     """p0 is cordoned or marked unhealthy after computing the prefill: the request finishes on
