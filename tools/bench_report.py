@@ -8,8 +8,9 @@ Inputs (each optional; what is missing is reported, not invented):
   repair marked; plus a summary table;
 - scale results (`tools/bench_scale.py`, docs/bench/scale.json) -> its table;
 - the router benchmark's results (`tools/bench_router.py` writes .bench/bench_router.json) -> added latency
-  and throughput against concurrency (direct vs distserve vs LMDeploy's proxy), and cold start.
-  `tools/bench_migration.py` writes no JSON (markdown on stdout only), so it has no plot here.
+  and throughput against concurrency (direct vs distserve vs LMDeploy's proxy), and cold start;
+- KV migration results (`tools/bench_migration.py --json docs/bench/migration-h200-host.json`) -> bandwidth
+  and ratio to a socket copy against KV size, `<json>.png`.
 
     python tools/bench_report.py                     # everything found, plots next to their JSON
     python tools/bench_report.py --markdown-only     # tables only
@@ -202,6 +203,39 @@ def router_plots(data: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
+# ---------------------------------------------------------------------------------------------- migration
+MIGRATION_MODES = (("socket", "socket copy (baseline)", "k", "-"), ("contiguous", "contiguous blocks", "C0", "-"),
+                   ("scattered_staged", "scattered, staged", "C1", "-"),
+                   ("scattered_direct", "scattered, direct (no staging)", "C3", "--"))
+
+
+def migration_plot(data: dict, path: Path) -> None:
+    """Bandwidth and ratio to the socket copy against KV size (tools/bench_migration.py --json)."""
+    plt = _plt()
+    rows = data["rows"]
+    sizes = [r["size_mib"] for r in rows]
+    fig, (ax_bw, ax_ratio) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, label, color, ls in MIGRATION_MODES:
+        ax_bw.plot(sizes, [r[f"{mode}_gib_s"] for r in rows], marker="o", color=color, ls=ls, label=label)
+        if mode != "socket":
+            ax_ratio.plot(sizes, [r[f"{mode}_ratio"] for r in rows], marker="o", color=color, ls=ls, label=label)
+    ax_ratio.plot(sizes, [r["scattered_staged_with_pack_ratio"] for r in rows], marker="x", color="C1", ls=":",
+                  label="scattered, staged, + prefill's pack")
+    ax_ratio.axhline(0.7, color="grey", lw=0.8, ls=":")
+    ax_ratio.text(sizes[0], 0.72, "goal 0.7", fontsize=8, color="grey")
+    for ax in (ax_bw, ax_ratio):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("KV size (MiB)")
+        ax.legend(fontsize=8)
+    ax_bw.set_ylabel("GiB/s (median)")
+    ax_ratio.set_ylabel("ratio to the socket copy of the same run")
+    fig.suptitle(f"KV migration over DLSlime TCP, loopback (tools/bench_migration.py) — {data.get('cpus')} CPUs, "
+                 f"median of {data.get('repeat')} interleaved runs", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tools/bench_report.py", description=__doc__.splitlines()[0])
@@ -210,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--router", type=Path, nargs="+",
                    default=[REPO / "docs" / "bench" / "bench_router.json", REPO / ".bench" / "bench_router.json"],
                    help="bench_router.py's JSON (the first that exists is used)")
+    p.add_argument("--migration", type=Path, default=REPO / "docs" / "bench" / "migration-h200-host.json",
+                   help="tools/bench_migration.py --json output")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "bench", help="where router plots go")
     p.add_argument("--markdown-only", action="store_true")
     args = p.parse_args(argv)
@@ -243,7 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         made += router_plots(json.loads(router.read_text()), args.out)
     elif router is None:
         missing.append("router results (" + " or ".join(str(x) for x in args.router) + ")")
-    missing.append("KV migration: tools/bench_migration.py writes no JSON (its markdown is in docs/benchmarks.md)")
+    if args.migration.exists():
+        if not args.markdown_only:
+            path = args.migration.with_suffix(".png")
+            migration_plot(json.loads(args.migration.read_text()), path)
+            made.append(path)
+    else:
+        missing.append(f"KV migration results ({args.migration})")
 
     for path in made:
         print(f"plot: {path.relative_to(REPO) if path.is_relative_to(REPO) else path}")
