@@ -183,8 +183,13 @@ class MigrationManager:
                                  f"(expected {expected} of {block_size} tokens)", code="invalid_block_ids")
         validate_block_ids(mig.remote_block_ids, peer.remote_geometry)
         if mig.remote_kv_staging is not None:
-            check_remote_staging(mig.remote_kv_staging.offset, mig.remote_kv_staging.length,
-                                 len(mig.remote_block_ids), peer.remote_geometry, peer.transport.remote_staging_bytes)
+            if peer.transport.remote_staging_bytes is None:
+                # A peer linked before it had a staging region (a rolling upgrade): read its blocks.
+                mig.remote_kv_staging = None
+            else:
+                check_remote_staging(mig.remote_kv_staging.offset, mig.remote_kv_staging.length,
+                                     len(mig.remote_block_ids), peer.remote_geometry,
+                                     peer.transport.remote_staging_bytes)
         return peer
 
     def _plan(self, peer: Peer, remote_ids: list[int], local_ids: list[int],
@@ -198,6 +203,8 @@ class MigrationManager:
         remote, local = peer.remote_geometry, self.local_geometry
         assert remote is not None
         direct = plan_reads(remote, local, remote_ids, local_ids)  # validates every id, never reads
+        if remote_staging is not None and peer.transport.remote_staging_bytes is None:
+            remote_staging = None  # see check(): nothing to read it from
         if remote_staging is not None:
             check_remote_staging(remote_staging.offset, remote_staging.length, len(remote_ids), remote,
                                  peer.transport.remote_staging_bytes)
