@@ -374,15 +374,36 @@ class EmbeddedEtcdCluster:
         return ",".join(self.endpoints)
 
     def start(self, timeout: float | None = None) -> "EmbeddedEtcdCluster":
+        """Start every member and wait until each is healthy. A port taken between picking it and binding
+        it (another process got it first) restarts the whole cluster on new ports, at most twice."""
+        for attempt in range(3):
+            for m in self.members:
+                m.launch()
+            try:
+                with ThreadPoolExecutor(len(self.members)) as pool:
+                    list(pool.map(lambda m: m.wait_healthy(timeout or self.start_timeout), self.members))
+                return self
+            except EmbeddedEtcdError as exc:
+                movable = all(m._owns_data_dir and not m._fixed_ports for m in self.members)
+                if "address already in use" in str(exc) and movable and attempt < 2:
+                    self._rewire()
+                    continue
+                self.stop()
+                raise
+            except Exception:
+                self.stop()
+                raise
+        raise AssertionError("unreachable")
+
+    def _rewire(self) -> None:
+        """Kill every member, forget its data (it recorded the old peer URLs) and give it new ports."""
         for m in self.members:
-            m.launch()
-        try:
-            with ThreadPoolExecutor(len(self.members)) as pool:
-                list(pool.map(lambda m: m.wait_healthy(timeout or self.start_timeout), self.members))
-        except Exception:
-            self.stop()
-            raise
-        return self
+            m.kill()
+            shutil.rmtree(m.data_dir, ignore_errors=True)
+            m.client_port, m.peer_port, m.metrics_port = (free_port(m.host) for _ in range(3))
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for m in self.members:
+            m.initial_cluster = initial
 
     def leader_index(self, timeout: float = 10.0) -> int:
         """Index of the member that reports itself leader (etcd_server_is_leader 1 in /metrics)."""

@@ -78,3 +78,25 @@ async def test_each_member_killed_in_turn(etcd_cluster3):
         await asyncio.gather(*tasks, return_exceptions=True)
         await session.close()
         await client.close()
+
+
+def test_a_cluster_whose_ports_were_taken_starts_on_new_ones():
+    """Ports are picked free, then bound by etcd a moment later: another process may take one in between
+    (seen in a chaos run). The cluster starts anyway, every member on new ports."""
+    import socket
+
+    from discovery.embedded import EmbeddedEtcdCluster
+
+    cluster = EmbeddedEtcdCluster(size=3, unsafe_no_fsync=True)
+    squatter = socket.socket()
+    squatter.bind((cluster.members[1].host, cluster.members[1].peer_port))
+    squatter.listen(1)
+    taken = cluster.members[1].peer_port
+    try:
+        cluster.start(timeout=30)
+        assert taken not in {m.peer_port for m in cluster.members}
+        assert all(m.health() for m in cluster.members)
+        assert cluster.leader_index(timeout=10) in (0, 1, 2)
+    finally:
+        squatter.close()
+        cluster.stop()
