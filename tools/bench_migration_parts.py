@@ -5,7 +5,9 @@ Same processes as tools/bench_migration.py (its socket and DLSlime children), 1 
 A a socket copy; B raw `TcpEndpoint.read` of the 4 per-layer ranges a contiguous pull makes, waited with a
 spinning `wait()`; B2 the same bytes as one range; B3 the 4 ranges, polled from the event loop;
 C `DlslimeTcpTransport.read`; D `MigrationManager.pull` (contiguous blocks); E D right after a scattered
-direct pull; F D right after a staged pull; G a staged pull (scattered blocks, packed by the prefill side).
+direct pull; F D right after a staged pull; G a staged pull (scattered blocks, packed by the prefill side);
+H the decode's unpack alone (a landed slot copied into scattered blocks); I `DlslimeTcpTransport.read` of
+one range.
 Medians, and each one's ratio to A.
 
 Usage: .venv/bin/python tools/bench_migration_parts.py
@@ -89,6 +91,15 @@ async def main() -> None:
                     t = time.perf_counter()
                     await slime.direct.pull(peer, list(range(n)), list(range(n)))
                     rec("F D after a staged pull", t)
+                    # The decode's copy alone: a landed slot unpacked into scattered blocks.
+                    slot = slime.arena.allocate(n)
+                    t = time.perf_counter()
+                    slime.arena.unpack_rows(slot, 0, n * bm.LAYERS, local)
+                    rec("H unpack alone (landed slot -> scattered blocks)", t)
+                    slime.arena.release(slot)
+                    t = time.perf_counter()
+                    await slime.transport.read([(0, 0, size)], time.monotonic() + 10)
+                    rec("I transport.read, one range", t)
             base = statistics.median(res["A socket"])
             for key, values in sorted(res.items()):
                 med = statistics.median(values)
