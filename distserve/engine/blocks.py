@@ -32,43 +32,32 @@ class BlockAllocator:
 
     def allocate(self, n: int) -> list[int] | None:
         """All n blocks, or None when fewer are free (the caller waits: back-pressure)."""
-        if n <= 0:
-            return []
-        with self._lock:
-            free = self._free
-            if len(free) < n:
-                return None
-            if self._scatter is not None:
-                ids = self._scatter.sample(free, n)
-                taken = set(ids)
-                self._free = [b for b in free if b not in taken]
-                self._used.update(ids)
-                return ids
-            start = self._find_run(n) if n > 1 and len(free) <= self.MAX_SCAN else 0
-            if start is None:
-                start = 0
-            if start == 0 or free[start + n - 1] - free[start] == n - 1:
-                ids = free[start: start + n]
-                del free[start: start + n]
-            else:  # pragma: no cover - _find_run returns only real runs
-                ids = free[:n]
-                del free[:n]
-            self._used.update(ids)
-            return ids
+        return self._take(n, run_only=False)
 
     def allocate_run(self, n: int) -> list[int] | None:
         """n consecutive ids, or None when no run of n is free (never scattered ids)."""
+        return self._take(n, run_only=True)
+
+    def _take(self, n: int, run_only: bool) -> list[int] | None:
         if n <= 0:
             return []
         with self._lock:
             free = self._free
             if len(free) < n:
                 return None
-            start = self._find_run(n) if n > 1 else 0
-            if start is None:
-                return None
-            ids = free[start: start + n]
-            del free[start: start + n]
+            if self._scatter is not None and not run_only:
+                ids = self._scatter.sample(free, n)
+                taken = set(ids)
+                self._free = [b for b in free if b not in taken]
+            else:
+                scan = n > 1 and (run_only or len(free) <= self.MAX_SCAN)
+                start = self._find_run(n) if scan else 0
+                if start is None:
+                    if run_only:
+                        return None
+                    start = 0  # no run of n: the n lowest free ids
+                ids = free[start: start + n]
+                del free[start: start + n]
             self._used.update(ids)
             return ids
 

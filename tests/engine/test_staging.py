@@ -28,7 +28,7 @@ from distserve.migration.staging import (
 )
 from tests.engine import pd
 from tests.engine.conftest import start_engines
-from tests.engine.test_pd_equals_hybrid import bodies
+from tests.engine.test_pd_equals_hybrid import _run_all, bodies
 
 MODEL = "distserve-reference"
 LAYERS = 4  # the default model
@@ -158,13 +158,7 @@ def _delta(after: dict, before: dict, name: str) -> float:
 
 
 async def _run(http, items, factory, in_flight: int = 8):
-    sem = asyncio.Semaphore(in_flight)
-
-    async def one(route, body):
-        async with sem:
-            return await factory(route, body)
-
-    return await asyncio.gather(*(one(r, b) for r, b in items))
+    return await _run_all(http, factory, items, in_flight)
 
 
 async def _settled(http, urls: list[str]) -> None:
