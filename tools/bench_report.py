@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chaos", type=Path, default=REPO / "docs" / "bench" / "chaos")
     p.add_argument("--scale", type=Path, default=REPO / "docs" / "bench" / "scale.json")
     p.add_argument("--router", type=Path, nargs="+",
-                   default=[REPO / "docs" / "bench" / "bench_router.json", REPO / ".bench" / "bench_router.json"],
+                   default=[REPO / "docs" / "bench" / "bench_router.json", REPO / ".bench" / "bench_router.json",
+                            REPO / "docs" / "bench" / "router-h100-host.json"],
                    help="bench_router.py's JSON (the first that exists is used)")
     p.add_argument("--migration", type=Path, default=REPO / "docs" / "bench" / "migration-h200-host.json",
                    help="tools/bench_migration.py --json output")

@@ -182,14 +182,7 @@ class MigrationManager:
             raise MigrationError(f"{len(mig.remote_block_ids)} remote blocks for a {num_prompt_tokens}-token prompt "
                                  f"(expected {expected} of {block_size} tokens)", code="invalid_block_ids")
         validate_block_ids(mig.remote_block_ids, peer.remote_geometry)
-        if mig.remote_kv_staging is not None:
-            if peer.transport.remote_staging_bytes is None:
-                # A peer linked before it had a staging region (a rolling upgrade): read its blocks.
-                mig.remote_kv_staging = None
-            else:
-                check_remote_staging(mig.remote_kv_staging.offset, mig.remote_kv_staging.length,
-                                     len(mig.remote_block_ids), peer.remote_geometry,
-                                     peer.transport.remote_staging_bytes)
+        mig.remote_kv_staging = _usable_staging(peer, mig.remote_kv_staging, len(mig.remote_block_ids))
         return peer
 
     def _plan(self, peer: Peer, remote_ids: list[int], local_ids: list[int],
@@ -203,11 +196,7 @@ class MigrationManager:
         remote, local = peer.remote_geometry, self.local_geometry
         assert remote is not None
         direct = plan_reads(remote, local, remote_ids, local_ids)  # validates every id, never reads
-        if remote_staging is not None and peer.transport.remote_staging_bytes is None:
-            remote_staging = None  # see check(): nothing to read it from
-        if remote_staging is not None:
-            check_remote_staging(remote_staging.offset, remote_staging.length, len(remote_ids), remote,
-                                 peer.transport.remote_staging_bytes)
+        remote_staging = _usable_staging(peer, remote_staging, len(remote_ids))
         if len(direct) <= local.outer:
             return direct, LOCAL_REGION, LOCAL_REGION, None  # already one read per layer
         n, eb = len(local_ids), local.entry_bytes
@@ -307,7 +296,7 @@ class MigrationManager:
                                       per_call=min(LANDING_PIECES_PER_CALL, max(1, -(-len(plan) // 2))),
                                       on_call_done=landed)
         finally:
-            done = await asyncio.gather(*unpacks, return_exceptions=True)  # shielded from nothing: they are short
+            done = await asyncio.gather(*unpacks, return_exceptions=True)  # short: every copy has ended
         for result in done:
             if isinstance(result, BaseException):
                 raise MigrationError(f"unpacking landed KV failed: {result}", status=500, code="migration_failed")
@@ -333,6 +322,18 @@ class MigrationManager:
         for peer in list(self.peers.values()):
             peer.transport.close()
         self.peers.clear()
+
+
+def _usable_staging(peer: Peer, staging: KvStagingRange | None, count: int) -> KvStagingRange | None:
+    """The prefill's packed slot when it can be read: None when absent or when the peer advertised no
+    staging region (linked before it had one: a rolling upgrade, its blocks are read instead); a slot
+    that is not exactly `count` blocks inside that region raises MigrationError (400)."""
+    if staging is None or peer.transport.remote_staging_bytes is None:
+        return None
+    assert peer.remote_geometry is not None
+    check_remote_staging(staging.offset, staging.length, count, peer.remote_geometry,
+                         peer.transport.remote_staging_bytes)
+    return staging
 
 
 __all__ = ["MigrationManager", "MigrationError", "TransportUnavailable", "Peer"]

@@ -20,7 +20,6 @@ changes how many reads a migration takes, never whether it works.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +28,10 @@ from distserve.migration.errors import MigrationError
 from distserve.migration.geometry import PoolGeometry
 
 STAGING_REGION = "kv_staging"
+# A landing pull reads pieces of this size, several per DLSlime call (each piece its own TCP stream, as
+# many streams in flight as a direct pull), and unpacks a call's pieces as soon as the call completes.
+LANDING_PIECE_BYTES = 1 << 20
+LANDING_PIECES_PER_CALL = 8
 
 
 @dataclass(frozen=True)
@@ -73,9 +76,7 @@ class StagingArena:
         except (TypeError, RuntimeError):  # e.g. bfloat16, or a pool not viewable as rows
             self._pool_rows = self._arena_rows = None
         self._allocator = BlockAllocator(units)
-        self._lock = threading.Lock()
         self.packs_total = 0
-        self.unpacks_total = 0
 
     @property
     def ptr(self) -> int:
@@ -135,15 +136,8 @@ class StagingArena:
                 self.pool[layer].index_copy_(0, torch.tensor(ids, dtype=torch.long), self.tensor[base + lo: base + hi])
 
     def unpack(self, slot: Slot, block_ids: list[int]) -> None:
-        """Copy a landed slot into these pool blocks (a scatter along the block axis)."""
-        if self._pool_rows is not None:
-            rows = self._arena_rows[slot.unit * self.layers: (slot.unit + slot.count) * self.layers]
-            self._pool_rows[:, block_ids] = rows.reshape(self.layers, slot.count, -1)
-        else:
-            import torch
-
-            self.pool.index_copy_(1, torch.tensor(block_ids, dtype=torch.long), self.view(slot))
-        self.unpacks_total += 1
+        """Copy a whole landed slot into these pool blocks."""
+        self.unpack_rows(slot, 0, slot.count * self.layers, block_ids)
 
 
 def is_one_run(ids: list[int]) -> bool:
@@ -198,9 +192,3 @@ def check_remote_staging(offset: int, length: int, count: int, geometry: PoolGeo
     if offset < 0 or offset + length > region_bytes:
         raise MigrationError(f"remote_kv_staging [{offset}, {offset + length}) is outside the peer's "
                              f"{region_bytes}-byte staging region", code="invalid_kv_staging")
-
-
-# A landing pull reads pieces of this size, several per DLSlime call (each piece its own TCP stream, as
-# many streams in flight as a direct pull), and unpacks a call's pieces as soon as the call completes.
-LANDING_PIECE_BYTES = 1 << 20
-LANDING_PIECES_PER_CALL = 8

@@ -108,12 +108,15 @@ def _parse_peer_region(peer_info: dict, remote_pool_bytes: int) -> dict:
     return mr
 
 
-def _parse_peer_staging(peer_info: dict) -> dict | None:
-    """The peer's staging region, when it advertises a well-formed one (else staging is not used)."""
-    mr = (peer_info.get("mr_info") or {}).get(STAGING_REGION)
-    if isinstance(mr, dict) and type(mr.get("addr")) is int and type(mr.get("length")) is int and mr["length"] > 0:
-        return mr
-    return None
+def _peer_regions(peer_info: dict, remote_pool_bytes: int) -> dict[str, dict]:
+    """The peer's memory regions to import: its KV pool (required, checked), and its staging region when
+    it advertises a well-formed one (else staging is not used with this peer)."""
+    regions = {LOCAL_REGION: _parse_peer_region(peer_info, remote_pool_bytes)}
+    staging = (peer_info.get("mr_info") or {}).get(STAGING_REGION)
+    if isinstance(staging, dict) and type(staging.get("addr")) is int and type(staging.get("length")) is int \
+            and staging["length"] > 0:
+        regions[STAGING_REGION] = staging
+    return regions
 
 
 # Completion waits run here: DLSlime's wait() spins a core and wait_for(t) keeps the GIL, so a worker
@@ -208,11 +211,7 @@ class DlslimeTcpTransport(Transport):
         return self.endpoint.endpoint_info()
 
     async def connect(self, peer_info: dict, remote_pool_bytes: int) -> None:
-        mr = _parse_peer_region(peer_info, remote_pool_bytes)
-        regions = {LOCAL_REGION: mr}
-        staging = _parse_peer_staging(peer_info)
-        if staging is not None:
-            regions[STAGING_REGION] = staging
+        regions = _peer_regions(peer_info, remote_pool_bytes)
         host, port = peer_info.get("host"), peer_info.get("port")
         if not isinstance(host, str) or host in ("0.0.0.0", "::", "") or not isinstance(port, int) or not 0 < port < 65536:
             raise MigrationError(f"peer transfer address {host!r}:{port!r} is not usable", code="invalid_endpoint_info")
@@ -304,11 +303,7 @@ class DlslimeRdmaTransport(DlslimeTcpTransport):
         self._max_assignments = 1 << 16  # the 31-assignment limit is a TCP defect only
 
     async def connect(self, peer_info: dict, remote_pool_bytes: int) -> None:
-        mr = _parse_peer_region(peer_info, remote_pool_bytes)
-        regions = {LOCAL_REGION: mr}
-        staging = _parse_peer_staging(peer_info)
-        if staging is not None:
-            regions[STAGING_REGION] = staging
+        regions = _peer_regions(peer_info, remote_pool_bytes)
         await asyncio.to_thread(self.endpoint.connect, peer_info)
         await self._import_remote(regions)
 
