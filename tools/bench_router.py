@@ -63,6 +63,7 @@ LMD_PROXY_DEPS = [
     "shortuuid",
     "numpy",
     "pyyaml",
+    "pillow",  # lmdeploy's serve package imports PIL even for the proxy
 ]
 MODEL = "distserve-reference"
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
@@ -823,62 +824,64 @@ async def first_success(session, url: str, timeout: float = 60.0) -> float:
 
 async def cold_start(args, etcd: list[str], results: dict, proxy_ok: bool) -> None:
     rows = results.setdefault("cold", [])
-    for size in args.cold_sizes:
-        for mode in ["distserve", "lmdeploy"] if proxy_ok else ["distserve"]:
-            cluster = f"bench-cold-{size}-{mode}"
-            engines = Engines(size, etcd if mode == "distserve" else None, cluster, f"cold{size}",
-                              split=args.split_engines and size > 1)
-            proc = None
-            try:
+    runs = [(rep, size, mode) for rep in range(args.repeats) for size in args.cold_sizes
+            for mode in (["distserve", "lmdeploy"] if proxy_ok else ["distserve"])]
+    for rep, size, mode in runs:  # repeats interleaved, so load changes hit every size and front end alike
+        cluster = f"bench-cold-{size}-{mode}-{rep}"  # fresh per run: no record of an earlier run counts
+        engines = Engines(size, etcd if mode == "distserve" else None, cluster, f"cold{size}",
+                          split=args.split_engines and size > 1)
+        proc = None
+        try:
+            if mode == "distserve":
+                await wait_links(etcd, cluster, size * size)
+            before = handshakes(engines.urls)
+            async with new_session() as session:
                 if mode == "distserve":
-                    await wait_links(etcd, cluster, size * size)
-                before = handshakes(engines.urls)
-                async with new_session() as session:
-                    if mode == "distserve":
-                        proc, url = start_router(etcd, cluster, f"cold{size}")
-                    else:
-                        proc, url = start_proxy(f"cold{size}")
-                    t0 = proc.started
-                    if (
-                        mode == "lmdeploy"
-                    ):  # engines register themselves when they (re)start: do it as they would
-                        while True:
-                            try:
-                                await register_with_proxy(session, url, engines)
-                                break
-                            except Exception:  # noqa: BLE001 - proxy not listening yet
-                                await asyncio.sleep(0.005)
-                    t1 = await first_success(session, url)
-                    at_first = handshakes(engines.urls) - before
-                    lat = await burst(Client(session, mode, url, False), 256)
-                    after = handshakes(engines.urls) - before
-                    # the same burst from a fresh client straight to the engines: what the engines allow
-                    async with new_session() as direct_session:
-                        direct = await burst(Client(direct_session, "direct", (engines.prefills, engines.decodes),
-                                                    False), 256)
-                rows.append(
-                    {
-                        "size": size,
-                        "mode": mode,
-                        "first_success_s": t1 - t0,
-                        "handshakes_first": at_first,
-                        "handshakes_after_burst": after,
-                        "burst_p99": pct(lat, 99),
-                        "burst_p50": pct(lat, 50),
-                        "burst_failed": sum(x == FAILED for x in lat),
-                        "direct_burst_p50": pct(direct, 50),
-                        "direct_burst_p99": pct(direct, 99),
-                    }
-                )
-                print(
-                    f"[bench] cold {size}x{size} {mode}: first success {t1 - t0:.3f} s, handshakes {at_first:.0f}"
-                    f" -> {after:.0f} after burst, burst p99 {pct(lat, 99) * 1e3:.1f} ms",
-                    file=sys.stderr,
-                )
-            finally:
-                if proc:
-                    proc.kill()
-                engines.stop()
+                    proc, url = start_router(etcd, cluster, f"cold{size}")
+                else:
+                    proc, url = start_proxy(f"cold{size}")
+                t0 = proc.started
+                if (
+                    mode == "lmdeploy"
+                ):  # engines register themselves when they (re)start: do it as they would
+                    while True:
+                        try:
+                            await register_with_proxy(session, url, engines)
+                            break
+                        except Exception:  # noqa: BLE001 - proxy not listening yet
+                            await asyncio.sleep(0.005)
+                t1 = await first_success(session, url)
+                at_first = handshakes(engines.urls) - before
+                lat = await burst(Client(session, mode, url, False), 256)
+                after = handshakes(engines.urls) - before
+                # the same burst from a fresh client straight to the engines: what the engines allow
+                async with new_session() as direct_session:
+                    direct = await burst(Client(direct_session, "direct", (engines.prefills, engines.decodes),
+                                                False), 256)
+            rows.append(
+                {
+                    "rep": rep,
+                    "size": size,
+                    "mode": mode,
+                    "first_success_s": t1 - t0,
+                    "handshakes_first": at_first,
+                    "handshakes_after_burst": after,
+                    "burst_p99": pct(lat, 99),
+                    "burst_p50": pct(lat, 50),
+                    "burst_failed": sum(x == FAILED for x in lat),
+                    "direct_burst_p50": pct(direct, 50),
+                    "direct_burst_p99": pct(direct, 99),
+                }
+            )
+            print(
+                f"[bench] cold {size}x{size} {mode}: first success {t1 - t0:.3f} s, handshakes {at_first:.0f}"
+                f" -> {after:.0f} after burst, burst p99 {pct(lat, 99) * 1e3:.1f} ms",
+                file=sys.stderr,
+            )
+        finally:
+            if proc:
+                proc.kill()
+            engines.stop()
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -938,7 +941,7 @@ def report(results: dict) -> str:
             "at first success / after burst | burst of 256: p50 / p99 | same burst, direct: p50 / p99 |"
         )
         out.append("| --- | --- | --- | --- | --- | --- |")
-        for r in cold:
+        for r in _cold_medians(cold):
             out.append(
                 f"| {r['size']}x{r['size']} | {r['mode']} | {r['first_success_s']:.3f} s | "
                 f"{r['handshakes_first']:.0f} / {r['handshakes_after_burst']:.0f} | "
@@ -948,6 +951,17 @@ def report(results: dict) -> str:
                 f"{r['direct_burst_p50'] * 1e3:.1f} / {r['direct_burst_p99'] * 1e3:.1f} ms |"
             )
     return "\n".join(out)
+
+
+def _cold_medians(cold: list[dict]) -> list[dict]:
+    """One row per (size, front end): the median of its repeats (unanswered requests summed)."""
+    out = []
+    for size, mode in dict.fromkeys((r["size"], r["mode"]) for r in cold):
+        rs = [r for r in cold if r["size"] == size and r["mode"] == mode]
+        row = {k: statistics.median(r[k] for r in rs) for k in rs[0] if k not in ("rep", "size", "mode")}
+        row.update(size=size, mode=mode, burst_failed=sum(r["burst_failed"] for r in rs), repeats=len(rs))
+        out.append(row)
+    return out
 
 
 async def amain(args) -> int:
