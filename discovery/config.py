@@ -8,13 +8,14 @@ over environment variables). The password is a `SecretStr`: it never shows in a 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 DEFAULT_ENDPOINT = "http://127.0.0.1:2379"
 
@@ -25,6 +26,23 @@ ENV_KEY = "DISTSERVE_ETCD_KEY"
 ENV_USER = "DISTSERVE_ETCD_USER"
 ENV_PASSWORD = "DISTSERVE_ETCD_PASSWORD"
 ENV_TIMEOUT = "DISTSERVE_ETCD_TIMEOUT"
+
+# A bound on one etcd call, retries included: beyond an hour a caller is hung, not patient.
+MAX_TIMEOUT_S = 3600.0
+
+ENDPOINT_FORM = "expected http(s)://host:port"
+
+# field -> (command-line option, environment variable): how an error names the value at fault
+_SOURCES = {
+    "endpoints": ("--etcd", ENV_ENDPOINTS), "ca_cert": ("--etcd-ca", ENV_CA), "cert": ("--etcd-cert", ENV_CERT),
+    "key": ("--etcd-key", ENV_KEY), "user": ("--etcd-user", ENV_USER), "password": ("--etcd-password", ENV_PASSWORD),
+    "timeout": ("--etcd-timeout", ENV_TIMEOUT),
+}
+
+
+class EtcdConfigError(ValueError):
+    """Bad etcd settings from options or variables: one line naming the option or variable at fault
+    (`invalid --etcd endpoint 'htp:/x': expected http(s)://host:port`); never echoes the password."""
 
 
 @dataclass(frozen=True)
@@ -43,25 +61,30 @@ class Endpoint:
 
 
 def parse_endpoint(text: str) -> Endpoint:
-    """Accept `http://h:p`, `https://h:p` or a bare `h:p` (plain, unless a CA is configured)."""
+    """Accept `http://h:p`, `https://h:p` or a bare `h:p` (plain, unless a CA is configured).
+
+    Errors read "endpoint 'TEXT': what is wrong", to follow "invalid --etcd" or the like."""
     raw = text.strip()
     if not raw:
-        raise ValueError("empty etcd endpoint")
+        raise ValueError(f"empty endpoint: {ENDPOINT_FORM}")
     if "://" not in raw:
         raw = f"http://{raw}"
     parts = urlsplit(raw)
     if parts.scheme not in ("http", "https"):
-        raise ValueError(f"etcd endpoint {text!r}: scheme must be http or https")
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"etcd endpoint {text!r}: expected scheme://host:port only")
+        raise ValueError(f"endpoint {text!r}: {ENDPOINT_FORM}, not {parts.scheme}://")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ValueError(f"endpoint {text!r}: {ENDPOINT_FORM}")
     try:
         port = parts.port
     except ValueError:
-        raise ValueError(f"etcd endpoint {text!r}: invalid port") from None
-    if not parts.hostname:
-        raise ValueError(f"etcd endpoint {text!r}: missing host")
+        raise ValueError(f"endpoint {text!r}: the port must be a number 1-65535") from None
+    host = parts.hostname
+    if not host or any(c.isspace() or c in "\\[]<>\"'`" for c in host):
+        raise ValueError(f"endpoint {text!r}: {'missing' if not host else 'bad'} host; {ENDPOINT_FORM}")
+    if port == 0:  # urlsplit accepts 0; nothing listens there
+        raise ValueError(f"endpoint {text!r}: the port must be a number 1-65535")
     port = port or 2379
-    return Endpoint(url=f"{parts.scheme}://{_host_for_url(parts.hostname)}:{port}", host=parts.hostname,
+    return Endpoint(url=f"{parts.scheme}://{_host_for_url(host)}:{port}", host=host,
                     port=port, tls=parts.scheme == "https")
 
 
@@ -74,7 +97,7 @@ class EtcdConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    endpoints: list[str] = Field(default_factory=lambda: [DEFAULT_ENDPOINT], min_length=1)
+    endpoints: list[str] = Field(default_factory=lambda: [DEFAULT_ENDPOINT])  # at least one: _check_endpoints
     ca_cert: str | None = None  # CA bundle that signed the etcd server certificates (turns TLS on)
     cert: str | None = None  # client certificate (mutual TLS), needs `key`
     key: str | None = None
@@ -95,25 +118,39 @@ class EtcdConfig(BaseModel):
     @field_validator("endpoints")
     @classmethod
     def _check_endpoints(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError(f"no endpoint given: {ENDPOINT_FORM}")
         return [parse_endpoint(item).url for item in value]
 
     @field_validator("timeout", "token_refresh_interval")
     @classmethod
     def _positive(cls, value: float) -> float:
-        if not value > 0:
-            raise ValueError("must be > 0 seconds")
+        # inf would wait forever and nan compares false everywhere: both are refused
+        if not (math.isfinite(value) and 0 < value <= MAX_TIMEOUT_S):
+            raise ValueError(f"must be a number of seconds > 0 and <= {MAX_TIMEOUT_S:g}")
+        return value
+
+    @field_validator("ca_cert", "cert", "key")
+    @classmethod
+    def _readable_file(cls, value: str | None) -> str | None:
+        # checked here, not at the first connection: a typo is a bad argument, not "etcd unreachable"
+        if value:
+            path = Path(value)
+            if not path.exists():
+                raise ValueError("no such file")
+            if not path.is_file():
+                raise ValueError("not a file")
+            if not os.access(path, os.R_OK):
+                raise ValueError("not readable (permission denied)")
         return value
 
     @model_validator(mode="after")
     def _check_pairs(self) -> "EtcdConfig":
         if bool(self.cert) != bool(self.key):
-            raise ValueError("a client certificate needs both cert and key")
+            raise ValueError("a client certificate needs both cert and key (--etcd-cert and --etcd-key, or "
+                             f"{ENV_CERT} and {ENV_KEY})")
         if self.password is not None and not self.user:
-            raise ValueError("a password needs a user")
-        for name in ("ca_cert", "cert", "key"):
-            path = getattr(self, name)
-            if path and not Path(path).is_file():
-                raise ValueError(f"{name}: no such file: {path}")
+            raise ValueError(f"a password needs a user (--etcd-user or {ENV_USER})")
         return self
 
     # --- derived -------------------------------------------------------------------------------------
@@ -143,8 +180,11 @@ class EtcdConfig(BaseModel):
 
     # --- environment and command line ----------------------------------------------------------------
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: object) -> "EtcdConfig":
-        """Read DISTSERVE_ETCD_ENDPOINTS (comma list), _CA, _CERT, _KEY, _USER, _PASSWORD, _TIMEOUT."""
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, _from_options: bool = False,
+                 **overrides: object) -> "EtcdConfig":
+        """Read DISTSERVE_ETCD_ENDPOINTS (comma list), _CA, _CERT, _KEY, _USER, _PASSWORD, _TIMEOUT.
+
+        Raises EtcdConfigError (a ValueError) whose message names the variable (or option) at fault."""
         env = os.environ if environ is None else environ
         values: dict[str, object] = {}
         mapping = {
@@ -155,8 +195,14 @@ class EtcdConfig(BaseModel):
             raw = env.get(var)
             if raw is not None and raw.strip() != "":
                 values[field] = raw.strip() if field != "password" else raw
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        values.update(given)
+        labels = {field: mapping[field] for field in values if field in mapping and field not in given}
+        labels.update({field: _SOURCES[field][0] if _from_options else field for field in given if field in _SOURCES})
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise EtcdConfigError(_one_line(exc, labels)) from None
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -174,9 +220,12 @@ class EtcdConfig(BaseModel):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> "EtcdConfig":
-        """Options from add_arguments(); each one given wins over its environment variable."""
+        """Options from add_arguments(); each one given wins over its environment variable.
+
+        Raises EtcdConfigError: one line naming the option (or variable) at fault, for the CLI to print."""
         return cls.from_env(
             environ,
+            _from_options=True,
             endpoints=getattr(args, "etcd_endpoints", None),
             ca_cert=getattr(args, "etcd_ca", None),
             cert=getattr(args, "etcd_cert", None),
@@ -187,13 +236,30 @@ class EtcdConfig(BaseModel):
         )
 
 
+def _one_line(exc: ValidationError, labels: Mapping[str, str]) -> str:
+    """"invalid --etcd-timeout -1.0: must be ..." for each error, joined; never the password's value."""
+    parts = []
+    for err in exc.errors():
+        loc = err.get("loc", ())
+        field = str(loc[0]) if loc else ""
+        msg = str(err.get("msg", "")).removeprefix("Value error, ")
+        if not field:  # a rule across fields: its message names them
+            parts.append(msg)
+            continue
+        label = labels.get(field, field)
+        if field == "endpoints" and msg.startswith("endpoint "):  # the message names the endpoint
+            parts.append(f"invalid {label} {msg}")
+        elif field in ("endpoints", "password"):
+            parts.append(f"invalid {label}: {msg}")
+        else:
+            parts.append(f"invalid {label} {err.get('input')!r}: {msg}")
+    return "; ".join(parts) or "invalid etcd configuration"
+
+
 def config_error_message(exc: Exception) -> str:
-    """One line for a CLI from a pydantic ValidationError (never echoes the password)."""
-    errors = getattr(exc, "errors", None)
-    if callable(errors):
-        parts = []
-        for err in errors():
-            loc = ".".join(str(x) for x in err.get("loc", ())) or "etcd config"
-            parts.append(f"{loc}: {err.get('msg', '')}".replace("Value error, ", ""))
-        return "invalid etcd configuration: " + "; ".join(parts)
+    """One line for a CLI from an EtcdConfigError or a pydantic ValidationError (never echoes the password)."""
+    if isinstance(exc, EtcdConfigError):
+        return str(exc)
+    if isinstance(exc, ValidationError):
+        return _one_line(exc, {"endpoints": "etcd"})
     return f"invalid etcd configuration: {exc}"

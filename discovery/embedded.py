@@ -7,6 +7,11 @@ see docs/etcd-clients.md); `DISTSERVE_ETCD_BINARY` or `etcd` on PATH are used wh
 Each member listens on three loopback ports: client (gRPC), peer (raft) and metrics (plain HTTP /health,
 so health can be checked without client certificates). `kill()`/`pause()`/`resume()`/`restart()` act on
 the same ports and the same data directory, as a crash, a freeze or a reboot would.
+
+etcd keeps every revision of every key until it is compacted, in memory (its key index) and on disk. Nothing
+compacts by default: a long-lived member (`distserve up`, `distserve etcd`) passes an AutoCompaction, so a
+cluster rewriting its load records stays flat (docs/deploy.md). Tests leave it off unless they test it;
+watchers handle a compacted revision anyway (discovery.watch re-lists).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,6 +35,9 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, model_validator
 
 HOST = "127.0.0.1"
 PORTS_FILE = "distserve-ports.json"  # in a kept data dir: the ports it was created with
@@ -46,6 +55,65 @@ class TLSFiles:
     key: str
     ca: str | None = None
     client_cert_auth: bool = False
+
+
+_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+MAX_PERIODIC_RETENTION = 7 * 24 * 3600  # seconds; beyond a week the history itself is the leak
+MAX_REVISION_RETENTION = 100_000_000
+
+
+class AutoCompaction(BaseModel):
+    """etcd's --auto-compaction-mode/--auto-compaction-retention, checked before etcd ever sees them.
+
+    periodic: keep at least `retention` (a duration like "30s", "10m", "1h30m") of history; etcd compacts
+    every `retention` (every hour when longer). revision: keep the last `retention` revisions (an integer);
+    etcd checks every 5 minutes. Written as "periodic:10m", "revision:10000" or "off" on command lines."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: Literal["periodic", "revision"] = "periodic"
+    retention: str = "10m"
+
+    @model_validator(mode="after")
+    def _bounded(self) -> "AutoCompaction":
+        if self.mode == "periodic":
+            match = _DURATION.match(self.retention)
+            if not self.retention or match is None:
+                raise ValueError(f"periodic retention {self.retention!r}: use a duration like 30s, 10m, 1h or 1h30m")
+            seconds = sum(int(v or 0) * k for v, k in zip(match.groups(), (3600, 60, 1)))
+            if not 1 <= seconds <= MAX_PERIODIC_RETENTION:
+                raise ValueError(f"periodic retention {self.retention!r}: must be 1s to 168h")
+        elif not (self.retention.isdigit() and 1 <= int(self.retention) <= MAX_REVISION_RETENTION):
+            raise ValueError(f"revision retention {self.retention!r}: must be an integer 1-{MAX_REVISION_RETENTION}")
+        return self
+
+    @classmethod
+    def parse(cls, text: str) -> "AutoCompaction | None":
+        """"periodic:10m", "revision:10000" or "off" (None); raises ValueError with a one-line reason."""
+        text = text.strip()
+        if text.lower() == "off":
+            return None
+        mode, sep, retention = text.partition(":")
+        if not sep or mode not in ("periodic", "revision"):
+            raise ValueError(f"auto-compaction {text!r}: use periodic:DURATION (e.g. periodic:10m), "
+                             "revision:COUNT (e.g. revision:10000) or off")
+        try:
+            return cls(mode=mode, retention=retention)  # type: ignore[arg-type]
+        except ValueError as exc:  # pydantic's ValidationError is a ValueError; keep only our reason
+            errors = getattr(exc, "errors", None)
+            reason = errors()[0]["msg"].removeprefix("Value error, ") if callable(errors) else str(exc)
+            raise ValueError(f"auto-compaction {text!r}: {reason}") from None
+
+    def __str__(self) -> str:
+        return f"{self.mode}:{self.retention}"
+
+    def args(self) -> list[str]:
+        return [f"--auto-compaction-mode={self.mode}", f"--auto-compaction-retention={self.retention}"]
+
+
+# What `distserve up` and `distserve etcd` run with: ten minutes of history is plenty for a watcher to
+# resume after a blip (a longer outage re-lists), and bounds etcd's memory to ~10-20 minutes of writes.
+DEFAULT_AUTO_COMPACTION = AutoCompaction(mode="periodic", retention="10m")
 
 
 def etcd_binary(name: str = "etcd") -> str:
@@ -116,8 +184,10 @@ class EmbeddedEtcd:
         extra_args: Sequence[str] = (),
         start_timeout: float = 30.0,
         log_level: str = "warn",
+        auto_compaction: AutoCompaction | None = None,
     ) -> None:
         self.name = name
+        self.auto_compaction = auto_compaction
         self.host = host
         self.tls = tls
         self.unsafe_no_fsync = unsafe_no_fsync
@@ -183,6 +253,8 @@ class EmbeddedEtcd:
         ]
         if self.unsafe_no_fsync:
             args.append("--unsafe-no-fsync")
+        if self.auto_compaction is not None:
+            args += self.auto_compaction.args()
         if self.tls:
             args += [f"--cert-file={self.tls.cert}", f"--key-file={self.tls.key}"]
             if self.tls.ca:
@@ -193,6 +265,11 @@ class EmbeddedEtcd:
 
     def alive(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def returncode(self) -> int | None:
+        """The exit code of the last process (negative: killed by that signal); None while it runs."""
+        return self._proc.poll() if self._proc is not None else None
 
     def launch(self) -> None:
         """Start the process without waiting for health (a cluster starts all members, then waits)."""
@@ -347,6 +424,7 @@ class EmbeddedEtcdCluster:
         unsafe_no_fsync: bool = False,
         extra_args: Sequence[str] = (),
         start_timeout: float = 30.0,
+        auto_compaction: AutoCompaction | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("cluster size must be >= 1")
@@ -357,7 +435,7 @@ class EmbeddedEtcdCluster:
             member_dir = Path(data_dir, f"m{i}") if data_dir is not None else None
             self.members.append(EmbeddedEtcd(
                 name=f"m{i}", data_dir=member_dir, tls=tls, unsafe_no_fsync=unsafe_no_fsync,
-                extra_args=extra_args, start_timeout=start_timeout,
+                extra_args=extra_args, start_timeout=start_timeout, auto_compaction=auto_compaction,
             ))
         initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
         for m in self.members:

@@ -1,7 +1,8 @@
 """`distserve etcd`: a real etcd in the foreground for local clusters and demos.
 
 Prints the client URL (comma-separated for 3 members) as the first line on stdout, then runs until
-SIGINT/SIGTERM and stops cleanly (a temporary data dir is removed; `--data-dir` is kept).
+SIGINT/SIGTERM and stops cleanly (a temporary data dir is removed; `--data-dir` is kept). Old revisions
+are compacted automatically (--auto-compaction, default periodic:10m), so a long-running one stays flat.
 Production: run your own etcd 3.4.22+ or 3.5.6+ (docs/etcd-clients.md) and point --etcd at it.
 """
 
@@ -13,7 +14,13 @@ import signal
 import sys
 import threading
 
-from discovery.embedded import EmbeddedEtcd, EmbeddedEtcdCluster, EmbeddedEtcdError
+from discovery.embedded import (
+    DEFAULT_AUTO_COMPACTION,
+    AutoCompaction,
+    EmbeddedEtcd,
+    EmbeddedEtcdCluster,
+    EmbeddedEtcdError,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="interface to bind, a loopback or private address (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=None,
                         help="client port of a single node (default: a free port)")
+    parser.add_argument("--auto-compaction", default=str(DEFAULT_AUTO_COMPACTION), metavar="MODE:RETENTION",
+                        help="compact old revisions: periodic:DURATION (keep that much history), "
+                             "revision:COUNT (keep that many revisions) or off "
+                             f"(default {DEFAULT_AUTO_COMPACTION}; see docs/deploy.md)")
 
 
 def _check_host(host: str) -> str | None:
@@ -45,6 +56,12 @@ def main(args: argparse.Namespace) -> int:
         problem = "--port applies to a single node only"
     if problem is None and args.port is not None and not 0 < args.port < 65536:
         problem = f"--port {args.port} is not a TCP port"
+    compaction: AutoCompaction | None = None
+    if problem is None:
+        try:
+            compaction = AutoCompaction.parse(args.auto_compaction)
+        except ValueError as exc:
+            problem = f"--{exc}"
     if problem:
         print(f"distserve etcd: {problem}", file=sys.stderr)
         return 2
@@ -53,9 +70,10 @@ def main(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     server: EmbeddedEtcd | EmbeddedEtcdCluster
     if args.cluster_size == 1:
-        server = EmbeddedEtcd(name="distserve", data_dir=args.data_dir, host=args.host, client_port=args.port)
+        server = EmbeddedEtcd(name="distserve", data_dir=args.data_dir, host=args.host, client_port=args.port,
+                              auto_compaction=compaction)
     else:
-        server = EmbeddedEtcdCluster(size=3, data_dir=args.data_dir)
+        server = EmbeddedEtcdCluster(size=3, data_dir=args.data_dir, auto_compaction=compaction)
         for member in server.members:
             member.host = args.host
     try:

@@ -7,11 +7,11 @@ accept unknown extra fields, so adding an optional field does not bump the versi
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from discovery.record import VersionedRecord
+from discovery.record import MalformedRecord, VersionedRecord
 
 Role = Literal["prefill", "decode", "hybrid"]
 EngineState = Literal["starting", "ready", "draining", "unhealthy"]
@@ -94,6 +94,9 @@ class EngineRecord(VersionedRecord):
     started_at: float = Field(default_factory=now)
     registered_at: float = Field(default_factory=now)
     state_reason: str | None = None
+    # Context length in tokens (engine_info's `max_model_len`), None when the engine does not say: routers
+    # reject a request that fits no engine before calling any (docs/router.md "Context length").
+    max_model_len: int | None = Field(None, ge=1)
 
     @property
     def handshake_id(self) -> str:
@@ -164,13 +167,103 @@ class RouterRecord(VersionedRecord):
 
 StrategyName = Literal["random", "round_robin", "min_expected_latency", "power_of_two", "prefix_affinity"]
 
+# Hard bounds of the routing config (docs/router.md "Routing config"). distserve-ctl refuses a value outside
+# them; a router that reads one keeps its last good config. They bound what one bad value can cost a router:
+# a weight scales its engine's share of the prefix_affinity ring, vnodes its ring's size.
+MAX_WEIGHT = 100.0
+MAX_WEIGHTS = 10_000  # engines with a weight
+MAX_VNODES = 1024  # ring points per engine of weight 1 (the ring itself is capped too, see strategies.py)
+MAX_PREFIX_CHARS = 16_384
+MAX_LOAD_FACTOR = 100.0
+
+
+class StrategyParams(BaseModel):
+    """A strategy's knobs: typed, bounded, strict (no "1.5" for 1.5, no true for 1); unknown names refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class NoParams(StrategyParams):
+    """random, round_robin, min_expected_latency and power_of_two take no params."""
+
+
+class PrefixAffinityParams(StrategyParams):
+    # Characters of the prompt hashed onto the ring (chat: the messages' roles and texts).
+    prefix_chars: int = Field(256, ge=1, le=MAX_PREFIX_CHARS)
+    # An engine above load_factor x the average load is passed over for the next one on the ring.
+    load_factor: float = Field(1.25, ge=1.0, le=MAX_LOAD_FACTOR, allow_inf_nan=False)
+    # Ring points per engine, times its weight.
+    vnodes: int = Field(64, ge=1, le=MAX_VNODES)
+
+
+STRATEGY_PARAMS: dict[str, type[StrategyParams]] = {
+    "random": NoParams,
+    "round_robin": NoParams,
+    "min_expected_latency": NoParams,
+    "power_of_two": NoParams,
+    "prefix_affinity": PrefixAffinityParams,
+}
+
+Weight = Annotated[float, Field(gt=0.0, le=MAX_WEIGHT, allow_inf_nan=False, strict=True)]
+
 
 class RoutingConfig(VersionedRecord):
-    """config/routing: hot-reloaded by every router."""
+    """config/routing: hot-reloaded by every router; the one schema distserve-ctl writes and routers read."""
 
     strategy: StrategyName = "min_expected_latency"
-    # Per-engine weights (engine id -> weight > 0); engines not listed weigh 1.0.
-    weights: dict[str, float] = Field(default_factory=dict)
-    # Strategy knobs, e.g. {"prefix_chars": 256, "load_factor": 1.25} for prefix_affinity.
+    # Per-engine weights (engine id -> 0 < weight <= MAX_WEIGHT); engines not listed weigh 1.0.
+    weights: dict[str, Weight] = Field(default_factory=dict, max_length=MAX_WEIGHTS)
+    # The strategy's knobs (STRATEGY_PARAMS[strategy]), e.g. {"prefix_chars": 256, "load_factor": 1.25} for
+    # prefix_affinity; only the ones set are stored, the others take their defaults.
     params: dict[str, Any] = Field(default_factory=dict)
     updated_at: float = Field(default_factory=now)
+
+    @model_validator(mode="after")
+    def _typed_params(self) -> "RoutingConfig":
+        model = STRATEGY_PARAMS[self.strategy]
+        unknown = sorted(set(self.params) - set(model.model_fields))
+        if unknown:
+            known = ", ".join(model.model_fields) or "none"
+            raise ValueError(f"params.{unknown[0]} is not a parameter of strategy {self.strategy} "
+                             f"(its parameters: {known})")
+        try:
+            typed = model.model_validate(self.params)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            where = ".".join(str(x) for x in err["loc"])
+            raise ValueError(f"params.{where}: {err['msg']} (got {err.get('input')!r:.60})") from None
+        self.params = typed.model_dump(exclude_unset=True)
+        return self
+
+    def strategy_params(self) -> StrategyParams:
+        """The typed params of this config's strategy, defaults filled in."""
+        return STRATEGY_PARAMS[self.strategy].model_validate(self.params)
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> "RoutingConfig":
+        try:
+            return super().decode(raw)
+        except MalformedRecord:
+            try:  # again, for a message that names the bad key and value in one short line
+                cls.model_validate_json(raw)
+            except ValidationError as exc:
+                raise MalformedRecord(f"RoutingConfig: {explain(exc)}") from None
+            except ValueError:
+                pass
+            raise
+
+
+def explain(exc: ValidationError, limit: int = 3) -> str:
+    """One line naming each bad field and value, e.g. `weights.P1: Input should be greater than 0 (got 0)`."""
+    parts = []
+    for err in exc.errors()[:limit]:
+        where = ".".join(str(x) for x in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "value_error":  # our own validator: its message names the field and value
+            parts.append(msg.removeprefix("Value error, "))
+        else:
+            shown = repr(err.get("input"))
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            parts.append(f"{where or 'value'}: {msg} (got {shown})")
+    more = len(exc.errors()) - limit
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")

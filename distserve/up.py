@@ -2,13 +2,19 @@
 
     distserve up [--prefill N] [--decode M] [--routers R] [--etcd ENDPOINTS] [--port BASE] [--smoke]
 
-Starts an embedded etcd (unless endpoints are given), N prefill and M decode reference engines, each with
-its in-process agent, and R router replicas; waits until every router answers GET /health/ready; prints
-where everything listens and the `distserve-ctl` command to inspect it. Ctrl-C or SIGTERM stops
-everything in order: routers, then engines (their agents revoke their leases), then etcd (its temporary
-data directory is removed). With --smoke it sends a completion and a streamed chat completion through
-every router with the official `openai` client, prints the answers and `distserve-ctl status`, stops, and
-exits 0, or 1 with the reason.
+Every option is checked before anything starts (a bad one: one line on stderr, exit 2; the engines' and
+routers' own options are checked by their own parsers). Then it starts an embedded etcd (unless endpoints
+are given; with auto-compaction, so it stays flat however long it runs), N prefill and M decode reference
+engines, each with its in-process agent, and R router replicas; waits until every router answers
+GET /health/ready; prints where everything listens and the `distserve-ctl` command to inspect it.
+
+While it runs it supervises: a router or engine (with its agent) that exits for any reason is reported
+and restarted on the same port with the same id, after a bounded, jittered back-off that grows while it
+keeps crashing and starts over once it has stayed up a while; the rest keeps serving meanwhile. Only the
+embedded etcd's death, Ctrl-C or SIGTERM stops everything, in order: routers, then engines (their agents
+revoke their leases), then etcd (its temporary data directory is removed). With --smoke it sends a
+completion and a streamed chat completion through every router with the official `openai` client, prints
+the answers and `distserve-ctl status`, stops, and exits 0, or 1 with the reason.
 
 Every component is a separate OS process in its own process group (a Ctrl-C in the terminal reaches
 only this process, which stops the others in order); each child also gets SIGTERM if this process dies.
@@ -20,6 +26,8 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import ipaddress
+import math
 import os
 import secrets
 import shlex
@@ -40,6 +48,13 @@ ETCD_ENV_VARS = ("DISTSERVE_ETCD_ENDPOINTS", "DISTSERVE_ETCD_CA", "DISTSERVE_ETC
 STOP_GRACE = 15.0  # seconds a component gets after SIGTERM before its process group is killed
 SMOKE_PROMPT = "The capital of France is"
 SMOKE_CHAT = "Say hello to distserve."
+MAX_COMPONENTS = 64  # per kind: more is no longer a local cluster
+MAX_TIMEOUT = 3600.0
+# Restarts: the first after ~RESTART_BASE s, doubling while a component keeps dying, at most RESTART_CAP s
+# apart; one that stayed up RESTART_RESET_AFTER s counts as recovered (its next crash waits RESTART_BASE).
+RESTART_BASE = 0.5
+RESTART_CAP = 30.0
+RESTART_RESET_AFTER = 60.0
 
 
 class UpError(Exception):
@@ -66,6 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-keys", nargs="+", default=None, metavar="KEY",
                         help="client API keys the routers require (env DISTSERVE_API_KEYS, comma separated; "
                              "default: none, the routers are open on --host)")
+    parser.add_argument("--model", metavar="DIR", help="a local Hugging Face checkpoint (Llama, Qwen2, Mistral) "
+                        "every engine serves (default: the built-in random model; docs/reference-engine.md)")
     parser.add_argument("--model-config", metavar="FILE", help="reference engine model configuration (JSON)")
     parser.add_argument("--null", action="store_true",
                         help="null engines: no model, instant answers (the control plane only; no torch)")
@@ -81,26 +98,189 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="send a completion and a streamed chat completion through every router, print "
                              "them and distserve-ctl status, stop, exit 0 (or 1 with the reason)")
     EtcdConfig.add_arguments(parser)
+    parser.add_argument("--etcd-auto-compaction", default=None, metavar="MODE:RETENTION",
+                        help="the embedded etcd compacts old revisions: periodic:DURATION, revision:COUNT or off "
+                             "(default periodic:10m; an external etcd is configured by its operator)")
     for action in parser._actions:
         if action.dest == "etcd_endpoints":
             action.help = ("use this etcd, comma-separated client URLs (env DISTSERVE_ETCD_ENDPOINTS), instead of "
                            "starting an embedded one")
 
 
-def _validate(args: argparse.Namespace) -> None:
-    for name, least in (("prefill", 1), ("decode", 1), ("routers", 1)):
-        if getattr(args, name) < least:
-            raise UpError(f"--{name} must be at least {least}")
-    if args.timeout <= 0:
-        raise UpError("--timeout must be > 0")
+# ---- validation: everything is checked before anything starts --------------------------------------------
+@dataclass
+class Checked:
+    """What validation parsed, for start() to use (never parsed twice)."""
+
+    etcd_config: object | None = None  # discovery.config.EtcdConfig for an external etcd, else None
+    auto_compaction: object | None = None  # discovery.embedded.AutoCompaction for the embedded etcd, or None (off)
+    client_keys: list[str] = field(default_factory=list)
+
+
+def _uses_external_etcd(args: argparse.Namespace) -> bool:
+    return bool(args.etcd_endpoints or os.environ.get("DISTSERVE_ETCD_ENDPOINTS"))
+
+
+def _validate(args: argparse.Namespace) -> Checked:
+    """Raises UpError (one line) for the first bad option."""
+    from discovery.config import EtcdConfig, config_error_message
+    from discovery.embedded import DEFAULT_AUTO_COMPACTION, AutoCompaction
+    from distserve.keys import validate_id
+
+    checked = Checked()
+    for name in ("prefill", "decode", "routers"):
+        if not 1 <= getattr(args, name) <= MAX_COMPONENTS:
+            raise UpError(f"--{name} must be at least 1" if getattr(args, name) < 1 else
+                          f"--{name} must be at most {MAX_COMPONENTS}")
+    if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT):
+        raise UpError(f"--timeout must be > 0 and at most {MAX_TIMEOUT:.0f} seconds")
     total = args.prefill + args.decode + args.routers
     if args.port < 0 or args.port + total - 1 > 65535 or 0 < args.port < 1024:
         raise UpError(f"--port {args.port}: need {total} ports from BASE, within 1024-65535 (or 0 for free ports)")
+    try:
+        validate_id(args.cluster, "cluster name")
+    except ValueError as exc:
+        raise UpError(f"--cluster: {exc}") from None
+    _check_host(args.host)
+    if args.log_dir and Path(args.log_dir).exists() and not Path(args.log_dir).is_dir():
+        raise UpError(f"--log-dir {args.log_dir}: not a directory")
+    if args.model and not Path(args.model).is_dir():
+        raise UpError(f"--model {args.model}: no such directory")
+    if args.model_config and not Path(args.model_config).is_file():
+        raise UpError(f"--model-config {args.model_config}: no such file")
+    keys = list(args.api_keys or []) or [
+        k.strip() for k in os.environ.get("DISTSERVE_API_KEYS", "").split(",") if k.strip()]
+    for key in keys:  # they reach the routers comma-joined in DISTSERVE_API_KEYS
+        if not key or any(c.isspace() or c == "," for c in key):
+            raise UpError("--api-keys: a key must be non-empty, without spaces or commas")
+    checked.client_keys = keys
+    if args.strategy is not None:
+        from distserve.router.strategies import STRATEGIES
+
+        if args.strategy not in STRATEGIES:
+            raise UpError(f"--strategy {args.strategy!r}: unknown (choose from {', '.join(sorted(STRATEGIES))})")
     for option in ("engine_args", "router_args"):
         try:
             shlex.split(getattr(args, option))
         except ValueError as exc:
             raise UpError(f"--{option.replace('_', '-')}: {exc}") from None
+    if _uses_external_etcd(args):
+        if args.etcd_auto_compaction is not None:
+            raise UpError("--etcd-auto-compaction applies to the embedded etcd only; an external etcd's "
+                          "operator sets its compaction (docs/deploy.md)")
+        try:
+            checked.etcd_config = EtcdConfig.from_args(args)
+        except ValueError as exc:
+            raise UpError(config_error_message(exc)) from None
+    else:
+        given = [f"--{dest.replace('_', '-')}" for dest in ("etcd_ca", "etcd_cert", "etcd_key", "etcd_user",
+                                                           "etcd_password", "etcd_timeout")
+                 if getattr(args, dest) is not None]
+        if given:
+            raise UpError(f"{', '.join(given)} need --etcd: the embedded etcd has no TLS or users")
+        try:
+            checked.auto_compaction = AutoCompaction.parse(args.etcd_auto_compaction or str(DEFAULT_AUTO_COMPACTION))
+        except ValueError as exc:
+            raise UpError(f"--etcd-{exc}") from None
+    _check_component_options(args)
+    return checked
+
+
+def _check_host(host: str) -> None:
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    try:
+        # Runs before the event loop starts (main), so a blocking lookup holds up nothing else.
+        socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise UpError(f"--host {host!r}: not an IP address or a resolvable name ({exc})") from None
+
+
+class _Refused(Exception):
+    pass
+
+
+class _CheckingParser(argparse.ArgumentParser):
+    """A component's own option parser that raises where it would print its usage and exit."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise _Refused(message)
+
+
+def _check_component_options(args: argparse.Namespace) -> None:
+    """Parse what each engine and router will be given with their own parsers and settings checks, so a bad
+    --engine-args/--router-args fails here and not in a child's log; and refuse options that `up` itself sets
+    for each process (two values for a --port would leave `up` waiting on the wrong one)."""
+    from distserve.agent.options import agent_config_from_args
+    from distserve.engine import cli as engine_cli
+    from distserve.router import cli as router_cli
+
+    endpoints, port = "http://127.0.0.1:1", 1  # placeholders: the real ones are known only once etcd runs
+    checks = (
+        ("--engine-args", "distserve engine", engine_cli.add_arguments,
+         _engine_argv(args, "decode", port, endpoints, "decode-0"),
+         {"role": "decode", "host": LOCAL, "port": port, "etcd_endpoints": endpoints, "cluster": args.cluster,
+          "engine_id": "decode-0", "count": 1}),
+        ("--router-args", "distserve router", router_cli.add_arguments,
+         _router_argv(args, port, endpoints, "router-0"),
+         {"host": args.host, "port": port, "etcd_endpoints": endpoints, "cluster": args.cluster,
+          "router_id": "router-0", **({"strategy": args.strategy} if args.strategy else {})}),
+    )
+    for option, prog, add_arguments, argv, planned in checks:
+        parser = _CheckingParser(prog=prog, add_help=False)
+        add_arguments(parser)
+        blame = option
+        try:
+            ns = parser.parse_args(argv)
+            if prog == "distserve router":
+                router_cli.settings_from_args(ns)
+            else:
+                agent_config_from_args(ns, engine_url=f"http://{LOCAL}:{port}", role=ns.role)
+                blame = "--model" if args.model else "--model-config" if args.model_config else option
+                # The engine's own check (file, JSON, schema, overrides), so `up` never drifts from it.
+                engine_cli._load_model_config(ns)
+        except (_Refused, ValueError, OSError, engine_cli.ConfigError) as exc:
+            raise UpError(f"{blame}: {prog}: {_one_line(exc)}") from None
+        overridden = sorted(k for k, v in planned.items() if getattr(ns, k) != v)
+        if overridden:
+            names = ", ".join("--" + ("etcd" if k == "etcd_endpoints" else k.replace("_", "-")) for k in overridden)
+            raise UpError(f"{option}: {names} set by distserve up for each process; use up's own options")
+
+
+def _one_line(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)  # a pydantic ValidationError: its reasons, not its help links
+    if callable(errors):
+        text = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ())) or 'value'}: {e.get('msg', '')}"
+                         for e in errors())
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())[:300]
+
+
+# ---- what each component is started with (validation parses the same argv) ------------------------------
+def _engine_argv(args: argparse.Namespace, role: str, port: int, endpoints: str, engine_id: str) -> list[str]:
+    """Options after `python -m distserve engine`."""
+    argv = ["--role", role, "--host", LOCAL, "--port", str(port), "--etcd", endpoints, "--cluster", args.cluster,
+            "--engine-id", engine_id]
+    if args.model_config:
+        argv += ["--model-config", args.model_config]
+    if args.model:
+        argv += ["--model", str(Path(args.model).resolve())]  # the engines' working directory may differ
+    if args.null:
+        argv.append("--null")
+    return argv + shlex.split(args.engine_args)
+
+
+def _router_argv(args: argparse.Namespace, port: int, endpoints: str, router_id: str) -> list[str]:
+    """Options after `python -m distserve router`."""
+    argv = ["--host", args.host, "--port", str(port), "--etcd", endpoints, "--cluster", args.cluster,
+            "--router-id", router_id]
+    if args.strategy:
+        argv += ["--strategy", args.strategy]
+    return argv + shlex.split(args.router_args)
 
 
 # ---- child processes -------------------------------------------------------------------------------------
@@ -135,8 +315,10 @@ class Child:
     env: dict[str, str]
     proc: asyncio.subprocess.Process | None = None
     expected_exit: bool = False
+    started_at: float = 0.0  # time.monotonic() of the last start
 
     async def start(self) -> None:
+        self.started_at = time.monotonic()
         parent, libc = os.getpid(), _libc()
         with open(self.log_path, "ab") as log:  # noqa: ASYNC230 - a local log file, opened once per child
             self.proc = await asyncio.create_subprocess_exec(
@@ -177,6 +359,12 @@ class Child:
         self.expected_exit = True
         self._signal_group(signal.SIGKILL)
 
+    def kill_leftovers(self) -> None:
+        """After the leader exited: whatever it started in its process group goes too (before a restart)."""
+        if self.proc is not None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
     def log_tail(self, lines: int = 25) -> str:
         try:
             text = self.log_path.read_text(errors="replace").rstrip().splitlines()
@@ -186,7 +374,12 @@ class Child:
 
 
 def _port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port. SO_REUSEADDR as aiohttp (asyncio) sets it on POSIX: the
+    sockets of a cluster that just stopped linger in TIME_WAIT for a minute, and they block only a bind
+    without it; a port someone listens on is refused either way."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        if os.name == "posix":
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
@@ -219,10 +412,15 @@ def _ctl_display() -> str:
 
 
 # ---- the cluster -----------------------------------------------------------------------------------------
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
 @dataclass
 class LocalCluster:
     args: argparse.Namespace
-    say: Callable[[str], None] = print
+    checked: Checked = field(default_factory=Checked)
+    say: Callable[[str], None] = _say
     etcd: object | None = None  # discovery.embedded.EmbeddedEtcd when embedded
     etcd_config: object | None = None
     children: list[Child] = field(default_factory=list)
@@ -236,28 +434,22 @@ class LocalCluster:
 
     # -- start ----------------------------------------------------------------------------------------
     async def start(self) -> None:
-        from discovery.config import EtcdConfig, config_error_message
-
         args = self.args
+        external = self.checked.etcd_config is not None
+        ports = self._ports(args.routers + args.prefill + args.decode)  # before anything starts
         if args.log_dir:
             self.log_dir = Path(args.log_dir)
             self.log_dir.mkdir(parents=True, exist_ok=True)
         else:
             self.log_dir = Path(tempfile.mkdtemp(prefix="distserve-up-"))
             self.owns_log_dir = True
-        external = bool(args.etcd_endpoints or os.environ.get("DISTSERVE_ETCD_ENDPOINTS"))
-        ports = self._ports(args.routers + args.prefill + args.decode)  # before anything starts
         if external:
-            try:
-                self.etcd_config = EtcdConfig.from_args(args)
-            except ValueError as exc:
-                raise UpError(config_error_message(exc)) from None
+            self.etcd_config = self.checked.etcd_config
             await self._check_external_etcd()
         else:
             await self._start_embedded_etcd()
         self.token = os.environ.get("DISTSERVE_CLUSTER_TOKEN") or secrets.token_hex(16)
-        self.client_keys = list(args.api_keys or []) or [
-            k.strip() for k in os.environ.get("DISTSERVE_API_KEYS", "").split(",") if k.strip()]
+        self.client_keys = list(self.checked.client_keys)
         self._plan(external, ports)
         for child in self.children:
             await child.start()
@@ -266,8 +458,9 @@ class LocalCluster:
         from discovery.config import EtcdConfig
         from discovery.embedded import EmbeddedEtcd, EmbeddedEtcdError
 
-        # fsync off: this etcd lives in a temporary directory and dies with the cluster anyway.
-        etcd = EmbeddedEtcd(name="up", unsafe_no_fsync=True)
+        # fsync off: this etcd lives in a temporary directory and dies with the cluster anyway. Compaction on:
+        # agents rewrite their load records all the time, and etcd keeps every revision until compacted.
+        etcd = EmbeddedEtcd(name="up", unsafe_no_fsync=True, auto_compaction=self.checked.auto_compaction)
         self.etcd = etcd
         self.etcd_data_dir = str(Path(etcd.data_dir).parent)
         try:
@@ -339,21 +532,11 @@ class LocalCluster:
         for role, port in zip(roles, engine_ports):
             name = f"{role}-{counters[role]}"
             counters[role] += 1
-            argv = [*python, "engine", "--role", role, "--host", LOCAL, "--port", str(port),
-                    "--etcd", endpoints, "--cluster", args.cluster, "--engine-id", f"{prefix}{name}"]
-            if args.model_config:
-                argv += ["--model-config", args.model_config]
-            if args.null:
-                argv.append("--null")
-            argv += shlex.split(args.engine_args)
+            argv = [*python, "engine", *_engine_argv(args, role, port, endpoints, f"{prefix}{name}")]
             self._add(name, role, argv, f"http://{LOCAL}:{port}")
         for i, port in enumerate(router_ports):
             name = f"router-{i}"
-            argv = [*python, "router", "--host", args.host, "--port", str(port), "--etcd", endpoints,
-                    "--cluster", args.cluster, "--router-id", f"{prefix}{name}"]
-            if args.strategy:
-                argv += ["--strategy", args.strategy]
-            argv += shlex.split(args.router_args)
+            argv = [*python, "router", *_router_argv(args, port, endpoints, f"{prefix}{name}")]
             self._add(name, "router", argv, f"http://{_url_host(args.host)}:{port}")
 
     def _add(self, name: str, kind: str, argv: list[str], url: str) -> None:
@@ -428,16 +611,95 @@ class LocalCluster:
                 raise UpError(f"{child.name} exited with code {child.proc.returncode}\n"
                               f"  {self.log_note(child)}:\n{child.log_tail()}")
 
-    async def watch_children(self) -> str:
-        """Returns the reason as soon as a child exits unexpectedly."""
-        waits = {asyncio.ensure_future(c.proc.wait()): c for c in self.children if c.proc is not None}
-        try:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            child = waits[next(iter(done))]
-            return f"{child.name} exited with code {child.proc.returncode}\n{child.log_tail()}"
-        finally:
-            for task in waits:
-                task.cancel()
+    # -- supervision ----------------------------------------------------------------------------------
+    async def supervise(self, stop: asyncio.Event) -> str | None:
+        """Keep every component running until `stop` is set (Ctrl-C, SIGTERM); returns why everything must
+        stop when the embedded etcd died, else None. Every task started here has ended when it returns."""
+        import aiohttp
+
+        reason: list[str] = []
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as http:
+            tasks = [asyncio.create_task(self._keep_running(child, stop, http), name=f"supervise-{child.name}")
+                     for child in self.children]
+            if self.etcd is not None:
+                tasks.append(asyncio.create_task(self._watch_etcd(stop, reason), name="supervise-etcd"))
+            try:
+                await stop.wait()
+            finally:
+                stop.set()
+                # They end by themselves at their next step once stop is set; a restart in progress is
+                # never cut in half (a process spawned but not recorded would escape the stop).
+                _, pending = await asyncio.wait(tasks, timeout=10.0)
+                for task in pending:
+                    task.cancel()
+                for result in await asyncio.gather(*tasks, return_exceptions=True):
+                    if isinstance(result, Exception):
+                        reason.append(f"supervisor failed: {type(result).__name__}: {result}")
+        return reason[0] if reason else None
+
+    async def _keep_running(self, child: Child, stop: asyncio.Event, http) -> None:
+        from discovery.backoff import Backoff
+
+        backoff = Backoff(base=RESTART_BASE, cap=RESTART_CAP, reset_after=RESTART_RESET_AFTER)
+        while True:
+            proc = child.proc
+            assert proc is not None
+            if not await _first(proc.wait(), stop):
+                return
+            code = proc.returncode
+            ran_for = time.monotonic() - child.started_at
+            child.kill_leftovers()
+            delay = backoff.after_run(ran_for)
+            self.say(f"distserve up: {child.name} exited with code {code} after {ran_for:.1f} s; "
+                     f"restarting in {delay:.1f} s")
+            if code != -signal.SIGKILL:  # a kill says it all; a crash's reason is in its log
+                self.say(f"  {self.log_note(child)}:\n{child.log_tail(10)}")
+            if not await _first(asyncio.sleep(delay), stop):
+                return
+            try:
+                await child.start()
+            except OSError as exc:  # could not even spawn it (fork failed, out of memory): try again later
+                self.say(f"distserve up: could not restart {child.name}: {exc}")
+                continue  # child.proc is still the exited one: the next round backs off further
+            self.say(f"distserve up: restarted {child.name} (exit {code}), attempt {backoff.attempts}, "
+                     f"pid {child.proc.pid}")
+            await self._report_ready_again(child, stop, http)
+
+    async def _report_ready_again(self, child: Child, stop: asyncio.Event, http) -> None:
+        """Tell the user when a restarted component answers again (bounded by --timeout); gives up early if
+        it exits again (the supervisor then restarts it) or everything is stopping."""
+        import aiohttp
+
+        path = "/health/ready" if child.kind == "router" else "/health"
+        deadline = child.started_at + self.args.timeout
+        while not stop.is_set() and child.alive:
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                async with http.get(child.url + path) as resp:
+                    if resp.status == 200:
+                        self.say(f"  {child.name:<10} ready again  {child.url}  "
+                                 f"({time.monotonic() - child.started_at:.1f} s after the restart)")
+                        return
+            if time.monotonic() > deadline:
+                self.say(f"distserve up: {child.name} not ready {self.args.timeout:.0f} s after its restart "
+                         f"(still running, still supervised); {self.log_note(child)}:\n{child.log_tail(10)}")
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.2)
+
+    async def _watch_etcd(self, stop: asyncio.Event, reason: list[str]) -> None:
+        """The embedded etcd holds the whole cluster's state: when it dies, everything stops."""
+        while not stop.is_set():
+            code = self.etcd.returncode
+            if code is not None:
+                why = f"the embedded etcd exited with code {code}; stopping everything"
+                if code != -signal.SIGKILL:  # a kill says it all; a crash's reason is at the end of its log
+                    lines = self.etcd.log_tail(3000).rstrip().splitlines()[1:]  # the first may be cut
+                    why += "\n" + "\n".join(f"    | {line}" for line in lines[-5:])
+                reason.append(why)
+                stop.set()
+                return
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
 
     # -- report ---------------------------------------------------------------------------------------
     def describe(self, took: float) -> str:
@@ -533,7 +795,8 @@ class LocalCluster:
         for tier in (self.routers, self.engines):
             results = await asyncio.gather(*(c.stop() for c in tier))
             problems += [p for p in results if p]
-        if self.etcd_config is not None and self.children:
+        etcd_died = self.etcd is not None and self.etcd.returncode is not None
+        if self.etcd_config is not None and self.children and not etcd_died:
             problems += await self._leftover_keys()
         for child in self.children:
             if child.proc is not None and not await _group_gone(child.proc.pid):
@@ -579,6 +842,18 @@ class LocalCluster:
         return [f"keys left in etcd after stopping (leases not revoked): {', '.join(left)}"] if left else []
 
 
+async def _first(work, stop: asyncio.Event) -> bool:
+    """Await `work` unless `stop` is set first (then `work` is cancelled); True when `work` finished."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, stopper):
+            pending.cancel()
+    return task.done() and not task.cancelled() and not stop.is_set()
+
+
 async def _group_gone(pgid: int, wait: float = 2.0) -> bool:
     deadline = time.monotonic() + wait
     while True:
@@ -617,11 +892,11 @@ def reap(etcd_pid: str, data_dir: str, *more_dirs: str) -> None:
 
 
 # ---- entry point -----------------------------------------------------------------------------------------
-async def run(args: argparse.Namespace) -> int:
+async def run(args: argparse.Namespace, checked: Checked) -> int:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = {"count": 0}
-    cluster = LocalCluster(args)
+    cluster = LocalCluster(args, checked)
 
     def on_signal(signame: str) -> None:
         signals["count"] += 1
@@ -656,14 +931,8 @@ async def run(args: argparse.Namespace) -> int:
                 if code != 0:
                     problems.append(f"distserve-ctl status exited with code {code}")
             else:
-                print("Ctrl-C stops everything.", flush=True)
-                watcher = asyncio.ensure_future(cluster.watch_children())
-                stopper = asyncio.ensure_future(stop.wait())
-                done, _ = await asyncio.wait({watcher, stopper}, return_when=asyncio.FIRST_COMPLETED)
-                for task in (watcher, stopper):
-                    task.cancel()
-                if watcher in done and not stop.is_set():
-                    failure = watcher.result()
+                print("Ctrl-C stops everything. A router or engine that exits is restarted.", flush=True)
+                failure = await cluster.supervise(stop)
     finally:
         problems += await cluster.stop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -687,8 +956,8 @@ async def run(args: argparse.Namespace) -> int:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        _validate(args)
+        checked = _validate(args)
     except UpError as exc:
-        print(f"distserve up: error: {exc}", file=sys.stderr)
+        print(f"distserve up: error: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    return asyncio.run(run(args))
+    return asyncio.run(run(args, checked))

@@ -22,6 +22,11 @@ retried by the kernel after one second, whatever the front end).
 
     .venv/bin/python tools/bench_router.py            # full run (about 6 minutes), markdown on stdout
     .venv/bin/python tools/bench_router.py --quick    # smoke run
+
+Tracing cost (`--tracing`): the steady-state runs add `distserve-traced`, a second router with
+OpenTelemetry on (OTEL_* set, 100 % sampling, OTLP/HTTP to a local sink that accepts and drops), and with
+`--baseline-tree DIR` (a checkout of an earlier commit: `git worktree add /tmp/base HEAD`) `distserve-base`,
+that tree's router, side by side with `distserve` (tracing off: no OTEL_* variable set).
 """
 
 from __future__ import annotations
@@ -99,7 +104,7 @@ def free_ports(n: int) -> int:
 
 
 class Proc:
-    def __init__(self, args: list[str], cpus: str, name: str, env: dict | None = None) -> None:
+    def __init__(self, args: list[str], cpus: str, name: str, env: dict | None = None, cwd=None) -> None:
         self.name = name
         self.log = open(BENCH / f"{name}.log", "wb")
         cmd = ["taskset", "-c", cpus, *args] if shutil.which("taskset") else args
@@ -108,7 +113,7 @@ class Proc:
             cmd,
             stdout=self.log,
             stderr=subprocess.STDOUT,
-            cwd=REPO,
+            cwd=cwd or REPO,
             env={**bench_env(), **(env or {})},
             start_new_session=True,
         )
@@ -291,8 +296,13 @@ async def wait_links(etcd: list[str], cluster: str, n: int, timeout: float = 120
 
 
 # ------------------------------------------------------------------------------------------ front ends
-def start_router(etcd: list[str], cluster: str, tag: str) -> tuple[Proc, str]:
+def start_router(
+    etcd: list[str], cluster: str, tag: str, env: dict | None = None, tree: Path | None = None
+) -> tuple[Proc, str]:
+    """`tree`: run the router of that source tree (a baseline checkout) instead of this one."""
     port = free_port()
+    if tree is not None:
+        env = {**(env or {}), "PYTHONPATH": str(tree)}
     proc = Proc(
         [
             PY,
@@ -310,8 +320,52 @@ def start_router(etcd: list[str], cluster: str, tag: str) -> tuple[Proc, str]:
         ],
         ROUTER_CPUS,
         f"{tag}-router",
+        env,
+        cwd=tree,
     )
     return proc, f"http://127.0.0.1:{port}"
+
+
+def start_otlp_sink(tag: str) -> tuple[Proc, str]:
+    """An OTLP/HTTP endpoint that accepts every export and drops it (on the load generator's CPUs)."""
+    port = free_port()
+    proc = Proc([PY, __file__, "--otlp-sink", str(port)], OTHER_CPUS, f"{tag}-otlp-sink")
+    wait_http(f"http://127.0.0.1:{port}/health")
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def otlp_sink_main(port: str) -> int:
+    from aiohttp import web
+
+    count = 0
+
+    async def traces(request):
+        nonlocal count
+        count += len(await request.read())
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    async def health(request):
+        return web.json_response({"bytes": count})
+
+    app = web.Application(client_max_size=64 << 20)
+    app.router.add_post("/v1/traces", traces)
+    app.router.add_get("/health", health)
+    web.run_app(app, host="127.0.0.1", port=int(port), print=None, access_log=None)
+    return 0
+
+
+def untraced_env() -> dict:
+    """Tracing off for sure: no OTEL_* variable that could switch it on."""
+    return {k: "" for k in os.environ if k.startswith("OTEL_")}
+
+
+def traced_env(sink: str) -> dict:
+    return {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": sink,
+        "OTEL_TRACES_SAMPLER": "always_on",  # 100 % sampling, whatever the client sends
+        "OTEL_SERVICE_NAME": "bench-router",
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
 
 
 def lmdeploy_command() -> list[str] | None:
@@ -748,11 +802,24 @@ async def steady_state(args, etcd: list[str], results: dict, proxy_ok: bool) -> 
     n = args.steady_engines
     engines = Engines(n, etcd, cluster, "steady", split=n > 1)
     router = proxy = None
+    extra: list[Proc] = []
     try:
         await wait_links(etcd, cluster, n * n)
-        router, router_url = start_router(etcd, cluster, "steady")
+        router, router_url = start_router(etcd, cluster, "steady", untraced_env())
         wait_http(f"{router_url}/health/ready")
         fronts = {"direct": ((engines.prefills, engines.decodes), None), "distserve": (router_url, router)}
+        if args.baseline_tree:
+            base, base_url = start_router(etcd, cluster, "steady-base", untraced_env(), Path(args.baseline_tree))
+            extra.append(base)
+            wait_http(f"{base_url}/health/ready")
+            fronts["distserve-base"] = (base_url, base)
+        if args.tracing:
+            sink, sink_url = start_otlp_sink("steady")
+            extra.append(sink)
+            traced, traced_url = start_router(etcd, cluster, "steady-traced", traced_env(sink_url))
+            extra.append(traced)
+            wait_http(f"{traced_url}/health/ready")
+            fronts["distserve-traced"] = (traced_url, traced)
         async with new_session() as session:
             if proxy_ok:
                 proxy, proxy_url = start_proxy("steady")
@@ -798,7 +865,7 @@ async def steady_state(args, etcd: list[str], results: dict, proxy_ok: bool) -> 
                                 file=sys.stderr,
                             )
     finally:
-        for p in (router, proxy):
+        for p in (router, proxy, *extra):
             if p:
                 p.kill()
         engines.stop()
@@ -901,7 +968,7 @@ def report(results: dict) -> str:
         keys = sorted({(r["stream"], r["concurrency"]) for r in steady})
         for stream, conc in keys:
             med = {}
-            for mode in ("direct", "distserve", "lmdeploy"):
+            for mode in ("direct", "distserve", "distserve-base", "distserve-traced", "lmdeploy"):
                 rs = [
                     r
                     for r in steady
@@ -1002,6 +1069,8 @@ async def amain(args) -> int:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--engine-process":
         return engine_process_main(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "--otlp-sink":
+        return otlp_sink_main(sys.argv[2])
     if len(sys.argv) > 1 and sys.argv[1] == "--load-worker":
         return load_worker_main(sys.argv[2])
     if len(sys.argv) > 1 and sys.argv[1] == "--device-bundle":
@@ -1020,6 +1089,10 @@ def main() -> int:
     p.add_argument("--scenarios", nargs="+", default=["steady", "cold"], choices=["steady", "cold"])
     p.add_argument("--skip-lmdeploy", action="store_true", help="do not install or run LMDeploy's proxy")
     p.add_argument("--quick", action="store_true", help="one short repeat (smoke run)")
+    p.add_argument("--tracing", action="store_true",
+                   help="steady: also a router with OpenTelemetry on (100%% sampling, OTLP/HTTP to a local sink)")
+    p.add_argument("--baseline-tree", metavar="DIR",
+                   help="steady: also the router of this source tree (e.g. `git worktree add /tmp/base HEAD`)")
     p.add_argument("--clients", type=int, default=4 if big else 1, help="load-generating processes")
     p.add_argument(
         "--split-engines",

@@ -337,6 +337,8 @@ class Agent:
             started_at=self.instance_seen_at,
             registered_at=self.record.registered_at if self.record else time.time(),
             state_reason=self._state_reason(),
+            # only a well-formed value: routers reject requests by it
+            max_model_len=mml if type(mml := extras.get("max_model_len")) is int and mml > 0 else None,
         )
 
     def _transfer_info(self, facts: EngineFacts, engine_kind: str) -> TransferInfo:

@@ -12,9 +12,11 @@ from rich.console import Group
 from rich.panel import Panel
 
 from . import views
+from distserve.keys import validate_id
+
 from .context import Ctx
-from .errors import CtlError, UnknownId
-from .render import age, cell, make_table
+from .errors import UnknownId, UsageError
+from .render import age, cell, lease_text, make_table
 from .snapshot import ClusterSnapshot, load_snapshot
 
 _LINK_ID = re.compile(r"^\s*([^/,>→\s]+)\s*(?:/|,|->|→)\s*([^/,>→\s]+)\s*$")
@@ -38,18 +40,30 @@ def parse_link_id(ids: list[str]) -> tuple[str, str]:
         return ids[0], ids[1]
     match = _LINK_ID.match(ids[0]) if len(ids) == 1 else None
     if not match:
-        raise CtlError(f"a link id is PREFILL/DECODE (or PREFILL→DECODE), not {' '.join(ids)!r}")
-    return match.group(1), match.group(2)
+        raise UsageError(f"a link id is PREFILL/DECODE (or PREFILL→DECODE), not {' '.join(ids)!r}")
+    return _valid(match.group(1), "engine id"), _valid(match.group(2), "engine id")
+
+
+def _valid(ident: str, what: str) -> str:
+    try:
+        return validate_id(ident, what)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 async def run_describe(ctx: Ctx, args: argparse.Namespace) -> int:
-    if args.kind != "link" and len(args.ids) != 1:
-        raise CtlError(f"describe {args.kind} takes one id")
+    # bad arguments are told apart from unknown ids (exit 1) before etcd is read
+    if args.kind == "link":
+        pair = parse_link_id(args.ids)
+    elif len(args.ids) != 1:
+        raise UsageError(f"describe {args.kind} takes one id, not {len(args.ids)}")
+    else:
+        _valid(args.ids[0], f"{args.kind} id")
     snap = await load_snapshot(ctx.client, ctx.keys)
     if args.kind == "engine":
         doc = describe_engine(snap, args.ids[0])
     elif args.kind == "link":
-        doc = describe_link(snap, parse_link_id(args.ids))
+        doc = describe_link(snap, pair)
     else:
         doc = describe_router(snap, args.ids[0])
     doc = {"cluster": ctx.keys.cluster, "revision": snap.revision, **doc}
@@ -127,12 +141,14 @@ def _flatten(data: Any, prefix: str = "") -> list[tuple[str, str]]:
             rows += _flatten(value, f"{prefix}[{i}]")
     else:
         leaf = prefix.rsplit(".", 1)[-1]
-        if isinstance(data, (int, float)) and not isinstance(data, bool) and leaf.endswith("_s"):
+        if isinstance(data, int) and not isinstance(data, bool) and leaf.endswith("ttl_left_s") and data < 0:
+            text = "gone"  # TimeToLive answers -1 for a lease that no longer exists
+        elif isinstance(data, (int, float)) and not isinstance(data, bool) and leaf.endswith("_s"):
             text = age(data)
         elif isinstance(data, (int, float)) and not isinstance(data, bool) and leaf.endswith("_at"):
             text = datetime.fromtimestamp(data).isoformat(sep=" ", timespec="milliseconds")
-        elif isinstance(data, int) and not isinstance(data, bool) and leaf == "lease":
-            text = f"{data:x}" if data else "none"
+        elif isinstance(data, int) and not isinstance(data, bool) and (leaf == "lease" or prefix.endswith("lease.id")):
+            text = lease_text(data)
         elif isinstance(data, (list, dict)):
             text = ", ".join(str(v) for v in data) if isinstance(data, list) and data else (json.dumps(data) if data else "-")
         else:

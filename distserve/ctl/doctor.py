@@ -3,7 +3,8 @@
 Checks: stale keys (under engines/links/load/routers without a live lease), engines without links,
 prefill/decode geometry mismatches, link/engine incarnation mismatches, unreachable engine URLs
 (GET /health), routers on different schema versions, clock skew (record timestamps and etcd members
-against this machine), unhealthy etcd members, unreadable values.
+against this machine), unhealthy etcd members, unreadable values, a stored routing config that fails the
+schema (routers ignore it and keep their last good one: the cluster looks healthy but runs another config).
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from .render import make_table
 from .snapshot import ClusterSnapshot, load_snapshot
 
 PROBLEM, NOTE = "problem", "note"
-CHECKS = ("etcd", "stale-keys", "records", "geometry", "links", "incarnations", "engines", "reachability",
-          "routers", "clock")
+CHECKS = ("etcd", "stale-keys", "records", "routing", "geometry", "links", "incarnations", "engines",
+          "reachability", "routers", "clock")
 
 
 @dataclass
@@ -68,8 +69,22 @@ def check_stale_keys(snap: ClusterSnapshot) -> list[Finding]:
 
 def check_records(snap: ClusterSnapshot) -> list[Finding]:
     out = [Finding(PROBLEM, "records", bad.key[len(snap.keys.root):], f"unreadable value: {bad.reason}")
-           for bad in snap.malformed]
+           for bad in snap.malformed if bad.key != snap.keys.config()]  # the routing check reports that one
     out += [Finding(NOTE, "records", kv.key, "key under the cluster prefix outside the schema") for kv in snap.unknown]
+    return out
+
+
+def check_routing(snap: ClusterSnapshot) -> list[Finding]:
+    """config/routing must pass the schema routers read it with: else every router ignores it."""
+    out = []
+    for bad in snap.malformed:
+        if bad.key == snap.keys.config():
+            revision = getattr(bad.kv, "mod_revision", 0)
+            out.append(Finding(PROBLEM, "routing", bad.key[len(snap.keys.root):],
+                               f"invalid routing config (revision {revision}): "
+                               f"{bad.reason.removeprefix('RoutingConfig: ')}; routers ignore it and keep their "
+                               f"last good config (or the defaults): repair it with "
+                               f"`distserve-ctl config set|unset KEY`"))
     return out
 
 
@@ -303,6 +318,7 @@ async def diagnose(ctx: Ctx, *, http_timeout: float = 2.0, skew: float = 2.0,
         findings += etcd_findings(results["etcd"])
     run("stale-keys", lambda: check_stale_keys(snap))
     run("records", lambda: check_records(snap))
+    run("routing", lambda: check_routing(snap))
     run("geometry", lambda: check_geometry(snap))
     run("links", lambda: check_links(snap))
     run("incarnations", lambda: check_incarnations(snap))

@@ -5,6 +5,7 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_PROBLEM = 1  # unknown ids, doctor findings, drain timeouts, refused writes
 EXIT_UNAVAILABLE = 2  # etcd unreachable (bad arguments also exit 2, as argparse does)
+EXIT_USAGE = 2  # a bad argument: a malformed id or value, a revision in the future
 
 
 class CtlError(Exception):
@@ -13,6 +14,13 @@ class CtlError(Exception):
     def __init__(self, message: str, code: int = EXIT_PROBLEM) -> None:
         super().__init__(message)
         self.code = code
+
+
+class UsageError(CtlError):
+    """A bad argument found after parsing (it needed etcd, or several options together): exit 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_USAGE)
 
 
 class UnknownId(CtlError):

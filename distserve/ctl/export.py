@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from .context import Ctx
+from .render import lease_text
 
 
 def register(subparsers: Any, common: Any) -> None:
@@ -47,7 +48,7 @@ async def run_export(ctx: Ctx, args: argparse.Namespace) -> int:
            "exported_at": time.time(), "count": len(entries), "keys": entries}
     # export is JSON unless a table is asked for explicitly (--table)
     if getattr(args, "output", "auto") == "table":
-        rows = [(e["key"][len(ctx.keys.root):], e["lease"] or "-", e["mod_revision"], e["version"],
+        rows = [(e["key"][len(ctx.keys.root):], lease_text(e["lease"]), e["mod_revision"], e["version"],
                  len(kv.value)) for e, kv in zip(entries, kvs)]
         ctx.out.table(f"{ctx.keys.root} at revision {revision} ({len(entries)} keys)",
                       ("KEY", "LEASE", "MOD REV", "VERSION", "BYTES"), rows)

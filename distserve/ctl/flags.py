@@ -15,8 +15,9 @@ from discovery.record import MalformedRecord
 from distserve.keys import validate_id
 from distserve.records import LoadRecord, OperatorFlags, RouterRecord
 
+from . import argtypes
 from .context import Ctx, operator_name
-from .errors import CtlError, UnknownId
+from .errors import CtlError, UnknownId, UsageError
 
 CAS_ATTEMPTS = 8
 # After every router has applied the drain flag, the engine's in-flight work must read zero for this long:
@@ -28,31 +29,36 @@ POLL_S = 0.2
 
 def register(subparsers: Any, common: Any) -> None:
     p = common(subparsers.add_parser("drain", help="stop new requests to an engine; --wait until its work is done"))
-    p.add_argument("engine_id", metavar="ID")
+    p.add_argument("engine_id", metavar="ID", type=argtypes.engine_id)
     p.add_argument("--wait", action="store_true", help="return only when in-flight work is zero and routers stopped sending")
-    p.add_argument("--timeout", type=float, default=None, metavar="S",
+    p.add_argument("--timeout", type=argtypes.positive_seconds, default=None, metavar="S",
                    help="give up waiting after S seconds (exit 1; default: wait until done)")
-    p.add_argument("--settle", type=float, default=DEFAULT_SETTLE_S, metavar="S", help=argparse.SUPPRESS)
+    p.add_argument("--settle", type=argtypes.non_negative_seconds, default=DEFAULT_SETTLE_S, metavar="S", help=argparse.SUPPRESS)
     p.add_argument("--reason", help="why (shown by engines, describe and watch)")
     p.add_argument("--force", action="store_true", help="flag an id that is not registered now")
     p.set_defaults(_run=run_drain)
 
     p = common(subparsers.add_parser("cordon", help="stop new requests to an engine; in-flight work continues"))
-    p.add_argument("engine_id", metavar="ID")
+    p.add_argument("engine_id", metavar="ID", type=argtypes.engine_id)
     p.add_argument("--reason", help="why (shown by engines, describe and watch)")
     p.add_argument("--force", action="store_true", help="flag an id that is not registered now")
     p.set_defaults(_run=run_cordon)
 
     p = common(subparsers.add_parser("uncordon", help="clear drain and cordon: the engine takes new requests again"))
-    p.add_argument("engine_id", metavar="ID")
+    p.add_argument("engine_id", metavar="ID", type=argtypes.engine_id)
     p.set_defaults(_run=run_uncordon)
 
 
-async def _check_engine(ctx: Ctx, engine_id: str, force: bool) -> None:
+def _valid_id(ident: str) -> None:
+    """The parser checks ids already; callers that build args themselves get the same exit 2."""
     try:
-        validate_id(engine_id, "engine id")
+        validate_id(ident, "engine id")
     except ValueError as exc:
-        raise CtlError(str(exc)) from None
+        raise UsageError(str(exc)) from None
+
+
+async def _check_engine(ctx: Ctx, engine_id: str, force: bool) -> None:
+    _valid_id(engine_id)
     if force:
         return
     if await ctx.client.get(ctx.keys.engine(engine_id)) is None:
@@ -105,10 +111,7 @@ async def run_cordon(ctx: Ctx, args: argparse.Namespace) -> int:
 
 
 async def run_uncordon(ctx: Ctx, args: argparse.Namespace) -> int:
-    try:
-        validate_id(args.engine_id, "engine id")
-    except ValueError as exc:
-        raise CtlError(str(exc)) from None
+    _valid_id(args.engine_id)
     engine_kv = await ctx.client.get(ctx.keys.engine(args.engine_id))
     flags_kv = await ctx.client.get(ctx.keys.state(args.engine_id))
     if engine_kv is None and flags_kv is None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import views
+from . import argtypes, views
 from .context import Ctx
+from .errors import UnknownId
 from .snapshot import load_snapshot
 
 
@@ -17,7 +18,7 @@ def register(subparsers: Any, common: Any) -> None:
     p.set_defaults(_run=run_engines)
 
     p = common(subparsers.add_parser("links", help="list prefill→decode links and whether each is usable"))
-    p.add_argument("--engine", metavar="ID", help="only links of this engine")
+    p.add_argument("--engine", metavar="ID", type=argtypes.engine_id, help="only links of this engine")
     p.set_defaults(_run=run_links)
 
     p = common(subparsers.add_parser("routers", help="list router replicas"))
@@ -53,6 +54,9 @@ async def run_links(ctx: Ctx, args: argparse.Namespace) -> int:
     pairs = sorted(snap.links)
     if args.engine:
         pairs = [p for p in pairs if args.engine in p]
+        if not pairs and args.engine not in snap.engines:
+            # a typo would otherwise read as "no links"
+            raise UnknownId("engine", args.engine, list(snap.engines))
     rows = [views.link_row(snap, p) for p in pairs]
     possible = views.possible_pairs(snap)
     usable = sum(1 for r in rows if r["usable"])

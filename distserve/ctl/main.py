@@ -18,10 +18,10 @@ import importlib  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
-from typing import NoReturn  # noqa: E402
+from typing import Any, NoReturn  # noqa: E402
 
 from .context import Ctx, close_quietly, connect, describe_error  # noqa: E402
-from .errors import EXIT_PROBLEM, EXIT_UNAVAILABLE, CtlError  # noqa: E402
+from .errors import EXIT_PROBLEM, EXIT_UNAVAILABLE, EXIT_USAGE, CtlError, UsageError  # noqa: E402
 from .render import Output  # noqa: E402
 
 PROG = "distserve-ctl"
@@ -45,7 +45,7 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-        sys.exit(EXIT_UNAVAILABLE)
+        sys.exit(EXIT_USAGE)
 
 
 def _add_common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -87,20 +87,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _run(args: argparse.Namespace, started: float) -> int:
-    from discovery.client import EtcdUnavailable
-    from discovery.config import EtcdConfig
+def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
+    """The etcd configuration and the key schema, or UsageError: checked before anything is contacted."""
+    from discovery.config import EtcdConfig, EtcdConfigError
 
     from distserve.keys import Keys
 
     try:
+        # its message names the option or variable at fault, e.g. "invalid --etcd endpoint 'htp:/x': ..."
         cfg = EtcdConfig.from_args(args)
-    except Exception as exc:  # noqa: BLE001 - a bad option or variable value: one line
-        raise CtlError(f"bad etcd configuration: {describe_error(exc)}", EXIT_UNAVAILABLE) from None
+    except EtcdConfigError as exc:
+        raise UsageError(str(exc)) from None
     try:
         keys = Keys(args.cluster)
     except ValueError as exc:
-        raise CtlError(str(exc), EXIT_UNAVAILABLE) from None
+        raise UsageError(str(exc)) from None
+    return cfg, keys
+
+
+async def _run(args: argparse.Namespace, cfg: Any, keys: Any, started: float) -> int:
+    from discovery.client import EtcdUnavailable
+
     out = Output(args.output)
     client = await connect(cfg, keys, started)
     ctx = Ctx(cfg=cfg, keys=keys, out=out, client=client)
@@ -117,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return asyncio.run(_run(args, started))
+        cfg, keys = _settings(args)
+        return asyncio.run(_run(args, cfg, keys, started))
     except CtlError as exc:
         _fail(str(exc))
         return exc.code

@@ -69,6 +69,12 @@ def cell(value: Any) -> str:
     return str(value)
 
 
+def lease_text(lease: int | None) -> str:
+    """A lease id for people: hex, as etcdctl prints and takes it (`etcdctl lease timetolive 694d...`).
+    JSON keeps the number etcd's API uses."""
+    return f"{lease:x}" if lease else "none"
+
+
 def age(seconds: float | None) -> str:
     """Human duration: 45s, 3m12s, 5h03m, 2d04h."""
     if seconds is None:

@@ -11,6 +11,8 @@ from typing import Any
 from rich.console import Group
 from rich.text import Text
 
+from distserve.records import RoutingConfig
+
 from . import views
 from .context import Ctx
 from .render import make_table
@@ -45,11 +47,29 @@ def warnings_of(snap: ClusterSnapshot, etcd: dict[str, Any]) -> list[str]:
     for row in views.model_rows(snap):
         if not row["routable"]:
             out.append(f"model {row['model']} has no routable path")
+    routing = routing_dict(snap)
+    if not routing["valid"]:
+        out.append(f"routing config (revision {routing['revision']}) is invalid, routers ignore it and keep "
+                   f"their last good config: {routing['error']}")
     for bad in snap.malformed:
-        out.append(f"unreadable value at {bad.key}: {bad.reason}")
+        if bad.key != snap.keys.config():
+            out.append(f"unreadable value at {bad.key}: {bad.reason}")
     if snap.engines and not snap.routers:
         out.append("no router is registered")
     return out
+
+
+def routing_dict(snap: ClusterSnapshot) -> dict[str, Any]:
+    """The stored routing config: strategy, revision (None: never written, the defaults) and validity."""
+    for bad in snap.malformed:
+        if bad.key == snap.keys.config():
+            return {"strategy": None, "revision": getattr(bad.kv, "mod_revision", None), "valid": False,
+                    "error": bad.reason.removeprefix("RoutingConfig: ")}
+    entry = snap.routing
+    if entry is None:
+        return {"strategy": RoutingConfig().strategy, "revision": None, "valid": True, "error": None}
+    return {"strategy": entry.record.strategy, "revision": getattr(entry.kv, "mod_revision", None), "valid": True,
+            "error": None}
 
 
 def status_doc(ctx: Ctx, snap: ClusterSnapshot, etcd: dict[str, Any]) -> dict[str, Any]:
@@ -76,6 +96,7 @@ def status_doc(ctx: Ctx, snap: ClusterSnapshot, etcd: dict[str, Any]) -> dict[st
         "routers": {"total": len(snap.routers), "ids": sorted(snap.routers),
                     "in_flight": sum(e.record.in_flight for e in snap.routers.values())},
         "models": [{"model": r["model"], "routable": r["routable"]} for r in views.model_rows(snap)],
+        "routing": routing_dict(snap),
         "warnings": warnings_of(snap, etcd),
     }
 
@@ -89,6 +110,16 @@ async def run_status(ctx: Ctx, args: argparse.Namespace) -> int:
         return 0
     ctx.out.print(render_status(doc))
     return 0
+
+
+def _routing_line(routing: dict[str, Any] | None) -> Text:
+    if not routing:
+        return Text("routing: -")
+    if not routing["valid"]:
+        return Text(f"routing: INVALID config at revision {routing['revision']} (routers keep their last good one)",
+                    style="bold red")
+    origin = "defaults" if routing["revision"] is None else f"revision {routing['revision']}"
+    return Text(f"routing: {routing['strategy']} ({origin})")
 
 
 def render_status(doc: dict[str, Any]) -> Group:
@@ -114,6 +145,7 @@ def render_status(doc: dict[str, Any]) -> Group:
              f"({links['recorded']} recorded)"),
         Text(f"routers: {routers['total']}" + (f" ({', '.join(routers['ids'])}), {routers['in_flight']} requests in flight"
                                                if routers["ids"] else "")),
+        _routing_line(doc.get("routing")),
         Text("models: " + (", ".join(f"{m['model']}" + ("" if m["routable"] else " (not routable)")
                                      for m in doc["models"]) or "none")),
     ]

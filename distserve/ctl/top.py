@@ -19,7 +19,7 @@ from rich.text import Text
 from discovery.watch import watch_prefix
 from distserve.records import RouterRecord
 
-from . import views
+from . import argtypes, views
 from .context import Ctx
 from .errors import CtlError
 from .render import age, make_table
@@ -28,10 +28,11 @@ from .snapshot import ClusterSnapshot
 
 def register(subparsers: Any, common: Any) -> None:
     p = common(subparsers.add_parser("top", help="live load per engine and requests per router"))
-    p.add_argument("--interval", type=float, default=1.0, metavar="S", help="seconds between frames (default 1)")
+    p.add_argument("--interval", type=argtypes.positive_seconds, default=1.0, metavar="S",
+                   help="seconds between frames (default 1)")
     frames = p.add_mutually_exclusive_group()
     frames.add_argument("--once", action="store_true", help="print one frame and exit")
-    frames.add_argument("--iterations", type=int, metavar="N", help="print N frames and exit")
+    frames.add_argument("--iterations", type=argtypes.positive_int, metavar="N", help="print N frames and exit")
     p.set_defaults(_run=run_top)
 
 
@@ -132,10 +133,6 @@ def render_frame(doc: dict[str, Any]) -> Group:
 
 
 async def run_top(ctx: Ctx, args: argparse.Namespace) -> int:
-    if args.interval <= 0:
-        raise CtlError("--interval must be > 0")
-    if args.iterations is not None and args.iterations < 1:
-        raise CtlError("--iterations must be >= 1")
     view = LiveView(ctx)
     task = asyncio.create_task(view.follow(), name="ctl-top-watch")
     try:

@@ -4,7 +4,9 @@ Each event carries its etcd revision and its position (`seq`) among the events o
 `resume` token "REV:SEQ+1": `watch --since-rev <resume>` continues exactly after that event (no gap, no
 duplicate), even inside a revision that changed several keys at once (a lease expiry removes an engine's
 record, its load and its links in one revision). `--since-rev N` alone starts at the first event of
-revision N, like `etcdctl watch --rev N`.
+revision N, like `etcdctl watch --rev N`. A revision past the next one (current + 1) is a bad argument
+(exit 2, naming the current revision); one whose history etcd compacted exits 1 naming the oldest revision
+still available and the command that resumes from there.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import Any
 from discovery.client import RevisionCompacted
 from discovery.watch import watch_prefix
 
+from .argtypes import MAX_REVISION, positive_int, positive_seconds
 from .context import Ctx
-from .errors import CtlError
+from .errors import CtlError, UsageError
 from .events import EventNarrator
 
 _SINCE = re.compile(r"^(\d+)(?::(\d+))?$")
@@ -33,15 +36,15 @@ def register(subparsers: Any, common: Any) -> None:
     p.add_argument("--prefix", metavar="P", default="",
                    help="only keys under P, relative to the cluster (e.g. engines/, links/P1/) or absolute")
     p.add_argument("--all", action="store_true", help="also heartbeat-like rewrites (load updates, router counters)")
-    p.add_argument("--limit", type=int, metavar="N", help="stop after N events")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="stop after N events")
     # stop after S seconds, exit 0 (for scripts and tests; not in --help until docs/configuration.md lists it)
-    p.add_argument("--timeout", type=float, metavar="S", help=argparse.SUPPRESS)
+    p.add_argument("--timeout", type=positive_seconds, metavar="S", help=argparse.SUPPRESS)
     p.set_defaults(_run=run_watch)
 
 
 def parse_since(text: str) -> tuple[int, int]:
     match = _SINCE.match(text.strip())
-    if not match or int(match.group(1)) < 1:
+    if not match or not 1 <= int(match.group(1)) <= MAX_REVISION or int(match.group(2) or 0) > MAX_REVISION:
         raise argparse.ArgumentTypeError(f"expected a revision N >= 1 or a resume token N:SEQ, not {text!r}")
     return int(match.group(1)), int(match.group(2) or 0)
 
@@ -64,10 +67,33 @@ async def _state_at(ctx: Ctx, prefix: str, revision: int) -> tuple[dict[str, Any
         try:
             await ctx.client.get_prefix(prefix, revision=revision + 1, keys_only=True)
         except RevisionCompacted:
+            oldest = await oldest_revision(ctx, revision + 1)
             raise CtlError(
-                f"revision {revision + 1} has been compacted away: an exact resume is impossible; re-read the "
-                f"state (`distserve-ctl export`) and watch with --since-rev <its revision + 1>") from None
+                f"--since-rev {revision + 1}: etcd has compacted the history before revision {oldest} (the oldest "
+                f"still available), so an exact resume is impossible; resume with `distserve-ctl watch "
+                f"--since-rev {oldest}`, or without --since-rev to start from the current state") from None
         return {}, False
+
+
+async def current_revision(ctx: Ctx) -> int:
+    """The cluster's revision now (any read's header carries it)."""
+    await ctx.client.get(ctx.keys.config())
+    return int(ctx.client.last_revision)
+
+
+async def oldest_revision(ctx: Ctx, compacted: int) -> int:
+    """The compaction point: the oldest revision etcd can still read, found by bisection between a revision
+    known compacted and the current one (etcd's KV API does not report it; at most ~64 cheap reads)."""
+    lo, hi = compacted, await current_revision(ctx)  # lo: compacted; hi: readable
+    probe = ctx.keys.root + "\x00compaction-probe"  # a range that holds no key: each read is tiny
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        try:
+            await ctx.client.get_prefix(probe, revision=mid, keys_only=True)
+            hi = mid
+        except RevisionCompacted:
+            lo = mid
+    return hi
 
 
 async def run_watch(ctx: Ctx, args: argparse.Namespace) -> int:
@@ -79,6 +105,13 @@ async def run_watch(ctx: Ctx, args: argparse.Namespace) -> int:
         start, skip = revision + 1, 0
     else:
         start, skip = args.since_rev
+        if start > ctx.client.last_revision + 1:
+            current = await current_revision(ctx)
+            if start > current + 1:
+                # etcd would wait for it silently (a watch) or fail (a read): either way a typo, not a resume
+                raise UsageError(f"--since-rev {start}: that revision is in the future (the current revision is "
+                                 f"{current}); use --since-rev {current + 1} (the next change) or leave it out "
+                                 f"to start from the current state")
         state, prior_known = await _state_at(ctx, prefix, start - 1)
     narrator = EventNarrator(ctx.keys, {k: kv.value for k, kv in state.items()}, prior_known=prior_known)
     if ctx.out.tty and not ctx.out.json_mode:

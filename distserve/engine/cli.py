@@ -40,9 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="HTTP interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=23333, help="HTTP port (0: any free port; with --count, the "
                         "first of N consecutive ports)")
+    parser.add_argument("--model", metavar="DIR", help="a local Hugging Face model directory (config.json, "
+                        "*.safetensors, tokenizer files) of the dense Llama family: Llama, Qwen2, Mistral "
+                        "(default: the built-in random model)")
     parser.add_argument("--model-config", metavar="FILE", help="model and KV-cache configuration (JSON, see "
-                        "docs/reference-engine.md)")
-    parser.add_argument("--model-name", help="served model name (default: the config's name)")
+                        "docs/reference-engine.md); with --model only its cache and serving fields")
+    parser.add_argument("--model-name", help="served model name (default: the config's name; with --model, the "
+                        "directory's name)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], help="weights, activations and KV pool "
+                        "(default float32)")
+    parser.add_argument("--max-model-len", type=int, help="context length (default: the config's; with --model, "
+                        "its max_position_embeddings)")
     parser.add_argument("--weights", metavar="FILE", help="safetensors weights (default: random from --seed)")
     parser.add_argument("--seed", type=int, help="weight seed (overrides the config)")
     parser.add_argument("--num-blocks", type=int, help="KV blocks in the pool (overrides the config)")
@@ -69,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-allocation", choices=["first-fit", "scattered"], default="first-fit",
                         help="block allocation: first-fit (contiguous runs when free, the default) or scattered "
                         "(random ids: a worst-case fragmented pool, for tests and benchmarks)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: 1 for the "
+                        "built-in model, one per physical core with --model)")
     parser.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together (default 64)")
     parser.add_argument("--max-prefill-tokens", type=int, default=4096, help="prompt tokens per prefill step")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -136,10 +145,17 @@ def _load_model_config(args: argparse.Namespace):
     from pydantic import ValidationError
 
     from distserve.engine.config import ModelConfig
+    from distserve.engine.hf import CheckpointError
 
+    if args.model is not None and (args.weights is not None or args.seed is not None):
+        raise ConfigError("--weights and --seed are for the built-in model, not --model")
     try:
         return ModelConfig.load(args.model_config, {"seed": args.seed, "num_blocks": args.num_blocks,
-                                                    "block_size": args.block_size, "weights": args.weights})
+                                                    "block_size": args.block_size, "weights": args.weights,
+                                                    "dtype": args.dtype, "max_model_len": args.max_model_len},
+                                hf_dir=args.model)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
     except (OSError, ValueError, ValidationError) as exc:
         first = str(exc).strip().splitlines()
         raise ConfigError(f"bad model configuration: {' '.join(first[:3])}") from None
@@ -153,8 +169,14 @@ def _make_executor(args: argparse.Namespace, model):
     from distserve.engine.torch_backend import TorchExecutor  # the only place torch is imported
 
     try:
-        return TorchExecutor(model, threads=args.threads, max_batch_size=args.max_batch_size,
-                             max_prefill_tokens=args.max_prefill_tokens)
+        tok = None
+        if model.hf_dir is not None:
+            from distserve.engine.tokenizer import HFTokenizer
+
+            tok = HFTokenizer(model.hf_dir, model.vocab_size, model.eos_token_ids)
+        threads = args.threads if args.threads is not None else (None if model.hf_dir else 1)
+        return TorchExecutor(model, threads=threads, max_batch_size=args.max_batch_size,
+                             max_prefill_tokens=args.max_prefill_tokens, tok=tok)
     except (OSError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"cannot load the model: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
 

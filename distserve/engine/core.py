@@ -18,6 +18,7 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+from distserve import tracing
 from distserve.engine import tokenizer
 from distserve.engine.blocks import BlockAllocator, PreservedSessions
 from distserve.engine.config import ModelConfig
@@ -102,6 +103,8 @@ class Engine:
         self.model = model
         self.settings = settings
         self.executor = executor
+        # The model's tokenizer (a checkpoint's own, from the executor), else the built-in byte tokenizer.
+        self.tokenizer = getattr(executor, "tokenizer", None) or tokenizer.BYTE_TOKENIZER
         self.allocator = BlockAllocator(model.num_blocks, scattered=settings.scattered_allocation)
         self.sessions = PreservedSessions(self.allocator, settings.preserve_ttl)
         self.started_at = time.time()
@@ -114,12 +117,13 @@ class Engine:
         self._tasks: set[asyncio.Task] = set()
         self._reaper: asyncio.Task | None = None
         self._http = None
+        self._tracing = False  # this engine started tracing (init matched by shutdown in stop())
         self.healthy = False
 
     # -- geometry ----------------------------------------------------------------------------------
     def cache_pool(self) -> CachePool:
-        return CachePool(shape=self.model.kv_block_shape, dtype="null" if self.settings.null else "float32",
-                         element_size=4, entry_axis=1)
+        return CachePool(shape=self.model.kv_block_shape, dtype="null" if self.settings.null else self.model.dtype,
+                         element_size=self.model.element_size, entry_axis=1)
 
     def engine_config(self) -> DistServeEngineConfig:
         return DistServeEngineConfig(tp_size=1, ep_size=1, dp_size=1, pp_size=1, dp_rank=0,
@@ -133,11 +137,15 @@ class Engine:
                     instance_id=self.settings.instance_id,
                     role=self.settings.role.name.lower(),
                     migration_protocol=self.settings.protocol.name.lower(),
-                    model=self.settings.model_name)
+                    model=self.settings.model_name,
+                    max_model_len=self.model.max_model_len)  # agents publish it: routers check contexts
         return info
 
     # -- life cycle --------------------------------------------------------------------------------
     async def start(self) -> None:
+        self._tracing = True
+        tracing.init("distserve-engine", {"service.instance.id": self.settings.instance_id,
+                                          "distserve.engine.role": self.settings.role.name.lower()})
         await self.executor.start(self)
         self.staging = self._make_staging()
         self.sessions.arena = self.staging
@@ -172,6 +180,9 @@ class Engine:
         await self.executor.stop()
         if self._http is not None:
             await self._http.close()
+        if self._tracing:
+            self._tracing = False
+            await tracing.shutdown()  # flushes the spans still queued
 
     async def _reap_sessions(self) -> None:
         period = max(0.05, min(1.0, self.settings.preserve_ttl / 4))
@@ -205,9 +216,37 @@ class Engine:
             return
         if req.preserve_cache and self.settings.role == EngineRole.Decode:
             raise ApiError(400, "a decode engine does not preserve prefill caches", "invalid_request")
+        if tracing.ENABLED:
+            async with aclosing(self._traced("prefill" if req.preserve_cache else "generate", req, None)) as steps:
+                async for step in steps:
+                    yield step
+            return
         async with aclosing(self.executor.run(req, None)) as steps:
             async for step in steps:
                 yield step
+
+    async def _traced(self, name: str, req: SamplingRequest, resume: Resume | None) -> AsyncIterator[Step]:
+        """executor.run inside a span (a child of the request's server span; never made current: an async
+        generator must not change its consumer's context). `first_token` marks the first step."""
+        span = tracing.start_span(name, {"distserve.prompt_tokens": len(req.prompt_ids),
+                                         "distserve.max_tokens": req.max_tokens})
+        tokens, steps_seen, error = 0, 0, None
+        try:
+            async with aclosing(self.executor.run(req, resume)) as steps:
+                async for step in steps:
+                    if not steps_seen:
+                        span.add_event("first_token")
+                    steps_seen += 1
+                    tokens += len(step.token_ids)
+                    if step.session_id is not None:
+                        span.set_attribute("distserve.session_id", step.session_id)
+                    yield step
+        except ApiError as exc:
+            error = exc.message
+            raise
+        finally:
+            span.set_attribute("distserve.completion_tokens", tokens)
+            tracing.end(span, error=error)
 
     async def _decode_migrated(self, req: SamplingRequest) -> AsyncIterator[Step]:
         mig = req.migration
@@ -236,7 +275,9 @@ class Engine:
         finally:
             if not handed_over:
                 self.allocator.free(blocks)
-        async with aclosing(self.executor.run(req, Resume(blocks=blocks, first_token=mig.remote_token_id))) as steps:
+        resume = Resume(blocks=blocks, first_token=mig.remote_token_id)
+        runner = self._traced("decode", req, resume) if tracing.ENABLED else self.executor.run(req, resume)
+        async with aclosing(runner) as steps:
             async for step in steps:
                 yield step
 
@@ -259,6 +300,20 @@ class Engine:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         headers = {"Authorization": f"Bearer {self.settings.peer_token}"} if self.settings.peer_token else {}
         body = {"remote_engine_id": our_id, "remote_session_id": session_id}
+        span = None
+        if tracing.ENABLED:  # this task copied the decode request's context: a child of its span
+            span = tracing.start_span("free_cache call", {"url.full": remote_url, "distserve.session_id": session_id},
+                                      kind="client")
+            headers.update(tracing.headers_for(span))
+        try:
+            await self._free_remote_attempts(remote_url, headers, body, span)
+        finally:
+            if span is not None:
+                span.end()
+
+    async def _free_remote_attempts(self, remote_url: str, headers: dict, body: dict, span) -> None:
+        import aiohttp
+
         for attempt in range(3):
             try:
                 async with self._http.post(f"{remote_url.rstrip('/')}/distserve/free_cache", json=body,
@@ -267,10 +322,16 @@ class Engine:
                         if resp.status >= 400:
                             log.warning("free_cache on %s answered %d", remote_url, resp.status)
                             self.remote_frees_failed_total += 1
+                        if span is not None:
+                            span.set_attribute("http.response.status_code", resp.status)
                         return
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 log.info("free_cache on %s failed (%s), attempt %d", remote_url, exc, attempt + 1)
+                if span is not None:
+                    span.add_event("attempt_failed", {"message": str(exc)[:500] or type(exc).__name__})
             await asyncio.sleep(0.1 * (2 ** attempt) * (0.5 + random.random()))
+        if span is not None:
+            tracing.fail(span, "free_cache failed after 3 attempts")
         self.remote_frees_failed_total += 1  # the prefill's TTL frees it anyway
 
     def stats(self) -> dict:

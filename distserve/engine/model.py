@@ -1,15 +1,27 @@
-"""A small decoder-only transformer over a paged KV pool (torch, CPU).
+"""The engine's decoder-only transformer over a paged KV pool (torch, CPU).
 
-Pre-norm blocks with RMSNorm, rotary attention (grouped KV heads) and a SwiGLU MLP. The pool is one
-float32 tensor laid out like lmdeploy's: layers x blocks x (K/V, block_size, kv_heads, head_dim).
+One implementation for every model the engine runs: the dense Llama family (pre-norm blocks with RMSNorm,
+rotary attention with optional Llama 3 / linear frequency scaling, grouped KV heads, optional biases, a SiLU
+gated MLP, tied or untied embeddings). The built-in random model is one configuration of it; Hugging Face
+checkpoints load into it (`load_hf_weights`). The pool is one tensor of the configured dtype laid out like
+lmdeploy's: layers x blocks x (K/V, block_size, kv_heads, head_dim).
 
-Batch invariance: PD output must equal hybrid output token for token, but a CPU GEMM's rounding depends
-on how many rows it multiplies. Linear layers and norms therefore accumulate in float64 and round to
-float32, so a row's result does not depend on its batch; attention runs per sequence (same shapes
-whichever engine runs it).
+Numerics follow transformers' Llama code (RMSNorm in float32, rotary tables in float32, the same rotation
+and attention scale), so greedy output equals `generate`'s. q/k/v and gate/up are fused into one matmul
+each; attention runs per sequence (prefill: causal over its own keys; decode: over its gathered blocks).
+
+Batch invariance (`ModelConfig.exact_batching`, the built-in model's default): PD output must equal hybrid
+output token for token, but a CPU GEMM's rounding depends on how many rows it multiplies. Linear layers
+and norms then accumulate in float64 and round to float32, so a row's result does not depend on its batch.
+Checkpoints run in their dtype instead (speed); PD equals hybrid there whenever the batches match.
 """
 
 from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -17,18 +29,33 @@ import torch.nn.functional as F
 from distserve.engine import tokenizer
 from distserve.engine.config import ModelConfig
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_LAYER_KEYS = ("attn_norm", "qkv", "qkv_bias", "o", "o_bias", "mlp_norm", "gate_up", "gate_up_bias", "down",
+               "down_bias")
+
 
 def _names(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """The engine's tensor names and shapes (a `--weights` file holds these)."""
     h, d, i = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    shapes: dict[str, tuple[int, ...]] = {"embed": (cfg.vocab_size, h), "norm": (h,), "lm_head": (cfg.vocab_size, h)}
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
+    shapes: dict[str, tuple[int, ...]] = {"embed": (cfg.vocab_size, h), "norm": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (cfg.vocab_size, h)
     for layer in range(cfg.num_layers):
         p = f"layers.{layer}."
         shapes[p + "attn_norm"] = (h,)
-        shapes[p + "qkv"] = ((cfg.num_heads + 2 * cfg.num_kv_heads) * d, h)
+        shapes[p + "qkv"] = (qkv, h)
+        if cfg.qkv_bias:
+            shapes[p + "qkv_bias"] = (qkv,)
         shapes[p + "o"] = (h, cfg.num_heads * d)
+        if cfg.o_bias:
+            shapes[p + "o_bias"] = (h,)
         shapes[p + "mlp_norm"] = (h,)
         shapes[p + "gate_up"] = (2 * i, h)
         shapes[p + "down"] = (h, i)
+        if cfg.mlp_bias:
+            shapes[p + "gate_up_bias"] = (2 * i,)
+            shapes[p + "down_bias"] = (h,)
     return shapes
 
 
@@ -36,7 +63,9 @@ def random_weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(cfg.seed)
     out = {}
     for name, shape in _names(cfg).items():
-        if len(shape) == 1:
+        if name.endswith("bias"):
+            out[name] = torch.zeros(shape)
+        elif len(shape) == 1:
             out[name] = torch.ones(shape)
         elif name == "embed":
             out[name] = torch.randn(shape, generator=g)
@@ -48,6 +77,8 @@ def random_weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def load_weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    if cfg.hf_dir:
+        return load_hf_weights(cfg)
     if not cfg.weights:
         return random_weights(cfg)
     from safetensors.torch import load_file
@@ -69,70 +100,184 @@ def save_weights(cfg: ModelConfig, path: str) -> None:
     save_file(random_weights(cfg), path)
 
 
+# -- Hugging Face checkpoints ----------------------------------------------------------------------------
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file as views of a private memory map (no read, no copy: pages come
+    from the file as they are touched)."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path}: not a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{path}: not a safetensors file (bad header)") from None
+    size = path.stat().st_size
+    storage = torch.UntypedStorage.from_file(str(path), shared=False, nbytes=size)
+    raw = torch.empty(0, dtype=torch.uint8).set_(storage, 0, (size,), (1,))
+    out = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _ST_DTYPES.get(meta.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"{path}: tensor {name} has dtype {meta.get('dtype')}, not one of {sorted(_ST_DTYPES)}")
+        start, end = (8 + n + o for o in meta["data_offsets"])
+        if end > size:
+            raise ValueError(f"{path}: tensor {name} runs past the end of the file (truncated download?)")
+        data = raw[start:end]
+        if start % dtype.itemsize:
+            data = data.clone()  # misaligned for its dtype: copy
+        out[name] = data.view(dtype).view(meta["shape"])
+    return out
+
+
+def load_hf_weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors under the engine's names, in the configured dtype (q/k/v and gate/up fused)."""
+    from distserve.engine import hf
+
+    assert cfg.hf_dir is not None
+    tensors: dict[str, torch.Tensor] = {}
+    for path in hf.weight_files(cfg.hf_dir):
+        tensors.update(map_safetensors(path))
+    dtype = DTYPES[cfg.dtype]
+    where = Path(cfg.hf_dir).name
+
+    def get(name: str) -> torch.Tensor:
+        t = tensors.get(name)
+        if t is None:
+            raise ValueError(f"{where}: tensor {name} missing from the checkpoint")
+        return t.to(dtype)
+
+    out = {"embed": get("model.embed_tokens.weight"), "norm": get("model.norm.weight")}
+    if not cfg.tie_word_embeddings:
+        out["lm_head"] = get("lm_head.weight")
+    for i in range(cfg.num_layers):
+        p, q = f"model.layers.{i}.", f"layers.{i}."
+        attn, mlp = p + "self_attn.", p + "mlp."
+        out[q + "attn_norm"] = get(p + "input_layernorm.weight")
+        out[q + "mlp_norm"] = get(p + "post_attention_layernorm.weight")
+        out[q + "qkv"] = torch.cat([get(attn + f"{x}_proj.weight") for x in "qkv"])
+        out[q + "o"] = get(attn + "o_proj.weight")
+        out[q + "gate_up"] = torch.cat([get(mlp + "gate_proj.weight"), get(mlp + "up_proj.weight")])
+        out[q + "down"] = get(mlp + "down_proj.weight")
+        if cfg.qkv_bias:
+            out[q + "qkv_bias"] = torch.cat([get(attn + f"{x}_proj.bias") for x in "qkv"])
+        if cfg.o_bias:
+            out[q + "o_bias"] = get(attn + "o_proj.bias")
+        if cfg.mlp_bias:
+            out[q + "gate_up_bias"] = torch.cat([get(mlp + "gate_proj.bias"), get(mlp + "up_proj.bias")])
+            out[q + "down_bias"] = get(mlp + "down_proj.bias")
+    for name, shape in _names(cfg).items():
+        if tuple(out[name].shape) != shape:
+            raise ValueError(f"{where}: {name} has shape {tuple(out[name].shape)}, expected {shape} from config.json")
+    return out
+
+
+def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Rotary inverse frequencies in float32, computed as transformers does (same rounding)."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    rs = cfg.rope_scaling
+    if rs is None or rs.rope_type == "default":
+        return inv
+    if rs.rope_type == "linear":
+        return inv / rs.factor
+    # llama3: long wavelengths slowed by `factor`, short ones kept, the band between blended.
+    old = rs.original_max_position_embeddings
+    long_wave, short_wave = old / rs.low_freq_factor, old / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > long_wave, inv / rs.factor, inv)
+    blend = (old / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+    mixed = (1 - blend) * scaled / rs.factor + blend * scaled
+    between = ~(wavelen < short_wave) * ~(wavelen > long_wave)
+    return torch.where(between, mixed, scaled)
+
+
 class Model:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
         self.cfg = cfg
-        w64 = {k: v.double().contiguous() for k, v in weights.items()}
-        self.embed = weights["embed"]
+        self.dtype = DTYPES[cfg.dtype]
+        self.exact = cfg.exact_batching
+        # Matmul operands: float64 copies for batch invariance, else the weights as given (mapped ones stay
+        # mapped when the checkpoint already has the configured dtype).
+        wt = (lambda t: t.double().contiguous()) if self.exact else (lambda t: t.to(self.dtype).contiguous())
+        self.embed = weights["embed"].to(self.dtype)
         self.layers = []
         for layer in range(cfg.num_layers):
             p = f"layers.{layer}."
-            self.layers.append({k: w64[p + k] for k in ("attn_norm", "qkv", "o", "mlp_norm", "gate_up", "down")})
-        self.norm = w64["norm"]
-        self.lm_head = w64["lm_head"]
-        bias = torch.zeros(cfg.vocab_size)
+            self.layers.append({k: (wt(weights[p + k]) if p + k in weights else None) for k in _LAYER_KEYS})
+        self.norm = wt(weights["norm"])
+        self.lm_head = wt(weights["embed"] if cfg.tie_word_embeddings else weights["lm_head"])
+        self.out_bias = None
         if cfg.output_mask:
+            bias = torch.zeros(cfg.vocab_size)
             allowed = set(range(32, 127)) | {10, tokenizer.EOS}
             bias[[t for t in range(cfg.vocab_size) if t not in allowed]] = float("-inf")
             bias[tokenizer.EOS] = cfg.eos_logit_bias
-        self.out_bias = bias
-        half = cfg.head_dim // 2
-        inv = 1.0 / (cfg.rope_theta ** (torch.arange(half, dtype=torch.float64) / half))
-        angles = torch.arange(cfg.max_model_len + 1, dtype=torch.float64)[:, None] * inv[None, :]
-        self.cos, self.sin = angles.cos().float(), angles.sin().float()
-        self.groups = cfg.num_heads // cfg.num_kv_heads
+            self.out_bias = bias
+        self.inv_freq = inv_frequencies(cfg)
+        self.scale = cfg.head_dim ** -0.5
+        self.gqa = cfg.num_heads != cfg.num_kv_heads
+        d = cfg.head_dim
+        self.splits = (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d)
+
+    def new_pool(self) -> torch.Tensor:
+        return torch.zeros(self.cfg.kv_block_shape, dtype=self.dtype)
 
     # -- pieces ------------------------------------------------------------------------------------
-    @staticmethod
-    def _lin(x: torch.Tensor, w64: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.double(), w64).float()
+    def _lin(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        if self.exact:
+            return F.linear(x.double(), w, b).float()
+        return F.linear(x, w, b)
+
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        eps = self.cfg.rms_norm_eps
+        if self.exact:
+            x64 = x.double()
+            return (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + eps) * w).float()
+        x32 = x.float()
+        return w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(self.dtype)
+
+    def _cos_sin(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = pos[:, None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
 
     @staticmethod
-    def _norm(x: torch.Tensor, w64: torch.Tensor) -> torch.Tensor:
-        x64 = x.double()
-        return (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * w64).float()
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, D]; rotates the two halves of each head (transformers' rotate_half)."""
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return (x * cos) + (rotated * sin)
 
-    def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """x: [T, heads, D], pos: [T]."""
-        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
-        a, b = x[..., ::2], x[..., 1::2]
-        return torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
-
-    def _qkv(self, x: torch.Tensor, layer: dict, pos: torch.Tensor):
+    def _qkv(self, x: torch.Tensor, layer: dict, cos: torch.Tensor, sin: torch.Tensor):
         cfg = self.cfg
-        qkv = self._lin(self._norm(x, layer["attn_norm"]), layer["qkv"])
+        qkv = self._lin(self._norm(x, layer["attn_norm"]), layer["qkv"], layer["qkv_bias"])
+        q, k, v = qkv.split(self.splits, dim=-1)
         d = cfg.head_dim
-        q = qkv[:, : cfg.num_heads * d].view(-1, cfg.num_heads, d)
-        k = qkv[:, cfg.num_heads * d: (cfg.num_heads + cfg.num_kv_heads) * d].view(-1, cfg.num_kv_heads, d)
-        v = qkv[:, (cfg.num_heads + cfg.num_kv_heads) * d:].view(-1, cfg.num_kv_heads, d)
-        return self._rope(q, pos), self._rope(k, pos), v.contiguous()
+        q = self._rope(q.view(-1, cfg.num_heads, d), cos, sin)
+        k = self._rope(k.view(-1, cfg.num_kv_heads, d), cos, sin)
+        return q, k, v.reshape(-1, cfg.num_kv_heads, d)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
         """q: [n, Hq, D], k/v: [t, Hkv, D] -> [n, Hq*D]."""
-        if self.groups > 1:
-            k = k.repeat_interleave(self.groups, dim=1)
-            v = v.repeat_interleave(self.groups, dim=1)
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                             is_causal=causal)
+                                             is_causal=causal, scale=self.scale, enable_gqa=self.gqa)
         return out.transpose(0, 1).reshape(q.shape[0], -1)
 
     def _mlp(self, x: torch.Tensor, layer: dict) -> torch.Tensor:
-        gu = self._lin(self._norm(x, layer["mlp_norm"]), layer["gate_up"])
+        gu = self._lin(self._norm(x, layer["mlp_norm"]), layer["gate_up"], layer["gate_up_bias"])
         gate, up = gu.chunk(2, dim=-1)
-        return self._lin(F.silu(gate) * up, layer["down"])
+        return self._lin(F.silu(gate) * up, layer["down"], layer["down_bias"])
 
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self._lin(self._norm(x, self.norm), self.lm_head) + self.out_bias
+        logits = self._lin(self._norm(x, self.norm), self.lm_head).float()
+        return logits + self.out_bias if self.out_bias is not None else logits
 
     # -- steps -------------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -142,21 +287,22 @@ class Model:
         lens = [len(t) for t, _ in seqs]
         tokens = torch.tensor([t for toks, _ in seqs for t in toks], dtype=torch.long)
         pos = torch.cat([torch.arange(n) for n in lens])
+        cos, sin = self._cos_sin(pos)
         slots = []
         for (toks, blocks), n in zip(seqs, lens):
             p = torch.arange(n)
             slots.append((torch.tensor(blocks, dtype=torch.long)[p // bs], p % bs))
         x = self.embed[tokens]
         for li, layer in enumerate(self.layers):
-            q, k, v = self._qkv(x, layer, pos)
+            q, k, v = self._qkv(x, layer, cos, sin)
             kv = pool[li]
             outs, start = [], 0
             for (bidx, slot), n in zip(slots, lens):
                 kv[bidx, 0, slot] = k[start: start + n]
                 kv[bidx, 1, slot] = v[start: start + n]
-                outs.append(self._attend(q[start: start + n], k[start: start + n], v[start: start + n], True))
+                outs.append(self._attend(q[start: start + n], k[start: start + n], v[start: start + n], n > 1))
                 start += n
-            x = x + self._lin(torch.cat(outs), layer["o"])
+            x = x + self._lin(torch.cat(outs) if len(outs) > 1 else outs[0], layer["o"], layer["o_bias"])
             x = x + self._mlp(x, layer)
         last = torch.tensor(lens).cumsum(0) - 1
         return self._logits(x[last])
@@ -167,13 +313,14 @@ class Model:
         bs = self.cfg.block_size
         tokens = torch.tensor([t for t, _, _ in seqs], dtype=torch.long)
         pos = torch.tensor([p for _, p, _ in seqs], dtype=torch.long)
+        cos, sin = self._cos_sin(pos)
         bidx = torch.tensor([blocks[p // bs] for _, p, blocks in seqs], dtype=torch.long)
         slot = pos % bs
         gathers = [(torch.tensor(blocks[: p // bs + 1], dtype=torch.long), p + 1) for _, p, blocks in seqs]
         x = self.embed[tokens]
         hk, d = self.cfg.num_kv_heads, self.cfg.head_dim
         for li, layer in enumerate(self.layers):
-            q, k, v = self._qkv(x, layer, pos)
+            q, k, v = self._qkv(x, layer, cos, sin)
             kv = pool[li]
             kv[bidx, 0, slot] = k
             kv[bidx, 1, slot] = v
@@ -182,6 +329,6 @@ class Model:
                 kk = kv[blocks, 0].reshape(-1, hk, d)[:length]
                 vv = kv[blocks, 1].reshape(-1, hk, d)[:length]
                 outs.append(self._attend(q[i: i + 1], kk, vv, False))
-            x = x + self._lin(torch.cat(outs), layer["o"])
+            x = x + self._lin(torch.cat(outs) if len(outs) > 1 else outs[0], layer["o"], layer["o_bias"])
             x = x + self._mlp(x, layer)
         return self._logits(x)

@@ -20,15 +20,17 @@ from distserve.protocol import MigrationRequest
 class ApiError(Exception):
     """An error answered as OpenAI JSON `{"error": {"message", "type", "code"}}`."""
 
-    def __init__(self, status: int, message: str, code: str = "invalid_request", type_: str | None = None):
+    def __init__(self, status: int, message: str, code: str = "invalid_request", type_: str | None = None,
+                 param: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.type = type_ or ("invalid_request_error" if status < 500 else "server_error")
+        self.param = param
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code}}
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
 
 
 def validation_message(exc: ValidationError) -> str:
@@ -56,6 +58,9 @@ class _Common(BaseModel):
     with_cache: bool = False
     preserve_cache: bool = False
     migration_request: MigrationRequest | None = None
+    # A router's prefill leg runs with max_tokens=1; this is the client's budget its decode will run with,
+    # checked against the context here so an over-long request costs no prefill.
+    decode_max_tokens: int | None = Field(None, ge=1)
 
     @field_validator("stop")
     @classmethod
@@ -126,8 +131,10 @@ class SamplingRequest:
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
-def parse_request(kind: str, body: Any, served_model: str, max_model_len: int) -> tuple[Any, SamplingRequest]:
-    """Validate an OpenAI body; ApiError(400/404) on anything wrong."""
+def parse_request(kind: str, body: Any, served_model: str, max_model_len: int,
+                  tok: Any = None) -> tuple[Any, SamplingRequest]:
+    """Validate an OpenAI body; ApiError(400/404) on anything wrong. `tok`: the engine's tokenizer (bytes)."""
+    tok = tok if tok is not None else tokenizer.BYTE_TOKENIZER
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     cls = CompletionRequest if kind == "completion" else ChatCompletionRequest
@@ -139,6 +146,9 @@ def parse_request(kind: str, body: Any, served_model: str, max_model_len: int) -
         raise ApiError(400, validation_message(exc), code) from None
     if req.model != served_model:
         raise ApiError(404, f"The model `{req.model}` does not exist (served: {served_model})", "model_not_found")
+    if req.stream_options is not None and not req.stream:  # as OpenAI
+        raise ApiError(400, "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                       "invalid_value", param="stream_options")
     if kind == "completion":
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
@@ -146,27 +156,32 @@ def parse_request(kind: str, body: Any, served_model: str, max_model_len: int) -
                 raise ApiError(400, "only one prompt per request is supported", "invalid_prompt")
             prompt = prompt[0]
         if isinstance(prompt, str):
-            ids = tokenizer.encode(prompt)
+            ids = tok.encode(prompt)
+            if not ids:  # a tokenizer that adds no BOS
+                raise ApiError(400, "prompt must not be empty", "invalid_prompt")
         else:
             ids = list(prompt)
             if not ids:
                 raise ApiError(400, "prompt must not be empty", "invalid_prompt")
-            if any(not (0 <= t < tokenizer.VOCAB_SIZE) for t in ids):
-                raise ApiError(400, f"prompt token ids must be in [0, {tokenizer.VOCAB_SIZE})", "invalid_prompt")
+            if any(not (0 <= t < tok.vocab_size) for t in ids):
+                raise ApiError(400, f"prompt token ids must be in [0, {tok.vocab_size})", "invalid_prompt")
         max_tokens = req.max_tokens if req.max_tokens is not None else 16
     else:
         try:
             messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            ids = tok.chat(messages)  # ValueError: a chat template that refuses the messages
         except ValueError as exc:
             raise ApiError(400, str(exc), "invalid_messages") from None
-        ids = tokenizer.encode(tokenizer.render_chat(messages))
         max_tokens = req.max_completion_tokens or req.max_tokens or max(1, max_model_len - len(ids))
-    if len(ids) + max_tokens > max_model_len:
-        if len(ids) >= max_model_len:
-            raise ApiError(400, f"prompt has {len(ids)} tokens; the maximum context length is {max_model_len}",
-                           "context_length_exceeded")
-        raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) exceeds the maximum context "
-                       f"length {max_model_len}", "context_length_exceeded")
+    prompt_param = "prompt" if kind == "completion" else "messages"
+    if len(ids) >= max_model_len:
+        raise ApiError(400, f"prompt has {len(ids)} tokens; the maximum context length is {max_model_len}",
+                       "context_length_exceeded", param=prompt_param)
+    # the decode's budget counts, not this leg's max_tokens=1: checked before anything is computed
+    budget = max(max_tokens, req.decode_max_tokens or 0)
+    if len(ids) + budget > max_model_len:
+        raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({budget}) exceeds the maximum context "
+                       f"length {max_model_len}", "context_length_exceeded", param=prompt_param)
     if req.migration_request is not None and req.preserve_cache:
         raise ApiError(400, "migration_request and preserve_cache are exclusive", "invalid_migration_request")
     if req.seed is not None and not (-(1 << 63) <= req.seed < (1 << 64)):

@@ -5,6 +5,7 @@ Every error is OpenAI JSON with the right status; bad input never reaches the ex
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -15,6 +16,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
+from distserve import tracing
 from distserve.engine import metrics, tokenizer
 from distserve.engine.core import Engine
 from distserve.engine.openai_api import (
@@ -40,16 +42,17 @@ log = logging.getLogger("distserve.engine.server")
 ENGINE_KEY = web.AppKey("engine", Engine)
 
 
-def error_response(status: int, message: str, code: str, extra: dict | None = None) -> web.Response:
-    err = ApiError(status, message, code)
+def error_response(status: int, message: str, code: str, extra: dict | None = None,
+                   param: str | None = None) -> web.Response:
+    err = ApiError(status, message, code, param=param)
     return web.json_response({**(extra or {}), **err.body()}, status=status)
 
 
 class TextAssembler:
     """Detokenizes incrementally and applies stop strings (text before the stop is kept)."""
 
-    def __init__(self, stops: list[str]) -> None:
-        self.decoder = tokenizer.IncrementalDecoder()
+    def __init__(self, stops: list[str], decoder=None) -> None:
+        self.decoder = decoder if decoder is not None else tokenizer.IncrementalDecoder()  # the model's
         self.stops = stops
         self.hold = max((len(s) for s in stops), default=1) - 1
         self.text = ""
@@ -108,7 +111,7 @@ async def _errors(request: web.Request, handler):
     except ApiError as exc:
         engine.request_errors_total += 1
         extra = {"status": int(ConnectionStatus.FAIL)} if request.path.startswith("/distserve/p2p_") else None
-        return error_response(exc.status, exc.message, exc.code, extra)
+        return error_response(exc.status, exc.message, exc.code, extra, exc.param)
     except MigrationError as exc:
         engine.request_errors_total += 1
         extra = {"status": int(ConnectionStatus.FAIL)} if request.path.startswith("/distserve/p2p_") else None
@@ -122,6 +125,31 @@ async def _errors(request: web.Request, handler):
         log.exception("internal error on %s %s x_request_id=%s", request.method, request.path,
                       _request_id(request))
         return error_response(500, "internal engine error", "internal_error")
+
+
+@web.middleware
+async def _trace(request: web.Request, handler):
+    """Tracing on: a SERVER span per POST (generation, free_cache, handshakes), child of the caller's
+    traceparent; probes and GETs (health, metrics, engine_info polls) are not traced."""
+    if request.method != "POST":
+        return await handler(request)
+    engine: Engine = request.app[ENGINE_KEY]
+    s = engine.settings
+    span = tracing.start_server_span("POST " + request.path, request.headers, {
+        "http.request.method": "POST", "url.path": request.path, "distserve.engine.role": s.role.name.lower(),
+        "distserve.instance_id": s.instance_id, "distserve.request_id": request.headers.get("X-Request-Id", "")[:128]})
+    token = tracing.activate(span)
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    except asyncio.CancelledError:
+        status = 499  # the caller went away (nginx's convention): not an engine failure
+        raise
+    finally:
+        tracing.deactivate(token)
+        tracing.end(span, status)
 
 
 def _auth(api_keys: list[str]):
@@ -197,7 +225,8 @@ class Routes:
         if not engine.healthy:
             raise ApiError(503, "engine is shutting down", "unavailable")
         body = await _read_json(request)
-        req, sampling = parse_request(kind, body, engine.settings.model_name, engine.model.max_model_len)
+        req, sampling = parse_request(kind, body, engine.settings.model_name, engine.model.max_model_len,
+                                      engine.tokenizer)
         engine.requests_total += 1
         rid, created, model = new_id(kind), int(time.time()), req.model
         log.debug("%s %s x_request_id=%s prompt_tokens=%d max_tokens=%d stream=%s", kind, rid,
@@ -211,7 +240,7 @@ class Routes:
             if req.stream:
                 return await self._stream(request, kind, rid, created, model, sampling, steps, first, want_cache,
                                           req.stream_options or {})
-            text_parts = TextAssembler(sampling.stop)
+            text_parts = TextAssembler(sampling.stop, engine.tokenizer.decoder())
             generated: list[int] = []
             finish, extra = None, {}
             step = first
@@ -255,7 +284,7 @@ class Routes:
         async def send(obj: dict) -> None:
             await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
 
-        text_parts = TextAssembler(sampling.stop)
+        text_parts = TextAssembler(sampling.stop, self.engine.tokenizer.decoder())
         generated: list[int] = []
         finish = None
         first_chunk = True
@@ -290,6 +319,8 @@ class Routes:
 
 def create_app(engine: Engine, api_keys: list[str] | None = None) -> web.Application:
     middlewares = [_errors]
+    if tracing.ENABLED:  # outermost: the span sees the status _errors answers
+        middlewares.insert(0, _trace)
     if api_keys:
         middlewares.append(_auth(api_keys))
     app = web.Application(middlewares=middlewares, client_max_size=64 << 20)

@@ -57,15 +57,18 @@ class Sequence:
 class TorchExecutor(Executor):
     kind = "reference"
 
-    def __init__(self, cfg: ModelConfig, threads: int = 1, max_batch_size: int = 64,
-                 max_prefill_tokens: int = 4096) -> None:
+    def __init__(self, cfg: ModelConfig, threads: int | None = 1, max_batch_size: int = 64,
+                 max_prefill_tokens: int = 4096, tok=None) -> None:
         self.cfg = cfg
-        self.threads = max(1, threads)
+        # None: torch's default (one thread per physical core), as transformers runs.
+        self.threads = max(1, threads) if threads is not None else torch.get_num_threads()
         self.max_batch_size = max(1, max_batch_size)
         self.max_prefill_tokens = max(1, max_prefill_tokens)
+        self.tokenizer = tok if tok is not None else tokenizer.BYTE_TOKENIZER
+        self.eos_ids = frozenset(self.tokenizer.eos_ids) | frozenset(cfg.eos_token_ids)
         torch.set_num_threads(self.threads)
         self.model = Model(cfg, load_weights(cfg))
-        self.pool = torch.zeros(cfg.kv_block_shape, dtype=torch.float32)
+        self.pool = self.model.new_pool()
         self.pool_ptr = self.pool.data_ptr()
         self.engine: Engine | None = None
         self._inbox: queue.Queue = queue.Queue()
@@ -330,7 +333,7 @@ class TorchExecutor(Executor):
         return int(torch.multinomial(probs, 1, generator=gen))
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
-        if token == tokenizer.EOS and not seq.req.ignore_eos:
+        if token in self.eos_ids and not seq.req.ignore_eos:
             return "stop"
         if seq.generated >= seq.req.max_tokens:
             return "length"

@@ -13,6 +13,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from distserve import tracing
 from distserve.migration.errors import MigrationError, TransportUnavailable
 from distserve.migration.geometry import PoolGeometry, plan_reads, validate_block_ids
 from distserve.migration.staging import (
@@ -233,7 +234,16 @@ class MigrationManager:
         """
         plan, remote_region, local_region, slot = self._plan(peer, remote_ids, local_ids, remote_staging)
         started = time.monotonic()
+        span = None
+        if tracing.ENABLED:  # a child of the decode request's span (current in the caller's task)
+            span = tracing.start_span("kv migration", {
+                "distserve.migration.transport": "null" if self.null else PROTOCOL_NAMES[self.protocol].lower(),
+                "distserve.migration.remote_engine_id": peer.remote_engine_id,
+                "distserve.migration.blocks": len(local_ids),
+                "distserve.migration.landed": slot is not None,
+                "distserve.migration.packed_source": remote_region == STAGING_REGION})
         release = on_quarantine_release
+        pulled = False
         if slot is not None:
             def release(base=on_quarantine_release, slot=slot) -> None:
                 self.staging.release(slot)
@@ -245,8 +255,11 @@ class MigrationManager:
                                           local_region=local_region)
             else:
                 plan = await self._land(peer, plan, remote_region, slot, local_ids, started + self.deadline_s)
+            pulled = True
         except MigrationError as exc:
             self.stats.migration_failures_total += 1
+            if span is not None:
+                tracing.fail(span, exc.message, **{"error.type": exc.code})
             if exc.pending or exc.code == "migration_timeout":
                 exc.quarantined = True
                 self.stats.quarantined_blocks += len(local_ids)
@@ -255,11 +268,19 @@ class MigrationManager:
             raise
         except Exception as exc:  # noqa: BLE001 - a transport bug must become a clean error
             self.stats.migration_failures_total += 1
+            if span is not None:
+                tracing.fail(span, f"KV migration failed: {exc}", **{"error.type": "migration_failed"})
             raise MigrationError(f"KV migration failed: {exc}", status=502, code="migration_failed") from None
         finally:
             if slot is not None:
                 self.staging.release(slot)
+            if span is not None and not pulled:
+                span.end()  # failed (or cancelled): ended here; a success ends below with its figures
         moved = sum(n for _, _, n in plan)
+        if span is not None:
+            span.set_attribute("distserve.migration.bytes", moved)
+            span.set_attribute("distserve.migration.reads", len(plan))
+            span.end()
         log.debug("pulled %d bytes in %d ranges from %s in %.2f ms", moved, len(plan), peer.remote_engine_id,
                   (time.monotonic() - started) * 1e3)
         self.stats.reads_total += len(plan)

@@ -19,12 +19,13 @@ import time
 import orjson
 from aiohttp import web
 
-from distserve import __version__
+from distserve import __version__, tracing
 from distserve.keys import Keys, sanitize_id
 from distserve.records import RoutingConfig
 from distserve.router.breaker import CircuitBreakers
 from distserve.router.errors import ApiError
 from distserve.router.http1 import EnginePool
+from distserve.router.inbound import GuardedSite, ReadGuards, answer_and_close, read_body
 from distserve.router.load import LoadTracker
 from distserve.router.metrics import RouterMetrics
 from distserve.router.orchestrator import Orchestrator, Routing
@@ -69,12 +70,13 @@ class Router:
             s.breaker_probe_max_interval,
             on_change=lambda: self.view.invalidate(),
         )
-        from distserve.router.view import ClusterView
+        from distserve.router.view import ClusterView, ConfigStatus
 
         self.view = ClusterView(
             etcd_client, self.keys, self.breakers, self.load, self.metrics, self._on_config
         )
         self._routing = self._make_routing(None)
+        self.config_status = ConfigStatus()
         self.orchestrator = Orchestrator(
             s,
             self.view,
@@ -91,27 +93,45 @@ class Router:
         self._registration = None
         self.url = s.advertise_url
         self._closing = False
+        self._tracing = False  # this router started tracing (init matched by shutdown in stop())
         self.metrics.in_flight.callback = lambda: {(): self.in_flight}
         self.metrics.view_revision.callback = lambda: {(): self.view.revision}
 
     # ------------------------------------------------------------------ routing config (hot reload)
     def _make_routing(self, config: RoutingConfig | None) -> Routing:
         name = config.strategy if config else self.settings.strategy
-        entry = make_strategy(name)
+        entry = make_strategy(name, config.strategy_params() if config else None)
         # the prefix cache lives on the prefill: decodes are balanced by expected latency under prefix affinity
-        decode = make_strategy("min_expected_latency" if name == "prefix_affinity" else name)
+        decode = make_strategy("min_expected_latency" if name == "prefix_affinity" else name)  # no params
         weights = dict(config.weights) if config else {}
         params = dict(config.params) if config else {}
         self.metrics.strategy.values = {(name,): 1}
         return Routing(entry, decode, weights, params)
 
-    def _on_config(self, config: RoutingConfig | None) -> None:
-        try:
-            routing = self._make_routing(config)
-        except ValueError as exc:
-            log.error("ignoring routing config from etcd: %s", exc)
+    def _on_config(self, config: RoutingConfig | None, error: str | None = None, revision: int = 0) -> None:
+        """A new config/routing value (None: deleted, the defaults). One that fails the schema (`error`) or
+        whose strategy cannot be built keeps the routing in force; the router says so once per revision in
+        its log, in distserve_router_routing_config_invalid and in /health/ready's body, and keeps routing."""
+        from distserve.router.view import ConfigStatus
+
+        if error is None:
+            try:
+                routing = self._make_routing(config)
+            except Exception as exc:  # noqa: BLE001 - defence in depth: never lose the routing in force
+                name = config.strategy if config else self.settings.strategy
+                error = f"strategy {name} could not be built: {exc}"
+        if error is not None:
+            status = self.config_status
+            if revision != status.revision or status.valid:
+                log.error("routing config at revision %d is invalid, keeping the %s: %s", revision,
+                          f"config of revision {status.applied_revision}" if status.applied_revision
+                          else "defaults", error[:500])
+            self.config_status = ConfigStatus(False, error[:500], revision, status.applied_revision)
+            self.metrics.routing_config_invalid.set(1)
             return
         self._routing = routing
+        self.config_status = ConfigStatus(True, None, revision, revision)
+        self.metrics.routing_config_invalid.set(0)
         self.metrics.config_reloads.inc()
         log.info(
             "routing: strategy %s, %d weights, params %s",
@@ -137,19 +157,27 @@ class Router:
         return self._pool
 
     # ------------------------------------------------------------------ lifecycle
+    def _read_timed_out(self, phase: str) -> None:
+        self.metrics.client_read_timeouts.inc((phase,))
+
     def build_app(self) -> web.Application:
+        # every handler tells its connection's read guard (inbound.py) when a request is in progress
+        self._guards = guards = ReadGuards(self.settings.header_read_timeout, self._read_timed_out)
+        g = guards.wrap
         app = web.Application(client_max_size=self.settings.max_body_bytes)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat_completions)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/health/ready", self.ready)
-        app.router.add_get("/metrics", self.prometheus)
-        app.router.add_route("*", "/{tail:.*}", self.not_found)
+        app.router.add_post("/v1/completions", g(self.completions))
+        app.router.add_post("/v1/chat/completions", g(self.chat_completions))
+        app.router.add_get("/v1/models", g(self.models))
+        app.router.add_get("/health", g(self.health))
+        app.router.add_get("/health/ready", g(self.ready))
+        app.router.add_get("/metrics", g(self.prometheus))
+        app.router.add_route("*", "/{tail:.*}", g(self.not_found))
         return app
 
     async def start(self) -> None:
         s = self.settings
+        self._tracing = True
+        tracing.init("distserve-router", {"service.instance.id": self.router_id})
         self._get_pool()
         await self.view.start()
         if not await self.view.wait_synced(s.sync_timeout):
@@ -157,9 +185,12 @@ class Router:
                 "view not synced with etcd after %.1fs: serving, not ready until it is", s.sync_timeout
             )
             self.spawn(self._wait_sync_forever())
-        self._runner = web.AppRunner(self.build_app(), handler_cancellation=True, access_log=None)
+        # auto_decompress off: read_body decodes gzip/deflate itself, bounded, with OpenAI-style errors
+        self._runner = web.AppRunner(
+            self.build_app(), handler_cancellation=True, access_log=None, auto_decompress=False
+        )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, s.host, s.port, backlog=2048)
+        site = GuardedSite(self._runner, self._guards, s.host, s.port, backlog=2048)
         await site.start()
         port = s.port
         for addr in self._runner.addresses:
@@ -213,15 +244,18 @@ class Router:
         await self.view.stop()
         if self._pool is not None:
             self._pool.close()
+        if self._tracing:
+            self._tracing = False
+            await tracing.shutdown()  # flushes the spans still queued
 
     # ------------------------------------------------------------------ helpers
     def _authorized(self, request: web.Request) -> bool:
         if not self._api_keys:
             return True
-        header = request.headers.get("Authorization", "")
-        if not header.startswith("Bearer "):
+        scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer":  # the scheme is case-insensitive (RFC 7235)
             return False
-        given = header[7:].strip().encode()
+        given = given.strip().encode()
         ok = False
         for key in self._api_keys:
             ok |= hmac.compare_digest(given, key)
@@ -243,18 +277,8 @@ class Router:
         return os.urandom(16).hex()
 
     async def _read_body(self, request: web.Request) -> bytes:
-        limit = self.settings.max_body_bytes
-        length = request.content_length
-        if length is not None and length > limit:
-            raise ApiError(
-                413, f"request body of {length} bytes exceeds the limit of {limit} bytes", "request_too_large"
-            )
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise ApiError(
-                413, f"request body exceeds the limit of {limit} bytes", "request_too_large"
-            ) from None
+        s = self.settings
+        return await read_body(request, s.max_body_bytes, s.body_read_timeout, self._read_timed_out)
 
     # ------------------------------------------------------------------ handlers
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -270,6 +294,14 @@ class Router:
         self.requests_total += 1
         status = 500
         prepared = False
+        span = token = model = None
+        if tracing.ENABLED:  # off: nothing else of tracing on this path (the pass-through is in generate)
+            span = tracing.start_server_span(
+                "POST " + path,
+                request.headers,
+                {"http.request.method": "POST", "url.path": path, "distserve.request_id": rid},
+            )
+            token = tracing.activate(span)
         try:
             if not self._authorized(request):
                 raise self._auth_error()
@@ -296,7 +328,10 @@ class Router:
             status = exc.status
             if exc.status >= 500:
                 log.warning("request %s %s -> %d %s", rid, path, exc.status, exc.message)
-            return exc.response(rid)
+            resp = exc.response(rid)
+            if exc.close:  # a body that is not coming: answer and close, do not wait for the rest
+                await answer_and_close(request, resp)
+            return resp
         except (asyncio.CancelledError, ConnectionResetError):
             if request.get("answered"):  # closed after reading [DONE]: the request completed
                 status = 200
@@ -308,20 +343,33 @@ class Router:
         except Exception:
             log.exception("request %s %s: unexpected error", rid, path)
             status = 500
-            if prepared:
+            if prepared or request.get("stream"):  # a stream's 200 is out: nothing else can be answered
                 raise
             return ApiError(500, "internal router error", "internal_error").response(rid)
         finally:
             self.in_flight -= 1
+            if span is not None:
+                tracing.deactivate(token)
+                span.set_attribute("distserve.engines", request.get("engines", "-"))
+                if model is not None:
+                    span.set_attribute("gen_ai.request.model", model)
+                tracing.end(span, status)
             elapsed = time.perf_counter() - started
             self.metrics.requests.inc((path, status))
             self.metrics.latency.observe(elapsed, (path,))
+            # a streamed answer's 200 goes out with its first byte: say how the stream really ended
+            stream = request.get("stream")
+            if stream is not None:
+                if stream == "started":  # ended by an exception (the orchestrator records the rest)
+                    stream = "completed" if status == 200 else "client_gone" if status == 499 else "router_error"
+                self.metrics.streams.inc((path, stream))
             if log.isEnabledFor(logging.INFO):
                 log.info(
-                    "request %s %s -> %s in %.1f ms via %s",
+                    "request %s %s -> %s%s in %.1f ms via %s",
                     rid,
                     path,
                     status,
+                    f" stream={stream}" if stream is not None else "",
                     elapsed * 1000,
                     request.get("engines", "-"),
                 )
@@ -369,6 +417,8 @@ class Router:
                     "models": sorted(table.entries),
                     "revision": self.view.revision,
                     "strategy": self.strategy_name,
+                    # ready still (it routes): an invalid stored config shows here, not as a 503
+                    "routing_config": self.config_status.as_dict(),
                 }
             ),
             content_type="application/json",

@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 
-from distserve.router.settings import RouterSettings
+from distserve.router.settings import BODY_READ_TIMEOUT_MAX, HEADER_READ_TIMEOUT_MAX, RouterSettings
 from distserve.router.strategies import STRATEGIES
 
 ENV_CLUSTER = "DISTSERVE_CLUSTER"
@@ -78,6 +78,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bound on a whole non-streamed request",
     )
     g.add_argument("--free-cache-timeout", type=float, default=d.free_cache_timeout)
+    g.add_argument(
+        "--header-read-timeout",
+        type=float,
+        default=d.header_read_timeout,
+        help="a client must send a request's headers within this (from its first byte); else 408 and the "
+        f"connection is closed (at most {HEADER_READ_TIMEOUT_MAX:g}; default %(default)s)",
+    )
+    g.add_argument(
+        "--body-read-timeout",
+        type=float,
+        default=d.body_read_timeout,
+        help="a client must send a request's body within this (from the end of its headers); else 408 and "
+        f"the connection is closed (at most {BODY_READ_TIMEOUT_MAX:g}; default %(default)s)",
+    )
     r = parser.add_argument_group("retries and breakers")
     r.add_argument(
         "--max-prefill-attempts",
@@ -127,6 +141,8 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
         decode_first_byte_timeout=args.decode_first_byte_timeout,
         decode_idle_timeout=args.decode_idle_timeout,
         request_timeout=args.request_timeout,
+        header_read_timeout=args.header_read_timeout,
+        body_read_timeout=args.body_read_timeout,
         free_cache_timeout=args.free_cache_timeout,
         max_prefill_attempts=args.max_prefill_attempts,
         max_decode_attempts=args.max_decode_attempts,
@@ -148,10 +164,16 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0")
     if s.max_prefill_attempts < 1 or s.max_decode_attempts < 1:
         raise ValueError("--max-prefill-attempts and --max-decode-attempts must be >= 1")
+    if not 0 < s.header_read_timeout <= HEADER_READ_TIMEOUT_MAX:
+        raise ValueError(f"--header-read-timeout must be in (0, {HEADER_READ_TIMEOUT_MAX:g}] seconds")
+    if not 0 < s.body_read_timeout <= BODY_READ_TIMEOUT_MAX:
+        raise ValueError(f"--body-read-timeout must be in (0, {BODY_READ_TIMEOUT_MAX:g}] seconds")
     if not 0 <= s.route_wait <= 600:
         raise ValueError("--route-wait must be in 0-600 seconds")
     if s.max_body_bytes < 1024:
         raise ValueError("--max-body-bytes must be >= 1024")
+    if not 0 <= s.max_in_flight <= 1_000_000:
+        raise ValueError("--max-in-flight must be in 0-1000000 (0 = unbounded)")
     if not 0 <= s.port < 65536:
         raise ValueError("--port must be in 0-65535")
     return s

@@ -10,7 +10,9 @@ _TYPES = {
     401: "authentication_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    408: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
     429: "rate_limit_error",
     502: "upstream_error",
     503: "service_unavailable",
@@ -28,6 +30,7 @@ class ApiError(Exception):
         code: str,
         param: str | None = None,
         headers: dict[str, str] | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -35,6 +38,8 @@ class ApiError(Exception):
         self.code = code
         self.param = param
         self.headers = headers
+        # the connection cannot be reused (a body left half-read): answer, then close it at once
+        self.close = close
 
     @property
     def type(self) -> str:

@@ -212,6 +212,41 @@ class RouterMetrics:
             )
         )
         self.links_usable = r.add(Gauge("distserve_router_links_usable", "Established prefill->decode links"))
+        self.links = r.add(
+            Gauge("distserve_router_links", "Prefill->decode link records in the view, by state", ("state",))
+        )
+        self.links_possible = r.add(
+            Gauge(
+                "distserve_router_links_possible",
+                "Prefill->decode pairs of registered engines serving a common model (a full mesh's links)",
+            )
+        )
+        self.model_routable = r.add(
+            Gauge(
+                "distserve_router_model_routable",
+                "1 while a registered model has a routable path through this router, else 0",
+                ("model",),
+            )
+        )
+        # Scaling signals per pool, summed from the agents' load records (any engine kind that reports load)
+        pool = (
+            ("pool_running", "distserve_router_pool_requests_running", "Running sequences in the pool"),
+            ("pool_waiting", "distserve_router_pool_requests_waiting", "Queued requests in the pool"),
+            ("pool_prefill_tokens", "distserve_router_pool_prefill_tokens_pending",
+             "Prompt tokens not yet prefilled in the pool (the prefill queue)"),
+            ("pool_kv_usage", "distserve_router_pool_kv_usage_ratio",
+             "KV blocks in use / KV blocks of the pool's engines that report them (0..1)"),
+        )
+        for attr, name, help_text in pool:
+            setattr(self, attr, r.add(Gauge(name, help_text + ", by role", ("role",))))
+        self.engine_changes = r.add(
+            Counter(
+                "distserve_router_engine_changes_total",
+                "Engine record changes seen once the view synced: registered (a new incarnation), ready, "
+                "unhealthy, draining, starting, deregistered (left while draining), lease_expired (left otherwise)",
+                ("engine", "change"),
+            )
+        )
         self.view_revision = r.add(
             Gauge("distserve_router_view_revision", "Highest etcd revision applied to the view")
         )
@@ -250,9 +285,31 @@ class RouterMetrics:
                 ("route",),
             )
         )
+        self.streams = r.add(
+            Counter(
+                "distserve_router_streams_total",
+                "Streamed answers (SSE) by how they ended: completed, upstream_error (the engine dropped or "
+                "broke the stream), upstream_timeout (the engine went silent), client_gone, router_error",
+                ("route", "outcome"),
+            )
+        )
+        self.client_read_timeouts = r.add(
+            Counter(
+                "distserve_router_client_read_timeouts_total",
+                "Client connections closed (408) because a request's headers or body did not arrive in time",
+                ("phase",),
+            )
+        )
         self.config_reloads = r.add(
             Counter("distserve_router_config_reloads_total", "Routing configurations applied from etcd")
         )
+        self.routing_config_invalid = r.add(
+            Gauge(
+                "distserve_router_routing_config_invalid",
+                "1 while the stored routing config fails the schema (the router keeps its last good one)",
+            )
+        )
+        self.routing_config_invalid.set(0)
         self.strategy = r.add(
             Gauge("distserve_router_strategy", "The routing strategy in use (value 1)", ("strategy",))
         )

@@ -28,6 +28,7 @@ from collections.abc import Callable
 import orjson
 from aiohttp import web
 
+from distserve import tracing
 from distserve.protocol import PROTOCOL_BY_NAME
 from distserve.records import EngineRecord
 from distserve.router.errors import ApiError
@@ -36,7 +37,13 @@ from distserve.router.metrics import RouterMetrics
 from distserve.router.settings import RouterSettings
 from distserve.router.strategies import PickContext, Strategy
 from distserve.router.upstream import UpstreamError, classify_exception, classify_status
-from distserve.router.validation import CHAT, prompt_prefix
+from distserve.router.validation import (
+    CHAT,
+    DECODE_MAX_TOKENS,
+    check_context,
+    prompt_prefix,
+    requested_max_tokens,
+)
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as _timeout
@@ -94,6 +101,9 @@ class Orchestrator:
         self._routing = routing
         self._spawn = spawn  # runs a coroutine as an owned background task
         self._engine_headers = engine_headers  # header lines sent on every engine call (auth, content type)
+        # (routing table, {model: largest context a routable path offers, None when unknown}): recomputed
+        # whenever the view builds a new table
+        self._context_limits: tuple[object, dict[str, int | None]] = (None, {})
 
     # ------------------------------------------------------------------ entry
     async def generate(
@@ -121,7 +131,13 @@ class Orchestrator:
                     "no_route",
                     headers={"Retry-After": "1"},
                 )
+        limit = self._context_limit(model)
+        if limit is not None:
+            # before any engine call: a request that cannot fit would cost a whole prefill otherwise
+            check_context(kind, body, limit)
         headers = self._engine_headers + b"X-Request-Id: " + rid.encode() + b"\r\n"
+        if not tracing.ENABLED:  # on: each engine call names its own span as the parent instead
+            headers += tracing.passthrough(request.headers)
         stream = body.get("stream") is True
         routing = self._routing()
         ctx = PickContext(
@@ -153,6 +169,8 @@ class Orchestrator:
                 )
             except RetryElsewhere as exc:
                 last = exc
+                if tracing.ENABLED:
+                    _retry_event(exc, engine_id)
                 log.info(
                     "request %s: %s on %s failed before output (%s), trying another engine",
                     rid,
@@ -163,6 +181,35 @@ class Orchestrator:
         if last is not None:
             raise last.error.to_api_error(last.phase)
         raise ApiError(503, f"no routable engine serves model `{model}` right now", "no_route")
+
+    def _context_limit(self, model: str) -> int | None:
+        """The largest context (tokens) any routable path for `model` offers: a hybrid's max_model_len, or
+        the smaller of a prefill's and its decode's (the prefill checks the decode's budget against its own).
+        None when any of them does not publish it: then only the engines can decide."""
+        table = self.view.table()
+        cached_table, limits = self._context_limits
+        if cached_table is not table:
+            limits = {}
+            self._context_limits = (table, limits)
+        if model in limits:
+            return limits[model]
+        engines = self.view.engines
+        caps: list[int | None] = []
+        for entry_id in table.entries.get(model) or ():
+            entry = engines.get(entry_id)
+            if entry is None:
+                continue
+            if entry.role == "hybrid":
+                caps.append(entry.max_model_len)
+                continue
+            for decode_id in table.decodes.get((entry_id, model)) or ():
+                decode = engines.get(decode_id)
+                if decode is not None:
+                    pair = (entry.max_model_len, decode.max_model_len)
+                    caps.append(None if None in pair else min(pair))
+        best = None if not caps or None in caps else max(caps)
+        limits[model] = best
+        return best
 
     def _unknown_model(self, model: str) -> bool:
         """404 only when the view is complete and engines are routable: an empty view (all engines
@@ -274,9 +321,14 @@ class Orchestrator:
     ) -> tuple[int, bytes]:
         """One whole engine call (status, body) within `timeout`; failures raised as UpstreamError."""
         resp: Response | None = None
+        span = None
+        if tracing.ENABLED:
+            span, headers = _call_span(phase, engine, path, headers)
         try:
             async with _timeout(timeout):
                 resp = await self._pool().request(engine.url, b"POST", path.encode(), data, headers)
+                if span is not None and phase == "decode":  # unary: the first token comes with the answer
+                    span.add_event("first_token")
                 return resp.status, await resp.read()
         except asyncio.CancelledError:
             raise
@@ -287,6 +339,8 @@ class Orchestrator:
         finally:
             if resp is not None:
                 resp.close()
+            if span is not None:
+                _end_call_span(span, engine, resp.status if resp is not None else None)
 
     async def _prefill(self, prefill: EngineRecord, path: str, body: dict, kind: str, headers: bytes) -> dict:
         pre = dict(body)
@@ -297,6 +351,9 @@ class Orchestrator:
         pre.pop("stream_options", None)
         pre.pop("min_new_tokens", None)
         pre.pop("min_tokens", None)
+        budget = requested_max_tokens(kind, body)
+        if budget is not None:
+            pre[DECODE_MAX_TOKENS] = budget  # the prefill rejects what its decode could not hold
         pre["with_cache"] = True
         pre["preserve_cache"] = True
         t0 = time.perf_counter()
@@ -416,6 +473,8 @@ class Orchestrator:
                 return await self._unary_through(decode, path, data, headers, rid, started, "decode"), True
             except RetryElsewhere as exc:
                 last = exc.error
+                if tracing.ENABLED:
+                    _retry_event(exc, decode_id)
                 log.info(
                     "request %s: decode on %s failed before its first byte (%s)",
                     rid,
@@ -428,6 +487,19 @@ class Orchestrator:
 
     async def _free_cache(self, prefill: EngineRecord, session_id: int, headers: bytes) -> None:
         body = orjson.dumps({"remote_engine_id": prefill.handshake_id, "remote_session_id": session_id})
+        span = None
+        if tracing.ENABLED:  # this task copied the request's context: a child of its span
+            span, headers = _call_span("free_cache", prefill, "/distserve/free_cache", headers)
+            span.set_attribute("distserve.session_id", session_id)
+        try:
+            await self._free_cache_attempts(prefill, session_id, headers, body, span)
+        finally:
+            if span is not None:
+                _end_call_span(span, prefill, None)
+
+    async def _free_cache_attempts(
+        self, prefill: EngineRecord, session_id: int, headers: bytes, body: bytes, span
+    ) -> None:
         result = "error"
         for attempt in range(2):
             resp: Response | None = None
@@ -449,8 +521,12 @@ class Orchestrator:
             finally:
                 if resp is not None:
                     resp.close()
+            if span is not None:
+                span.add_event("attempt_failed", {"distserve.engine.id": prefill.id, "error.type": result})
             if attempt == 0:
                 await asyncio.sleep(random.uniform(0.05, 0.15))
+        if span is not None:
+            tracing.fail(span, f"free_cache failed ({result})", **{"distserve.engine.id": prefill.id})
         self.metrics.free_cache.inc((result,))
         log.warning("free_cache on %s for session %s failed (%s)", prefill.id, session_id, result)
 
@@ -525,6 +601,9 @@ class Orchestrator:
     ) -> tuple[web.StreamResponse, bool]:
         """Relay an SSE stream byte for byte. Returns (response, ended_well)."""
         t0 = time.perf_counter()
+        span = failure = None
+        if tracing.ENABLED:
+            span, headers = _call_span(phase, engine, path, headers)
         self.load.begin(engine.id)
         upstream: Response | None = None
         try:
@@ -542,6 +621,8 @@ class Orchestrator:
                         raise UpstreamError(
                             "disconnect", "the engine closed the stream before its first byte"
                         )
+                    if span is not None:
+                        span.add_event("first_token")
             except (RetryElsewhere, ApiError, asyncio.CancelledError):
                 raise
             except Exception as exc:  # noqa: BLE001
@@ -560,6 +641,7 @@ class Orchestrator:
                 self.metrics.phase.observe(first_at - t0, ("migration",))
             out = web.StreamResponse(status=200, headers={**SSE_HEADERS, "X-Request-Id": rid})
             await out.prepare(request)
+            request["stream"] = "started"  # how it ends is recorded below, or by the handler on an exception
             await out.write(first)
             self.metrics.ttft.observe(time.perf_counter() - started, (path,))
             tail = first[-16:]
@@ -579,12 +661,14 @@ class Orchestrator:
                 failure = UpstreamError("disconnect", "the engine ended the stream without [DONE]")
             if failure is not None:
                 self._failed(engine, phase, failure)
+                request["stream"] = "upstream_timeout" if failure.kind == "timeout" else "upstream_error"
                 await out.write(
                     ApiError(
                         502, f"{phase} failed mid-stream: {failure.message}", f"{phase}_failed"
                     ).sse_event()
                 )
             else:
+                request["stream"] = "completed"
                 self.metrics.phase.observe(
                     time.perf_counter() - (first_at if phase == "decode" else t0), (phase,)
                 )
@@ -602,8 +686,43 @@ class Orchestrator:
             return out, failure is None
         finally:
             self.load.end(engine.id)
+            if span is not None:
+                if failure is not None:
+                    tracing.fail(span, failure.message, **{"distserve.engine.id": engine.id,
+                                                           "error.type": failure.kind})
+                _end_call_span(span, engine, upstream.status if upstream is not None else 200)
             if upstream is not None:
                 upstream.close()  # no-op when complete; else drops the connection: the engine sees it and stops
+
+
+def _call_span(phase: str, engine: EngineRecord, path: str, headers: bytes):
+    """Tracing on: a CLIENT span for one engine call, and `headers` naming it as the engine's parent."""
+    span = tracing.start_span(
+        phase + " call",
+        {"distserve.phase": phase, "distserve.engine.id": engine.id, "url.full": engine.url + path},
+        kind="client",
+    )
+    return span, headers + tracing.traceparent(span)
+
+
+def _end_call_span(span, engine: EngineRecord, status: int | None) -> None:
+    """End an engine call's span; the exception in flight (if any) says how the call failed."""
+    exc = sys.exc_info()[1]
+    error = None
+    if exc is not None:
+        err = exc.error if isinstance(exc, RetryElsewhere) else exc
+        kind = getattr(err, "kind", None) or ("cancelled" if isinstance(exc, asyncio.CancelledError) else
+                                              type(exc).__name__)
+        error = getattr(err, "message", None) or str(exc) or kind
+        tracing.fail(span, error, **{"distserve.engine.id": engine.id, "error.type": kind})
+    tracing.end(span, status, error)
+
+
+def _retry_event(exc: RetryElsewhere, engine_id: str) -> None:
+    span = tracing.current_span()
+    if span is not None:
+        span.add_event("retry", {"distserve.phase": exc.phase, "distserve.engine.id": engine_id,
+                                 "error.type": exc.error.kind, "message": exc.error.message[:500]})
 
 
 def _kv_staging(answer: dict) -> dict | None:

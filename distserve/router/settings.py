@@ -2,7 +2,9 @@
 
 Timeouts are per phase (seconds): a prefill that takes longer than `prefill_timeout` is abandoned (504),
 a decode must send its first byte within `decode_first_byte_timeout` and then never stay silent longer
-than `decode_idle_timeout`; `request_timeout` bounds a whole non-streamed request.
+than `decode_idle_timeout`; `request_timeout` bounds a whole non-streamed request. Clients get
+`header_read_timeout` to send a request's headers (from its first byte) and `body_read_timeout` to send its
+body (from the end of its headers): 408 and the connection closed otherwise.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class RouterSettings:
     decode_first_byte_timeout: float = 120.0
     decode_idle_timeout: float = 60.0
     request_timeout: float = 600.0
+    header_read_timeout: float = 10.0
+    body_read_timeout: float = 30.0
     free_cache_timeout: float = 5.0
     # A request that finds no routable engine waits this long for one before its 503 (engines re-registering
     # after etcd lost their leases come back within a fraction of a second); 0 = answer 503 at once.
@@ -54,3 +58,8 @@ class RouterSettings:
     shutdown_grace: float = 10.0
     # Connection set-ups in progress per engine (a cold burst must not overflow an engine's listen backlog).
     connects_per_engine: int = 32
+
+
+# Bounds of the client read timeouts (seconds): above these a slow client holds a connection for minutes.
+HEADER_READ_TIMEOUT_MAX = 300.0
+BODY_READ_TIMEOUT_MAX = 3600.0

@@ -18,12 +18,18 @@ from distserve.router.errors import ApiError
 COMPLETIONS = "completions"
 CHAT = "chat"
 
+# The prefill leg's copy of the client's completion budget (the prefill itself runs with max_tokens=1):
+# an engine that knows it rejects a prompt + max_tokens over its context before computing anything.
+DECODE_MAX_TOKENS = "decode_max_tokens"
+# OpenAI's default max_tokens for /v1/completions (lmdeploy's and the reference engine's too).
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+
 # Fields only the router may set. `session_id` is lmdeploy's: in PD mode the router owns the prefill
 # session, so a client-chosen one could make two requests share (and free) one prefill session.
 FORBIDDEN_FIELDS = frozenset(
     INTERNAL_REQUEST_FIELDS
     | {"session_id", "remote_session_id", "cache_block_ids", "remote_token_ids", "is_dummy_prefill",
-       "remote_kv_staging"}
+       "remote_kv_staging", DECODE_MAX_TOKENS}
 )
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 MAX_STOP = 4
@@ -150,6 +156,9 @@ def _check_common(body: dict) -> None:
             raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
         if v.get("include_usage") is not None and type(v.get("include_usage")) is not bool:
             raise _bad("'stream_options.include_usage' must be a boolean", "stream_options", "invalid_type")
+        if body.get("stream") is not True:  # OpenAI answers 400 here too
+            raise _bad("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                       "stream_options")
     _opt_int(body, "max_tokens", 1)
     _opt_int(body, "max_completion_tokens", 1)
     _opt_num(body, "temperature", 0, 2)
@@ -251,6 +260,56 @@ def _check_messages(body: dict) -> None:
         name = m.get("name")
         if name is not None and type(name) is not str:
             raise _bad(f"'{where}.name' must be a string", where, "invalid_type")
+
+
+def requested_max_tokens(kind: str, body: dict) -> int | None:
+    """The completion budget engines will reserve for a validated body: the client's limit (chat:
+    max_completion_tokens first, as engines read it), else OpenAI's default for completions; None for a
+    chat without one (engines give it the rest of the context)."""
+    if kind == CHAT:
+        return body.get("max_completion_tokens") or body.get("max_tokens")
+    v = body.get("max_tokens")
+    return COMPLETIONS_DEFAULT_MAX_TOKENS if v is None else v
+
+
+def check_context(kind: str, body: dict, limit: int) -> None:
+    """400 `context_length_exceeded` when a validated request certainly cannot fit `limit` tokens (the largest
+    context any engine able to serve it has). Only what is certain is counted: a prompt given as token ids
+    is exact; a text prompt counts as 1 token (every generation needs one; a token may cover many bytes of
+    an unknown tokenizer), so max_tokens alone rejects it. The prefill engine checks the rest before
+    computing anything (`decode_max_tokens`)."""
+    max_tokens = requested_max_tokens(kind, body)
+    ids = _token_ids(body) if kind == COMPLETIONS else None
+    if ids is not None:
+        need = len(ids) + (max_tokens or 1)
+        if need > limit:
+            raise ApiError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested {need} "
+                f"tokens ({len(ids)} in the prompt, {need - len(ids)} for the completion). Please reduce "
+                "the length of the prompt or of the completion.",
+                "context_length_exceeded",
+                "prompt",
+            )
+    elif max_tokens is not None and max_tokens >= limit:
+        name = "max_completion_tokens" if kind == CHAT and body.get("max_completion_tokens") else "max_tokens"
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, '{name}' is {max_tokens}, "
+            "which leaves no room for the prompt. Please reduce it.",
+            "context_length_exceeded",
+            name,
+        )
+
+
+def _token_ids(body: dict) -> list | None:
+    """The prompt's token ids when it is given as ids (validated), else None."""
+    prompt = body.get("prompt")
+    if type(prompt) is list and prompt and type(prompt[0]) is list:
+        prompt = prompt[0]
+    if type(prompt) is list and prompt and type(prompt[0]) is int:
+        return prompt
+    return None
 
 
 def prompt_prefix(kind: str, body: dict, max_chars: int) -> bytes:

@@ -4,6 +4,10 @@ Five informers (engines, links, load, operator flags, routing config) keep local
 the routing table (distserve.topology plus per-model indexes) is recomputed lazily, at most once per
 change, on the first request that needs it. Load records only feed the load tracker and never invalidate
 the table. Local circuit breakers count as exclusions in the topology.
+
+The routing config is the one record whose bad value is not dropped from the view: a value that fails the
+schema (written with etcdctl, say) is passed on with its error, so the router keeps its last good config
+instead of falling back to the defaults, and says so (see Router._on_config).
 """
 
 from __future__ import annotations
@@ -31,6 +35,28 @@ from distserve.topology import (
 log = logging.getLogger("distserve.router.view")
 
 
+@dataclass(frozen=True)
+class ConfigValue:
+    """What config/routing holds: a config that passed the schema, or the reason it did not."""
+
+    config: RoutingConfig | None
+    error: str | None = None
+
+
+@dataclass
+class ConfigStatus:
+    """The routing config a router runs on, reported in /health/ready's body."""
+
+    valid: bool = True  # False: the stored value was refused, the router keeps `applied_revision`
+    error: str | None = None
+    revision: int = 0  # mod revision of the last value read from etcd (0: none yet or deleted)
+    applied_revision: int = 0  # mod revision of the config in force (0: the defaults)
+
+    def as_dict(self) -> dict:
+        return {"valid": self.valid, "error": self.error, "revision": self.revision,
+                "applied_revision": self.applied_revision}
+
+
 @dataclass
 class RoutingTable:
     topology: Topology
@@ -55,7 +81,7 @@ class ClusterView:
         breakers: CircuitBreakers,
         load: LoadTracker,
         metrics: RouterMetrics,
-        on_config: Callable[[RoutingConfig | None], None],
+        on_config: Callable[[RoutingConfig | None, str | None, int], None],
     ) -> None:
         self._client = client
         self.keys = keys
@@ -67,12 +93,17 @@ class ClusterView:
         self.links: dict[tuple[str, str], LinkRecord] = {}
         self.flags: dict[str, OperatorFlags] = {}
         self.loads: dict[str, LoadRecord] = {}
-        self.routing_config: RoutingConfig | None = None
+        self.routing_config: RoutingConfig | None = None  # the last value that passed the schema
+        self._config_informer = None
         self._table: RoutingTable | None = None
         self._informers: list = []
         self.synced = asyncio.Event()
         self.last_event_at = 0.0
         self._changed: asyncio.Future | None = None  # resolved by the next invalidate() (wait_changed)
+        metrics.pool_running.callback = lambda: self._pool_sum(lambda r: r.running)
+        metrics.pool_waiting.callback = lambda: self._pool_sum(lambda r: r.waiting)
+        metrics.pool_prefill_tokens.callback = lambda: self._pool_sum(lambda r: r.prefill_tokens_pending)
+        metrics.pool_kv_usage.callback = self._pool_kv_usage
 
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
@@ -90,6 +121,8 @@ class ClusterView:
             inf = Informer(self._client, prefix, decode=decode)
             inf.add_listener(listener)
             self._informers.append(inf)
+            if decode == self._decode_config:
+                self._config_informer = inf
         for inf in self._informers:
             await inf.start()
 
@@ -143,10 +176,13 @@ class ClusterView:
     def _decode_flags(self, key: str, raw: bytes) -> OperatorFlags:
         return OperatorFlags.decode(raw)
 
-    def _decode_config(self, key: str, raw: bytes) -> RoutingConfig:
+    def _decode_config(self, key: str, raw: bytes) -> ConfigValue:
         if key != self.keys.config():
             raise MalformedRecord(f"not the routing config: {key}")
-        return RoutingConfig.decode(raw)
+        try:
+            return ConfigValue(RoutingConfig.decode(raw))
+        except MalformedRecord as exc:  # kept in the view with its error: the last good config stays
+            return ConfigValue(None, str(exc).removeprefix("RoutingConfig: "))
 
     # ---------------------------------------------------------------- events
     def _seen(self, updated_at: float | None = None) -> None:
@@ -164,6 +200,8 @@ class ClusterView:
         if not ids:
             return
         engine_id = ids[0]
+        if self.synced.is_set():  # lifecycle counters (flapping, lease-loss alerts); not the initial list
+            self._count_change(engine_id, old, new if kind == "put" else None)
         if kind == "put" and new is not None:
             self.engines[engine_id] = new
             self.breakers.on_engine(engine_id, new.incarnation)
@@ -173,6 +211,17 @@ class ClusterView:
             self.load.forget(engine_id)
         self._seen()  # engine records carry no write time (registered_at is the first registration)
         self.invalidate()
+
+    def _count_change(self, engine_id: str, old: EngineRecord | None, new: EngineRecord | None) -> None:
+        if new is None:  # the same rule as `distserve-ctl watch`: a draining engine deregistered
+            change = "deregistered" if old is not None and old.state == "draining" else "lease_expired"
+        elif old is None or old.incarnation != new.incarnation:
+            change = "registered"
+        elif old.state != new.state:
+            change = new.state
+        else:
+            return
+        self.metrics.engine_changes.inc((engine_id, change))
 
     def _on_link(self, kind: str, key: str, old, new) -> None:
         ids = self._id(key)
@@ -208,10 +257,43 @@ class ClusterView:
         self._seen(getattr(new, "updated_at", None))
         self.invalidate()
 
-    def _on_config_event(self, kind: str, key: str, old, new) -> None:
-        self.routing_config = new if kind == "put" else None
-        self._seen(getattr(new, "updated_at", None))
-        self._on_config(self.routing_config)
+    def _on_config_event(self, kind: str, key: str, old, new: ConfigValue | None) -> None:
+        # one key under this informer: its revision is the event's mod revision
+        revision = self._config_informer.revision if self._config_informer is not None else 0
+        if kind != "put" or new is None:  # deleted: back to the defaults, as documented
+            self.routing_config = None
+            self._seen()
+            self._on_config(None, None, 0)
+            return
+        if new.config is None:
+            self._seen()
+            self._on_config(None, new.error or "invalid routing config", revision)
+            return
+        self.routing_config = new.config
+        self._seen(new.config.updated_at)
+        self._on_config(new.config, None, revision)
+
+    # ---------------------------------------------------------------- scaling signals (read at scrape time)
+    def _pool_loads(self):
+        for engine_id, load in self.loads.items():
+            engine = self.engines.get(engine_id)
+            if engine is not None:
+                yield engine.role, load
+
+    def _pool_sum(self, field: Callable[[LoadRecord], int | None]) -> dict[tuple, float]:
+        out: dict[tuple, float] = {(role,): 0 for role in ("prefill", "decode", "hybrid")}
+        for role, load in self._pool_loads():
+            out[(role,)] += field(load) or 0
+        return out
+
+    def _pool_kv_usage(self) -> dict[tuple, float]:
+        used: dict[str, int] = {}
+        total: dict[str, int] = {}
+        for role, load in self._pool_loads():
+            if load.kv_blocks_total and load.kv_blocks_free is not None:
+                used[role] = used.get(role, 0) + load.kv_blocks_total - load.kv_blocks_free
+                total[role] = total.get(role, 0) + load.kv_blocks_total
+        return {(role,): used[role] / total[role] for role in total}
 
     # ---------------------------------------------------------------- routing table
     def invalidate(self) -> None:
@@ -306,4 +388,12 @@ class ClusterView:
             ("hybrid",): len(topo.routable_hybrids),
         }
         m.links_usable.set(sum(len(v) for v in topo.decodes_of_prefill.values()))
+        states = {("establishing",): 0, ("established",): 0, ("failed",): 0}
+        for link in self.links.values():
+            states[(link.state,)] = states.get((link.state,), 0) + 1
+        m.links.values = states
+        prefills = [set(e.models) for e in self.engines.values() if e.role == "prefill"]
+        decodes = [set(e.models) for e in self.engines.values() if e.role == "decode"]
+        m.links_possible.set(sum(1 for p in prefills for d in decodes if p & d))
+        m.model_routable.values = {(model,): int(bool(table.entries.get(model))) for model in table.known_models}
         m.breaker_open.set(len(self.breakers.open_ids))

@@ -32,3 +32,11 @@ async def test_short_form(name, tmp_path):
 async def test_long_form(name, tmp_path):
     result = await run(name, "long", keep_dir=tmp_path / "run")
     assert result.passed, f"{result.text()}\nlogs: {tmp_path / 'run' / 'logs'}"
+
+
+async def test_bad_routing_config_short_form(tmp_path):
+    """An operator's bad routing config under load (outside the issue's CI set, ~16 s): 0 failed requests,
+    the bad value reported by every router, doctor and status."""
+    result = await run("bad-routing-config", "short", keep_dir=tmp_path / "run")
+    assert result.passed, f"{result.text()}\nlogs: {tmp_path / 'run' / 'logs'}"
+    assert sum(1 for r in result.requests if r.ok) >= 50

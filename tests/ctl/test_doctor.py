@@ -23,8 +23,8 @@ async def test_clean_cluster_exits_0(ctl, planter):
     assert res.rc == 0, res.out
     doc = res.json()
     assert doc["ok"] and doc["problems"] == 0
-    assert set(doc["checks"]) == {"etcd", "stale-keys", "records", "geometry", "links", "incarnations", "engines",
-                                  "routers", "clock"}
+    assert set(doc["checks"]) == {"etcd", "stale-keys", "records", "routing", "geometry", "links", "incarnations",
+                                  "engines", "routers", "clock"}
     table = ctl("doctor", *OFFLINE, "--table")
     assert table.rc == 0 and "no problems found" in table.out
 

@@ -114,10 +114,10 @@ async def test_config_get_set_unset_table_and_json(ctl, planter, etcd_client):
     assert ctl("config", "set", "strategy", "prefix_affinity").json()["value"] == "prefix_affinity"
     assert ctl("config", "set", "weights.P1", "2.5", "--table").rc == 0
     assert ctl("config", "set", "params.prefix_chars", "256").json()["config"]["params"] == {"prefix_chars": 256}
-    assert ctl("config", "set", "params.mode", "fast").json()["value"] == "fast"
+    assert ctl("config", "set", "params.load_factor", "1.5").json()["value"] == 1.5
     stored = RoutingConfig.decode((await etcd_client.get(KEYS.config())).value)
     assert stored.strategy == "prefix_affinity" and stored.weights == {"P1": 2.5}
-    assert stored.params == {"prefix_chars": 256, "mode": "fast"}
+    assert stored.params == {"prefix_chars": 256, "load_factor": 1.5}
 
     assert ctl("config", "get", "weights.P1").json()["value"] == 2.5
     assert ctl("config", "get", "weights.P2").json()["value"] == 1.0  # not listed: weight 1
@@ -128,17 +128,17 @@ async def test_config_get_set_unset_table_and_json(ctl, planter, etcd_client):
     assert ctl("config", "unset", "weights.P1").rc == 0
     assert RoutingConfig.decode((await etcd_client.get(KEYS.config())).value).weights == {}
 
-    # validation: one line, exit 1, nothing written
+    # validation: one line, exit 2 (a bad argument), nothing written
     before = (await etcd_client.get(KEYS.config())).mod_revision
     for argv, text in ((["strategy", "fastest"], "unknown strategy 'fastest': choose one of"),
-                       (["weights.P1", "0"], "weight must be a finite number > 0"),
-                       (["weights.P1", "nan"], "weight must be a finite number > 0"),
+                       (["weights.P1", "0"], "weights.P1: Input should be greater than 0"),
+                       (["weights.P1", "nan"], "weights.P1: Input should be a finite number"),
                        (["weights.P1", "heavy"], "is not a number"),
                        (["weights.bad/id", "1"], "bad key"),
                        (["colour", "red"], "unknown config key 'colour'"),
                        (["weights", "1"], "set one entry at a time")):
         res = ctl("config", "set", *argv)
-        assert res.rc == 1 and text in res.err and len(res.err.strip().splitlines()) == 1, (argv, res.err)
+        assert res.rc == 2 and text in res.err and len(res.err.strip().splitlines()) == 1, (argv, res.err)
     assert (await etcd_client.get(KEYS.config())).mod_revision == before
     assert ctl("config", "unset", "weights.P9").rc == 1
     # a weight for an engine not registered yet is accepted with a note

@@ -155,6 +155,8 @@ async def test_bad_openai_requests_get_4xx(pd_engines, route):
         ({**base, "stop": [""]}, 400, None),
         ({**base, "seed": "x"}, 400, None),
         ({**base, "max_tokens": 10 ** 6}, 400, "context_length_exceeded"),
+        ({**base, "stream_options": {"include_usage": True}}, 400, "invalid_value"),  # OpenAI: needs stream
+        ({**base, "stream": False, "stream_options": {}}, 400, "invalid_value"),
         ({k: v for k, v in base.items() if k != "model"}, 400, None),
     ]
     if route == "completions":
@@ -176,3 +178,36 @@ async def test_bad_openai_requests_get_4xx(pd_engines, route):
             assert resp.status == 404 and "error" in await resp.json()
         text, finish, usage = await pd.generate(http, h_url, route, {**base, "temperature": 0})
         assert text and finish in ("length", "stop") and usage["completion_tokens"] >= 1
+
+
+async def test_prefill_leg_checks_the_decode_budget_before_computing(pd_engines):
+    """A router's prefill leg runs with max_tokens=1; `decode_max_tokens` (the client's budget) is checked
+    against the context before the request is accepted, so an over-long request costs no forward pass."""
+    p_url = pd_engines["prefill"]
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as http:
+        info = await pd.engine_info(http, p_url)
+        context = info["max_model_len"]  # published for agents (EngineRecord.max_model_len)
+        assert context == 4096
+        prompt = "y" * 3999  # 4000 tokens with BOS
+        leg = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "stream": False, "with_cache": True,
+               "preserve_cache": True}
+        before = await pd.metrics(http, p_url)
+        for route, body in (("completions", leg),
+                            ("chat/completions", {**{k: v for k, v in leg.items() if k != "prompt"},
+                                                  "messages": [{"role": "user", "content": prompt}],
+                                                  "max_completion_tokens": 1})):
+            status, out = await _post(http, p_url, f"/v1/{route}", {**body, "decode_max_tokens": 97})
+            _assert_error(status, out, 400, "context_length_exceeded")
+            assert "max_tokens (97)" in out["error"]["message"]
+            assert out["error"]["param"] == ("prompt" if route == "completions" else "messages")
+        after = await pd.metrics(http, p_url)
+        assert after["distserve_engine_requests_total"] == before["distserve_engine_requests_total"]
+        assert after["distserve_engine_preserved_blocks"] == before["distserve_engine_preserved_blocks"]
+        # the same prompt with a budget that fits is prefilled as before
+        status, out = await _post(http, p_url, "/v1/completions", {**leg, "decode_max_tokens": 96})
+        assert status == 200 and out["cache_block_ids"], out
+        async with http.post(f"{p_url}/distserve/free_cache",
+                             json={"remote_engine_id": "x", "remote_session_id": out["remote_session_id"]}) as r:
+            assert r.status == 200
+        status, out = await _post(http, p_url, "/v1/completions", {**leg, "decode_max_tokens": 0})
+        _assert_error(status, out, 400)

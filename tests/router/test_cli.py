@@ -19,3 +19,17 @@ def test_cluster_defaults_from_the_environment_and_the_option_wins(monkeypatch):
     monkeypatch.setenv("DISTSERVE_CLUSTER", "prod-a")
     assert settings_from_args(parse()).cluster == "prod-a"
     assert settings_from_args(parse("--cluster", "other")).cluster == "other"
+
+
+def test_out_of_range_options_are_refused_before_the_router_starts():
+    import pytest
+
+    for argv, word in (
+        (("--max-in-flight", "-1"), "--max-in-flight"),
+        (("--header-read-timeout", "0"), "--header-read-timeout"),
+        (("--route-wait", "601"), "--route-wait"),
+        (("--max-prefill-attempts", "0"), "--max-prefill-attempts"),
+    ):
+        with pytest.raises(ValueError, match=word):
+            settings_from_args(parse(*argv))
+    assert settings_from_args(parse("--max-in-flight", "64")).max_in_flight == 64

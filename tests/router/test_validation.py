@@ -7,7 +7,15 @@ import pytest
 
 from distserve.router.errors import ApiError
 from distserve.router.orchestrator import splice_field
-from distserve.router.validation import CHAT, COMPLETIONS, parse_json_object, prompt_prefix, validate_request
+from distserve.router.validation import (
+    CHAT,
+    COMPLETIONS,
+    check_context,
+    parse_json_object,
+    prompt_prefix,
+    requested_max_tokens,
+    validate_request,
+)
 
 OK_COMPLETION = {"model": "m", "prompt": "hi"}
 OK_CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -28,7 +36,8 @@ def test_not_a_json_object(raw):
 
 
 @pytest.mark.parametrize(
-    "field", ["migration_request", "with_cache", "preserve_cache", "session_id", "remote_kv_staging"]
+    "field",
+    ["migration_request", "with_cache", "preserve_cache", "session_id", "remote_kv_staging", "decode_max_tokens"],
 )
 @pytest.mark.parametrize("kind,base", [(COMPLETIONS, OK_COMPLETION), (CHAT, OK_CHAT)])
 def test_internal_fields_are_rejected(kind, base, field):
@@ -132,3 +141,51 @@ def test_prompt_prefix_is_stable_and_bounded():
     )
     assert prompt_prefix(COMPLETIONS, {"prompt": "abc"}, 2) == b"ab"
     assert prompt_prefix(COMPLETIONS, {"prompt": [[5, 6, 7]]}, 8) == b"[5,6]"
+
+
+@pytest.mark.parametrize("kind,base", [(COMPLETIONS, OK_COMPLETION), (CHAT, OK_CHAT)])
+@pytest.mark.parametrize("stream", [False, None, "absent"])
+def test_stream_options_need_stream_true(kind, base, stream):
+    body = {**base, "stream_options": {"include_usage": True}}
+    if stream != "absent":
+        body["stream"] = stream
+    e = err(kind, body)
+    assert e.param == "stream_options" and e.code == "invalid_value"
+    assert "only allowed when 'stream' is enabled" in e.message
+    # null stream_options is no stream_options; with stream: true they are fine
+    assert validate_request(kind, {**base, "stream_options": None, "stream": False}) == "m"
+    assert validate_request(kind, {**base, "stream_options": {}, "stream": True}) == "m"
+
+
+def test_requested_max_tokens_is_what_engines_reserve():
+    assert requested_max_tokens(COMPLETIONS, {"prompt": "x"}) == 16  # OpenAI's default for completions
+    assert requested_max_tokens(COMPLETIONS, {"prompt": "x", "max_tokens": None}) == 16
+    assert requested_max_tokens(COMPLETIONS, {"prompt": "x", "max_tokens": 7}) == 7
+    assert requested_max_tokens(CHAT, OK_CHAT) is None  # engines give a chat the rest of the context
+    assert requested_max_tokens(CHAT, {**OK_CHAT, "max_tokens": 9}) == 9
+    assert requested_max_tokens(CHAT, {**OK_CHAT, "max_tokens": 9, "max_completion_tokens": 4}) == 4
+
+
+def ctx_err(kind: str, body: dict, limit: int) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        check_context(kind, body, limit)
+    assert info.value.status == 400 and info.value.code == "context_length_exceeded"
+    assert str(limit) in info.value.message
+    return info.value
+
+
+def test_check_context_rejects_only_what_is_certain():
+    ids = {"model": "m", "prompt": [1] * 100}
+    check_context(COMPLETIONS, {**ids, "max_tokens": 28}, 128)  # exactly the context
+    assert ctx_err(COMPLETIONS, {**ids, "max_tokens": 29}, 128).param == "prompt"
+    assert ctx_err(COMPLETIONS, {"model": "m", "prompt": [[1] * 100], "max_tokens": 29}, 128).param == "prompt"
+    check_context(COMPLETIONS, ids, 116)  # + the default 16
+    assert ctx_err(COMPLETIONS, ids, 115).param == "prompt"
+    # text: a token may cover many bytes, so only max_tokens alone (plus the one token any prompt has) decides
+    text = {"model": "m", "prompt": "x" * 10_000}
+    check_context(COMPLETIONS, {**text, "max_tokens": 127}, 128)
+    assert ctx_err(COMPLETIONS, {**text, "max_tokens": 128}, 128).param == "max_tokens"
+    check_context(CHAT, {**OK_CHAT, "messages": [{"role": "user", "content": "x" * 10_000}]}, 128)
+    check_context(CHAT, {**OK_CHAT, "max_tokens": 127}, 128)
+    assert ctx_err(CHAT, {**OK_CHAT, "max_tokens": 500}, 128).param == "max_tokens"
+    assert ctx_err(CHAT, {**OK_CHAT, "max_completion_tokens": 500}, 128).param == "max_completion_tokens"

@@ -3,12 +3,15 @@ their agents, routers), driven only through its command line, its output and its
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -84,6 +87,9 @@ class Up:
     def finish(self, timeout: float = 60.0) -> tuple[int, str]:
         out, _ = self.proc.communicate(timeout=timeout)
         return self.proc.returncode, "".join(self.lines) + out
+
+    def etcd_endpoints(self) -> list[str]:
+        return re.findall(r"^  etcd\s+(http://\S+)", "".join(self.lines), re.M)
 
     def router_urls(self) -> list[str]:
         return re.findall(r"^  router-\d+\s+(http://\S+)\s+\(OpenAI", "".join(self.lines), re.M)
@@ -169,15 +175,123 @@ def _kinds(endpoints: list[str], keys: Keys) -> set[str]:
     return asyncio.run(read())
 
 
-def test_a_crashed_component_stops_the_cluster_with_the_reason(tmp, cluster):
-    up = Up(["--cluster", cluster, "--routers", "1"], tmp)
+def pid_of(cluster: str, *markers: str) -> int:
+    """The one live process of `cluster` whose command line has every marker."""
+    found = [int(line.split(":", 1)[0]) for line in processes_with(f"--cluster {cluster}")
+             if all(m in line for m in markers)]
+    assert len(found) == 1, (markers, found)
+    return found[0]
+
+
+def cmdline(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+class Completions(threading.Thread):
+    """Completions through one router, one after another, until stopped; records every failure."""
+
+    def __init__(self, router: str, model: str):
+        super().__init__(daemon=True)
+        self.client = openai.OpenAI(base_url=f"{router}/v1", api_key="none", timeout=30, max_retries=0)
+        self.model, self.ok, self.failures = model, 0, []
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            try:
+                done = self.client.completions.create(model=self.model, prompt="hi", max_tokens=4, temperature=0)
+                assert done.usage.completion_tokens == 4
+                self.ok += 1
+            except Exception as exc:  # noqa: BLE001 - every failure is the finding
+                self.failures.append(repr(exc))
+            time.sleep(0.05)
+
+    def stop(self) -> tuple[int, list[str]]:
+        self.halt.set()
+        self.join(timeout=60)
+        return self.ok, self.failures
+
+
+def test_killed_components_are_restarted_while_the_rest_keeps_serving(tmp, cluster):
+    # Routers wait for a routable engine up to 30 s, so a request that arrives while the only decode
+    # engine restarts is held rather than refused.
+    up = Up(["--cluster", cluster, "--null", "--router-args=--route-wait 30"], tmp)  # 1 prefill, 1 decode, 2 routers
     try:
         up.wait_for(r"Ctrl-C stops everything")
-        [decode] = [line.split(":", 1)[0] for line in processes_with(f"--cluster {cluster}") if "--role decode" in line]
-        os.kill(int(decode), signal.SIGKILL)
-        code, text = up.finish(timeout=60)
-        assert code == 1
-        assert re.search(r"failed: decode-0 exited with code -9", text), text
+        router0, router1 = up.router_urls()
+        steady = {name: pid_of(cluster, marker) for name, marker in
+                  (("router-0", "--router-id router-0"), ("prefill-0", "--engine-id prefill-0"))}
+        # The embedded etcd compacts its history (defect 11): same flags as `distserve etcd`.
+        [etcd_line] = [line for line in processes_with(str(tmp)) if "--data-dir=" in line]
+        etcd_flags = cmdline(int(etcd_line.split(":", 1)[0]))
+        assert "--auto-compaction-mode=periodic" in etcd_flags and "--auto-compaction-retention=10m" in etcd_flags
+        model = openai.OpenAI(base_url=f"{router0}/v1", api_key="none", max_retries=0).models.list().data[0].id
+        traffic = Completions(router0, model)
+        traffic.start()
+
+        # A router dies: reported, restarted on its port, and router-0 serves every request meanwhile.
+        os.kill(pid_of(cluster, "--router-id router-1"), signal.SIGKILL)
+        up.wait_for(r"router-1 exited with code -9 after [\d.]+ s; restarting in [\d.]+ s")
+        up.wait_for(r"restarted router-1 \(exit -9\), attempt 1, pid \d+")
+        up.wait_for(r"router-1 +ready again +" + re.escape(router1))
+        again = openai.OpenAI(base_url=f"{router1}/v1", api_key="none", timeout=30, max_retries=0)
+        assert again.completions.create(model=model, prompt="hi", max_tokens=4).usage.completion_tokens == 4
+        # It dies again right away: still restarted, as attempt 2, after a longer (growing) back-off.
+        os.kill(pid_of(cluster, "--router-id router-1"), signal.SIGKILL)
+        up.wait_for(r"router-1 exited with code -9")
+        up.wait_for(r"restarted router-1 \(exit -9\), attempt 2")
+        up.wait_for(r"router-1 +ready again")
+        ok, failures = traffic.stop()
+        assert failures == [] and ok >= 3, (ok, failures)
+        delays = [float(d) for d in re.findall(r"router-1 exited .* restarting in ([\d.]+) s", "".join(up.lines))]
+        assert len(delays) == 2 and 0.25 <= delays[0] <= 0.5 and 0.5 <= delays[1] <= 1.0, delays
+
+        # The decode engine (and its in-process agent) dies: restarted with the same id and port, its agent
+        # re-registers it, and both routers serve through it again (the only decode engine: requests that
+        # reach a router while it is down cannot be served, which is why production runs several).
+        os.kill(pid_of(cluster, "--engine-id decode-0"), signal.SIGKILL)
+        up.wait_for(r"decode-0 exited with code -9")
+        up.wait_for(r"restarted decode-0 \(exit -9\), attempt 1")
+        up.wait_for(r"decode-0 +ready again")
+        for url in (router0, router1):
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", timeout=30, max_retries=0)
+            deadline = time.monotonic() + 30  # until the routers have seen the new registration and its link
+            while True:
+                try:
+                    done = client.completions.create(model=model, prompt="hi", max_tokens=4, temperature=0)
+                    break
+                except openai.APIStatusError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+            assert done.usage.completion_tokens == 4
+            chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
+                                                  max_tokens=4, temperature=0)
+            assert chat.usage.completion_tokens == 4
+        assert _kinds(up.etcd_endpoints(), Keys(cluster)) >= {"engines", "links", "load", "routers"}
+        # What was not killed was never restarted.
+        assert steady == {name: pid_of(cluster, marker) for name, marker in
+                          (("router-0", "--router-id router-0"), ("prefill-0", "--engine-id prefill-0"))}
+
+        os.killpg(up.proc.pid, signal.SIGINT)
+        code, text = up.finish()
+        assert code == 0 and "stopped cleanly" in text, text
+        assert "failed" not in text, text
+        assert_nothing_left(tmp, cluster)
+    finally:
+        up.kill()
+
+
+def test_etcd_dying_stops_everything_with_the_reason(tmp, cluster):
+    up = Up(["--cluster", cluster, "--null", "--routers", "1"], tmp)
+    try:
+        up.wait_for(r"Ctrl-C stops everything")
+        [etcd_line] = [line for line in processes_with(str(tmp)) if "--data-dir=" in line]
+        os.kill(int(etcd_line.split(":", 1)[0]), signal.SIGKILL)
+        code, text = up.finish(timeout=90)
+        assert code == 1, text
+        assert re.search(r"failed: the embedded etcd exited with code -9; stopping everything", text), text
+        assert not re.search(r"restarted \w+-\d+ \(exit", text), text
         assert_nothing_left(tmp, cluster)
     finally:
         up.kill()
@@ -208,6 +322,66 @@ def test_bad_options_and_a_busy_port_fail_in_one_line(tmp, cluster):
     assert out.returncode == 1
     assert f"port {port} on 127.0.0.1 is in use" in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert_nothing_left(tmp, cluster)
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--cluster", "bad/name"], "--cluster: invalid cluster name 'bad/name'"),
+    (["--strategy", "bogus"], "--strategy 'bogus': unknown (choose from "),
+    (["--routers", "0"], "--routers must be at least 1"),
+    (["--decode", "65"], "--decode must be at most 64"),
+    (["--port", "65534"], "--port 65534: need 4 ports from BASE, within 1024-65535"),
+    (["--timeout", "0"], "--timeout must be > 0"),
+    (["--host", "no-such-host.invalid"], "--host 'no-such-host.invalid': not an IP address or a resolvable name"),
+    (["--router-args=--route-wait 9999"], "--router-args: distserve router: --route-wait must be in 0-600 seconds"),
+    (["--router-args=--no-such-option"], "--router-args: distserve router: unrecognized arguments: --no-such-option"),
+    (["--engine-args=--num-blocks 1"], "--engine-args: distserve engine: bad model configuration: "),
+    (["--engine-args=--ttl 0"], "--engine-args: distserve engine: invalid agent configuration: ttl"),
+    (["--engine-args=--port 9000"], "--engine-args: --port set by distserve up for each process"),
+    (["--router-args=--cluster other"], "--router-args: --cluster set by distserve up for each process"),
+    (["--model-config", "/no/such/file.json"], "--model-config /no/such/file.json: no such file"),
+    (["--api-keys", "a,b"], "--api-keys: a key must be non-empty, without spaces or commas"),
+    (["--etcd-auto-compaction", "hourly"], "--etcd-auto-compaction 'hourly': use periodic:DURATION"),
+    (["--etcd", "http://127.0.0.1:1", "--etcd-auto-compaction", "off"], "--etcd-auto-compaction applies to the embedded"),
+    (["--etcd-user", "root"], "--etcd-user need --etcd"),
+])
+def test_every_bad_option_fails_in_one_line_before_anything_starts(tmp, cluster, options, message):
+    started = time.monotonic()
+    out = subprocess.run([*UP, "--cluster", cluster, *options], cwd=REPO, env=run_env(tmp), capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.startswith(f"distserve up: error: {message}"), out.stderr
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr and "usage:" not in out.stderr
+    assert out.stdout == ""  # not even "starting": no etcd, no engine, no router, no log directory
+    assert time.monotonic() - started < 10
+    assert_nothing_left(tmp, cluster, within=0.0)
+
+
+def free_port_range(count: int) -> int:
+    """A base port with `count` free ports after it (none in TIME_WAIT either)."""
+    for _ in range(100):
+        base = random.randint(20000, 60000)
+        with contextlib.ExitStack() as stack:
+            try:
+                for port in range(base, base + count):
+                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return base
+    raise AssertionError("no free port range")
+
+
+def test_smoke_twice_in_a_row_on_the_same_ports(tmp, cluster):
+    """The first run's sockets linger in TIME_WAIT on the engines' and routers' ports; the servers bind
+    anyway (SO_REUSEADDR), so the second run must not refuse to start."""
+    base = free_port_range(4)
+    for run in (1, 2):
+        out = subprocess.run([sys.executable, "-m", "distserve", "up", "--smoke", "--null", "--port", str(base),
+                              "--cluster", cluster], cwd=REPO, env=run_env(tmp), capture_output=True, text=True,
+                             timeout=150)
+        assert out.returncode == 0, f"run {run}:\n{out.stdout}{out.stderr}"
+        assert "smoke test passed; stopped cleanly" in out.stdout
+        assert f"router-0   ready  http://127.0.0.1:{base} " in out.stdout
+        assert_nothing_left(tmp, cluster)
 
 
 def test_ctrl_c_while_starting_stops_what_was_started(tmp, cluster):

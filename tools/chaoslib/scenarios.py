@@ -695,6 +695,133 @@ async def etcd_malformed(h: Harness) -> None:
     await h.leftovers()
 
 
+# ====================================================================== operator config
+CONFIG_INVALID_METRIC = "distserve_router_routing_config_invalid"
+
+
+async def _routing_report(h: Harness, router) -> tuple[dict | None, float | None]:
+    """(routing_config from the router's /health/ready body, its distserve_router_routing_config_invalid)."""
+    import aiohttp
+
+    config = metric = None
+    try:
+        async with h.cluster.http.get(f"{router.url}/health/ready",  # type: ignore[union-attr]
+                                      timeout=aiohttp.ClientTimeout(total=2)) as resp:
+            body = await resp.json(content_type=None)
+            config = body.get("routing_config") if resp.status == 200 else None
+        async with h.cluster.http.get(f"{router.url}/metrics",  # type: ignore[union-attr]
+                                      timeout=aiohttp.ClientTimeout(total=2)) as resp:
+            for line in (await resp.text()).splitlines():
+                if line.startswith(CONFIG_INVALID_METRIC + " "):
+                    metric = float(line.rsplit(" ", 1)[1])
+    except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+        pass
+    return config, metric
+
+
+async def _ctl_json(h: Harness, *args: str) -> tuple[int, dict | None]:
+    """distserve-ctl as an operator runs it (its own process), --json."""
+    import json
+    import sys
+
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "distserve.ctl.main", "--etcd", h.cluster.etcd_endpoints, *args, "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        return -1, None
+    try:
+        return proc.returncode or 0, json.loads(out)
+    except ValueError:
+        return proc.returncode or 0, None
+
+
+# What an operator can write with etcdctl (no schema in the way), each refused by the routers' schema.
+BAD_ROUTING_VALUES = [
+    ("load_factor", {"strategy": "prefix_affinity", "params": {"load_factor": "abc"}}),
+    ("vnodes", {"strategy": "prefix_affinity", "params": {"vnodes": 100_000_000}}),
+    ("strategy", {"strategy": "bogus", "params": {}}),
+]
+
+
+@scenario("bad-routing-config", "an operator writes bad routing config values to etcd (etcdctl) under load: "
+          "load_factor \"abc\", vnodes 100000000, an unknown strategy", lambda short: ClusterSpec.pd(2, 1))
+async def bad_routing_config(h: Harness) -> None:
+    import json
+
+    from distserve.records import RoutingConfig
+
+    client, keys = h.monitor.client, h.monitor.keys
+    hold = 1.0 if h.short else 5.0
+    await h.warmup(1.5)
+    r = h.result
+
+    async def all_report(revision: int, valid: bool, routers=None) -> bool:
+        reports = await asyncio.gather(*(_routing_report(h, x) for x in routers or h.cluster.live_routers()))
+        return all(c is not None and c.get("revision") == revision and c.get("valid") is valid
+                   and m == (0.0 if valid else 1.0) for c, m in reports)
+
+    # a good config first: the one the routers must keep
+    await client.put(keys.config(), RoutingConfig(strategy="prefix_affinity", params={"vnodes": 32}).encode())
+    good_rev = (await client.get(keys.config())).mod_revision
+    h.mark(f"good config (prefix_affinity) at revision {good_rev}")
+    applied, _ = await h.wait_for(lambda: all_report(good_rev, True), 10)
+    r.check("the routers applied the good config", applied is not None)
+
+    detect: list[float] = []
+    reported: dict[str, str] = {}
+    for name, value in BAD_ROUTING_VALUES:
+        raw = {"schema_version": 1, "weights": {}, "updated_at": time.time(), **value}
+        t = h.fault(f"etcdctl put config/routing: bad {name}")
+        await client.put(keys.config(), json.dumps(raw).encode())
+        rev = (await client.get(keys.config())).mod_revision
+        waited, _ = await h.wait_for(lambda rev=rev: all_report(rev, False), 10)
+        if waited is not None:
+            detect.append(time.time() - t)
+        reports = await asyncio.gather(*(_routing_report(h, x) for x in h.cluster.live_routers()))
+        errors = [(c or {}).get("error") or "" for c, _ in reports]
+        reported[name] = errors[0] if errors else ""
+        kept = all((c or {}).get("applied_revision") == good_rev for c, _ in reports)
+        r.check(f"bad {name}: every router reports it (ready body and metric) and keeps the good config",
+                waited is not None and kept and all(name in e for e in errors), f"{reports}")
+        await asyncio.sleep(hold)  # under load with the bad value stored
+    r.figures["errors_reported"] = reported
+    r.times["detect_s"] = max(detect) if detect else None
+
+    # a replica started now reads only the bad value: it runs the defaults and says so
+    fresh = h.cluster.add_router()
+    h.mark(f"router {fresh.name} started over the bad value", fresh.proc.started_at)
+    r.times["fresh_router_ready_s"] = await h.cluster.wait_routable(timeout=30, routers=[fresh])
+    config, metric = await _routing_report(h, fresh)
+    r.check(f"{fresh.name}, started over the bad value, serves on the defaults and reports it",
+            config is not None and config["valid"] is False and config["applied_revision"] == 0 and metric == 1.0,
+            f"{config} metric {metric}")
+
+    rc, doctor = await _ctl_json(h, "doctor", "--skip", "reachability", "--skip", "clock")
+    findings = [f for f in (doctor or {}).get("findings", []) if f["check"] == "routing"]
+    r.check("distserve-ctl doctor reports the invalid routing config (exit 1)",
+            rc == 1 and bool(findings) and "strategy" in findings[0]["message"], f"rc {rc} {findings}")
+    rc, status = await _ctl_json(h, "status")
+    routing = (status or {}).get("routing") or {}
+    r.check("distserve-ctl status shows it", rc == 0 and routing.get("valid") is False, f"rc {rc} {routing}")
+    await asyncio.sleep(hold)
+
+    await client.put(keys.config(), RoutingConfig(strategy="round_robin").encode())
+    fixed_rev = (await client.get(keys.config())).mod_revision
+    t = h.mark(f"config repaired (round_robin) at revision {fixed_rev}")
+    repaired, _ = await h.wait_for(lambda: all_report(fixed_rev, True), 10)
+    r.times["recover_s"] = None if repaired is None else time.time() - t
+    r.check("a repaired config is applied by every router (metric back to 0)", repaired is not None)
+    await asyncio.sleep(hold)
+    await h.stop_load()
+    h.check_no_failures("0 failed requests")
+    r.check("every router process stayed up", all(x.proc.alive() for x in h.cluster.live_routers()))
+    await h.leftovers()
+
+
 # ====================================================================== runner
 def load_settings(sc: Scenario, short: bool) -> dict:
     base = {"workers": 4, "interval": 0.05, "max_tokens": 24, "long_tokens": 400}
