@@ -97,6 +97,9 @@ class EngineRecord(VersionedRecord):
     # Context length in tokens (engine_info's `max_model_len`), None when the engine does not say: routers
     # reject a request that fits no engine before calling any (docs/router.md "Context length").
     max_model_len: int | None = Field(None, ge=1)
+    # The most UTF-8 bytes one token of the engine's tokenizer covers (1 for a byte-level one), None when not
+    # said: routers bound a text prompt's token count from below by its bytes / this.
+    max_token_bytes: int | None = Field(None, ge=1, le=1024)
 
     @property
     def handshake_id(self) -> str:

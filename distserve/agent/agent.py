@@ -339,6 +339,7 @@ class Agent:
             state_reason=self._state_reason(),
             # only a well-formed value: routers reject requests by it
             max_model_len=mml if type(mml := extras.get("max_model_len")) is int and mml > 0 else None,
+            max_token_bytes=mtb if type(mtb := extras.get("max_token_bytes")) is int and 0 < mtb <= 1024 else None,
         )
 
     def _transfer_info(self, facts: EngineFacts, engine_kind: str) -> TransferInfo:

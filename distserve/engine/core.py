@@ -138,7 +138,8 @@ class Engine:
                     role=self.settings.role.name.lower(),
                     migration_protocol=self.settings.protocol.name.lower(),
                     model=self.settings.model_name,
-                    max_model_len=self.model.max_model_len)  # agents publish it: routers check contexts
+                    max_model_len=self.model.max_model_len,  # agents publish these: routers check contexts
+                    max_token_bytes=getattr(self.tokenizer, "max_token_bytes", None))
         return info
 
     # -- life cycle --------------------------------------------------------------------------------

@@ -55,6 +55,7 @@ class ByteTokenizer:
 
     vocab_size = VOCAB_SIZE
     eos_ids = frozenset({EOS})
+    max_token_bytes = 1  # one byte a token: a text's byte count is its token count (less BOS)
 
     def encode(self, text: str) -> list[int]:
         return encode(text)

@@ -103,7 +103,7 @@ class Orchestrator:
         self._engine_headers = engine_headers  # header lines sent on every engine call (auth, content type)
         # (routing table, {model: largest context a routable path offers, None when unknown}): recomputed
         # whenever the view builds a new table
-        self._context_limits: tuple[object, dict[str, int | None]] = (None, {})
+        self._context_limits: tuple[object, dict[str, tuple | None]] = (None, {})
 
     # ------------------------------------------------------------------ entry
     async def generate(
@@ -131,10 +131,10 @@ class Orchestrator:
                     "no_route",
                     headers={"Retry-After": "1"},
                 )
-        limit = self._context_limit(model)
-        if limit is not None:
+        paths = self._context_paths(model)
+        if paths is not None:
             # before any engine call: a request that cannot fit would cost a whole prefill otherwise
-            check_context(kind, body, limit)
+            self._check_context(kind, body, paths)
         headers = self._engine_headers + b"X-Request-Id: " + rid.encode() + b"\r\n"
         if not tracing.ENABLED:  # on: each engine call names its own span as the parent instead
             headers += tracing.passthrough(request.headers)
@@ -183,33 +183,57 @@ class Orchestrator:
         raise ApiError(503, f"no routable engine serves model `{model}` right now", "no_route")
 
     def _context_limit(self, model: str) -> int | None:
-        """The largest context (tokens) any routable path for `model` offers: a hybrid's max_model_len, or
-        the smaller of a prefill's and its decode's (the prefill checks the decode's budget against its own).
-        None when any of them does not publish it: then only the engines can decide."""
+        """The largest context (tokens) any routable path for `model` offers (see _context_paths)."""
+        paths = self._context_paths(model)
+        return max(limit for limit, _ in paths) if paths else None
+
+    def _context_paths(self, model: str) -> tuple[tuple[int, int | None], ...] | None:
+        """What each routable path for `model` can hold, as distinct (context tokens, max_token_bytes) pairs,
+        largest context first: a hybrid's own, or for a prefill and its decode the smaller context (the
+        prefill checks the decode's budget against its own) and the larger max_token_bytes (the weaker
+        bound). None when any engine on a path does not publish its context: then only the engines decide.
+        Computed once per routing table."""
         table = self.view.table()
-        cached_table, limits = self._context_limits
+        cached_table, paths_by_model = self._context_limits
         if cached_table is not table:
-            limits = {}
-            self._context_limits = (table, limits)
-        if model in limits:
-            return limits[model]
+            paths_by_model = {}
+            self._context_limits = (table, paths_by_model)
+        if model in paths_by_model:
+            return paths_by_model[model]
         engines = self.view.engines
-        caps: list[int | None] = []
+        paths: set[tuple[int | None, int | None]] = set()
         for entry_id in table.entries.get(model) or ():
             entry = engines.get(entry_id)
             if entry is None:
                 continue
             if entry.role == "hybrid":
-                caps.append(entry.max_model_len)
+                paths.add((entry.max_model_len, entry.max_token_bytes))
                 continue
             for decode_id in table.decodes.get((entry_id, model)) or ():
                 decode = engines.get(decode_id)
-                if decode is not None:
-                    pair = (entry.max_model_len, decode.max_model_len)
-                    caps.append(None if None in pair else min(pair))
-        best = None if not caps or None in caps else max(caps)
-        limits[model] = best
-        return best
+                if decode is None:
+                    continue
+                limits = (entry.max_model_len, decode.max_model_len)
+                # both engines tokenize nothing of the other's: the prefill's tokenizer bounds the prompt
+                paths.add((None if None in limits else min(limits), entry.max_token_bytes))
+        if not paths or any(limit is None for limit, _ in paths):
+            result = None
+        else:
+            result = tuple(sorted(paths, key=lambda p: (-p[0], p[1] or 0)))
+        paths_by_model[model] = result
+        return result
+
+    def _check_context(self, kind: str, body: dict, paths: tuple[tuple[int, int | None], ...]) -> None:
+        """400 only when no path can hold the request (the error of the largest context)."""
+        first: ApiError | None = None
+        for limit, max_token_bytes in paths:
+            try:
+                check_context(kind, body, limit, max_token_bytes)
+                return
+            except ApiError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
     def _unknown_model(self, model: str) -> bool:
         """404 only when the view is complete and engines are routable: an empty view (all engines

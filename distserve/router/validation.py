@@ -272,34 +272,63 @@ def requested_max_tokens(kind: str, body: dict) -> int | None:
     return COMPLETIONS_DEFAULT_MAX_TOKENS if v is None else v
 
 
-def check_context(kind: str, body: dict, limit: int) -> None:
+def check_context(kind: str, body: dict, limit: int, max_token_bytes: int | None = None) -> None:
     """400 `context_length_exceeded` when a validated request certainly cannot fit `limit` tokens (the largest
     context any engine able to serve it has). Only what is certain is counted: a prompt given as token ids
-    is exact; a text prompt counts as 1 token (every generation needs one; a token may cover many bytes of
-    an unknown tokenizer), so max_tokens alone rejects it. The prefill engine checks the rest before
-    computing anything (`decode_max_tokens`)."""
+    is exact; a text prompt is at least its UTF-8 byte count / `max_token_bytes` tokens (the most bytes one
+    token of the engines' tokenizer covers, from their records: 1 for a byte-level tokenizer), else 1 token
+    when the engines do not say, so max_tokens alone rejects it. For a chat only the last user message counts
+    (every chat template renders it; some drop or rewrite earlier turns). The prefill engine checks the rest
+    before computing anything (`decode_max_tokens`)."""
     max_tokens = requested_max_tokens(kind, body)
     ids = _token_ids(body) if kind == COMPLETIONS else None
     if ids is not None:
-        need = len(ids) + (max_tokens or 1)
-        if need > limit:
-            raise ApiError(
-                400,
-                f"This model's maximum context length is {limit} tokens. However, you requested {need} "
-                f"tokens ({len(ids)} in the prompt, {need - len(ids)} for the completion). Please reduce "
-                "the length of the prompt or of the completion.",
-                "context_length_exceeded",
-                "prompt",
-            )
-    elif max_tokens is not None and max_tokens >= limit:
-        name = "max_completion_tokens" if kind == CHAT and body.get("max_completion_tokens") else "max_tokens"
+        prompt, where = len(ids), "prompt"
+    else:
+        prompt = 1  # every generation needs one token of prompt
+        if max_token_bytes:
+            size = _text_bytes(kind, body)
+            prompt = max(prompt, -(-size // max_token_bytes))
+        where = "prompt" if kind == COMPLETIONS else "messages"
+    need = prompt + (max_tokens or 1)
+    if need <= limit:
+        return
+    if ids is not None or (max_tokens or 1) < limit:  # else max_tokens alone leaves no room: name it
+        bound = "" if ids is not None else "at least "
         raise ApiError(
             400,
-            f"This model's maximum context length is {limit} tokens. However, '{name}' is {max_tokens}, "
-            "which leaves no room for the prompt. Please reduce it.",
+            f"This model's maximum context length is {limit} tokens. However, you requested {bound}{need} "
+            f"tokens ({bound}{prompt} in the prompt, {need - prompt} for the completion). Please reduce "
+            "the length of the prompt or of the completion.",
             "context_length_exceeded",
-            name,
+            where,
         )
+    name = "max_completion_tokens" if kind == CHAT and body.get("max_completion_tokens") else "max_tokens"
+    raise ApiError(
+        400,
+        f"This model's maximum context length is {limit} tokens. However, '{name}' is {max_tokens}, "
+        "which leaves no room for the prompt. Please reduce it.",
+        "context_length_exceeded",
+        name,
+    )
+
+
+def _text_bytes(kind: str, body: dict) -> int:
+    """UTF-8 bytes of the text the engine certainly tokenizes: a completions prompt; a chat's last message
+    when it is the user's."""
+    if kind == COMPLETIONS:
+        prompt = body.get("prompt")
+        if type(prompt) is list and prompt and type(prompt[0]) is str:
+            prompt = prompt[0]
+        return len(prompt.encode()) if type(prompt) is str else 0
+    messages = body.get("messages") or ()
+    last = messages[-1] if messages else None
+    if type(last) is not dict or last.get("role") != "user":
+        return 0
+    content = last.get("content")
+    if type(content) is list:
+        return sum(len(p["text"].encode()) for p in content if type(p.get("text")) is str)
+    return len(content.encode()) if type(content) is str else 0
 
 
 def _token_ids(body: dict) -> list | None:

@@ -121,20 +121,40 @@ def test_chat_max_completion_tokens_alone_is_rejected_by_the_router(cluster):
 
 
 @pytest.mark.parametrize("kind", ["completions", "chat"])
+def test_a_text_prompt_whose_bytes_cannot_fit_is_rejected_by_the_router(cluster, kind):
+    """The reference engine's tokenizer publishes max_token_bytes 1: 220 bytes are at least 220 tokens."""
+    router, urls = cluster
+    text = "x" * 220
+    before = counters(urls)
+    c = client(router)
+    with pytest.raises(openai.BadRequestError) as info:
+        if kind == "completions":
+            c.completions.create(model=MODEL, prompt=text, max_tokens=50, temperature=0)
+        else:
+            c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=50)
+    err = info.value.body
+    assert err["code"] == "context_length_exceeded", err
+    assert err["param"] == ("prompt" if kind == "completions" else "messages"), err
+    assert "at least 270" in err["message"], err
+    assert counters(urls) == before  # neither engine saw the request
+
+
+@pytest.mark.parametrize("kind", ["completions", "chat"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_text_prompt_too_long_is_rejected_by_the_prefill_before_computing(cluster, kind, stream):
+    """What the router cannot be sure of (the BOS token, a chat's earlier turns and template) the prefill
+    rejects before accepting the request."""
     router, urls = cluster
-    text = "x" * 220  # 221 tokens for the byte-level tokenizer (chat: more), + 50 > 256; + 1 fits
     before = counters(urls)
     c = client(router)
     t0 = time.perf_counter()
     with pytest.raises(openai.BadRequestError) as info:
-        if kind == "completions":
-            c.completions.create(model=MODEL, prompt=text, max_tokens=50, temperature=0, stream=stream)
-        else:
-            c.chat.completions.create(
-                model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=50, stream=stream
-            )
+        if kind == "completions":  # 206 bytes + 50 fit the router's bound; with BOS 207 + 50 do not
+            c.completions.create(model=MODEL, prompt="x" * 206, max_tokens=50, temperature=0, stream=stream)
+        else:  # only the last user message is certain to be rendered
+            messages = [{"role": "user", "content": "x" * 170}, {"role": "assistant", "content": "ok"},  # 226 tokens
+                        {"role": "user", "content": "and?"}]
+            c.chat.completions.create(model=MODEL, messages=messages, max_tokens=50, stream=stream)
     elapsed = time.perf_counter() - t0
     err = info.value.body
     assert err["code"] == "context_length_exceeded", err
@@ -181,6 +201,7 @@ def test_the_router_limit_is_the_largest_path_and_unknown_when_any_engine_is_sil
     from types import SimpleNamespace
 
     from distserve.records import EngineGeometry, EngineRecord
+    from distserve.router.errors import ApiError
     from distserve.router.orchestrator import Orchestrator
     from distserve.router.view import RoutingTable
 
@@ -199,3 +220,12 @@ def test_the_router_limit_is_the_largest_path_and_unknown_when_any_engine_is_sil
     table = RoutingTable(topology=None, entries={"m": ["h0", "p0"]}, decodes={("p0", "m"): ["d0", "d1"]})
     engines["d0"] = rec("d0", "decode", None)
     assert orch._context_limit("m") is None  # a new table is recomputed; d0 is silent
+    # the tokenizer's longest token: a prefill's bounds its path's prompts; distinct paths, largest first
+    engines.update(d0=rec("d0", "decode", 256), p0=rec("p0", "prefill", 512).model_copy(update={"max_token_bytes": 4}),
+                   h0=rec("h0", "hybrid", 300).model_copy(update={"max_token_bytes": 1}))
+    table = RoutingTable(topology=None, entries={"m": ["h0", "p0"]}, decodes={("p0", "m"): ["d0", "d1"]})
+    assert orch._context_paths("m") == ((384, 4), (300, 1), (256, 4))
+    orch._check_context("completions", {"prompt": "x" * 1200, "max_tokens": 16}, orch._context_paths("m"))  # 300+16 on p0-d1
+    with pytest.raises(ApiError) as info:
+        orch._check_context("completions", {"prompt": "x" * 1600, "max_tokens": 16}, orch._context_paths("m"))
+    assert "384" in info.value.message and "at least 416" in info.value.message

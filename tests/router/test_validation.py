@@ -166,9 +166,9 @@ def test_requested_max_tokens_is_what_engines_reserve():
     assert requested_max_tokens(CHAT, {**OK_CHAT, "max_tokens": 9, "max_completion_tokens": 4}) == 4
 
 
-def ctx_err(kind: str, body: dict, limit: int) -> ApiError:
+def ctx_err(kind: str, body: dict, limit: int, max_token_bytes: int | None = None) -> ApiError:
     with pytest.raises(ApiError) as info:
-        check_context(kind, body, limit)
+        check_context(kind, body, limit, max_token_bytes)
     assert info.value.status == 400 and info.value.code == "context_length_exceeded"
     assert str(limit) in info.value.message
     return info.value
@@ -189,3 +189,21 @@ def test_check_context_rejects_only_what_is_certain():
     check_context(CHAT, {**OK_CHAT, "max_tokens": 127}, 128)
     assert ctx_err(CHAT, {**OK_CHAT, "max_tokens": 500}, 128).param == "max_tokens"
     assert ctx_err(CHAT, {**OK_CHAT, "max_completion_tokens": 500}, 128).param == "max_completion_tokens"
+
+
+def test_check_context_bounds_text_by_the_tokenizers_longest_token():
+    """Engines that publish max_token_bytes let the router count a text prompt's tokens from below."""
+    text = {"model": "m", "prompt": "é" * 100, "max_tokens": 10}  # 200 UTF-8 bytes
+    check_context(COMPLETIONS, text, 128, None)  # unknown tokenizer: nothing certain
+    err = ctx_err(COMPLETIONS, text, 128, 1)  # byte-level: at least 200 tokens
+    assert err.param == "prompt" and "at least 210" in err.message
+    check_context(COMPLETIONS, text, 128, 2)  # at least 100 + 10
+    assert ctx_err(COMPLETIONS, text, 109, 2).param == "prompt"
+    chat = {**OK_CHAT, "max_tokens": 10, "messages": [{"role": "user", "content": "x" * 300}]}
+    assert ctx_err(CHAT, chat, 128, 1).param == "messages"
+    check_context(CHAT, chat, 128, 4)  # at least 75 + 10
+    parts = {**chat, "messages": [{"role": "user", "content": [{"type": "text", "text": "x" * 300}]}]}
+    assert ctx_err(CHAT, parts, 128, 1).param == "messages"
+    # only the last user message is certain to be rendered: earlier turns may be dropped by a template
+    older = {**chat, "messages": [{"role": "user", "content": "x" * 300}, {"role": "assistant", "content": "ok"}]}
+    check_context(CHAT, older, 128, 1)
