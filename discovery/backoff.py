@@ -1,4 +1,8 @@
-"""Bounded, jittered exponential back-off for retry and restart loops (pure arithmetic: no I/O, no asyncio).
+"""Bounded, jittered exponential back-off, and the one retry executor built on it.
+
+Every retry and restart loop of discovery and distserve takes its delays from here (one calculator) and,
+where it retries one operation, runs it through `retry` (one executor): attempts bounded, delays jittered,
+hooks for logging, metrics and tracing.
 
     delay = delay_for(attempt, base=0.5, cap=30.0)       # attempt 1, 2, 3, ...: ~base, ~2*base, ... <= cap
 
@@ -7,16 +11,24 @@
     delay = backoff.next_delay()         # one more failure in a row
     backoff.reset(); backoff.attempts    # failures since the last reset
 
+    result = await retry(op, attempts=3, backoff=Backoff(0.05, 1.0), retry_if=is_transient,
+                         on_retry=lambda attempt, exc, delay: log.warning(...))
+
 The step doubles per attempt up to `cap`; the delay is drawn from [step * (1 - jitter), step], so it never
 exceeds the cap, callers that fail together spread out, and with jitter <= 0.5 a delay is never shorter
-than the one before it (a crash loop really slows down). discovery.client.backoff_delay is the
-"full jitter" variant (anywhere in [0, step]) for short in-call retries where a zero wait is fine.
+than the one before it (a crash loop really slows down). jitter=1 is "full jitter" (anywhere in
+[0, step]), for short in-call retries where a zero wait is fine.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 _MAX_DOUBLINGS = 62  # 2**62 * any sane base is far past any cap; keeps the arithmetic finite
 
@@ -26,8 +38,8 @@ def _check(base: float, cap: float, jitter: float) -> None:
         raise ValueError(f"base must be a finite number > 0, got {base!r}")
     if not (math.isfinite(cap) and cap >= base):
         raise ValueError(f"cap must be a finite number >= base ({base}), got {cap!r}")
-    if not 0 <= jitter < 1:
-        raise ValueError(f"jitter must be in [0, 1), got {jitter!r}")
+    if not 0 <= jitter <= 1:
+        raise ValueError(f"jitter must be in [0, 1], got {jitter!r}")
 
 
 def delay_for(attempt: int, *, base: float, cap: float, jitter: float = 0.5,
@@ -69,3 +81,37 @@ class Backoff:
 
     def __repr__(self) -> str:
         return f"Backoff(base={self.base}, cap={self.cap}, jitter={self.jitter}, attempts={self.attempts})"
+
+
+async def retry(
+    op: Callable[[int], Awaitable[T]],
+    *,
+    attempts: int,
+    backoff: Backoff | None = None,
+    retry_if: Callable[[BaseException], bool] = lambda exc: isinstance(exc, Exception),
+    on_retry: Callable[[int, BaseException, float], None] | None = None,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> T:
+    """Run `op(attempt)` (attempt = 1, 2, ...) until it returns, at most `attempts` times.
+
+    An exception for which `retry_if` is false, or the last attempt's, is raised as is (cancellation is
+    never retried). Before each retry `on_retry(attempt_that_failed, exc, delay)` is called, then the
+    executor waits `delay` from `backoff` (0 without one: the caller spreads attempts otherwise, e.g. by
+    trying another server)."""
+    if attempts < 1:
+        raise ValueError(f"attempts must be >= 1, got {attempts!r}")
+    attempt = 1
+    while True:
+        try:
+            return await op(attempt)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            if attempt >= attempts or not retry_if(exc):
+                raise
+            delay = backoff.next_delay() if backoff is not None else 0.0
+            if on_retry is not None:
+                on_retry(attempt, exc, delay)
+            if delay > 0:
+                await sleep(delay)
+            attempt += 1

@@ -31,6 +31,7 @@ from etcd3aio.kv import KVService, SortOrder, SortTarget, prefix_range_end
 from etcd3aio.lease import LeaseService
 from etcd3aio.maintenance import MaintenanceService
 
+from discovery.backoff import delay_for
 from discovery.config import EtcdConfig, Endpoint
 
 log = logging.getLogger(__name__)
@@ -204,8 +205,9 @@ def classify(exc: BaseException) -> tuple[str, str]:
 
 
 def backoff_delay(attempt: int, base: float = 0.05, cap: float = 1.0) -> float:
-    """Full-jitter exponential back-off: uniform(0, min(cap, base * 2**attempt))."""
-    return random.uniform(0, min(cap, base * (2 ** min(attempt, 16))))
+    """Full-jitter exponential back-off for in-call retries (attempt counts from 0): anywhere in
+    [0, min(cap, base * 2**attempt)]; discovery.backoff is the one calculator."""
+    return delay_for(attempt + 1, base=base, cap=max(cap, base), jitter=1.0)
 
 
 async def read_stream(call: Any, timeout: float) -> Any:
