@@ -31,6 +31,7 @@ ENV_TIMEOUT = "DISTSERVE_ETCD_TIMEOUT"
 MAX_TIMEOUT_S = 3600.0
 
 ENDPOINT_FORM = "expected http(s)://host:port"
+MAX_PEM_BYTES = 4 << 20  # a CA bundle, a certificate chain or a key: far smaller
 
 # field -> (command-line option, environment variable): how an error names the value at fault
 _SOURCES = {
@@ -69,9 +70,12 @@ def parse_endpoint(text: str) -> Endpoint:
         raise ValueError(f"empty endpoint: {ENDPOINT_FORM}")
     if "://" not in raw:
         raw = f"http://{raw}"
-    parts = urlsplit(raw)
+    try:
+        parts = urlsplit(raw)
+    except ValueError:  # an unbalanced IPv6 bracket
+        raise ValueError(f"endpoint {text!r}: {ENDPOINT_FORM}") from None
     if parts.scheme not in ("http", "https"):
-        raise ValueError(f"endpoint {text!r}: {ENDPOINT_FORM}, not {parts.scheme}://")
+        raise ValueError(f"endpoint {text!r}: {ENDPOINT_FORM} (the scheme must be http or https)")
     if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
         raise ValueError(f"endpoint {text!r}: {ENDPOINT_FORM}")
     try:
@@ -119,7 +123,7 @@ class EtcdConfig(BaseModel):
     @classmethod
     def _check_endpoints(cls, value: list[str]) -> list[str]:
         if not value:
-            raise ValueError(f"no endpoint given: {ENDPOINT_FORM}")
+            raise ValueError(f"no endpoints given: {ENDPOINT_FORM}")
         return [parse_endpoint(item).url for item in value]
 
     @field_validator("timeout", "token_refresh_interval")
@@ -142,6 +146,9 @@ class EtcdConfig(BaseModel):
                 raise ValueError("not a file")
             if not os.access(path, os.R_OK):
                 raise ValueError("not readable (permission denied)")
+            if path.stat().st_size > MAX_PEM_BYTES or b"-----BEGIN " not in path.read_bytes():
+                # else gRPC's only word for it is "Failed to create security handshaker", read as unreachable
+                raise ValueError("not a PEM file (no -----BEGIN line)")
         return value
 
     @model_validator(mode="after")
@@ -151,6 +158,9 @@ class EtcdConfig(BaseModel):
                              f"{ENV_CERT} and {ENV_KEY})")
         if self.password is not None and not self.user:
             raise ValueError(f"a password needs a user (--etcd-user or {ENV_USER})")
+        if self.cert and not self.tls:
+            # a plain-text connection would silently never present it
+            raise ValueError(f"a client certificate needs TLS: https:// endpoints or a CA (--etcd-ca or {ENV_CA})")
         return self
 
     # --- derived -------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 In the spirit of etcd's Go `concurrency.Session`, plus what a registry needs:
 
 - one LeaseKeepAlive stream, a renewal every TTL/3; transient errors are retried forever with jittered
-  exponential back-off (tenacity), moving to the next endpoint; a stream that stops answering is dropped;
+  exponential back-off (discovery.backoff), moving to the next endpoint; a stream that stops answering is dropped;
 - the session *owns* keys (`put`/`delete`); a guard watches exactly those keys, so a lease revoked from
   outside (its keys vanish) or an owned key deleted or overwritten is noticed at once, not at the next
   renewal;
@@ -12,6 +12,9 @@ In the spirit of etcd's Go `concurrency.Session`, plus what a registry needs:
   lease usually still holds and nothing is re-registered;
 - when the lease is really gone (expired or revoked): grant a new one, bump `incarnation`, run the
   `on_new_lease` callbacks, re-put every owned key under it. Never gives up, never exits the process;
+- while the lease is unconfirmed (an outage), etcd is asked about it every `recheck_interval` instead of
+  waiting for the streams' back-off (up to ~2 s apart): the moment etcd answers, a lost lease is replaced
+  and the `on_confirmed` callbacks learn that the outage is over (a holder re-reads what it missed);
 - `close()` revokes the lease so the keys vanish at once.
 """
 
@@ -21,19 +24,20 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 from etcd3aio._protobuf import rpc_pb2
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_never, wait_random_exponential
 
+from discovery.backoff import Backoff, retry
 from discovery.client import (
     EtcdClient,
     EtcdError,
     LeaseNotFound,
     _retrieve,
-    backoff_delay,
     classify,
     raise_if_cancelling,
     read_stream,
@@ -41,7 +45,10 @@ from discovery.client import (
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 NewLeaseCallback = Callable[[int], Awaitable[None]]
+ConfirmedCallback = Callable[[bool], Awaitable[None]]
 
 # Set while on_new_lease callbacks run, so that a callback's session.put() only records the value
 # (the re-put that follows writes it) instead of waiting for the lock the recovery holds.
@@ -55,9 +62,13 @@ class _StreamBroken(Exception):
 class LeaseSession:
     """See the module docstring and docs/internals.md ("discovery API")."""
 
-    def __init__(self, client: EtcdClient, ttl: int = 5, name: str = "session") -> None:
+    def __init__(self, client: EtcdClient, ttl: int = 5, name: str = "session", *,
+                 recheck_interval: float | None = 0.25) -> None:
         if int(ttl) < 1:
             raise ValueError("lease ttl must be >= 1 second")
+        if recheck_interval is not None and not recheck_interval > 0:
+            raise ValueError("recheck_interval must be > 0 seconds (or None: no recheck during outages)")
+        self.recheck_interval = recheck_interval
         self.client = client
         self.ttl = int(ttl)
         self.name = name
@@ -66,6 +77,7 @@ class LeaseSession:
         self.granted_ttl = self.ttl  # etcd may raise a short TTL to its minimum
         self._owned: dict[str, bytes] = {}
         self._callbacks: list[NewLeaseCallback] = []
+        self._confirmed_callbacks: list[ConfirmedCallback] = []
         self._lock = asyncio.Lock()
         self._kick = asyncio.Event()  # "check the lease and owned keys now"
         self._keys_changed = asyncio.Event()  # the guard must start over (new lease, many stale watchers)
@@ -84,6 +96,12 @@ class LeaseSession:
     def on_new_lease(self, callback: NewLeaseCallback) -> None:
         """`await callback(lease_id)` for every new lease (the first one too), before owned keys are re-put."""
         self._callbacks.append(callback)
+
+    def on_confirmed(self, callback: ConfirmedCallback) -> None:
+        """`await callback(replaced)` when etcd answers again after the lease went unconfirmed (an outage);
+        `replaced` is True when the lease turned out gone and was replaced (after the on_new_lease callbacks
+        and the re-put). Needs `recheck_interval`."""
+        self._confirmed_callbacks.append(callback)
 
     @property
     def alive(self) -> bool:
@@ -106,6 +124,8 @@ class LeaseSession:
             asyncio.create_task(self._keepalive_forever(), name=f"lease-keepalive:{self.name}"),
             asyncio.create_task(self._guard_forever(), name=f"lease-guard:{self.name}"),
         ]
+        if self.recheck_interval is not None:
+            self._tasks.append(asyncio.create_task(self._recheck_forever(), name=f"lease-recheck:{self.name}"))
         return self
 
     async def put(self, key: str, value: bytes) -> None:
@@ -166,14 +186,15 @@ class LeaseSession:
         await self.close()
 
     # --- lease replacement --------------------------------------------------------------------------
-    def _retrying(self) -> AsyncRetrying:
-        cap = max(0.2, min(2.0, self.ttl / 3))
-        return AsyncRetrying(
-            wait=wait_random_exponential(multiplier=0.1, max=cap), retry=retry_if_exception_type(EtcdError),
-            stop=stop_never, reraise=True,
-            before_sleep=lambda state: log.warning(
-                "lease %s: %s; retrying", self.name, state.outcome.exception() if state.outcome else "?"),
-        )
+    def _backoff(self) -> Backoff:
+        """Full jitter, capped at TTL/3 (0.2-2 s), so a retry lands well within the lease's lifetime."""
+        return Backoff(base=0.1, cap=max(0.2, min(2.0, self.ttl / 3)), jitter=1.0)
+
+    async def _until_done(self, op: Callable[[], Awaitable[T]]) -> T:
+        """`op()` retried while etcd fails (a session never gives up; the delays are bounded)."""
+        return await retry(lambda attempt: op(), attempts=sys.maxsize, backoff=self._backoff(),
+                           retry_if=lambda exc: isinstance(exc, EtcdError),
+                           on_retry=lambda attempt, exc, delay: log.warning("lease %s: %s; retrying", self.name, exc))
 
     async def _new_lease_locked(self, reason: str) -> None:
         """Grant a lease, run callbacks, re-put every owned key. Caller holds the lock."""
@@ -181,9 +202,7 @@ class LeaseSession:
         if self.lease_id == 0 and not self._tasks:
             lease_id = await self.client.grant(self.ttl)  # start(): let the caller see an outage
         else:
-            async for attempt in self._retrying():
-                with attempt:
-                    lease_id = await self.client.grant(self.ttl)
+            lease_id = await self._until_done(lambda: self.client.grant(self.ttl))
         self.lease_id = lease_id
         self.incarnation += 1
         self._renewed_at = time.monotonic()
@@ -203,14 +222,18 @@ class LeaseSession:
             self._recovering = False
             _IN_RECOVERY.reset(token)
         for key, value in list(self._owned.items()):
-            async for attempt in self._retrying():
-                with attempt:
-                    try:
-                        await self.client.put(key, value, lease=lease_id)
-                    except LeaseNotFound:
-                        # lost again while re-putting (revoked twice?): start over with a fresh lease
-                        return await self._new_lease_locked(reason="lease lost during re-put")
+            if not await self._until_done(lambda key=key, value=value: self._put_under(key, value, lease_id)):
+                # lost again while re-putting (revoked twice?): start over with a fresh lease
+                return await self._new_lease_locked(reason="lease lost during re-put")
         self._keys_changed.set()
+
+    async def _put_under(self, key: str, value: bytes, lease_id: int) -> bool:
+        """False when the lease is gone."""
+        try:
+            await self.client.put(key, value, lease=lease_id)
+        except LeaseNotFound:
+            return False
+        return True
 
     async def _reconcile(self) -> asyncio.Queue[tuple[str, int]]:
         """Check the lease and every owned key, repair what is missing; return the new guard queue,
@@ -239,17 +262,47 @@ class LeaseSession:
                             "deleted" if kv is None else "overwritten")
                 await self.client.put(key, value, lease=self.lease_id)
 
+    # --- outages ------------------------------------------------------------------------------------
+    async def _recheck_forever(self) -> None:
+        assert self.recheck_interval is not None
+        interval = self.recheck_interval
+        while True:
+            await asyncio.sleep(interval)
+            lease_id = self.lease_id
+            if self.alive or self._closed or lease_id == 0:
+                continue
+            try:
+                ttl_left = await self.client.time_to_live(lease_id, timeout=max(0.5, 2 * interval))
+            except EtcdError:
+                continue  # still unreachable
+            async with self._lock:
+                replaced = self.lease_id != lease_id  # the guard replaced it while we asked
+                if not replaced and ttl_left < 0:
+                    await self._new_lease_locked(reason="expired or revoked during an outage")
+                    replaced = True
+                elif not replaced:  # still held: etcd confirmed it, so it is alive again
+                    self._renewed_at = max(self._renewed_at,
+                                           time.monotonic() - max(0, self.granted_ttl - ttl_left))
+            log.info("lease %s: etcd answers again (lease %x %s)", self.name, lease_id,
+                     "gone: replaced" if replaced else f"held, {ttl_left}s left")
+            for callback in list(self._confirmed_callbacks):
+                try:
+                    await callback(replaced)
+                except Exception:  # noqa: BLE001 - a callback bug must not stop the recheck
+                    log.exception("lease %s: on_confirmed callback failed", self.name)
+
     # --- keepalive ----------------------------------------------------------------------------------
     async def _keepalive_forever(self) -> None:
-        attempt = 0
+        backoff = self._backoff()
         while True:
             try:
                 await self._keepalive_stream()
             except (_StreamBroken, EtcdError) as exc:
                 log.info("lease %s: keepalive stream: %s", self.name, exc)
             raise_if_cancelling()
-            attempt = 0 if self.alive else attempt + 1
-            await asyncio.sleep(backoff_delay(attempt, base=0.1, cap=max(0.2, min(2.0, self.ttl / 3))))
+            if self.alive:
+                backoff.reset()  # the stream worked until now: reconnect at once-ish
+            await asyncio.sleep(backoff.next_delay())
 
     async def _keepalive_stream(self) -> None:
         conn = self.client.active_conn()
@@ -293,19 +346,18 @@ class LeaseSession:
 
     # --- guard: watch the owned keys ----------------------------------------------------------------
     async def _guard_forever(self) -> None:
-        attempt = 0
+        backoff = self._backoff()
         while True:
             self._kick.clear()
             self._keys_changed.clear()
             try:
                 queue = await self._reconcile()
-                attempt = 0
+                backoff.reset()
                 await self._guard_stream(queue)
             except (_StreamBroken, EtcdError) as exc:
                 raise_if_cancelling()
-                attempt += 1
                 log.info("lease %s: guard: %s", self.name, exc)
-                await asyncio.sleep(backoff_delay(attempt, base=0.1, cap=max(0.2, min(2.0, self.ttl / 3))))
+                await asyncio.sleep(backoff.next_delay())
 
     async def _guard_stream(self, queue: asyncio.Queue[tuple[str, int]]) -> None:
         """Watch every key the queue names (more arrive as they are put) on one stream. Return when an

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
-from distserve.records import EngineGeometry
+from distserve.cluster.records import EngineGeometry
 
 
 class EngineRole(enum.IntEnum):

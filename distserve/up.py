@@ -125,7 +125,7 @@ def _validate(args: argparse.Namespace) -> Checked:
     """Raises UpError (one line) for the first bad option."""
     from discovery.config import EtcdConfig, config_error_message
     from discovery.embedded import DEFAULT_AUTO_COMPACTION, AutoCompaction
-    from distserve.keys import validate_id
+    from distserve.cluster.keys import validate_id
 
     checked = Checked()
     for name in ("prefill", "decode", "routers"):
@@ -819,7 +819,7 @@ class LocalCluster:
     async def _leftover_keys(self) -> list[str]:
         """After a graceful stop every key this cluster's processes held under a lease must be gone."""
         from discovery.client import EtcdClient
-        from distserve.keys import Keys
+        from distserve.cluster.keys import Keys
 
         keys = Keys(self.args.cluster)
         engine_ids = {self.engine_id(c) for c in self.engines}

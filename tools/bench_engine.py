@@ -7,8 +7,9 @@ vocab 151,936, tied embeddings) is created locally once (no download) and loaded
   * distserve: the engine's own paged-KV model (`distserve.engine.model.Model`, what the scheduler thread
     calls each step), loaded from the same directory: one request, then a batch of 8 decoded together.
 Decode tokens/s = generated tokens after the first / (time to generate them): the prefill (and its first
-token) is timed apart and subtracted, for both. Each figure is the median of --repeat runs, once with one
-torch thread and once with all of them (torch's default: one per physical core), in the same process.
+token) is timed apart and subtracted, for both. Each figure is the median of --repeat runs, interleaved (one
+of each per round, so a busy machine slows all alike), once with one torch thread and once with all of
+them (torch's default: one per physical core), in the same process.
 
 Usage: .venv/bin/python tools/bench_engine.py [--tokens 32] [--prompt 64] [--repeat 3] [--threads 1,all]
        [--model-dir DIR] [--json docs/bench/engine-2core.json]
@@ -55,66 +56,74 @@ def make_checkpoint(path: Path) -> None:
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(path)
 
 
-def _median(xs: list[float]) -> float:
-    return statistics.median(xs)
+class Transformers:
+    """transformers' greedy `generate`, one request."""
 
+    def __init__(self, path: Path, prompt: list[int]) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
 
-def bench_transformers(path: Path, prompt: list[int], tokens: int, repeat: int) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        self.x = torch.tensor([prompt])
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model.eval()
-    x = torch.tensor([prompt])
-    kw = dict(attention_mask=torch.ones_like(x), do_sample=False, pad_token_id=0)
-
-    def run(n: int) -> float:
+    def _generate(self, n: int) -> float:
+        torch = self.torch
         start = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(x, max_new_tokens=n, min_new_tokens=n, **kw)
-        assert out.shape[1] == len(prompt) + n
+            out = self.model.generate(self.x, attention_mask=torch.ones_like(self.x), max_new_tokens=n,
+                                      min_new_tokens=n, do_sample=False, pad_token_id=0)
+        assert out.shape[1] == self.x.shape[1] + n
         return time.perf_counter() - start
 
-    run(2)  # warm-up
-    prefills, decodes = [], []
-    for _ in range(repeat):
-        t1 = run(1)
-        tn = run(tokens + 1)
-        prefills.append(t1)
-        decodes.append(tokens / (tn - t1))
-    return {"prefill_s": _median(prefills), "decode_tokens_per_s": _median(decodes)}
+    def run(self, tokens: int) -> tuple[float, float]:
+        """(prefill seconds, decode tokens/s): generate 1 token, then 1 + tokens; the difference is decode."""
+        t1 = self._generate(1)
+        return t1, tokens / (self._generate(tokens + 1) - t1)
 
 
-def bench_engine(path: Path, prompt: list[int], tokens: int, repeat: int, batch: int) -> dict:
-    import torch
+class Engine:
+    """The engine's model (what its scheduler thread runs each step), `batch` requests decoded together."""
 
-    from distserve.engine.config import ModelConfig
-    from distserve.engine.model import Model, load_weights
+    def __init__(self, path: Path, prompt: list[int], batch: int, tokens: int) -> None:
+        import torch
 
-    blocks_per_seq = -(-(len(prompt) + tokens + 2) // 16)
-    cfg = ModelConfig.load(None, {"num_blocks": blocks_per_seq * batch + 1}, hf_dir=str(path))
-    model = Model(cfg, load_weights(cfg))
-    pool = model.new_pool()
-    seqs = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch)]
+        from distserve.engine.config import ModelConfig
+        from distserve.engine.model import Model, load_weights
 
-    def run(n: int) -> tuple[float, float]:
+        self.torch = torch
+        per_seq = -(-(len(prompt) + tokens + 2) // 16)
+        cfg = ModelConfig.load(None, {"num_blocks": per_seq * batch + 1}, hf_dir=str(path))
+        self.model = Model(cfg, load_weights(cfg))
+        self.pool = self.model.new_pool()
+        self.prompt = prompt
+        self.batch = batch
+        self.seqs = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(batch)]
+
+    def run(self, tokens: int) -> tuple[float, float]:
+        argmax = self.torch.argmax
         start = time.perf_counter()
-        logits = model.prefill(pool, [(prompt, b) for b in seqs])
-        nxt = [int(t) for t in torch.argmax(logits, -1)]
+        logits = self.model.prefill(self.pool, [(self.prompt, b) for b in self.seqs])
+        nxt = [int(t) for t in argmax(logits, -1)]
         mid = time.perf_counter()
-        for step in range(n):
-            pos = len(prompt) + step
-            logits = model.decode(pool, [(t, pos, b) for t, b in zip(nxt, seqs)])
-            nxt = [int(t) for t in torch.argmax(logits, -1)]
-        return mid - start, time.perf_counter() - mid
+        for step in range(tokens):
+            pos = len(self.prompt) + step
+            logits = self.model.decode(self.pool, [(t, pos, b) for t, b in zip(nxt, self.seqs)])
+            nxt = [int(t) for t in argmax(logits, -1)]
+        return mid - start, self.batch * tokens / (time.perf_counter() - mid)
 
-    run(2)  # warm-up
-    prefills, decodes = [], []
+
+def measure(runners: dict, tokens: int, repeat: int) -> dict:
+    """Medians per runner; runs interleaved (one of each per round) so a busy machine slows all alike."""
+    for r in runners.values():
+        r.run(2)  # warm-up
+    got: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
     for _ in range(repeat):
-        p, d = run(tokens)
-        prefills.append(p)
-        decodes.append(batch * tokens / d)
-    return {"batch": batch, "prefill_s": _median(prefills), "decode_tokens_per_s": _median(decodes)}
+        for name, r in runners.items():
+            got[name].append(r.run(tokens))
+    return {name: {"prefill_s": statistics.median(p for p, _ in xs),
+                   "decode_tokens_per_s": statistics.median(d for _, d in xs),
+                   "decode_tokens_per_s_all": [round(d, 3) for _, d in xs]} for name, xs in got.items()}
 
 
 def main() -> int:
@@ -132,19 +141,18 @@ def main() -> int:
     default_threads = torch.get_num_threads()
     prompt = [(i * 7919) % 150000 + 1 for i in range(args.prompt)]
     rows = []
+    runners = {"transformers": Transformers(args.model_dir, prompt),
+               "engine_batch1": Engine(args.model_dir, prompt, 1, args.tokens),
+               "engine_batch8": Engine(args.model_dir, prompt, 8, args.tokens)}
     for spec in args.threads.split(","):
         threads = default_threads if spec == "all" else int(spec)
         torch.set_num_threads(threads)
-        hf = bench_transformers(args.model_dir, prompt, args.tokens, args.repeat)
-        one = bench_engine(args.model_dir, prompt, args.tokens, args.repeat, 1)
-        eight = bench_engine(args.model_dir, prompt, args.tokens, args.repeat, 8)
-        row = {"threads": threads, "transformers": hf, "engine_batch1": one, "engine_batch8": eight,
-               "single_vs_transformers": one["decode_tokens_per_s"] / hf["decode_tokens_per_s"],
-               "batch8_vs_single": eight["decode_tokens_per_s"] / one["decode_tokens_per_s"]}
+        res = measure(runners, args.tokens, args.repeat)
+        hf, one, eight = (res[k]["decode_tokens_per_s"] for k in ("transformers", "engine_batch1", "engine_batch8"))
+        row = {"threads": threads, **res, "single_vs_transformers": one / hf, "batch8_vs_single": eight / one}
         rows.append(row)
-        print(f"threads={threads}: transformers {hf['decode_tokens_per_s']:.2f} tok/s, engine "
-              f"{one['decode_tokens_per_s']:.2f} tok/s ({row['single_vs_transformers']:.2f}x), batch 8 "
-              f"{eight['decode_tokens_per_s']:.2f} tok/s ({row['batch8_vs_single']:.2f}x single)", file=sys.stderr)
+        print(f"threads={threads}: transformers {hf:.2f} tok/s, engine {one:.2f} tok/s ({one / hf:.2f}x), "
+              f"batch 8 {eight:.2f} tok/s ({eight / one:.2f}x single)", file=sys.stderr)
     import transformers
 
     out = {"model": "random Qwen2.5-0.5B shape (float32)", "prompt_tokens": args.prompt,

@@ -38,38 +38,11 @@ from discovery.embedded import EmbeddedEtcd  # noqa: E402
 from distserve.agent.agent import Agent  # noqa: E402
 from distserve.agent.config import AgentConfig  # noqa: E402
 from distserve.agent.engine_client import EngineClient, Metrics  # noqa: E402
-from distserve.keys import Keys  # noqa: E402
+from distserve.cluster.keys import Keys  # noqa: E402
 from distserve.protocol import ConnectRequest, InitRequest, MigrationProtocol  # noqa: E402
-from distserve.records import LinkRecord  # noqa: E402
-from tests.util import Proc, free_port, wait_http  # noqa: E402
-
-
-def _consecutive_ports(count: int) -> int:
-    import socket
-
-    while True:
-        base = free_port()
-        ok = True
-        for port in range(base, base + count):
-            with socket.socket() as s:
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the engine binds (TIME_WAIT is fine)
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-
-
-def start_engines(role: str, count: int) -> tuple[Proc, list[str]]:
-    base = _consecutive_ports(count)
-    proc = Proc.python(["distserve", "engine", "--role", role, "--null", "--count", str(count), "--host", "127.0.0.1",
-                        "--port", str(base), "--log-level", "WARNING"], name=f"bench-{role}")
-    urls = [f"http://127.0.0.1:{base + i}" for i in range(count)]
-    for url in urls:
-        wait_http(f"{url}/health", timeout=60)
-    return proc, urls
+from distserve.cluster.records import LinkRecord  # noqa: E402
+from distserve.testing.cluster import start_null_engines as start_engines  # noqa: E402
+from distserve.testing.procs import Proc  # noqa: E402
 
 
 def handshakes_served(urls: list[str]) -> int:

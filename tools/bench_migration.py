@@ -245,8 +245,8 @@ async def bench_engines(repeat: int, allocation: str) -> dict:
     import aiohttp
     import psutil
 
-    from tests.engine import pd
-    from tests.util import spawn_engine
+    from distserve.testing import pd
+    from distserve.testing.cluster import spawn_engine
 
     model = "distserve-reference"
     procs = []

@@ -38,8 +38,6 @@ import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,6 +46,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from distserve.testing.cluster import engine_argv  # noqa: E402
+from distserve.testing.ports import free_port, free_port_range  # noqa: E402
+from distserve.testing.procs import Proc, answers  # noqa: E402
+from distserve.testing.procs import wait_http as _wait_http  # noqa: E402
 
 BENCH = REPO / ".bench"
 LMD_VENV = BENCH / "lmdeploy-venv"
@@ -82,86 +85,13 @@ DEVICE = BENCH / "device"
 
 
 # ------------------------------------------------------------------------------------------ processes
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def free_ports(n: int) -> int:
-    while True:
-        base = free_port()
-        ok = True
-        for i in range(n):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", base + i))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-
-
-class Proc:
-    def __init__(self, args: list[str], cpus: str, name: str, env: dict | None = None, cwd=None) -> None:
-        self.name = name
-        self.log = open(BENCH / f"{name}.log", "wb")
-        cmd = ["taskset", "-c", cpus, *args] if shutil.which("taskset") else args
-        self.started = time.perf_counter()
-        self.popen = subprocess.Popen(
-            cmd,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            cwd=cwd or REPO,
-            env={**bench_env(), **(env or {})},
-            start_new_session=True,
-        )
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def cpu_seconds(self) -> float:
-        """utime + stime of the process (the taskset wrapper execs it, so this is the real pid)."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def kill(self) -> None:
-        if self.popen.poll() is None:
-            try:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.popen.wait(10)
-        self.log.close()
-
-
 def wait_http(url: str, timeout: float = 60.0) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(url)
-        time.sleep(0.02)
+    _wait_http(url, timeout, interval=0.02)
 
 
-def _answers(url: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except Exception:  # noqa: BLE001 - not up (yet)
-        return False
+def bench_proc(args: list[str], cpus: str, name: str, env: dict | None = None, cwd=None) -> Proc:
+    """A child with its log under .bench/, pinned to `cpus`, with the device bundle's environment."""
+    return Proc(args, name, log_dir=BENCH, env={**bench_env(), **(env or {})}, cwd=cwd or REPO, cpus=cpus)
 
 
 def engine_metric(url: str, name: str) -> float:
@@ -233,31 +163,17 @@ class Engines:
 
     def _start(self, role: str, count: int, etcd: list[str] | None, cluster: str, name: str) -> list[str]:
         for _ in range(5):  # a port found free may be taken by another process before the engine binds it
-            port = free_ports(count)
-            args = [
-                "--null",
-                "--role",
-                role,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--count",
-                str(count),
-                "--migration-protocol",
-                "rdma",
-                "--log-level",
-                "WARNING",
-                "--preserve-ttl",
-                "30",
-            ]
+            port = free_port_range(count)
+            # `distserve engine`'s arguments, run by this script's --engine-process (uvicorn's backlog)
+            args = engine_argv(role, port, "--count", str(count), "--migration-protocol", "rdma",
+                               "--preserve-ttl", "30", null=True, log_level="WARNING")[1:]
             if etcd:
                 args += ["--etcd", ",".join(etcd), "--cluster", cluster, "--ttl", "10"]
-            proc = Proc([PY, __file__, "--engine-process", *args], OTHER_CPUS, name)
+            proc = bench_proc([PY, __file__, "--engine-process", *args], OTHER_CPUS, name)
             urls = [f"http://127.0.0.1:{port + i}" for i in range(count)]
             deadline = time.monotonic() + 60
             while proc.popen.poll() is None and time.monotonic() < deadline:
-                if all(_answers(f"{u}/health") for u in urls):
+                if all(answers(f"{u}/health") for u in urls):
                     self.procs.append(proc)
                     return urls
                 time.sleep(0.05)
@@ -276,8 +192,8 @@ class Engines:
 async def wait_links(etcd: list[str], cluster: str, n: int, timeout: float = 120.0) -> None:
     from discovery.client import EtcdClient
     from discovery.config import EtcdConfig
-    from distserve.keys import Keys
-    from distserve.records import LinkRecord
+    from distserve.cluster.keys import Keys
+    from distserve.cluster.records import LinkRecord
 
     client = EtcdClient(EtcdConfig(endpoints=etcd))
     await client.connect()
@@ -303,7 +219,7 @@ def start_router(
     port = free_port()
     if tree is not None:
         env = {**(env or {}), "PYTHONPATH": str(tree)}
-    proc = Proc(
+    proc = bench_proc(
         [
             PY,
             "-m",
@@ -329,7 +245,7 @@ def start_router(
 def start_otlp_sink(tag: str) -> tuple[Proc, str]:
     """An OTLP/HTTP endpoint that accepts every export and drops it (on the load generator's CPUs)."""
     port = free_port()
-    proc = Proc([PY, __file__, "--otlp-sink", str(port)], OTHER_CPUS, f"{tag}-otlp-sink")
+    proc = bench_proc([PY, __file__, "--otlp-sink", str(port)], OTHER_CPUS, f"{tag}-otlp-sink")
     wait_http(f"http://127.0.0.1:{port}/health")
     return proc, f"http://127.0.0.1:{port}"
 
@@ -431,7 +347,7 @@ def install_lmdeploy() -> str | None:
 
 def start_proxy(tag: str) -> tuple[Proc, str]:
     port = free_port()
-    proc = Proc(
+    proc = bench_proc(
         [
             *lmdeploy_command(),
             "serve",

@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -45,8 +44,11 @@ import psutil
 from discovery.client import EtcdClient
 from discovery.config import EtcdConfig
 from discovery.embedded import EmbeddedEtcd
-from distserve.keys import Keys
-from distserve.records import EngineGeometry, EngineRecord, LinkRecord, LoadRecord, TransferInfo
+from distserve.cluster.keys import Keys
+from distserve.cluster.records import EngineGeometry, EngineRecord, LinkRecord, LoadRecord, TransferInfo
+from distserve.testing.cluster import router_argv
+from distserve.testing.ports import free_port
+from distserve.testing.procs import Proc
 
 MODEL = "bench-model"
 STRATEGIES = ["random", "round_robin", "min_expected_latency", "power_of_two", "prefix_affinity"]
@@ -58,14 +60,6 @@ def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     k = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
     return ordered[k]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------- records
@@ -111,41 +105,35 @@ async def seed(client: EtcdClient, keys: Keys, engines, links, concurrency: int 
 
 # ---------------------------------------------------------------------------------------------- routers
 class RouterProc:
+    """A router process (the shared harness's Proc) and how long it took to answer ready."""
+
     def __init__(self, endpoints: str, cluster: str, log_dir: Path, name: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_dir / f"router-{name}.log", "wb")  # noqa: SIM115
-        self.started = time.monotonic()
-        self.popen = subprocess.Popen(
-            [sys.executable, "-m", "distserve", "router", "--host", "127.0.0.1", "--port", str(self.port),
-             "--etcd", endpoints, "--cluster", cluster, "--router-id", name, "--log-level", "WARNING"],
-            stdout=self.log, stderr=subprocess.STDOUT, cwd=str(REPO), env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.proc = Proc.distserve(
+            router_argv(self.port, [endpoints], "--cluster", cluster, "--router-id", name, log_level="WARNING"),
+            f"router-{name}", log_dir=log_dir)
+        self.started = self.proc.started
 
     async def wait_ready(self, http: aiohttp.ClientSession, expect: dict, timeout: float = 120) -> float:
-        while time.monotonic() - self.started < timeout:
-            if self.popen.poll() is not None:
-                raise RuntimeError(f"router exited {self.popen.returncode}")
+        while time.perf_counter() - self.started < timeout:
+            if not self.proc.alive():
+                raise RuntimeError(f"router exited {self.proc.returncode}")
             try:
                 async with http.get(f"{self.url}/health/ready") as resp:
                     body = await resp.json(content_type=None)
                     if resp.status == 200 and all(body.get(k) == v for k, v in expect.items()):
-                        return time.monotonic() - self.started
+                        return time.perf_counter() - self.started
             except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
                 pass
             await asyncio.sleep(0.005)
         raise TimeoutError("router not ready")
 
     def rss_mib(self) -> float:
-        return psutil.Process(self.popen.pid).memory_info().rss / 2 ** 20
+        return psutil.Process(self.proc.pid).memory_info().rss / 2 ** 20
 
     def stop(self) -> None:
-        self.popen.terminate()
-        try:
-            self.popen.wait(10)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
-        self.log.close()
+        self.proc.stop()
 
 
 async def cold_starts(endpoints: str, http, log_dir: Path, cluster: str, expect: dict, repeat: int) -> dict:

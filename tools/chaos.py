@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tools.chaoslib.scenarios import SCENARIOS, run
+from distserve.testing.chaos.scenarios import SCENARIOS, run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -16,6 +16,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from distserve.agent.config import AgentConfigError
 from distserve.agent.options import add_agent_arguments, agent_config_from_args, etcd_config_from_args
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=getattr(logging, args.log_level, logging.INFO),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from distserve.agent.agent import Agent, AgentConfigError  # etcd client and aiohttp: only when running
+    from distserve.agent.agent import Agent  # the etcd client (grpc) and aiohttp load only when running
 
     try:
         return asyncio.run(run_agent(Agent(config, etcd)))

@@ -11,8 +11,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from distserve.keys import DEFAULT_CLUSTER, sanitize_id, validate_id
-from distserve.records import Role, TransferProtocol
+from distserve.cluster.keys import DEFAULT_CLUSTER, sanitize_id, validate_id
+from distserve.cluster.records import Role, TransferProtocol
 
 _WILDCARD_HOSTS = {"0.0.0.0", "::", "[::]", ""}
 
@@ -57,6 +57,10 @@ def advertise_from(engine_url: str) -> str:
     if (parts.hostname or "") in _WILDCARD_HOSTS:
         return f"{parts.scheme}://{primary_address()}:{parts.port}"
     return engine_url
+
+
+class AgentConfigError(Exception):
+    """The agent cannot represent this engine as configured (a one-line message for the CLI)."""
 
 
 class AgentConfig(BaseModel):

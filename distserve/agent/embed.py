@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit
 
 from distserve import __version__
+from distserve.agent.config import advertise_from
+from distserve.agent.links import HandshakeLimiter
 from distserve.agent.options import add_agent_arguments, agent_config_from_args, etcd_config_from_args
 
 log = logging.getLogger("distserve.agent")
@@ -33,8 +35,9 @@ async def start_agents(args: argparse.Namespace, engines: list[tuple[str, str, i
     """engines: (url the agent uses, bind host, port) per served engine. Returns one cleanup per agent."""
     if not getattr(args, "etcd_endpoints", None):
         return []
+    # Here, not at the top: the etcd client (grpc) loads only when an agent runs (`distserve engine`
+    # without --etcd builds its parser from this module and never needs it).
     from distserve.agent.agent import Agent
-    from distserve.agent.config import advertise_from
 
     if args.cluster_token is None and api_keys:
         args.cluster_token = api_keys[0]  # the engines of one cluster share the key the agents present
@@ -56,8 +59,6 @@ async def start_agents(args: argparse.Namespace, engines: list[tuple[str, str, i
                                                      "software_version": f"distserve-reference {__version__}"}))
     except ValueError as exc:
         raise EmbeddedAgentError(str(exc)) from None
-    from distserve.agent.links import HandshakeLimiter
-
     semaphore = HandshakeLimiter(configs[0].handshake_concurrency) if configs else None
     agents = [Agent(config, etcd, handshake_semaphore=semaphore) for config in configs]
     for agent in agents:

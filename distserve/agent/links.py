@@ -30,9 +30,10 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from discovery.backoff import delay_for
 from distserve.agent.config import AgentConfig
 from distserve.agent.engine_client import EngineClient, EngineError
-from distserve.keys import Keys
+from distserve.cluster.keys import Keys
 from distserve.protocol import (
     PROTOCOL_BY_NAME,
     ConnectionStatus,
@@ -45,7 +46,7 @@ from distserve.protocol import (
     RDMALinkType,
     kv_layout_fingerprint,
 )
-from distserve.records import EngineRecord, LinkRecord
+from distserve.cluster.records import EngineRecord, LinkRecord
 
 log = logging.getLogger("distserve.agent.links")
 
@@ -99,11 +100,6 @@ def incompatibility(prefill: EngineRecord, decode: EngineRecord) -> str | None:
     if prefill.transfer.protocol != decode.transfer.protocol:
         return f"transfer protocol {prefill.transfer.protocol} != {decode.transfer.protocol}"
     return None
-
-
-def backoff(attempt: int, base: float, cap: float) -> float:
-    """Exponential back-off with jitter in [0.5, 1.5) of the step, capped."""
-    return min(cap, base * (2 ** max(0, attempt - 1))) * random.uniform(0.5, 1.5)
 
 
 class HandshakeLimiter:
@@ -259,7 +255,7 @@ class LinkManager:
                     raise
                 except Exception as exc:  # noqa: BLE001 - an etcd write failed: retry this pair soon
                     log.warning("link %s: %s; retrying", prefill_id, exc)
-                    result = ("wait", backoff(1, 0.5, 2.0))
+                    result = ("wait", delay_for(1, base=0.5, cap=2.0))
                 kind = result[0]
                 if kind == "exit":
                     self._workers.pop(prefill_id, None)
@@ -376,7 +372,7 @@ class LinkManager:
                 return ("attempted", 0, time.monotonic() + retry)
             log.info("link %s -> %s attempt %d failed: %s", prefill_id, me.id, attempt, exc)
             return ("attempted", attempt,
-                    time.monotonic() + backoff(attempt, self.config.backoff_base, self.config.backoff_max))
+                    time.monotonic() + delay_for(attempt, base=self.config.backoff_base, cap=self.config.backoff_max))
         self.links[prefill_id] = link
         await self._record(prefill_id, key, self._link_record(link, prefill, me, "established"))
         log.info("link %s -> %s established in %.1f ms", prefill_id, me.id, link.handshake_ms or 0.0)

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from distserve.agent.engine_client import EngineClient, EngineError
-from distserve.records import LoadRecord
+from distserve.cluster.records import LoadRecord
 
 log = logging.getLogger("distserve.agent.load")
 

@@ -1,18 +1,17 @@
 """Command-line options of the agent, shared by `distserve agent` (sidecar) and `distserve engine --etcd`
-(the same agent inside the engine's process)."""
+(the same agent inside the engine's process), and the one place the agent reads the environment: the
+shared DISTSERVE_CLUSTER and DISTSERVE_CLUSTER_TOKEN (distserve.cluster.settings) and the etcd client's
+DISTSERVE_ETCD_* (discovery.config). Every variable is documented once, in docs/configuration.md."""
 
 from __future__ import annotations
 
 import argparse
-import os
 
 from pydantic import ValidationError
 
 from discovery.config import EtcdConfig
 from distserve.agent.config import AgentConfig
-
-ENV_CLUSTER_TOKEN = "DISTSERVE_CLUSTER_TOKEN"
-ENV_CLUSTER = "DISTSERVE_CLUSTER"
+from distserve.cluster.settings import ENV_CLUSTER, ENV_CLUSTER_TOKEN, cluster_name, cluster_token
 
 
 def add_agent_arguments(parser: argparse.ArgumentParser, *, standalone: bool) -> None:
@@ -64,11 +63,11 @@ def add_agent_arguments(parser: argparse.ArgumentParser, *, standalone: bool) ->
 def agent_config_from_args(args: argparse.Namespace, *, engine_url: str | None = None,
                            role: str | None = None) -> AgentConfig:
     """Raises ValueError with a one-line message on bad input."""
-    token = args.cluster_token or os.environ.get(ENV_CLUSTER_TOKEN) or None
+    token = cluster_token(args.cluster_token)
     values = dict(
         engine_url=engine_url or args.engine_url,
         role=(role or args.role).lower(),
-        cluster=args.cluster or os.environ.get(ENV_CLUSTER) or "default",
+        cluster=cluster_name(args.cluster),
         engine_id=args.engine_id,
         advertise_url=args.advertise_url,
         ttl=args.ttl,

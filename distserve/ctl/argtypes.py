@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import math
 
-from distserve.keys import validate_id
+from distserve.cluster.keys import validate_id
 
 # etcd revisions are int64; a larger number cannot even be sent
 MAX_REVISION = 2**63 - 1
+MIN_REFRESH_S = 0.1
+MAX_REASON_CHARS = 500
 
 
 def _number(text: str) -> float:
@@ -24,6 +26,14 @@ def positive_seconds(text: str) -> float:
     value = _number(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, not {text!r}")
+    return value
+
+
+def refresh_seconds(text: str) -> float:
+    """A redraw period: >= 0.1 s (a smaller one only burns the CPU it is measuring)."""
+    value = _number(text)
+    if not (math.isfinite(value) and value >= MIN_REFRESH_S):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= {MIN_REFRESH_S:g}, not {text!r}")
     return value
 
 
@@ -44,6 +54,13 @@ def positive_int(text: str) -> int:
     if not 1 <= value <= MAX_REVISION:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, not {text!r}")
     return value
+
+
+def reason(text: str) -> str:
+    """An operator's note on a flag: shown on one line by describe, watch and the engines' logs."""
+    if len(text) > MAX_REASON_CHARS or any(c in text for c in "\r\n"):
+        raise argparse.ArgumentTypeError(f"expected one line of at most {MAX_REASON_CHARS} characters")
+    return text
 
 
 def engine_id(text: str) -> str:

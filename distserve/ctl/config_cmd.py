@@ -1,7 +1,7 @@
 """`config get [KEY]`, `config set KEY VALUE`, `config unset KEY`: the routing config every router hot-reloads.
 
 KEY is `strategy`, `weights.<engine_id>` or `params.<name>`. Values are validated before anything is
-written, by the schema routers read with (distserve.records.RoutingConfig: typed, bounded, params per
+written, by the schema routers read with (distserve.cluster.records.RoutingConfig: typed, bounded, params per
 strategy); a bad key or value is one line on stderr and exit 2, nothing written. Writes use compare-and-swap
 so concurrent operators never lose each other's change. A stored value that fails the schema (written
 with etcdctl) can be repaired key by key: set or unset the bad key.
@@ -18,8 +18,8 @@ from typing import Any, get_args
 from pydantic import ValidationError
 
 from discovery.record import MalformedRecord
-from distserve.keys import validate_id
-from distserve.records import STRATEGY_PARAMS, RoutingConfig, StrategyName, explain
+from distserve.cluster.keys import validate_id
+from distserve.cluster.records import STRATEGY_PARAMS, RoutingConfig, StrategyName, explain
 
 from .context import Ctx
 from .errors import CtlError

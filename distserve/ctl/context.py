@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from distserve.keys import Keys
+from distserve.cluster.keys import Keys
 
 from .errors import EXIT_UNAVAILABLE, CtlError
 from .render import Output

@@ -11,9 +11,9 @@ from typing import Any
 from rich.console import Group
 from rich.panel import Panel
 
-from . import views
-from distserve.keys import validate_id
+from distserve.cluster.keys import validate_id
 
+from . import views
 from .context import Ctx
 from .errors import UnknownId, UsageError
 from .render import age, cell, lease_text, make_table

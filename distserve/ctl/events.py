@@ -12,11 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from discovery.record import MalformedRecord, VersionedRecord
-from distserve import keys as K
-from distserve.records import EngineRecord, LinkRecord, LoadRecord, OperatorFlags, RouterRecord, RoutingConfig
-
-from .snapshot import decode_value
+from discovery.record import VersionedRecord
+from distserve.cluster import keys as K
+from distserve.cluster.codec import MalformedValue, decode_value
+from distserve.cluster.records import EngineRecord, LinkRecord, LoadRecord, OperatorFlags, RouterRecord, RoutingConfig
 
 
 @dataclass
@@ -74,7 +73,7 @@ class EventNarrator:
             return None
         try:
             return decode_value(parsed.kind, parsed.ids, raw)
-        except MalformedRecord:
+        except MalformedValue:
             return None
 
     def narrate(self, type_: str, key: str, value: bytes | None, revision: int, seq: int,
@@ -95,7 +94,7 @@ class EventNarrator:
         if type_ == "put":
             try:
                 new = decode_value(parsed.kind, parsed.ids, value or b"")
-            except MalformedRecord as exc:
+            except MalformedValue as exc:
                 ev.event, ev.message = "record.malformed", f"unreadable value written at {key[len(self.keys.root):]}: {exc}"
                 return ev
             ev.value = new.model_dump(mode="json")

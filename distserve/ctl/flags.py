@@ -1,7 +1,7 @@
 """`drain ID [--wait] [--timeout S]`, `cordon ID`, `uncordon ID`: operator flags under state/<id>.
 
 Flags carry no lease (operator intent survives restarts) and are written with compare-and-swap, so two
-operators never overwrite each other's flag. Routers and agents watch them (distserve.topology).
+operators never overwrite each other's flag. Routers and agents watch them (distserve.cluster.topology).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import time
 from typing import Any
 
 from discovery.record import MalformedRecord
-from distserve.keys import validate_id
-from distserve.records import LoadRecord, OperatorFlags, RouterRecord
+from distserve.cluster.keys import validate_id
+from distserve.cluster.records import LoadRecord, OperatorFlags, RouterRecord
 
 from . import argtypes
 from .context import Ctx, operator_name
@@ -34,13 +34,13 @@ def register(subparsers: Any, common: Any) -> None:
     p.add_argument("--timeout", type=argtypes.positive_seconds, default=None, metavar="S",
                    help="give up waiting after S seconds (exit 1; default: wait until done)")
     p.add_argument("--settle", type=argtypes.non_negative_seconds, default=DEFAULT_SETTLE_S, metavar="S", help=argparse.SUPPRESS)
-    p.add_argument("--reason", help="why (shown by engines, describe and watch)")
+    p.add_argument("--reason", type=argtypes.reason, help="why (shown by engines, describe and watch)")
     p.add_argument("--force", action="store_true", help="flag an id that is not registered now")
     p.set_defaults(_run=run_drain)
 
     p = common(subparsers.add_parser("cordon", help="stop new requests to an engine; in-flight work continues"))
     p.add_argument("engine_id", metavar="ID", type=argtypes.engine_id)
-    p.add_argument("--reason", help="why (shown by engines, describe and watch)")
+    p.add_argument("--reason", type=argtypes.reason, help="why (shown by engines, describe and watch)")
     p.add_argument("--force", action="store_true", help="flag an id that is not registered now")
     p.set_defaults(_run=run_cordon)
 

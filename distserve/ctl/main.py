@@ -91,7 +91,7 @@ def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
     """The etcd configuration and the key schema, or UsageError: checked before anything is contacted."""
     from discovery.config import EtcdConfig, EtcdConfigError
 
-    from distserve.keys import Keys
+    from distserve.cluster.keys import Keys
 
     try:
         # its message names the option or variable at fault, e.g. "invalid --etcd endpoint 'htp:/x': ..."

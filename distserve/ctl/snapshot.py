@@ -1,4 +1,5 @@
-"""One consistent read of a cluster's key space (a single range request), decoded into typed records."""
+"""One consistent read of a cluster's key space (a single range request), decoded into typed records by
+distserve.cluster.codec (the decoder routers and agents use)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from discovery.record import MalformedRecord, VersionedRecord
-from distserve import keys as K
-from distserve.records import (
+from discovery.record import VersionedRecord
+from distserve.cluster import keys as K
+from distserve.cluster.codec import LEASED_KINDS, MalformedValue, decode_value
+from distserve.cluster.records import (
     EngineRecord,
     LinkRecord,
     LoadRecord,
@@ -17,42 +19,9 @@ from distserve.records import (
     RouterRecord,
     RoutingConfig,
 )
-from distserve.topology import Topology, compute_topology
+from distserve.cluster.topology import Topology, compute_topology
 
 R = TypeVar("R", bound=VersionedRecord)
-
-RECORD_TYPES: dict[str, type[VersionedRecord]] = {
-    K.ENGINES: EngineRecord,
-    K.LINKS: LinkRecord,
-    K.LOAD: LoadRecord,
-    K.STATE: OperatorFlags,
-    K.ROUTERS: RouterRecord,
-}
-# Kinds whose keys live under a holder's lease (a key there without a live lease is stale).
-LEASED_KINDS = (K.ENGINES, K.LINKS, K.LOAD, K.ROUTERS)
-
-
-def decode_value(kind: str, ids: tuple[str, ...], raw: bytes) -> VersionedRecord:
-    """The typed record for a key of `kind`; raises MalformedRecord (also when the record names other ids)."""
-    if kind == K.CONFIG:
-        if ids[0] != K.ROUTING_CONFIG_NAME:
-            raise MalformedRecord(f"unknown config {ids[0]!r}")
-        return RoutingConfig.decode(raw)
-    record = RECORD_TYPES[kind].decode(raw)
-    named = _named_ids(kind, record)
-    if named is not None and named != ids:
-        raise MalformedRecord(f"{type(record).__name__} names {'/'.join(named)} but sits under {'/'.join(ids)}")
-    return record
-
-
-def _named_ids(kind: str, record: Any) -> tuple[str, ...] | None:
-    if kind in (K.ENGINES, K.ROUTERS):
-        return (record.id,)
-    if kind == K.LINKS:
-        return (record.prefill_id, record.decode_id)
-    if kind == K.LOAD:
-        return (record.engine_id,)
-    return None
 
 
 @dataclass
@@ -107,7 +76,7 @@ class ClusterSnapshot:
             return
         try:
             record = decode_value(parsed.kind, parsed.ids, kv.value)
-        except MalformedRecord as exc:
+        except MalformedValue as exc:
             self.malformed.append(Malformed(kv.key, str(exc), kv))
             return
         entry = Entry(kv.key, record, kv)

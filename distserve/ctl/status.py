@@ -11,7 +11,7 @@ from typing import Any
 from rich.console import Group
 from rich.text import Text
 
-from distserve.records import RoutingConfig
+from distserve.cluster.records import RoutingConfig
 
 from . import views
 from .context import Ctx

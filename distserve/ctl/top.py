@@ -17,7 +17,7 @@ from rich.live import Live
 from rich.text import Text
 
 from discovery.watch import watch_prefix
-from distserve.records import RouterRecord
+from distserve.cluster.records import RouterRecord
 
 from . import argtypes, views
 from .context import Ctx
@@ -28,8 +28,8 @@ from .snapshot import ClusterSnapshot
 
 def register(subparsers: Any, common: Any) -> None:
     p = common(subparsers.add_parser("top", help="live load per engine and requests per router"))
-    p.add_argument("--interval", type=argtypes.positive_seconds, default=1.0, metavar="S",
-                   help="seconds between frames (default 1)")
+    p.add_argument("--interval", type=argtypes.refresh_seconds, default=1.0, metavar="S",
+                   help="seconds between frames (default 1, at least 0.1)")
     frames = p.add_mutually_exclusive_group()
     frames.add_argument("--once", action="store_true", help="print one frame and exit")
     frames.add_argument("--iterations", type=argtypes.positive_int, metavar="N", help="print N frames and exit")

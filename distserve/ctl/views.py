@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from distserve.records import EngineRecord
-from distserve.topology import link_usable, takes_new_requests
+from distserve.cluster.records import EngineRecord
+from distserve.cluster.topology import link_usable, takes_new_requests
 
 from .render import since
 from .snapshot import ClusterSnapshot

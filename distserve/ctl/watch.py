@@ -19,6 +19,7 @@ from typing import Any
 
 from discovery.client import RevisionCompacted
 from discovery.watch import watch_prefix
+from distserve.cluster import keys as K
 
 from .argtypes import MAX_REVISION, positive_int, positive_seconds
 from .context import Ctx
@@ -33,7 +34,7 @@ def register(subparsers: Any, common: Any) -> None:
     p.add_argument("--since-rev", metavar="REV[:SEQ]", type=parse_since,
                    help="start at etcd revision REV (inclusive), or right after event SEQ-1 of it: pass an "
                         "event's `resume` to continue after it")
-    p.add_argument("--prefix", metavar="P", default="",
+    p.add_argument("--prefix", metavar="P", default="", type=parse_prefix,
                    help="only keys under P, relative to the cluster (e.g. engines/, links/P1/) or absolute")
     p.add_argument("--all", action="store_true", help="also heartbeat-like rewrites (load updates, router counters)")
     p.add_argument("--limit", type=positive_int, metavar="N", help="stop after N events")
@@ -47,6 +48,18 @@ def parse_since(text: str) -> tuple[int, int]:
     if not match or not 1 <= int(match.group(1)) <= MAX_REVISION or int(match.group(2) or 0) > MAX_REVISION:
         raise argparse.ArgumentTypeError(f"expected a revision N >= 1 or a resume token N:SEQ, not {text!r}")
     return int(match.group(1)), int(match.group(2) or 0)
+
+
+def parse_prefix(text: str) -> str:
+    """A relative prefix starts with a key kind (or part of one: `eng`); an absolute one with `/`. A typo
+    such as `engine/` would otherwise watch nothing, silently, forever."""
+    if not text or text.startswith("/"):
+        return text
+    head, slash, _ = text.partition("/")
+    if (head in K.KINDS) if slash else any(kind.startswith(head) for kind in K.KINDS):
+        return text
+    raise argparse.ArgumentTypeError(f"expected one of {', '.join(K.KINDS)} (then /...), or an absolute key "
+                                     f"prefix starting with /, not {text!r}")
 
 
 def resolve_prefix(ctx: Ctx, prefix: str) -> str:
@@ -68,10 +81,11 @@ async def _state_at(ctx: Ctx, prefix: str, revision: int) -> tuple[dict[str, Any
             await ctx.client.get_prefix(prefix, revision=revision + 1, keys_only=True)
         except RevisionCompacted:
             oldest = await oldest_revision(ctx, revision + 1)
+            # exit 1 (docs/keys.md): a stored resume token went stale, which a consumer handles by re-reading
             raise CtlError(
-                f"--since-rev {revision + 1}: etcd has compacted the history before revision {oldest} (the oldest "
-                f"still available), so an exact resume is impossible; resume with `distserve-ctl watch "
-                f"--since-rev {oldest}`, or without --since-rev to start from the current state") from None
+                f"--since-rev {revision + 1}: that history was compacted; the oldest revision etcd still has is "
+                f"{oldest}: resume with `distserve-ctl watch --since-rev {oldest}`, or re-read the state "
+                f"(`distserve-ctl export`) and watch without --since-rev") from None
         return {}, False
 
 

@@ -20,18 +20,20 @@ import orjson
 from aiohttp import web
 
 from distserve import __version__, tracing
-from distserve.keys import Keys, sanitize_id
-from distserve.records import RoutingConfig
+from distserve.cluster.keys import Keys, sanitize_id
+from distserve.cluster.records import RoutingConfig
 from distserve.router.breaker import CircuitBreakers
 from distserve.router.errors import ApiError
 from distserve.router.http1 import EnginePool
 from distserve.router.inbound import GuardedSite, ReadGuards, answer_and_close, read_body
 from distserve.router.load import LoadTracker
 from distserve.router.metrics import RouterMetrics
-from distserve.router.orchestrator import Orchestrator, Routing
+from distserve.router.orchestrator import Orchestrator, PDRequest, Routing
+from distserve.router.registration import Registration
 from distserve.router.settings import RouterSettings
 from distserve.router.strategies import make_strategy
 from distserve.router.validation import CHAT, COMPLETIONS, parse_json_object, validate_request
+from distserve.router.view import ClusterView, ConfigStatus
 
 log = logging.getLogger("distserve.router")
 
@@ -70,8 +72,6 @@ class Router:
             s.breaker_probe_max_interval,
             on_change=lambda: self.view.invalidate(),
         )
-        from distserve.router.view import ClusterView, ConfigStatus
-
         self.view = ClusterView(
             etcd_client, self.keys, self.breakers, self.load, self.metrics, self._on_config
         )
@@ -93,7 +93,8 @@ class Router:
         self._registration = None
         self.url = s.advertise_url
         self._closing = False
-        self._tracing = False  # this router started tracing (init matched by shutdown in stop())
+        # every handler tells its connection's read guard (inbound.py) when a request is in progress
+        self._guards = ReadGuards(s.header_read_timeout, self._read_timed_out)
         self.metrics.in_flight.callback = lambda: {(): self.in_flight}
         self.metrics.view_revision.callback = lambda: {(): self.view.revision}
 
@@ -112,8 +113,6 @@ class Router:
         """A new config/routing value (None: deleted, the defaults). One that fails the schema (`error`) or
         whose strategy cannot be built keeps the routing in force; the router says so once per revision in
         its log, in distserve_router_routing_config_invalid and in /health/ready's body, and keeps routing."""
-        from distserve.router.view import ConfigStatus
-
         if error is None:
             try:
                 routing = self._make_routing(config)
@@ -160,34 +159,13 @@ class Router:
     def _read_timed_out(self, phase: str) -> None:
         self.metrics.client_read_timeouts.inc((phase,))
 
-    def build_app(self) -> web.Application:
-        # every handler tells its connection's read guard (inbound.py) when a request is in progress
-        self._guards = guards = ReadGuards(self.settings.header_read_timeout, self._read_timed_out)
-        g = guards.wrap
-        app = web.Application(client_max_size=self.settings.max_body_bytes)
-        app.router.add_post("/v1/completions", g(self.completions))
-        app.router.add_post("/v1/chat/completions", g(self.chat_completions))
-        app.router.add_get("/v1/models", g(self.models))
-        app.router.add_get("/health", g(self.health))
-        app.router.add_get("/health/ready", g(self.ready))
-        app.router.add_get("/metrics", g(self.prometheus))
-        app.router.add_route("*", "/{tail:.*}", g(self.not_found))
-        return app
-
     async def start(self) -> None:
+        """Serve: the app's cleanup contexts start tracing, the engine pool and the view (see create_app);
+        then the listener, then the router's record in etcd (it needs the bound port)."""
         s = self.settings
-        self._tracing = True
-        tracing.init("distserve-router", {"service.instance.id": self.router_id})
-        self._get_pool()
-        await self.view.start()
-        if not await self.view.wait_synced(s.sync_timeout):
-            log.warning(
-                "view not synced with etcd after %.1fs: serving, not ready until it is", s.sync_timeout
-            )
-            self.spawn(self._wait_sync_forever())
         # auto_decompress off: read_body decodes gzip/deflate itself, bounded, with OpenAI-style errors
         self._runner = web.AppRunner(
-            self.build_app(), handler_cancellation=True, access_log=None, auto_decompress=False
+            create_app(self), handler_cancellation=True, access_log=None, auto_decompress=False
         )
         await self._runner.setup()
         site = GuardedSite(self._runner, self._guards, s.host, s.port, backlog=2048)
@@ -201,8 +179,6 @@ class Router:
         if not self.url:
             host = s.host if s.host not in ("0.0.0.0", "::", "") else socket.gethostname()
             self.url = f"http://{host}:{port}"
-        from distserve.router.registration import Registration
-
         self._registration = Registration(
             self.etcd,
             self.keys,
@@ -218,35 +194,72 @@ class Router:
         except Exception as exc:  # noqa: BLE001 - visibility only; serving does not depend on it
             log.warning("could not register under routers/: %s", exc)
 
-    async def _wait_sync_forever(self) -> None:
-        while not await self.view.wait_synced(30):
-            log.warning("view still not synced with etcd")
-
-    def _counters(self) -> tuple[str, int, int, int]:
-        return self.strategy_name, self.view.revision, self.requests_total, self.in_flight
-
     async def stop(self) -> None:
+        """Graceful stop: not ready and new requests refused (503), the record under routers/ removed,
+        requests in flight given up to shutdown_grace; then the runner's cleanup closes the listener and
+        runs the cleanup contexts in reverse (owned tasks, breakers, view, pool, tracing)."""
         self._closing = True
+        await self._deregister()
         deadline = time.monotonic() + self.settings.shutdown_grace
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._registration is not None:
-            await self._registration.close()
+
+    async def _deregister(self) -> None:
+        registration, self._registration = self._registration, None
+        if registration is not None:
+            await registration.close()
+
+    # ------------------------------------------------------------------ cleanup contexts (create_app)
+    async def _tracing_ctx(self, app: web.Application):
+        tracing.init("distserve-router", {"service.instance.id": self.router_id})
+        yield
+        await tracing.shutdown()  # flushes the spans still queued
+
+    async def _pool_ctx(self, app: web.Application):
+        pool = self._get_pool()
+        yield
+        pool.close()
+
+    async def _view_ctx(self, app: web.Application):
+        s = self.settings
+        await self.view.start()
+        try:
+            if not await self.view.wait_synced(s.sync_timeout):
+                log.warning(
+                    "view not synced with etcd after %.1fs: serving, not ready until it is", s.sync_timeout
+                )
+                self.spawn(self._wait_sync_forever())
+        except BaseException:
+            await self.view.stop()
+            raise
+        yield
+        await self.view.stop()
+
+    async def _breakers_ctx(self, app: web.Application):
+        yield
+        await self.breakers.close()
+
+    async def _tasks_ctx(self, app: web.Application):
+        yield
         # let pending free_cache calls finish (they are bounded by free_cache_timeout)
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=self.settings.free_cache_timeout)
             for t in list(self._tasks):
                 t.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.breakers.close()
-        await self.view.stop()
-        if self._pool is not None:
-            self._pool.close()
-        if self._tracing:
-            self._tracing = False
-            await tracing.shutdown()  # flushes the spans still queued
+
+    async def _registration_ctx(self, app: web.Application):
+        yield
+        await self._deregister()  # stop() did already, unless the app is cleaned up without it
+
+    async def _wait_sync_forever(self) -> None:
+        while not await self.view.wait_synced(30):
+            log.warning("view still not synced with etcd")
+
+    def _counters(self) -> tuple[str, int, int, int]:
+        return self.strategy_name, self.view.revision, self.requests_total, self.in_flight
 
     # ------------------------------------------------------------------ helpers
     def _authorized(self, request: web.Request) -> bool:
@@ -290,11 +303,12 @@ class Router:
     async def _generate(self, request: web.Request, kind: str, path: str) -> web.StreamResponse:
         started = time.perf_counter()
         rid = self._request_id(request)
+        pd = PDRequest(request, kind, path, rid, started)
         self.in_flight += 1
         self.requests_total += 1
         status = 500
         prepared = False
-        span = token = model = None
+        span = token = None
         if tracing.ENABLED:  # off: nothing else of tracing on this path (the pass-through is in generate)
             span = tracing.start_server_span(
                 "POST " + path,
@@ -302,6 +316,7 @@ class Router:
                 {"http.request.method": "POST", "url.path": path, "distserve.request_id": rid},
             )
             token = tracing.activate(span)
+            pd.span = span
         try:
             if not self._authorized(request):
                 raise self._auth_error()
@@ -315,10 +330,10 @@ class Router:
                     "rate_limited",
                     headers={"Retry-After": "1"},
                 )
-            raw = await self._read_body(request)
-            body = parse_json_object(raw)
-            model = validate_request(kind, body)
-            resp = await self.orchestrator.generate(request, kind, path, raw, body, model, rid, started)
+            pd.raw = raw = await self._read_body(request)
+            pd.body = body = parse_json_object(raw)
+            pd.model = validate_request(kind, body)
+            resp = await self.orchestrator.generate(pd)
             status = resp.status
             prepared = resp.prepared
             if not prepared:  # a non-streamed answer: its first byte comes with all of it
@@ -333,7 +348,7 @@ class Router:
                 await answer_and_close(request, resp)
             return resp
         except (asyncio.CancelledError, ConnectionResetError):
-            if request.get("answered"):  # closed after reading [DONE]: the request completed
+            if pd.answered:  # closed after reading [DONE]: the request completed
                 status = 200
                 raise
             status = 499  # the client went away (nginx's convention); upstream work was cancelled
@@ -343,22 +358,22 @@ class Router:
         except Exception:
             log.exception("request %s %s: unexpected error", rid, path)
             status = 500
-            if prepared or request.get("stream"):  # a stream's 200 is out: nothing else can be answered
+            if prepared or pd.outcome:  # a stream's 200 is out: nothing else can be answered
                 raise
             return ApiError(500, "internal router error", "internal_error").response(rid)
         finally:
             self.in_flight -= 1
             if span is not None:
                 tracing.deactivate(token)
-                span.set_attribute("distserve.engines", request.get("engines", "-"))
-                if model is not None:
-                    span.set_attribute("gen_ai.request.model", model)
+                span.set_attribute("distserve.engines", pd.engines or "-")
+                if pd.model is not None:
+                    span.set_attribute("gen_ai.request.model", pd.model)
                 tracing.end(span, status)
             elapsed = time.perf_counter() - started
             self.metrics.requests.inc((path, status))
             self.metrics.latency.observe(elapsed, (path,))
             # a streamed answer's 200 goes out with its first byte: say how the stream really ended
-            stream = request.get("stream")
+            stream = pd.outcome
             if stream is not None:
                 if stream == "started":  # ended by an exception (the orchestrator records the rest)
                     stream = "completed" if status == 200 else "client_gone" if status == 499 else "router_error"
@@ -371,7 +386,7 @@ class Router:
                     status,
                     f" stream={stream}" if stream is not None else "",
                     elapsed * 1000,
-                    request.get("engines", "-"),
+                    pd.engines or "-",
                 )
 
     async def models(self, request: web.Request) -> web.Response:
@@ -399,6 +414,8 @@ class Router:
         return web.Response(body=b'{"status":"ok"}', content_type="application/json")
 
     async def ready(self, request: web.Request) -> web.Response:
+        if self._closing:  # taken out of load balancers first, while requests in flight finish
+            return ApiError(503, "the router is shutting down", "shutting_down").response()
         if not self.view.synced.is_set():
             return ApiError(503, "not ready: the view is not synced with etcd yet", "not_synced").response()
         table = self.view.table()
@@ -445,3 +462,32 @@ class Router:
                 headers={"Allow": allowed},
             ).response()
         return ApiError(404, f"no route {request.method} {request.path}", "not_found").response()
+
+
+ROUTER_KEY = web.AppKey("router", Router)
+
+
+def create_app(router: Router) -> web.Application:
+    """The router's aiohttp app: its routes, and its resources as cleanup contexts (started in this order
+    by the runner's setup, stopped in reverse by its cleanup)."""
+    g = router._guards.wrap
+    app = web.Application(client_max_size=router.settings.max_body_bytes)
+    app[ROUTER_KEY] = router
+    app.router.add_post("/v1/completions", g(router.completions))
+    app.router.add_post("/v1/chat/completions", g(router.chat_completions))
+    app.router.add_get("/v1/models", g(router.models))
+    app.router.add_get("/health", g(router.health))
+    app.router.add_get("/health/ready", g(router.ready))
+    app.router.add_get("/metrics", g(router.prometheus))
+    app.router.add_route("*", "/{tail:.*}", g(router.not_found))
+    app.cleanup_ctx.extend(
+        (
+            router._tracing_ctx,
+            router._pool_ctx,
+            router._view_ctx,
+            router._breakers_ctx,
+            router._tasks_ctx,
+            router._registration_ctx,
+        )
+    )
+    return app

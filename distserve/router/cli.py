@@ -6,30 +6,37 @@ import argparse
 import asyncio
 import gc
 import logging
-import os
 import signal
 import sys
 
-from distserve.router.settings import BODY_READ_TIMEOUT_MAX, HEADER_READ_TIMEOUT_MAX, RouterSettings
+from discovery.client import EtcdClient, EtcdError
+from discovery.config import EtcdConfig
+from distserve.router.app import Router
+from distserve.router.settings import (
+    BODY_READ_TIMEOUT_MAX,
+    ENV_API_KEYS,
+    ENV_CLUSTER,
+    ENV_CLUSTER_TOKEN,
+    HEADER_READ_TIMEOUT_MAX,
+    RouterSettings,
+    env_api_keys,
+    env_cluster,
+    env_cluster_token,
+    env_log_level,
+)
 from distserve.router.strategies import STRATEGIES
-
-ENV_CLUSTER = "DISTSERVE_CLUSTER"
-ENV_CLUSTER_TOKEN = "DISTSERVE_CLUSTER_TOKEN"
-ENV_API_KEYS = "DISTSERVE_API_KEYS"
 
 log = logging.getLogger("distserve.router")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from discovery.config import EtcdConfig
-
     d = RouterSettings()
     parser.add_argument("--host", default=d.host, help="interface to listen on (default %(default)s)")
     parser.add_argument("--port", type=int, default=d.port, help="port to listen on; 0 picks a free one")
     EtcdConfig.add_arguments(parser)
     parser.add_argument(
         "--cluster",
-        default=os.environ.get(ENV_CLUSTER) or d.cluster,
+        default=env_cluster(),
         help=f"cluster name in the etcd key schema (env {ENV_CLUSTER}; default %(default)s)",
     )
     parser.add_argument(
@@ -116,24 +123,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lease-ttl", type=float, default=d.lease_ttl, help="TTL of the router's own lease")
     parser.add_argument(
         "--log-level",
-        default=os.environ.get("DISTSERVE_LOG_LEVEL", "INFO"),
+        default=env_log_level(),
         help="DEBUG, INFO (one line per request), WARNING, ERROR",
     )
 
 
 def settings_from_args(args: argparse.Namespace) -> RouterSettings:
-    api_keys = list(args.api_keys or [])
-    if not api_keys and os.environ.get(ENV_API_KEYS):
-        api_keys = [k.strip() for k in os.environ[ENV_API_KEYS].split(",") if k.strip()]
-    s = RouterSettings(
+    """The settings the options (and their environment defaults) give; ValueError names a bad option."""
+    return RouterSettings.checked(
         host=args.host,
         port=args.port,
         cluster=args.cluster,
         router_id=args.router_id,
         advertise_url=args.advertise_url,
         strategy=args.strategy,
-        api_keys=api_keys,
-        cluster_token=args.cluster_token or os.environ.get(ENV_CLUSTER_TOKEN) or None,
+        api_keys=list(args.api_keys or []) or env_api_keys(),
+        cluster_token=args.cluster_token or env_cluster_token(),
         max_body_bytes=args.max_body_bytes,
         max_in_flight=args.max_in_flight,
         connect_timeout=args.connect_timeout,
@@ -150,39 +155,9 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
         route_wait=args.route_wait,
         lease_ttl=args.lease_ttl,
     )
-    for name in (
-        "connect_timeout",
-        "prefill_timeout",
-        "decode_first_byte_timeout",
-        "decode_idle_timeout",
-        "request_timeout",
-        "free_cache_timeout",
-        "lease_ttl",
-        "breaker_probe_interval",
-    ):
-        if getattr(s, name) <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be > 0")
-    if s.max_prefill_attempts < 1 or s.max_decode_attempts < 1:
-        raise ValueError("--max-prefill-attempts and --max-decode-attempts must be >= 1")
-    if not 0 < s.header_read_timeout <= HEADER_READ_TIMEOUT_MAX:
-        raise ValueError(f"--header-read-timeout must be in (0, {HEADER_READ_TIMEOUT_MAX:g}] seconds")
-    if not 0 < s.body_read_timeout <= BODY_READ_TIMEOUT_MAX:
-        raise ValueError(f"--body-read-timeout must be in (0, {BODY_READ_TIMEOUT_MAX:g}] seconds")
-    if not 0 <= s.route_wait <= 600:
-        raise ValueError("--route-wait must be in 0-600 seconds")
-    if s.max_body_bytes < 1024:
-        raise ValueError("--max-body-bytes must be >= 1024")
-    if not 0 <= s.max_in_flight <= 1_000_000:
-        raise ValueError("--max-in-flight must be in 0-1000000 (0 = unbounded)")
-    if not 0 <= s.port < 65536:
-        raise ValueError("--port must be in 0-65535")
-    return s
 
 
-async def serve(settings: RouterSettings, etcd_config) -> int:
-    from discovery.client import EtcdClient
-    from distserve.router.app import Router
-
+async def serve(settings: RouterSettings, etcd_config: EtcdConfig) -> int:
     client = EtcdClient(etcd_config)
     await client.connect()
     router = Router(settings, client)
@@ -212,9 +187,6 @@ async def serve(settings: RouterSettings, etcd_config) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    from discovery.client import EtcdError
-    from discovery.config import EtcdConfig
-
     try:
         logging.basicConfig(
             level=args.log_level.upper(),
@@ -226,7 +198,7 @@ def main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"distserve router: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
-    try:
+    try:  # optional: not installed on Windows
         import uvloop
 
         run = uvloop.run

@@ -8,7 +8,7 @@ replica starts from the same shared record, replicas agree up to their own last 
 
 from __future__ import annotations
 
-from distserve.records import LoadRecord
+from distserve.cluster.records import LoadRecord
 
 
 class LoadTracker:

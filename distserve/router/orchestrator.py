@@ -13,14 +13,17 @@ PD, following LMDeploy's DistServe protocol (docs/router.md has the whole story)
 
 Retries are bounded: an entry engine (prefill or hybrid) that fails before producing output is replaced
 by another one; a decode that fails before its first byte by another decode linked to the same prefill.
-A refused connection also opens that engine's circuit breaker.
+A refused connection also opens that engine's circuit breaker. Every one of these retries (and free_cache's)
+runs through discovery.backoff.retry.
+
+A request's state lives in one `PDRequest` from the handler to the last byte: the handler's access log and
+metrics read from it how the request went (engines used, how its stream ended, whether [DONE] was sent).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -28,9 +31,10 @@ from collections.abc import Callable
 import orjson
 from aiohttp import web
 
+from discovery.backoff import Backoff, retry
 from distserve import tracing
 from distserve.protocol import PROTOCOL_BY_NAME
-from distserve.records import EngineRecord
+from distserve.cluster.records import EngineRecord
 from distserve.router.errors import ApiError
 from distserve.router.http1 import EnginePool, Response
 from distserve.router.metrics import RouterMetrics
@@ -54,6 +58,51 @@ log = logging.getLogger("distserve.router")
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 DONE_MARK = b"[DONE]"
+# Between attempts on another engine: a tiny full jitter (~0-5 ms, doubling) only spreads retry bursts, the
+# other engine is the real remedy. free_cache retries its one engine once, after 50-150 ms.
+RETRY_JITTER = (0.005, 0.02)
+FREE_CACHE_ATTEMPTS = 2
+FREE_CACHE_BACKOFF = (0.15, 0.15, 2 / 3)  # base, cap, jitter: a delay in [0.05, 0.15]
+
+
+class PDRequest:
+    """One client request's state, from the handler through every engine call.
+
+    Set by the handler: request, kind, path, rid, started; then raw, body, model once the body is valid.
+    Set by the orchestrator: stream, headers, routing, ctx, and as the request goes: engines (the access
+    log's "via"), outcome (how a started stream ended: "started" until known), answered (the client was
+    sent [DONE]), the prefill's answer (prefill, session_id, token_id, block_ids, staging), first_at.
+    """
+
+    __slots__ = (
+        "request", "kind", "path", "rid", "started", "raw", "body", "model", "stream", "headers",
+        "routing", "ctx", "engines", "outcome", "answered", "prefill", "session_id", "token_id",
+        "block_ids", "staging", "first_at", "span",
+    )
+
+    def __init__(self, request: web.Request, kind: str, path: str, rid: str, started: float) -> None:
+        self.request = request
+        self.kind = kind
+        self.path = path
+        self.rid = rid
+        self.started = started
+        self.raw = b""
+        self.body: dict = {}
+        self.model: str | None = None
+        self.stream = False
+        self.headers = b""
+        self.routing: Routing | None = None
+        self.ctx: PickContext | None = None
+        self.engines: str | None = None
+        self.outcome: str | None = None
+        self.answered = False
+        self.prefill: EngineRecord | None = None
+        self.session_id: int | None = None
+        self.token_id = 0
+        self.block_ids: list[int] = []
+        self.staging: dict | None = None
+        self.first_at = 0.0  # perf_counter of the first byte sent to the client (0: not yet)
+        self.span = None  # the request's server span while tracing is on
 
 
 class RetryElsewhere(Exception):
@@ -63,6 +112,14 @@ class RetryElsewhere(Exception):
         super().__init__(error.message)
         self.error = error
         self.phase = phase
+
+
+class _NoCandidate(Exception):
+    """No engine left to try (every routable one tried, or none routable)."""
+
+
+class _Vanished(Exception):
+    """The picked engine (or its link) left the view between the pick and the call: try another."""
 
 
 class Routing:
@@ -106,17 +163,8 @@ class Orchestrator:
         self._context_limits: tuple[object, dict[str, tuple | None]] = (None, {})
 
     # ------------------------------------------------------------------ entry
-    async def generate(
-        self,
-        request: web.Request,
-        kind: str,
-        path: str,
-        raw: bytes,
-        body: dict,
-        model: str,
-        rid: str,
-        started: float,
-    ) -> web.StreamResponse:
+    async def generate(self, pd: PDRequest) -> web.StreamResponse:
+        model = pd.model
         if not self.view.table().entries.get(model):
             if self._unknown_model(model):
                 raise ApiError(404, f"The model `{model}` does not exist", "model_not_found", "model")
@@ -134,53 +182,102 @@ class Orchestrator:
         paths = self._context_paths(model)
         if paths is not None:
             # before any engine call: a request that cannot fit would cost a whole prefill otherwise
-            self._check_context(kind, body, paths)
-        headers = self._engine_headers + b"X-Request-Id: " + rid.encode() + b"\r\n"
+            self._check_context(pd.kind, pd.body, paths)
+        headers = self._engine_headers + b"X-Request-Id: " + pd.rid.encode() + b"\r\n"
         if not tracing.ENABLED:  # on: each engine call names its own span as the parent instead
-            headers += tracing.passthrough(request.headers)
-        stream = body.get("stream") is True
-        routing = self._routing()
-        ctx = PickContext(
+            headers += tracing.passthrough(pd.request.headers)
+        pd.headers = headers
+        pd.stream = pd.body.get("stream") is True
+        pd.routing = routing = self._routing()
+        kind, body = pd.kind, pd.body
+        pd.ctx = PickContext(
             load=self.load,
             weights=routing.weights,
             params=routing.params,
             prefix=lambda n: prompt_prefix(kind, body, n),
         )
-        tried: set[str] = set()
-        last: RetryElsewhere | None = None
-        for attempt in range(max(1, self.s.max_prefill_attempts)):
-            entries = self.view.table().entries.get(model) or ()
-            candidates = [e for e in entries if e not in tried]
-            if not candidates:
-                break
-            if attempt:
-                self.metrics.retries.inc((last.phase,))
-                await asyncio.sleep(random.uniform(0, 0.005 * attempt))  # jitter: spread retry bursts
-            engine_id = routing.entry.pick(candidates, ctx)
-            tried.add(engine_id)
+
+        def entries() -> list[str]:
+            return list(self.view.table().entries.get(model) or ())
+
+        async def attempt(engine_id: str) -> web.StreamResponse:
             engine = self.view.engines.get(engine_id)
             if engine is None:
-                continue
+                raise _Vanished(engine_id)
+            if engine.role == "hybrid":
+                return await self._hybrid(pd, engine)
+            return await self._pd(pd, engine)
+
+        return await self._on_engines(
+            pd,
+            self.s.max_prefill_attempts,
+            entries,
+            routing.entry,
+            attempt,
+            "request %s: %s on %s failed before output (%s), trying another engine",
+            lambda: ApiError(503, f"no routable engine serves model `{model}` right now", "no_route"),
+        )
+
+    async def _on_engines(
+        self,
+        pd: PDRequest,
+        attempts: int,
+        routable: Callable[[], list[str]],
+        strategy: Strategy,
+        attempt: Callable[[str], object],
+        failure_log: str,
+        none_left: Callable[[], ApiError],
+        wait_first: Callable[[], object] | None = None,
+    ):
+        """Retry-or-fail over engines, through discovery.backoff.retry: each attempt picks an engine not
+        tried yet among `routable()` and runs `attempt(engine_id)`; one that fails before any output
+        (RetryElsewhere) is replaced while attempts and untried engines remain. The last failure is the
+        client's error; `none_left()` when no engine could be tried at all. `wait_first`: awaited when the
+        first attempt finds no engine (it waits for one to appear)."""
+        tried: set[str] = set()
+        last: RetryElsewhere | None = None
+
+        def untried() -> list[str]:
+            return [e for e in routable() if e not in tried]
+
+        async def one(n: int):
+            nonlocal last
+            candidates = untried()
+            if not candidates and n == 1 and wait_first is not None and await wait_first():
+                candidates = untried()
+            if not candidates:
+                raise _NoCandidate
+            engine_id = strategy.pick(candidates, pd.ctx)
+            tried.add(engine_id)
             try:
-                if engine.role == "hybrid":
-                    return await self._hybrid(request, engine, path, raw, stream, headers, rid, started)
-                return await self._pd(
-                    request, kind, engine, path, raw, body, model, stream, headers, rid, routing, ctx, started
-                )
+                return await attempt(engine_id)
             except RetryElsewhere as exc:
                 last = exc
                 if tracing.ENABLED:
                     _retry_event(exc, engine_id)
-                log.info(
-                    "request %s: %s on %s failed before output (%s), trying another engine",
-                    rid,
-                    exc.phase,
-                    engine_id,
-                    exc.error.message,
-                )
-        if last is not None:
-            raise last.error.to_api_error(last.phase)
-        raise ApiError(503, f"no routable engine serves model `{model}` right now", "no_route")
+                log.info(failure_log, pd.rid, exc.phase, engine_id, exc.error.message)
+                raise
+
+        def again(exc: BaseException) -> bool:
+            # retried only while an untried engine is left (no retry counted, no wait, otherwise)
+            return isinstance(exc, (RetryElsewhere, _Vanished)) and bool(untried())
+
+        def count(_attempt: int, exc: BaseException, _delay: float) -> None:
+            if isinstance(exc, RetryElsewhere):
+                self.metrics.retries.inc((exc.phase,))
+
+        try:
+            return await retry(
+                one,
+                attempts=max(1, attempts),
+                backoff=Backoff(RETRY_JITTER[0], RETRY_JITTER[1], jitter=1.0),
+                retry_if=again,
+                on_retry=count,
+            )
+        except (RetryElsewhere, _NoCandidate, _Vanished):
+            if last is not None:
+                raise last.error.to_api_error(last.phase) from None
+            raise none_left() from None
 
     def _context_limit(self, model: str) -> int | None:
         """The largest context (tokens) any routable path for `model` offers (see _context_paths)."""
@@ -262,78 +359,36 @@ class Orchestrator:
                 self.view.invalidate()
 
     # ------------------------------------------------------------------ hybrid
-    async def _hybrid(
-        self,
-        request: web.Request,
-        engine: EngineRecord,
-        path: str,
-        raw: bytes,
-        stream: bool,
-        headers: bytes,
-        rid: str,
-        started: float,
-    ) -> web.StreamResponse:
+    async def _hybrid(self, pd: PDRequest, engine: EngineRecord) -> web.StreamResponse:
         self.metrics.picks.inc(("hybrid", engine.id))
-        request["engines"] = engine.id
-        if stream:
-            resp, _ok = await self._stream_through(
-                request, engine, path, raw, headers, rid, started, "hybrid"
-            )
+        pd.engines = engine.id
+        if pd.stream:
+            resp, _ok = await self._stream_through(pd, engine, pd.raw, "hybrid")
             return resp
-        return await self._unary_through(engine, path, raw, headers, rid, started, "hybrid")
+        return await self._unary_through(pd, engine, pd.raw, "hybrid")
 
     # ------------------------------------------------------------------ PD
-    async def _pd(
-        self,
-        request: web.Request,
-        kind: str,
-        prefill: EngineRecord,
-        path: str,
-        raw: bytes,
-        body: dict,
-        model: str,
-        stream: bool,
-        headers: bytes,
-        rid: str,
-        routing: Routing,
-        ctx: PickContext,
-        started: float,
-    ) -> web.StreamResponse:
+    async def _pd(self, pd: PDRequest, prefill: EngineRecord) -> web.StreamResponse:
         self.metrics.picks.inc(("prefill", prefill.id))
-        request["engines"] = prefill.id
-        answer = await self._prefill(prefill, path, body, kind, headers)
-        session_id, token_id, block_ids = self._prefill_outputs(prefill, answer, headers)
-        staging = _kv_staging(answer)
+        pd.engines = prefill.id
+        answer = await self._prefill(pd, prefill)
+        pd.session_id, pd.token_id, pd.block_ids = self._prefill_outputs(prefill, answer, pd.headers)
+        pd.prefill = prefill
+        pd.staging = _kv_staging(answer)
         freed = False
 
         def free() -> None:
             nonlocal freed
             if not freed:
                 freed = True
-                self._spawn(self._free_cache(prefill, session_id, headers))
+                self._spawn(self._free_cache(prefill, pd.session_id, pd.headers))
 
         try:
-            resp, ok = await self._decode(
-                request,
-                prefill,
-                path,
-                raw,
-                model,
-                stream,
-                headers,
-                rid,
-                routing,
-                ctx,
-                session_id,
-                token_id,
-                block_ids,
-                started,
-                staging=staging,
-            )
+            resp, ok = await self._decode(pd, prefill)
         except BaseException:
             # decode error before output, timeout, client disconnect (CancelledError): P keeps the blocks
             # (unless the client got the whole answer: the decode has taken them)
-            if not request.get("answered"):
+            if not pd.answered:
                 free()
             raise
         if not ok:
@@ -366,7 +421,8 @@ class Orchestrator:
             if span is not None:
                 _end_call_span(span, engine, resp.status if resp is not None else None)
 
-    async def _prefill(self, prefill: EngineRecord, path: str, body: dict, kind: str, headers: bytes) -> dict:
+    async def _prefill(self, pd: PDRequest, prefill: EngineRecord) -> dict:
+        kind, body = pd.kind, pd.body
         pre = dict(body)
         pre["max_tokens"] = 1
         if kind == CHAT or "max_completion_tokens" in pre:
@@ -384,7 +440,7 @@ class Orchestrator:
         self.load.begin(prefill.id)
         try:
             status, raw = await self._call(
-                prefill, "prefill", path, orjson.dumps(pre), headers, self.s.prefill_timeout
+                prefill, "prefill", pd.path, orjson.dumps(pre), pd.headers, self.s.prefill_timeout
             )
         except UpstreamError as err:
             if err.retryable:
@@ -437,77 +493,48 @@ class Orchestrator:
             raise err.to_api_error("prefill")
         return session_id, tokens[0], blocks
 
-    async def _decode(
-        self,
-        request: web.Request,
-        prefill: EngineRecord,
-        path: str,
-        raw: bytes,
-        model: str,
-        stream: bool,
-        headers: bytes,
-        rid: str,
-        routing: Routing,
-        ctx: PickContext,
-        session_id: int,
-        token_id: int,
-        block_ids: list[int],
-        started: float,
-        staging: dict | None = None,
-    ) -> tuple[web.StreamResponse, bool]:
-        tried: set[str] = set()
-        last: UpstreamError | None = None
-        for attempt in range(max(1, self.s.max_decode_attempts)):
-            decodes = self.view.decodes_for_inflight(prefill, model)
-            candidates = [d for d in decodes if d not in tried]
-            if not candidates and not tried:
-                # The prefill's KV is waiting: give its links a moment to come back (a lease replaced).
-                if await self._wait_for_route("decode", lambda: self.view.decodes_for_inflight(prefill, model)):
-                    candidates = self.view.decodes_for_inflight(prefill, model)
-            if not candidates:
-                break
-            if attempt:
-                self.metrics.retries.inc(("decode",))
-                await asyncio.sleep(random.uniform(0, 0.005 * attempt))
-            decode_id = routing.decode.pick(candidates, ctx)
-            tried.add(decode_id)
+    async def _decode(self, pd: PDRequest, prefill: EngineRecord) -> tuple[web.StreamResponse, bool]:
+        model = pd.model
+
+        def decodes() -> list[str]:
+            return self.view.decodes_for_inflight(prefill, model)
+
+        async def links_back() -> bool:
+            # The prefill's KV is waiting: give its links a moment to come back (a lease replaced).
+            return await self._wait_for_route("decode", decodes)
+
+        async def attempt(decode_id: str) -> tuple[web.StreamResponse, bool]:
             decode = self.view.engines.get(decode_id)
             link = self.view.links.get((prefill.id, decode_id))
             if decode is None or link is None:
-                continue
+                raise _Vanished(decode_id)
             self.metrics.picks.inc(("decode", decode_id))
-            request["engines"] = f"{prefill.id}>{decode_id}"
+            pd.engines = f"{prefill.id}>{decode_id}"
             fields = {
                 "protocol": int(PROTOCOL_BY_NAME[link.protocol]),
                 "remote_engine_id": prefill.handshake_id,
-                "remote_session_id": session_id,
-                "remote_token_id": token_id,
-                "remote_block_ids": block_ids,
+                "remote_session_id": pd.session_id,
+                "remote_token_id": pd.token_id,
+                "remote_block_ids": pd.block_ids,
                 "is_dummy_prefill": False,
             }
-            if staging is not None:
-                fields["remote_kv_staging"] = staging
-            migration = orjson.dumps(fields)
-            data = splice_field(raw, b"migration_request", migration)
-            try:
-                if stream:
-                    return await self._stream_through(
-                        request, decode, path, data, headers, rid, started, "decode"
-                    )
-                return await self._unary_through(decode, path, data, headers, rid, started, "decode"), True
-            except RetryElsewhere as exc:
-                last = exc.error
-                if tracing.ENABLED:
-                    _retry_event(exc, decode_id)
-                log.info(
-                    "request %s: decode on %s failed before its first byte (%s)",
-                    rid,
-                    decode_id,
-                    exc.error.message,
-                )
-        if last is not None:
-            raise last.to_api_error("decode")
-        raise ApiError(503, f"no decode engine linked to prefill {prefill.id} is routable", "no_route")
+            if pd.staging is not None:
+                fields["remote_kv_staging"] = pd.staging
+            data = splice_field(pd.raw, b"migration_request", orjson.dumps(fields))
+            if pd.stream:
+                return await self._stream_through(pd, decode, data, "decode")
+            return await self._unary_through(pd, decode, data, "decode"), True
+
+        return await self._on_engines(
+            pd,
+            self.s.max_decode_attempts,
+            decodes,
+            pd.routing.decode,
+            attempt,
+            "request %s: %s on %s failed before its first byte (%s)",
+            lambda: ApiError(503, f"no decode engine linked to prefill {prefill.id} is routable", "no_route"),
+            wait_first=links_back,
+        )
 
     async def _free_cache(self, prefill: EngineRecord, session_id: int, headers: bytes) -> None:
         body = orjson.dumps({"remote_engine_id": prefill.handshake_id, "remote_session_id": session_id})
@@ -524,8 +551,7 @@ class Orchestrator:
     async def _free_cache_attempts(
         self, prefill: EngineRecord, session_id: int, headers: bytes, body: bytes, span
     ) -> None:
-        result = "error"
-        for attempt in range(2):
+        async def attempt(_n: int) -> None:
             resp: Response | None = None
             try:
                 async with _timeout(self.s.free_cache_timeout):
@@ -534,36 +560,44 @@ class Orchestrator:
                     )
                     await resp.read()
                 if resp.status == 200:
-                    self.metrics.free_cache.inc(("ok",))
                     return
                 result = f"http_{resp.status}"
             except asyncio.CancelledError:
-                self.metrics.free_cache.inc(("cancelled",))
                 raise
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - every transport failure is classified
                 result = classify_exception(exc).kind
             finally:
                 if resp is not None:
                     resp.close()
             if span is not None:
                 span.add_event("attempt_failed", {"distserve.engine.id": prefill.id, "error.type": result})
-            if attempt == 0:
-                await asyncio.sleep(random.uniform(0.05, 0.15))
-        if span is not None:
-            tracing.fail(span, f"free_cache failed ({result})", **{"distserve.engine.id": prefill.id})
-        self.metrics.free_cache.inc((result,))
-        log.warning("free_cache on %s for session %s failed (%s)", prefill.id, session_id, result)
+            raise _FreeCacheFailed(result)
+
+        base, cap, jitter = FREE_CACHE_BACKOFF
+        try:
+            await retry(attempt, attempts=FREE_CACHE_ATTEMPTS, backoff=Backoff(base, cap, jitter=jitter),
+                        retry_if=lambda exc: isinstance(exc, _FreeCacheFailed))
+        except asyncio.CancelledError:
+            self.metrics.free_cache.inc(("cancelled",))
+            raise
+        except _FreeCacheFailed as exc:
+            if span is not None:
+                tracing.fail(span, f"free_cache failed ({exc.result})", **{"distserve.engine.id": prefill.id})
+            self.metrics.free_cache.inc((exc.result,))
+            log.warning("free_cache on %s for session %s failed (%s)", prefill.id, session_id, exc.result)
+            return
+        self.metrics.free_cache.inc(("ok",))
 
     @staticmethod
-    def _answered(request: web.Request, tail: bytes) -> bool:
+    def _answered(pd: PDRequest, tail: bytes) -> bool:
         """Whether the client has been sent the stream's final [DONE] event (`tail`: its last bytes).
 
         It may close at once (the openai SDK does): the relay finishes without waiting for the engine's
         end of stream, which that close would cancel (a completed request miscounted as a disconnect,
-        and a redundant free_cache); `request["answered"]` tells the handler and _pd so.
+        and a redundant free_cache); `pd.answered` tells the handler and _pd so.
         """
         if tail.rstrip().endswith(b"data: " + DONE_MARK):
-            request["answered"] = True
+            pd.answered = True
             return True
         return False
 
@@ -578,21 +612,12 @@ class Orchestrator:
             upstream.close()
 
     # ------------------------------------------------------------------ pass-through
-    async def _unary_through(
-        self,
-        engine: EngineRecord,
-        path: str,
-        data: bytes,
-        headers: bytes,
-        rid: str,
-        started: float,
-        phase: str,
-    ) -> web.Response:
-        remaining = self.s.request_timeout - (time.perf_counter() - started)
+    async def _unary_through(self, pd: PDRequest, engine: EngineRecord, data: bytes, phase: str) -> web.Response:
+        remaining = self.s.request_timeout - (time.perf_counter() - pd.started)
         t0 = time.perf_counter()
         self.load.begin(engine.id)
         try:
-            status, raw = await self._call(engine, phase, path, data, headers, max(0.001, remaining))
+            status, raw = await self._call(engine, phase, pd.path, data, pd.headers, max(0.001, remaining))
         except UpstreamError as err:
             if err.retryable:
                 raise RetryElsewhere(err, phase) from None
@@ -609,21 +634,14 @@ class Orchestrator:
         # non-streamed: the decode phase's first byte is its whole answer (migration + decode)
         self.metrics.phase.observe(elapsed, (phase,))
         return web.Response(
-            body=raw, status=200, content_type="application/json", headers={"X-Request-Id": rid}
+            body=raw, status=200, content_type="application/json", headers={"X-Request-Id": pd.rid}
         )
 
     async def _stream_through(
-        self,
-        request: web.Request,
-        engine: EngineRecord,
-        path: str,
-        data: bytes,
-        headers: bytes,
-        rid: str,
-        started: float,
-        phase: str,
+        self, pd: PDRequest, engine: EngineRecord, data: bytes, phase: str
     ) -> tuple[web.StreamResponse, bool]:
         """Relay an SSE stream byte for byte. Returns (response, ended_well)."""
+        path, headers = pd.path, pd.headers
         t0 = time.perf_counter()
         span = failure = None
         if tracing.ENABLED:
@@ -663,15 +681,16 @@ class Orchestrator:
             first_at = time.perf_counter()
             if phase == "decode":
                 self.metrics.phase.observe(first_at - t0, ("migration",))
-            out = web.StreamResponse(status=200, headers={**SSE_HEADERS, "X-Request-Id": rid})
-            await out.prepare(request)
-            request["stream"] = "started"  # how it ends is recorded below, or by the handler on an exception
+            out = web.StreamResponse(status=200, headers={**SSE_HEADERS, "X-Request-Id": pd.rid})
+            await out.prepare(pd.request)
+            pd.outcome = "started"  # how it ends is recorded below, or by the handler on an exception
             await out.write(first)
-            self.metrics.ttft.observe(time.perf_counter() - started, (path,))
+            pd.first_at = time.perf_counter()
+            self.metrics.ttft.observe(pd.first_at - pd.started, (path,))
             tail = first[-16:]
             failure: UpstreamError | None = None
             idle = self.s.decode_idle_timeout
-            while not self._answered(request, tail):
+            while not self._answered(pd, tail):
                 try:
                     chunk = await upstream.readany(idle)
                 except (UpstreamError, asyncio.TimeoutError, OSError) as exc:
@@ -685,14 +704,14 @@ class Orchestrator:
                 failure = UpstreamError("disconnect", "the engine ended the stream without [DONE]")
             if failure is not None:
                 self._failed(engine, phase, failure)
-                request["stream"] = "upstream_timeout" if failure.kind == "timeout" else "upstream_error"
+                pd.outcome = "upstream_timeout" if failure.kind == "timeout" else "upstream_error"
                 await out.write(
                     ApiError(
                         502, f"{phase} failed mid-stream: {failure.message}", f"{phase}_failed"
                     ).sse_event()
                 )
             else:
-                request["stream"] = "completed"
+                pd.outcome = "completed"
                 self.metrics.phase.observe(
                     time.perf_counter() - (first_at if phase == "decode" else t0), (phase,)
                 )
@@ -740,6 +759,12 @@ def _end_call_span(span, engine: EngineRecord, status: int | None) -> None:
         error = getattr(err, "message", None) or str(exc) or kind
         tracing.fail(span, error, **{"distserve.engine.id": engine.id, "error.type": kind})
     tracing.end(span, status, error)
+
+
+class _FreeCacheFailed(Exception):
+    def __init__(self, result: str) -> None:
+        super().__init__(result)
+        self.result = result  # the free_cache metric's label: http_<status> or a transport failure kind
 
 
 def _retry_event(exc: RetryElsewhere, engine_id: str) -> None:

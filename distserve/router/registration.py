@@ -9,8 +9,9 @@ import os
 import socket
 from collections.abc import Callable
 
-from distserve.keys import Keys
-from distserve.records import RouterRecord, now
+from discovery.lease import LeaseSession
+from distserve.cluster.keys import Keys
+from distserve.cluster.records import RouterRecord, now
 
 log = logging.getLogger("distserve.router.registration")
 
@@ -40,8 +41,6 @@ class Registration:
         self._last: tuple | None = None
 
     async def start(self) -> None:
-        from discovery.lease import LeaseSession
-
         self._session = LeaseSession(
             self._client, ttl=max(1, int(round(self._ttl))), name=f"router-{self._record.id}"
         )

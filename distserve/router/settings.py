@@ -1,4 +1,6 @@
-"""Router settings: everything `distserve router` can be told, with safe defaults.
+"""Router settings: everything `distserve router` can be told, with safe defaults, bounded by one schema.
+
+Every environment variable the router reads is read here (docs/configuration.md documents each once).
 
 Timeouts are per phase (seconds): a prefill that takes longer than `prefill_timeout` is abandoned (504),
 a decode must send its first byte within `decode_first_byte_timeout` and then never stay silent longer
@@ -9,13 +11,40 @@ body (from the end of its headers): 408 and the connection closed otherwise.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 
-from distserve.keys import DEFAULT_CLUSTER
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from distserve.cluster.keys import DEFAULT_CLUSTER
+from distserve.cluster.settings import ENV_CLUSTER, ENV_CLUSTER_TOKEN, cluster_name, cluster_token, env_value
+
+__all__ = ["ENV_CLUSTER", "ENV_CLUSTER_TOKEN", "ENV_API_KEYS", "ENV_LOG_LEVEL", "RouterSettings"]
+
+ENV_API_KEYS = "DISTSERVE_API_KEYS"
+ENV_LOG_LEVEL = "DISTSERVE_LOG_LEVEL"
+
+# Bounds of the client read timeouts (seconds): above these a slow client holds a connection for minutes.
+HEADER_READ_TIMEOUT_MAX = 300.0
+BODY_READ_TIMEOUT_MAX = 3600.0
+ROUTE_WAIT_MAX = 600.0
+MAX_IN_FLIGHT_MAX = 1_000_000
+
+# settings that must be > 0 (their option names are the field names with dashes)
+_POSITIVE = (
+    "connect_timeout",
+    "prefill_timeout",
+    "decode_first_byte_timeout",
+    "decode_idle_timeout",
+    "request_timeout",
+    "free_cache_timeout",
+    "lease_ttl",
+    "breaker_probe_interval",
+)
 
 
-@dataclass
-class RouterSettings:
+class RouterSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     host: str = "127.0.0.1"
     port: int = 8000
     cluster: str = DEFAULT_CLUSTER
@@ -24,9 +53,9 @@ class RouterSettings:
     # Routing used until etcd's config/routing says otherwise.
     strategy: str = "min_expected_latency"
     # Client auth (Bearer); empty = open. Secrets: never logged, never written to etcd.
-    api_keys: list[str] = field(default_factory=list)
+    api_keys: list[str] = Field(default_factory=list, repr=False)
     # Sent as `Authorization: Bearer <token>` on every engine call.
-    cluster_token: str | None = None
+    cluster_token: str | None = Field(default=None, repr=False)
     # Client bodies above this many bytes get 413.
     max_body_bytes: int = 8 << 20
     # Requests in flight on this replica above which new ones get 429 (0 = unbounded).
@@ -59,7 +88,62 @@ class RouterSettings:
     # Connection set-ups in progress per engine (a cold burst must not overflow an engine's listen backlog).
     connects_per_engine: int = 32
 
+    @model_validator(mode="after")
+    def _bounds(self) -> RouterSettings:
+        # one message per bound, naming the CLI option (the CLI prints it as its one error line)
+        for name in _POSITIVE:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+        if self.max_prefill_attempts < 1 or self.max_decode_attempts < 1:
+            raise ValueError("--max-prefill-attempts and --max-decode-attempts must be >= 1")
+        if not 0 < self.header_read_timeout <= HEADER_READ_TIMEOUT_MAX:
+            raise ValueError(f"--header-read-timeout must be in (0, {HEADER_READ_TIMEOUT_MAX:g}] seconds")
+        if not 0 < self.body_read_timeout <= BODY_READ_TIMEOUT_MAX:
+            raise ValueError(f"--body-read-timeout must be in (0, {BODY_READ_TIMEOUT_MAX:g}] seconds")
+        if not 0 <= self.route_wait <= ROUTE_WAIT_MAX:
+            raise ValueError(f"--route-wait must be in 0-{ROUTE_WAIT_MAX:g} seconds")
+        if self.max_body_bytes < 1024:
+            raise ValueError("--max-body-bytes must be >= 1024")
+        if not 0 <= self.max_in_flight <= MAX_IN_FLIGHT_MAX:
+            raise ValueError(f"--max-in-flight must be in 0-{MAX_IN_FLIGHT_MAX} (0 = unbounded)")
+        if not 0 <= self.port < 65536:
+            raise ValueError("--port must be in 0-65535")
+        return self
 
-# Bounds of the client read timeouts (seconds): above these a slow client holds a connection for minutes.
-HEADER_READ_TIMEOUT_MAX = 300.0
-BODY_READ_TIMEOUT_MAX = 3600.0
+    @classmethod
+    def checked(cls, **values) -> RouterSettings:
+        """Build settings; a value out of bounds raises ValueError with one line naming its option."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ValueError(_first_message(exc)) from None
+
+
+def _first_message(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    if err["type"] == "value_error":  # ours: the message as written above
+        return str(err["ctx"]["error"])
+    field = ".".join(str(p) for p in err["loc"])
+    return f"--{field.replace('_', '-')}: {err['msg']}"
+
+
+# ---------------------------------------------------------------------------------------------- environment
+# DISTSERVE_CLUSTER and DISTSERVE_CLUSTER_TOKEN are defined once in distserve.cluster.settings.
+def env_cluster(env: Mapping[str, str] | None = None) -> str:
+    """The default of --cluster: DISTSERVE_CLUSTER, else "default"."""
+    return cluster_name(None, env)
+
+
+def env_cluster_token(env: Mapping[str, str] | None = None) -> str | None:
+    """The default of --cluster-token: DISTSERVE_CLUSTER_TOKEN."""
+    return cluster_token(None, env)
+
+
+def env_api_keys(env: Mapping[str, str] | None = None) -> list[str]:
+    """DISTSERVE_API_KEYS: the default of --api-keys, comma-separated."""
+    return [k.strip() for k in (env_value(ENV_API_KEYS, env) or "").split(",") if k.strip()]
+
+
+def env_log_level(env: Mapping[str, str] | None = None) -> str:
+    """DISTSERVE_LOG_LEVEL: the default of --log-level."""
+    return env_value(ENV_LOG_LEVEL, env) or "INFO"

@@ -14,7 +14,7 @@ non-drained, non-cordoned engines serving the model whose circuit breakers are c
   prefix to the same engine (no shared tree), and an engine above load_factor x the average load is
   passed over for the next one on the ring.
 
-A strategy gets its params (distserve.records.STRATEGY_PARAMS[name], typed and bounded) when it is made;
+A strategy gets its params (distserve.cluster.records.STRATEGY_PARAMS[name], typed and bounded) when it is made;
 constructing one from a valid config never raises, and no value of a valid config can make a pick fail.
 """
 
@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from distserve.records import STRATEGY_PARAMS, NoParams, PrefixAffinityParams, StrategyParams
+from distserve.cluster.records import STRATEGY_PARAMS, NoParams, PrefixAffinityParams, StrategyParams
 from distserve.router.load import LoadTracker
 
 # The prefix_affinity ring holds at most this many points (~40 ms to build on a busy core): above it every

@@ -1,13 +1,14 @@
-"""The router's whole view of the cluster, built from etcd by list-and-watch (no other state).
+"""The router's routing table, built from a cluster cache (distserve.cluster.cache: list-and-watch, no other
+state).
 
-Five informers (engines, links, load, operator flags, routing config) keep local copies of the records;
-the routing table (distserve.topology plus per-model indexes) is recomputed lazily, at most once per
-change, on the first request that needs it. Load records only feed the load tracker and never invalidate
-the table. Local circuit breakers count as exclusions in the topology.
+The cache keeps typed maps of engines, links, load, operator flags and the routing config; this module
+subscribes to their changes and keeps the routing table (distserve.cluster.topology plus per-model indexes),
+recomputed lazily, at most once per change, on the first request that needs it. Load records only feed
+the load tracker and never invalidate the table. Local circuit breakers count as exclusions in the topology.
 
-The routing config is the one record whose bad value is not dropped from the view: a value that fails the
-schema (written with etcdctl, say) is passed on with its error, so the router keeps its last good config
-instead of falling back to the defaults, and says so (see Router._on_config).
+The routing config is the one record whose bad value does not send the router back to its defaults: a
+value that fails the schema (written with etcdctl, say) reaches the router with its error, so it keeps its
+last good config and says so (see Router._on_config).
 """
 
 from __future__ import annotations
@@ -18,29 +19,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from discovery.record import MalformedRecord
-from distserve.keys import ENGINES, LINKS, Keys
-from distserve.records import EngineRecord, LinkRecord, LoadRecord, OperatorFlags, RoutingConfig
+from distserve.cluster.cache import Change, ClusterCache
+from distserve.cluster.keys import CONFIG, ENGINES, LINKS, LOAD, ROUTING_CONFIG_NAME, STATE, Keys
+from distserve.cluster.records import EngineRecord, LinkRecord, LoadRecord, OperatorFlags, RoutingConfig
+from distserve.cluster.topology import Topology, compute_topology, inflight_decodes, same_engine_process
 from distserve.router.breaker import CircuitBreakers
 from distserve.router.load import LoadTracker
 from distserve.router.metrics import RouterMetrics
-from distserve.topology import (
-    Topology,
-    compute_topology,
-    link_usable,
-    same_engine_process,
-    takes_new_requests,
-)
 
 log = logging.getLogger("distserve.router.view")
-
-
-@dataclass(frozen=True)
-class ConfigValue:
-    """What config/routing holds: a config that passed the schema, or the reason it did not."""
-
-    config: RoutingConfig | None
-    error: str | None = None
 
 
 @dataclass
@@ -74,6 +61,8 @@ class RoutingTable:
 
 
 class ClusterView:
+    """The routing table over a ClusterCache of engines, links, load, operator flags and config/routing."""
+
     def __init__(
         self,
         client,
@@ -83,106 +72,66 @@ class ClusterView:
         metrics: RouterMetrics,
         on_config: Callable[[RoutingConfig | None, str | None, int], None],
     ) -> None:
-        self._client = client
         self.keys = keys
         self.breakers = breakers
         self.load = load
         self.metrics = metrics
         self._on_config = on_config
-        self.engines: dict[str, EngineRecord] = {}
-        self.links: dict[tuple[str, str], LinkRecord] = {}
-        self.flags: dict[str, OperatorFlags] = {}
-        self.loads: dict[str, LoadRecord] = {}
+        self.cache = ClusterCache(client, keys, (ENGINES, LINKS, LOAD, STATE, CONFIG), name="router")
         self.routing_config: RoutingConfig | None = None  # the last value that passed the schema
-        self._config_informer = None
         self._table: RoutingTable | None = None
-        self._informers: list = []
-        self.synced = asyncio.Event()
+        self.synced = self.cache.synced
         self.last_event_at = 0.0
         self._changed: asyncio.Future | None = None  # resolved by the next invalidate() (wait_changed)
+        self.cache.on_engines(self._on_engine)
+        self.cache.on_links(self._on_table_input)
+        self.cache.on_flags(self._on_table_input)
+        self.cache.on_load(self._on_load)
+        self.cache.on_config(self._on_config_change)
+        self.cache.on_synced(self._on_synced)
         metrics.pool_running.callback = lambda: self._pool_sum(lambda r: r.running)
         metrics.pool_waiting.callback = lambda: self._pool_sum(lambda r: r.waiting)
         metrics.pool_prefill_tokens.callback = lambda: self._pool_sum(lambda r: r.prefill_tokens_pending)
         metrics.pool_kv_usage.callback = self._pool_kv_usage
 
+    # the cache's typed maps (live; read only)
+    @property
+    def engines(self) -> dict[str, EngineRecord]:
+        return self.cache.engines
+
+    @property
+    def links(self) -> dict[tuple[str, str], LinkRecord]:
+        return self.cache.links
+
+    @property
+    def flags(self) -> dict[str, OperatorFlags]:
+        return self.cache.flags
+
+    @property
+    def loads(self) -> dict[str, LoadRecord]:
+        return self.cache.loads
+
     # ---------------------------------------------------------------- lifecycle
     async def start(self) -> None:
-        from discovery.informer import Informer
-
-        k = self.keys
-        specs = [
-            (k.prefix(ENGINES), self._decode_engine, self._on_engine),
-            (k.prefix(LINKS), self._decode_link, self._on_link),
-            (k.prefix("load"), self._decode_load, self._on_load),
-            (k.prefix("state"), self._decode_flags, self._on_flags),
-            (k.config(), self._decode_config, self._on_config_event),
-        ]
-        for prefix, decode, listener in specs:
-            inf = Informer(self._client, prefix, decode=decode)
-            inf.add_listener(listener)
-            self._informers.append(inf)
-            if decode == self._decode_config:
-                self._config_informer = inf
-        for inf in self._informers:
-            await inf.start()
+        await self.cache.start()
 
     async def wait_synced(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(
-                asyncio.gather(*(inf.wait_synced(timeout) for inf in self._informers)), timeout
-            )
-        except asyncio.TimeoutError:
-            return False
-        if not all(inf.synced.is_set() for inf in self._informers):
-            return False
-        self.synced.set()
-        self.metrics.view_synced.set(1)
-        self.invalidate()
-        return True
+        return await self.cache.wait_synced(timeout)
 
     async def stop(self) -> None:
-        for inf in self._informers:
-            try:
-                await inf.stop()
-            except Exception:  # noqa: BLE001 - shutting down: keep stopping the others
-                log.debug("informer stop failed", exc_info=True)
+        await self.cache.close()
 
     @property
     def revision(self) -> int:
-        return max((inf.revision or 0 for inf in self._informers), default=0)
+        return self.cache.revision
 
     @property
     def malformed(self) -> int:
-        return sum(inf.malformed_count for inf in self._informers)
+        return self.cache.malformed
 
-    # ---------------------------------------------------------------- decoding (bad values are skipped)
-    def _decode_engine(self, key: str, raw: bytes) -> EngineRecord:
-        parsed = self.keys.parse(key)
-        record = EngineRecord.decode(raw)
-        if parsed is None or parsed.ids[0] != record.id:
-            raise MalformedRecord(f"engine record id {record.id!r} does not match its key {key}")
-        return record
-
-    def _decode_link(self, key: str, raw: bytes) -> LinkRecord:
-        parsed = self.keys.parse(key)
-        record = LinkRecord.decode(raw)
-        if parsed is None or parsed.ids != (record.prefill_id, record.decode_id):
-            raise MalformedRecord(f"link record does not match its key {key}")
-        return record
-
-    def _decode_load(self, key: str, raw: bytes) -> LoadRecord:
-        return LoadRecord.decode(raw)
-
-    def _decode_flags(self, key: str, raw: bytes) -> OperatorFlags:
-        return OperatorFlags.decode(raw)
-
-    def _decode_config(self, key: str, raw: bytes) -> ConfigValue:
-        if key != self.keys.config():
-            raise MalformedRecord(f"not the routing config: {key}")
-        try:
-            return ConfigValue(RoutingConfig.decode(raw))
-        except MalformedRecord as exc:  # kept in the view with its error: the last good config stays
-            return ConfigValue(None, str(exc).removeprefix("RoutingConfig: "))
+    def _on_synced(self) -> None:
+        self.metrics.view_synced.set(1)
+        self.invalidate()
 
     # ---------------------------------------------------------------- events
     def _seen(self, updated_at: float | None = None) -> None:
@@ -191,22 +140,15 @@ class ClusterView:
         if updated_at:
             self.metrics.view_lag.set(max(0.0, now - updated_at))
 
-    def _id(self, key: str) -> tuple[str, ...] | None:
-        parsed = self.keys.parse(key)
-        return parsed.ids if parsed else None
-
-    def _on_engine(self, kind: str, key: str, old, new) -> None:
-        ids = self._id(key)
-        if not ids:
+    def _on_engine(self, change: Change[EngineRecord]) -> None:
+        if change.old is None and change.new is None:  # a malformed value came or went: nothing was routable
             return
-        engine_id = ids[0]
-        if self.synced.is_set():  # lifecycle counters (flapping, lease-loss alerts); not the initial list
-            self._count_change(engine_id, old, new if kind == "put" else None)
-        if kind == "put" and new is not None:
-            self.engines[engine_id] = new
-            self.breakers.on_engine(engine_id, new.incarnation)
+        engine_id = change.ids[0]
+        if change.synced:  # lifecycle counters (flapping, lease-loss alerts); not the initial list
+            self._count_change(engine_id, change.old, change.new)
+        if change.new is not None:
+            self.breakers.on_engine(engine_id, change.new.incarnation)
         else:
-            self.engines.pop(engine_id, None)
             self.breakers.on_engine(engine_id, None)
             self.load.forget(engine_id)
         self._seen()  # engine records carry no write time (registered_at is the first registration)
@@ -223,55 +165,31 @@ class ClusterView:
             return
         self.metrics.engine_changes.inc((engine_id, change))
 
-    def _on_link(self, kind: str, key: str, old, new) -> None:
-        ids = self._id(key)
-        if not ids:
+    def _on_table_input(self, change: Change[LinkRecord] | Change[OperatorFlags]) -> None:
+        if change.old is None and change.new is None:
             return
-        if kind == "put" and new is not None:
-            self.links[(ids[0], ids[1])] = new
-        else:
-            self.links.pop((ids[0], ids[1]), None)
-        self._seen(getattr(new, "updated_at", None))
+        self._seen(getattr(change.new, "updated_at", None))
         self.invalidate()
 
-    def _on_load(self, kind: str, key: str, old, new) -> None:
-        ids = self._id(key)
-        if not ids:
+    def _on_load(self, change: Change[LoadRecord]) -> None:
+        if change.old is None and change.new is None:
             return
-        if kind == "put" and new is not None:
-            self.loads[ids[0]] = new
-            self.load.on_load(ids[0], new)
-        else:
-            self.loads.pop(ids[0], None)
-            self.load.on_load(ids[0], None)
-        self._seen(getattr(new, "updated_at", None))
+        self.load.on_load(change.ids[0], change.new)
+        self._seen(getattr(change.new, "updated_at", None))
 
-    def _on_flags(self, kind: str, key: str, old, new) -> None:
-        ids = self._id(key)
-        if not ids:
+    def _on_config_change(self, change: Change[RoutingConfig]) -> None:
+        if change.ids != (ROUTING_CONFIG_NAME,):  # another config/ key: not this router's business
             return
-        if kind == "put" and new is not None:
-            self.flags[ids[0]] = new
-        else:
-            self.flags.pop(ids[0], None)
-        self._seen(getattr(new, "updated_at", None))
-        self.invalidate()
-
-    def _on_config_event(self, kind: str, key: str, old, new: ConfigValue | None) -> None:
-        # one key under this informer: its revision is the event's mod revision
-        revision = self._config_informer.revision if self._config_informer is not None else 0
-        if kind != "put" or new is None:  # deleted: back to the defaults, as documented
+        self._seen(change.new.updated_at if change.new is not None else None)
+        if change.type == "malformed":  # kept out of the cache; the router keeps its last good config
+            self._on_config(None, (change.error or "invalid routing config").removeprefix("RoutingConfig: "),
+                            change.revision)
+        elif change.new is None:  # deleted: back to the defaults, as documented
             self.routing_config = None
-            self._seen()
             self._on_config(None, None, 0)
-            return
-        if new.config is None:
-            self._seen()
-            self._on_config(None, new.error or "invalid routing config", revision)
-            return
-        self.routing_config = new.config
-        self._seen(new.config.updated_at)
-        self._on_config(new.config, None, revision)
+        else:
+            self.routing_config = change.new
+            self._on_config(change.new, None, change.revision)
 
     # ---------------------------------------------------------------- scaling signals (read at scrape time)
     def _pool_loads(self):
@@ -322,34 +240,15 @@ class ClusterView:
         return table
 
     def decodes_for_inflight(self, prefill: EngineRecord, model: str) -> list[str]:
-        """Decodes an in-flight request may finish on after its prefill on `prefill` succeeded.
-
-        The prefill's own state no longer matters (it may have been cordoned, drained or marked unhealthy
-        meanwhile: its preserved KV is still there); only its record must exist and name the same engine
-        process (a new lease is fine: the KV lives in the process). Each decode must take new requests,
-        serve the model, have a usable link to that prefill, and not be excluded by a local circuit breaker.
-        """
+        """Decodes an in-flight request may finish on after its prefill on `prefill` succeeded
+        (distserve.cluster.topology.inflight_decodes, local circuit breakers excluded)."""
         current = self.engines.get(prefill.id)
         if current is None or not same_engine_process(current, prefill.instance, prefill.incarnation):
             return []
         routable = self.table().decodes.get((prefill.id, model))
         if routable is not None:  # the prefill is still routable: the precomputed answer is the same
             return routable
-        excluded = self.breakers.open_ids
-        found = []
-        for (prefill_id, decode_id), link in self.links.items():
-            if prefill_id != prefill.id or decode_id in excluded:
-                continue
-            decode = self.engines.get(decode_id)
-            if (
-                decode is not None
-                and decode.role == "decode"
-                and model in decode.models
-                and takes_new_requests(decode, self.flags.get(decode_id))
-                and link_usable(link, self.engines)
-            ):
-                found.append(decode_id)
-        return sorted(found)
+        return inflight_decodes(prefill, model, self.engines, self.links, self.flags, self.breakers.open_ids)
 
     def _build(self) -> RoutingTable:
         engines = self.engines

@@ -2,7 +2,7 @@
 
 A `Fleet` starts engines (`distserve engine --null`) and their sidecar agents (`distserve agent`), or engines
 with their agent in-process (`distserve engine --null --count N --etcd ...`), and reads etcd the way a
-router does (one list, then distserve.topology).
+router does (one list, then distserve.cluster.topology).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from discovery.client import EtcdClient
 from discovery.config import EtcdConfig
 from distserve.agent.engine_client import Metrics
-from distserve.keys import ENGINES, LINKS, LOAD, STATE, Keys
-from distserve.records import EngineRecord, LinkRecord, LoadRecord, OperatorFlags
-from distserve.topology import Topology, compute_topology
-from tests.util import Proc, free_port, wait_http
+from distserve.cluster.keys import ENGINES, LINKS, LOAD, STATE, Keys
+from distserve.cluster.records import EngineRecord, LinkRecord, LoadRecord, OperatorFlags
+from distserve.cluster.topology import Topology, compute_topology
+from tests.util import Proc, free_port, free_port_range, wait_http
 
 MODEL = "distserve-reference"
 
@@ -176,7 +176,7 @@ class Fleet:
 
     def start_in_process(self, role: str, count: int, *extra: str) -> list[Node]:
         """`distserve engine --null --count N --etcd ...`: N engines and their agents in one process."""
-        base = consecutive_free_ports(count)
+        base = free_port_range(count)
         nodes = [Node(role, base + i) for i in range(count)]
         proc = Proc.python(["distserve", "engine", "--role", role, "--null", "--count", str(count),
                             "--host", "127.0.0.1", "--port", str(base), "--etcd", ",".join(self.endpoints),
@@ -207,26 +207,6 @@ class Fleet:
     def stop(self) -> None:
         for proc in self.procs:
             proc.stop(timeout=5)
-
-
-def consecutive_free_ports(count: int) -> int:
-    """The first of `count` consecutive free loopback ports."""
-    while True:
-        base = free_port()
-        if all(_port_free(base + i) for i in range(count)):
-            return base
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the engine binds (TIME_WAIT is fine)
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
 
 
 async def wait_full(client: EtcdClient, fleet: Fleet, timeout: float) -> View:

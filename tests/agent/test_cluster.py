@@ -13,9 +13,9 @@ import pytest
 
 from discovery.client import EtcdClient
 from discovery.embedded import EmbeddedEtcd
-from distserve.keys import Keys
+from distserve.cluster.keys import Keys
 from discovery.watch import watch_prefix
-from distserve.records import EngineRecord, OperatorFlags
+from distserve.cluster.records import EngineRecord, OperatorFlags
 from tests.agent.conftest import (
     Fleet,
     View,

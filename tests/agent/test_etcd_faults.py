@@ -14,7 +14,7 @@ import pytest
 from discovery.client import EtcdClient
 from discovery.config import EtcdConfig
 from discovery.watch import watch_prefix
-from distserve.keys import ENGINES, LINKS, Keys
+from distserve.cluster.keys import ENGINES, LINKS, Keys
 from tests.agent.conftest import (
     Fleet,
     TcpProxy,

@@ -10,12 +10,13 @@ import time
 import pytest
 from pydantic import ValidationError
 
+from discovery.backoff import delay_for
 from distserve.agent.config import AgentConfig
 from distserve.agent.engine_client import Metrics, instance_from
-from distserve.agent.links import backoff, incompatibility
+from distserve.agent.links import incompatibility
 from distserve.agent.load import load_from_metrics, same_load
-from distserve.records import EngineGeometry, EngineRecord, TransferInfo
-from tests.agent.conftest import consecutive_free_ports
+from distserve.cluster.records import EngineGeometry, EngineRecord, TransferInfo
+from distserve.testing.ports import free_port_range as consecutive_free_ports
 from tests.util import REPO, Proc, free_port, spawn_engine
 
 
@@ -115,7 +116,7 @@ def test_link_compatibility():
 
 
 def test_backoff_is_jittered_and_capped():
-    delays = [backoff(attempt, 0.2, 5.0) for attempt in range(1, 12) for _ in range(20)]
+    delays = [delay_for(attempt, base=0.2, cap=5.0) for attempt in range(1, 12) for _ in range(20)]
     assert max(delays) <= 5.0 * 1.5 and min(delays) >= 0.1
     assert len({round(d, 6) for d in delays}) > 100  # jittered, not a fixed schedule
 
@@ -127,7 +128,8 @@ def _agent_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("args, message", [
     (["--engine-url", "ftp://h:1", "--role", "prefill"], "engine URL 'ftp://h:1': scheme must be http or https"),
-    (["--engine-url", "http://h:1", "--role", "prefill", "--etcd", "http://h:1/x"], "invalid etcd configuration"),
+    (["--engine-url", "http://h:1", "--role", "prefill", "--etcd", "http://h:1/x"],
+     "invalid --etcd endpoint 'http://h:1/x': expected http(s)://host:port"),
     (["--engine-url", "http://h:1", "--role", "prefill", "--ttl", "0"], "ttl"),
     (["--engine-url", "http://h:1", "--role", "prefill", "--engine-id", "a b"], "invalid engine id"),
 ])
@@ -173,7 +175,7 @@ def test_engine_with_etcd_runs_the_agent_in_process_and_revokes_on_stop(etcd):
 
     from discovery.client import EtcdClient
     from discovery.config import EtcdConfig
-    from distserve.keys import Keys
+    from distserve.cluster.keys import Keys
 
     port = free_port()
     engine = Proc.python(["distserve", "engine", "--role", "hybrid", "--null", "--port", str(port),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tools.chaoslib.scenarios import SCENARIOS, run
+from distserve.testing.chaos.scenarios import SCENARIOS, run
 
 CI = [name for name, sc in SCENARIOS.items() if sc.in_ci]
 

@@ -11,8 +11,8 @@ import asyncio
 
 from aiohttp import web
 
-from tools.chaoslib.load import LoadGenerator
-from tools.chaoslib.procs import free_port
+from distserve.testing.chaos.load import LoadGenerator
+from distserve.testing.ports import free_port
 
 MODE = web.AppKey("mode", str)
 DONE = b"data: [DONE]\n\n"

@@ -11,7 +11,7 @@ import uuid
 from typing import Any
 
 from discovery.embedded import EmbeddedEtcd
-from tests.util import Proc, free_port, wait_http
+from tests.util import Proc, free_port, free_port_range, wait_http
 
 
 def http_json(url: str, body: dict | None = None, timeout: float = 30.0) -> Any:
@@ -41,24 +41,9 @@ class LiveCluster:
     def endpoints(self) -> list[str]:
         return self.etcd.endpoints
 
-    def _free_ports(self, count: int) -> int:
-        import socket
-
-        while True:
-            port = free_port()
-            ok = True
-            for i in range(count):
-                with socket.socket() as s:
-                    try:
-                        s.bind(("127.0.0.1", port + i))
-                    except OSError:
-                        ok = False
-            if ok:
-                return port
-
     def start_engines(self, name: str, role: str, count: int = 1, *, null: bool = True, extra: tuple = ()) -> list[str]:
         """`count` engines with ids `<name>-<i>` (or `<name>` alone), registered by their in-process agents."""
-        port = self._free_ports(count)
+        port = free_port_range(count)
         args = ["distserve", "engine", "--role", role, "--host", "127.0.0.1", "--port", str(port),
                 "--etcd", ",".join(self.endpoints), "--cluster", self.name, "--ttl", str(self.ttl),
                 "--engine-id", name, "--log-level", "WARNING", *extra]

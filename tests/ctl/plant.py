@@ -7,8 +7,8 @@ import time
 import uuid
 from typing import Any
 
-from distserve.keys import Keys
-from distserve.records import (
+from distserve.cluster.keys import Keys
+from distserve.cluster.records import (
     EngineGeometry,
     EngineRecord,
     LinkRecord,

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from distserve.ctl.main import main
-from distserve.keys import Keys
+from distserve.cluster.keys import Keys
 from tests.ctl.plant import engine
 
 KEYS = Keys()
@@ -54,8 +54,8 @@ async def test_a_compacted_revision_names_the_oldest_one_and_the_command_that_re
     await etcd_client.compact(oldest)
     for since in (revisions[0], revisions[1]):
         line = _one_line(ctl("watch", "--since-rev", str(since), "--timeout", "5"), 1)  # exit 1: docs/keys.md
-        assert "compacted" in line and f"revision {oldest} (the oldest still available)" in line, line
-        assert f"distserve-ctl watch --since-rev {oldest}`" in line and "without --since-rev" in line, line
+        assert "compacted" in line and f"the oldest revision etcd still has is {oldest}" in line, line
+        assert f"`distserve-ctl watch --since-rev {oldest}`" in line and "without --since-rev" in line, line
     # the command it names works, from the oldest revision on
     res = ctl("watch", "--since-rev", str(oldest), "--json", "--limit", "3", "--timeout", "10")
     assert res.rc == 0, res.err
@@ -70,7 +70,8 @@ async def test_a_compacted_revision_names_the_oldest_one_and_the_command_that_re
     ("127.0.0.1:0", "invalid --etcd endpoint '127.0.0.1:0': the port must be a number 1-65535"),
     ("127.0.0.1:x", "invalid --etcd endpoint '127.0.0.1:x': the port must be a number 1-65535"),
     ("http://127.0.0.1:1/v3", "invalid --etcd endpoint 'http://127.0.0.1:1/v3': expected http(s)://host:port"),
-    (",", "invalid --etcd: no endpoint given"),
+    (",", "invalid --etcd: no endpoints given"),
+    ("http://[::1", "invalid --etcd endpoint 'http://[::1': expected http(s)://host:port"),
 ])
 def test_malformed_etcd_endpoints_get_one_clean_line(endpoint, message, capsys, monkeypatch):
     monkeypatch.delenv("DISTSERVE_ETCD_ENDPOINTS", raising=False)
@@ -96,13 +97,20 @@ def test_a_malformed_endpoint_variable_is_named(capsys, monkeypatch):
     (["--etcd-ca", "/nonexistent/ca.pem"], "invalid --etcd-ca '/nonexistent/ca.pem': no such file"),
     (["--etcd-ca", "/"], "invalid --etcd-ca '/': not a file"),
     (["--etcd-cert", "/nonexistent/c.pem", "--etcd-key", "/nonexistent/k.pem"], "invalid --etcd-cert"),
-    (["--etcd-cert", __file__], "a client certificate needs both cert and key (--etcd-cert and --etcd-key"),
+    (["--etcd-cert", "PEM"], "a client certificate needs both cert and key (--etcd-cert and --etcd-key"),
+    (["--etcd-cert", "PEM", "--etcd-key", "PEM"], "a client certificate needs TLS"),  # was silently unused
+    (["--etcd-ca", "GARBAGE"], "garbage.pem': not a PEM file"),  # was "etcd unreachable"
     (["--etcd-password", "hunter2"], "a password needs a user"),
     (["--cluster", "a/b"], "invalid cluster"),
 ])
-def test_bad_etcd_options_get_one_clean_line(argv, message, capsys, monkeypatch):
+def test_bad_etcd_options_get_one_clean_line(argv, message, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("DISTSERVE_ETCD_ENDPOINTS", "http://127.0.0.1:1")
-    rc, err = _run_main([*argv, "engines"], capsys)
+    pem = tmp_path / "x.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    files = {"PEM": str(pem), "GARBAGE": str(garbage)}
+    rc, err = _run_main([*(files.get(a, a) for a in argv), "engines"], capsys)
     assert rc == 2, (argv, rc, err)
     assert len(err.strip().splitlines()) == 1 and message in err, (argv, err)
     assert "pydantic" not in err and "hunter2" not in err
@@ -126,11 +134,16 @@ def test_an_unreadable_cert_is_a_bad_argument(tmp_path, capsys, monkeypatch):
     (["watch", "--timeout", "nan"], "--timeout"),
     (["watch", "--since-rev", "-5"], "--since-rev"),
     (["watch", "--since-rev", "3:-1"], "--since-rev"),
+    (["watch", "--prefix", "engine/"], "--prefix"),  # was accepted: watched nothing, forever
+    (["watch", "--prefix", "../x"], "--prefix"),
     (["top", "--interval", "0"], "--interval"),
     (["top", "--interval", "inf"], "--interval"),
+    (["top", "--interval", "0.001"], "--interval"),  # a busy loop redrawing the screen
     (["top", "--iterations", "0"], "--iterations"),
     (["drain", "P1", "--wait", "--timeout", "-5"], "--timeout"),  # was accepted: returned at once
     (["drain", "P1", "--settle", "-1"], "--settle"),
+    (["drain", "P1", "--reason", "x" * 2_000_000], "--reason"),  # was sent: etcd refused it, "internal error"
+    (["cordon", "P1", "--reason", "a\nb"], "--reason"),
     (["drain", "../x"], "invalid engine id '../x'"),
     (["cordon", "a b"], "invalid engine id 'a b'"),
     (["uncordon", ""], "invalid engine id ''"),

@@ -8,8 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from distserve.keys import Keys
-from distserve.records import OperatorFlags
+from distserve.cluster.keys import Keys
+from distserve.cluster.records import OperatorFlags
 from tests.ctl.conftest import ctl_argv, ctl_env
 from tests.ctl.plant import engine, link, load, router
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from distserve.keys import Keys
+from distserve.cluster.keys import Keys
 from tests.ctl.plant import engine, link, load, router
 
 KEYS = Keys()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 
-from distserve.keys import Keys
-from distserve.records import OperatorFlags, RoutingConfig
+from distserve.cluster.keys import Keys
+from distserve.cluster.records import OperatorFlags, RoutingConfig
 from tests.ctl.conftest import ctl_argv, ctl_env
 from tests.ctl.plant import load, router
 
@@ -44,7 +44,7 @@ async def test_cordon_drain_uncordon_table_and_json(ctl, planter, etcd_client):
     assert ctl("cordon", "D7").rc == 1
     assert ctl("cordon", "D7", "--force").rc == 0 and (await _flags(etcd_client, "D7")).cordon
     assert ctl("uncordon", "D7").rc == 0  # clearing a flag of an unregistered id is allowed
-    assert ctl("cordon", "bad/id", "--force").rc == 1
+    assert ctl("cordon", "bad/id", "--force").rc == 2  # a malformed id is a bad argument, not an unknown one
 
 
 async def test_drain_wait_returns_when_work_is_done_and_routers_applied_the_flag(planter, etcd, etcd_client):

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import json
 
-from distserve.keys import Keys
-from distserve.records import RoutingConfig
+from distserve.cluster.keys import Keys
+from distserve.cluster.records import RoutingConfig
 
 KEYS = Keys()
 OFFLINE = ("--skip", "reachability")

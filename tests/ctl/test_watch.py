@@ -7,8 +7,8 @@ import json
 import os
 import signal
 
-from distserve.keys import Keys
-from distserve.records import EngineRecord
+from distserve.cluster.keys import Keys
+from distserve.cluster.records import EngineRecord
 from tests.ctl.conftest import ctl_argv, ctl_env
 from tests.ctl.plant import engine, link, load, router
 

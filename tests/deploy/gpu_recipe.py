@@ -38,6 +38,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from distserve.testing.ports import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 SYSTEMD = REPO / "deploy" / "systemd"
 # One GPU holds both engines here (the docs give each engine its own GPU): a small KV pool of the same
@@ -72,12 +74,6 @@ def expand(command: str, instance: str, env: dict[str, str]) -> list[str]:
     raise SystemExit(f"unexpected program {words[0]}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def http(url: str, token: str | None = None, timeout: float = 5.0) -> tuple[int, object]:
     req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
     try:
@@ -107,7 +103,7 @@ def wait(what: str, fn, timeout: float, procs: dict[str, subprocess.Popen]):
 def etcd_kinds(endpoints: list[str]) -> dict[str, list[dict]]:
     from discovery.client import EtcdClient
     from discovery.config import EtcdConfig
-    from distserve.keys import Keys
+    from distserve.cluster.keys import Keys
 
     async def run():
         keys = Keys()

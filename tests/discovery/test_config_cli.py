@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,8 +16,8 @@ import pytest
 from pydantic import ValidationError
 
 from discovery.client import EtcdClient
-from discovery.config import EtcdConfig, config_error_message
-from tests.util import Proc
+from discovery.config import EtcdConfig, EtcdConfigError, config_error_message
+from tests.util import REPO, Proc
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -23,9 +26,20 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+# Enough to pass the configuration's "is it PEM" check (TLS itself is exercised in test_security.py).
+PEM_TEXT = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+
+
+@pytest.fixture
+def pem(tmp_path: Path) -> str:
+    path = tmp_path / "x.pem"
+    path.write_text(PEM_TEXT)
+    return str(path)
+
+
 def test_env_vars_and_options_win_over_them(tmp_path: Path):
     ca = tmp_path / "ca.pem"
-    ca.write_text("x")
+    ca.write_text(PEM_TEXT)
     env = {
         "DISTSERVE_ETCD_ENDPOINTS": "https://10.0.0.1:2379, 10.0.0.2:2379",
         "DISTSERVE_ETCD_CA": str(ca),
@@ -48,15 +62,66 @@ def test_env_vars_and_options_win_over_them(tmp_path: Path):
     ({"endpoints": "http://x:99999"}, "port"),
     ({"endpoints": ""}, "endpoints"),
     ({"cert": "/nonexistent.pem", "key": "/nonexistent.key"}, "no such file"),
-    ({"cert": __file__}, "both cert and key"),
+    ({"cert": "PEM"}, "both cert and key"),
+    ({"cert": "PEM", "key": "PEM"}, "a client certificate needs TLS: https:// endpoints or a CA"),
+    ({"ca_cert": "GARBAGE"}, "not a PEM file"),  # gRPC would only say "Failed to create security handshaker"
     ({"password": "p"}, "needs a user"),
     ({"timeout": 0}, "> 0"),
 ])
-def test_bad_configuration_gets_a_one_line_error(kwargs, message):
+def test_bad_configuration_gets_a_one_line_error(kwargs, message, pem, tmp_path):
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    files = {"PEM": pem, "GARBAGE": str(garbage)}
     with pytest.raises(ValidationError) as info:
-        EtcdConfig(**kwargs)
+        EtcdConfig(**{k: files.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()})
     line = config_error_message(info.value)
     assert message in line and "\n" not in line
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--etcd", "htp:/x"], {}, "invalid --etcd endpoint 'htp:/x': expected http(s)://host:port"),
+    (["--etcd", "ftp://x:1"], {}, "invalid --etcd endpoint 'ftp://x:1': expected http(s)://host:port (the scheme must be http or https)"),
+    (["--etcd", "http://u:p@h:1"], {}, "invalid --etcd endpoint 'http://u:p@h:1': expected http(s)://host:port"),
+    (["--etcd", "h:0"], {}, "invalid --etcd endpoint 'h:0': the port must be a number 1-65535"),
+    (["--etcd", " , "], {}, "invalid --etcd: no endpoints given: expected http(s)://host:port"),
+    ([], {"DISTSERVE_ETCD_ENDPOINTS": "htp:/x"},
+     "invalid DISTSERVE_ETCD_ENDPOINTS endpoint 'htp:/x': expected http(s)://host:port"),
+    (["--etcd-timeout", "inf"], {}, "invalid --etcd-timeout inf: must be a number of seconds > 0 and <= 3600"),
+    ([], {"DISTSERVE_ETCD_TIMEOUT": "nan"}, "invalid DISTSERVE_ETCD_TIMEOUT 'nan': must be a number of seconds"),
+    ([], {"DISTSERVE_ETCD_TIMEOUT": "soon"}, "invalid DISTSERVE_ETCD_TIMEOUT 'soon': Input should be a valid number"),
+    (["--etcd-ca", "/"], {}, "invalid --etcd-ca '/': not a file"),
+    (["--etcd-key", "/nonexistent.key", "--etcd-cert", "/nonexistent.pem"], {},
+     "invalid --etcd-cert '/nonexistent.pem': no such file; invalid --etcd-key '/nonexistent.key': no such file"),
+    (["--etcd-password", "hunter2"], {}, "a password needs a user (--etcd-user or DISTSERVE_ETCD_USER)"),
+])
+def test_options_and_variables_are_named_in_one_clean_line(argv, env, message):
+    """What every CLI (router, agent, up, distserve-ctl) prints for a bad etcd setting."""
+    with pytest.raises(EtcdConfigError) as info:
+        EtcdConfig.from_args(_parse(argv), env)
+    line = str(info.value)
+    assert line == message or line.startswith(message), line
+    assert "\n" not in line and "pydantic" not in line and "hunter2" not in line
+    assert isinstance(info.value, ValueError) and config_error_message(info.value) == line
+
+
+def test_port_zero_is_refused_not_replaced_by_the_default():
+    # urlsplit reads ":0" as port 0, which used to fall through to 2379: a different etcd than the one named
+    with pytest.raises(ValidationError, match="port must be a number 1-65535"):
+        EtcdConfig(endpoints="http://127.0.0.1:0")
+    assert EtcdConfig(endpoints="127.0.0.1").endpoints == ["http://127.0.0.1:2379"]  # no port: the default
+
+
+@pytest.mark.parametrize("command", [
+    ["router", "--port", "0"],
+    ["agent", "--engine-url", "http://127.0.0.1:1", "--role", "prefill"],
+])
+def test_router_and_agent_print_the_same_line_and_exit_2(command):
+    result = subprocess.run([sys.executable, "-m", "distserve", *command, "--etcd", "htp:/x"], capture_output=True,
+                            text=True, timeout=60, cwd=str(REPO),
+                            env={k: v for k, v in os.environ.items() if not k.startswith("DISTSERVE_ETCD")})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"distserve {command[0]}: invalid --etcd endpoint 'htp:/x': "
+                             "expected http(s)://host:port\n")
 
 
 def test_distserve_etcd_command_serves_and_stops_cleanly():

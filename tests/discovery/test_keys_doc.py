@@ -10,8 +10,8 @@ import time
 
 from discovery.client import EtcdClient
 from discovery.embedded import etcd_binary
-from distserve import records
-from distserve.keys import CONFIG, ENGINES, LINKS, LOAD, ROUTERS, STATE, Keys
+from distserve.cluster import records
+from distserve.cluster.keys import CONFIG, ENGINES, LINKS, LOAD, ROUTERS, STATE, Keys
 from tests.util import REPO
 
 RECORD_OF_KIND = {

@@ -161,3 +161,47 @@ async def test_put_needs_a_started_open_session(etcd_client: EtcdClient):
     with pytest.raises(EtcdError, match="closed"):
         await session.put("/lease/late", b"x")
     assert await etcd_client.get("/lease/early") is None and await etcd_client.get("/lease/late") is None
+
+
+async def test_lease_lost_in_a_partition_is_replaced_as_soon_as_etcd_answers(etcd, etcd_client: EtcdClient):
+    """The session itself rechecks an unconfirmed lease every 0.25 s (no holder-side watchdog): the moment
+    etcd is reachable again a lost lease is replaced, the keys are back, and on_confirmed says so once."""
+    from discovery.config import EtcdConfig
+    from tests.agent.conftest import TcpProxy
+
+    proxy = await TcpProxy(etcd.client_url).start()
+    keys = [f"/lease/partition/{i}" for i in range(3)]
+    confirmed: list[tuple[bool, int]] = []
+    async with EtcdClient(EtcdConfig(endpoints=[proxy.url], timeout=2.0)) as cut_off:
+        session = LeaseSession(cut_off, ttl=3, name="partitioned")
+
+        async def on_confirmed(replaced: bool) -> None:
+            confirmed.append((replaced, session.incarnation))
+
+        session.on_confirmed(on_confirmed)
+        await session.start()
+        try:
+            for key in keys:
+                await session.put(key, b"mine")
+            first_lease = session.lease_id
+            await proxy.cut()
+            assert await etcd_client.revoke(first_lease) is True  # gone while the holder cannot hear it
+            await _wait_until(lambda: asyncio.sleep(0, not session.alive), 5)
+            await asyncio.sleep(1.0)  # well into the outage: the streams' retries are spaced out by now
+            assert confirmed == []
+            await proxy.start()
+            t0 = time.monotonic()
+
+            async def restored() -> bool:
+                kvs = [await etcd_client.get(k) for k in keys]
+                return all(kv is not None and kv.lease not in (0, first_lease) for kv in kvs)
+
+            await _wait_until(restored, 5)
+            took = time.monotonic() - t0
+            assert took <= 1.5, f"keys restored {took:.2f}s after etcd became reachable"
+            await _wait_until(lambda: asyncio.sleep(0, bool(confirmed)), 2)
+            assert confirmed == [(True, 2)] and session.incarnation == 2 and session.alive
+        finally:
+            await session.close()
+            await proxy.close()
+    assert await _all_gone(etcd_client, keys)

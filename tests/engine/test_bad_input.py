@@ -7,7 +7,7 @@ import json
 import aiohttp
 import pytest
 
-from tests.engine import pd
+from distserve.testing import pd
 
 MODEL = "distserve-reference"
 

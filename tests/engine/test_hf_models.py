@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from tests.engine import hf_models as H
-from tests.engine import pd
+from distserve.testing import pd
 from tests.engine.conftest import start_engines
 
 pytest.importorskip("transformers")

@@ -9,7 +9,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.engine import pd
+from distserve.testing import pd
 from tests.engine.conftest import start_engines
 
 MODEL = "distserve-reference"

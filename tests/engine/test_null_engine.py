@@ -13,8 +13,8 @@ import urllib.request
 import aiohttp
 import pytest
 
-from tests.engine import pd
-from tests.util import Proc, free_port, spawn_engine, wait_http
+from distserve.testing import pd
+from tests.util import Proc, free_port, free_port_range, spawn_engine, wait_http
 
 MODEL = "distserve-reference"
 
@@ -78,30 +78,8 @@ async def test_null_auth(null_pd):
                 assert resp.status == 200
 
 
-def _free_port_range(n: int) -> int:
-    """A base port with n consecutive free ports (checked by binding them all)."""
-    import random
-    import socket
-
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - n)
-        socks = []
-        try:
-            for i in range(n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", base + i))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
-
-
 def test_many_null_engines_in_one_process():
-    base = _free_port_range(16)
+    base = free_port_range(16)
     proc = Proc.python(["distserve", "engine", "--null", "--role", "decode", "--count", "16", "--port", str(base),
                         "--host", "127.0.0.1"], name="null-many")
     try:

@@ -111,7 +111,7 @@ async def test_back_pressure_and_preemption_small_pool():
         assert all(o.usage.completion_tokens == 60 for o in outs)
         import aiohttp
 
-        from tests.engine import pd
+        from distserve.testing import pd
 
         async with aiohttp.ClientSession() as http:
             m = await pd.metrics(http, engines["tiny"])
@@ -159,7 +159,7 @@ async def test_client_disconnect_aborts_the_sequence(pd_engines):
 
     import aiohttp
 
-    from tests.engine import pd
+    from distserve.testing import pd
 
     url = pd_engines["hybrid"]
     body = {"model": MODEL, "prompt": "endless", "max_tokens": 3000, "temperature": 0, "ignore_eos": True,

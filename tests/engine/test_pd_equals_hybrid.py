@@ -9,7 +9,7 @@ import aiohttp
 import psutil
 import pytest
 
-from tests.engine import pd
+from distserve.testing import pd
 
 MODEL = "distserve-reference"
 LENGTHS = [1, 2, 15, 16, 17, 31, 33, 64, 100, 150, 200, 255, 256, 257, 300, 399, 450, 511, 575, 600]

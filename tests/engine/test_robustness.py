@@ -7,7 +7,7 @@ import time
 
 import aiohttp
 
-from tests.engine import pd
+from distserve.testing import pd
 
 MODEL = "distserve-reference"
 

@@ -26,7 +26,7 @@ from distserve.migration.staging import (
     landing_pieces,
     source_ranges,
 )
-from tests.engine import pd
+from distserve.testing import pd
 from tests.engine.conftest import start_engines
 from tests.engine.test_pd_equals_hybrid import _run_all, bodies
 

@@ -13,10 +13,12 @@ import time
 import urllib.request
 import uuid
 
-from distserve.keys import Keys
+from distserve.cluster.keys import Keys
 from distserve.protocol import ConnectRequest, InitRequest, InitResponse, MigrationProtocol, parse_engine_info
-from distserve.records import EngineGeometry, EngineRecord, LinkRecord, OperatorFlags, RoutingConfig
-from tests.util import Proc, free_port, spawn_engine, wait_http
+from distserve.cluster.records import EngineGeometry, EngineRecord, LinkRecord, OperatorFlags, RoutingConfig
+from distserve.testing import cluster as testing_cluster
+from distserve.testing.cluster import start_null_engines
+from tests.util import Proc, spawn_engine
 
 MODEL = "distserve-reference"
 
@@ -146,54 +148,6 @@ def handshake(prefill_url: str, decode_url: str, headers: dict | None = None) ->
         http_json(f"{local}/distserve/p2p_connect", req.model_dump(mode="json"), headers)
 
 
-def start_null_engines(
-    role: str, count: int = 1, *extra: str, port: int | None = None
-) -> tuple[Proc, list[str]]:
-    """`count` null engines of one role in one process (consecutive ports)."""
-    while port is None:
-        port = free_port()
-        if not all(_port_free(port + i) for i in range(count)):
-            port = None
-    proc = Proc.python(
-        [
-            "distserve",
-            "engine",
-            "--null",
-            "--role",
-            role,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--count",
-            str(count),
-            "--log-level",
-            "WARNING",
-            *extra,
-        ],
-        name=f"null-{role}-{port}",
-    )
-    urls = [f"http://127.0.0.1:{port + i}" for i in range(count)]
-    try:
-        for url in urls:
-            wait_http(f"{url}/health", timeout=60)
-    except TimeoutError:
-        proc.kill()
-        raise RuntimeError(f"null engines did not start:\n{proc.output()[-3000:]}") from None
-    return proc, urls
-
-
-def _port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def start_router(
     etcd_endpoints: list[str],
     *extra: str,
@@ -201,31 +155,9 @@ def start_router(
     env: dict | None = None,
     wait_ready: bool = True,
 ) -> tuple[Proc, str]:
-    port = port or free_port()
-    proc = Proc.python(
-        [
-            "distserve",
-            "router",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--etcd",
-            ",".join(etcd_endpoints),
-            "--log-level",
-            os.environ.get("ROUTER_LOG_LEVEL", "INFO"),
-            *extra,
-        ],
-        name=f"router-{port}",
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health/ready" if wait_ready else f"{url}/health", timeout=60)
-    except TimeoutError:
-        proc.kill()
-        raise RuntimeError(f"router did not start:\n{proc.output()[-3000:]}") from None
-    return proc, url
+    """The harness's router, at the log level ROUTER_LOG_LEVEL names (INFO by default) for debugging a suite."""
+    return testing_cluster.start_router(etcd_endpoints, *extra, port=port, env=env, wait_ready=wait_ready,
+                                        log_level=os.environ.get("ROUTER_LOG_LEVEL", "INFO"))
 
 
 __all__ = [

@@ -25,7 +25,7 @@ import pytest
 from discovery.client import EtcdClient
 from discovery.config import EtcdConfig
 from discovery.embedded import EmbeddedEtcd
-from distserve.keys import Keys
+from distserve.cluster.keys import Keys
 from tests.router.cluster import MODEL, engine_record, geometry_of, publish_engine, router_metric, start_router
 from tests.util import spawn_engine
 

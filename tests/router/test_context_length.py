@@ -200,7 +200,7 @@ def test_the_router_limit_is_the_largest_path_and_unknown_when_any_engine_is_sil
     publishes no max_model_len (stock lmdeploy) leaves every decision to the engines."""
     from types import SimpleNamespace
 
-    from distserve.records import EngineGeometry, EngineRecord
+    from distserve.cluster.records import EngineGeometry, EngineRecord
     from distserve.router.errors import ApiError
     from distserve.router.orchestrator import Orchestrator
     from distserve.router.view import RoutingTable

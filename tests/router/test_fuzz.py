@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from discovery.client import EtcdClient
 from discovery.config import EtcdConfig
 from discovery.embedded import EmbeddedEtcd
-from distserve.keys import Keys
+from distserve.cluster.keys import Keys
 from distserve.protocol import INTERNAL_REQUEST_FIELDS
 from tests.router.cluster import (
     MODEL,

@@ -17,8 +17,8 @@ import pytest
 from discovery.client import EtcdClient
 from discovery.config import EtcdConfig
 from discovery.embedded import EmbeddedEtcd
-from distserve.keys import Keys
-from distserve.records import RouterRecord
+from distserve.cluster.keys import Keys
+from distserve.cluster.records import RouterRecord
 from tests.router.cluster import (
     MODEL,
     engine_metric,

@@ -18,8 +18,8 @@ import pytest
 from discovery.client import EtcdClient
 from discovery.config import EtcdConfig
 from discovery.embedded import EmbeddedEtcd
-from distserve.keys import Keys
-from distserve.records import RoutingConfig
+from distserve.cluster.keys import Keys
+from distserve.cluster.records import RoutingConfig
 from tests.router.cluster import (
     MODEL,
     engine_record,

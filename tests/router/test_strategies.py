@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from distserve.records import LoadRecord
+from distserve.cluster.records import LoadRecord
 from distserve.router.load import LoadTracker
 from distserve.router.strategies import STRATEGIES, PickContext, make_strategy
 

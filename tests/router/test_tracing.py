@@ -29,7 +29,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (  # noqa: 
 from discovery.client import EtcdClient  # noqa: E402
 from discovery.config import EtcdConfig  # noqa: E402
 from discovery.embedded import EmbeddedEtcd  # noqa: E402
-from distserve.keys import Keys  # noqa: E402
+from distserve.cluster.keys import Keys  # noqa: E402
 from tests.router.cluster import (  # noqa: E402
     MODEL,
     engine_record,

@@ -18,8 +18,8 @@ from aiohttp import web
 
 from discovery.client import EtcdClient
 from discovery.config import EtcdConfig
-from distserve.keys import Keys
-from distserve.records import EngineRecord
+from distserve.cluster.keys import Keys
+from distserve.cluster.records import EngineRecord
 from tests.router.cluster import (
     MODEL,
     engine_record,

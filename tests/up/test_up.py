@@ -3,9 +3,7 @@ their agents, routers), driven only through its command line, its output and its
 
 from __future__ import annotations
 
-import contextlib
 import os
-import random
 import re
 import signal
 import socket
@@ -23,7 +21,8 @@ import pytest
 
 from discovery.client import EtcdClient
 from discovery.config import EtcdConfig
-from distserve.keys import Keys
+from distserve.cluster.keys import Keys
+from distserve.testing.ports import free_port_range
 from tests.util import REPO
 
 UP = [sys.executable, "-m", "distserve", "up", "--port", "0"]
@@ -354,20 +353,6 @@ def test_every_bad_option_fails_in_one_line_before_anything_starts(tmp, cluster,
     assert out.stdout == ""  # not even "starting": no etcd, no engine, no router, no log directory
     assert time.monotonic() - started < 10
     assert_nothing_left(tmp, cluster, within=0.0)
-
-
-def free_port_range(count: int) -> int:
-    """A base port with `count` free ports after it (none in TIME_WAIT either)."""
-    for _ in range(100):
-        base = random.randint(20000, 60000)
-        with contextlib.ExitStack() as stack:
-            try:
-                for port in range(base, base + count):
-                    stack.enter_context(socket.socket()).bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return base
-    raise AssertionError("no free port range")
 
 
 def test_smoke_twice_in_a_row_on_the_same_ports(tmp, cluster):

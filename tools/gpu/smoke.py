@@ -25,7 +25,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -46,6 +45,8 @@ from engines import (  # noqa: E402
     wait_healthy,
 )
 
+from distserve.testing.ports import free_port  # noqa: E402
+
 PROMPTS = [
     "the prefill engine reads a block",
     "river mountain cloud stone light",
@@ -54,12 +55,6 @@ PROMPTS = [
 ]
 MAX_TOKENS = 24
 MODEL = "tiny"  # --model-name of the engines
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:
@@ -96,7 +91,7 @@ class Cluster:
 def etcd_links(endpoints: list[str]) -> dict[str, dict]:
     from discovery.client import EtcdClient
     from discovery.config import EtcdConfig
-    from distserve.keys import Keys
+    from distserve.cluster.keys import Keys
 
     async def run():
         async with EtcdClient(EtcdConfig(endpoints=endpoints)) as client:

@@ -1,4 +1,4 @@
-"""PD helpers for the engine tests: the lmdeploy handshake and a prefill -> migration -> decode request."""
+"""PD helpers for tests and benches: the lmdeploy handshake and a prefill -> migration -> decode request."""
 
 from __future__ import annotations
 

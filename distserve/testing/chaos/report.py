@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tools.chaoslib.load import RequestRecord
+from distserve.testing.chaos.load import RequestRecord
 
 
 @dataclass

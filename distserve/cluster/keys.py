@@ -1,6 +1,6 @@
 """The etcd key schema: `/distserve/v1/<cluster>/<kind>/...` (documented in docs/keys.md).
 
-| key                                  | value (distserve.records) | lease            |
+| key                                  | value (distserve.cluster.records) | lease            |
 | ------------------------------------ | ------------------------- | ---------------- |
 | engines/<engine_id>                  | EngineRecord              | the engine agent |
 | links/<prefill_id>/<decode_id>       | LinkRecord                | the decode agent |

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import time
 
-from distserve.keys import Keys
-from distserve.records import EngineGeometry, EngineRecord, LinkRecord
-from tools.chaoslib.procs import free_port
+from distserve.cluster.keys import Keys
+from distserve.cluster.records import EngineGeometry, EngineRecord, LinkRecord
+from distserve.testing.ports import free_port
 
 
 def _hybrid(engine_id: str) -> EngineRecord:

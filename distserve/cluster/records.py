@@ -1,4 +1,4 @@
-"""Typed etcd values of the key schema (see distserve.keys and docs/keys.md).
+"""Typed etcd values of the key schema (see distserve.cluster.keys and docs/keys.md).
 
 All times are Unix epoch seconds (float). Every record carries `schema_version` (VersionedRecord); readers
 accept unknown extra fields, so adding an optional field does not bump the version.

@@ -8,7 +8,9 @@ One pure function shared by routers, agents and distserve-ctl, so they all agree
   their connection intact, so the link stays usable while its agent rewrites the record), else their
   incarnation (a reader may see an engine change before the link's record does);
 - a decode is routable when it takes new requests and has a usable link; a prefill is routable when it
-  takes new requests and has a usable link to a routable decode; hybrid engines need no link.
+  takes new requests and has a usable link to a routable decode; hybrid engines need no link;
+- a request whose prefill already succeeded may finish on a decode even if that prefill no longer takes new
+  requests (`inflight_decodes`): its KV is still in the prefill's process.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from distserve.records import EngineRecord, LinkRecord, OperatorFlags
+from distserve.cluster.records import EngineRecord, LinkRecord, OperatorFlags
 
 
 @dataclass
@@ -85,3 +87,37 @@ def compute_topology(
     topo.routable_decodes = sorted(decodes_with_link)
     topo.routable_hybrids = sorted(e for e in open_ids if engines[e].role == "hybrid")
     return topo
+
+
+def inflight_decodes(
+    prefill: EngineRecord,
+    model: str,
+    engines: Mapping[str, EngineRecord],
+    links: Mapping[tuple[str, str], LinkRecord],
+    flags: Mapping[str, OperatorFlags],
+    excluded: frozenset[str] | set[str] = frozenset(),
+) -> list[str]:
+    """Decodes an in-flight request may finish on after its prefill on `prefill` succeeded (sorted).
+
+    The prefill's own state no longer matters (it may have been cordoned, drained or marked unhealthy
+    meanwhile: its preserved KV is still there); only its record must exist and name the same engine
+    process (a new lease is fine: the KV lives in the process). Each decode must take new requests, serve
+    the model, have a usable link to that prefill, and not be in `excluded` (a router's open breakers).
+    """
+    current = engines.get(prefill.id)
+    if current is None or not same_engine_process(current, prefill.instance, prefill.incarnation):
+        return []
+    found = []
+    for (prefill_id, decode_id), link in links.items():
+        if prefill_id != prefill.id or decode_id in excluded:
+            continue
+        decode = engines.get(decode_id)
+        if (
+            decode is not None
+            and decode.role == "decode"
+            and model in decode.models
+            and takes_new_requests(decode, flags.get(decode_id))
+            and link_usable(link, engines)
+        ):
+            found.append(decode_id)
+    return sorted(found)

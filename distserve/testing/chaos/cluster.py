@@ -22,7 +22,8 @@ from pathlib import Path
 import aiohttp
 
 from discovery.embedded import EmbeddedEtcd, EmbeddedEtcdCluster
-from tools.chaoslib.procs import Process, free_port
+from distserve.testing.ports import free_port
+from distserve.testing.procs import Proc
 
 # A tiny model: 2 layers, hidden 64. Real torch forward passes and real DLSlime KV migration, but a
 # 64-token answer in ~0.2 s on one core and ~260 MB per engine process.
@@ -74,16 +75,16 @@ class Engine:
             args.append("--null")
         if not spec.sidecar:
             args += ["--etcd", c.etcd_endpoints, "--engine-id", spec.name, "--ttl", str(c.spec.ttl)]
-        self.proc = Process.distserve(f"engine-{spec.name}", args, c.log_dir)
-        self.agent: Process | None = None
+        self.proc = Proc.distserve(args, f"engine-{spec.name}", log_dir=c.log_dir, start=False)
+        self.agent: Proc | None = None
         if spec.sidecar:
-            self.agent = Process.distserve(
-                f"agent-{spec.name}",
+            self.agent = Proc.distserve(
                 ["agent", "--engine-url", self.url, "--role", spec.role, "--etcd", c.etcd_endpoints,
-                 "--engine-id", spec.name, "--ttl", str(c.spec.ttl), "--log-level", "INFO"], c.log_dir)
+                 "--engine-id", spec.name, "--ttl", str(c.spec.ttl), "--log-level", "INFO"],
+                f"agent-{spec.name}", log_dir=c.log_dir, start=False)
         self.killed = False
 
-    def processes(self) -> list[Process]:
+    def processes(self) -> list[Proc]:
         return [p for p in (self.proc, self.agent) if p is not None]
 
 
@@ -92,10 +93,10 @@ class Router:
         self.name = name
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = Process.distserve(
-            f"router-{name}",
+        self.proc = Proc.distserve(
             ["router", "--host", "127.0.0.1", "--port", str(self.port), "--etcd", cluster.etcd_endpoints,
-             "--router-id", name, "--log-level", "INFO", *cluster.spec.router_args], cluster.log_dir)
+             "--router-id", name, "--log-level", "INFO", *cluster.spec.router_args],
+            f"router-{name}", log_dir=cluster.log_dir, start=False)
         self.killed = False
 
 
@@ -150,13 +151,13 @@ class Cluster:
             shutil.rmtree(self.run_dir, ignore_errors=True)
 
     # ------------------------------------------------------------------ waiting
-    async def wait_http(self, url: str, timeout: float, proc: Process | None = None, status: int = 200) -> float:
+    async def wait_http(self, url: str, timeout: float, proc: Proc | None = None, status: int = 200) -> float:
         """Seconds until GET url answers `status`."""
         t0 = time.monotonic()
         last: object = None
         while time.monotonic() - t0 < timeout:
             if proc is not None and not proc.alive() and proc.popen is not None:
-                raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.output()}")
+                raise RuntimeError(f"{proc.name} exited ({proc.popen.returncode}):\n{proc.tail()}")
             try:
                 async with self.http.get(url, timeout=aiohttp.ClientTimeout(total=1)) as resp:  # type: ignore[union-attr]
                     await resp.read()
@@ -198,7 +199,7 @@ class Cluster:
             ok = True
             for router in routers or self.live_routers():
                 if not router.proc.alive():
-                    raise RuntimeError(f"router {router.name} exited:\n{router.proc.output()}")
+                    raise RuntimeError(f"router {router.name} exited:\n{router.proc.tail()}")
                 counts = await self.ready_counts(router)
                 last[router.name] = counts
                 if counts is None or counts["status"] != 200 or any(counts[k] != v for k, v in want.items()):

@@ -14,9 +14,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tools.chaoslib.cluster import MODEL, Cluster, ClusterSpec, EngineSpec
-from tools.chaoslib.load import LoadGenerator, RequestRecord
-from tools.chaoslib.observe import (
+from distserve.testing.chaos.cluster import MODEL, Cluster, ClusterSpec, EngineSpec
+from distserve.testing.chaos.load import LoadGenerator, RequestRecord
+from distserve.testing.chaos.observe import (
     EtcdView,
     Monitor,
     lease_alive,
@@ -24,7 +24,7 @@ from tools.chaoslib.observe import (
     routers_report,
     scan_etcd,
 )
-from tools.chaoslib.report import Result
+from distserve.testing.chaos.report import Result
 
 
 @dataclass
@@ -616,7 +616,7 @@ async def router_kill(h: Harness) -> None:
 @scenario("api-fuzz", "the router API fuzzed with hypothesis (bodies, types, bytes, paths, methods, headers)",
           lambda short: ClusterSpec.pd(1, 1))
 async def api_fuzz(h: Harness) -> None:
-    from tools.chaoslib.fuzz import run_fuzz
+    from distserve.testing.chaos.fuzz import run_fuzz
 
     await h.warmup(1.0)
     routers = [r.url for r in h.cluster.live_routers()]
@@ -648,7 +648,7 @@ async def api_fuzz(h: Harness) -> None:
 @scenario("etcd-malformed", "malformed values planted in etcd under every prefix the routers and agents watch",
           lambda short: ClusterSpec.pd(1, 1))
 async def etcd_malformed(h: Harness) -> None:
-    from tools.chaoslib.plant import plant_malformed, remove_planted
+    from distserve.testing.chaos.plant import plant_malformed, remove_planted
 
     await h.warmup(1.5)
     before = await h.snapshot()
@@ -752,7 +752,7 @@ BAD_ROUTING_VALUES = [
 async def bad_routing_config(h: Harness) -> None:
     import json
 
-    from distserve.records import RoutingConfig
+    from distserve.cluster.records import RoutingConfig
 
     client, keys = h.monitor.client, h.monitor.keys
     hold = 1.0 if h.short else 5.0

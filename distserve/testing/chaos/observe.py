@@ -20,8 +20,8 @@ from pathlib import Path
 
 from discovery.client import EtcdClient
 from discovery.config import EtcdConfig
-from distserve.keys import ENGINES, LINKS, LOAD, ROUTERS, Keys
-from distserve.records import EngineRecord, LinkRecord
+from distserve.cluster.keys import ENGINES, LINKS, LOAD, ROUTERS, Keys
+from distserve.cluster.records import EngineRecord, LinkRecord
 
 LEASED_KINDS = (ENGINES, LINKS, LOAD, ROUTERS)
 

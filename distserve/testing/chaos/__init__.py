@@ -1,6 +1,5 @@
-"""The chaos suite's building blocks (see docs/chaos.md).
+"""The chaos suite's building blocks (see docs/chaos.md); processes and ports come from distserve.testing.
 
-- `procs`: child OS processes with their logs kept in the run directory;
 - `cluster`: a live cluster of real processes (etcd 1 or 3 members, reference engines with agents, routers)
   and the faults injected into it;
 - `load`: a steady load of streamed and non-streamed PD requests through the routers, every request recorded;

@@ -1,0 +1,74 @@
+"""Engines and routers as OS processes on loopback: the argv of each, and starting them until they answer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from distserve.testing.ports import HOST, free_port, free_port_range
+from distserve.testing.procs import Proc, wait_http
+
+
+def engine_argv(role: str, port: int, *extra: str, null: bool = False, count: int = 1,
+                log_level: str | None = None) -> list[str]:
+    """`distserve engine` arguments (after `-m distserve`): `count` engines on consecutive ports from `port`."""
+    argv = ["engine", *(["--null"] if null else []), "--role", role, "--host", HOST, "--port", str(port)]
+    if count != 1:
+        argv += ["--count", str(count)]
+    if log_level:
+        argv += ["--log-level", log_level]
+    return [*argv, *extra]
+
+
+def router_argv(port: int, etcd: Sequence[str], *extra: str, log_level: str | None = None) -> list[str]:
+    """`distserve router` arguments (after `-m distserve`) on loopback, reading `etcd`."""
+    argv = ["router", "--host", HOST, "--port", str(port), "--etcd", ",".join(etcd)]
+    if log_level:
+        argv += ["--log-level", log_level]
+    return [*argv, *extra]
+
+
+def _started(proc: Proc, urls: list[str], what: str, timeout: float = 60.0) -> None:
+    """Wait until every url answers; on timeout kill `proc` and raise with its output tail."""
+    try:
+        for url in urls:
+            wait_http(url, timeout=timeout)
+    except TimeoutError:
+        proc.kill()
+        raise RuntimeError(f"{what} did not start:\n{proc.tail(3000)}") from None
+
+
+def spawn_engine(role: str, port: int | None = None, *extra: str, name: str | None = None) -> tuple[Proc, str]:
+    """A reference engine as its own OS process; returns (proc, url) once /health answers."""
+    port = port or free_port()
+    proc = Proc.distserve(engine_argv(role, port, *extra), name=name or f"engine-{role}-{port}")
+    url = f"http://{HOST}:{port}"
+    try:
+        wait_http(f"{url}/health", timeout=60)
+    except TimeoutError:
+        proc.kill()
+        raise RuntimeError(f"engine {role} on {port} did not start:\n{proc.tail(3000)}") from None
+    return proc, url
+
+
+def start_null_engines(role: str, count: int = 1, *extra: str, port: int | None = None,
+                       log_level: str = "WARNING") -> tuple[Proc, list[str]]:
+    """`count` null engines of one role in one process (consecutive ports), once each answers /health."""
+    port = port or free_port_range(count)
+    proc = Proc.distserve(engine_argv(role, port, *extra, null=True, count=count, log_level=log_level),
+                          name=f"null-{role}-{port}")
+    urls = [f"http://{HOST}:{port + i}" for i in range(count)]
+    _started(proc, [f"{url}/health" for url in urls], "null engines")
+    return proc, urls
+
+
+def start_router(etcd: Sequence[str], *extra: str, port: int | None = None, env: dict | None = None,
+                 wait_ready: bool = True, log_level: str = "INFO") -> tuple[Proc, str]:
+    """A router reading `etcd`, once it answers /health/ready (or /health with wait_ready=False)."""
+    port = port or free_port()
+    proc = Proc.distserve(router_argv(port, etcd, *extra, log_level=log_level), name=f"router-{port}", env=env)
+    url = f"http://{HOST}:{port}"
+    _started(proc, [f"{url}/health/ready" if wait_ready else f"{url}/health"], "router")
+    return proc, url
+
+
+__all__ = ["engine_argv", "router_argv", "spawn_engine", "start_null_engines", "start_router"]
