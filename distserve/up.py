@@ -41,6 +41,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distserve.cluster.settings import ENV_CLUSTER_TOKEN, cluster_name, cluster_token
+
 DEFAULT_BASE_PORT = 8000
 LOCAL = "127.0.0.1"
 ETCD_ENV_VARS = ("DISTSERVE_ETCD_ENDPOINTS", "DISTSERVE_ETCD_CA", "DISTSERVE_ETCD_CERT", "DISTSERVE_ETCD_KEY",
@@ -74,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default=LOCAL,
                         help="interface the routers listen on (default 127.0.0.1); engines and the embedded "
                              "etcd always stay on 127.0.0.1")
-    parser.add_argument("--cluster", default=os.environ.get("DISTSERVE_CLUSTER", "default"), metavar="NAME",
+    parser.add_argument("--cluster", default=cluster_name(), metavar="NAME",
                         help="cluster name in the etcd key schema (env DISTSERVE_CLUSTER; default 'default')")
     parser.add_argument("--strategy", default=None, metavar="NAME",
                         help="routing strategy given to the routers (default: the router's default)")
@@ -448,7 +450,7 @@ class LocalCluster:
             await self._check_external_etcd()
         else:
             await self._start_embedded_etcd()
-        self.token = os.environ.get("DISTSERVE_CLUSTER_TOKEN") or secrets.token_hex(16)
+        self.token = cluster_token() or secrets.token_hex(16)
         self.client_keys = list(self.checked.client_keys)
         self._plan(external, ports)
         for child in self.children:
@@ -511,7 +513,7 @@ class LocalCluster:
                 env[var] = value
         if cfg.password is not None:
             env["DISTSERVE_ETCD_PASSWORD"] = cfg.password.get_secret_value()
-        env["DISTSERVE_CLUSTER_TOKEN"] = self.token
+        env[ENV_CLUSTER_TOKEN] = self.token
         env.pop("DISTSERVE_API_KEYS", None)
         env.pop("DISTSERVE_ENGINE_API_KEYS", None)
         if kind == "router" and self.client_keys:

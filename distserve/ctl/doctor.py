@@ -20,6 +20,7 @@ from typing import Any
 
 
 from . import views
+from .argtypes import non_negative_seconds, positive_seconds
 from .context import Ctx, describe_error
 from .render import make_table
 from .snapshot import ClusterSnapshot, load_snapshot
@@ -39,8 +40,8 @@ class Finding:
 
 def register(subparsers: Any, common: Any) -> None:
     p = common(subparsers.add_parser("doctor", help="find stale keys, missing links, mismatches, unreachable engines, skew"))
-    p.add_argument("--http-timeout", type=float, default=2.0, metavar="S", help="per-engine /health timeout (default 2)")
-    p.add_argument("--skew", type=float, default=2.0, metavar="S", help="tolerated clock difference in seconds (default 2)")
+    p.add_argument("--http-timeout", type=positive_seconds, default=2.0, metavar="S", help="per-engine /health timeout (default 2)")
+    p.add_argument("--skew", type=non_negative_seconds, default=2.0, metavar="S", help="tolerated clock difference in seconds (default 2)")
     p.add_argument("--skip", action="append", default=[], choices=CHECKS, metavar="CHECK",
                    help=f"skip a check (repeatable): {', '.join(CHECKS)}")
     p.set_defaults(_run=run_doctor)

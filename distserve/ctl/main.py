@@ -23,6 +23,7 @@ from typing import Any, NoReturn  # noqa: E402
 from .context import Ctx, close_quietly, connect, describe_error  # noqa: E402
 from .errors import EXIT_PROBLEM, EXIT_UNAVAILABLE, EXIT_USAGE, CtlError, UsageError  # noqa: E402
 from .render import Output  # noqa: E402
+from distserve.cluster.settings import cluster_name  # noqa: E402
 
 PROG = "distserve-ctl"
 
@@ -54,7 +55,7 @@ def _add_common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
 
     before = len(parser._actions)
     EtcdConfig.add_arguments(parser)
-    parser.add_argument("--cluster", default=os.environ.get("DISTSERVE_CLUSTER", "default"),
+    parser.add_argument("--cluster", default=cluster_name(),
                         help="cluster name (the <cluster> in /distserve/v1/<cluster>/; env DISTSERVE_CLUSTER)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--json", dest="output", action="store_const", const="json",

@@ -20,7 +20,7 @@ from typing import AsyncIterator
 
 from distserve import tracing
 from distserve.engine import tokenizer
-from distserve.engine.blocks import BlockAllocator, PreservedSessions
+from distserve.migration.blocks import BlockAllocator, PreservedSessions
 from distserve.engine.config import ModelConfig
 from distserve.engine.openai_api import ApiError, SamplingRequest
 from distserve.migration.errors import MigrationError

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from distserve.engine.blocks import BlockAllocator
+from distserve.migration.blocks import BlockAllocator
 from distserve.migration.errors import MigrationError
 from distserve.migration.geometry import PoolGeometry
 

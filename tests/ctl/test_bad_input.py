@@ -148,6 +148,8 @@ def test_an_unreadable_cert_is_a_bad_argument(tmp_path, capsys, monkeypatch):
     (["cordon", "a b"], "invalid engine id 'a b'"),
     (["uncordon", ""], "invalid engine id ''"),
     (["links", "--engine", "../x"], "invalid engine id '../x'"),
+    (["doctor", "--skew", "-1"], "--skew"),  # was: exit 1 and no message
+    (["doctor", "--http-timeout", "-1"], "--http-timeout"),  # was: exit 0
 ])
 def test_bad_numbers_and_ids_are_refused_before_etcd_is_contacted(argv, option, capsys, monkeypatch):
     # etcd is unreachable here: the message must be about the argument, not the connection

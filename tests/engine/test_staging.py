@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 import torch
 
-from distserve.engine.blocks import BlockAllocator
+from distserve.migration.blocks import BlockAllocator
 from distserve.migration.errors import MigrationError
 from distserve.migration.geometry import PoolGeometry
 from distserve.migration.staging import (
