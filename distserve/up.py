@@ -1,6 +1,6 @@
 """`distserve up`: a whole cluster on this machine, for trying distserve and for CI.
 
-    distserve up [--prefill N] [--decode M] [--routers R] [--etcd ENDPOINTS] [--port BASE] [--smoke]
+    distserve up [--prefill N] [--decode M] [--routers R] [--router-workers W] [--etcd ENDPOINTS] [--port BASE] [--smoke]
 
 Every option is checked before anything starts (a bad one: one line on stderr, exit 2; the engines' and
 routers' own options are checked by their own parsers). Then it starts an embedded etcd (unless endpoints
@@ -70,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill engines (default 1)")
     parser.add_argument("--decode", type=int, default=1, metavar="M", help="decode engines (default 1)")
     parser.add_argument("--routers", type=int, default=2, metavar="R", help="router replicas (default 2)")
+    parser.add_argument("--router-workers", type=int, default=1, metavar="W",
+                        help="processes per router on its one port (`distserve router --workers`; default 1)")
     parser.add_argument("--port", type=int, default=DEFAULT_BASE_PORT, metavar="BASE",
                         help="routers listen on BASE, BASE+1, ...; the engines on the ports after them "
                              f"(default {DEFAULT_BASE_PORT}; 0: free ports picked at start)")
@@ -134,6 +136,10 @@ def _validate(args: argparse.Namespace) -> Checked:
         if not 1 <= getattr(args, name) <= MAX_COMPONENTS:
             raise UpError(f"--{name} must be at least 1" if getattr(args, name) < 1 else
                           f"--{name} must be at most {MAX_COMPONENTS}")
+    from distserve.router.workers import WORKERS_MAX
+
+    if not 1 <= args.router_workers <= WORKERS_MAX:
+        raise UpError(f"--router-workers must be in 1-{WORKERS_MAX}")
     if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT):
         raise UpError(f"--timeout must be > 0 and at most {MAX_TIMEOUT:.0f} seconds")
     total = args.prefill + args.decode + args.routers
@@ -229,7 +235,8 @@ def _check_component_options(args: argparse.Namespace) -> None:
         ("--router-args", "distserve router", router_cli.add_arguments,
          _router_argv(args, port, endpoints, "router-0"),
          {"host": args.host, "port": port, "etcd_endpoints": endpoints, "cluster": args.cluster,
-          "router_id": "router-0", **({"strategy": args.strategy} if args.strategy else {})}),
+          "router_id": "router-0", "workers": args.router_workers,
+          **({"strategy": args.strategy} if args.strategy else {})}),
     )
     for option, prog, add_arguments, argv, planned in checks:
         parser = _CheckingParser(prog=prog, add_help=False)
@@ -282,6 +289,8 @@ def _router_argv(args: argparse.Namespace, port: int, endpoints: str, router_id:
             "--router-id", router_id]
     if args.strategy:
         argv += ["--strategy", args.strategy]
+    if args.router_workers != 1:
+        argv += ["--workers", str(args.router_workers)]
     return argv + shlex.split(args.router_args)
 
 
@@ -838,7 +847,8 @@ class LocalCluster:
                 continue
             ours = (parsed.kind in ("engines", "load") and parsed.ids[0] in engine_ids) or \
                    (parsed.kind == "links" and set(parsed.ids) & engine_ids) or \
-                   (parsed.kind == "routers" and parsed.ids[0] in router_ids)
+                   (parsed.kind == "routers" and (parsed.ids[0] in router_ids or  # workers: <id>-w<i>
+                                                  parsed.ids[0].rpartition("-w")[0] in router_ids))
             if ours:
                 left.append(kv.key)
         return [f"keys left in etcd after stopping (leases not revoked): {', '.join(left)}"] if left else []

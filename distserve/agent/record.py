@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from distserve import __version__
 from distserve.agent.config import AgentConfig
 from distserve.agent.engine_client import EngineFacts
-from distserve.cluster.records import EngineRecord, OperatorFlags, TransferInfo, TransferRank
+from distserve.cluster.capabilities import lmdeploy_capabilities
+from distserve.cluster.records import CacheEventsInfo, EngineRecord, OperatorFlags, TransferInfo, TransferRank
 from distserve.protocol import geometry
 
 log = logging.getLogger("distserve.agent")
@@ -52,6 +53,7 @@ def build_engine_record(config: AgentConfig, facts: EngineFacts, *, instance: st
     if isinstance(extras.get("kv_layout"), str):
         info.kv_layout = extras["kv_layout"]
     state, reason = status.state()
+    software_version = str(extras.get("software_version") or extras.get("version") or config.software_version or "")
     return EngineRecord(
         id=config.id,
         incarnation=f"{instance}.{lease_id:x}",
@@ -63,8 +65,7 @@ def build_engine_record(config: AgentConfig, facts: EngineFacts, *, instance: st
         transfer=transfer_info(config, facts, engine_kind),
         state=state,
         engine_kind=engine_kind,
-        software_version=str(extras.get("software_version") or extras.get("version")
-                             or config.software_version or ""),
+        software_version=software_version,
         agent_version=f"distserve-agent {__version__}",
         started_at=started_at,
         registered_at=registered_at if registered_at is not None else time.time(),
@@ -72,7 +73,31 @@ def build_engine_record(config: AgentConfig, facts: EngineFacts, *, instance: st
         # only a well-formed value: routers reject requests by it
         max_model_len=mml if type(mml := extras.get("max_model_len")) is int and mml > 0 else None,
         max_token_bytes=mtb if type(mtb := extras.get("max_token_bytes")) is int and 0 < mtb <= 1024 else None,
+        capabilities=capabilities(extras, engine_kind, software_version, config.role),
+        cache_events=cache_events_info(extras.get("cache_events")),
     )
+
+
+def cache_events_info(raw) -> CacheEventsInfo | None:
+    """engine_info's `cache_events` (the cache-state stream routers follow) when well formed, else None."""
+    if not isinstance(raw, dict):
+        return None
+    try:
+        return CacheEventsInfo.model_validate(raw)
+    except ValueError:  # pydantic's ValidationError: an engine we cannot follow is still routable
+        log.warning("engine reports an unreadable cache_events %r; publishing none", str(raw)[:200])
+        return None
+
+
+def capabilities(extras: dict, engine_kind: str, software_version: str, role: str) -> list[str] | None:
+    """The engine's own `capabilities` when well formed; for lmdeploy (which reports none) its version's row
+    of the table; else None (routers assume the legacy set)."""
+    reported = extras.get("capabilities")
+    if type(reported) is list and len(reported) <= 64 and all(type(c) is str and 0 < len(c) <= 64 for c in reported):
+        return sorted(set(reported))
+    if engine_kind == "lmdeploy":
+        return lmdeploy_capabilities(software_version, role)
+    return None
 
 
 def transfer_info(config: AgentConfig, facts: EngineFacts, engine_kind: str) -> TransferInfo:

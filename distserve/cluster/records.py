@@ -73,6 +73,18 @@ class TransferInfo(BaseModel):
     ranks: list[TransferRank] = Field(default_factory=list)
 
 
+class CacheEventsInfo(BaseModel):
+    """An engine's cache-state stream (engine_info's `cache_events`; docs/keys.md): routers follow it to
+    learn which prefix keys the engine holds cached (distserve.cluster.prefix_keys)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    path: str = Field(pattern=r"^/[A-Za-z0-9_./-]{1,200}$")
+    version: int = Field(ge=1, le=1000)
+    chunk_bytes: int = Field(ge=1, le=1 << 20)  # text prompts' key chunk (prefix_keys.CHUNK_BYTES)
+    block_size: int = Field(ge=1, le=1 << 16)
+
+
 class EngineRecord(VersionedRecord):
     """engines/<engine_id>: one registered engine, under its agent's lease."""
 
@@ -100,6 +112,12 @@ class EngineRecord(VersionedRecord):
     # The most UTF-8 bytes one token of the engine's tokenizer covers (1 for a byte-level one), None when not
     # said: routers bound a text prompt's token count from below by its bytes / this.
     max_token_bytes: int | None = Field(None, ge=1, le=1024)
+    # What the engine honours of the OpenAI API beyond the basics (distserve.cluster.capabilities): reported by
+    # the engine (engine_info `capabilities`) or, for lmdeploy, filled by the agent from a per-version table.
+    # None: an agent older than capabilities (routers then assume capabilities.legacy()).
+    capabilities: list[Annotated[str, Field(max_length=64)]] | None = Field(None, max_length=64)
+    # The engine's cache-state stream, None when it has none (prefix caching off, lmdeploy, older records).
+    cache_events: CacheEventsInfo | None = None
 
     @property
     def handshake_id(self) -> str:
@@ -168,7 +186,8 @@ class RouterRecord(VersionedRecord):
     updated_at: float = Field(default_factory=now)
 
 
-StrategyName = Literal["random", "round_robin", "min_expected_latency", "power_of_two", "prefix_affinity"]
+StrategyName = Literal["random", "round_robin", "min_expected_latency", "power_of_two", "prefix_affinity",
+                       "kv_aware"]
 
 # Hard bounds of the routing config (docs/router.md "Routing config"). distserve-ctl refuses a value outside
 # them; a router that reads one keeps its last good config. They bound what one bad value can cost a router:
@@ -178,6 +197,8 @@ MAX_WEIGHTS = 10_000  # engines with a weight
 MAX_VNODES = 1024  # ring points per engine of weight 1 (the ring itself is capped too, see strategies.py)
 MAX_PREFIX_CHARS = 16_384
 MAX_LOAD_FACTOR = 100.0
+MAX_KV_WEIGHT = 1000.0
+MAX_MATCH_TOKENS = 1 << 20
 
 
 class StrategyParams(BaseModel):
@@ -199,12 +220,29 @@ class PrefixAffinityParams(StrategyParams):
     vnodes: int = Field(64, ge=1, le=MAX_VNODES)
 
 
+class KvAwareParams(StrategyParams):
+    """kv_aware: cost(engine) = load_weight x unfinished / weight - cache_weight x matched tokens / 1024; the
+    lowest cost wins (docs/router.md "kv_aware")."""
+
+    # Cost of 1,024 prompt tokens the engine holds cached (prefill work it would not redo), in queued requests.
+    cache_weight: float = Field(1.0, ge=0.0, le=MAX_KV_WEIGHT, allow_inf_nan=False)
+    # Cost of one unfinished request on the engine.
+    load_weight: float = Field(1.0, ge=0.0, le=MAX_KV_WEIGHT, allow_inf_nan=False)
+    # A cached prefix shorter than this many tokens counts as no match.
+    min_match_tokens: int = Field(0, ge=0, le=MAX_MATCH_TOKENS)
+    # Engines without a cache stream are placed by prefix_affinity's hash with these knobs.
+    prefix_chars: int = Field(256, ge=1, le=MAX_PREFIX_CHARS)
+    load_factor: float = Field(1.25, ge=1.0, le=MAX_LOAD_FACTOR, allow_inf_nan=False)
+    vnodes: int = Field(64, ge=1, le=MAX_VNODES)
+
+
 STRATEGY_PARAMS: dict[str, type[StrategyParams]] = {
     "random": NoParams,
     "round_robin": NoParams,
     "min_expected_latency": NoParams,
     "power_of_two": NoParams,
     "prefix_affinity": PrefixAffinityParams,
+    "kv_aware": KvAwareParams,
 }
 
 Weight = Annotated[float, Field(gt=0.0, le=MAX_WEIGHT, allow_inf_nan=False, strict=True)]

@@ -83,8 +83,29 @@ class LiveView:
     def snapshot(self) -> ClusterSnapshot:
         return ClusterSnapshot.from_kvs(self.ctx.keys, sorted(self.kvs.values(), key=lambda kv: kv.key), self.revision)
 
+    async def hit_rates(self, timeout: float) -> dict[str, float | None]:
+        """Each engine's prefix-cache hit rate (hit tokens / prompt tokens) from its /metrics, scraped
+        concurrently within `timeout`; None for an engine that does not answer or has no prefix cache."""
+        import aiohttp
 
-def frame(view: LiveView) -> dict[str, Any]:
+        from .describe import engine_metrics, hit_rate
+
+        engines = {e: entry.record.url for e, entry in self.snapshot().engines.items()}
+        if not engines:
+            return {}
+        limit = asyncio.Semaphore(32)
+
+        async def one(session: aiohttp.ClientSession, url: str) -> float | None:
+            async with limit:
+                metrics = await engine_metrics(session, url)
+            return None if isinstance(metrics, str) else hit_rate(metrics)
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+            rates = await asyncio.gather(*(one(session, url) for url in engines.values()))
+        return dict(zip(engines, rates))
+
+
+def frame(view: LiveView, hit_rates: dict[str, float | None] | None = None) -> dict[str, Any]:
     snap = view.snapshot()
     engines = []
     for engine_id, entry in sorted(snap.engines.items()):
@@ -98,6 +119,7 @@ def frame(view: LiveView) -> dict[str, Any]:
             "kv_used_pct": round(100 * used / total, 1) if total else None,
             "prefill_tokens_pending": load.get("prefill_tokens_pending"),
             "preserved_blocks": load.get("preserved_blocks"), "load_age_s": load.get("age_s"),
+            "prefix_hit_rate": (hit_rates or {}).get(engine_id),
         })
     routers = []
     for router_id, entry in sorted(snap.routers.items()):
@@ -117,10 +139,13 @@ def render_frame(doc: dict[str, Any]) -> Group:
 
     engines = make_table(
         f"engines ({len(doc['engines'])}) · {doc['totals']['running']} running, {doc['totals']['waiting']} waiting",
-        ("ID", "ROLE", "STATE", "FLAGS", "RUNNING", "WAITING", "KV USED", "PREFILL TOKENS", "PRESERVED", "LOAD AGE"),
+        ("ID", "ROLE", "STATE", "FLAGS", "RUNNING", "WAITING", "KV USED", "PREFILL TOKENS", "PRESERVED", "HIT RATE",
+         "LOAD AGE"),
         ((e["id"], e["role"], e["state"], e["flags"], num(e["running"]), num(e["waiting"]),
           "-" if e["kv_used_pct"] is None else f"{e['kv_used_pct']:.0f}%", num(e["prefill_tokens_pending"]),
-          num(e["preserved_blocks"]), age(e["load_age_s"])) for e in doc["engines"]))
+          num(e["preserved_blocks"]),
+          "-" if e.get("prefix_hit_rate") is None else f"{100 * e['prefix_hit_rate']:.0f}%",
+          age(e["load_age_s"])) for e in doc["engines"]))
     routers = make_table(
         f"routers ({len(doc['routers'])}) · {doc['totals']['router_in_flight']} in flight",
         ("ID", "IN FLIGHT", "REQUESTS", "REQ/S", "VIEW REV", "STRATEGY"),
@@ -144,18 +169,20 @@ async def run_top(ctx: Ctx, args: argparse.Namespace) -> int:
             synced.cancel()
             raise CtlError(f"could not list the cluster within {ctx.timeout:g} s")
         frames = 1 if args.once else args.iterations
+        scrape = min(1.0, args.interval)  # engine /metrics scrapes (hit rates) never hold a frame longer
         live = ctx.out.tty and not ctx.out.json_mode and frames is None
         if live:
-            with Live(render_frame(frame(view)), console=ctx.out.console, refresh_per_second=4) as screen:
+            with Live(render_frame(frame(view, await view.hit_rates(scrape))), console=ctx.out.console,
+                      refresh_per_second=4) as screen:
                 while True:
                     await asyncio.sleep(args.interval)
-                    screen.update(render_frame(frame(view)))
+                    screen.update(render_frame(frame(view, await view.hit_rates(scrape))))
         for i in range(frames or 1_000_000_000):
             if i:
                 await asyncio.sleep(args.interval)
             if task.done():
                 task.result()
-            doc = frame(view)
+            doc = frame(view, await view.hit_rates(scrape))
             if ctx.out.json_mode:
                 ctx.out.json_line(doc)
             else:

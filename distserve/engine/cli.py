@@ -77,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-allocation", choices=["first-fit", "scattered"], default="first-fit",
                         help="block allocation: first-fit (contiguous runs when free, the default) or scattered "
                         "(random ids: a worst-case fragmented pool, for tests and benchmarks)")
+    parser.add_argument("--prefix-caching", choices=["on", "off"], default="on",
+                        help="automatic prefix caching: full KV blocks of finished requests stay cached (LRU) "
+                        "and a request reuses its longest cached prefix (default on)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: 1 for the "
                         "built-in model, one per physical core with --model)")
     parser.add_argument("--max-batch-size", type=int, default=64, help="sequences decoded together (default 64)")
@@ -130,6 +133,7 @@ def _settings(args: argparse.Namespace, model) -> "object":
         scattered_allocation=args.kv_allocation == "scattered",
         peer_token=args.peer_token or os.environ.get("DISTSERVE_CLUSTER_TOKEN") or None,
         null=args.null,
+        prefix_caching=args.prefix_caching == "on",
     )
 
 

@@ -20,7 +20,8 @@ from typing import AsyncIterator
 
 from distserve import tracing
 from distserve.engine import tokenizer
-from distserve.migration.blocks import BlockAllocator, PreservedSessions
+from distserve.engine.prefix_cache import CacheEvents
+from distserve.migration.blocks import BlockAllocator, PreservedSessions, block_hashes
 from distserve.engine.config import ModelConfig
 from distserve.engine.openai_api import ApiError, SamplingRequest
 from distserve.migration.errors import MigrationError
@@ -47,6 +48,10 @@ class Step:
     cache_block_ids: list[int] | None = None
     session_id: int | None = None
     kv_staging: tuple[int, int] | None = None  # (offset, length) of the packed copy in the staging arena
+    # Per token of token_ids when the request asked for logprobs: [logprob, [[id, logprob], ...top k]].
+    logprobs: list | None = None
+    # A shared prefill (n > 1): every choice's first token, its logprobs entry (or None) and session id.
+    choices: list[tuple[int, list | None, int | None]] | None = None
 
 
 @dataclass
@@ -95,6 +100,7 @@ class EngineSettings:
     scattered_allocation: bool = False  # random block ids: a worst-case fragmented pool (tests, benchmarks)
     peer_token: str | None = None  # Bearer key for calls to other engines (free_cache)
     null: bool = False
+    prefix_caching: bool = True  # automatic prefix caching (`--prefix-caching on|off`)
     instance_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
 
 
@@ -105,7 +111,12 @@ class Engine:
         self.executor = executor
         # The model's tokenizer (a checkpoint's own, from the executor), else the built-in byte tokenizer.
         self.tokenizer = getattr(executor, "tokenizer", None) or tokenizer.BYTE_TOKENIZER
-        self.allocator = BlockAllocator(model.num_blocks, scattered=settings.scattered_allocation)
+        self.allocator = BlockAllocator(model.num_blocks, scattered=settings.scattered_allocation,
+                                        prefix_caching=settings.prefix_caching)
+        self.cache_events = CacheEvents(self.allocator, settings.instance_id, model.block_size)
+        self.prompt_tokens_total = 0
+        self.prefix_cache_hit_tokens_total = 0
+        self.migration_blocks_reused_total = 0
         self.sessions = PreservedSessions(self.allocator, settings.preserve_ttl)
         self.started_at = time.time()
         self.requests_total = 0
@@ -140,7 +151,29 @@ class Engine:
                     model=self.settings.model_name,
                     max_model_len=self.model.max_model_len,  # agents publish these: routers check contexts
                     max_token_bytes=getattr(self.tokenizer, "max_token_bytes", None))
+        if self.settings.prefix_caching:  # agents publish it: routers stream our cache state from there
+            info["cache_events"] = self.cache_events.info()
         return info
+
+    # -- prefix cache ------------------------------------------------------------------------------
+    def cache_acquire(self, tokens: list[int], count_prompt: bool = True) -> list[int]:
+        """The blocks of the longest cached prefix of `tokens` (a reference taken on each: give them back
+        with allocator.free), at most (len - 1) // block_size blocks: the last token is always computed
+        (its logits sample the next token). Counts prompt and hit tokens when `count_prompt`."""
+        bs = self.model.block_size
+        blocks: list[int] = []
+        if self.settings.prefix_caching and len(tokens) > bs:
+            blocks = self.allocator.acquire_cached(block_hashes(tokens, bs, (len(tokens) - 1) // bs))
+        if count_prompt:
+            self.prompt_tokens_total += len(tokens)
+            self.prefix_cache_hit_tokens_total += len(blocks) * bs
+        return blocks
+
+    def cache_register(self, tokens: list[int], blocks: list[int]) -> None:
+        """Cache the full blocks of `tokens` (their KV computed in `blocks`)."""
+        if self.settings.prefix_caching:
+            bs = self.model.block_size
+            self.allocator.register(blocks, block_hashes(tokens, bs, min(len(blocks), len(tokens) // bs)))
 
     # -- life cycle --------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -204,8 +237,20 @@ class Engine:
         self.free_cache_calls_total += 1
         self.sessions.free(req.remote_session_id)
 
-    async def generate(self, req: SamplingRequest) -> AsyncIterator[Step]:
-        """Validate, then run; raises ApiError before the first Step for anything wrong."""
+    async def generate(self, req: SamplingRequest, key_plan: list[tuple[int, int]] | None = None
+                       ) -> AsyncIterator[Step]:
+        """Validate, then run; raises ApiError before the first Step for anything wrong. `key_plan`: the
+        request's prefix keys (distserve.engine.prefix_cache.key_plan), registered once its prompt's blocks
+        are cached (at the first step: the prompt is computed or migrated by then)."""
+        first = True
+        async with aclosing(self._generate(req)) as steps:
+            async for step in steps:
+                if first and key_plan:
+                    first = False
+                    self.cache_events.register(key_plan, req.prompt_ids)
+                yield step
+
+    async def _generate(self, req: SamplingRequest) -> AsyncIterator[Step]:
         total_blocks = blocks_for(len(req.prompt_ids) + 1, self.model.block_size)
         if total_blocks > self.model.num_blocks:
             raise ApiError(400, f"the prompt needs {total_blocks} KV blocks; this engine has {self.model.num_blocks}",
@@ -259,23 +304,37 @@ class Engine:
         except MigrationError as exc:
             raise ApiError(exc.status, exc.message, exc.code) from None
         deadline = time.monotonic() + self.settings.migration_deadline
-        blocks = await self._allocate_wait(len(mig.remote_block_ids), deadline)
-        handed_over = False
+        # The first k prompt blocks we already cache (an earlier turn, say) are not pulled: we read only
+        # remote_block_ids[k:] (the wire is unchanged: the prompt tells us which blocks we hold).
+        cached = self.cache_acquire(req.prompt_ids)
+        k = len(cached)
+        try:
+            fresh = await self._allocate_wait(len(mig.remote_block_ids) - k, deadline)
+        except BaseException:
+            self.allocator.free(cached)
+            raise
+        handed_over = pulled = False
         try:
             try:
-                await self.migration.pull(peer, mig.remote_block_ids, blocks,
-                                          on_quarantine_release=lambda b=blocks: self.allocator.free(b),
-                                          remote_staging=mig.remote_kv_staging)
+                # A packed copy holds every block layer by layer: a partial pull reads the blocks instead.
+                await self.migration.pull(peer, mig.remote_block_ids[k:], fresh,
+                                          on_quarantine_release=lambda b=fresh: self.allocator.free(b),
+                                          remote_staging=mig.remote_kv_staging if k == 0 else None)
             except MigrationError as exc:
                 if getattr(exc, "quarantined", False):
                     handed_over = True  # freed by the watcher once the late reads land (or never reused)
                 raise ApiError(exc.status, exc.message, exc.code) from None
             # The prefill's blocks are ours now: free them on P (lmdeploy does this over ZMQ).
             self._spawn(self._free_remote(mig.remote_engine_id, peer.local_engine_id, mig.remote_session_id))
-            handed_over = True
+            handed_over = pulled = True
         finally:
             if not handed_over:
-                self.allocator.free(blocks)
+                self.allocator.free(fresh)
+            if not pulled:
+                self.allocator.free(cached)
+        self.migration_blocks_reused_total += k
+        blocks = cached + fresh
+        self.cache_register(req.prompt_ids, blocks)
         resume = Resume(blocks=blocks, first_token=mig.remote_token_id)
         runner = self._traced("decode", req, resume) if tracing.ENABLED else self.executor.run(req, resume)
         async with aclosing(runner) as steps:
@@ -366,6 +425,12 @@ class Engine:
             "requests_total": self.requests_total,
             "request_errors_total": self.request_errors_total,
             "free_cache_total": self.free_cache_calls_total,
+            "prompt_tokens_total": self.prompt_tokens_total,
+            "prefix_cache_hit_tokens_total": self.prefix_cache_hit_tokens_total,
+            "prefix_cache_blocks": self.allocator.num_cached,
+            "prefix_cache_evictions_total": self.allocator.evictions_total,
+            "prefix_cache_keys": self.cache_events.num_keys,
+            "migration_blocks_reused_total": self.migration_blocks_reused_total,
         }
 
 
@@ -396,7 +461,14 @@ class NullExecutor(Executor):
         if resume is not None:
             blocks = resume.blocks
         else:
-            blocks = await engine._allocate_wait(blocks_for(len(req.prompt_ids), bs), time.monotonic() + 30)
+            cached = engine.cache_acquire(req.prompt_ids)
+            try:
+                blocks = cached + await engine._allocate_wait(blocks_for(len(req.prompt_ids), bs) - len(cached),
+                                                              time.monotonic() + 30)
+            except BaseException:
+                engine.allocator.free(cached)
+                raise
+            engine.cache_register(req.prompt_ids, blocks)  # no KV to compute: "prefilled" at once
         self.running += 1
         keep = False
         try:

@@ -42,6 +42,18 @@ _METRICS = [
     ("distserve_engine_requests_total", "requests_total", "counter", "generation requests accepted"),
     ("distserve_engine_request_errors_total", "request_errors_total", "counter", "requests answered with an error"),
     ("distserve_engine_free_cache_total", "free_cache_total", "counter", "free_cache calls served"),
+    ("distserve_engine_prompt_tokens_total", "prompt_tokens_total", "counter",
+     "prompt tokens of admitted requests (prefills, recomputes and migrated decodes)"),
+    ("distserve_engine_prefix_cache_hit_tokens_total", "prefix_cache_hit_tokens_total", "counter",
+     "prompt tokens served from the prefix cache (not computed; on a decode: not migrated)"),
+    ("distserve_engine_prefix_cache_blocks", "prefix_cache_blocks", "gauge",
+     "KV blocks in the prefix cache (held or evictable)"),
+    ("distserve_engine_prefix_cache_evictions_total", "prefix_cache_evictions_total", "counter",
+     "cached KV blocks evicted (least recently used leaves first) to make room"),
+    ("distserve_engine_prefix_cache_keys", "prefix_cache_keys", "gauge",
+     "prefix keys published on the cache-state stream"),
+    ("distserve_engine_migration_blocks_reused_total", "migration_blocks_reused_total", "counter",
+     "prompt blocks a decode found in its own prefix cache instead of pulling them"),
 ]
 
 

@@ -264,10 +264,12 @@ class Model:
         k = self._rope(k.view(-1, cfg.num_kv_heads, d), cos, sin)
         return q, k, v.reshape(-1, cfg.num_kv_heads, d)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         """q: [n, Hq, D], k/v: [t, Hkv, D] -> [n, Hq*D]."""
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-                                             is_causal=causal, scale=self.scale, enable_gqa=self.gqa)
+                                             attn_mask=mask, is_causal=causal, scale=self.scale,
+                                             enable_gqa=self.gqa)
         return out.transpose(0, 1).reshape(q.shape[0], -1)
 
     def _mlp(self, x: torch.Tensor, layer: dict) -> torch.Tensor:
@@ -281,26 +283,38 @@ class Model:
 
     # -- steps -------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, pool: torch.Tensor, seqs: list[tuple[list[int], list[int]]]) -> torch.Tensor:
-        """Each seq is (tokens from position 0, its blocks). Writes KV; returns last-token logits [S, V]."""
+    def prefill(self, pool: torch.Tensor, seqs: list[tuple]) -> torch.Tensor:
+        """Each seq is (tokens, its blocks) or (tokens, its blocks, start): the tokens sit at positions
+        start.. (default 0) and the KV of positions < start is already in the blocks (a cached prefix).
+        Writes KV; returns last-token logits [S, V]."""
         bs = self.cfg.block_size
-        lens = [len(t) for t, _ in seqs]
-        tokens = torch.tensor([t for toks, _ in seqs for t in toks], dtype=torch.long)
-        pos = torch.cat([torch.arange(n) for n in lens])
+        seqs = [(s[0], s[1], s[2] if len(s) > 2 else 0) for s in seqs]
+        lens = [len(t) for t, _, _ in seqs]
+        tokens = torch.tensor([t for toks, _, _ in seqs for t in toks], dtype=torch.long)
+        pos = torch.cat([torch.arange(p0, p0 + n) for (_, _, p0), n in zip(seqs, lens)])
         cos, sin = self._cos_sin(pos)
         slots = []
-        for (toks, blocks), n in zip(seqs, lens):
-            p = torch.arange(n)
+        for (toks, blocks, p0), n in zip(seqs, lens):
+            p = torch.arange(p0, p0 + n)
             slots.append((torch.tensor(blocks, dtype=torch.long)[p // bs], p % bs))
+        hk, d = self.cfg.num_kv_heads, self.cfg.head_dim
         x = self.embed[tokens]
         for li, layer in enumerate(self.layers):
             q, k, v = self._qkv(x, layer, cos, sin)
             kv = pool[li]
             outs, start = [], 0
-            for (bidx, slot), n in zip(slots, lens):
+            for (bidx, slot), n, (_, blocks, p0) in zip(slots, lens, seqs):
                 kv[bidx, 0, slot] = k[start: start + n]
                 kv[bidx, 1, slot] = v[start: start + n]
-                outs.append(self._attend(q[start: start + n], k[start: start + n], v[start: start + n], n > 1))
+                if p0:  # the cached prefix's KV from the pool, then ours; query i sees keys <= p0 + i
+                    old = torch.tensor(blocks[: p0 // bs], dtype=torch.long)
+                    kk = torch.cat((kv[old, 0].reshape(-1, hk, d)[:p0], k[start: start + n]))
+                    vv = torch.cat((kv[old, 1].reshape(-1, hk, d)[:p0], v[start: start + n]))
+                    mask = torch.ones(n, p0 + n, dtype=torch.bool).tril(p0)
+                    outs.append(self._attend(q[start: start + n], kk, vv, False, mask))
+                else:
+                    outs.append(self._attend(q[start: start + n], k[start: start + n], v[start: start + n],
+                                             n > 1))
                 start += n
             x = x + self._lin(torch.cat(outs) if len(outs) > 1 else outs[0], layer["o"], layer["o_bias"])
             x = x + self._mlp(x, layer)

@@ -41,6 +41,15 @@ def validation_message(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+# What this engine honours (engine_info `capabilities`, copied into its record by the agent): a router
+# rejects a request that uses anything else before calling an engine (docs/reference-engine.md).
+CAPABILITIES = ("completion_logprobs", "echo", "frequency_penalty", "logit_bias", "logprobs", "min_p",
+                "presence_penalty", "repetition_penalty", "seed", "top_k", "top_logprobs")
+NULL_CAPABILITIES = ("echo", "seed")  # the null mode answers one fixed text: it samples nothing
+MAX_N = 128  # choices of one shared prefill (router: docs/router.md "n > 1")
+MAX_TOP_LOGPROBS = 20
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -48,8 +57,24 @@ class _Common(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=1)
+    # n > 1 only on a router's prefill leg (preserve_cache): one prefill, n first tokens, n pulls.
+    n: int = Field(1, ge=1, le=MAX_N)
     seed: int | None = None
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=100.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    # Known OpenAI/lmdeploy fields this engine does not implement: a non-default value is a 400, never
+    # silently ignored (`_unsupported`).
+    min_tokens: int | None = None
+    min_new_tokens: int | None = None
+    skip_special_tokens: bool | None = None
+    best_of: int | None = None
+    # The first token's logprobs computed by the prefill ([logprob, [[token id, logprob], ...]]), sent by a
+    # router with migration_request: the decode emits them with the first token.
+    remote_logprobs: list | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict | None = None
@@ -88,7 +113,9 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=1)
-    echo: bool = False
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    suffix: str | None = None
 
 
 class ChatMessage(BaseModel):
@@ -113,6 +140,30 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+
+
+def _unsupported(kind: str, req: Any) -> str | None:
+    """The first field set to something this engine does not implement, else None."""
+    checks = [
+        ("min_tokens", bool(req.min_tokens)),
+        ("min_new_tokens", bool(req.min_new_tokens)),
+        ("skip_special_tokens", req.skip_special_tokens is False),
+        ("best_of", req.best_of not in (None, 1)),
+    ]
+    if kind == "completion":
+        checks += [("suffix", bool(req.suffix)),
+                   ("echo", bool(req.echo) and req.logprobs is not None)]  # prompt logprobs: not computed
+    else:
+        checks += [("tools", bool(req.tools)),
+                   ("tool_choice", req.tool_choice not in (None, "none")),
+                   ("response_format", req.response_format is not None
+                    and req.response_format.get("type", "text") != "text")]
+    return next((name for name, bad in checks if bad), None)
 
 
 @dataclass
@@ -129,11 +180,50 @@ class SamplingRequest:
     preserve_cache: bool = False
     migration: MigrationRequest | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    # Sampling knobs (None / 0: off), applied to the raw logits in this order: logit_bias, repetition,
+    # presence and frequency penalties (over generated tokens; repetition over prompt + generated), then
+    # temperature, top_k, min_p, top_p.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[int, float] | None = None
+    # Logprobs of each sampled token (log-softmax of the raw logits, before any knob) and its `logprobs`
+    # most likely alternatives; None: not computed.
+    logprobs: int | None = None
+    first_logprobs: list | None = None  # a migrated first token's, from the prefill (remote_logprobs)
+    n: int = 1  # choices sampled from this prefill's logits (prefill leg of a shared prefill only)
+
+
+def _needs(kind: str, req: Any) -> list[tuple[str, str]]:
+    """(field, capability) for each capability-gated field the request uses (the router's twin:
+    distserve.router.capabilities.required)."""
+    out = []
+    if req.seed is not None:
+        out.append(("seed", "seed"))
+    for name in ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty", "logit_bias"):
+        if getattr(req, name):
+            out.append((name, name))
+    if kind == "completion":
+        if req.logprobs is not None:
+            out.append(("logprobs", "completion_logprobs"))
+        if req.echo:
+            out.append(("echo", "echo"))
+    else:
+        if req.logprobs:
+            out.append(("logprobs", "logprobs"))
+        if req.top_logprobs:
+            out.append(("top_logprobs", "top_logprobs"))
+    if req.n > 1:
+        out.append(("n", "shared_prefill"))
+    return out
 
 
 def parse_request(kind: str, body: Any, served_model: str, max_model_len: int,
-                  tok: Any = None) -> tuple[Any, SamplingRequest]:
-    """Validate an OpenAI body; ApiError(400/404) on anything wrong. `tok`: the engine's tokenizer (bytes)."""
+                  tok: Any = None, capabilities: tuple[str, ...] = CAPABILITIES) -> tuple[Any, SamplingRequest]:
+    """Validate an OpenAI body; ApiError(400/404) on anything wrong. `tok`: the engine's tokenizer (bytes);
+    `capabilities`: what this engine honours (anything else used is a 400, never ignored)."""
     tok = tok if tok is not None else tokenizer.BYTE_TOKENIZER
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
@@ -186,6 +276,34 @@ def parse_request(kind: str, body: Any, served_model: str, max_model_len: int,
         raise ApiError(400, "migration_request and preserve_cache are exclusive", "invalid_migration_request")
     if req.seed is not None and not (-(1 << 63) <= req.seed < (1 << 64)):
         raise ApiError(400, "seed out of range", "invalid_request")
+    bad = _unsupported(kind, req) or next((f for f, cap in _needs(kind, req) if cap not in capabilities), None)
+    if bad is not None:
+        raise ApiError(400, f"'{bad}' is not supported by this engine", "unsupported_parameter", param=bad)
+    if req.n > 1 and not req.preserve_cache:
+        # a router fans n out; only its prefill leg samples n first tokens from one prefill
+        raise ApiError(400, "n > 1 is served through a distserve router; this engine generates one choice per "
+                       "request", "unsupported_parameter", param="n")
+    if kind == "completion":
+        logprobs = req.logprobs
+    else:
+        if req.top_logprobs and not req.logprobs:  # as OpenAI
+            raise ApiError(400, "'top_logprobs' requires 'logprobs' to be true", "invalid_value",
+                           param="top_logprobs")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    bias = None
+    if req.logit_bias:
+        bias = {}
+        for key, value in req.logit_bias.items():
+            if not key.isdigit() or not 0 <= int(key) < tok.vocab_size or not -100 <= value <= 100:
+                raise ApiError(400, f"logit_bias: keys must be token ids in [0, {tok.vocab_size}) and values "
+                               "in [-100, 100]", "invalid_value", param="logit_bias")
+            bias[int(key)] = float(value)
+    first_logprobs = None
+    if req.remote_logprobs is not None:
+        if req.migration_request is None or not _is_logprob_entry(req.remote_logprobs):
+            raise ApiError(400, "remote_logprobs needs migration_request and the form [logprob, [[id, logprob]]]",
+                           "invalid_migration_request", param="remote_logprobs")
+        first_logprobs = req.remote_logprobs
     sampling = SamplingRequest(
         prompt_ids=ids,
         max_tokens=max_tokens,
@@ -196,8 +314,58 @@ def parse_request(kind: str, body: Any, served_model: str, max_model_len: int,
         ignore_eos=req.ignore_eos,
         preserve_cache=req.preserve_cache,
         migration=req.migration_request,
+        top_k=req.top_k if req.top_k and req.top_k > 0 else None,
+        min_p=req.min_p or None,
+        repetition_penalty=req.repetition_penalty if req.repetition_penalty not in (None, 1.0) else None,
+        presence_penalty=req.presence_penalty or None,
+        frequency_penalty=req.frequency_penalty or None,
+        logit_bias=bias,
+        logprobs=logprobs,
+        first_logprobs=first_logprobs,
+        n=req.n,
     )
     return req, sampling
+
+
+def _is_logprob_entry(v: Any) -> bool:
+    return (isinstance(v, list) and len(v) == 2 and isinstance(v[0], (int, float)) and isinstance(v[1], list)
+            and len(v[1]) <= MAX_TOP_LOGPROBS
+            and all(isinstance(t, list) and len(t) == 2 and type(t[0]) is int and isinstance(t[1], (int, float))
+                    for t in v[1]))
+
+
+def token_bytes(tok: Any, token_id: int) -> bytes:
+    """The bytes one token stands for (the engine's tokenizer; b"" for special tokens)."""
+    hf = getattr(tok, "tok", None)
+    if hf is not None:
+        return hf.decode([token_id], skip_special_tokens=True, clean_up_tokenization_spaces=False).encode()
+    return bytes([token_id]) if 0 <= token_id < 256 else b""
+
+
+def logprobs_body(kind: str, tok: Any, entries: list, k: int, offset: int = 0) -> dict:
+    """OpenAI's logprobs object for `entries` ([logprob, [[id, logprob], ...]] per token, the sampled token's
+    id first in a parallel list: see Step.logprobs). Chat: {"content": [...]}; completions: the legacy form
+    (tokens, token_logprobs, top_logprobs, text_offset from `offset`)."""
+    if kind == "chat":
+        content = []
+        for token_id, (lp, top) in entries:
+            raw = token_bytes(tok, token_id)
+            content.append({"token": raw.decode(errors="replace"), "logprob": lp, "bytes": list(raw),
+                            "top_logprobs": [{"token": (b := token_bytes(tok, t)).decode(errors="replace"),
+                                              "logprob": v, "bytes": list(b)} for t, v in top[:k]]})
+        return {"content": content}
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for token_id, (lp, top) in entries:
+        text = token_bytes(tok, token_id).decode(errors="replace")
+        tokens.append(text)
+        token_logprobs.append(lp)
+        top_map: dict[str, float] = {}
+        for t, v in top[:k]:
+            top_map.setdefault(token_bytes(tok, t).decode(errors="replace"), v)
+        tops.append(top_map)
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -206,12 +374,12 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion_body(kind: str, rid: str, model: str, created: int, text: str, finish: str | None,
-                    prompt_tokens: int, completion_tokens: int) -> dict:
+                    prompt_tokens: int, completion_tokens: int, logprobs: dict | None = None) -> dict:
     if kind == "completion":
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         obj = "text_completion"
     else:
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
                   "finish_reason": finish}
         obj = "chat.completion"
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice],
@@ -219,9 +387,9 @@ def completion_body(kind: str, rid: str, model: str, created: int, text: str, fi
 
 
 def chunk_body(kind: str, rid: str, model: str, created: int, text: str | None, finish: str | None,
-               first: bool = False) -> dict:
+               first: bool = False, logprobs: dict | None = None) -> dict:
     if kind == "completion":
-        choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         obj = "text_completion"
     else:
         delta: dict = {}
@@ -229,7 +397,7 @@ def chunk_body(kind: str, rid: str, model: str, created: int, text: str | None, 
             delta["role"] = "assistant"
         if text:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         obj = "chat.completion.chunk"
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
 

@@ -19,8 +19,13 @@ from pydantic import ValidationError
 from distserve import tracing
 from distserve.engine import metrics, tokenizer
 from distserve.engine.core import Engine
+from distserve.engine.prefix_cache import key_plan
 from distserve.engine.openai_api import (
+    CAPABILITIES,
+    NULL_CAPABILITIES,
     ApiError,
+    logprobs_body,
+    token_bytes,
     chunk_body,
     completion_body,
     new_id,
@@ -40,6 +45,7 @@ from distserve.protocol import (
 log = logging.getLogger("distserve.engine.server")
 
 ENGINE_KEY = web.AppKey("engine", Engine)
+HEARTBEAT_S = 2.0  # cache-state stream: a line at least this often, so a client can tell a dead stream
 
 
 def error_response(status: int, message: str, code: str, extra: dict | None = None,
@@ -192,7 +198,10 @@ class Routes:
 
     async def engine_info(self, request: web.Request) -> web.Response:
         # lmdeploy answers a JSON *string* holding the object (double-encoded).
-        return web.json_response(json.dumps(self.engine.engine_info()))
+        info = self.engine.engine_info()
+        # what this engine honours: agents copy it into the record, routers reject what no path honours
+        info["capabilities"] = sorted(NULL_CAPABILITIES if self.engine.settings.null else CAPABILITIES)
+        return web.json_response(json.dumps(info))
 
     async def p2p_initialize(self, request: web.Request) -> web.Response:
         req = _parse(InitRequest, await _read_json(request))
@@ -214,6 +223,56 @@ class Routes:
         self.engine.free_cache(req)
         return web.json_response({"status": "SUCCESS"})
 
+    async def cache_events(self, request: web.Request) -> web.StreamResponse:
+        """The cache-state stream (NDJSON): a snapshot, or the events after `since` when this incarnation
+        still has them, then ordered events; a heartbeat every HEARTBEAT_S when idle."""
+        engine = self.engine
+        if not engine.settings.prefix_caching:
+            raise ApiError(404, "prefix caching is off on this engine: no cache-state stream", "not_found")
+        state = engine.cache_events
+        raw = request.query.get("since")
+        since = None
+        if raw is not None:
+            if not raw.isdigit() or len(raw) > 19:
+                raise ApiError(400, "since must be a non-negative integer", "invalid_request", param="since")
+            since = int(raw)
+        backlog = None
+        if since is not None and request.query.get("incarnation") == state.incarnation:
+            backlog = state.after(since)
+        wake = state.waiter()
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson", "Cache-Control": "no-cache"})
+        try:
+            await resp.prepare(request)
+            if backlog is None:
+                snap = state.snapshot()
+                last = snap["seq"]
+                await resp.write(json.dumps(snap, separators=(",", ":")).encode() + b"\n")
+            else:
+                last = since
+            while engine.healthy:
+                wake.clear()
+                events = state.after(last)
+                if events is None:  # we fell behind the ring: start over with a snapshot
+                    snap = state.snapshot()
+                    last = snap["seq"]
+                    await resp.write(json.dumps(snap, separators=(",", ":")).encode() + b"\n")
+                    continue
+                if events:
+                    last = events[-1]["seq"]
+                    await resp.write(b"".join(json.dumps(e, separators=(",", ":")).encode() + b"\n"
+                                              for e in events))
+                    continue
+                try:
+                    await asyncio.wait_for(wake.wait(), HEARTBEAT_S)
+                except asyncio.TimeoutError:
+                    await resp.write(json.dumps({"type": "heartbeat", "seq": last,
+                                                 "incarnation": state.incarnation}).encode() + b"\n")
+        except (ConnectionResetError, ConnectionError):
+            pass  # the client went away
+        finally:
+            state.drop_waiter(wake)
+        return resp
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, "completion")
 
@@ -226,26 +285,37 @@ class Routes:
             raise ApiError(503, "engine is shutting down", "unavailable")
         body = await _read_json(request)
         req, sampling = parse_request(kind, body, engine.settings.model_name, engine.model.max_model_len,
-                                      engine.tokenizer)
+                                      engine.tokenizer, NULL_CAPABILITIES if engine.settings.null else CAPABILITIES)
         engine.requests_total += 1
         rid, created, model = new_id(kind), int(time.time()), req.model
         log.debug("%s %s x_request_id=%s prompt_tokens=%d max_tokens=%d stream=%s", kind, rid,
                   _request_id(request), len(sampling.prompt_ids), sampling.max_tokens, bool(req.stream))
         want_cache = req.with_cache or req.preserve_cache
-        async with aclosing(engine.generate(sampling)) as steps:
+        # echo (completions): the prompt's text before the completion's
+        echo = ""
+        if kind == "completion" and req.echo:
+            echo = b"".join(token_bytes(engine.tokenizer, t) for t in sampling.prompt_ids).decode(errors="replace")
+        plan = None
+        if engine.settings.prefix_caching:
+            try:
+                plan = key_plan(kind, body, sampling.prompt_ids, engine.tokenizer, engine.model.block_size)
+            except Exception:  # noqa: BLE001 - keys are an optimisation for routers: never fail a request
+                log.exception("computing the prefix keys failed; the request runs without them")
+        async with aclosing(engine.generate(sampling, plan)) as steps:
             try:
                 first = await steps.__anext__()  # errors before any output become a status code
             except StopAsyncIteration:
                 first = None
             if req.stream:
                 return await self._stream(request, kind, rid, created, model, sampling, steps, first, want_cache,
-                                          req.stream_options or {})
+                                          req.stream_options or {}, echo)
             text_parts = TextAssembler(sampling.stop, engine.tokenizer.decoder())
             generated: list[int] = []
+            entries: list = []
             finish, extra = None, {}
             step = first
             while step is not None:
-                finish = self._consume(step, text_parts, generated) or finish
+                finish = self._consume(step, text_parts, generated, entries) or finish
                 if step.cache_block_ids is not None and want_cache:
                     extra = self._cache_fields(step, generated)
                 if text_parts.stopped or step.finish:
@@ -253,15 +323,23 @@ class Routes:
                 step = await anext(steps, None)
             if text_parts.stopped:
                 finish = "stop"
-            out = completion_body(kind, rid, model, created, text_parts.take(final=True), finish or "length",
-                                  len(sampling.prompt_ids), len(generated))
+            lp = self._logprobs(kind, sampling, entries, len(echo))
+            out = completion_body(kind, rid, model, created, echo + text_parts.take(final=True),
+                                  finish or "length", len(sampling.prompt_ids), len(generated), lp)
             out.update(extra)
             return web.json_response(out)
 
+    def _logprobs(self, kind: str, sampling, entries: list, offset: int = 0) -> dict | None:
+        if sampling.logprobs is None:
+            return None
+        return logprobs_body(kind, self.engine.tokenizer, entries, sampling.logprobs, offset)
+
     @staticmethod
-    def _consume(step, text_parts: TextAssembler, generated: list[int]) -> str | None:
-        for token in step.token_ids:
+    def _consume(step, text_parts: TextAssembler, generated: list[int], entries: list) -> str | None:
+        for i, token in enumerate(step.token_ids):
             generated.append(token)
+            if step.logprobs is not None and i < len(step.logprobs):
+                entries.append((token, step.logprobs[i]))
             text_parts.push(token)
             if text_parts.stopped:
                 return "stop"
@@ -274,10 +352,16 @@ class Routes:
             extra["remote_session_id"] = step.session_id
         if step.kv_staging is not None:
             extra["remote_kv_staging"] = {"offset": step.kv_staging[0], "length": step.kv_staging[1]}
+        if step.logprobs:
+            extra["remote_logprobs"] = [step.logprobs[0]]  # per choice: the router passes it to the decode
+        if step.choices is not None:  # a shared prefill: one first token and one session per choice
+            extra["remote_token_ids"] = [t for t, _, _ in step.choices]
+            extra["remote_session_ids"] = [s for _, _, s in step.choices]
+            extra["remote_logprobs"] = [e for _, e, _ in step.choices]
         return extra
 
     async def _stream(self, request, kind, rid, created, model, sampling, steps, first, want_cache,
-                      stream_options) -> web.StreamResponse:
+                      stream_options, echo: str = "") -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
 
@@ -289,14 +373,20 @@ class Routes:
         finish = None
         first_chunk = True
         step = first
+        offset = len(echo)
         try:
+            if echo:
+                await send(chunk_body(kind, rid, model, created, echo, None, first=True))
             while step is not None:
-                finish = self._consume(step, text_parts, generated) or finish
+                entries: list = []
+                finish = self._consume(step, text_parts, generated, entries) or finish
                 done = text_parts.stopped or step.finish is not None
                 piece = text_parts.take(final=done)
-                if piece or first_chunk:
-                    await send(chunk_body(kind, rid, model, created, piece, None, first=first_chunk))
+                lp = self._logprobs(kind, sampling, entries, offset) if entries else None
+                if piece or first_chunk or lp is not None:
+                    await send(chunk_body(kind, rid, model, created, piece, None, first=first_chunk, logprobs=lp))
                     first_chunk = False
+                offset += len(piece)
                 if done:
                     last = chunk_body(kind, rid, model, created, "", "stop" if text_parts.stopped else finish)
                     if want_cache and step.cache_block_ids is not None:
@@ -336,4 +426,5 @@ def create_app(engine: Engine, api_keys: list[str] | None = None) -> web.Applica
     app.router.add_post("/distserve/p2p_connect", r.p2p_connect)
     app.router.add_post("/distserve/p2p_drop_connect", r.p2p_drop_connect)
     app.router.add_post("/distserve/free_cache", r.free_cache)
+    app.router.add_get("/distserve/cache/events", r.cache_events)
     return app

@@ -49,6 +49,10 @@ class Sequence:
     seed: int = 0
     done: bool = False
     session_id: int | None = None  # a preserved prefill session made for this sequence
+    session_ids: list[int] | None = None  # a shared prefill's sessions, one per choice
+    # A shared prefill (req.n > 1): each choice's first token and logprobs entry, sampled with seed + i.
+    choices: list[tuple[int, list | None]] | None = None
+    start: int = 0  # tokens of the prefill served from the prefix cache (its first blocks are cached ones)
 
     def emit(self, item) -> None:
         self.loop.call_soon_threadsafe(self.out.put_nowait, item)
@@ -110,12 +114,14 @@ class TorchExecutor(Executor):
                 seq.blocks = resume.blocks
                 seq.num_computed = seq.num_prompt
                 finish = self._finish_reason(seq, resume.first_token)
+                # the prefill computed the first token's logprobs (remote_logprobs): emitted as it sent them
+                first_lp = [req.first_logprobs] if req.logprobs is not None and req.first_logprobs else None
                 if finish:
                     finished = True
                     engine.allocator.free(seq.blocks)
-                    yield Step([resume.first_token], finish)
+                    yield Step([resume.first_token], finish, logprobs=first_lp)
                     return
-                yield Step([resume.first_token])
+                yield Step([resume.first_token], logprobs=first_lp)
             self._inbox.put(("add", seq))
             added = True
             while True:
@@ -185,8 +191,9 @@ class TorchExecutor(Executor):
             # Aborted after it finished but before its caller took the result (e.g. the client went
             # away): nobody will migrate a preserved prefill, so free it now rather than at its TTL.
             if seq.session_id is not None and self.engine is not None:
-                self.engine.sessions.free(seq.session_id)
-                seq.session_id = None
+                for sid in seq.session_ids or [seq.session_id]:
+                    self.engine.sessions.free(sid)
+                seq.session_id = seq.session_ids = None
             return
         seq.done = True
         if seq in self._running:
@@ -236,10 +243,17 @@ class TorchExecutor(Executor):
                 n = self._ctx_len(seq)
                 if batch and n > budget:
                     break
-                blocks = allocator.allocate(blocks_for(n, bs))
+                # The longest cached prefix is reused; only the rest is computed (and allocated).
+                cached = self.engine.cache_acquire(seq.tokens[:n], count_prompt=False)
+                blocks = allocator.allocate(blocks_for(n, bs) - len(cached))
                 if blocks is None:
+                    allocator.free(cached)
                     break  # back-pressure: wait for blocks to be freed
-                seq.blocks = blocks
+                if not seq.generated:  # a fresh prompt (a recompute is not a prompt)
+                    self.engine.prompt_tokens_total += n
+                    self.engine.prefix_cache_hit_tokens_total += len(cached) * bs
+                seq.blocks = cached + blocks
+                seq.start = len(cached) * bs
                 self._waiting.popleft()
                 batch.append(seq)
                 budget -= n
@@ -279,7 +293,8 @@ class TorchExecutor(Executor):
 
     def _prefill(self, batch: list[Sequence]) -> None:
         try:
-            logits = self.model.prefill(self.pool, [(s.tokens[: self._ctx_len(s)], s.blocks) for s in batch])
+            logits = self.model.prefill(self.pool, [(s.tokens[s.start: self._ctx_len(s)], s.blocks, s.start)
+                                                    for s in batch])
         except Exception:  # noqa: BLE001 - the batch is in neither queue yet: fail it here or its blocks leak
             log.exception("prefill step failed")
             for seq in batch:
@@ -287,6 +302,7 @@ class TorchExecutor(Executor):
             return
         for i, seq in enumerate(batch):
             seq.num_computed = self._ctx_len(seq)
+            self.engine.cache_register(seq.tokens[: seq.num_computed], seq.blocks)
             if seq.done:
                 self._free(seq)
                 continue
@@ -307,14 +323,58 @@ class TorchExecutor(Executor):
     def _sample_and_accept(self, seq: Sequence, logits: torch.Tensor) -> None:
         # A sampling failure concerns this request only; the rest of the batch goes on.
         try:
-            token = self._sample(seq, logits)
+            raw = logits
+            logits = self._adjust(seq, logits)
+            token = self._sample(seq, logits, seq.seed)
+            entry = self._logprob_entry(seq, raw, token)
+            if seq.req.n > 1 and not seq.generated:
+                # a shared prefill: choice i is what a separate request seeded with seed + i samples here
+                seq.choices = [(token, entry)]
+                for i in range(1, seq.req.n):
+                    t = self._sample(seq, logits, (seq.seed + i) % (1 << 64))
+                    seq.choices.append((t, self._logprob_entry(seq, raw, t)))
         except Exception:  # noqa: BLE001
             log.exception("sampling failed for request %d", seq.sid)
             self._fail(seq, ApiError(500, "internal engine error while sampling", "internal_error"))
             return
-        self._accept(seq, token)
+        self._accept(seq, token, entry)
 
-    def _sample(self, seq: Sequence, logits: torch.Tensor) -> int:
+    @staticmethod
+    def _logprob_entry(seq: Sequence, logits: torch.Tensor, token: int) -> list | None:
+        """[logprob of token, [[id, logprob], ...the k most likely]] from the raw logits (before any knob or
+        temperature, as OpenAI reports them), or None when the request did not ask."""
+        k = seq.req.logprobs
+        if k is None:
+            return None
+        lp = torch.log_softmax(logits.double(), dim=-1)
+        top = torch.topk(lp, k) if k else None
+        pairs = [[int(i), float(v)] for v, i in zip(top.values, top.indices)] if top is not None else []
+        return [float(lp[token]), pairs]
+
+    @staticmethod
+    def _adjust(seq: Sequence, logits: torch.Tensor) -> torch.Tensor:
+        """logit_bias and the penalties (presence/frequency over generated tokens, repetition over prompt and
+        generated, as vLLM and lmdeploy apply them); the logits unchanged when none is set."""
+        req = seq.req
+        if not (req.logit_bias or req.repetition_penalty or req.presence_penalty or req.frequency_penalty):
+            return logits
+        out = logits.double().clone()
+        if req.logit_bias:
+            ids = torch.tensor(list(req.logit_bias), dtype=torch.long)
+            out[ids] += torch.tensor(list(req.logit_bias.values()), dtype=torch.float64)
+        if req.repetition_penalty:
+            ids = torch.tensor(sorted(set(seq.tokens)), dtype=torch.long)
+            vals = out[ids]
+            out[ids] = torch.where(vals > 0, vals / req.repetition_penalty, vals * req.repetition_penalty)
+        generated = seq.tokens[seq.num_prompt:]
+        if generated and (req.presence_penalty or req.frequency_penalty):
+            counts = collections.Counter(generated)
+            ids = torch.tensor(list(counts), dtype=torch.long)
+            c = torch.tensor(list(counts.values()), dtype=torch.float64)
+            out[ids] -= (req.frequency_penalty or 0.0) * c + (req.presence_penalty or 0.0)
+        return out
+
+    def _sample(self, seq: Sequence, logits: torch.Tensor, seed: int) -> int:
         req = seq.req
         # Tiny temperatures overflow logits/temperature to inf (softmax NaN); tiny top_p keeps one
         # token anyway. Both are greedy in effect, so sample them greedily.
@@ -323,13 +383,18 @@ class TorchExecutor(Executor):
         probs = torch.softmax(logits.double() / req.temperature, dim=-1)
         if not bool(torch.isfinite(probs).all()):
             return int(torch.argmax(logits))
+        if req.top_k and req.top_k < probs.numel():
+            cut = torch.topk(probs, req.top_k).values[-1]
+            probs = torch.where(probs >= cut, probs, torch.zeros_like(probs))
+        if req.min_p:
+            probs = torch.where(probs >= req.min_p * probs.max(), probs, torch.zeros_like(probs))
         if req.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
             keep = torch.cumsum(sorted_p, 0) - sorted_p < req.top_p
             keep[0] = True
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
         # One generator per position: a seeded request samples the same tokens in PD as in hybrid.
-        gen = torch.Generator().manual_seed((seq.seed + seq.generated * _GOLDEN) % (1 << 64))
+        gen = torch.Generator().manual_seed((seed + seq.generated * _GOLDEN) % (1 << 64))
         return int(torch.multinomial(probs, 1, generator=gen))
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
@@ -341,14 +406,14 @@ class TorchExecutor(Executor):
             return "length"
         return None
 
-    def _accept(self, seq: Sequence, token: int) -> None:
+    def _accept(self, seq: Sequence, token: int, entry: list | None = None) -> None:
         seq.tokens.append(token)
         seq.generated += 1
         finish = self._finish_reason(seq, token)
         if finish:
-            self._finish(seq, token, finish)
+            self._finish(seq, token, finish, entry)
         else:
-            seq.emit(Step([token]))
+            seq.emit(Step([token], logprobs=[entry] if entry is not None else None))
 
     def _pack(self, blocks: list[int]):
         """The staging slot holding a copy of scattered blocks, or None (one run already, no arena, arena
@@ -363,12 +428,15 @@ class TorchExecutor(Executor):
                           len(blocks))
             return None
 
-    def _finish(self, seq: Sequence, token: int | None, finish: str) -> None:
+    def _finish(self, seq: Sequence, token: int | None, finish: str, entry: list | None = None) -> None:
         assert self.engine is not None
         seq.done = True
         if seq in self._running:
             self._running.remove(seq)
         tokens = [token] if token is not None else []
+        lps = [entry] if entry is not None and token is not None else None
+        # The generated tokens' full blocks too: the next turn of a conversation starts with them.
+        self.engine.cache_register(seq.tokens[: seq.num_computed], seq.blocks)
         prompt_blocks = blocks_for(seq.num_prompt, self.cfg.block_size)
         if seq.req.preserve_cache and len(seq.blocks) >= prompt_blocks:
             kept, rest = seq.blocks[:prompt_blocks], seq.blocks[prompt_blocks:]
@@ -378,12 +446,22 @@ class TorchExecutor(Executor):
             # Scattered blocks are packed into one slot here, in the thread that wrote them, so a decode
             # reads one range instead of one per run and layer (distserve.migration.staging).
             slot = self._pack(kept)
-            sessions.add(sid, kept, slot)
+            choices = None
+            if seq.choices is not None:
+                # one session id per choice over the same blocks: each decode frees its own (idempotent),
+                # the blocks go when the last is freed (distserve.migration.blocks.PreservedSessions)
+                sids = [sid] + [sessions.new_session_id() for _ in seq.choices[1:]]
+                sessions.add_shared(sids, kept, slot)
+                seq.session_ids = sids
+                choices = [(t, e, s) for (t, e), s in zip(seq.choices, sids)]
+            else:
+                sessions.add(sid, kept, slot)
             seq.session_id = sid
             seq.blocks = []
             seq.emit(Step(tokens, finish, cache_block_ids=list(kept), session_id=sid,
-                          kv_staging=(slot.offset, slot.length) if slot is not None else None))
+                          kv_staging=(slot.offset, slot.length) if slot is not None else None, logprobs=lps,
+                          choices=choices))
             return
         ids = list(seq.blocks[:prompt_blocks])
         self._free(seq)
-        seq.emit(Step(tokens, finish, cache_block_ids=ids))
+        seq.emit(Step(tokens, finish, cache_block_ids=ids, logprobs=lps))

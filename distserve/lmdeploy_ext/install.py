@@ -102,6 +102,12 @@ def _add_status_rpc() -> None:
 
     EngineWorkerBase.distserve_ext_status = distserve_ext_status
 
+    from distserve.lmdeploy_ext.cache_events import distserve_cache_blocks, install_trie_hooks
+
+    EngineWorkerBase.distserve_cache_blocks = distserve_cache_blocks
+    if install_trie_hooks():
+        logger.info("prefix-cache block events hooked into lmdeploy's BlockTrie (pid %d)", os.getpid())
+
 
 def fix_unawaited_zmq_disconnect(conn_cls) -> bool:
     """lmdeploy 0.17: `p2p_drop_connect` calls `zmq_disconnect`, an `async def`, without awaiting it, so

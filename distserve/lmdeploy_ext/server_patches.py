@@ -27,6 +27,11 @@ _CREATED_SESSIONS: contextvars.ContextVar[list[int] | None] = contextvars.Contex
 )
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+
+# The prompt token ids lmdeploy computed for the current HTTP request (prefix-cache stream bookkeeping).
+_PROMPT_IDS: contextvars.ContextVar[list | None] = contextvars.ContextVar("distserve_prompt_ids", default=None)
+# The prefix-cache stream of this api_server (cache_events.CacheEventsService), when prefix caching is on.
+CACHE_EVENTS: dict[str, Any] = {}
 MAX_BODY_BYTES = 64 << 20
 
 
@@ -54,6 +59,7 @@ def engine_info_extras() -> dict[str, Any]:
         "instance_id": INSTANCE_ID,  # new per api_server process: agents tell an engine restart from a blip
         "software_version": software,
         "migration_protocol": os.environ.get("DISTSERVE_LMDEPLOY_MIGRATION_PROTOCOL", "tcp"),
+        **({"cache_events": CACHE_EVENTS["service"].info()} if "service" in CACHE_EVENTS else {}),
     }
 
 
@@ -112,11 +118,23 @@ class DistserveApiMiddleware:
         self.peers = peers
 
     async def __call__(self, scope, receive, send):
+        service = CACHE_EVENTS.get("service")
+        if scope.get("type") == "lifespan" and service is not None:
+            return await self.app(scope, _stop_on_shutdown(receive, service), send)
         if scope.get("type") != "http":
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
+        if service is not None:
+            service.start()  # owned tasks need the server's loop: started by the first request
         if scope.get("method") == "GET" and path == "/distserve/engine_info":
             return await self._engine_info(scope, receive, send)
+        if scope.get("method") == "GET" and path == "/distserve/cache/events":
+            if service is None:
+                return await _send_json(send, 404, error_body("prefix caching is off on this engine", "not_found"))
+            from urllib.parse import parse_qsl
+
+            query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+            return await service.serve(query, receive, send)
         if scope.get("method") != "POST":
             return await self.app(scope, receive, send)
         if path not in GENERATION_PATHS and path not in (
@@ -174,9 +192,16 @@ class DistserveApiMiddleware:
                 logger.warning("rejected a migration_request: %s", problem)
                 return await _send_json(send, 400, error_body(problem))
 
-        if payload.get("with_cache") is not True:
-            return await self.app(scope, replay, send)
-        return await self._with_session_id(scope, replay, send)
+        prompt_ids: list = []
+        token = _PROMPT_IDS.set(prompt_ids)
+        try:
+            if payload.get("with_cache") is not True:
+                return await self.app(scope, replay, send)
+            return await self._with_session_id(scope, replay, send)
+        finally:
+            _PROMPT_IDS.reset(token)
+            if service is not None and len(prompt_ids) == 1:
+                service.offer(payload, prompt_ids[0])
 
     async def _engine_info(self, scope, receive, send):
         """lmdeploy answers a JSON string holding the object (double-encoded): keep that shape."""
@@ -309,6 +334,62 @@ def record_created_session(session_id: int) -> None:
         created.append(int(session_id))
 
 
+def _stop_on_shutdown(receive, service):
+    """Cancel the prefix-cache stream's tasks when the server's lifespan shuts down."""
+
+    async def wrapped():
+        message = await receive()
+        if message.get("type") == "lifespan.shutdown":
+            await service.stop()
+        return message
+
+    return wrapped
+
+
+def _install_cache_events(server_context) -> None:
+    """Start the prefix-cache stream when the engine runs with prefix caching (api_server process)."""
+    from distserve.lmdeploy_ext import cache_events
+    from distserve.lmdeploy_ext.install import INSTANCE_ID
+
+    async_engine = server_context.async_engine
+    config = getattr(async_engine, "backend_config", None)
+    rpc = getattr(getattr(async_engine, "engine", None), "_collective_rpc_async", None)
+    if not getattr(config, "enable_prefix_caching", False) or rpc is None:
+        return
+    tokenizer = async_engine.tokenizer
+    hf = getattr(getattr(async_engine, "chat_template", None), "tokenizer", None)
+
+    def encode(text: str) -> list[int]:
+        return list(tokenizer.encode(text, add_bos=True))
+
+    render = None
+    if hasattr(hf, "apply_chat_template"):
+        def render(messages: list[dict]) -> list[int]:
+            return encode(hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=False))
+    else:
+        logger.warning("no HF chat template: chat requests get no prefix keys (completions still do)")
+    CACHE_EVENTS["service"] = cache_events.CacheEventsService(
+        INSTANCE_ID, rpc, int(getattr(config, "block_size", 64) or 64), render_chat=render, encode=encode)
+    try:
+        from lmdeploy.serve.processors.multimodal import MultimodalProcessor
+    except ImportError:
+        logger.warning("lmdeploy has no MultimodalProcessor: prefix-cache keys are never registered")
+        return
+    if getattr(MultimodalProcessor, "_distserve_patched", False):
+        return
+    original = MultimodalProcessor.get_prompt_input
+
+    async def get_prompt_input(self, *args, **kwargs):
+        out = await original(self, *args, **kwargs)
+        holder = _PROMPT_IDS.get()
+        if holder is not None and isinstance(out, dict) and isinstance(out.get("input_ids"), list):
+            holder.append(out["input_ids"])
+        return out
+
+    MultimodalProcessor.get_prompt_input = get_prompt_input
+    MultimodalProcessor._distserve_patched = True
+
+
 def install_api_server_patches() -> bool:
     """Patch lmdeploy.serve.openai.api_server (in the api_server process). False when its shape differs."""
     try:
@@ -364,11 +445,17 @@ def install_api_server_patches() -> bool:
                     out.update(await rpc("distserve_ext_status"))
                 except Exception as e:  # noqa: BLE001 - reported, not raised: a status probe
                     out["error"] = f"{type(e).__name__}: {e}"
+            if "service" in CACHE_EVENTS:
+                out["cache_events"] = CACHE_EVENTS["service"].status()
             out["links"] = sorted(peers.connected)
             out["handshakes"] = peers.handshakes
             return out
 
         router.add_api_route("/distserve/ext/status", distserve_ext_status, methods=["GET"])
+        try:
+            _install_cache_events(server_context)
+        except Exception:  # noqa: BLE001 - the stream is optional: the engine serves without it
+            logger.exception("prefix-cache stream not installed")
         return router
 
     api_server.create_openai_router = create_openai_router

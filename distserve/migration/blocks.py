@@ -1,16 +1,51 @@
-"""The KV block allocator and the preserved prefill sessions (thread-safe, no torch).
+"""The KV block allocator (with its prefix cache) and the preserved prefill sessions (thread-safe, no torch).
 
 The allocator hands out a contiguous run of free ids when there is one, so a request's blocks are
 usually contiguous (fewer, larger migration reads: DLSlime TCP pays a connection per assignment). Preserved sessions hold a finished prefill's blocks until a decode
 engine frees them (free_cache) or their TTL runs out: they are never evicted before that.
+
+Prefix caching (`prefix_caching=True`): a full block whose KV is computed can be registered under the
+chained hash of its tokens (`block_hashes`). A registered block is shared: every holder (a running
+request, a preserved session) took one reference and gives it back with `free`; at 0 references it stays
+cached ("evictable": counted as free) until an allocation needs the room, least recently used first and
+never a block whose child block is still cached (leaf blocks first), so a cached hash always has its
+whole prefix cached.
 """
 
 from __future__ import annotations
 
 import bisect
+import collections
+import hashlib
 import random
 import threading
 import time
+from array import array
+from dataclasses import dataclass
+from typing import Callable
+
+_ROOT = b"\0" * 16
+
+
+def block_hashes(tokens: list[int], block_size: int, count: int | None = None) -> list[bytes]:
+    """The chained hashes of the first `count` (default: every) full blocks of `tokens`:
+    h_i = blake2b(h_{i-1} || tokens of block i), so a hash names the block and its whole prefix."""
+    full = len(tokens) // block_size
+    count = full if count is None else max(0, min(count, full))
+    out, parent = [], _ROOT
+    for i in range(count):
+        ids = array("q", tokens[i * block_size: (i + 1) * block_size]).tobytes()
+        parent = hashlib.blake2b(parent + ids, digest_size=16).digest()
+        out.append(parent)
+    return out
+
+
+@dataclass
+class _Cached:
+    hash: bytes
+    parent: bytes  # _ROOT for a first block
+    refs: int = 0
+    children: int = 0  # cached blocks whose parent is this one
 
 
 class BlockAllocator:
@@ -23,12 +58,20 @@ class BlockAllocator:
     # Above this many free blocks the run search is skipped (it is a Python loop).
     MAX_SCAN = 1 << 16
 
-    def __init__(self, num_blocks: int, scattered: bool = False, seed: int | None = None) -> None:
+    def __init__(self, num_blocks: int, scattered: bool = False, seed: int | None = None,
+                 prefix_caching: bool = False) -> None:
         self.total = num_blocks
         self._scatter = random.Random(seed) if scattered else None
         self._free = list(range(num_blocks))  # sorted
-        self._used: set[int] = set()
-        self._lock = threading.Lock()
+        self._used: set[int] = set()  # held blocks and evictable cached blocks
+        self._lock = threading.RLock()
+        self.prefix_caching = prefix_caching
+        self._cached: dict[int, _Cached] = {}  # block id -> its cache entry
+        self._by_hash: dict[bytes, int] = {}
+        self._evictable: collections.OrderedDict[int, None] = collections.OrderedDict()  # refs 0, LRU first
+        self.evictions_total = 0
+        # Called (under the allocator's lock, so a listener's view never lags) with the hashes evicted.
+        self.on_evict: Callable[[list[bytes]], None] | None = None
 
     def allocate(self, n: int) -> list[int] | None:
         """All n blocks, or None when fewer are free (the caller waits: back-pressure)."""
@@ -42,6 +85,8 @@ class BlockAllocator:
         if n <= 0:
             return []
         with self._lock:
+            if len(self._free) < n <= len(self._free) + len(self._evictable):
+                self._evict(n - len(self._free))  # only when it can succeed: a failed wait keeps the cache
             free = self._free
             if len(free) < n:
                 return None
@@ -75,19 +120,110 @@ class BlockAllocator:
         return None
 
     def free(self, ids: list[int]) -> None:
+        """Give blocks back: a cached block loses one reference (kept cached at 0), any other is freed."""
         with self._lock:
-            for block in ids:
-                if block in self._used:  # tolerate double frees
+            # Deepest first: at equal age the leaf of a chain is evicted before its parents.
+            for block in reversed(ids):
+                entry = self._cached.get(block)
+                if entry is not None:
+                    if entry.refs > 0:  # tolerate double frees
+                        entry.refs -= 1
+                        if entry.refs == 0:
+                            self._evictable[block] = None
+                            self._evictable.move_to_end(block)
+                elif block in self._used:  # tolerate double frees
                     self._used.discard(block)
                     bisect.insort(self._free, block)
 
+    # -- prefix cache ------------------------------------------------------------------------------
+    def acquire_cached(self, hashes: list[bytes]) -> list[int]:
+        """The blocks of the longest cached prefix of `hashes`, one reference taken on each (give them
+        back with `free`)."""
+        if not self.prefix_caching:
+            return []
+        out = []
+        with self._lock:
+            for h in hashes:
+                block = self._by_hash.get(h)
+                if block is None:
+                    break
+                out.append(block)
+            for block in out:
+                entry = self._cached[block]
+                entry.refs += 1
+                self._evictable.pop(block, None)
+        return out
+
+    def register(self, blocks: list[int], hashes: list[bytes]) -> int:
+        """Cache held blocks (their KV computed) under `hashes` (block_hashes of their tokens, in chain
+        order); returns how many are newly cached. A hash already cached in another block leaves this
+        block private (freed as usual); the chain stops at a parent that is not cached."""
+        if not self.prefix_caching:
+            return 0
+        added = 0
+        with self._lock:
+            parent = _ROOT
+            for block, h in zip(blocks, hashes):
+                if parent != _ROOT and parent not in self._by_hash:
+                    break
+                owner = self._by_hash.get(h)
+                if owner is None and block not in self._cached and block in self._used:
+                    self._cached[block] = _Cached(h, parent, refs=1)
+                    self._by_hash[h] = block
+                    if parent != _ROOT:
+                        self._cached[self._by_hash[parent]].children += 1
+                    added += 1
+                parent = h
+        return added
+
+    def is_cached(self, h: bytes) -> bool:
+        return h in self._by_hash
+
+    def _evict(self, want: int) -> None:
+        """Free up to `want` evictable blocks, least recently used leaves first (lock held)."""
+        gone: list[bytes] = []
+        while want > 0 and self._evictable:
+            victim = next((b for b in self._evictable if self._cached[b].children == 0), None)
+            if victim is None:
+                break  # every evictable block has a cached child still held: nothing to evict now
+            del self._evictable[victim]
+            entry = self._cached.pop(victim)
+            del self._by_hash[entry.hash]
+            parent = self._by_hash.get(entry.parent)
+            if parent is not None:
+                self._cached[parent].children -= 1
+            self._used.discard(victim)
+            bisect.insort(self._free, victim)
+            gone.append(entry.hash)
+            want -= 1
+        self.evictions_total += len(gone)
+        if gone and self.on_evict is not None:
+            self.on_evict(gone)
+
+    def clear_cache(self) -> int:
+        """Evict every cached block nobody holds; returns how many."""
+        with self._lock:
+            n = len(self._evictable)
+            self._evict(n)
+            return n
+
+    @property
+    def lock(self) -> threading.RLock:
+        return self._lock
+
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Free blocks, cached blocks nobody holds included (an allocation evicts them)."""
+        return len(self._free) + len(self._evictable)
 
     @property
     def num_used(self) -> int:
-        return len(self._used)
+        """Blocks held by a request, a preserved session or a migration."""
+        return len(self._used) - len(self._evictable)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cached)
 
 
 class PreservedSessions:

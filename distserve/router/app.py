@@ -26,6 +26,7 @@ from distserve.router.breaker import CircuitBreakers
 from distserve.router.errors import ApiError
 from distserve.router.http1 import EnginePool
 from distserve.router.inbound import GuardedSite, ReadGuards, answer_and_close, read_body
+from distserve.router.kv_index import KvIndex
 from distserve.router.load import LoadTracker
 from distserve.router.metrics import RouterMetrics
 from distserve.router.orchestrator import Orchestrator, PDRequest, Routing
@@ -50,8 +51,9 @@ ROUTES = {
 
 
 class Router:
-    def __init__(self, settings: RouterSettings, etcd_client) -> None:
+    def __init__(self, settings: RouterSettings, etcd_client, *, reuse_port: bool = False) -> None:
         self.settings = s = settings
+        self.reuse_port = reuse_port  # a worker of `router --workers N`: the port is shared (SO_REUSEPORT)
         self.etcd = etcd_client
         self.keys = Keys(s.cluster)
         self.metrics = RouterMetrics()
@@ -75,7 +77,10 @@ class Router:
         self.view = ClusterView(
             etcd_client, self.keys, self.breakers, self.load, self.metrics, self._on_config
         )
+        # where engines' KV lives (kv_aware only: followed while that strategy is in force)
+        self.kv = KvIndex(self.view.cache, s.cluster_token, self.metrics, sync_timeout=s.sync_timeout)
         self._routing = self._make_routing(None)
+        self.kv.set_active(self._routing.kv is not None)
         self.config_status = ConfigStatus()
         self.orchestrator = Orchestrator(
             s,
@@ -92,7 +97,8 @@ class Router:
         self._runner: web.AppRunner | None = None
         self._registration = None
         self.url = s.advertise_url
-        self._closing = False
+        self._closing = False  # new requests get 503 (after the drain delay)
+        self._draining = False  # stopping: not ready, still serving
         # every handler tells its connection's read guard (inbound.py) when a request is in progress
         self._guards = ReadGuards(s.header_read_timeout, self._read_timed_out)
         self.metrics.in_flight.callback = lambda: {(): self.in_flight}
@@ -102,12 +108,26 @@ class Router:
     def _make_routing(self, config: RoutingConfig | None) -> Routing:
         name = config.strategy if config else self.settings.strategy
         entry = make_strategy(name, config.strategy_params() if config else None)
-        # the prefix cache lives on the prefill: decodes are balanced by expected latency under prefix affinity
-        decode = make_strategy("min_expected_latency" if name == "prefix_affinity" else name)  # no params
+        kv = None
+        if entry.needs_kv:  # kv_aware: the decode too is picked by what it holds, with the same params
+            decode = make_strategy(name, config.strategy_params() if config else None)
+            decode.phase = "decode"
+            for strategy in (entry, decode):
+                strategy.on_pick = self._kv_picked
+            kv = self.kv
+        else:
+            # the prefix cache lives on the prefill: decodes are balanced by expected latency under prefix
+            # affinity
+            decode = make_strategy("min_expected_latency" if name == "prefix_affinity" else name)  # no params
         weights = dict(config.weights) if config else {}
         params = dict(config.params) if config else {}
         self.metrics.strategy.values = {(name,): 1}
-        return Routing(entry, decode, weights, params)
+        return Routing(entry, decode, weights, params, kv)
+
+    def _kv_picked(self, phase: str, basis: str, matched: int) -> None:
+        self.metrics.kv_picks.inc((phase, basis))
+        if matched:
+            self.metrics.kv_matched_tokens.inc((phase,), matched)
 
     def _on_config(self, config: RoutingConfig | None, error: str | None = None, revision: int = 0) -> None:
         """A new config/routing value (None: deleted, the defaults). One that fails the schema (`error`) or
@@ -129,6 +149,7 @@ class Router:
             self.metrics.routing_config_invalid.set(1)
             return
         self._routing = routing
+        self.kv.set_active(routing.kv is not None)
         self.config_status = ConfigStatus(True, None, revision, revision)
         self.metrics.routing_config_invalid.set(0)
         self.metrics.config_reloads.inc()
@@ -168,7 +189,9 @@ class Router:
             create_app(self), handler_cancellation=True, access_log=None, auto_decompress=False
         )
         await self._runner.setup()
-        site = GuardedSite(self._runner, self._guards, s.host, s.port, backlog=2048)
+        site = GuardedSite(
+            self._runner, self._guards, s.host, s.port, backlog=2048, reuse_port=self.reuse_port
+        )
         await site.start()
         port = s.port
         for addr in self._runner.addresses:
@@ -195,11 +218,14 @@ class Router:
             log.warning("could not register under routers/: %s", exc)
 
     async def stop(self) -> None:
-        """Graceful stop: not ready and new requests refused (503), the record under routers/ removed,
-        requests in flight given up to shutdown_grace; then the runner's cleanup closes the listener and
+        """Graceful stop: not ready, the record under routers/ removed, new requests still served for
+        drain_delay, then refused (503), requests in flight given up to shutdown_grace; then the runner's cleanup closes the listener and
         runs the cleanup contexts in reverse (owned tasks, breakers, view, pool, tracing)."""
-        self._closing = True
+        self._draining = True  # not ready: load balancers polling /health/ready stop sending here
         await self._deregister()
+        if self.settings.drain_delay:  # still serving meanwhile: a client sent here before it noticed succeeds
+            await asyncio.sleep(self.settings.drain_delay)
+        self._closing = True
         deadline = time.monotonic() + self.settings.shutdown_grace
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -236,6 +262,13 @@ class Router:
             raise
         yield
         await self.view.stop()
+
+    async def _kv_ctx(self, app: web.Application):
+        """The cache index (kv_aware): its streams start once the view has its engines; a replica is not ready
+        until every streaming engine sent its snapshot or sync_timeout passed (KvIndex.ready)."""
+        self.kv.start()  # not awaited: serving starts at once, /health/ready says when the index is in
+        yield
+        await self.kv.close()
 
     async def _breakers_ctx(self, app: web.Application):
         yield
@@ -410,14 +443,33 @@ class Router:
             body=orjson.dumps({"object": "list", "data": data}), content_type="application/json"
         )
 
+    async def model(self, request: web.Request) -> web.Response:
+        """GET /v1/models/{id}: OpenAI's model object, or an OpenAI-style 404 for a model no engine serves."""
+        if not self._authorized(request):
+            return self._auth_error().response()
+        model_id = request.match_info["model_id"]
+        if model_id not in self.view.table().topology.models():
+            self.metrics.requests.inc(("/v1/models/{id}", 404))
+            return ApiError(404, f"The model `{model_id}` does not exist", "model_not_found", "model").response()
+        self.metrics.requests.inc(("/v1/models/{id}", 200))
+        return web.Response(
+            body=orjson.dumps({"id": model_id, "object": "model", "created": int(time.time()),
+                               "owned_by": "distserve", "root": model_id, "parent": None, "permission": []}),
+            content_type="application/json",
+        )
+
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(body=b'{"status":"ok"}', content_type="application/json")
 
     async def ready(self, request: web.Request) -> web.Response:
-        if self._closing:  # taken out of load balancers first, while requests in flight finish
+        if self._draining:  # taken out of load balancers first, while requests in flight finish
             return ApiError(503, "the router is shutting down", "shutting_down").response()
         if not self.view.synced.is_set():
             return ApiError(503, "not ready: the view is not synced with etcd yet", "not_synced").response()
+        if not self.kv.ready:
+            return ApiError(
+                503, "not ready: the engines' cache snapshots are not all in yet (kv_aware)", "kv_not_synced"
+            ).response()
         table = self.view.table()
         if not table.has_path:
             return ApiError(
@@ -476,6 +528,7 @@ def create_app(router: Router) -> web.Application:
     app.router.add_post("/v1/completions", g(router.completions))
     app.router.add_post("/v1/chat/completions", g(router.chat_completions))
     app.router.add_get("/v1/models", g(router.models))
+    app.router.add_get("/v1/models/{model_id:.+}", g(router.model))
     app.router.add_get("/health", g(router.health))
     app.router.add_get("/health/ready", g(router.ready))
     app.router.add_get("/metrics", g(router.prometheus))
@@ -485,6 +538,7 @@ def create_app(router: Router) -> web.Application:
             router._tracing_ctx,
             router._pool_ctx,
             router._view_ctx,
+            router._kv_ctx,
             router._breakers_ctx,
             router._tasks_ctx,
             router._registration_ctx,

@@ -14,6 +14,7 @@ from discovery.config import EtcdConfig
 from distserve.router.app import Router
 from distserve.router.settings import (
     BODY_READ_TIMEOUT_MAX,
+    DRAIN_DELAY_MAX,
     ENV_API_KEYS,
     ENV_CLUSTER,
     ENV_CLUSTER_TOKEN,
@@ -25,6 +26,7 @@ from distserve.router.settings import (
     env_log_level,
 )
 from distserve.router.strategies import STRATEGIES
+from distserve.router.workers import WORKERS_MAX, Supervisor
 
 log = logging.getLogger("distserve.router")
 
@@ -122,6 +124,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--lease-ttl", type=float, default=d.lease_ttl, help="TTL of the router's own lease")
     parser.add_argument(
+        "--drain-delay",
+        type=float,
+        default=d.drain_delay,
+        help="on SIGTERM: seconds during which the router is not ready and out of etcd but still serves new "
+        "requests, so load balancers polling /health/ready move clients first (0-"
+        f"{DRAIN_DELAY_MAX:g}; default %(default)s)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="router processes on this one port (SO_REUSEPORT), each a full replica with its own record "
+        "(ids suffixed -w0, -w1, ...), restarted with back-off if one exits; use up to one per core "
+        f"(1-{WORKERS_MAX}; default %(default)s)",
+    )
+    parser.add_argument(
         "--log-level",
         default=env_log_level(),
         help="DEBUG, INFO (one line per request), WARNING, ERROR",
@@ -154,13 +172,14 @@ def settings_from_args(args: argparse.Namespace) -> RouterSettings:
         breaker_probe_interval=args.breaker_probe_interval,
         route_wait=args.route_wait,
         lease_ttl=args.lease_ttl,
+        drain_delay=args.drain_delay,
     )
 
 
-async def serve(settings: RouterSettings, etcd_config: EtcdConfig) -> int:
+async def serve(settings: RouterSettings, etcd_config: EtcdConfig, reuse_port: bool = False) -> int:
     client = EtcdClient(etcd_config)
     await client.connect()
-    router = Router(settings, client)
+    router = Router(settings, client, reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -195,9 +214,22 @@ def main(args: argparse.Namespace) -> int:
         )
         settings = settings_from_args(args)
         etcd_config = EtcdConfig.from_args(args)
+        if not 1 <= args.workers <= WORKERS_MAX:
+            raise ValueError(f"--workers must be in 1-{WORKERS_MAX}")
     except ValueError as exc:
         print(f"distserve router: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 2
+    if args.workers > 1:
+        try:
+            return Supervisor(settings, etcd_config, args.workers, args.log_level).run()
+        except OSError as exc:  # the port: in use, or the host cannot be bound
+            print(f"distserve router: cannot listen on {settings.host}:{settings.port}: {exc}", file=sys.stderr)
+            return 1
+    return run_router(settings, etcd_config)
+
+
+def run_router(settings: RouterSettings, etcd_config: EtcdConfig, reuse_port: bool = False) -> int:
+    """One replica in this process until SIGTERM/SIGINT: 0 after a graceful stop, 1 if it cannot start."""
     try:  # optional: not installed on Windows
         import uvloop
 
@@ -205,7 +237,7 @@ def main(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency except on Windows
         run = asyncio.run
     try:
-        return run(serve(settings, etcd_config))
+        return run(serve(settings, etcd_config, reuse_port))
     except (EtcdError, OSError) as exc:
         print(f"distserve router: {exc}", file=sys.stderr)
         return 1

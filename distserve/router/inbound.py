@@ -174,12 +174,19 @@ class GuardedSite(web.BaseSite):
     """aiohttp's TCPSite, with a ReadGuard in front of every connection."""
 
     def __init__(
-        self, runner: web.BaseRunner, guards: ReadGuards, host: str, port: int, backlog: int = 128
+        self,
+        runner: web.BaseRunner,
+        guards: ReadGuards,
+        host: str,
+        port: int,
+        backlog: int = 128,
+        reuse_port: bool = False,
     ) -> None:
         super().__init__(runner, backlog=backlog)
         self._guards = guards
         self._host = host
         self._port = port
+        self._reuse_port = reuse_port  # `router --workers N`: N processes listen on one port (SO_REUSEPORT)
 
     @property
     def name(self) -> str:
@@ -195,6 +202,7 @@ class GuardedSite(web.BaseSite):
             self._port,
             backlog=self._backlog,
             reuse_address=True,
+            reuse_port=self._reuse_port or None,
         )
 
 

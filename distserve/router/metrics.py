@@ -316,6 +316,41 @@ class RouterMetrics:
         self.picks = r.add(
             Counter("distserve_router_picks_total", "Engines picked, by phase", ("phase", "engine"))
         )
+        # kv_aware's cache index (distserve.router.kv_index): only while kv_aware is in force
+        self.kv_index_keys = r.add(
+            Gauge("distserve_router_kv_index_keys", "Prefix keys held for an engine (bounded per engine)",
+                  ("engine",))
+        )
+        self.kv_index_dropped = r.add(
+            Counter("distserve_router_kv_index_dropped_total",
+                    "Prefix keys dropped because an engine's map reached its bound", ("engine",))
+        )
+        self.kv_index_streams = r.add(
+            Gauge("distserve_router_kv_index_streams",
+                  "Engine cache-event streams followed, by state (connecting, streaming, retrying)", ("state",))
+        )
+        self.kv_index_reconnects = r.add(
+            Counter("distserve_router_kv_index_reconnects_total",
+                    "Cache-event streams reconnected, by reason (connect, stream, incarnation, error)", ("reason",))
+        )
+        self.kv_index_resyncs = r.add(
+            Counter("distserve_router_kv_index_resyncs_total",
+                    "Cache-event stream resynchronisations: gap (missed events), snapshot (a fresh snapshot "
+                    "replaced the state), incarnation (a restarted engine's state dropped)", ("reason",))
+        )
+        self.kv_index_synced = r.add(
+            Gauge("distserve_router_kv_index_synced", "1 once every streaming engine delivered its snapshot")
+        )
+        self.kv_matched_tokens = r.add(
+            Counter("distserve_router_kv_matched_tokens_total",
+                    "Prompt tokens the picked engine held cached, as the index said at the pick (kv_aware)",
+                    ("phase",))
+        )
+        self.kv_picks = r.add(
+            Counter("distserve_router_kv_picks_total",
+                    "kv_aware picks by what decided them: cache (a cached prefix), load (no match), hash "
+                    "(an engine without a stream, by prefix_affinity's hash)", ("phase", "basis"))
+        )
 
     def render(self) -> bytes:
         return self.registry.render()

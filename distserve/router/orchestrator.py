@@ -34,7 +34,10 @@ from aiohttp import web
 from discovery.backoff import Backoff, retry
 from distserve import tracing
 from distserve.protocol import PROTOCOL_BY_NAME
+from distserve.cluster.prefix_keys import request_keys
 from distserve.cluster.records import EngineRecord
+from distserve.cluster.capabilities import effective as effective_capabilities
+from distserve.router import capabilities, fanout
 from distserve.router.errors import ApiError
 from distserve.router.http1 import EnginePool, Response
 from distserve.router.metrics import RouterMetrics
@@ -77,7 +80,7 @@ class PDRequest:
     __slots__ = (
         "request", "kind", "path", "rid", "started", "raw", "body", "model", "stream", "headers",
         "routing", "ctx", "engines", "outcome", "answered", "prefill", "session_id", "token_id",
-        "block_ids", "staging", "first_at", "span",
+        "block_ids", "staging", "first_at", "span", "needs", "sink", "first_logprobs",
     )
 
     def __init__(self, request: web.Request, kind: str, path: str, rid: str, started: float) -> None:
@@ -103,6 +106,11 @@ class PDRequest:
         self.staging: dict | None = None
         self.first_at = 0.0  # perf_counter of the first byte sent to the client (0: not yet)
         self.span = None  # the request's server span while tracing is on
+        # capabilities every engine on the request's path must have (distserve.router.capabilities)
+        self.needs: frozenset[str] = frozenset()
+        # a fanned-out choice (distserve.router.fanout): its stream goes into the merged one, not the client
+        self.sink = None
+        self.first_logprobs = None  # the prefill's logprobs of the first token, passed on to the decode
 
 
 class RetryElsewhere(Exception):
@@ -125,11 +133,26 @@ class _Vanished(Exception):
 class Routing:
     """The strategies in use; swapped at run time when etcd's config/routing changes."""
 
-    def __init__(self, entry: Strategy, decode: Strategy, weights: dict[str, float], params: dict) -> None:
+    def __init__(
+        self, entry: Strategy, decode: Strategy, weights: dict[str, float], params: dict, kv=None
+    ) -> None:
         self.entry = entry
         self.decode = decode
         self.weights = weights
         self.params = params
+        self.kv = kv  # the cache index (distserve.router.kv_index) when a strategy needs it, else None
+
+
+def _keys_once(body: dict) -> Callable[[int], list[int]]:
+    memo: dict[int, list[int]] = {}
+
+    def keys(chunk_bytes: int) -> list[int]:
+        found = memo.get(chunk_bytes)
+        if found is None:
+            found = memo[chunk_bytes] = request_keys(body, chunk_bytes)
+        return found
+
+    return keys
 
 
 def splice_field(raw: bytes, name: bytes, value: bytes) -> bytes:
@@ -164,6 +187,14 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ entry
     async def generate(self, pd: PDRequest) -> web.StreamResponse:
+        if fanout.needed(pd.kind, pd.body):  # n > 1, best_of, a batch of prompts
+            return await fanout.serve(self, pd)
+        await self.precheck(pd)
+        return await self._generate(pd)
+
+    async def precheck(self, pd: PDRequest) -> None:
+        """Everything decided before any engine call: a known model with a route (or 404/503), the context
+        length, and a path that honours every field the request uses (400 unsupported_parameter)."""
         model = pd.model
         if not self.view.table().entries.get(model):
             if self._unknown_model(model):
@@ -183,6 +214,51 @@ class Orchestrator:
         if paths is not None:
             # before any engine call: a request that cannot fit would cost a whole prefill otherwise
             self._check_context(pd.kind, pd.body, paths)
+        needs = capabilities.required(pd.kind, pd.body)
+        if needs:
+            pd.needs = frozenset(cap for _, cap in needs)
+            bad = capabilities.unsupported(needs, self._capability_paths(model))
+            if bad is not None:
+                raise ApiError(400, f"'{bad}' is not supported by the engines serving model `{model}`",
+                               "unsupported_parameter", bad)
+
+    def _capability_paths(self, model: str) -> list[frozenset[str]]:
+        """What each routable path for `model` honours: a hybrid's capabilities, a prefill's and its
+        decode's in common."""
+        table, engines = self.view.table(), self.view.engines
+        out: list[frozenset[str]] = []
+        for entry_id in table.entries.get(model) or ():
+            entry = engines.get(entry_id)
+            if entry is None:
+                continue
+            caps = effective_capabilities(entry)
+            if entry.role == "hybrid":
+                out.append(caps)
+                continue
+            for decode_id in table.decodes.get((entry_id, model)) or ():
+                decode = engines.get(decode_id)
+                if decode is not None:
+                    out.append(caps & effective_capabilities(decode))
+        return out
+
+    def _honours(self, engine_id: str, needs: frozenset[str], model: str) -> bool:
+        """An entry engine can serve a request needing `needs`: a hybrid with them all; a prefill with them
+        all and a linked routable decode with them (shared_prefill is the prefill's alone)."""
+        engine = self.view.engines.get(engine_id)
+        if engine is None:
+            return False
+        if not needs <= effective_capabilities(engine):
+            return False
+        if engine.role == "hybrid":
+            return capabilities.SHARED_PREFILL not in needs
+        rest = needs - {capabilities.SHARED_PREFILL}
+        return any(rest <= effective_capabilities(d)
+                   for d in (self.view.engines.get(i)
+                             for i in self.view.table().decodes.get((engine_id, model)) or ())
+                   if d is not None)
+
+    async def _generate(self, pd: PDRequest) -> web.StreamResponse:
+        model = pd.model
         headers = self._engine_headers + b"X-Request-Id: " + pd.rid.encode() + b"\r\n"
         if not tracing.ENABLED:  # on: each engine call names its own span as the parent instead
             headers += tracing.passthrough(pd.request.headers)
@@ -196,9 +272,15 @@ class Orchestrator:
             params=routing.params,
             prefix=lambda n: prompt_prefix(kind, body, n),
         )
+        if routing.kv is not None:  # kv_aware: the prefix keys, computed once per request when first asked
+            pd.ctx.kv = routing.kv
+            pd.ctx.keys = _keys_once(body)
 
         def entries() -> list[str]:
-            return list(self.view.table().entries.get(model) or ())
+            found = list(self.view.table().entries.get(model) or ())
+            if pd.needs:  # only engines (and paths) that apply every field the request uses
+                found = [e for e in found if self._honours(e, pd.needs, model)]
+            return found
 
         async def attempt(engine_id: str) -> web.StreamResponse:
             engine = self.view.engines.get(engine_id)
@@ -371,10 +453,20 @@ class Orchestrator:
     async def _pd(self, pd: PDRequest, prefill: EngineRecord) -> web.StreamResponse:
         self.metrics.picks.inc(("prefill", prefill.id))
         pd.engines = prefill.id
-        answer = await self._prefill(pd, prefill)
+        # Shielded: a client gone while the prefill runs must not strand its preserved KV until the TTL (the
+        # engine may have answered already); the call finishes in the background and its session is freed.
+        call = asyncio.ensure_future(self._prefill(pd, prefill))
+        try:
+            answer = await asyncio.shield(call)
+        except asyncio.CancelledError:
+            self._spawn(self._free_orphan(call, prefill, pd.headers))
+            raise
         pd.session_id, pd.token_id, pd.block_ids = self._prefill_outputs(prefill, answer, pd.headers)
         pd.prefill = prefill
         pd.staging = _kv_staging(answer)
+        lps = answer.get("remote_logprobs")
+        if type(lps) is list and lps and type(lps[0]) is list:
+            pd.first_logprobs = lps[0]
         freed = False
 
         def free() -> None:
@@ -497,7 +589,12 @@ class Orchestrator:
         model = pd.model
 
         def decodes() -> list[str]:
-            return self.view.decodes_for_inflight(prefill, model)
+            found = self.view.decodes_for_inflight(prefill, model)
+            rest = pd.needs - {capabilities.SHARED_PREFILL}
+            if rest:
+                engines = self.view.engines
+                found = [d for d in found if d in engines and rest <= effective_capabilities(engines[d])]
+            return found
 
         async def links_back() -> bool:
             # The prefill's KV is waiting: give its links a moment to come back (a lease replaced).
@@ -521,6 +618,8 @@ class Orchestrator:
             if pd.staging is not None:
                 fields["remote_kv_staging"] = pd.staging
             data = splice_field(pd.raw, b"migration_request", orjson.dumps(fields))
+            if pd.first_logprobs is not None:  # the decode emits them with the first token
+                data = splice_field(data, b"remote_logprobs", orjson.dumps(pd.first_logprobs))
             if pd.stream:
                 return await self._stream_through(pd, decode, data, "decode")
             return await self._unary_through(pd, decode, data, "decode"), True
@@ -535,6 +634,19 @@ class Orchestrator:
             lambda: ApiError(503, f"no decode engine linked to prefill {prefill.id} is routable", "no_route"),
             wait_first=links_back,
         )
+
+    async def _free_orphan(self, call: asyncio.Future, prefill: EngineRecord, headers: bytes) -> None:
+        """Free the sessions of a prefill answer nobody will decode (its request was cancelled)."""
+        try:
+            answer = await call
+        except BaseException:  # noqa: BLE001 - failed or cancelled: nothing was preserved for us
+            return
+        ids = answer.get("remote_session_ids")
+        if type(ids) is not list:
+            ids = [answer.get("remote_session_id")]
+        for sid in ids:
+            if type(sid) is int:
+                await self._free_cache(prefill, sid, headers)
 
     async def _free_cache(self, prefill: EngineRecord, session_id: int, headers: bytes) -> None:
         body = orjson.dumps({"remote_engine_id": prefill.handshake_id, "remote_session_id": session_id})
@@ -681,7 +793,7 @@ class Orchestrator:
             first_at = time.perf_counter()
             if phase == "decode":
                 self.metrics.phase.observe(first_at - t0, ("migration",))
-            out = web.StreamResponse(status=200, headers={**SSE_HEADERS, "X-Request-Id": pd.rid})
+            out = pd.sink or web.StreamResponse(status=200, headers={**SSE_HEADERS, "X-Request-Id": pd.rid})
             await out.prepare(pd.request)
             pd.outcome = "started"  # how it ends is recorded below, or by the handler on an exception
             await out.write(first)

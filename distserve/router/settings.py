@@ -27,6 +27,7 @@ ENV_LOG_LEVEL = "DISTSERVE_LOG_LEVEL"
 HEADER_READ_TIMEOUT_MAX = 300.0
 BODY_READ_TIMEOUT_MAX = 3600.0
 ROUTE_WAIT_MAX = 600.0
+DRAIN_DELAY_MAX = 300.0
 MAX_IN_FLIGHT_MAX = 1_000_000
 
 # settings that must be > 0 (their option names are the field names with dashes)
@@ -83,7 +84,10 @@ class RouterSettings(BaseModel):
     record_refresh_interval: float = 5.0
     # How long start-up waits for the first complete view before serving anyway (ready stays false).
     sync_timeout: float = 10.0
-    # On SIGTERM: stop taking requests, let in-flight ones finish for at most this long.
+    # On SIGTERM: not ready and the record removed at once, new requests still served for `drain_delay`
+    # seconds (load balancers polling readiness move clients away first), then new requests get 503 and
+    # those in flight get at most `shutdown_grace` to finish.
+    drain_delay: float = 0.0
     shutdown_grace: float = 10.0
     # Connection set-ups in progress per engine (a cold burst must not overflow an engine's listen backlog).
     connects_per_engine: int = 32
@@ -100,6 +104,8 @@ class RouterSettings(BaseModel):
             raise ValueError(f"--header-read-timeout must be in (0, {HEADER_READ_TIMEOUT_MAX:g}] seconds")
         if not 0 < self.body_read_timeout <= BODY_READ_TIMEOUT_MAX:
             raise ValueError(f"--body-read-timeout must be in (0, {BODY_READ_TIMEOUT_MAX:g}] seconds")
+        if not 0 <= self.drain_delay <= DRAIN_DELAY_MAX:
+            raise ValueError(f"--drain-delay must be in 0-{DRAIN_DELAY_MAX:g} seconds")
         if not 0 <= self.route_wait <= ROUTE_WAIT_MAX:
             raise ValueError(f"--route-wait must be in 0-{ROUTE_WAIT_MAX:g} seconds")
         if self.max_body_bytes < 1024:

@@ -13,6 +13,8 @@ non-drained, non-cordoned engines serving the model whose circuit breakers are c
 - prefix_affinity: consistent hashing with bounded loads on the prompt prefix: every replica maps a
   prefix to the same engine (no shared tree), and an engine above load_factor x the average load is
   passed over for the next one on the ring.
+- kv_aware: what each engine really holds (distserve.router.kv_index, from the engines' cache-event
+  streams) weighed against its load; engines without a stream are placed by prefix_affinity's hash.
 
 A strategy gets its params (distserve.cluster.records.STRATEGY_PARAMS[name], typed and bounded) when it is made;
 constructing one from a valid config never raises, and no value of a valid config can make a pick fail.
@@ -28,7 +30,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from distserve.cluster.records import STRATEGY_PARAMS, NoParams, PrefixAffinityParams, StrategyParams
+from distserve.cluster.records import (
+    STRATEGY_PARAMS,
+    KvAwareParams,
+    NoParams,
+    PrefixAffinityParams,
+    StrategyParams,
+)
 from distserve.router.load import LoadTracker
 
 # The prefix_affinity ring holds at most this many points (~40 ms to build on a busy core): above it every
@@ -47,10 +55,16 @@ class PickContext:
     params: dict[str, Any] = field(default_factory=dict)
     # The prompt prefix (computed only by strategies that need it).
     prefix: Callable[[int], bytes] | None = None
+    # kv_aware only (None otherwise): the cache index, and the request's prefix keys for a chunk size
+    # (distserve.cluster.prefix_keys.request_keys, computed at most once per request and chunk size).
+    kv: Any = None
+    keys: Callable[[int], list[int]] | None = None
 
 
 class Strategy:
     name = ""
+    # True: the orchestrator gives it the cache index and the request's prefix keys (PickContext.kv/keys)
+    needs_kv = False
 
     def __init__(self, params: StrategyParams | None = None) -> None:
         self.params = params if params is not None else NoParams()
@@ -191,6 +205,79 @@ class PrefixAffinityStrategy(Strategy):
         return min(candidates, key=lambda c: loads[c])
 
 
+class KvAwareStrategy(Strategy):
+    """The engine that holds the longest cached prefix of the request, weighed against its load.
+
+    cost(c) = load_weight x unfinished(c) / weight(c) - cache_weight x matched(c) / 1024, lowest wins;
+    matched(c) = prompt tokens of the longest prefix key of the request cached on c (0 below
+    min_match_tokens). Ties (no match anywhere, equal loads) go to prefix_affinity's ring order among the
+    tied engines, so every replica sends a new prefix to the same engine. Engines without a synced cache
+    stream (lmdeploy today) are placed by prefix_affinity's hash among themselves; the one it picks is
+    credited with the longest match any streaming engine holds (the prefix is where the hash sent it
+    before), and a streaming engine wins a tie with it (its cache is known, not assumed).
+    The same strategy picks the decode among those linked to the prefill (`phase` = "decode").
+    """
+
+    name = "kv_aware"
+    needs_kv = True
+
+    def __init__(self, params: StrategyParams | None = None) -> None:
+        typed = params if isinstance(params, KvAwareParams) else KvAwareParams()
+        super().__init__(typed)
+        self.phase = "prefill"  # "decode" for the decode's copy (metrics only)
+        self._cache_weight = typed.cache_weight / 1024.0
+        self._load_weight = typed.load_weight
+        self._min_match = typed.min_match_tokens
+        self._affinity = PrefixAffinityStrategy(
+            PrefixAffinityParams(prefix_chars=typed.prefix_chars, load_factor=typed.load_factor,
+                                 vnodes=typed.vnodes)
+        )
+        self.on_pick: Callable[[str, str, int], None] | None = None  # (phase, basis, matched): metrics
+
+    def pick(self, candidates: list[str], ctx: PickContext) -> str:
+        index = ctx.kv
+        keys_of = ctx.keys
+        if index is None or keys_of is None:  # no index (should not happen): the hash alone
+            return self._done(self._affinity.pick(candidates, ctx), "hash", 0)
+        unfinished = ctx.load.unfinished
+        weighted = bool(ctx.weights)
+        costs: dict[str, float] = {}
+        matches: dict[str, int] = {}
+        blind: list[str] = []
+        best_match = 0
+        for c in candidates:
+            if not index.has_stream(c):
+                blind.append(c)
+                continue
+            matched = index.matched_tokens(c, keys_of(index.chunk_bytes(c))) or 0
+            if matched < self._min_match:
+                matched = 0
+            matches[c] = matched
+            if matched > best_match:
+                best_match = matched
+            load = unfinished(c) / (_weight(ctx, c) if weighted else 1.0)
+            costs[c] = self._load_weight * load - self._cache_weight * matched
+        if not costs:  # nobody streams: exactly prefix_affinity
+            return self._done(self._affinity.pick(candidates, ctx), "hash", 0)
+        hashed = None
+        if blind:
+            hashed = self._affinity.pick(blind, ctx)
+            load = unfinished(hashed) / (_weight(ctx, hashed) if weighted else 1.0)
+            hashed_cost = self._load_weight * load - self._cache_weight * best_match
+        low = min(costs.values())
+        if hashed is not None and hashed_cost < low:
+            return self._done(hashed, "hash", 0)
+        tied = [c for c, cost in costs.items() if cost <= low + 1e-9]
+        chosen = tied[0] if len(tied) == 1 else self._affinity.pick(tied, ctx)
+        matched = matches[chosen]
+        return self._done(chosen, "cache" if matched else "load", matched)
+
+    def _done(self, engine_id: str, basis: str, matched: int) -> str:
+        if self.on_pick is not None:
+            self.on_pick(self.phase, basis, matched)
+        return engine_id
+
+
 STRATEGIES: dict[str, type[Strategy]] = {
     cls.name: cls
     for cls in (
@@ -199,6 +286,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
         MinExpectedLatencyStrategy,
         PowerOfTwoStrategy,
         PrefixAffinityStrategy,
+        KvAwareStrategy,
     )
 }
 

@@ -29,11 +29,16 @@ COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 FORBIDDEN_FIELDS = frozenset(
     INTERNAL_REQUEST_FIELDS
     | {"session_id", "remote_session_id", "cache_block_ids", "remote_token_ids", "is_dummy_prefill",
-       "remote_kv_staging", DECODE_MAX_TOKENS}
+       "remote_kv_staging", DECODE_MAX_TOKENS, "remote_logprobs", "remote_session_ids"}
 )
 CHAT_ROLES = frozenset({"system", "user", "assistant", "tool", "developer", "function"})
 MAX_STOP = 4
 MAX_MODEL_NAME = 512
+# n (and best_of) choices per prompt, prompts per /v1/completions request, and choices in all: each choice
+# is one decode (one whole request on a hybrid), so one client request is bounded (docs/router.md "n > 1").
+MAX_N = 128
+MAX_PROMPTS = 128
+MAX_CHOICES = 128
 
 
 def _bad(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
@@ -133,18 +138,32 @@ def validate_request(kind: str, body: dict) -> str:
             raise _bad("'logprobs' must be an integer between 0 and 20", "logprobs", "invalid_type")
         _opt_bool(body, "echo")
         _opt_str(body, "suffix")
+        _opt_int(body, "best_of", 1, MAX_N)
+        best_of = body.get("best_of")
+        if best_of is not None:
+            if best_of < (body.get("n") if _is_int(body.get("n")) else 1):
+                raise _bad("'best_of' must be greater than or equal to 'n'", "best_of")
+            if best_of > 1 and body.get("stream") is True:  # as OpenAI
+                raise _bad("'best_of' cannot be used with 'stream'", "best_of")
     else:
         _check_messages(body)
         _opt_bool(body, "logprobs")
         _opt_int(body, "top_logprobs", 0, 20)
+        if body.get("top_logprobs") and body.get("logprobs") is not True:  # as OpenAI
+            raise _bad("'top_logprobs' requires 'logprobs' to be true", "top_logprobs")
         v = body.get("tools")
-        if v is not None and type(v) is not list:
-            raise _bad("'tools' must be an array", "tools", "invalid_type")
+        if v is not None and (type(v) is not list or not all(type(t) is dict for t in v)):
+            raise _bad("'tools' must be an array of objects", "tools", "invalid_type")
         v = body.get("tool_choice")
         if v is not None and type(v) not in (str, dict):
             raise _bad("'tool_choice' must be a string or an object", "tool_choice", "invalid_type")
         _opt_obj(body, "response_format")
     _check_common(body)
+    if kind == COMPLETIONS:
+        choices = prompt_count(body) * max(body.get("n") or 1, body.get("best_of") or 1)
+        if choices > MAX_CHOICES:
+            raise _bad(f"at most {MAX_CHOICES} choices per request (prompts x n, or x best_of), got {choices}",
+                       "n")
     return model
 
 
@@ -168,7 +187,7 @@ def _check_common(body: dict) -> None:
     _opt_num(body, "presence_penalty", -2, 2)
     _opt_num(body, "frequency_penalty", -2, 2)
     _opt_num(body, "repetition_penalty", 0, None, lo_open=True)
-    _opt_int(body, "n", 1, 1)
+    _opt_int(body, "n", 1, MAX_N)
     _opt_int(body, "seed", -(1 << 63), (1 << 64) - 1)
     _opt_int(body, "min_new_tokens", 0)
     _opt_int(body, "min_tokens", 0)
@@ -209,19 +228,33 @@ def _check_prompt(body: dict) -> None:
         raise _bad("'prompt' must not be empty", "prompt")
     first = prompt[0]
     if type(first) in (str, list):
-        # A batch of prompts: one per request through the router (a PD prefill holds one session).
-        if len(prompt) != 1:
-            raise _bad("only one prompt per request is supported", "prompt")
-        if type(first) is str:
-            if not first:
+        # A batch of prompts: fanned out by the router, one request per prompt (distserve.router.fanout).
+        if len(prompt) > MAX_PROMPTS:
+            raise _bad(f"at most {MAX_PROMPTS} prompts per request", "prompt")
+        for item in prompt:
+            if type(item) is not type(first):
+                raise _bad("a batch of prompts must be all strings or all arrays of token ids", "prompt",
+                           "invalid_type")
+            if not item:
                 raise _bad("'prompt' must not be empty", "prompt")
-            return
-        prompt = first
-        if not prompt:
-            raise _bad("'prompt' must not be empty", "prompt")
+            if type(item) is list:
+                _check_ids(item)
+        return
+    _check_ids(prompt)
+
+
+def _check_ids(prompt: list) -> None:
     for t in prompt:
         if not _is_int(t) or t < 0:
             raise _bad("'prompt' token ids must be non-negative integers", "prompt", "invalid_type")
+
+
+def prompt_count(body: dict) -> int:
+    """How many prompts a validated body holds (a batch in /v1/completions; else 1)."""
+    prompt = body.get("prompt")
+    if type(prompt) is list and prompt and type(prompt[0]) in (str, list):
+        return len(prompt)
+    return 1
 
 
 def _check_messages(body: dict) -> None:

@@ -139,7 +139,9 @@ def test_remote_staging_is_checked_against_the_peer():
 def fragmented():
     """Scattered prefill and decode (both with arenas), the same without an arena on the prefill, a
     decode whose arena is too small for any prompt here, and a hybrid for the reference answers."""
-    scattered = ("--kv-allocation", "scattered")
+    # Whole-prompt migrations: the tests below count packs per migration, and a decode that holds a prompt's
+    # first blocks in its prefix cache pulls only the rest, block by block (tests/engine/test_prefix_cache.py).
+    scattered = ("--kv-allocation", "scattered", "--prefix-caching", "off")
     roomy = ("--kv-staging-blocks", "512")  # as large as the pool: packing and landing never run out here
     engines = start_engines({
         "prefill": ("prefill", *scattered, *roomy),

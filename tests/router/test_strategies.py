@@ -115,3 +115,119 @@ def test_prefix_affinity_bounded_loads():
     for _ in range(120):
         load.begin(s.pick(ENGINES, ctx(load, prefix=prefix, load_factor=1.25)))
     assert max(load.own.values()) <= 1.25 * 120 / len(ENGINES) + 1
+
+
+# ------------------------------------------------------------------------------------------- kv_aware
+class FakeIndex:
+    """The index's lookup surface (distserve.router.kv_index.KvIndex): engine -> {key: tokens}; engines
+    absent have no stream."""
+
+    def __init__(self, maps: dict[str, dict[int, int]]) -> None:
+        self.maps = maps
+
+    def has_stream(self, engine_id):
+        return engine_id in self.maps
+
+    def chunk_bytes(self, engine_id):
+        return 64
+
+    def matched_tokens(self, engine_id, keys):
+        from distserve.cluster.prefix_keys import longest_match
+        m = self.maps.get(engine_id)
+        return None if m is None else longest_match(keys, m)[1]
+
+
+def kv_ctx(index, body, load=None):
+    from distserve.cluster.prefix_keys import request_keys
+    calls = []
+
+    def keys(chunk):
+        calls.append(chunk)
+        return request_keys(body, chunk)
+
+    c = PickContext(load=load or LoadTracker(), prefix=lambda n: str(body)[:n].encode(), kv=index, keys=keys)
+    return c, calls
+
+
+CONVO = {"messages": [{"role": "system", "content": "sys " * 200}, {"role": "user", "content": "q1"},
+                      {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q2"}]}
+
+
+def _chain():
+    from distserve.cluster.prefix_keys import request_keys
+    return request_keys(CONVO)
+
+
+def test_kv_aware_prefers_the_engine_holding_the_longest_prefix():
+    k = _chain()
+    index = FakeIndex({"p0": {k[0]: 800}, "p1": {k[0]: 800, k[2]: 1100}, "p2": {}})
+    strategy = make_strategy("kv_aware")
+    for _ in range(20):
+        c, _calls = kv_ctx(index, CONVO)
+        assert strategy.pick(["p0", "p1", "p2"], c) == "p1"
+
+
+def test_kv_aware_weighs_the_match_against_load():
+    """1,024 cached tokens are worth cache_weight queued requests (load_weight each)."""
+    k = _chain()
+    index = FakeIndex({"p0": {k[2]: 2048}, "p1": {}})
+    load = LoadTracker()
+    load.on_load("p0", LoadRecord(engine_id="p0", running=3))  # cost 3 - 2 = 1 > p1's 0
+    c, _ = kv_ctx(index, CONVO, load)
+    assert make_strategy("kv_aware").pick(["p0", "p1"], c) == "p1"
+    c, _ = kv_ctx(index, CONVO, load)  # the cache weighs more: 3 - 4 < 0
+    assert make_strategy("kv_aware", {"cache_weight": 2.0}).pick(["p0", "p1"], c) == "p0"
+    c, _ = kv_ctx(index, CONVO, load)  # a match below min_match_tokens is none
+    assert make_strategy("kv_aware", {"cache_weight": 2.0, "min_match_tokens": 4096}).pick(["p0", "p1"], c) == "p1"
+
+
+def test_kv_aware_computes_the_keys_once_per_request():
+    k = _chain()
+    index = FakeIndex({f"p{i}": {k[0]: 800} for i in range(4)})
+    c, calls = kv_ctx(index, CONVO)
+    from distserve.router.orchestrator import _keys_once
+    memo = _keys_once(CONVO)
+    c.keys = lambda n: (calls.append(n), memo(n))[1]
+    strategy = make_strategy("kv_aware")
+    strategy.pick(["p0", "p1", "p2", "p3"], c)
+    strategy.pick(["p0", "p1", "p2", "p3"], c)  # a retry reuses the same context
+    assert len(calls) == 8 and memo(64) is memo(64)  # asked per engine, computed once
+
+
+def test_kv_aware_sends_a_new_prefix_to_the_same_engine_on_every_replica():
+    """No match anywhere and equal loads: prefix_affinity's ring breaks the tie, the same on every replica."""
+    index = FakeIndex({f"p{i}": {} for i in range(6)})
+    picks = {make_strategy("kv_aware").pick(ENGINES, kv_ctx(index, CONVO)[0]) for _ in range(10)}
+    assert len(picks) == 1
+
+
+def test_kv_aware_mixed_fleet_scores_engines_without_a_stream_by_hash():
+    k = _chain()
+    # p0, p1 stream (nothing cached); p2..p5 have no stream
+    index = FakeIndex({"p0": {}, "p1": {}})
+    strategy = make_strategy("kv_aware")
+    affinity = make_strategy("prefix_affinity")
+    c, _ = kv_ctx(index, CONVO)
+    blind = ["p2", "p3", "p4", "p5"]
+    hashed = affinity.pick(blind, c)
+    # the hash owner among the blind ones competes on load like the others; a tie goes to the known cache
+    load = LoadTracker()
+    for e in ("p0", "p1"):
+        load.on_load(e, LoadRecord(engine_id=e, running=2))
+    assert strategy.pick(ENGINES, kv_ctx(index, CONVO, load)[0]) == hashed
+    # a streaming engine holding the prefix is credited; the hash owner gets the same credit, so load decides
+    index.maps["p0"] = {k[2]: 1100}
+    load.on_load("p0", LoadRecord(engine_id="p0", running=0))
+    assert strategy.pick(ENGINES, kv_ctx(index, CONVO, load)[0]) == "p0"
+    # nobody streams: exactly prefix_affinity
+    none = FakeIndex({})
+    assert strategy.pick(ENGINES, kv_ctx(none, CONVO)[0]) == affinity.pick(ENGINES, kv_ctx(none, CONVO)[0])
+
+
+def test_kv_aware_params_are_typed_and_bounded():
+    from distserve.cluster.records import RoutingConfig
+    RoutingConfig(strategy="kv_aware", params={"cache_weight": 2.5, "min_match_tokens": 64, "vnodes": 8})
+    for bad in ({"cache_weight": -1.0}, {"load_weight": 1e9}, {"min_match_tokens": "64"},
+                {"cache_weight": float("nan")}, {"bogus": 1}):
+        with pytest.raises(ValueError):
+            RoutingConfig(strategy="kv_aware", params=bad)

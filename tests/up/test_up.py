@@ -126,6 +126,17 @@ def test_smoke_runs_both_calls_through_every_router_and_stops_cleanly(tmp, clust
     assert_nothing_left(tmp, cluster)
 
 
+def test_router_workers_serve_the_smoke_test_and_stop_cleanly(tmp, cluster):
+    out = subprocess.run([*UP, "--smoke", "--null", "--routers", "1", "--router-workers", "2", "--cluster", cluster],
+                         cwd=REPO, env=run_env(tmp), capture_output=True, text=True, timeout=150)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    status = text.split("distserve-ctl status:", 1)[1]
+    assert "router-0-w0" in status and "router-0-w1" in status, status
+    assert "smoke test passed; stopped cleanly" in text
+    assert_nothing_left(tmp, cluster)
+
+
 @pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
 def test_a_stop_signal_revokes_every_lease_at_once_on_an_external_etcd(etcd, tmp, cluster, how):
     up = Up(["--etcd", etcd.client_url, "--cluster", cluster, "--prefill", "2", "--routers", "1",
@@ -327,6 +338,8 @@ def test_bad_options_and_a_busy_port_fail_in_one_line(tmp, cluster):
     (["--cluster", "bad/name"], "--cluster: invalid cluster name 'bad/name'"),
     (["--strategy", "bogus"], "--strategy 'bogus': unknown (choose from "),
     (["--routers", "0"], "--routers must be at least 1"),
+    (["--router-workers", "0"], "--router-workers must be in 1-256"),
+    (["--router-args=--workers 2"], "--router-args: --workers set by distserve up for each process"),
     (["--decode", "65"], "--decode must be at most 64"),
     (["--port", "65534"], "--port 65534: need 4 ports from BASE, within 1024-65535"),
     (["--timeout", "0"], "--timeout must be > 0"),

@@ -8,6 +8,7 @@ Every scenario has a short form (CI: fewer engines, shorter holds) and a long fo
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import traceback
 from collections.abc import Awaitable, Callable
@@ -610,6 +611,104 @@ async def router_kill(h: Harness) -> None:
     r.check(f"clients spread over {new.name} too, every request there succeeded",
             bool(served) and all(x.ok for x in served), f"{len(served)} requests")
     await h.leftovers(preserve_ttl=ROUTER_KILL_PRESERVE_TTL)
+
+
+ROLLING_DRAIN_DELAY = 1.0  # the replicas' --drain-delay: well above the balancer's 0.1 s readiness polling
+
+
+class _ReadyRouters:
+    """The load's router list as a load balancer keeps it: live replicas whose /health/ready answered 200 at
+    the last poll (every `period` s); `not_ready_at` remembers when each replica was first seen not ready."""
+
+    def __init__(self, cluster: Cluster, period: float = 0.1) -> None:
+        self.cluster = cluster
+        self.period = period
+        self.ready: dict[str, str] = {r.name: r.url for r in cluster.live_routers()}  # ready at the start
+        self.not_ready_at: dict[str, float] = {}
+        self.seen_ready: set[str] = set(self.ready)
+
+    def __call__(self) -> list[tuple[str, str]]:
+        return list(self.ready.items())
+
+    async def poll(self) -> None:
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=2.0)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while True:
+                for router in self.cluster.live_routers():
+                    try:
+                        async with http.get(f"{router.url}/health/ready") as resp:
+                            ok = resp.status == 200
+                    except aiohttp.ClientConnectorError:  # nothing listens: out
+                        ok = False
+                    except (TimeoutError, aiohttp.ClientError, OSError):  # a slow answer on a busy box:
+                        continue  # no verdict, as a probe's failureThreshold would not act on one miss
+                    if ok:
+                        self.ready[router.name] = router.url
+                        self.seen_ready.add(router.name)
+                    else:
+                        self.ready.pop(router.name, None)
+                        if router.name in self.seen_ready:  # not ready after having been: it is stopping
+                            self.not_ready_at.setdefault(router.name, time.time())
+                await asyncio.sleep(self.period)
+
+
+@scenario("router-rolling-restart",
+          "one of two router replicas SIGTERMed under load (a balancer polls readiness), a new one started",
+          lambda short: ClusterSpec.pd(1 if short else 2, 1 if short else 2,
+                                       router_args=["--drain-delay", str(ROLLING_DRAIN_DELAY)]),
+          load=lambda short: {"workers": 16 if short else 64, "long_workers": 4 if short else 8,
+                              "interval": 0.01}, in_ci=True)
+async def router_rolling_restart(h: Harness) -> None:
+    balancer = _ReadyRouters(h.cluster)
+    poller = asyncio.get_running_loop().create_task(balancer.poll())
+    h.load._routers = balancer  # from here on, clients go where a readiness-polling balancer sends them
+    try:
+        await h.warmup(2.0)
+        victim = h.cluster.routers[0]
+        key = h.monitor.keys.router(victim.name)
+        t_term = h.fault(f"SIGTERM router {victim.name}")
+        victim.proc.signal(signal.SIGTERM)
+        record_gone = None
+        while victim.proc.alive() and time.time() - t_term < 60:
+            if record_gone is None and await h.monitor.client.get(key, timeout=2.0) is None:
+                record_gone = time.time()
+            await asyncio.sleep(0.02)
+        t_exit = time.time()
+        code = await asyncio.to_thread(victim.proc.wait, 10)
+        victim.killed = True  # gone: out of the cluster's live routers
+        h.mark(f"router {victim.name} exited {code}", t_exit)
+        new = h.cluster.add_router()
+        h.mark(f"router {new.name} started", new.proc.started_at)
+        await h.cluster.wait_http(f"{new.url}/health/ready", 30, new.proc)
+        await asyncio.sleep(2.0 if h.short else 5.0)
+        await h.stop_load()
+    finally:
+        poller.cancel()
+        await asyncio.gather(poller, return_exceptions=True)
+    r = h.result
+    not_ready = balancer.not_ready_at.get(victim.name)
+    r.times["record_gone_s"] = record_gone and record_gone - t_term
+    r.times["not_ready_seen_s"] = not_ready and not_ready - t_term
+    r.times["exit_s"] = t_exit - t_term
+    on_victim = [x for x in h.load.records if x.router == victim.name]
+    in_flight = [x for x in on_victim if x.start <= t_term <= (x.end or t_exit)]
+    r.figures["in_flight_on_victim_at_sigterm"] = len(in_flight)
+    r.figures["streams_in_flight_on_victim_at_sigterm"] = sum(1 for x in in_flight if x.stream)
+    r.figures["served_by_victim_after_sigterm"] = sum(1 for x in on_victim if x.start > t_term)
+    r.check("the router record left etcd before the process exited",
+            record_gone is not None and record_gone < t_exit, _secs(r.times["record_gone_s"]))
+    r.check("readiness turned 503 before the process exited", not_ready is not None and not_ready < t_exit,
+            _secs(r.times["not_ready_seen_s"]))
+    r.check(f"{victim.name} exited 0 (graceful)", code == 0, f"exit code {code}")
+    r.check("requests and streams in flight on it at SIGTERM finished",
+            bool(in_flight) and all(x.ok for x in in_flight), f"{len(in_flight)} in flight")
+    h.check_no_failures("0 failed requests")
+    served = [x for x in h.load.records if x.router == new.name]
+    r.check(f"the new replica {new.name} took clients", bool(served) and all(x.ok for x in served),
+            f"{len(served)} requests")
+    await h.leftovers()
 
 
 # ====================================================================== input

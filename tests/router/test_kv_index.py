@@ -1,0 +1,365 @@
+"""The router's cache index (distserve.router.kv_index) against engines' cache-event streams.
+
+The engines here are small aiohttp servers on loopback that follow the stream protocol of issue 18 exactly
+(snapshot, ordered stored/removed/cleared events with seq, a ring buffer, heartbeats, incarnations); their
+records live in a real etcd, read through the router's own ClusterCache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+import orjson
+import pytest
+from aiohttp import web
+
+from distserve.cluster.cache import ClusterCache
+from distserve.cluster.keys import ENGINES, Keys
+from distserve.cluster.prefix_keys import chat_keys, key_hex
+from distserve.cluster.records import EngineGeometry, EngineRecord
+from distserve.router.kv_index import KvIndex, StreamError
+from distserve.router.metrics import RouterMetrics
+
+TOKEN = "s3cret-token"
+PATH = "/distserve/cache/events"
+
+
+class StreamEngine:
+    """An engine's cache-event stream, per the protocol (docs/architecture.md "Cache state")."""
+
+    def __init__(self, ring: int = 4096, heartbeat: float = 0.2) -> None:
+        self.incarnation = uuid.uuid4().hex
+        self.seq = 0
+        self.keys: dict[str, int] = {}
+        self.ring: list[dict] = []  # the last `ring_size` events
+        self.ring_size = ring
+        self.heartbeat = heartbeat
+        self.changed = asyncio.Condition()
+        self.requests: list[dict] = []  # query of each connection
+        self.responses: set[web.StreamResponse] = set()
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+        self.refuse = False
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get(PATH, self.handle)
+        self.runner = web.AppRunner(app, handler_cancellation=True)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = self.runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        await self.drop_connections()
+        await self.runner.cleanup()
+
+    async def drop_connections(self) -> None:
+        for resp in list(self.responses):
+            with contextlib.suppress(Exception):
+                resp.force_close()
+                if resp._req is not None and resp._req.transport is not None:
+                    resp._req.transport.close()
+
+    # -------------------------------------------------------------- the engine's side of the cache
+    async def event(self, kind: str, **fields) -> None:
+        self.seq += 1
+        ev = {"type": kind, "seq": self.seq, "incarnation": self.incarnation, **fields}
+        if kind == "stored":
+            self.keys.update({k: t for k, t in fields["keys"]})
+        elif kind == "removed":
+            for k in fields["keys"]:
+                self.keys.pop(k, None)
+        elif kind == "cleared":
+            self.keys.clear()
+        self.ring.append(ev)
+        del self.ring[: -self.ring_size]
+        async with self.changed:
+            self.changed.notify_all()
+
+    async def store(self, pairs: list[tuple[int, int]]) -> None:
+        await self.event("stored", keys=[[key_hex(k), t] for k, t in pairs])
+
+    async def remove(self, keys: list[int]) -> None:
+        await self.event("removed", keys=[key_hex(k) for k in keys])
+
+    def restart(self) -> None:
+        """A new engine process: new incarnation, empty cache, seq from 0."""
+        self.incarnation = uuid.uuid4().hex
+        self.seq = 0
+        self.keys = {}
+        self.ring = []
+
+    def snapshot(self) -> dict:
+        return {"type": "snapshot", "incarnation": self.incarnation, "seq": self.seq, "block_size": 16,
+                "chunk_bytes": 64, "keys": [[k, t] for k, t in self.keys.items()]}
+
+    # -------------------------------------------------------------- the route
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return web.json_response({"error": "unauthorized"}, status=401)
+        if self.refuse:
+            return web.json_response({"error": "unavailable"}, status=503)
+        self.requests.append(dict(request.query))
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        self.responses.add(resp)
+        try:
+            since = request.query.get("since")
+            oldest = self.ring[0]["seq"] if self.ring else self.seq + 1
+            if (since is None or request.query.get("incarnation") != self.incarnation
+                    or int(since) < oldest - 1 or int(since) > self.seq):
+                sent = self.seq
+                await resp.write(orjson.dumps(self.snapshot()) + b"\n")
+            else:
+                sent = int(since)
+            incarnation = self.incarnation
+            while incarnation == self.incarnation:
+                for ev in self.ring:
+                    if ev["seq"] > sent:
+                        await resp.write(orjson.dumps(ev) + b"\n")
+                        sent = ev["seq"]
+                async with self.changed:
+                    try:
+                        await asyncio.wait_for(self.changed.wait(), self.heartbeat)
+                    except asyncio.TimeoutError:
+                        await resp.write(orjson.dumps({"type": "heartbeat", "seq": sent,
+                                                       "incarnation": self.incarnation}) + b"\n")
+        finally:
+            self.responses.discard(resp)
+        return resp
+
+
+def record(engine_id: str, url: str, instance: str, stream: bool = True) -> EngineRecord:
+    extra = {"cache_events": {"path": PATH, "version": 1, "chunk_bytes": 64, "block_size": 16}} if stream else {}
+    return EngineRecord(id=engine_id, incarnation=uuid.uuid4().hex, instance=instance, role="prefill", url=url,
+                        models=["m"], engine_info=EngineGeometry(block_size=16, num_gpu_blocks=64), state="ready",
+                        **extra)
+
+
+async def eventually(check, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        if check():
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            assert check()
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+async def setup(etcd_client):
+    keys = Keys("kvtest")
+    engines: list[StreamEngine] = []
+    cache = ClusterCache(etcd_client, keys, (ENGINES,), name="test")
+    metrics = RouterMetrics()
+    index = KvIndex(cache, TOKEN, metrics, max_keys=1000, sync_timeout=5.0, idle_timeout=1.0,
+                    backoff=(0.02, 0.1))
+
+    async def engine(engine_id: str, stream: bool = True, **kw) -> StreamEngine:
+        eng = StreamEngine(**kw)
+        await eng.start()
+        engines.append(eng)
+        await etcd_client.put(keys.engine(engine_id), record(engine_id, eng.url, eng.incarnation, stream).encode())
+        return eng
+
+    class S:
+        pass
+
+    s = S()
+    s.client, s.keys, s.cache, s.index, s.metrics, s.engine = etcd_client, keys, cache, index, metrics, engine
+    yield s
+    await index.close()
+    await cache.close()
+    for eng in engines:
+        await eng.stop()
+
+
+CHAIN = chat_keys([{"role": "system", "content": "you are helpful"}, {"role": "user", "content": "hi"},
+                   {"role": "assistant", "content": "hello"}, {"role": "user", "content": "more"}])
+
+
+async def test_snapshot_then_events_then_ready(setup):
+    s = setup
+    p1 = await s.engine("P1")
+    await p1.store([(CHAIN[0], 16)])
+    s.index.set_active(True)
+    await s.cache.start()
+    s.index.start()
+    assert await s.index.wait_synced(5)
+    assert s.index.ready
+    assert s.index.matched_tokens("P1", CHAIN) == 16
+    await p1.store([(CHAIN[1], 32), (CHAIN[2], 48)])
+    await eventually(lambda: s.index.matched_tokens("P1", CHAIN) == 48)
+    await p1.remove([CHAIN[2]])
+    await eventually(lambda: s.index.matched_tokens("P1", CHAIN) == 32)
+    await p1.event("cleared")
+    await eventually(lambda: s.index.matched_tokens("P1", CHAIN) == 0)
+    # the stream is authenticated with the cluster token; one connection did it all
+    assert len(p1.requests) == 1 and "since" not in p1.requests[0]
+    assert s.metrics.kv_index_synced.get() == 1
+    assert b'distserve_router_kv_index_keys{engine="P1"} 0' in s.metrics.render()
+
+
+async def test_not_ready_until_every_snapshot_then_bounded_by_sync_timeout(setup):
+    s = setup
+    await s.engine("P1")
+    p2 = await s.engine("P2")
+    p2.refuse = True  # P2 answers 503 to its stream: no snapshot
+    s.index.sync_timeout = 0.6
+    s.index.set_active(True)
+    await s.cache.start()
+    s.index.start()
+    await eventually(lambda: s.index.has_stream("P1"))
+    assert not s.index.ready  # P2's snapshot is missing
+    assert s.index.matched_tokens("P2", CHAIN) is None  # scored by hash meanwhile
+    await asyncio.sleep(0.7)
+    assert s.index.ready  # sync_timeout passed: a dead stream cannot keep the replica out of service
+    p2.refuse = False
+    await eventually(lambda: s.index.has_stream("P2"))
+
+
+async def test_reconnect_resumes_with_since(setup):
+    s = setup
+    p1 = await s.engine("P1")
+    s.index.set_active(True)
+    await s.cache.start()
+    s.index.start()
+    assert await s.index.wait_synced(5)
+    await p1.store([(CHAIN[0], 16)])
+    await eventually(lambda: s.index.matched_tokens("P1", CHAIN) == 16)
+    p1.refuse = True
+    await p1.drop_connections()
+    await p1.store([(CHAIN[1], 32)])  # while the router is away
+    p1.refuse = False
+    await eventually(lambda: s.index.matched_tokens("P1", CHAIN) == 32)
+    resumed = p1.requests[-1]
+    assert resumed["incarnation"] == p1.incarnation and resumed["since"] == "1"
+    assert s.index.engines["P1"].snapshots == 1  # events, not a new snapshot
+
+
+async def test_gap_beyond_the_ring_gets_a_fresh_snapshot(setup):
+    s = setup
+    p1 = await s.engine("P1", ring=2)
+    s.index.set_active(True)
+    await s.cache.start()
+    s.index.start()
+    assert await s.index.wait_synced(5)
+    await p1.store([(CHAIN[0], 16)])
+    await eventually(lambda: s.index.matched_tokens("P1", CHAIN) == 16)
+    p1.refuse = True
+    await p1.drop_connections()
+    await p1.remove([CHAIN[0]])
+    for i in range(5):  # the ring (2 events) no longer holds seq 2
+        await p1.store([(1000 + i, 8)])
+    await p1.store([(CHAIN[1], 32)])
+    p1.refuse = False
+    await eventually(lambda: s.index.engines["P1"].snapshots == 2)
+    assert s.index.matched_tokens("P1", CHAIN) == 32
+    assert CHAIN[0] not in s.index.engines["P1"].keys  # removed while away: gone with the fresh snapshot
+    assert s.metrics.kv_index_resyncs.get(("snapshot",)) == 1
+
+
+async def test_event_gap_on_the_wire_reconnects_with_since(setup):
+    """A stream that skips a seq is not trusted: the router reconnects and resumes from what it holds."""
+    s = setup
+    p1 = await s.engine("P1")
+    s.index.set_active(True)
+    await s.cache.start()
+    s.index.start()
+    assert await s.index.wait_synced(5)
+    state = s.index.engines["P1"]
+    with pytest.raises(StreamError, match="seq 5 after 0"):
+        s.index.apply(state, orjson.dumps({"type": "stored", "seq": 5, "incarnation": p1.incarnation,
+                                           "keys": []}))
+    with pytest.raises(StreamError, match="heartbeat at seq 3"):
+        s.index.apply(state, orjson.dumps({"type": "heartbeat", "seq": 3}))
+    for bad in (b"not json", b"[1]", b'{"type":"stored","seq":1,"keys":[["zz",1]]}',
+                b'{"type":"stored","seq":1,"keys":[["ab",-1]]}', b'{"type":"what","seq":1}'):
+        with pytest.raises(StreamError):
+            s.index.apply(state, bad)
+    assert s.metrics.kv_index_resyncs.get(("gap",)) == 2
+
+
+async def test_new_incarnation_drops_the_old_state(setup):
+    s = setup
+    p1 = await s.engine("P1")
+    s.index.set_active(True)
+    await s.cache.start()
+    s.index.start()
+    assert await s.index.wait_synced(5)
+    await p1.store([(CHAIN[2], 48)])
+    await eventually(lambda: s.index.matched_tokens("P1", CHAIN) == 48)
+    old = p1.incarnation
+    p1.restart()  # same URL, same record: the stream alone says the process is new
+    async with p1.changed:
+        p1.changed.notify_all()
+    await p1.store([(CHAIN[0], 16)])
+    await eventually(lambda: s.index.engines["P1"].incarnation == p1.incarnation)
+    assert s.index.engines["P1"].incarnation != old
+    await eventually(lambda: s.index.matched_tokens("P1", CHAIN) == 16)
+    assert CHAIN[2] not in s.index.engines["P1"].keys
+
+
+async def test_new_engine_process_in_the_record_drops_state_at_once(setup):
+    s = setup
+    p1 = await s.engine("P1")
+    s.index.set_active(True)
+    await s.cache.start()
+    s.index.start()
+    assert await s.index.wait_synced(5)
+    await p1.store([(CHAIN[2], 48)])
+    await eventually(lambda: s.index.matched_tokens("P1", CHAIN) == 48)
+    await s.client.put(s.keys.engine("P1"), record("P1", p1.url, "another-process").encode())
+    await eventually(lambda: s.index.engines.get("P1") is not None
+                     and s.index.engines["P1"].instance == "another-process")
+    assert s.index.matched_tokens("P1", CHAIN) in (None, 48)  # re-listed from the engine, never the old map
+
+
+async def test_engine_leaving_the_view_drops_its_state_and_task(setup):
+    s = setup
+    p1 = await s.engine("P1")
+    await s.engine("P2", stream=False)
+    s.index.set_active(True)
+    await s.cache.start()
+    s.index.start()
+    assert await s.index.wait_synced(5)
+    assert set(s.index.engines) == {"P1"}  # P2 has no stream: nothing to follow
+    await p1.store([(CHAIN[0], 16)])
+    task = s.index.engines["P1"].task
+    await s.client.delete(s.keys.engine("P1"))
+    await eventually(lambda: "P1" not in s.index.engines)
+    await eventually(lambda: task.done())
+    assert s.index.matched_tokens("P1", CHAIN) is None
+
+
+async def test_key_map_is_bounded_and_counted(setup):
+    s = setup
+    p1 = await s.engine("P1")
+    s.index.set_active(True)
+    await s.cache.start()
+    s.index.start()
+    assert await s.index.wait_synced(5)
+    await p1.store([(CHAIN[0], 16)])
+    await p1.store([(i, 8) for i in range(1, 1500)])  # 1500 keys, bound 1000
+    await eventually(lambda: s.index.engines["P1"].seq == 2)
+    assert len(s.index.engines["P1"].keys) == 1000
+    assert s.metrics.kv_index_dropped.get(("P1",)) == 500
+    assert CHAIN[0] not in s.index.engines["P1"].keys  # least recently stored went first
+
+
+async def test_inactive_index_follows_nothing(setup):
+    s = setup
+    p1 = await s.engine("P1")
+    await s.cache.start()
+    s.index.start()
+    assert await s.cache.wait_synced(5)
+    await asyncio.sleep(0.2)
+    assert s.index.engines == {} and p1.requests == [] and s.index.ready
+    s.index.set_active(True)  # kv_aware switched on at run time
+    assert await s.index.wait_synced(5)
+    s.index.set_active(False)
+    assert s.index.engines == {}

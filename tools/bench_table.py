@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""The router's routing table at scale: what one engine or link change costs, and what one pick costs.
+
+    python tools/bench_table.py                                  # this tree, 1,000 engines / 10,000 links
+    python tools/bench_table.py --baseline-tree /tmp/base22      # also a baseline tree, in the same run
+    python tools/bench_table.py --json out.json
+
+No etcd and no network: a real `distserve.router.view.ClusterView` is fed records through its cache's own
+listeners (the code path of a watch event: decode, typed map, handlers), with `--prefills` prefills and as
+many decodes, each prefill linked to `--links-per-prefill` decodes, all ready. Measured per change, as CPU
+time of this process (time.thread_time): the event handling plus the first `view.table()` after it (the
+work the first request after a change pays). Changes alternate: an engine drained and undrained (a state
+change), a link failed and re-established, an operator cordon set and cleared. Picks: every strategy of
+`distserve.router.strategies` over the table's candidates for the model (all prefills), with uneven loads.
+
+Each tree runs in its own child process (`--tree`), so the baseline imports its own code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pct(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def _summary(values_s: list[float]) -> dict:
+    us = [v * 1e6 for v in values_s]
+    return {"n": len(us), "mean_us": round(statistics.fmean(us), 1), "p50_us": round(_pct(us, 0.5), 1),
+            "p99_us": round(_pct(us, 0.99), 1), "max_us": round(max(us), 1)}
+
+
+def measure(prefills: int, links_per_prefill: int, changes: int, picks: int) -> dict:
+    """Runs inside the tree under test (its distserve on sys.path)."""
+    import asyncio
+
+    from distserve.cluster.keys import Keys
+    from distserve.cluster.records import EngineGeometry, EngineRecord, LinkRecord, LoadRecord, OperatorFlags
+    from distserve.router import strategies as S
+    from distserve.router.breaker import CircuitBreakers
+    from distserve.router.load import LoadTracker
+    from distserve.router.metrics import RouterMetrics
+    from distserve.router.view import ClusterView
+
+    rng = random.Random(22)
+    keys = Keys("bench")
+    model = "m"
+
+    async def run() -> dict:
+        load = LoadTracker()
+        breakers = CircuitBreakers(lambda: None, b"", 0.5, 5.0)
+        view = ClusterView(None, keys, breakers, load, RouterMetrics(), lambda *a: None)
+        cache = view.cache
+        listeners = {kind: cache._listener(kind) for kind in ("engines", "links", "state", "load")}
+
+        def put(kind: str, key: str, record) -> None:
+            listeners[kind]("put", key, None, cache.codec.decode(key, record.encode()))
+
+        geometry = EngineGeometry(block_size=16, num_gpu_blocks=512)
+        engines: dict[str, EngineRecord] = {}
+        for role, n in (("prefill", prefills), ("decode", prefills)):
+            for i in range(n):
+                rec = EngineRecord(id=f"{role[0]}{i:04d}", incarnation=f"inc{i}", role=role,
+                                   url=f"http://127.0.0.1:{10000 + i}", models=[model], state="ready",
+                                   engine_kind="null", engine_info=geometry)
+                engines[rec.id] = rec
+        t0 = time.perf_counter()
+        for rec in engines.values():
+            put("engines", keys.engine(rec.id), rec)
+        links: dict[tuple[str, str], LinkRecord] = {}
+        for i in range(prefills):
+            p = engines[f"p{i:04d}"]
+            for j in range(links_per_prefill):
+                d = engines[f"d{(i + j * 7) % prefills:04d}"]
+                link = LinkRecord(prefill_id=p.id, decode_id=d.id, prefill_incarnation=p.incarnation,
+                                  decode_incarnation=d.incarnation, state="established", protocol="tcp",
+                                  established_at=time.time())
+                links[(p.id, d.id)] = link
+                put("links", keys.link(p.id, d.id), link)
+        for rec in engines.values():
+            put("load", keys.load(rec.id), LoadRecord(engine_id=rec.id, running=rng.randint(0, 8),
+                                                      waiting=rng.randint(0, 4)))
+        cache.synced.set()
+        view.invalidate()
+        table = view.table()
+        initial = time.perf_counter() - t0
+        assert len(table.entries[model]) == prefills, len(table.entries[model])
+
+        ids = list(engines)
+        link_ids = list(links)
+        per_kind: dict[str, list[float]] = {"engine_state": [], "link_state": [], "operator_flag": []}
+        for n in range(changes):
+            kind = ("engine_state", "link_state", "operator_flag")[n % 3]
+            if kind == "engine_state":
+                rec = engines[rng.choice(ids)]
+                down = rec.model_copy(update={"state": "draining"})
+                steps = [("engines", keys.engine(rec.id), down), ("engines", keys.engine(rec.id), rec)]
+            elif kind == "link_state":
+                link = links[rng.choice(link_ids)]
+                bad = link.model_copy(update={"state": "failed"})
+                steps = [("links", keys.link(*link_key(link)), bad), ("links", keys.link(*link_key(link)), link)]
+            else:
+                engine_id = rng.choice(ids)
+                steps = [("state", keys.state(engine_id), OperatorFlags(cordon=True, updated_by="bench")),
+                         ("state", keys.state(engine_id), OperatorFlags(cordon=False, updated_by="bench"))]
+            for step_kind, key, record in steps:
+                decoded = cache.codec.decode(key, record.encode())  # the watch's decode: not the router's
+                c0 = time.thread_time()
+                listeners[step_kind]("put", key, None, decoded)
+                view.table()
+                per_kind[kind].append(time.thread_time() - c0)
+        table = view.table()
+        assert len(table.entries[model]) == prefills
+
+        ctx = S.PickContext(load=load, weights={}, params={}, prefix=lambda n: b"the same prompt prefix"[:n])
+        candidates = list(table.entries[model])
+        decisions: dict[str, dict] = {}
+        for name in sorted(S.STRATEGIES):
+            strategy = S.make_strategy(name)
+            if getattr(strategy, "needs_kv", False):
+                continue  # needs a cache-event index: measured by its own benchmark
+            for _ in range(50):  # warm caches (prefix_affinity's ring)
+                strategy.pick(candidates, ctx)
+            times = []
+            for i in range(picks):
+                c0 = time.perf_counter()
+                strategy.pick(candidates, ctx)
+                times.append(time.perf_counter() - c0)
+                if i % 50 == 0:  # loads move between picks, as they do under traffic
+                    load.begin(rng.choice(candidates))
+            decisions[name] = _summary(times)
+        return {
+            "engines": len(engines), "links": len(links), "candidates": len(candidates),
+            "initial_build_s": round(initial, 3),
+            "change_cpu": {k: _summary(v) for k, v in per_kind.items()},
+            "change_cpu_all": _summary([x for v in per_kind.values() for x in v]),
+            "pick": decisions,
+        }
+
+    def link_key(link) -> tuple[str, str]:
+        return link.prefill_id, link.decode_id
+
+    return asyncio.run(run())
+
+
+def run_tree(tree: Path, args: argparse.Namespace) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--prefills", str(args.prefills),
+           "--links-per-prefill", str(args.links_per_prefill), "--changes", str(args.changes),
+           "--picks", str(args.picks)]
+    out = subprocess.run(cmd, env=env, cwd=str(tree), capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise SystemExit(f"bench_table: the run in {tree} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prefills", type=int, default=500, help="prefills, and as many decodes (default 500)")
+    p.add_argument("--links-per-prefill", type=int, default=20, help="default 20 (10,000 links at 500)")
+    p.add_argument("--changes", type=int, default=300, help="changes measured (each = two events)")
+    p.add_argument("--picks", type=int, default=3000, help="picks measured per strategy")
+    p.add_argument("--baseline-tree", type=Path, help="also measure this source tree (git worktree add ...)")
+    p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if not (1 <= args.links_per_prefill <= args.prefills and args.prefills >= 2 and args.changes >= 1
+            and args.picks >= 1):
+        print("bench_table: need --prefills >= 2, 1 <= --links-per-prefill <= --prefills, --changes and --picks "
+              ">= 1", file=sys.stderr)
+        return 2
+    if args.child:
+        print(json.dumps(measure(args.prefills, args.links_per_prefill, args.changes, args.picks)))
+        return 0
+    trees = {"this": REPO}
+    if args.baseline_tree:
+        trees = {"baseline": args.baseline_tree.resolve(), **trees}
+    results = {name: run_tree(tree, args) for name, tree in trees.items()}
+    for name, r in results.items():
+        print(f"== {name} ({trees[name]}): {r['engines']} engines, {r['links']} links, initial build "
+              f"{r['initial_build_s']} s")
+        for kind, s in {**r["change_cpu"], "all changes": r["change_cpu_all"]}.items():
+            print(f"   change {kind:14s} CPU per event: mean {s['mean_us']:>9.1f} us  p50 {s['p50_us']:>9.1f}  "
+                  f"p99 {s['p99_us']:>9.1f}  max {s['max_us']:>9.1f}")
+        for strategy, s in r["pick"].items():
+            print(f"   pick {strategy:22s} over {r['candidates']}: p50 {s['p50_us']:>7.1f} us  p99 "
+                  f"{s['p99_us']:>7.1f}  mean {s['mean_us']:>7.1f}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
