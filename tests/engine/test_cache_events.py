@@ -8,7 +8,6 @@ import asyncio
 import json
 
 import aiohttp
-import pytest
 
 from distserve.agent.record import cache_events_info
 from distserve.cluster import prefix_keys as PK

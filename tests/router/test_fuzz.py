@@ -109,6 +109,18 @@ field_names = st.sampled_from(
         "logprobs",
         "ignore_eos",
         "user",
+        # issue 19: capability-gated fields, fan-out, the prefill's internal answers
+        "best_of",
+        "suffix",
+        "top_logprobs",
+        "tools",
+        "tool_choice",
+        "response_format",
+        "logit_bias",
+        "presence_penalty",
+        "min_p",
+        "remote_logprobs",
+        "remote_session_ids",
         *sorted(INTERNAL_REQUEST_FIELDS),
         "session_id",
         "x_unknown",
@@ -119,10 +131,16 @@ valid_completion = st.fixed_dictionaries(
     {
         "model": st.just(MODEL),
         "prompt": st.one_of(
-            st.text(min_size=1, max_size=40), st.lists(st.integers(0, 200), min_size=1, max_size=8)
+            st.text(min_size=1, max_size=40),
+            st.lists(st.integers(0, 200), min_size=1, max_size=8),
+            st.lists(st.text(min_size=1, max_size=10), min_size=1, max_size=3),  # a batch
         ),
     },
     optional={
+        "n": st.integers(1, 3),
+        "best_of": st.integers(1, 3),
+        "echo": st.booleans(),
+        "logprobs": st.integers(0, 3),
         "max_tokens": st.integers(1, 20),
         "stream": st.booleans(),
         "temperature": st.floats(0, 2),
@@ -146,6 +164,8 @@ valid_chat = st.fixed_dictionaries(
         "stream": st.booleans(),
         "top_p": st.floats(0.1, 1),
         "max_completion_tokens": st.integers(1, 20),
+        "n": st.integers(1, 3),
+        "logprobs": st.booleans(),
     },
 )
 mutations = st.lists(st.tuples(field_names, st.one_of(json_values, st.just(DELETE))), max_size=2)

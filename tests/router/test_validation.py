@@ -58,14 +58,19 @@ def test_internal_fields_are_rejected(kind, base, field):
         ({"model": "m", "prompt": [1, "a"]}, "prompt"),
         ({"model": "m", "prompt": [1, -2]}, "prompt"),
         ({"model": "m", "prompt": [1, True]}, "prompt"),
-        ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
+        ({"model": "m", "prompt": ["a", ""]}, "prompt"),  # a batch (issue 19: fanned out) with an empty one
+        ({"model": "m", "prompt": ["a", [1]]}, "prompt"),  # a batch mixing texts and token ids
+        ({"model": "m", "prompt": ["a"] * 129}, "prompt"),
+        ({"model": "m", "prompt": ["a", "b"], "n": 100}, "n"),  # 200 choices > 128
         ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens"),
         ({"model": "m", "prompt": "x", "max_tokens": "5"}, "max_tokens"),
         ({"model": "m", "prompt": "x", "max_tokens": 1.5}, "max_tokens"),
         ({"model": "m", "prompt": "x", "stream": "yes"}, "stream"),
         ({"model": "m", "prompt": "x", "temperature": 3}, "temperature"),
         ({"model": "m", "prompt": "x", "top_p": 0}, "top_p"),
-        ({"model": "m", "prompt": "x", "n": 2}, "n"),
+        ({"model": "m", "prompt": "x", "n": 129}, "n"),
+        ({"model": "m", "prompt": "x", "n": 3, "best_of": 2}, "best_of"),
+        ({"model": "m", "prompt": "x", "best_of": 2, "stream": True}, "best_of"),
         ({"model": "m", "prompt": "x", "stop": 3}, "stop"),
         ({"model": "m", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"model": "m", "prompt": "x", "stop": [""]}, "stop"),
