@@ -23,6 +23,15 @@ retried by the kernel after one second, whatever the front end).
     .venv/bin/python tools/bench_router.py            # full run (about 6 minutes), markdown on stdout
     .venv/bin/python tools/bench_router.py --quick    # smoke run
 
+SGLang's Rust gateway (`sglang`): `sglang-router==0.3.2` from PyPI in its own virtual environment under
+.bench/ (or from the device bundle), run as `sglang-router launch --pd-disaggregation --prefill URL ...
+--decode URL ...` over the same null engines (it dispatches prefill and decode in parallel: SGLang's
+bootstrap protocol; the null engines answer it as they are). `--skip-sglang` leaves it out.
+
+Workers (`--router-workers 2 4 8`): `distserve-wN` is `distserve router --workers N` pinned to N CPUs
+(1..N); CPU per request counts the supervisor and all its workers. With the largest N, the engines and
+load generators get the CPUs that are left (the table says where they saturate).
+
 Tracing cost (`--tracing`): the steady-state runs add `distserve-traced`, a second router with
 OpenTelemetry on (OTEL_* set, 100 % sampling, OTLP/HTTP to a local sink that accepts and drops), and with
 `--baseline-tree DIR` (a checkout of an earlier commit: `git worktree add /tmp/base HEAD`) `distserve-base`,
@@ -54,6 +63,8 @@ from distserve.testing.procs import wait_http as _wait_http  # noqa: E402
 
 BENCH = REPO / ".bench"
 LMD_VENV = BENCH / "lmdeploy-venv"
+SGL_VENV = BENCH / "sglang-venv"
+SGL_VERSION = "0.3.2"
 LMD_VERSION = "0.18.0"
 # What `lmdeploy serve proxy` imports (found by importing it), beyond lmdeploy itself and torch.
 LMD_PROXY_DEPS = [
@@ -77,9 +88,40 @@ MODEL = "distserve-reference"
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
 MAX_TOKENS = 16
 PY = sys.executable
-# The router (or proxy) under test gets CPU 1 alone; everything else shares the other CPUs.
+# The router (or proxy) under test gets CPU 1 alone (workers: CPUs 1..N); everything else shares the CPUs
+# no router uses (set_router_cpus, from the largest --router-workers).
 ROUTER_CPUS = "1"
 OTHER_CPUS = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)) if c != 1) or "0"
+
+
+def set_router_cpus(max_workers: int) -> None:
+    global OTHER_CPUS
+    cpus = sorted(os.sched_getaffinity(0))
+    taken = set(cpus[1 : 1 + max_workers])
+    OTHER_CPUS = ",".join(str(c) for c in cpus if c not in taken) or str(cpus[0])
+
+
+def worker_cpus(n: int) -> str:
+    cpus = sorted(os.sched_getaffinity(0))
+    return ",".join(str(c) for c in cpus[1 : 1 + n]) or ROUTER_CPUS
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and every live descendant (a `--workers` supervisor and its workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            continue
+    return total
 # A copy of what the device machine needs (wheels, etcd, lmdeploy's Python part): --device-bundle builds it.
 DEVICE = BENCH / "device"
 
@@ -213,10 +255,12 @@ async def wait_links(etcd: list[str], cluster: str, n: int, timeout: float = 120
 
 # ------------------------------------------------------------------------------------------ front ends
 def start_router(
-    etcd: list[str], cluster: str, tag: str, env: dict | None = None, tree: Path | None = None
+    etcd: list[str], cluster: str, tag: str, env: dict | None = None, tree: Path | None = None,
+    workers: int = 1,
 ) -> tuple[Proc, str]:
     """`tree`: run the router of that source tree (a baseline checkout) instead of this one."""
     port = free_port()
+    extra = ["--workers", str(workers), "--router-id", f"{tag}-router"] if workers > 1 else []
     if tree is not None:
         env = {**(env or {}), "PYTHONPATH": str(tree)}
     proc = bench_proc(
@@ -233,8 +277,9 @@ def start_router(
             ",".join(etcd),
             "--cluster",
             cluster,
+            *extra,
         ],
-        ROUTER_CPUS,
+        worker_cpus(workers) if workers > 1 else ROUTER_CPUS,
         f"{tag}-router",
         env,
         cwd=tree,
@@ -345,6 +390,45 @@ def install_lmdeploy() -> str | None:
     return lmdeploy_available()
 
 
+def sglang_command() -> list[str] | None:
+    """How to run `sglang-router` here: .bench's venv, or the device bundle's copy (in its site dir)."""
+    if (SGL_VENV / "bin" / "sglang-router").exists():
+        return [str(SGL_VENV / "bin" / "sglang-router")]
+    if (DEVICE / "site" / "sglang_router").is_dir():
+        return [PY, "-c", "import sys; from sglang_router.cli import main; sys.argv[0] = 'sglang-router'; "
+                "sys.exit(main())"]
+    return None
+
+
+def install_sglang() -> str | None:
+    """sglang-router==SGL_VERSION in .bench/sglang-venv (it needs no GPU and no torch); None when runnable."""
+    if sglang_command() is None and not (DEVICE / "site").is_dir():
+        BENCH.mkdir(exist_ok=True)
+        pip = [str(SGL_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        for step in ([os.path.realpath(PY), "-m", "venv", str(SGL_VENV)], [*pip, f"sglang-router=={SGL_VERSION}"]):
+            print("[bench] " + " ".join(step), file=sys.stderr)
+            r = subprocess.run(step, capture_output=True, text=True)
+            if r.returncode != 0:
+                return f"{' '.join(step[:6])} failed: {(r.stderr.strip().splitlines() or [r.returncode])[-1]}"
+    cmd = sglang_command()
+    if cmd is None:
+        return "not installed"
+    r = subprocess.run([*cmd, "launch", "--help"], capture_output=True, text=True, env=bench_env())
+    return None if r.returncode == 0 and "--pd-disaggregation" in r.stdout else (
+        (r.stderr.strip().splitlines() or ["sglang-router launch --help failed"])[-1])
+
+
+def start_sglang(tag: str, engines: "Engines") -> tuple[Proc, str]:
+    port = free_port()
+    argv = [*sglang_command(), "launch", "--pd-disaggregation", "--host", "127.0.0.1", "--port", str(port),
+            "--policy", "round_robin", "--log-level", "warn"]
+    for url in engines.prefills:
+        argv += ["--prefill", url]
+    for url in engines.decodes:
+        argv += ["--decode", url]
+    return bench_proc(argv, ROUTER_CPUS, f"{tag}-sglang"), f"http://127.0.0.1:{port}"
+
+
 def start_proxy(tag: str) -> tuple[Proc, str]:
     port = free_port()
     proc = bench_proc(
@@ -426,6 +510,9 @@ DEVICE_WHEELS = [
     "charset-normalizer==3.5.2",
     "idna==3.20",
     "opentelemetry-api==1.45.2",  # fastapi imports it
+    # SGLang's Rust gateway (abi3 wheel) and what its launcher imports beyond the above
+    f"sglang-router=={SGL_VERSION}",
+    "setproctitle==1.3.8",
 ]
 
 
@@ -667,10 +754,10 @@ async def measure(
     """Closed loop at `concurrency`: (latencies, wall seconds, CPU seconds of `proc`)."""
     if clients <= 1 or concurrency < clients:
         client = Client(session, mode, target, stream)
-        cpu0 = proc.cpu_seconds() if proc else 0.0
+        cpu0 = tree_cpu_seconds(proc.pid) if proc else 0.0
         t0 = time.perf_counter()
         lat = await closed_loop(client, concurrency, duration)
-        return lat, time.perf_counter() - t0, (proc.cpu_seconds() - cpu0) if proc else 0.0
+        return lat, time.perf_counter() - t0, (tree_cpu_seconds(proc.pid) - cpu0) if proc else 0.0
     start_at = time.time() + 1.0 + 0.3 * clients
     share = [concurrency // clients + (1 if i < concurrency % clients else 0) for i in range(clients)]
     workers = []
@@ -688,9 +775,9 @@ async def measure(
             cmd = ["taskset", "-c", OTHER_CPUS, *cmd]
         workers.append(await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE, env=bench_env()))
     await asyncio.sleep(max(0.0, start_at - time.time()))
-    cpu0 = proc.cpu_seconds() if proc else 0.0
+    cpu0 = tree_cpu_seconds(proc.pid) if proc else 0.0
     outs = await asyncio.gather(*(w.communicate() for w in workers))
-    cpu = (proc.cpu_seconds() - cpu0) if proc else 0.0
+    cpu = (tree_cpu_seconds(proc.pid) - cpu0) if proc else 0.0
     if any(w.returncode for w in workers):
         raise RuntimeError(f"a load worker failed ({mode}, stream={stream}, c={concurrency})")
     lat = [x for out, _ in outs for x in json.loads(out)]
@@ -713,7 +800,7 @@ def new_session():
 
 
 # ------------------------------------------------------------------------------------------ scenarios
-async def steady_state(args, etcd: list[str], results: dict, proxy_ok: bool) -> None:
+async def steady_state(args, etcd: list[str], results: dict, proxy_ok: bool, sglang_ok: bool = False) -> None:
     cluster = "bench-steady"
     n = args.steady_engines
     engines = Engines(n, etcd, cluster, "steady", split=n > 1)
@@ -724,6 +811,17 @@ async def steady_state(args, etcd: list[str], results: dict, proxy_ok: bool) -> 
         router, router_url = start_router(etcd, cluster, "steady", untraced_env())
         wait_http(f"{router_url}/health/ready")
         fronts = {"direct": ((engines.prefills, engines.decodes), None), "distserve": (router_url, router)}
+        for n in args.router_workers:
+            if n > 1:
+                wproc, wurl = start_router(etcd, cluster, f"steady-w{n}", untraced_env(), workers=n)
+                extra.append(wproc)
+                wait_http(f"{wurl}/health/ready")
+                fronts[f"distserve-w{n}"] = (wurl, wproc)
+        if sglang_ok:
+            sgl, sgl_url = start_sglang("steady", engines)
+            extra.append(sgl)
+            wait_http(f"{sgl_url}/health", 120)
+            fronts["sglang"] = (sgl_url, sgl)
         if args.baseline_tree:
             base, base_url = start_router(etcd, cluster, "steady-base", untraced_env(), Path(args.baseline_tree))
             extra.append(base)
@@ -884,7 +982,10 @@ def report(results: dict) -> str:
         keys = sorted({(r["stream"], r["concurrency"]) for r in steady})
         for stream, conc in keys:
             med = {}
-            for mode in ("direct", "distserve", "distserve-base", "distserve-traced", "lmdeploy"):
+            modes = ["direct", "distserve", *sorted({r["mode"] for r in steady if r["mode"].startswith("distserve-w")},
+                                                      key=lambda m: int(m[len("distserve-w"):])),
+                     "distserve-base", "distserve-traced", "sglang", "lmdeploy"]
+            for mode in modes:
                 rs = [
                     r
                     for r in steady
@@ -955,6 +1056,11 @@ async def amain(args) -> int:
     proxy_ok = not args.skip_lmdeploy and why is None
     if not proxy_ok:
         print(f"[bench] LMDeploy proxy not run: {why or 'skipped'}", file=sys.stderr)
+    sgl_why = None if args.skip_sglang else install_sglang()
+    sglang_ok = not args.skip_sglang and sgl_why is None
+    if not sglang_ok:
+        print(f"[bench] SGLang gateway not run: {sgl_why or 'skipped'}", file=sys.stderr)
+    set_router_cpus(max(args.router_workers))
     etcd = EmbeddedEtcd(unsafe_no_fsync=True).start()
     others = {int(c) for c in OTHER_CPUS.split(",")}
     os.sched_setaffinity(etcd.pid, others)
@@ -963,6 +1069,9 @@ async def amain(args) -> int:
         "machine": f"{platform.node()} {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}",
         "python": platform.python_version(),
         "lmdeploy": LMD_VERSION if proxy_ok else f"not run: {why}",
+        "sglang_router": SGL_VERSION if sglang_ok else f"not run: {sgl_why or 'skipped'}",
+        "router_cpus": {"distserve": ROUTER_CPUS, "others": OTHER_CPUS,
+                        **{f"distserve-w{n}": worker_cpus(n) for n in args.router_workers if n > 1}},
         "args": vars(args),
     }
     failed = False
@@ -970,7 +1079,10 @@ async def amain(args) -> int:
         for name, scenario in (("steady", steady_state), ("cold", cold_start)):
             if name in args.scenarios:
                 try:
-                    await scenario(args, etcd.endpoints, results, proxy_ok)
+                    if name == "steady":
+                        await scenario(args, etcd.endpoints, results, proxy_ok, sglang_ok)
+                    else:
+                        await scenario(args, etcd.endpoints, results, proxy_ok)
                 except Exception as exc:  # noqa: BLE001 - keep what the other scenarios measured
                     failed = True
                     results.setdefault("errors", []).append(f"{name}: {type(exc).__name__}: {exc}")
@@ -978,6 +1090,8 @@ async def amain(args) -> int:
     finally:
         etcd.stop()
         (BENCH / "bench_router.json").write_text(json.dumps(results, indent=1))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
     print(report(results))
     return 1 if failed else 0
 
@@ -1004,6 +1118,10 @@ def main() -> int:
     p.add_argument("--cold-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--scenarios", nargs="+", default=["steady", "cold"], choices=["steady", "cold"])
     p.add_argument("--skip-lmdeploy", action="store_true", help="do not install or run LMDeploy's proxy")
+    p.add_argument("--skip-sglang", action="store_true", help="do not install or run SGLang's Rust gateway")
+    p.add_argument("--router-workers", type=int, nargs="+", default=[1], metavar="N",
+                   help="steady: also `distserve router --workers N` on N CPUs, for each N > 1 (e.g. 2 4 8)")
+    p.add_argument("--json", type=Path, help="also write the results here (default: .bench/bench_router.json only)")
     p.add_argument("--quick", action="store_true", help="one short repeat (smoke run)")
     p.add_argument("--tracing", action="store_true",
                    help="steady: also a router with OpenTelemetry on (100%% sampling, OTLP/HTTP to a local sink)")

@@ -156,7 +156,7 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int) -> 
 
 
 def run_tree(tree: Path, args: argparse.Namespace) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--prefills", str(args.prefills),
            "--links-per-prefill", str(args.links_per_prefill), "--changes", str(args.changes),
            "--picks", str(args.picks)]

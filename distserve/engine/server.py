@@ -298,7 +298,10 @@ class Routes:
         plan = None
         if engine.settings.prefix_caching:
             try:
-                plan = key_plan(kind, body, sampling.prompt_ids, engine.tokenizer, engine.model.block_size)
+                args = (kind, body, sampling.prompt_ids, engine.tokenizer, engine.model.block_size)
+                # a checkpoint's template renders once per message prefix: off the event loop
+                plan = (await asyncio.to_thread(key_plan, *args) if hasattr(engine.tokenizer, "tok")
+                        else key_plan(*args))
             except Exception:  # noqa: BLE001 - keys are an optimisation for routers: never fail a request
                 log.exception("computing the prefix keys failed; the request runs without them")
         async with aclosing(engine.generate(sampling, plan)) as steps:
