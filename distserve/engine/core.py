@@ -422,6 +422,8 @@ class Engine:
             "decode_steps_total": getattr(self.executor, "decode_steps_total", 0),
             "decode_tokens_total": getattr(self.executor, "decode_tokens_total", 0),
             "preemptions_total": getattr(self.executor, "preemptions_total", 0),
+            "prefill_seconds_total": getattr(self.executor, "prefill_seconds_total", 0.0),
+            "prefill_computed_tokens_total": getattr(self.executor, "prefill_tokens_total", 0),
             "requests_total": self.requests_total,
             "request_errors_total": self.request_errors_total,
             "free_cache_total": self.free_cache_calls_total,

@@ -14,6 +14,11 @@ Batch invariance (`ModelConfig.exact_batching`, the built-in model's default): P
 output token for token, but a CPU GEMM's rounding depends on how many rows it multiplies. Linear layers
 and norms then accumulate in float64 and round to float32, so a row's result does not depend on its batch.
 Checkpoints run in their dtype instead (speed); PD equals hybrid there whenever the batches match.
+
+Decode batches (speed, not exact mode): a CPU GEMM of a few rows against a large weight runs up to 2-10x
+slower in one orientation than the other (MKL, M = 4..16), and which one wins depends on the shape, the
+thread count and the machine. `MatmulPlanner` times both on the first real calls of each (rows, in, out,
+threads) and keeps the faster; decode attention of a batch is one call over its gathered blocks.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import time
 from pathlib import Path
 
 import torch
@@ -198,6 +204,48 @@ def inv_frequencies(cfg: ModelConfig) -> torch.Tensor:
     return torch.where(between, mixed, scaled)
 
 
+class MatmulPlanner:
+    """Per shape, `x @ w.T` or `(w @ x.T).T`, whichever runs faster here; chosen on the first real calls.
+
+    The first `SAMPLES` calls of each orientation per (rows, in, out, threads) alternate and are timed (real
+    work, nothing is computed twice; a decode step calls each layer shape once per layer, so layer shapes
+    settle within a step, the output head within a few); the faster by its minimum (load only slows a run)
+    is then kept. One row (single-request decode), many rows (prefill) and small weights (cache resident:
+    call overhead dominates) always take `F.linear`.
+    """
+
+    SAMPLES = 4
+    MAX_ROWS = 64
+    MIN_WEIGHT = 1 << 18  # elements
+
+    def __init__(self) -> None:
+        self.choice: dict[tuple[int, int, int, int], bool] = {}  # True: weights-stationary (w @ x.T)
+        self._trials: dict[tuple[int, int, int, int], tuple[list[float], list[float]]] = {}
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        m = x.shape[0]
+        if m < 2 or m > self.MAX_ROWS or x.dim() != 2 or w.numel() < self.MIN_WEIGHT:
+            return F.linear(x, w, b)
+        key = (m, w.shape[1], w.shape[0], torch.get_num_threads())
+        ws = self.choice.get(key)
+        if ws is not None:
+            return self._ws(x, w, b) if ws else F.linear(x, w, b)
+        trials = self._trials.setdefault(key, ([], []))
+        ws = len(trials[1]) < len(trials[0])
+        start = time.perf_counter()
+        y = self._ws(x, w, b) if ws else F.linear(x, w, b)
+        trials[ws].append(time.perf_counter() - start)
+        if len(trials[1]) >= self.SAMPLES:
+            self.choice[key] = min(trials[1]) < min(trials[0])
+            del self._trials[key]
+        return y
+
+    @staticmethod
+    def _ws(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        y = torch.mm(w, x.t()) if b is None else torch.addmm(b[:, None], w, x.t())
+        return y.t().contiguous()
+
+
 class Model:
     def __init__(self, cfg: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
         self.cfg = cfg
@@ -225,6 +273,7 @@ class Model:
         self.gqa = cfg.num_heads != cfg.num_kv_heads
         d = cfg.head_dim
         self.splits = (cfg.num_heads * d, cfg.num_kv_heads * d, cfg.num_kv_heads * d)
+        self.planner = MatmulPlanner()
 
     def new_pool(self) -> torch.Tensor:
         return torch.zeros(self.cfg.kv_block_shape, dtype=self.dtype)
@@ -233,7 +282,7 @@ class Model:
     def _lin(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         if self.exact:
             return F.linear(x.double(), w, b).float()
-        return F.linear(x, w, b)
+        return self.planner.linear(x, w, b)
 
     def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         eps = self.cfg.rms_norm_eps
@@ -331,6 +380,14 @@ class Model:
         bidx = torch.tensor([blocks[p // bs] for _, p, blocks in seqs], dtype=torch.long)
         slot = pos % bs
         gathers = [(torch.tensor(blocks[: p // bs + 1], dtype=torch.long), p + 1) for _, p, blocks in seqs]
+        # A batch attends in one call over its blocks gathered into a padded table (pad: the sequence's own
+        # first block, masked out). Exact mode keeps one call per sequence: a padded row's rounding could
+        # depend on the other sequences' lengths.
+        table = mask = None
+        if len(seqs) > 1 and not self.exact:
+            width = max(len(b) for b, _ in gathers)
+            table = torch.stack([torch.cat((b, b[:1].expand(width - len(b)))) for b, _ in gathers])
+            mask = (torch.arange(width * bs) < torch.tensor([n for _, n in gathers])[:, None])[:, None, None, :]
         x = self.embed[tokens]
         hk, d = self.cfg.num_kv_heads, self.cfg.head_dim
         for li, layer in enumerate(self.layers):
@@ -338,11 +395,24 @@ class Model:
             kv = pool[li]
             kv[bidx, 0, slot] = k
             kv[bidx, 1, slot] = v
-            outs = []
-            for i, (blocks, length) in enumerate(gathers):
-                kk = kv[blocks, 0].reshape(-1, hk, d)[:length]
-                vv = kv[blocks, 1].reshape(-1, hk, d)[:length]
-                outs.append(self._attend(q[i: i + 1], kk, vv, False))
-            x = x + self._lin(torch.cat(outs) if len(outs) > 1 else outs[0], layer["o"], layer["o_bias"])
+            if table is not None:
+                att = self._attend_batch(q, kv[table], mask)
+            else:
+                outs = []
+                for i, (blocks, length) in enumerate(gathers):
+                    kk = kv[blocks, 0].reshape(-1, hk, d)[:length]
+                    vv = kv[blocks, 1].reshape(-1, hk, d)[:length]
+                    outs.append(self._attend(q[i: i + 1], kk, vv, False))
+                att = torch.cat(outs) if len(outs) > 1 else outs[0]
+            x = x + self._lin(att, layer["o"], layer["o_bias"])
             x = x + self._mlp(x, layer)
         return self._logits(x)
+
+    def _attend_batch(self, q: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """q: [S, Hq, D], kv: [S, blocks, 2, block_size, Hkv, D] gathered, mask: [S, 1, 1, keys] -> [S, Hq*D].
+        The query heads sharing a KV head are that head's queries (no repeated K/V, as transformers' GQA)."""
+        s, _, _, bs, hk, d = kv.shape
+        k = kv[:, :, 0].reshape(s, -1, hk, d).transpose(1, 2)
+        v = kv[:, :, 1].reshape(s, -1, hk, d).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q.view(s, hk, -1, d), k, v, attn_mask=mask, scale=self.scale)
+        return out.reshape(s, -1)

@@ -44,7 +44,7 @@ def validation_message(exc: ValidationError) -> str:
 # What this engine honours (engine_info `capabilities`, copied into its record by the agent): a router
 # rejects a request that uses anything else before calling an engine (docs/reference-engine.md).
 CAPABILITIES = ("completion_logprobs", "echo", "frequency_penalty", "logit_bias", "logprobs", "min_p",
-                "presence_penalty", "repetition_penalty", "seed", "top_k", "top_logprobs")
+                "presence_penalty", "repetition_penalty", "seed", "shared_prefill", "top_k", "top_logprobs")
 NULL_CAPABILITIES = ("echo", "seed")  # the null mode answers one fixed text: it samples nothing
 MAX_N = 128  # choices of one shared prefill (router: docs/router.md "n > 1")
 MAX_TOP_LOGPROBS = 20

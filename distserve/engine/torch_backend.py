@@ -15,6 +15,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -85,6 +86,8 @@ class TorchExecutor(Executor):
         self.running = self.waiting = self.prefill_tokens_pending = 0
         self.preemptions_total = 0
         self.decode_steps_total = 0
+        self.prefill_seconds_total = 0.0  # wall time of prefill forward passes (tools/bench_n.py)
+        self.prefill_tokens_total = 0  # prompt tokens those passes computed (prefix-cache hits excluded)
         self.decode_tokens_total = 0
 
     async def start(self, engine: Engine) -> None:
@@ -292,9 +295,12 @@ class TorchExecutor(Executor):
         self._waiting.appendleft(seq)
 
     def _prefill(self, batch: list[Sequence]) -> None:
+        t0 = time.perf_counter()
         try:
             logits = self.model.prefill(self.pool, [(s.tokens[s.start: self._ctx_len(s)], s.blocks, s.start)
                                                     for s in batch])
+            self.prefill_seconds_total += time.perf_counter() - t0
+            self.prefill_tokens_total += sum(self._ctx_len(s) - s.start for s in batch)
         except Exception:  # noqa: BLE001 - the batch is in neither queue yet: fail it here or its blocks leak
             log.exception("prefill step failed")
             for seq in batch:

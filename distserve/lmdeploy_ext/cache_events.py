@@ -431,8 +431,9 @@ class CacheEventsService:
         self.polls = 0
         self.poll_errors = 0
         self.requests_dropped = 0
-        self.engine: dict[str, Any] = {}
+        self.engine: dict[str, Any] = {}  # the engine's last answer: enabled, hit counters
         self._tasks: list[asyncio.Task] = []
+        self._poll_lock = asyncio.Lock()  # the poller and engine_info's first poll never apply one answer twice
 
     def start(self) -> None:
         if not self._tasks:
@@ -445,14 +446,27 @@ class CacheEventsService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
 
+    @property
+    def enabled(self) -> bool | None:
+        """Whether the engine's trie caches (None: not known yet). lmdeploy 0.17/0.18 turn prefix caching
+        off in the engine process for Prefill and Decode roles whatever the api_server was told."""
+        value = self.engine.get("enabled")
+        return None if value is None else bool(value)
+
     def offer(self, body: dict, input_ids: list[int]) -> None:
         """A served generation request (never blocks the request: full queue = dropped, counted)."""
+        if self.enabled is False:
+            return
         try:
             self.queue.put_nowait((body, list(input_ids)))
         except asyncio.QueueFull:
             self.requests_dropped += 1
 
     async def poll_once(self) -> None:
+        async with self._poll_lock:
+            await self._poll()
+
+    async def _poll(self) -> None:
         answer = await asyncio.wait_for(self.rpc("distserve_cache_blocks", self.gen, self.since), RPC_TIMEOUT_S)
         self.polls += 1
         self.engine = {k: answer.get(k) for k in ("enabled", "query_tokens", "hit_tokens", "block_size")}

@@ -10,6 +10,8 @@
   or block ids outside the peer's pool, with an OpenAI-style HTTP 400 before it reaches the engine.
 - GET /distserve/ext/status tells the engine's live session count, free KV blocks and the staged-TCP
   migration counters (the smoke test checks that the prefill's sessions return to zero).
+- GET /distserve/cache/events: the prefix-cache stream of a Hybrid engine with prefix caching
+  (cache_events.py), advertised as `cache_events` in /distserve/engine_info.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ def engine_info_extras() -> dict[str, Any]:
         "instance_id": INSTANCE_ID,  # new per api_server process: agents tell an engine restart from a blip
         "software_version": software,
         "migration_protocol": os.environ.get("DISTSERVE_LMDEPLOY_MIGRATION_PROTOCOL", "tcp"),
-        **({"cache_events": CACHE_EVENTS["service"].info()} if "service" in CACHE_EVENTS else {}),
+        # Only where the engine's trie really caches: lmdeploy turns it off for Prefill/Decode roles.
+        **({"cache_events": CACHE_EVENTS["service"].info()}
+           if "service" in CACHE_EVENTS and CACHE_EVENTS["service"].enabled else {}),
     }
 
 
@@ -129,8 +133,10 @@ class DistserveApiMiddleware:
         if scope.get("method") == "GET" and path == "/distserve/engine_info":
             return await self._engine_info(scope, receive, send)
         if scope.get("method") == "GET" and path == "/distserve/cache/events":
-            if service is None:
-                return await _send_json(send, 404, error_body("prefix caching is off on this engine", "not_found"))
+            if service is None or service.enabled is False:
+                return await _send_json(send, 404, error_body(
+                    "prefix caching is off on this engine (lmdeploy turns it off for Prefill and Decode roles)",
+                    "not_found"))
             from urllib.parse import parse_qsl
 
             query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
@@ -205,6 +211,12 @@ class DistserveApiMiddleware:
 
     async def _engine_info(self, scope, receive, send):
         """lmdeploy answers a JSON string holding the object (double-encoded): keep that shape."""
+        service = CACHE_EVENTS.get("service")
+        if service is not None and service.enabled is None:
+            try:  # whether to advertise the stream depends on the engine process: ask it once
+                await service.poll_once()
+            except Exception as e:  # noqa: BLE001 - not advertised this time; the next engine_info asks again
+                logger.warning("prefix-cache state of the engine unknown (%s): stream not advertised yet", e)
         start, chunks = None, []
 
         async def capture(message):

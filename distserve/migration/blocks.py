@@ -226,13 +226,30 @@ class BlockAllocator:
         return len(self._cached)
 
 
+class _Shared:
+    """The sessions of one shared prefill (n > 1) still holding its blocks."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, left: int) -> None:
+        self.left = left
+
+
 class PreservedSessions:
-    """Prefill KV kept for a decode engine to read, by internal session id."""
+    """Prefill KV kept for a decode engine to read, by internal session id.
+
+    A shared prefill (`add_shared`: n choices from one prompt) keeps one session id per choice over the same
+    blocks: each decode frees its own id, and the blocks (and packed copy) go when the last id is freed or
+    expires. The group holds one allocator reference per block, like any session: the allocator counts
+    references only on cached blocks (full, registered), never on a prompt's last partial block or on any
+    block with prefix caching off, so the count of live choices is kept here.
+    """
 
     def __init__(self, allocator: BlockAllocator, ttl: float) -> None:
         self.allocator = allocator
         self.ttl = ttl
-        self._sessions: dict[int, tuple[list[int], float, object]] = {}
+        # id -> (blocks, deadline, slot, the shared group or None)
+        self._sessions: dict[int, tuple[list[int], float, object, _Shared | None]] = {}
         # Set by the engine when it has a staging arena: a session's packed copy is released with it.
         self.arena = None
         self._lock = threading.Lock()
@@ -249,17 +266,45 @@ class PreservedSessions:
     def add(self, session_id: int, blocks: list[int], slot: object = None) -> None:
         """Keep `blocks` (and `slot`, their packed copy in the staging arena) until freed or expired."""
         with self._lock:
-            self._sessions[session_id] = (blocks, time.monotonic() + self.ttl, slot)
+            self._sessions[session_id] = (blocks, time.monotonic() + self.ttl, slot, None)
+
+    def add_shared(self, session_ids: list[int], blocks: list[int], slot: object = None) -> None:
+        """Keep `blocks` (and `slot`) for several sessions (one per choice of a shared prefill) until the
+        last of them is freed or expired; freeing one id twice counts once."""
+        ids = list(dict.fromkeys(session_ids))
+        if not ids:
+            raise ValueError("add_shared needs at least one session id")
+        group = _Shared(len(ids)) if len(ids) > 1 else None
+        deadline = time.monotonic() + self.ttl
+        with self._lock:
+            if any(sid in self._sessions for sid in ids):
+                raise ValueError("session id already preserved")
+            for sid in ids:
+                self._sessions[sid] = (blocks, deadline, slot, group)
+
+    def _pop(self, session_id: int) -> tuple | None:
+        """Remove one id (lock held); the entry to release when it was the last holder of its blocks."""
+        entry = self._sessions.pop(session_id, None)
+        if entry is None:
+            return None
+        group = entry[3]
+        if group is not None:
+            group.left -= 1
+            if group.left > 0:
+                return ()  # other choices still hold the blocks
+        return entry
 
     def _release(self, entry: tuple) -> None:
-        blocks, _, slot = entry
+        if not entry:
+            return
+        blocks, _, slot, _ = entry
         self.allocator.free(blocks)
         if slot is not None and self.arena is not None:
             self.arena.release(slot)
 
     def free(self, session_id: int) -> bool:
         with self._lock:
-            entry = self._sessions.pop(session_id, None)
+            entry = self._pop(session_id)
         if entry is None:
             return False
         self._release(entry)
@@ -270,8 +315,8 @@ class PreservedSessions:
         """Free every session past its TTL; returns how many."""
         now = time.monotonic()
         with self._lock:
-            dead = [sid for sid, (_, deadline, _) in self._sessions.items() if deadline <= now]
-            entries = [self._sessions.pop(sid) for sid in dead]
+            dead = [sid for sid, entry in self._sessions.items() if entry[1] <= now]
+            entries = [self._pop(sid) for sid in dead]
         for entry in entries:
             self._release(entry)
         self.expired_total += len(entries)
@@ -279,7 +324,12 @@ class PreservedSessions:
 
     def clear(self) -> None:
         with self._lock:
-            entries = list(self._sessions.values())
+            entries, groups = [], set()
+            for entry in self._sessions.values():
+                group = entry[3]
+                if group is None or id(group) not in groups:
+                    groups.add(id(group))
+                    entries.append(entry)
             self._sessions.clear()
         for entry in entries:
             self._release(entry)
@@ -290,5 +340,13 @@ class PreservedSessions:
 
     @property
     def num_blocks(self) -> int:
+        """Blocks held, a shared prefill's counted once."""
         with self._lock:
-            return sum(len(entry[0]) for entry in self._sessions.values())
+            total, groups = 0, set()
+            for blocks, _, _, group in self._sessions.values():
+                if group is not None:
+                    if id(group) in groups:
+                        continue
+                    groups.add(id(group))
+                total += len(blocks)
+            return total

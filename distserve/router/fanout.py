@@ -1,4 +1,4 @@
-"""n > 1, best_of and batches of prompts: one client request fanned out as one request per choice.
+"""n > 1, best_of and batches of prompts: one client request fanned out as one decode per choice.
 
 Prompt i's choice j is a request of its own with n=1 and, when the client gave a seed, the derived seed
 (seed + j) mod 2**64 (lmdeploy's own n fan-out derives it the same way): choice j equals a separate request
@@ -8,6 +8,12 @@ as tasks of the client's request: the first failure or a client disconnect cance
 cancelled choice frees its prefill's KV (the orchestrator's usual exits). `usage` counts each prompt once
 (OpenAI's convention) and every choice's completion tokens. best_of > n (completions, not streamed) asks
 the engines for the chosen tokens' logprobs and keeps the n choices with the highest total logprob.
+
+One prefill for n choices (`shared_prefill`): when a routable prefill reports it, each prompt is prefilled
+once with `n: best_of`; the prefill samples choice j's first token with seed + j and keeps the prompt's KV
+under one session per choice, and each choice is then decoded on its own (the decode strategy picks among
+the prefill's linked decodes), freeing its own session on every exit the decode did not free it on.
+Hybrids and lmdeploy prefills keep the n-separate fan-out.
 
 Streams: every choice's SSE events are rewritten (their `index`), relayed into one client stream as they
 come, each choice's [DONE] and usage chunk are held back, and one usage chunk (if asked) and one [DONE]
@@ -22,7 +28,9 @@ import time
 import orjson
 from aiohttp import web
 
+from distserve.router import capabilities
 from distserve.router.errors import ApiError
+from distserve.router.upstream import UpstreamError
 from distserve.router.validation import COMPLETIONS, prompt_count
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -173,11 +181,19 @@ async def serve(orch, pd) -> web.StreamResponse:
     if merged is not None:
         for i, j, sub in subs:
             sub.sink = _Sink(merged, i, i * n + j)
-    tasks = [asyncio.ensure_future(orch._generate(sub)) for _, _, sub in subs]
+    leaders = _shared_leaders(orch, pd, base, subs, best_of) if best_of > 1 else None
+    if leaders is not None:  # one prefill per prompt, its KV pulled by best_of decodes
+        groups = [[sub for i2, _, sub in subs if i2 == i] for i in range(len(leaders))]
+        tasks = [asyncio.ensure_future(_shared_prompt(orch, leader, group))
+                 for leader, group in zip(leaders, groups)]
+    else:
+        tasks = [asyncio.ensure_future(orch._generate(sub)) for _, _, sub in subs]
     try:
         results = await _all_or_nothing(tasks)
+        if leaders is not None:
+            results = [resp for group in results for resp in group]  # in subs' order: prompt, then choice
     except ApiError as exc:
-        pd.engines = ",".join(s.engines for _, _, s in subs if s.engines) or None
+        pd.engines = _via(subs, leaders)
         if merged is None or merged.out is None:
             raise
         # the stream's 200 is out: the failure goes in-band, and the stream ends without [DONE]
@@ -186,14 +202,22 @@ async def serve(orch, pd) -> web.StreamResponse:
         await merged.out.write_eof()
         return merged.out
     except BaseException:
-        pd.engines = ",".join(s.engines for _, _, s in subs if s.engines) or None
+        pd.engines = _via(subs, leaders)
         raise
     finally:
         pd.answered = all(s.answered for _, _, s in subs)
-    pd.engines = ",".join(s.engines for _, _, s in subs if s.engines) or None
+    pd.engines = _via(subs, leaders)
     if merged is not None:
         return await _finish_stream(pd, merged, subs, want_usage)
     return _merge_unary(pd, kind, subs, results, n, rank, body.get("logprobs") is None)
+
+
+def _via(subs, leaders) -> str | None:
+    """The access log's "via": every choice's engines (a shared prefill's own when no choice got further)."""
+    found = [s.engines for _, _, s in subs if s.engines]
+    if not found and leaders:
+        found = [leader.engines for leader in leaders if leader.engines]
+    return ",".join(found) or None
 
 
 async def _all_or_nothing(tasks: list[asyncio.Future]) -> list:
@@ -262,3 +286,102 @@ def _merge_unary(pd, kind: str, subs, results: list, n: int, rank: bool, drop_lo
            "usage": {"prompt_tokens": p, "completion_tokens": completion, "total_tokens": p + completion}}
     return web.Response(body=orjson.dumps(out), status=200, content_type="application/json",
                         headers={"X-Request-Id": pd.rid})
+
+
+# ---------------------------------------------------------------- one prefill for n choices (shared_prefill)
+def _shared_leaders(orch, pd, base: dict, subs, best_of: int) -> list | None:
+    """One prefill request per prompt asking for `best_of` first tokens (`n`), when a routable prefill with
+    `shared_prefill` (and a linked decode honouring the rest) serves the model; None: every choice runs as
+    a request of its own (hybrids, lmdeploy prefills)."""
+    from distserve.router.orchestrator import PDRequest
+
+    model = pd.model
+    needs = subs[0][2].needs | {capabilities.SHARED_PREFILL}
+    entries = orch.view.table().entries.get(model) or ()
+    if not any(orch._honours(e, needs, model) for e in entries):
+        return None
+    leaders = []
+    for i in sorted({i for i, _, _ in subs}):
+        first = next(sub for i2, _, sub in subs if i2 == i)
+        body = dict(first.body)
+        body["n"] = best_of
+        if base.get("seed") is not None:
+            body["seed"] = base["seed"]  # the prefill samples choice j with seed + j
+        leader = PDRequest(pd.request, pd.kind, pd.path, f"{pd.rid}.{i}", pd.started)
+        leader.body = body
+        leader.raw = orjson.dumps(body)
+        leader.model = model
+        leader.needs = needs
+        leaders.append(leader)
+    return leaders
+
+
+async def _shared_prompt(orch, leader, choices: list) -> list:
+    """One prompt's choices: one prefill (retried on another prefill like any request), then one decode per
+    choice; the responses in choice order."""
+    async def attempt(pd, prefill):
+        return await _shared_attempt(orch, pd, choices, prefill)
+
+    return await orch._generate(leader, attempt)
+
+
+async def _shared_attempt(orch, leader, choices: list, prefill) -> list:
+    from distserve.router.orchestrator import _kv_staging
+
+    orch.metrics.picks.inc(("prefill", prefill.id))
+    leader.engines = prefill.id
+    # Shielded as in a single request: a client gone while the prefill runs must not strand n sessions.
+    call = asyncio.ensure_future(orch._prefill(leader, prefill))
+    try:
+        answer = await asyncio.shield(call)
+    except asyncio.CancelledError:
+        orch._spawn(orch._free_orphan(call, prefill, leader.headers))
+        raise
+    sids, tokens, blocks = _shared_outputs(orch, prefill, leader, answer, len(choices))
+    staging = _kv_staging(answer)
+    lps = answer.get("remote_logprobs")
+    decode_needs = leader.needs - {capabilities.SHARED_PREFILL}
+    for j, sub in enumerate(choices):
+        sub.headers, sub.stream, sub.routing, sub.ctx = leader.headers, leader.stream, leader.routing, leader.ctx
+        sub.needs = decode_needs
+        sub.prefill, sub.session_id, sub.token_id, sub.block_ids = prefill, sids[j], tokens[j], blocks
+        sub.staging = staging
+        if type(lps) is list and len(lps) == len(choices) and type(lps[j]) is list:
+            sub.first_logprobs = lps[j]
+        sub.engines = prefill.id
+    tasks = [asyncio.ensure_future(_choice_decode(orch, sub, prefill)) for sub in choices]
+    return await _all_or_nothing(tasks)
+
+
+def _shared_outputs(orch, prefill, leader, answer: dict, n: int) -> tuple[list[int], list[int], list]:
+    sids = answer.get("remote_session_ids")
+    tokens = answer.get("remote_token_ids")
+    blocks = answer.get("cache_block_ids")
+
+    def ints(v) -> bool:
+        return type(v) is list and len(v) == n and all(type(x) is int for x in v)
+
+    if ints(sids) and ints(tokens) and type(blocks) is list:
+        return sids, tokens, blocks
+    err = UpstreamError("answer", f"prefill answer lacks {n} remote_session_ids / remote_token_ids "
+                                  "or cache_block_ids")
+    orch._failed(prefill, "prefill", err)
+    # whatever it preserved under the ids it gave is freed now, not at its TTL
+    found = sids if type(sids) is list else [answer.get("remote_session_id")]
+    for sid in found:
+        if type(sid) is int:
+            orch._spawn(orch._free_cache(prefill, sid, leader.headers))
+    raise err.to_api_error("prefill")
+
+
+async def _choice_decode(orch, sub, prefill) -> web.StreamResponse:
+    """One choice's decode; its own session is freed on every exit the decode did not take it on."""
+    try:
+        resp, ok = await orch._decode(sub, prefill)
+    except BaseException:
+        if not sub.answered:
+            orch._spawn(orch._free_cache(prefill, sub.session_id, sub.headers))
+        raise
+    if not ok:
+        orch._spawn(orch._free_cache(prefill, sub.session_id, sub.headers))
+    return resp

@@ -257,7 +257,8 @@ class Orchestrator:
                              for i in self.view.table().decodes.get((engine_id, model)) or ())
                    if d is not None)
 
-    async def _generate(self, pd: PDRequest) -> web.StreamResponse:
+    async def _generate(self, pd: PDRequest, pd_attempt: Callable | None = None):
+        """`pd_attempt(pd, prefill)`: what a prefill entry runs instead of `_pd` (fanout's shared prefill)."""
         model = pd.model
         headers = self._engine_headers + b"X-Request-Id: " + pd.rid.encode() + b"\r\n"
         if not tracing.ENABLED:  # on: each engine call names its own span as the parent instead
@@ -288,7 +289,7 @@ class Orchestrator:
                 raise _Vanished(engine_id)
             if engine.role == "hybrid":
                 return await self._hybrid(pd, engine)
-            return await self._pd(pd, engine)
+            return await (pd_attempt or self._pd)(pd, engine)
 
         return await self._on_engines(
             pd,

@@ -170,3 +170,36 @@ def test_at_least_one_token_is_computed(n):
     assert len(reused) * BS < n
     alloc.free(reused)
     assert alloc.num_used == 0
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_shared_sessions_free_blocks_with_the_last_choice(caching):
+    """A shared prefill (n choices): each choice's session frees on its own; the blocks (cached or not, the
+    partial last block included) go back only when the last choice's session is freed or expires."""
+    alloc = BlockAllocator(8, prefix_caching=caching)
+    sessions = PreservedSessions(alloc, ttl=60)
+    blocks = _cached_run(alloc, list(range(8))) + alloc.allocate(1)  # two full blocks and a partial one
+    sessions.add_shared([11, 12, 13], blocks)
+    assert sessions.num_sessions == 3 and sessions.num_blocks == 3  # the blocks counted once
+    assert sessions.free(12) and not sessions.free(12)  # a double free counts once
+    assert sessions.free(11)
+    assert alloc.num_used == 3 and alloc.allocate(8) is None  # choice 13 still pulls them
+    assert sessions.free(13)
+    assert alloc.num_used == 0 and sessions.num_blocks == 0 and sessions.num_sessions == 0
+    assert alloc.allocate(8) is not None
+
+
+def test_shared_sessions_expire_and_clear():
+    alloc = BlockAllocator(8)
+    sessions = PreservedSessions(alloc, ttl=0)
+    sessions.add_shared([1, 2], alloc.allocate(2))
+    sessions.free(1)
+    assert alloc.num_used == 2
+    assert sessions.expire() == 1 and alloc.num_used == 0
+    sessions.ttl = 60
+    sessions.add_shared([3, 4, 5], alloc.allocate(3))
+    sessions.add(6, alloc.allocate(1))
+    sessions.clear()
+    assert alloc.num_used == 0 and sessions.num_sessions == 0
+    with pytest.raises(ValueError):
+        sessions.add_shared([], [])

@@ -302,3 +302,55 @@ async def test_no_stream_without_prefix_caching(monkeypatch):
     app = DistserveApiMiddleware(None, PeerBook())
     st, body = await collect(app, ce.PATH, "", lambda ls: False)
     assert st["status"] == 404 and body["error"]["code"] == "not_found"
+
+
+async def engine_info_through(app):
+    sent = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(msg):
+        sent.append(msg)
+
+    await app({"type": "http", "method": "GET", "path": "/distserve/engine_info"}, receive, send)
+    return json.loads(json.loads(sent[-1]["body"]))
+
+
+async def lmdeploy_engine_info(scope, receive, send):
+    """What lmdeploy's /distserve/engine_info answers (a double-encoded JSON object)."""
+    body = json.dumps(json.dumps({"tp_size": 1, "block_size": 64})).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+@pytest.mark.parametrize("trie_enabled", [True, False])
+async def test_stream_advertised_only_where_the_engine_trie_caches(hooked, monkeypatch, trie_enabled):
+    """lmdeploy 0.17/0.18 turn prefix caching off in the engine process for Prefill/Decode roles
+    (executor/base.py `_maybe_disable_unsupported_prefix_caching`) although the api_server's config says on:
+    the record must then carry no cache_events, the stream answers 404 and requests are not tracked."""
+    trie = FakeBlockTrie(block_size=64)
+    trie.enabled = trie_enabled
+    worker = FakeEngineWorker(trie)
+    monkeypatch.setattr(ce, "_hooks_installed", True)
+    monkeypatch.setattr(ce, "BLOCKS", hooked)
+
+    async def rpc(name, *args):
+        return ce.distserve_cache_blocks(worker, *args)
+
+    service = ce.CacheEventsService("lmd-x", rpc, 64, render_chat=render, encode=byte_encode)
+    monkeypatch.setitem(CACHE_EVENTS, "service", service)
+    app = DistserveApiMiddleware(lmdeploy_engine_info, PeerBook())
+    try:
+        info = await engine_info_through(app)  # the first engine_info asks the engine process
+        assert info["tp_size"] == 1
+        service.offer({"prompt": "x" * 200}, byte_encode("x" * 200))
+        if trie_enabled:
+            assert info["cache_events"] == {"path": ce.PATH, "version": 1, "chunk_bytes": 64, "block_size": 64}
+            assert service.queue.qsize() == 1
+        else:
+            assert "cache_events" not in info and service.queue.qsize() == 0
+            st, body = await collect(app, ce.PATH, "", lambda ls: False)
+            assert st["status"] == 404 and "Prefill and Decode" in body["error"]["message"]
+    finally:
+        await service.stop()

@@ -112,10 +112,14 @@ def test_completion_logprobs_pd_equal_hybrid(cluster, stream):
 
 
 def test_n3_with_seed_equals_three_seeded_requests(cluster):
-    rurl, _ = cluster
+    rurl, urls = cluster
     c = client(rurl)
     args = dict(model=MODEL, prompt="sample me", max_tokens=8, temperature=1.0)
+    before = engines_requests(urls)
     resp = c.completions.create(**args, n=3, seed=41)
+    after = engines_requests(urls)
+    # one prefill for the three choices (shared_prefill), its KV pulled by three decodes
+    assert (after["p0"] - before["p0"], after["d0"] - before["d0"]) == (1, 3)
     assert [ch.index for ch in resp.choices] == [0, 1, 2]
     single = [c.completions.create(**args, seed=41 + i) for i in range(3)]
     assert [ch.text for ch in resp.choices] == [s.choices[0].text for s in single]
@@ -123,12 +127,14 @@ def test_n3_with_seed_equals_three_seeded_requests(cluster):
     assert resp.usage.completion_tokens == sum(s.usage.completion_tokens for s in single)
     # streamed: each chunk carries its choice's index; the texts are the same
     texts = {}
+    before = engines_requests(urls)
     for chunk in c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, n=3, seed=5,
                                            stream=True, stream_options={"include_usage": True}):
         for ch in chunk.choices:
             texts[ch.index] = texts.get(ch.index, "") + (ch.delta.content or "")
         if chunk.usage:
             assert chunk.usage.completion_tokens == 18
+    assert engines_requests(urls)["p0"] - before["p0"] == 1
     separate = [c.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=6, seed=5 + i)
                 .choices[0].message.content for i in range(3)]
     assert [texts[i] for i in range(3)] == separate
@@ -205,6 +211,7 @@ def test_models_retrieve(cluster):
 
 def test_n_client_disconnect_frees_everything(cluster):
     rurl, urls = cluster
+    before = engines_requests(urls)
     with httpx.Client(timeout=30) as http:
         with http.stream("POST", f"{rurl}/v1/completions",
                          json={"model": MODEL, "prompt": "a long one", "max_tokens": 400, "n": 4,
@@ -216,8 +223,10 @@ def test_n_client_disconnect_frees_everything(cluster):
     while True:
         running = sum(engine_metric(u, "distserve_engine_requests_running", AUTH) for u in urls.values())
         preserved = sum(engine_metric(u, "distserve_engine_preserved_blocks", AUTH) for u in urls.values())
-        if running == 0 and preserved == 0:
+        sessions = sum(engine_metric(u, "distserve_engine_preserved_sessions", AUTH) for u in urls.values())
+        if running == 0 and preserved == 0 and sessions == 0:
             break
-        assert time.monotonic() < deadline, (running, preserved)
+        assert time.monotonic() < deadline, (running, preserved, sessions)
         time.sleep(0.1)
+    assert engines_requests(urls)["p0"] - before["p0"] == 1  # the four choices came from one prefill
     assert router_metric(rurl, "distserve_router_client_disconnects_total") >= 1

@@ -104,9 +104,12 @@ def main() -> int:
     engines = [start_engine(a.model, "Hybrid", a.port, str(out / f"hybrid-{lmd}.log"),
                             extra=["--enable-prefix-caching"])]
     if a.small_pool:
-        engines.append(start_engine(a.model, "Prefill", a.port + 1, str(out / f"prefill-{lmd}.log"),
+        engines.append(start_engine(a.model, "Hybrid", a.port + 1, str(out / f"small-{lmd}.log"),
                                     extra=["--enable-prefix-caching", "--num-gpu-blocks", "64",
                                            "--session-len", "2048"]))
+        # lmdeploy turns prefix caching off for PD roles: the stream must not be advertised there.
+        engines.append(start_engine(a.model, "Prefill", a.port + 2, str(out / f"prefill-{lmd}.log"),
+                                    extra=["--enable-prefix-caching"]))
     try:
         t0 = time.time()
         wait_healthy(engines, 300)
@@ -177,6 +180,10 @@ def main() -> int:
         check("bad since answered 400", st == 400, answer=bad)
 
         if a.small_pool:
+            pinfo = engine_info(engines[2])
+            st, ans = http("GET", engines[2].url + "/distserve/cache/events")
+            check("Prefill role: no cache_events advertised, stream 404 (lmdeploy disables PD prefix caching)",
+                  "cache_events" not in pinfo and st == 404, status=st, answer=ans)
             pf = engines[1]
             p = Stream(pf.url + "/distserve/cache/events")
             first_keys = None
