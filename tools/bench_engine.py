@@ -9,10 +9,12 @@ vocab 151,936, tied embeddings) is created locally once (no download) and loaded
 Decode tokens/s = generated tokens after the first / (time to generate them): the prefill (and its first
 token) is timed apart and subtracted, for both. Each figure is the median of --repeat runs, interleaved (one
 of each per round, so a busy machine slows all alike), once with one torch thread and once with all of
-them (torch's default: one per physical core), in the same process.
+them (torch's default: one per physical core), in the same process. `--baseline FILE` adds the same two
+engine runs with another version of `distserve/engine/model.py` (e.g. `git show HEAD:distserve/engine/model.py
+> /tmp/model_base.py`), interleaved in the same rounds: before/after on the same noisy machine.
 
 Usage: .venv/bin/python tools/bench_engine.py [--tokens 32] [--prompt 64] [--repeat 3] [--threads 1,all]
-       [--model-dir DIR] [--json docs/bench/engine-2core.json]
+       [--model-dir DIR] [--baseline FILE] [--json docs/bench/engine-2core.json]
 """
 
 from __future__ import annotations
@@ -85,16 +87,17 @@ class Transformers:
 class Engine:
     """The engine's model (what its scheduler thread runs each step), `batch` requests decoded together."""
 
-    def __init__(self, path: Path, prompt: list[int], batch: int, tokens: int) -> None:
+    def __init__(self, path: Path, prompt: list[int], batch: int, tokens: int, module=None) -> None:
         import torch
 
+        from distserve.engine import model as current
         from distserve.engine.config import ModelConfig
-        from distserve.engine.model import Model, load_weights
 
+        module = module or current
         self.torch = torch
         per_seq = -(-(len(prompt) + tokens + 2) // 16)
         cfg = ModelConfig.load(None, {"num_blocks": per_seq * batch + 1}, hf_dir=str(path))
-        self.model = Model(cfg, load_weights(cfg))
+        self.model = module.Model(cfg, module.load_weights(cfg))
         self.pool = self.model.new_pool()
         self.prompt = prompt
         self.batch = batch
@@ -134,6 +137,7 @@ def main() -> int:
     ap.add_argument("--threads", default="1,all", help="comma list of thread counts; 'all': torch's default")
     ap.add_argument("--model-dir", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "distserve-bench-qwen2.5-0.5b-shape")
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--baseline", type=Path, help="another model.py to run beside the current one")
     args = ap.parse_args()
     import torch
 
@@ -144,6 +148,14 @@ def main() -> int:
     runners = {"transformers": Transformers(args.model_dir, prompt),
                "engine_batch1": Engine(args.model_dir, prompt, 1, args.tokens),
                "engine_batch8": Engine(args.model_dir, prompt, 8, args.tokens)}
+    if args.baseline:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("distserve_model_baseline", args.baseline)
+        base = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(base)
+        runners["baseline_batch1"] = Engine(args.model_dir, prompt, 1, args.tokens, base)
+        runners["baseline_batch8"] = Engine(args.model_dir, prompt, 8, args.tokens, base)
     for spec in args.threads.split(","):
         threads = default_threads if spec == "all" else int(spec)
         torch.set_num_threads(threads)
@@ -153,6 +165,11 @@ def main() -> int:
         rows.append(row)
         print(f"threads={threads}: transformers {hf:.2f} tok/s, engine {one:.2f} tok/s ({one / hf:.2f}x), "
               f"batch 8 {eight:.2f} tok/s ({eight / one:.2f}x single)", file=sys.stderr)
+        if args.baseline:
+            b1, b8 = (res[k]["decode_tokens_per_s"] for k in ("baseline_batch1", "baseline_batch8"))
+            row.update(baseline_single_vs_transformers=b1 / hf, baseline_batch8_vs_single=b8 / b1)
+            print(f"  baseline: engine {b1:.2f} tok/s ({b1 / hf:.2f}x), batch 8 {b8:.2f} tok/s "
+                  f"({b8 / b1:.2f}x single)", file=sys.stderr)
     import transformers
 
     out = {"model": "random Qwen2.5-0.5B shape (float32)", "prompt_tokens": args.prompt,

@@ -214,7 +214,7 @@ class MatmulPlanner:
     call overhead dominates) always take `F.linear`.
     """
 
-    SAMPLES = 4
+    SAMPLES = 6
     MAX_ROWS = 64
     MIN_WEIGHT = 1 << 18  # elements
 
