@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from distserve import __version__
+
 # sub-command -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "etcd": ("distserve.etcd_cmd", "run an embedded etcd in the foreground and print its client URL"),
@@ -37,8 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from distserve import __version__
-
     return f"distserve {__version__}"
 
 

@@ -21,6 +21,8 @@ import logging
 import os
 import re
 
+from distserve import __version__
+
 log = logging.getLogger("distserve.tracing")
 
 ENABLED = False  # read on hot paths: True once init() started a tracer provider
@@ -78,7 +80,7 @@ def init(default_service: str, attributes: dict | None = None) -> bool:
         log.warning("tracing off: OTEL_EXPORTER_OTLP_PROTOCOL=%s; this build exports OTLP over http/protobuf only",
                     protocol.strip())
         return False
-    try:
+    try:  # OpenTelemetry is an optional extra (distserve[otel]): loaded only when tracing is asked for
         from opentelemetry import context, trace
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
@@ -92,17 +94,15 @@ def init(default_service: str, attributes: dict | None = None) -> bool:
     if not os.environ.get("OTEL_SERVICE_NAME") and "service.name=" not in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", ""):
         attrs["service.name"] = default_service
     try:
-        from distserve import __version__
-
         attrs.setdefault("service.version", __version__)
         provider = TracerProvider(resource=Resource.create(attrs), shutdown_on_exit=False)  # sampler: from env
         for name in exporters:
             if name == "otlp":
-                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter  # optional
 
                 provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
             elif name == "console":
-                from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+                from opentelemetry.sdk.trace.export import ConsoleSpanExporter  # optional, as above
 
                 provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
     except ImportError as exc:

@@ -41,12 +41,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distserve.cluster.settings import ENV_CLUSTER_TOKEN, cluster_name, cluster_token
+from discovery import config as etcd_config
+from discovery.backoff import Backoff
+from discovery.config import EtcdConfig, config_error_message
+from discovery.embedded import DEFAULT_AUTO_COMPACTION, AutoCompaction, EmbeddedEtcd, EmbeddedEtcdError
+from distserve.agent.options import agent_config_from_args
+from distserve.cluster.keys import Keys, validate_id
+from distserve.cluster.settings import ENV_CLUSTER_TOKEN, cluster_name, cluster_token, env_value
+from distserve.router.settings import env_api_keys
+from distserve.router.strategies import STRATEGIES
+from distserve.router.workers import WORKERS_MAX
 
 DEFAULT_BASE_PORT = 8000
 LOCAL = "127.0.0.1"
-ETCD_ENV_VARS = ("DISTSERVE_ETCD_ENDPOINTS", "DISTSERVE_ETCD_CA", "DISTSERVE_ETCD_CERT", "DISTSERVE_ETCD_KEY",
-                 "DISTSERVE_ETCD_USER", "DISTSERVE_ETCD_PASSWORD", "DISTSERVE_ETCD_TIMEOUT")
+ETCD_ENV_VARS = (etcd_config.ENV_ENDPOINTS, etcd_config.ENV_CA, etcd_config.ENV_CERT, etcd_config.ENV_KEY,
+                 etcd_config.ENV_USER, etcd_config.ENV_PASSWORD, etcd_config.ENV_TIMEOUT)
 STOP_GRACE = 15.0  # seconds a component gets after SIGTERM before its process group is killed
 SMOKE_PROMPT = "The capital of France is"
 SMOKE_CHAT = "Say hello to distserve."
@@ -65,8 +74,6 @@ class UpError(Exception):
 
 # ---- options ---------------------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from discovery.config import EtcdConfig
-
     parser.add_argument("--prefill", type=int, default=1, metavar="N", help="prefill engines (default 1)")
     parser.add_argument("--decode", type=int, default=1, metavar="M", help="decode engines (default 1)")
     parser.add_argument("--routers", type=int, default=2, metavar="R", help="router replicas (default 2)")
@@ -122,22 +129,16 @@ class Checked:
 
 
 def _uses_external_etcd(args: argparse.Namespace) -> bool:
-    return bool(args.etcd_endpoints or os.environ.get("DISTSERVE_ETCD_ENDPOINTS"))
+    return bool(args.etcd_endpoints or env_value(etcd_config.ENV_ENDPOINTS))
 
 
 def _validate(args: argparse.Namespace) -> Checked:
     """Raises UpError (one line) for the first bad option."""
-    from discovery.config import EtcdConfig, config_error_message
-    from discovery.embedded import DEFAULT_AUTO_COMPACTION, AutoCompaction
-    from distserve.cluster.keys import validate_id
-
     checked = Checked()
     for name in ("prefill", "decode", "routers"):
         if not 1 <= getattr(args, name) <= MAX_COMPONENTS:
             raise UpError(f"--{name} must be at least 1" if getattr(args, name) < 1 else
                           f"--{name} must be at most {MAX_COMPONENTS}")
-    from distserve.router.workers import WORKERS_MAX
-
     if not 1 <= args.router_workers <= WORKERS_MAX:
         raise UpError(f"--router-workers must be in 1-{WORKERS_MAX}")
     if not (math.isfinite(args.timeout) and 0 < args.timeout <= MAX_TIMEOUT):
@@ -156,15 +157,12 @@ def _validate(args: argparse.Namespace) -> Checked:
         raise UpError(f"--model {args.model}: no such directory")
     if args.model_config and not Path(args.model_config).is_file():
         raise UpError(f"--model-config {args.model_config}: no such file")
-    keys = list(args.api_keys or []) or [
-        k.strip() for k in os.environ.get("DISTSERVE_API_KEYS", "").split(",") if k.strip()]
+    keys = list(args.api_keys or []) or env_api_keys()  # DISTSERVE_API_KEYS, read as the router reads it
     for key in keys:  # they reach the routers comma-joined in DISTSERVE_API_KEYS
         if not key or any(c.isspace() or c == "," for c in key):
             raise UpError("--api-keys: a key must be non-empty, without spaces or commas")
     checked.client_keys = keys
     if args.strategy is not None:
-        from distserve.router.strategies import STRATEGIES
-
         if args.strategy not in STRATEGIES:
             raise UpError(f"--strategy {args.strategy!r}: unknown (choose from {', '.join(sorted(STRATEGIES))})")
     for option in ("engine_args", "router_args"):
@@ -222,9 +220,9 @@ def _check_component_options(args: argparse.Namespace) -> None:
     """Parse what each engine and router will be given with their own parsers and settings checks, so a bad
     --engine-args/--router-args fails here and not in a child's log; and refuse options that `up` itself sets
     for each process (two values for a --port would leave `up` waiting on the wrong one)."""
-    from distserve.agent.options import agent_config_from_args
-    from distserve.engine import cli as engine_cli
-    from distserve.router import cli as router_cli
+    # Lazy: the engine's and router's CLIs load aiohttp and grpc; `distserve up --help` must not wait for them.
+    from distserve.engine import cli as engine_cli  # noqa: PLC0415
+    from distserve.router import cli as router_cli  # noqa: PLC0415
 
     endpoints, port = "http://127.0.0.1:1", 1  # placeholders: the real ones are known only once etcd runs
     checks = (
@@ -466,9 +464,6 @@ class LocalCluster:
             await child.start()
 
     async def _start_embedded_etcd(self) -> None:
-        from discovery.config import EtcdConfig
-        from discovery.embedded import EmbeddedEtcd, EmbeddedEtcdError
-
         # fsync off: this etcd lives in a temporary directory and dies with the cluster anyway. Compaction on:
         # agents rewrite their load records all the time, and etcd keeps every revision until compacted.
         etcd = EmbeddedEtcd(name="up", unsafe_no_fsync=True, auto_compaction=self.checked.auto_compaction)
@@ -490,7 +485,7 @@ class LocalCluster:
             preexec_fn=lambda: _die_with_parent(parent, libc))
 
     async def _check_external_etcd(self) -> None:
-        from discovery.client import EtcdClient
+        from discovery.client import EtcdClient  # noqa: PLC0415 - loads grpc: only with an external etcd
 
         try:
             async with EtcdClient(self.etcd_config) as client:
@@ -575,7 +570,7 @@ class LocalCluster:
 
     async def wait_ready(self, stop: asyncio.Event) -> float:
         """Until every router answers /health/ready 200; raises UpError naming what is missing."""
-        import aiohttp
+        import aiohttp  # noqa: PLC0415 - lazy: `distserve up --help` and bad options never load it
 
         started = time.monotonic()
         deadline = started + self.args.timeout
@@ -626,7 +621,7 @@ class LocalCluster:
     async def supervise(self, stop: asyncio.Event) -> str | None:
         """Keep every component running until `stop` is set (Ctrl-C, SIGTERM); returns why everything must
         stop when the embedded etcd died, else None. Every task started here has ended when it returns."""
-        import aiohttp
+        import aiohttp  # noqa: PLC0415 - lazy: `distserve up --help` and bad options never load it
 
         reason: list[str] = []
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as http:
@@ -649,8 +644,6 @@ class LocalCluster:
         return reason[0] if reason else None
 
     async def _keep_running(self, child: Child, stop: asyncio.Event, http) -> None:
-        from discovery.backoff import Backoff
-
         backoff = Backoff(base=RESTART_BASE, cap=RESTART_CAP, reset_after=RESTART_RESET_AFTER)
         while True:
             proc = child.proc
@@ -679,7 +672,7 @@ class LocalCluster:
     async def _report_ready_again(self, child: Child, stop: asyncio.Event, http) -> None:
         """Tell the user when a restarted component answers again (bounded by --timeout); gives up early if
         it exits again (the supervisor then restarts it) or everything is stopping."""
-        import aiohttp
+        import aiohttp  # noqa: PLC0415 - lazy: `distserve up --help` and bad options never load it
 
         path = "/health/ready" if child.kind == "router" else "/health"
         deadline = child.started_at + self.args.timeout
@@ -738,7 +731,7 @@ class LocalCluster:
     async def smoke(self) -> list[str]:
         """Through every router: a completion and a streamed chat completion; returns problems."""
         try:
-            import openai
+            import openai  # noqa: PLC0415 - optional, only for --smoke
         except ImportError:
             return ["--smoke needs the openai package (pip install openai)"]
         problems: list[str] = []
@@ -829,8 +822,7 @@ class LocalCluster:
 
     async def _leftover_keys(self) -> list[str]:
         """After a graceful stop every key this cluster's processes held under a lease must be gone."""
-        from discovery.client import EtcdClient
-        from distserve.cluster.keys import Keys
+        from discovery.client import EtcdClient  # noqa: PLC0415 - loads grpc: only at the final check
 
         keys = Keys(self.args.cluster)
         engine_ids = {self.engine_id(c) for c in self.engines}

@@ -1089,9 +1089,9 @@ async def amain(args) -> int:
                     print(f"[bench] {name} failed: {exc}", file=sys.stderr)
     finally:
         etcd.stop()
-        (BENCH / "bench_router.json").write_text(json.dumps(results, indent=1))
+        (BENCH / "bench_router.json").write_text(json.dumps(results, indent=1, default=str))
         if args.json:
-            args.json.write_text(json.dumps(results, indent=1))
+            args.json.write_text(json.dumps(results, indent=1, default=str))
     print(report(results))
     return 1 if failed else 0
 

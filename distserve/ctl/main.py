@@ -23,9 +23,18 @@ from typing import Any, NoReturn  # noqa: E402
 from .context import Ctx, close_quietly, connect, describe_error  # noqa: E402
 from .errors import EXIT_PROBLEM, EXIT_UNAVAILABLE, EXIT_USAGE, CtlError, UsageError  # noqa: E402
 from .render import Output  # noqa: E402
-from distserve.cluster.settings import cluster_name  # noqa: E402
+from discovery.config import EtcdConfig, EtcdConfigError  # noqa: E402
+from distserve.cluster.keys import Keys  # noqa: E402
+from distserve.cluster.settings import cluster_name, env_value  # noqa: E402
 
 PROG = "distserve-ctl"
+# The one variable distserve-ctl reads besides the shared DISTSERVE_CLUSTER and DISTSERVE_ETCD_* ones.
+ENV_DEBUG = "DISTSERVE_CTL_DEBUG"
+
+
+def debug_enabled() -> bool:
+    """DISTSERVE_CTL_DEBUG: 1, true, yes or on (any case) show tracebacks; anything else does not."""
+    return (env_value(ENV_DEBUG) or "").strip().lower() in ("1", "true", "yes", "on")
 
 # Command modules, in the order `--help` lists them; each has register(subparsers, common).
 COMMAND_MODULES = (
@@ -51,8 +60,6 @@ class OneLineParser(argparse.ArgumentParser):
 
 def _add_common(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     """Global options. Repeated on every sub-command (with defaults suppressed) so they work either side."""
-    from discovery.config import EtcdConfig
-
     before = len(parser._actions)
     EtcdConfig.add_arguments(parser)
     parser.add_argument("--cluster", default=cluster_name(),
@@ -90,10 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
     """The etcd configuration and the key schema, or UsageError: checked before anything is contacted."""
-    from discovery.config import EtcdConfig, EtcdConfigError
-
-    from distserve.cluster.keys import Keys
-
     try:
         # its message names the option or variable at fault, e.g. "invalid --etcd endpoint 'htp:/x': ..."
         cfg = EtcdConfig.from_args(args)
@@ -107,7 +110,7 @@ def _settings(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 async def _run(args: argparse.Namespace, cfg: Any, keys: Any, started: float) -> int:
-    from discovery.client import EtcdUnavailable
+    from discovery.client import EtcdUnavailable  # noqa: PLC0415 - loads grpc: `--help` and usage errors never do
 
     out = Output(args.output)
     client = await connect(cfg, keys, started)
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 0
     except Exception as exc:  # noqa: BLE001 - the promise: one line, never a traceback
-        if os.environ.get("DISTSERVE_CTL_DEBUG"):
+        if debug_enabled():
             traceback.print_exc()
         _fail(f"internal error: {type(exc).__name__}: {describe_error(exc)}")
         return EXIT_PROBLEM

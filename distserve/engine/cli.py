@@ -1,6 +1,8 @@
 """`distserve engine`: the CPU reference engine (or, with --null, a torch-free stand-in).
 
 Importing this module imports neither torch nor dlslime; only the real model path does, at start.
+Every DISTSERVE_* variable the engine reads is read in distserve.migration.settings (checked at start-up)
+or, for the shared cluster token, distserve.cluster.settings.
 """
 
 from __future__ import annotations
@@ -8,14 +10,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from aiohttp import web
+from pydantic import ValidationError
 
+from distserve.agent.embed import EmbeddedAgentError, start_agents
+from distserve.agent.embed import add_arguments as add_agent_arguments
+from distserve.cluster.settings import cluster_token
+from distserve.engine.config import ModelConfig
+from distserve.engine.core import Engine, EngineSettings, NullExecutor
+from distserve.engine.hf import CheckpointError
+from distserve.engine.server import create_app
+from distserve.engine.tokenizer import HFTokenizer
+from distserve.migration import settings as engine_env
+from distserve.migration import transport
+from distserve.migration.errors import TransportUnavailable
 from distserve.protocol import PROTOCOL_BY_NAME, EngineRole
 
 log = logging.getLogger("distserve.engine")
@@ -93,15 +106,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # `_add_agent_arguments`; `_start_sidecars` runs once every engine listens (and /health answers 200) and
 # returns async cleanups, awaited on shutdown before the engines stop (so an agent can deregister first).
 def _add_agent_arguments(parser: argparse.ArgumentParser) -> None:
-    from distserve.agent.embed import add_arguments
-
-    add_arguments(parser)
+    add_agent_arguments(parser)
 
 
 async def _start_sidecars(args: argparse.Namespace,
                           served: list[ServedEngine]) -> list[Callable[[], Awaitable[None]]]:
-    from distserve.agent.embed import EmbeddedAgentError, start_agents
-
     try:
         return await start_agents(args, [(s.url, s.host, s.port) for s in served], api_keys=_api_keys(args))
     except EmbeddedAgentError as exc:
@@ -113,9 +122,7 @@ class ConfigError(Exception):
     pass
 
 
-def _settings(args: argparse.Namespace, model) -> "object":
-    from distserve.engine.core import EngineSettings
-
+def _settings(args: argparse.Namespace, model) -> EngineSettings:
     host = args.host
     transfer_host = args.transfer_host or ("127.0.0.1" if host in ("0.0.0.0", "::", "") else host)
     if transfer_host in ("0.0.0.0", "::"):
@@ -131,7 +138,7 @@ def _settings(args: argparse.Namespace, model) -> "object":
         migration_deadline=args.migration_deadline,
         staging_blocks=args.kv_staging_blocks,
         scattered_allocation=args.kv_allocation == "scattered",
-        peer_token=args.peer_token or os.environ.get("DISTSERVE_CLUSTER_TOKEN") or None,
+        peer_token=cluster_token(args.peer_token),
         null=args.null,
         prefix_caching=args.prefix_caching == "on",
     )
@@ -140,17 +147,13 @@ def _settings(args: argparse.Namespace, model) -> "object":
 def _api_keys(args: argparse.Namespace) -> list[str] | None:
     if args.api_keys:
         return list(args.api_keys)
-    env = os.environ.get("DISTSERVE_ENGINE_API_KEYS", "")
-    keys = [k.strip() for k in env.split(",") if k.strip()]
-    return keys or None
+    try:
+        return list(engine_env.engine_api_keys()) or None
+    except engine_env.SettingsError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _load_model_config(args: argparse.Namespace):
-    from pydantic import ValidationError
-
-    from distserve.engine.config import ModelConfig
-    from distserve.engine.hf import CheckpointError
-
     if args.model is not None and (args.weights is not None or args.seed is not None):
         raise ConfigError("--weights and --seed are for the built-in model, not --model")
     try:
@@ -167,16 +170,13 @@ def _load_model_config(args: argparse.Namespace):
 
 def _make_executor(args: argparse.Namespace, model):
     if args.null:
-        from distserve.engine.core import NullExecutor
-
         return NullExecutor()
-    from distserve.engine.torch_backend import TorchExecutor  # the only place torch is imported
+    # The only place torch is imported: --null engines and --help never load it.
+    from distserve.engine.torch_backend import TorchExecutor  # noqa: PLC0415
 
     try:
         tok = None
         if model.hf_dir is not None:
-            from distserve.engine.tokenizer import HFTokenizer
-
             tok = HFTokenizer(model.hf_dir, model.vocab_size, model.eos_token_ids)
         threads = args.threads if args.threads is not None else (None if model.hf_dir else 1)
         return TorchExecutor(model, threads=threads, max_batch_size=args.max_batch_size,
@@ -186,19 +186,17 @@ def _make_executor(args: argparse.Namespace, model):
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from distserve.engine.core import Engine
-    from distserve.engine.server import create_app
-
+    try:
+        engine_env.load()  # every DISTSERVE_* variable of the engine, checked before anything starts
+    except engine_env.SettingsError as exc:
+        raise ConfigError(str(exc)) from None
     model = _load_model_config(args)
     keys = _api_keys(args)
     if args.count < 1 or (args.count > 1 and not args.null):
         raise ConfigError("--count N > 1 needs --null (one real engine per process)")
     if not args.null:
-        from distserve.migration.errors import TransportUnavailable
-        from distserve.migration.transport import check_transport
-
         try:
-            check_transport(PROTOCOL_BY_NAME[args.migration_protocol])
+            transport.check_transport(PROTOCOL_BY_NAME[args.migration_protocol])
         except TransportUnavailable as exc:
             raise ConfigError(exc.message) from None
     served: list[ServedEngine] = []
@@ -242,9 +240,7 @@ async def _serve(args: argparse.Namespace) -> int:
                 log.exception("sidecar cleanup failed")
         for item in served:
             item.engine.healthy = False
-        transport = sys.modules.get("distserve.migration.transport")
-        if transport is not None:
-            transport.stop_waiters()
+        transport.stop_waiters()
         for item in served:
             await item.runner.cleanup()
             await item.engine.stop()
@@ -255,7 +251,7 @@ def main(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        import uvloop
+        import uvloop  # noqa: PLC0415 - optional dependency
 
         uvloop.install()
     except ImportError:

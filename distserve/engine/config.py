@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from distserve.engine import hf
 from distserve.engine.tokenizer import VOCAB_SIZE
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -145,8 +146,6 @@ class ModelConfig(BaseModel):
             if not isinstance(data, dict):
                 raise ValueError(f"{path}: expected a JSON object")
         if hf_dir is not None:
-            from distserve.engine import hf
-
             extra = sorted(set(data) - CHECKPOINT_KEYS)
             if extra:
                 raise ValueError(f"{path}: with --model only {sorted(CHECKPOINT_KEYS)} may be set, not {extra}")

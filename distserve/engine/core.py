@@ -18,6 +18,8 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
+import aiohttp
+
 from distserve import tracing
 from distserve.engine import tokenizer
 from distserve.engine.prefix_cache import CacheEvents
@@ -27,6 +29,7 @@ from distserve.engine.openai_api import ApiError, SamplingRequest
 from distserve.migration.errors import MigrationError
 from distserve.migration.geometry import PoolGeometry
 from distserve.migration.manager import MigrationManager
+from distserve.migration.staging import StagingArena
 from distserve.protocol import (
     CachePool,
     CacheFreeRequest,
@@ -198,8 +201,6 @@ class Engine:
             units = max(16, self.model.num_blocks // 4)
         if self.settings.null or pool is None or units <= 0:
             return None
-        from distserve.migration.staging import StagingArena
-
         return StagingArena(pool, units)
 
     async def stop(self) -> None:
@@ -354,8 +355,6 @@ class Engine:
             delay = min(delay * 2, 0.05)
 
     async def _free_remote(self, remote_url: str, our_id: str, session_id: int) -> None:
-        import aiohttp
-
         if self._http is None:
             self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
         headers = {"Authorization": f"Bearer {self.settings.peer_token}"} if self.settings.peer_token else {}
@@ -372,8 +371,6 @@ class Engine:
                 span.end()
 
     async def _free_remote_attempts(self, remote_url: str, headers: dict, body: dict, span) -> None:
-        import aiohttp
-
         for attempt in range(3):
             try:
                 async with self._http.post(f"{remote_url.rstrip('/')}/distserve/free_cache", json=body,

@@ -111,7 +111,7 @@ class HFTokenizer:
 
     def __init__(self, model_dir: str, vocab_size: int, eos_ids: list[int]) -> None:
         try:
-            from transformers import AutoTokenizer
+            from transformers import AutoTokenizer  # noqa: PLC0415 - optional `hf` extra, only with --model
         except ImportError:
             raise ValueError("--model needs the `hf` extra: pip install 'distserve[hf]' (transformers)") from None
         try:

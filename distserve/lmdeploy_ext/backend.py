@@ -21,12 +21,8 @@ import logging
 from typing import Any
 from urllib.parse import urlparse
 
-from distserve.lmdeploy_ext.staged_tcp import (
-    StagedTcpLink,
-    StagedTcpSettings,
-    resolve_bind_host,
-    segments_from_lmdeploy,
-)
+from distserve.lmdeploy_ext.settings import StagedTcpSettings
+from distserve.lmdeploy_ext.staged_tcp import StagedTcpLink, resolve_bind_host, segments_from_lmdeploy
 
 logger = logging.getLogger("distserve.lmdeploy_ext")
 
@@ -39,7 +35,7 @@ def _protocol_name(protocol: Any) -> str:
 
 
 def _current_device() -> str:
-    import torch
+    import torch  # noqa: PLC0415 - lazy: importing this module (install, tests) must not load torch
 
     if torch.cuda.is_available():
         return f"cuda:{torch.cuda.current_device()}"
@@ -89,15 +85,15 @@ class StagedTcpLinkAdapter:
 
 def make_backend_class():
     """Build the backend class against the installed lmdeploy (imported only here)."""
-    from lmdeploy.pytorch.disagg.backend.base import MigrationBackendImpl
-    from lmdeploy.pytorch.disagg.backend.dlslime import DLSlimeMigrationManagement
+    from lmdeploy.pytorch.disagg.backend.base import MigrationBackendImpl  # noqa: PLC0415 - optional
+    from lmdeploy.pytorch.disagg.backend.dlslime import DLSlimeMigrationManagement  # noqa: PLC0415
 
     class DistserveMigrationBackend(MigrationBackendImpl):
         """lmdeploy's DLSlime backend plus distserve's staged TCP for links made with protocol TCP."""
 
         def __init__(self):
             self.links: dict[str, Any] = {}
-            self.settings = StagedTcpSettings.from_env()
+            self.settings = StagedTcpSettings.from_env_or_default()  # never raise in the engine
 
         def p2p_initialize(self, init_request):
             old = self.links.pop(init_request.remote_engine_id, None)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from collections import OrderedDict, deque
 from typing import Any, Callable, Iterable
 
@@ -79,8 +80,6 @@ class BlockLog:
     """Cached blocks of one engine process and the ordered events that changed them (bounded ring)."""
 
     def __init__(self, ring: int = BLOCK_RING) -> None:
-        import uuid
-
         self.gen = uuid.uuid4().hex[:12]  # changes when the log is cleared (a new trie)
         self.seq = 0
         self.blocks: set[int] = set()
@@ -99,8 +98,6 @@ class BlockLog:
             self.events.append((self.seq, -1, h))
 
     def clear(self) -> None:
-        import uuid
-
         self.gen = uuid.uuid4().hex[:12]
         self.seq = 0
         self.blocks.clear()
@@ -125,6 +122,7 @@ def install_trie_hooks(node_cls=None, trie_cls=None, log: BlockLog = BLOCKS) -> 
     global _hooks_installed
     if node_cls is None or trie_cls is None:
         try:
+            # lmdeploy is optional (and loads torch): only the engine process installs the hooks.
             from lmdeploy.pytorch.paging.block_trie.node import Node as node_cls  # noqa: N813
             from lmdeploy.pytorch.paging.block_trie.trie import BlockTrie as trie_cls  # noqa: N813
         except ImportError as e:

@@ -13,15 +13,22 @@ import inspect
 import logging
 import os
 import re
-import uuid
+
+from distserve.lmdeploy_ext import settings
+from distserve.lmdeploy_ext.backend import make_backend_class
+from distserve.lmdeploy_ext.cache_events import distserve_cache_blocks, install_trie_hooks
+from distserve.lmdeploy_ext.server_patches import install_api_server_patches
+from distserve.lmdeploy_ext.settings import (  # noqa: F401 - ENV_*, INSTANCE_ID re-exported (older imports)
+    ENV_ENABLE,
+    ENV_PROTOCOL,
+    INSTANCE_ID,
+    lmdeploy_version,
+)
+from distserve.lmdeploy_ext.staged_tcp import STATS
 
 logger = logging.getLogger("distserve.lmdeploy_ext")
 
 SUPPORTED_RANGE = ((0, 17), (0, 19))  # lmdeploy>=0.17,<0.19, as in pyproject's `lmdeploy` extra
-ENV_ENABLE = "DISTSERVE_LMDEPLOY_EXT"  # "1": install in spawned engine processes too
-
-ENV_PROTOCOL = "DISTSERVE_LMDEPLOY_MIGRATION_PROTOCOL"  # reported to agents: tcp | rdma | nvlink
-INSTANCE_ID = f"lmd-{uuid.uuid4().hex[:16]}"
 
 _engine_installed = False
 _server_installed = False
@@ -29,16 +36,6 @@ _server_installed = False
 
 class UnsupportedLmdeploy(RuntimeError):
     pass
-
-
-def lmdeploy_version() -> str:
-    """The installed lmdeploy's version, read from its metadata (no torch import); raises ImportError."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lmdeploy")
-    except PackageNotFoundError:
-        raise ImportError("No module named 'lmdeploy'") from None
 
 
 def check_version(version: str | None = None) -> tuple[int, int]:
@@ -62,16 +59,15 @@ def install_engine_side() -> None:
     if _engine_installed:
         return
     check_version()
-    import lmdeploy.pytorch.disagg.backend  # noqa: F401 - registers lmdeploy's own backends first
-    from lmdeploy.pytorch.disagg.backend.backend import MIGRATION_BACKENDS
-
-    from distserve.lmdeploy_ext.backend import make_backend_class
+    # lmdeploy is optional and loads torch: imported only when installing into its process.
+    import lmdeploy.pytorch.disagg.backend  # noqa: F401, PLC0415 - registers lmdeploy's own backends first
+    from lmdeploy.pytorch.disagg.backend.backend import MIGRATION_BACKENDS  # noqa: PLC0415
 
     MIGRATION_BACKENDS.register_module(name="DLSlime", force=True, module=make_backend_class())
     _add_status_rpc()
     try:
-        import lmdeploy.pytorch.engine  # noqa: F401 - engine_conn imported on its own is a circular import
-        from lmdeploy.pytorch.disagg.conn.engine_conn import EngineP2PConnection
+        import lmdeploy.pytorch.engine  # noqa: F401, PLC0415 - engine_conn on its own is a circular import
+        from lmdeploy.pytorch.disagg.conn.engine_conn import EngineP2PConnection  # noqa: PLC0415 - optional
     except ImportError:
         pass
     else:
@@ -84,14 +80,12 @@ def install_engine_side() -> None:
 def _add_status_rpc() -> None:
     """EngineWorkerBase's public methods become the engine process's RPC methods: add one."""
     try:
-        from lmdeploy.pytorch.engine.mp_engine.base_worker import EngineWorkerBase
+        from lmdeploy.pytorch.engine.mp_engine.base_worker import EngineWorkerBase  # noqa: PLC0415 - optional
     except ImportError:
         logger.warning("lmdeploy has no EngineWorkerBase: /distserve/ext/status will lack engine figures")
         return
 
     def distserve_ext_status(self) -> dict:
-        from distserve.lmdeploy_ext.staged_tcp import STATS
-
         scheduler = self.engine.scheduler
         out = {"sessions": len(scheduler.sessions), "migration": STATS.snapshot()}
         block_manager = getattr(scheduler, "block_manager", None)
@@ -101,8 +95,6 @@ def _add_status_rpc() -> None:
         return out
 
     EngineWorkerBase.distserve_ext_status = distserve_ext_status
-
-    from distserve.lmdeploy_ext.cache_events import distserve_cache_blocks, install_trie_hooks
 
     EngineWorkerBase.distserve_cache_blocks = distserve_cache_blocks
     if install_trie_hooks():
@@ -140,8 +132,6 @@ def install_server_side() -> bool:
     if _server_installed:
         return True
     check_version()
-    from distserve.lmdeploy_ext.server_patches import install_api_server_patches
-
     _server_installed = install_api_server_patches()
     return _server_installed
 
@@ -154,7 +144,7 @@ def resolve_protocol(choice: str) -> str:
     if choice != "auto":
         return choice
     try:
-        from dlslime import available_nic
+        from dlslime import available_nic  # noqa: PLC0415 - optional dependency (distserve[lmdeploy])
 
         return "rdma" if available_nic() else "tcp"
     except Exception:  # noqa: BLE001 - no usable DLSlime RDMA: TCP
@@ -163,8 +153,8 @@ def resolve_protocol(choice: str) -> str:
 
 def install(protocol: str = "auto") -> str:
     """Both sides, and mark the environment so spawned engine processes install too."""
-    os.environ[ENV_ENABLE] = "1"
-    os.environ[ENV_PROTOCOL] = resolve_protocol(os.environ.get(ENV_PROTOCOL) or protocol)
+    resolved = resolve_protocol(settings.protocol_override() or protocol)
+    settings.set_enabled_and_protocol(resolved)
     install_engine_side()
     install_server_side()
-    return os.environ[ENV_PROTOCOL]
+    return resolved

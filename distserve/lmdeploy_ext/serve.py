@@ -10,17 +10,17 @@ Runs `lmdeploy serve ...` with distserve's integration installed:
 
 --migration-protocol auto|tcp|rdma|nvlink (default auto: rdma where DLSlime sees an RDMA NIC, else tcp)
 is what the engine tells agents to use for its links (env DISTSERVE_LMDEPLOY_MIGRATION_PROTOCOL wins).
-Everything else is passed to `lmdeploy serve` unchanged. Tunables: DISTSERVE_LMDEPLOY_STAGING_MB,
-DISTSERVE_LMDEPLOY_CHUNK_KB, DISTSERVE_LMDEPLOY_MIGRATION_DEADLINE_S, DISTSERVE_LMDEPLOY_TRANSFER_HOST.
+Everything else is passed to `lmdeploy serve` unchanged. Tunables: the DISTSERVE_LMDEPLOY_* environment
+variables (distserve/lmdeploy_ext/settings.py, docs/configuration.md), checked before lmdeploy starts.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
-from distserve.lmdeploy_ext.install import ENV_ENABLE, UnsupportedLmdeploy, install, install_engine_side
+from distserve.lmdeploy_ext import settings
+from distserve.lmdeploy_ext.install import UnsupportedLmdeploy, install, install_engine_side
 
 
 def _pop_option(argv: list[str], name: str, default: str) -> str:
@@ -42,10 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
         return 0 if argv else 2
-    logging.basicConfig(
-        level=os.environ.get("DISTSERVE_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        level = settings.load().log_level  # every DISTSERVE_* variable checked before lmdeploy starts
+    except settings.SettingsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         protocol = install(_pop_option(argv, "--migration-protocol", "auto"))
     except (UnsupportedLmdeploy, ValueError) as e:
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("distserve.lmdeploy_ext").info(
         "links of this engine use migration protocol %s", protocol
     )
-    from lmdeploy.cli.entrypoint import run
+    from lmdeploy.cli.entrypoint import run  # noqa: PLC0415 - optional; install() checked it is there
 
     sys.argv = ["lmdeploy", "serve", *argv]
     run()
@@ -68,10 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-elif __name__ == "__mp_main__" and os.environ.get(ENV_ENABLE) == "1":
+elif __name__ == "__mp_main__" and settings.enabled():
     # lmdeploy's engine process (multiprocessing spawn re-imports the launcher under this name).
     logging.basicConfig(
-        level=os.environ.get("DISTSERVE_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        level=settings.log_level_or_default(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     install_engine_side()

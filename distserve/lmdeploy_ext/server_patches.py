@@ -20,6 +20,10 @@ import contextvars
 import json
 import logging
 from typing import Any
+from urllib.parse import parse_qsl
+
+from distserve.lmdeploy_ext import cache_events, settings
+from distserve.lmdeploy_ext.settings import INSTANCE_ID, lmdeploy_version
 
 logger = logging.getLogger("distserve.lmdeploy_ext")
 
@@ -48,10 +52,6 @@ class PeerBook:
 
 def engine_info_extras() -> dict[str, Any]:
     """Fields added to /distserve/engine_info for distserve agents (lmdeploy's own readers ignore them)."""
-    import os
-
-    from distserve.lmdeploy_ext.install import INSTANCE_ID, lmdeploy_version
-
     try:
         software = f"lmdeploy {lmdeploy_version()} (distserve lmdeploy_ext)"
     except ImportError:
@@ -60,7 +60,7 @@ def engine_info_extras() -> dict[str, Any]:
         "engine_kind": "lmdeploy",
         "instance_id": INSTANCE_ID,  # new per api_server process: agents tell an engine restart from a blip
         "software_version": software,
-        "migration_protocol": os.environ.get("DISTSERVE_LMDEPLOY_MIGRATION_PROTOCOL", "tcp"),
+        "migration_protocol": settings.reported_protocol(),
         # Only where the engine's trie really caches: lmdeploy turns it off for Prefill/Decode roles.
         **({"cache_events": CACHE_EVENTS["service"].info()}
            if "service" in CACHE_EVENTS and CACHE_EVENTS["service"].enabled else {}),
@@ -137,8 +137,6 @@ class DistserveApiMiddleware:
                 return await _send_json(send, 404, error_body(
                     "prefix caching is off on this engine (lmdeploy turns it off for Prefill and Decode roles)",
                     "not_found"))
-            from urllib.parse import parse_qsl
-
             query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
             return await service.serve(query, receive, send)
         if scope.get("method") != "POST":
@@ -360,9 +358,6 @@ def _stop_on_shutdown(receive, service):
 
 def _install_cache_events(server_context) -> None:
     """Start the prefix-cache stream when the engine runs with prefix caching (api_server process)."""
-    from distserve.lmdeploy_ext import cache_events
-    from distserve.lmdeploy_ext.install import INSTANCE_ID
-
     async_engine = server_context.async_engine
     config = getattr(async_engine, "backend_config", None)
     rpc = getattr(getattr(async_engine, "engine", None), "_collective_rpc_async", None)
@@ -383,7 +378,7 @@ def _install_cache_events(server_context) -> None:
     CACHE_EVENTS["service"] = cache_events.CacheEventsService(
         INSTANCE_ID, rpc, int(getattr(config, "block_size", 64) or 64), render_chat=render, encode=encode)
     try:
-        from lmdeploy.serve.processors.multimodal import MultimodalProcessor
+        from lmdeploy.serve.processors.multimodal import MultimodalProcessor  # noqa: PLC0415 - optional
     except ImportError:
         logger.warning("lmdeploy has no MultimodalProcessor: prefix-cache keys are never registered")
         return
@@ -405,7 +400,7 @@ def _install_cache_events(server_context) -> None:
 def install_api_server_patches() -> bool:
     """Patch lmdeploy.serve.openai.api_server (in the api_server process). False when its shape differs."""
     try:
-        from lmdeploy.serve.openai import api_server
+        from lmdeploy.serve.openai import api_server  # noqa: PLC0415 - optional, loads torch
     except ImportError as e:
         logger.warning("lmdeploy api_server not importable (%s): server fixes not installed", e)
         return False

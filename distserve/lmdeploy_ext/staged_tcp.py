@@ -26,7 +26,6 @@ import ctypes
 import hmac
 import json
 import logging
-import os
 import secrets
 import socket
 import struct
@@ -34,6 +33,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
+
+from distserve.lmdeploy_ext.settings import StagedTcpSettings  # re-exported: defined with its env vars
 
 logger = logging.getLogger("distserve.lmdeploy_ext")
 
@@ -51,41 +52,6 @@ MAX_FRAME_BYTES = 64 << 20
 
 class MigrationError(RuntimeError):
     """A KV migration could not complete (bad request, peer gone, deadline passed)."""
-
-
-@dataclass(frozen=True)
-class StagedTcpSettings:
-    """Tunables; from the environment with `from_env` (DISTSERVE_LMDEPLOY_*)."""
-
-    staging_bytes: int = 64 << 20  # per link, per side that uses it (pinned host memory)
-    chunk_bytes: int = 4 << 20  # one DLSlime assignment
-    deadline_s: float = 60.0  # whole migration
-    control_timeout_s: float = 20.0  # one control round trip (includes the prefill's staging copy)
-    host: str | None = None  # interface to bind; default: the engine URL's host
-
-    @classmethod
-    def from_env(cls) -> "StagedTcpSettings":
-        env = os.environ
-
-        def num(name: str, default: float) -> float:
-            raw = env.get(name)
-            if raw is None or raw == "":
-                return default
-            try:
-                value = float(raw)
-            except ValueError:
-                raise ValueError(f"{name}={raw!r} is not a number") from None
-            if value <= 0:
-                raise ValueError(f"{name} must be > 0, got {raw!r}")
-            return value
-
-        return cls(
-            staging_bytes=int(num("DISTSERVE_LMDEPLOY_STAGING_MB", 64) * (1 << 20)),
-            chunk_bytes=int(num("DISTSERVE_LMDEPLOY_CHUNK_KB", 4096) * 1024),
-            deadline_s=num("DISTSERVE_LMDEPLOY_MIGRATION_DEADLINE_S", 60.0),
-            control_timeout_s=num("DISTSERVE_LMDEPLOY_CONTROL_TIMEOUT_S", 20.0),
-            host=env.get("DISTSERVE_LMDEPLOY_TRANSFER_HOST") or None,
-        )
 
 
 @dataclass(frozen=True)
@@ -251,7 +217,7 @@ class _CudaPointer:
 
 def byte_view(addr: int, length: int, device: str):
     """A uint8 torch tensor over `length` bytes at `addr` (no copy)."""
-    import torch
+    import torch  # lazy: planning and the control channel need no torch (CPU tests, cold import)
 
     if device.startswith("cuda"):
         return torch.as_tensor(_CudaPointer(addr, length), device=device)
@@ -261,7 +227,7 @@ def byte_view(addr: int, length: int, device: str):
 
 def host_buffer(nbytes: int, device_hint: str):
     """Pinned host memory when CUDA is in use (async device copies), plain memory otherwise."""
-    import torch
+    import torch  # lazy: planning and the control channel need no torch (CPU tests, cold import)
 
     pin = device_hint.startswith("cuda") and torch.cuda.is_available()
     return torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin)
@@ -276,7 +242,7 @@ class _Copier:
 
     def copy(self, pairs: Sequence[tuple[Any, Any]]) -> None:
         """pairs: (dst tensor, src tensor) of equal length."""
-        import torch
+        import torch  # lazy: planning and the control channel need no torch (CPU tests, cold import)
 
         if self.device.startswith("cuda"):
             index = torch.device(self.device).index or 0
@@ -360,7 +326,7 @@ class StagedTcpLink:
     """One engine's side of a staged TCP link to one peer (serves stage requests, and pulls)."""
 
     def __init__(self, host: str, settings: StagedTcpSettings | None = None, name: str = ""):
-        from dlslime import TcpEndpoint
+        from dlslime import TcpEndpoint  # optional dependency (distserve[lmdeploy]), needed only here
 
         self.settings = settings or StagedTcpSettings()
         self.name = name or "link"

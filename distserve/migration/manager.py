@@ -26,7 +26,7 @@ from distserve.migration.staging import (
     landing_pieces,
     source_ranges,
 )
-from distserve.migration.transport import LOCAL_REGION, SPLIT_BYTES, Transport, create_transport
+from distserve.migration.transport import LOCAL_REGION, Transport, create_transport, tuning
 from distserve.protocol import (
     PROTOCOL_NAMES,
     ConnectionStatus,
@@ -297,7 +297,7 @@ class MigrationManager:
         by a worker thread while the event loop issues the next reads (the copy overlaps the transfer).
         Every unpack has finished when this returns or raises: none may write our blocks afterwards."""
         assert self.staging is not None
-        pieces = landing_pieces(source, slot, self.local_geometry.entry_bytes, min(LANDING_PIECE_BYTES, SPLIT_BYTES))
+        pieces = landing_pieces(source, slot, self.local_geometry.entry_bytes, min(LANDING_PIECE_BYTES, tuning().split_bytes))
         rows = {local_off: (first, end) for _, local_off, _, first, end in pieces}
         arena, loop = self.staging, asyncio.get_running_loop()
         unpacks: list[asyncio.Future] = []

@@ -9,23 +9,33 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
+import functools
 import threading
 import time
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
+from distserve.migration import settings
 from distserve.migration.errors import MigrationError, TransportUnavailable
 from distserve.migration.geometry import MAX_ASSIGNMENTS_PER_CALL, chunk, split
 from distserve.migration.staging import STAGING_REGION
 from distserve.protocol import MigrationProtocol
 
 REMOTE_PREFIX = "peer_"
-# Large contiguous ranges are cut into pieces of this size so concurrent calls share the work.
-# (Tuning knobs for tools/bench_migration.py A/B runs; the defaults were measured there.)
-SPLIT_BYTES = int(os.environ.get("DISTSERVE_MIGRATION_SPLIT_BYTES", 4 << 20))
-# Migrations of at least this many bytes are spread over all the calls allowed in flight.
-SPREAD_BYTES = int(os.environ.get("DISTSERVE_MIGRATION_SPREAD_BYTES", 16 << 20))
+
+
+
+
+@functools.cache
+def tuning() -> settings.MigrationTuning:
+    """Large contiguous ranges are cut into pieces of `split_bytes` so concurrent calls share the work;
+    migrations of at least `spread_bytes` are spread over all the calls allowed in flight. Knobs for
+    tools/bench_migration.py A/B runs (defaults measured there), read once at first use from the environment
+    (migration/settings.py bounds them): a bad value is logged and the default used, never an import error;
+    `distserve engine` refuses it at start-up."""
+    return settings.migration_tuning_or_default()
+
+
 # How long a wait polls by yielding to the event loop before handing off to a thread: about as long as
 # the read should take at a slow loopback rate, at most SPIN_MAX_S. A hand-off costs a thread wake-up and
 # a loop wake-up (0.1-1 ms on a busy machine), as much as a whole 1 MiB read.
@@ -169,7 +179,7 @@ class DlslimeTcpTransport(Transport):
                  max_assignments: int = MAX_ASSIGNMENTS_PER_CALL, staging_ptr: int | None = None,
                  staging_bytes: int = 0) -> None:
         try:
-            import dlslime
+            import dlslime  # lazy: optional native library (null engines and --help run without it)
         except ImportError as exc:  # e.g. libibverbs.so.1 missing
             raise TransportUnavailable(f"dlslime cannot be imported: {exc}") from None
         if host in ("0.0.0.0", "::", ""):
@@ -239,10 +249,10 @@ class DlslimeTcpTransport(Transport):
                 on_call_done(part)
 
         # Calls run concurrently up to the per-peer bound; large ranges are split so both calls get work.
-        pieces = split(plan, SPLIT_BYTES)
+        pieces = split(plan, tuning().split_bytes)
         if per_call is None:
             per_call = self._max_assignments
-            if sum(n for _, _, n in pieces) >= SPREAD_BYTES:  # big enough to keep every allowed call busy
+            if sum(n for _, _, n in pieces) >= tuning().spread_bytes:  # big enough to keep every allowed call busy
                 per_call = min(per_call, -(-len(pieces) // self._max_inflight_calls))
         per_call = max(1, min(per_call, self._max_assignments))
         calls = chunk(pieces, per_call)
@@ -286,7 +296,7 @@ class DlslimeRdmaTransport(DlslimeTcpTransport):
                  device_name: str = "", ib_port: int = 1, link_type: str = "auto", staging_ptr: int | None = None,
                  staging_bytes: int = 0) -> None:
         try:
-            import dlslime
+            import dlslime  # lazy: optional native library (null engines and --help run without it)
         except ImportError as exc:
             raise TransportUnavailable(f"dlslime cannot be imported: {exc}") from None
         nics = dlslime.available_nic()
@@ -339,7 +349,7 @@ def create_transport(protocol: MigrationProtocol, host: str, pool_ptr: int | Non
         return DlslimeRdmaTransport(host, pool_ptr, pool_bytes, staging_ptr=staging_ptr, staging_bytes=staging_bytes)
     if protocol == MigrationProtocol.NVLINK:
         try:
-            import dlslime
+            import dlslime  # lazy: optional native library (null engines and --help run without it)
         except ImportError as exc:
             raise TransportUnavailable(f"dlslime cannot be imported: {exc}") from None
         if not hasattr(dlslime, "NVLinkEndpoint"):
@@ -354,14 +364,14 @@ def check_transport(protocol: MigrationProtocol) -> None:
     """Fail at start-up, with a clear message, when the configured transport cannot run here."""
     if protocol == MigrationProtocol.TCP:
         try:
-            import dlslime  # noqa: F401
+            import dlslime  # noqa: F401 - lazy: optional native library, checked here at start-up
         except ImportError as exc:
             raise TransportUnavailable(f"dlslime cannot be imported ({exc}); on Debian/Ubuntu install libibverbs1") \
                 from None
         return
     if protocol == MigrationProtocol.RDMA:
         try:
-            import dlslime
+            import dlslime  # lazy: optional native library (null engines and --help run without it)
         except ImportError as exc:
             raise TransportUnavailable(f"dlslime cannot be imported: {exc}") from None
         if not dlslime.available_nic():

@@ -1,0 +1,50 @@
+"""The engine's environment (distserve.migration.settings): typed, bounded, one line at start-up."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from distserve.migration import settings
+from tests.util import REPO
+
+
+@pytest.mark.parametrize("name, value", [
+    ("DISTSERVE_MIGRATION_SPLIT_BYTES", "4MiB"),
+    ("DISTSERVE_MIGRATION_SPLIT_BYTES", "0"),
+    ("DISTSERVE_MIGRATION_SPLIT_BYTES", str(1 << 40)),
+    ("DISTSERVE_MIGRATION_SPREAD_BYTES", "-1"),
+])
+def test_engine_refuses_a_bad_value_at_start_in_one_line(name, value):
+    env = {**os.environ, name: value}
+    proc = subprocess.run([sys.executable, "-m", "distserve", "engine", "--null", "--port", "0"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and name in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_transport_import_never_fails_on_a_bad_value():
+    """tools/bench_migration.py uses the transport without the engine CLI: a bad knob is logged, default used."""
+    code = ("import distserve.migration.transport as t; tu = t.tuning(); "
+            "print(tu.split_bytes, tu.spread_bytes)")
+    env = {**os.environ, "DISTSERVE_MIGRATION_SPLIT_BYTES": "lots"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(4 << 20), str(16 << 20)]
+    assert "DISTSERVE_MIGRATION_SPLIT_BYTES" in proc.stderr
+
+
+def test_values_in_bounds_are_used():
+    env = {"DISTSERVE_MIGRATION_SPLIT_BYTES": "65536", "DISTSERVE_MIGRATION_SPREAD_BYTES": "0",
+           "DISTSERVE_ENGINE_API_KEYS": " a , b ,,"}
+    loaded = settings.load(env)
+    assert (loaded.tuning.split_bytes, loaded.tuning.spread_bytes) == (65536, 0)
+    assert loaded.api_keys == ("a", "b")
+
+
+def test_control_character_in_engine_api_keys_is_refused():
+    with pytest.raises(settings.SettingsError, match="DISTSERVE_ENGINE_API_KEYS"):
+        settings.load({"DISTSERVE_ENGINE_API_KEYS": "good,bad\x07key"})
