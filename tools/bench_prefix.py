@@ -361,6 +361,7 @@ async def open_loop(cluster: Cluster, trace: dict, rate: float, args, events=Non
     await asyncio.sleep(0.3)  # the sampler's baseline
     t0b = time.perf_counter()
     tasks = []
+    ev_task = asyncio.create_task(events(t0)) if events else None  # faults run alongside the arrivals
     async with session() as http:
         at = 0.0
         for c in range(len(trace["conversations"])):
@@ -369,8 +370,8 @@ async def open_loop(cluster: Cluster, trace: dict, rate: float, args, events=Non
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(load.conversation(http, trace, c)))
             at += rng.expovariate(rate / turns)
-        ev_results = await events(t0) if events else None
         await asyncio.gather(*tasks)
+        ev_results = await ev_task if ev_task else None
     wall = time.perf_counter() - t0b
     cpu = cluster.router_cpu() - cpu0
     stop.set()

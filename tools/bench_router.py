@@ -55,6 +55,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+if (REPO / ".bench" / "device" / "site").is_dir():  # the device bundle's wheels: the imports below need them
+    sys.path.insert(0, str(REPO / ".bench" / "device" / "site"))
 
 from distserve.testing.cluster import engine_argv  # noqa: E402
 from distserve.testing.ports import free_port, free_port_range  # noqa: E402

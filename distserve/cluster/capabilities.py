@@ -13,10 +13,12 @@ from __future__ import annotations
 
 # lmdeploy's api_server (PyTorch backend), 0.17 and 0.18 alike, read from its serve/openai code: chat
 # logprobs/top_logprobs, tools, response_format, logit_bias; seed, top_k, min_p, repetition_penalty,
-# min_new_tokens and skip_special_tokens on both routes. Not honoured there: completions logprobs (dropped),
-# echo and suffix (accepted and ignored), presence/frequency penalties (ignored). A decode reads the first
-# token from the prefill without its logprobs, so chat logprobs are not claimed for a decode (unverified on
-# a GPU: a PD path of lmdeploy engines rejects them rather than drop the first token's).
+# min_new_tokens and skip_special_tokens on both routes. Not honoured there: completions logprobs (dropped
+# unary, the stream cut), echo and suffix (accepted and ignored), presence/frequency penalties (ignored).
+# Chat logprobs are not claimed for a decode. Measured on a GPU with 0.18.0 (docs/gpu.md, "Logprobs of
+# lmdeploy engines"): its first (migrated) token has none, and its unary answer pairs each token with the
+# NEXT position's top-k (token "", logprob 0.0): wrong values that no router can repair, so a PD path of
+# lmdeploy engines answers 400. The prefill's answer does carry the first token's, equal to a hybrid's.
 _LMDEPLOY_COMMON = ("min_p", "min_tokens", "repetition_penalty", "response_format", "seed",
                     "skip_special_tokens", "tools", "top_k", "logit_bias")
 LMDEPLOY = {

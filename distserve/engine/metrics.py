@@ -1,6 +1,15 @@
-"""Prometheus text for GET /metrics (the engine observability contract in docs/internals.md)."""
+"""GET /metrics through prometheus_client (the engine observability contract in docs/internals.md).
+
+The engine keeps its figures in one stats dict; a collector turns that dict into metric families at scrape
+time (nothing is updated per token), into a registry of this engine's own, never the process-global one.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 # name -> (stats key, type, help)
 _METRICS = [
@@ -61,18 +70,23 @@ _METRICS = [
 ]
 
 
-def render(stats: dict, labels: dict[str, str]) -> str:
-    lines = []
-    label_text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
-    lines.append("# HELP distserve_engine_info engine identity (value is always 1)")
-    lines.append("# TYPE distserve_engine_info gauge")
-    lines.append(f"distserve_engine_info{{{label_text}}} 1")
-    for name, key, kind, help_text in _METRICS:
-        lines.append(f"# HELP {name} {help_text}")
-        lines.append(f"# TYPE {name} {kind}")
-        lines.append(f"{name} {stats.get(key, 0)}")
-    return "\n".join(lines) + "\n"
+class EngineMetrics:
+    """The engine's registry: `stats()` and `labels()` are read at each scrape."""
 
+    def __init__(self, stats: Callable[[], dict], labels: Callable[[], dict[str, str]]) -> None:
+        self.stats, self.labels = stats, labels
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
 
-def _escape(value: str) -> str:
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    def collect(self) -> Iterator[Metric]:
+        labels = self.labels()
+        info = GaugeMetricFamily("distserve_engine_info", "engine identity (value is always 1)", labels=list(labels))
+        info.add_metric([str(v) for v in labels.values()], 1)
+        yield info
+        stats = self.stats()
+        for name, key, kind, help_text in _METRICS:
+            family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            yield family(name, help_text, value=stats.get(key, 0))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

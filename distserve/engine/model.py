@@ -210,16 +210,19 @@ class MatmulPlanner:
     The first `SAMPLES` calls of each orientation per (rows, in, out, threads) alternate and are timed (real
     work, nothing is computed twice; a decode step calls each layer shape once per layer, so layer shapes
     settle within a step, the output head within a few); the faster by its minimum (load only slows a run)
-    is then kept. One row (single-request decode), many rows (prefill) and small weights (cache resident:
-    call overhead dominates) always take `F.linear`.
+    is then kept, and timed again every `RECHECK` calls (a choice made while the machine was busy is not
+    kept forever). One row (single-request decode), over `MAX_ROWS` rows (long prefills) and small weights
+    (cache resident: call overhead dominates) always take `F.linear`.
     """
 
     SAMPLES = 6
+    RECHECK = 4096
     MAX_ROWS = 64
     MIN_WEIGHT = 1 << 18  # elements
 
     def __init__(self) -> None:
         self.choice: dict[tuple[int, int, int, int], bool] = {}  # True: weights-stationary (w @ x.T)
+        self._uses: dict[tuple[int, int, int, int], int] = {}
         self._trials: dict[tuple[int, int, int, int], tuple[list[float], list[float]]] = {}
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
@@ -229,7 +232,11 @@ class MatmulPlanner:
         key = (m, w.shape[1], w.shape[0], torch.get_num_threads())
         ws = self.choice.get(key)
         if ws is not None:
-            return self._ws(x, w, b) if ws else F.linear(x, w, b)
+            uses = self._uses[key] = self._uses.get(key, 0) + 1
+            if uses < self.RECHECK:
+                return self._ws(x, w, b) if ws else F.linear(x, w, b)
+            self._uses[key] = 0
+            del self.choice[key]
         trials = self._trials.setdefault(key, ([], []))
         ws = len(trials[1]) < len(trials[0])
         start = time.perf_counter()

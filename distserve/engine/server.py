@@ -177,6 +177,12 @@ def _auth(api_keys: list[str]):
 class Routes:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self.exporter = metrics.EngineMetrics(engine.stats, self._metric_labels)
+
+    def _metric_labels(self) -> dict[str, str]:
+        s = self.engine.settings
+        return {"role": s.role.name.lower(), "engine_kind": "null" if s.null else "reference",
+                "instance_id": s.instance_id, "model": s.model_name}
 
     async def health(self, request: web.Request) -> web.Response:
         if not self.engine.healthy:
@@ -190,11 +196,7 @@ class Routes:
              "root": name, "max_model_len": self.engine.model.max_model_len}]})
 
     async def metrics(self, request: web.Request) -> web.Response:
-        s = self.engine.settings
-        labels = {"role": s.role.name.lower(), "engine_kind": "null" if s.null else "reference",
-                  "instance_id": s.instance_id, "model": s.model_name}
-        return web.Response(text=metrics.render(self.engine.stats(), labels),
-                            content_type="text/plain", charset="utf-8")
+        return web.Response(body=self.exporter.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
 
     async def engine_info(self, request: web.Request) -> web.Response:
         # lmdeploy answers a JSON *string* holding the object (double-encoded).

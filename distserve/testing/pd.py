@@ -6,6 +6,8 @@ import json
 
 import aiohttp
 
+from distserve.testing.metrics import unlabelled
+
 PROTO = {"tcp": 1, "rdma": 2, "nvlink": 3}
 
 
@@ -102,9 +104,4 @@ async def metrics(http: aiohttp.ClientSession, url: str, key: str | None = None)
     async with http.get(f"{url}/metrics", headers=auth(key)) as resp:
         assert resp.status == 200
         text = await resp.text()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, value = line.split()
-            out[name] = float(value)
-    return out
+    return unlabelled(text)

@@ -11,6 +11,7 @@ import uuid
 from typing import Any
 
 from discovery.embedded import EmbeddedEtcd
+from distserve.testing.metrics import scrape, value as metric_value
 from tests.util import Proc, free_port, free_port_range, wait_http
 
 
@@ -23,10 +24,7 @@ def http_json(url: str, body: dict | None = None, timeout: float = 30.0) -> Any:
 
 
 def metric(url: str, name: str) -> float:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and line[len(name)] in " {")
+    return metric_value(scrape(url), name)
 
 
 class LiveCluster:

@@ -22,6 +22,7 @@ import yaml
 from kubernetes_validate import utils as k8s_schema
 
 from discovery.embedded import EmbeddedEtcd
+from distserve.testing import metrics as prom
 from tests.router.cluster import MODEL, router_metric, start_null_engines, start_router
 from tests.util import REPO, Proc, free_port, wait_http
 
@@ -284,8 +285,9 @@ def test_every_metric_named_by_dashboard_alerts_and_keda_is_exported(live):
     assert not missing, f"named by deploy/ but exported by no router, engine or etcd: {missing}"
     # the lifecycle counter saw both engines register after the router synced
     text = scrape(live["router"])
-    assert re.search(r'distserve_router_engine_changes_total\{engine="[^"]+",change="registered"\} 1', text), text
-    assert 'distserve_router_model_routable{model="%s"} 1' % MODEL in text
+    assert any(n == "distserve_router_engine_changes_total" and lab.get("change") == "registered" and v == 1
+               for n, lab, v in prom.samples(text)), text
+    assert prom.find(text, "distserve_router_model_routable", {"model": MODEL}) == 1
 
 
 class Prometheus:
@@ -395,14 +397,15 @@ def test_alert_rules_are_loaded_healthy_and_quiet_on_a_healthy_cluster(live, pro
 def test_a_crashed_decode_shows_as_a_lease_loss_and_an_unroutable_model(live):
     """What DistserveEngineLeaseLost and DistserveModelUnroutable rely on (runs last: it kills the decode)."""
     before = scrape(live["router"])
-    decode_id = re.search(r'distserve_router_picks_total\{phase="decode",engine="([^"]+)"\}', before).group(1)
+    decode_id = next(lab["engine"] for n, lab, _ in prom.samples(before)
+                     if n == "distserve_router_picks_total" and lab.get("phase") == "decode")
     live["decode_proc"].kill()  # engine and agent die together: the lease expires after its TTL (3 s)
     deadline = time.monotonic() + 20
     while router_metric(live["router"], "distserve_router_model_routable", {"model": MODEL}) != 0:
         assert time.monotonic() < deadline, scrape(live["router"])
         time.sleep(0.2)
     text = scrape(live["router"])
-    assert f'distserve_router_engine_changes_total{{engine="{decode_id}",change="lease_expired"}} 1' in text, text
+    assert prom.find(text, "distserve_router_engine_changes_total", {"engine": decode_id, "change": "lease_expired"}) == 1, text
     assert router_metric(live["router"], "distserve_router_links_usable") == 0
     assert router_metric(live["router"], "distserve_router_links_possible") == 0
     assert router_metric(live["router"], "distserve_router_engines_routable") == 0

@@ -18,6 +18,7 @@ from distserve.protocol import ConnectRequest, InitRequest, InitResponse, Migrat
 from distserve.cluster.records import EngineGeometry, EngineRecord, LinkRecord, OperatorFlags, RoutingConfig
 from distserve.testing import cluster as testing_cluster
 from distserve.testing.cluster import start_null_engines
+from distserve.testing.metrics import scrape, value as metric_value
 from tests.util import Proc, spawn_engine
 
 MODEL = "distserve-reference"
@@ -37,28 +38,12 @@ def http_json(url: str, body: dict | None = None, headers: dict | None = None, t
 
 def engine_metric(url: str, name: str, headers: dict | None = None) -> float:
     """Sum of a Prometheus metric's samples on an engine's /metrics."""
-    req = urllib.request.Request(f"{url}/metrics", headers=headers or {})
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        text = resp.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and (line[len(name)] in " {"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return metric_value(scrape(url, headers), name)
 
 
 def router_metric(url: str, name: str, labels: dict | None = None, headers: dict | None = None) -> float:
-    req = urllib.request.Request(f"{url}/metrics", headers=headers or {})
-    with urllib.request.urlopen(req, timeout=5) as resp:
-        text = resp.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name) or line[len(name)] not in " {":
-            continue
-        if labels and not all(f'{k}="{v}"' in line for k, v in labels.items()):
-            continue
-        total += float(line.rsplit(" ", 1)[1])
-    return total
+    """Sum of a metric's samples on a router's /metrics whose labels include `labels`."""
+    return metric_value(scrape(url, headers), name, labels)
 
 
 def geometry_of(url: str, headers: dict | None = None) -> EngineGeometry:

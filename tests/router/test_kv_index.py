@@ -21,6 +21,7 @@ from distserve.cluster.prefix_keys import chat_keys, key_hex
 from distserve.cluster.records import EngineGeometry, EngineRecord
 from distserve.router.kv_index import KvIndex, StreamError
 from distserve.router.metrics import RouterMetrics
+from distserve.testing.metrics import find
 
 TOKEN = "s3cret-token"
 PATH = "/distserve/cache/events"
@@ -201,7 +202,7 @@ async def test_snapshot_then_events_then_ready(setup):
     # the stream is authenticated with the cluster token; one connection did it all
     assert len(p1.requests) == 1 and "since" not in p1.requests[0]
     assert s.metrics.kv_index_synced.get() == 1
-    assert b'distserve_router_kv_index_keys{engine="P1"} 0' in s.metrics.render()
+    assert find(s.metrics.render().decode(), "distserve_router_kv_index_keys", {"engine": "P1"}) == 0
 
 
 async def test_not_ready_until_every_snapshot_then_bounded_by_sync_timeout(setup):

@@ -201,6 +201,26 @@ def test_kv_aware_sends_a_new_prefix_to_the_same_engine_on_every_replica():
     assert len(picks) == 1
 
 
+def test_kv_aware_sends_a_new_prefix_to_the_engine_caching_the_least():
+    """A tie goes to the engine whose index holds the fewest keys (new prefixes spread by the traffic each
+    engine already serves), not to wherever the hash piles them; the ring breaks only what is left."""
+
+    class CountingIndex(FakeIndex):
+        def describe(self, engine_id):
+            return {"keys": len(self.maps[engine_id])}
+
+    other = {i: 64 for i in range(1, 4)}  # another prefix's keys: no match for CONVO
+    index = CountingIndex({e: dict(other) for e in ENGINES})
+    ring = make_strategy("prefix_affinity").pick(ENGINES, kv_ctx(index, CONVO)[0])
+    emptiest = next(e for e in ENGINES if e != ring)
+    index.maps[emptiest] = {}
+    replicas = {make_strategy("kv_aware").pick(ENGINES, kv_ctx(index, CONVO)[0]) for _ in range(5)}
+    assert replicas == {emptiest}
+    # equal counts: the ring as before, on every replica
+    index.maps[emptiest] = dict(other)
+    assert make_strategy("kv_aware").pick(ENGINES, kv_ctx(index, CONVO)[0]) == ring
+
+
 def test_kv_aware_mixed_fleet_scores_engines_without_a_stream_by_hash():
     k = _chain()
     # p0, p1 stream (nothing cached); p2..p5 have no stream

@@ -24,6 +24,7 @@ import aiohttp
 from discovery.embedded import EmbeddedEtcd, EmbeddedEtcdCluster
 from distserve.testing.ports import free_port
 from distserve.testing.procs import Proc
+from distserve.testing.metrics import samples
 
 # A tiny model: 2 layers, hidden 64. Real torch forward passes and real DLSlime KV migration, but a
 # 64-token answer in ~0.2 s on one core and ~260 MB per engine process.
@@ -272,10 +273,7 @@ class Cluster:
                 text = await resp.text()
         except (TimeoutError, aiohttp.ClientError, OSError):
             return None
-        for line in text.splitlines():
-            if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{"):
-                return float(line.rsplit(" ", 1)[1])
-        return None
+        return next((v for n, _, v in samples(text) if n == name), None)
 
     async def metric_by_engine(self, name: str, roles: tuple[str, ...] = ("prefill", "decode", "hybrid")
                                ) -> dict[str, float | None]:
