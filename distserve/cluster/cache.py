@@ -21,16 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
 from discovery.informer import Informer
-from distserve.cluster import keys as K
+from distserve.cluster import keys as K, records
 from distserve.cluster.codec import Codec, Decoded, MalformedValue
-from distserve.cluster.records import (
-    EngineRecord,
-    LinkRecord,
-    LoadRecord,
-    OperatorFlags,
-    RouterRecord,
-    RoutingConfig,
-)
 
 log = logging.getLogger(__name__)
 
@@ -94,12 +86,12 @@ class ClusterCache:
         for kind in self.kinds:
             keys.prefix(kind)  # ValueError for an unknown kind
         self.name = name
-        self.engines: dict[str, EngineRecord] = {}
-        self.links: dict[tuple[str, str], LinkRecord] = {}
-        self.loads: dict[str, LoadRecord] = {}
-        self.flags: dict[str, OperatorFlags] = {}
-        self.routers: dict[str, RouterRecord] = {}
-        self.configs: dict[str, RoutingConfig] = {}
+        self.engines: dict[str, records.EngineRecord] = {}
+        self.links: dict[tuple[str, str], records.LinkRecord] = {}
+        self.loads: dict[str, records.LoadRecord] = {}
+        self.flags: dict[str, records.OperatorFlags] = {}
+        self.routers: dict[str, records.RouterRecord] = {}
+        self.configs: dict[str, records.RoutingConfig] = {}
         self._maps: dict[str, dict] = {
             K.ENGINES: self.engines, K.LINKS: self.links, K.LOAD: self.loads, K.STATE: self.flags,
             K.ROUTERS: self.routers, K.CONFIG: self.configs,
@@ -120,7 +112,7 @@ class ClusterCache:
 
     # --- reading ----------------------------------------------------------------------------------------
     @property
-    def routing_config(self) -> RoutingConfig | None:
+    def routing_config(self) -> records.RoutingConfig | None:
         """config/routing's value, None when absent or malformed."""
         return self.configs.get(K.ROUTING_CONFIG_NAME)
 
@@ -150,22 +142,22 @@ class ClusterCache:
 
         return unsubscribe
 
-    def on_engines(self, handler: Callable[[Change[EngineRecord]], None]) -> Callable[[], None]:
+    def on_engines(self, handler: Callable[[Change[records.EngineRecord]], None]) -> Callable[[], None]:
         return self.on(K.ENGINES, handler)
 
-    def on_links(self, handler: Callable[[Change[LinkRecord]], None]) -> Callable[[], None]:
+    def on_links(self, handler: Callable[[Change[records.LinkRecord]], None]) -> Callable[[], None]:
         return self.on(K.LINKS, handler)
 
-    def on_load(self, handler: Callable[[Change[LoadRecord]], None]) -> Callable[[], None]:
+    def on_load(self, handler: Callable[[Change[records.LoadRecord]], None]) -> Callable[[], None]:
         return self.on(K.LOAD, handler)
 
-    def on_flags(self, handler: Callable[[Change[OperatorFlags]], None]) -> Callable[[], None]:
+    def on_flags(self, handler: Callable[[Change[records.OperatorFlags]], None]) -> Callable[[], None]:
         return self.on(K.STATE, handler)
 
-    def on_routers(self, handler: Callable[[Change[RouterRecord]], None]) -> Callable[[], None]:
+    def on_routers(self, handler: Callable[[Change[records.RouterRecord]], None]) -> Callable[[], None]:
         return self.on(K.ROUTERS, handler)
 
-    def on_config(self, handler: Callable[[Change[RoutingConfig]], None]) -> Callable[[], None]:
+    def on_config(self, handler: Callable[[Change[records.RoutingConfig]], None]) -> Callable[[], None]:
         return self.on(K.CONFIG, handler)
 
     def on_synced(self, callback: Callable[[], None]) -> None:

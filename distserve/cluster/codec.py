@@ -12,25 +12,17 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from discovery.record import MalformedRecord, VersionedRecord
-from distserve.cluster import keys as K
-from distserve.cluster.records import (
-    EngineRecord,
-    LinkRecord,
-    LoadRecord,
-    OperatorFlags,
-    RouterRecord,
-    RoutingConfig,
-)
+from distserve.cluster import keys as K, records
 
 R = TypeVar("R", bound=VersionedRecord)
 
 RECORD_TYPES: dict[str, type[VersionedRecord]] = {
-    K.ENGINES: EngineRecord,
-    K.LINKS: LinkRecord,
-    K.LOAD: LoadRecord,
-    K.STATE: OperatorFlags,
-    K.ROUTERS: RouterRecord,
-    K.CONFIG: RoutingConfig,
+    K.ENGINES: records.EngineRecord,
+    K.LINKS: records.LinkRecord,
+    K.LOAD: records.LoadRecord,
+    K.STATE: records.OperatorFlags,
+    K.ROUTERS: records.RouterRecord,
+    K.CONFIG: records.RoutingConfig,
 }
 # Kinds whose keys live under a holder's lease (a key there without a live lease is stale).
 LEASED_KINDS = (K.ENGINES, K.LINKS, K.LOAD, K.ROUTERS)
@@ -101,20 +93,20 @@ class Codec:
             raise MalformedValue(f"expected a {kind} key, got {key}")
         return decoded.record
 
-    def engine(self, key: str, raw: bytes | str) -> EngineRecord:
+    def engine(self, key: str, raw: bytes | str) -> records.EngineRecord:
         return self.record(K.ENGINES, key, raw)  # type: ignore[return-value]
 
-    def link(self, key: str, raw: bytes | str) -> LinkRecord:
+    def link(self, key: str, raw: bytes | str) -> records.LinkRecord:
         return self.record(K.LINKS, key, raw)  # type: ignore[return-value]
 
-    def load(self, key: str, raw: bytes | str) -> LoadRecord:
+    def load(self, key: str, raw: bytes | str) -> records.LoadRecord:
         return self.record(K.LOAD, key, raw)  # type: ignore[return-value]
 
-    def flags(self, key: str, raw: bytes | str) -> OperatorFlags:
+    def flags(self, key: str, raw: bytes | str) -> records.OperatorFlags:
         return self.record(K.STATE, key, raw)  # type: ignore[return-value]
 
-    def router(self, key: str, raw: bytes | str) -> RouterRecord:
+    def router(self, key: str, raw: bytes | str) -> records.RouterRecord:
         return self.record(K.ROUTERS, key, raw)  # type: ignore[return-value]
 
-    def routing_config(self, key: str, raw: bytes | str) -> RoutingConfig:
+    def routing_config(self, key: str, raw: bytes | str) -> records.RoutingConfig:
         return self.record(K.CONFIG, key, raw)  # type: ignore[return-value]

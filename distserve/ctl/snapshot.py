@@ -9,16 +9,8 @@ from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from discovery.record import VersionedRecord
-from distserve.cluster import keys as K
+from distserve.cluster import keys as K, records
 from distserve.cluster.codec import LEASED_KINDS, MalformedValue, decode_value
-from distserve.cluster.records import (
-    EngineRecord,
-    LinkRecord,
-    LoadRecord,
-    OperatorFlags,
-    RouterRecord,
-    RoutingConfig,
-)
 from distserve.cluster.topology import Topology, compute_topology
 
 R = TypeVar("R", bound=VersionedRecord)
@@ -48,19 +40,19 @@ class ClusterSnapshot:
     revision: int
     kvs: list[Any]
     taken_at: float = field(default_factory=time.time)
-    engines: dict[str, Entry[EngineRecord]] = field(default_factory=dict)
-    links: dict[tuple[str, str], Entry[LinkRecord]] = field(default_factory=dict)
-    loads: dict[str, Entry[LoadRecord]] = field(default_factory=dict)
-    flags: dict[str, Entry[OperatorFlags]] = field(default_factory=dict)
-    routers: dict[str, Entry[RouterRecord]] = field(default_factory=dict)
-    routing: Entry[RoutingConfig] | None = None
+    engines: dict[str, Entry[records.EngineRecord]] = field(default_factory=dict)
+    links: dict[tuple[str, str], Entry[records.LinkRecord]] = field(default_factory=dict)
+    loads: dict[str, Entry[records.LoadRecord]] = field(default_factory=dict)
+    flags: dict[str, Entry[records.OperatorFlags]] = field(default_factory=dict)
+    routers: dict[str, Entry[records.RouterRecord]] = field(default_factory=dict)
+    routing: Entry[records.RoutingConfig] | None = None
     malformed: list[Malformed] = field(default_factory=list)
     unknown: list[Any] = field(default_factory=list)  # keys under the cluster root outside the schema
     # lease id -> seconds left (-1: gone); filled by fetch_lease_ttls
     lease_ttl: dict[int, int] = field(default_factory=dict)
     _topology: Topology | None = None
-    _links_by_engine: dict[str, list[Entry[LinkRecord]]] | None = None
-    _engine_records: dict[str, EngineRecord] | None = None
+    _links_by_engine: dict[str, list[Entry[records.LinkRecord]]] | None = None
+    _engine_records: dict[str, records.EngineRecord] | None = None
 
     @classmethod
     def from_kvs(cls, keys: K.Keys, kvs: list[Any], revision: int) -> "ClusterSnapshot":
@@ -95,7 +87,7 @@ class ClusterSnapshot:
 
     # derived views --------------------------------------------------------------------------------
     @property
-    def engine_records(self) -> dict[str, EngineRecord]:
+    def engine_records(self) -> dict[str, records.EngineRecord]:
         if self._engine_records is None:
             self._engine_records = {i: e.record for i, e in self.engines.items()}
         return self._engine_records
@@ -110,18 +102,18 @@ class ClusterSnapshot:
             )
         return self._topology
 
-    def flags_of(self, engine_id: str) -> OperatorFlags | None:
+    def flags_of(self, engine_id: str) -> records.OperatorFlags | None:
         entry = self.flags.get(engine_id)
         return entry.record if entry else None
 
-    def load_of(self, engine_id: str) -> LoadRecord | None:
+    def load_of(self, engine_id: str) -> records.LoadRecord | None:
         entry = self.loads.get(engine_id)
         return entry.record if entry else None
 
-    def links_of(self, engine_id: str) -> list[Entry[LinkRecord]]:
+    def links_of(self, engine_id: str) -> list[Entry[records.LinkRecord]]:
         """The links an engine is part of (either side), sorted by (prefill, decode); indexed once."""
         if self._links_by_engine is None:
-            index: dict[str, list[Entry[LinkRecord]]] = {}
+            index: dict[str, list[Entry[records.LinkRecord]]] = {}
             for (p, d), entry in sorted(self.links.items()):
                 index.setdefault(p, []).append(entry)
                 if d != p:

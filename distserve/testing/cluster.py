@@ -37,16 +37,14 @@ def _started(proc: Proc, urls: list[str], what: str, timeout: float = 60.0) -> N
         raise RuntimeError(f"{what} did not start:\n{proc.tail(3000)}") from None
 
 
-def spawn_engine(role: str, port: int | None = None, *extra: str, name: str | None = None) -> tuple[Proc, str]:
-    """A reference engine as its own OS process; returns (proc, url) once /health answers."""
+def spawn_engine(role: str, port: int | None = None, *extra: str, name: str | None = None, null: bool = False,
+                 log_level: str | None = None, env: dict | None = None) -> tuple[Proc, str]:
+    """An engine (reference, or null) as its own OS process; returns (proc, url) once /health answers."""
     port = port or free_port()
-    proc = Proc.distserve(engine_argv(role, port, *extra), name=name or f"engine-{role}-{port}")
+    proc = Proc.distserve(engine_argv(role, port, *extra, null=null, log_level=log_level),
+                          name=name or f"engine-{role}-{port}", env=env)
     url = f"http://{HOST}:{port}"
-    try:
-        wait_http(f"{url}/health", timeout=60)
-    except TimeoutError:
-        proc.kill()
-        raise RuntimeError(f"engine {role} on {port} did not start:\n{proc.tail(3000)}") from None
+    _started(proc, [f"{url}/health"], f"engine {role} on {port}")
     return proc, url
 
 

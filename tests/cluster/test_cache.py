@@ -8,28 +8,19 @@ import json
 
 import pytest
 
-from distserve.cluster import keys as K
+from distserve.cluster import keys as K, records
 from distserve.cluster.cache import Change, ClusterCache
-from distserve.cluster.records import (
-    EngineGeometry,
-    EngineRecord,
-    LinkRecord,
-    LoadRecord,
-    OperatorFlags,
-    RouterRecord,
-    RoutingConfig,
-)
 
 keys = K.Keys("cache")
 
 
-def engine(engine_id: str, state: str = "ready", role: str = "prefill") -> EngineRecord:
-    return EngineRecord(id=engine_id, incarnation="i1", role=role, url="http://127.0.0.1:1", models=["m"],
-                        engine_info=EngineGeometry(block_size=16, num_gpu_blocks=8), state=state)
+def engine(engine_id: str, state: str = "ready", role: str = "prefill") -> records.EngineRecord:
+    return records.EngineRecord(id=engine_id, incarnation="i1", role=role, url="http://127.0.0.1:1", models=["m"],
+                        engine_info=records.EngineGeometry(block_size=16, num_gpu_blocks=8), state=state)
 
 
-def link(p: str, d: str) -> LinkRecord:
-    return LinkRecord(prefill_id=p, decode_id=d, prefill_incarnation="i1", decode_incarnation="i1",
+def link(p: str, d: str) -> records.LinkRecord:
+    return records.LinkRecord(prefill_id=p, decode_id=d, prefill_incarnation="i1", decode_incarnation="i1",
                       state="established")
 
 
@@ -44,15 +35,15 @@ async def until(predicate, timeout: float = 10.0, what: str = "condition") -> No
 async def test_lists_then_watches_into_typed_maps(etcd_client):
     await etcd_client.put(keys.engine("P1"), engine("P1").encode())
     await etcd_client.put(keys.link("P1", "D1"), link("P1", "D1").encode())
-    await etcd_client.put(keys.load("P1"), LoadRecord(engine_id="P1", running=3).encode())
-    await etcd_client.put(keys.state("P1"), OperatorFlags(cordon=True).encode())
-    await etcd_client.put(keys.router("r1"), RouterRecord(id="r1", url="http://127.0.0.1:2").encode())
-    await etcd_client.put(keys.config(), RoutingConfig(strategy="round_robin").encode())
+    await etcd_client.put(keys.load("P1"), records.LoadRecord(engine_id="P1", running=3).encode())
+    await etcd_client.put(keys.state("P1"), records.OperatorFlags(cordon=True).encode())
+    await etcd_client.put(keys.router("r1"), records.RouterRecord(id="r1", url="http://127.0.0.1:2").encode())
+    await etcd_client.put(keys.config(), records.RoutingConfig(strategy="round_robin").encode())
     await etcd_client.put(K.Keys("other").engine("X"), engine("X").encode())  # another cluster: not seen
     async with ClusterCache(etcd_client, keys) as cache:
         assert await cache.wait_synced(10)
         assert cache.synced.is_set()
-        assert set(cache.engines) == {"P1"} and isinstance(cache.engines["P1"], EngineRecord)
+        assert set(cache.engines) == {"P1"} and isinstance(cache.engines["P1"], records.EngineRecord)
         assert cache.links[("P1", "D1")].state == "established"
         assert cache.loads["P1"].running == 3
         assert cache.flags["P1"].cordon
@@ -97,13 +88,13 @@ async def test_many_handlers_per_kind_get_typed_changes(etcd_client):
         # the initial list arrives as a put, before synced
         assert synced_calls == [1]
         assert [(c.type, c.ids, c.synced) for c in first] == [("put", ("P1",), False)]
-        assert isinstance(first[0].new, EngineRecord) and first[0].old is None
+        assert isinstance(first[0].new, records.EngineRecord) and first[0].old is None
         late: list[int] = []
         cache.on_synced(lambda: late.append(1))  # already synced: called at once
         assert late == [1]
 
         await etcd_client.put(keys.engine("P1"), engine("P1", state="draining").encode())
-        await etcd_client.put(keys.load("P1"), LoadRecord(engine_id="P1", waiting=4).encode())
+        await etcd_client.put(keys.load("P1"), records.LoadRecord(engine_id="P1", waiting=4).encode())
         await until(lambda: len(first) == 2 and len(loads) == 1, what="handlers")
         change = first[1]
         assert (change.type, change.synced, change.old.state, change.new.state) == ("put", True, "ready", "draining")
@@ -137,7 +128,7 @@ async def test_a_malformed_value_leaves_the_map_and_reaches_handlers_with_its_er
         assert cache.malformed == 1 and keys.engine("P1") in cache.malformed_keys
 
         # a record naming another id than its key's is malformed too (the router used to accept this one)
-        await etcd_client.put(keys.load("P1"), LoadRecord(engine_id="P2", running=1).encode())
+        await etcd_client.put(keys.load("P1"), records.LoadRecord(engine_id="P2", running=1).encode())
         await until(lambda: cache.malformed == 2, what="mismatched load counted")
         assert "P1" not in cache.loads and "P2" not in cache.loads
         assert changes[-1].type == "malformed" and "sits under" in changes[-1].error

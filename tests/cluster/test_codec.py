@@ -8,39 +8,30 @@ import json
 import pytest
 
 from discovery.record import MalformedRecord
-from distserve.cluster import keys as K
+from distserve.cluster import keys as K, records
 from distserve.cluster.codec import Codec, MalformedValue, decode_value
-from distserve.cluster.records import (
-    EngineGeometry,
-    EngineRecord,
-    LinkRecord,
-    LoadRecord,
-    OperatorFlags,
-    RouterRecord,
-    RoutingConfig,
-)
 
 keys = K.Keys("c1")
 codec = Codec(keys)
 
 
-def engine(engine_id: str = "P1") -> EngineRecord:
-    return EngineRecord(id=engine_id, incarnation="i1", role="prefill", url="http://127.0.0.1:1", models=["m"],
-                        engine_info=EngineGeometry(block_size=16, num_gpu_blocks=8))
+def engine(engine_id: str = "P1") -> records.EngineRecord:
+    return records.EngineRecord(id=engine_id, incarnation="i1", role="prefill", url="http://127.0.0.1:1", models=["m"],
+                        engine_info=records.EngineGeometry(block_size=16, num_gpu_blocks=8))
 
 
-def link(p: str = "P1", d: str = "D1") -> LinkRecord:
-    return LinkRecord(prefill_id=p, decode_id=d, prefill_incarnation="i1", decode_incarnation="i2",
+def link(p: str = "P1", d: str = "D1") -> records.LinkRecord:
+    return records.LinkRecord(prefill_id=p, decode_id=d, prefill_incarnation="i1", decode_incarnation="i2",
                       state="established")
 
 
 CASES = [
     (keys.engine("P1"), engine(), K.ENGINES, ("P1",)),
     (keys.link("P1", "D1"), link(), K.LINKS, ("P1", "D1")),
-    (keys.load("P1"), LoadRecord(engine_id="P1", running=2), K.LOAD, ("P1",)),
-    (keys.state("P1"), OperatorFlags(drain=True), K.STATE, ("P1",)),
-    (keys.router("r1"), RouterRecord(id="r1", url="http://127.0.0.1:2"), K.ROUTERS, ("r1",)),
-    (keys.config(), RoutingConfig(strategy="round_robin"), K.CONFIG, ("routing",)),
+    (keys.load("P1"), records.LoadRecord(engine_id="P1", running=2), K.LOAD, ("P1",)),
+    (keys.state("P1"), records.OperatorFlags(drain=True), K.STATE, ("P1",)),
+    (keys.router("r1"), records.RouterRecord(id="r1", url="http://127.0.0.1:2"), K.ROUTERS, ("r1",)),
+    (keys.config(), records.RoutingConfig(strategy="round_robin"), K.CONFIG, ("routing",)),
 ]
 
 
@@ -56,21 +47,21 @@ def test_every_kind_decodes_to_its_typed_record(key, record, kind, ids):
 def test_typed_shortcuts():
     assert codec.engine(keys.engine("P1"), engine().encode()).id == "P1"
     assert codec.link(keys.link("P1", "D1"), link().encode()).decode_id == "D1"
-    assert codec.load(keys.load("P1"), LoadRecord(engine_id="P1").encode()).engine_id == "P1"
-    assert codec.flags(keys.state("P1"), OperatorFlags(cordon=True).encode()).cordon
-    assert codec.router(keys.router("r1"), RouterRecord(id="r1", url="u").encode()).id == "r1"
-    assert codec.routing_config(keys.config(), RoutingConfig().encode()).strategy == "min_expected_latency"
+    assert codec.load(keys.load("P1"), records.LoadRecord(engine_id="P1").encode()).engine_id == "P1"
+    assert codec.flags(keys.state("P1"), records.OperatorFlags(cordon=True).encode()).cordon
+    assert codec.router(keys.router("r1"), records.RouterRecord(id="r1", url="u").encode()).id == "r1"
+    assert codec.routing_config(keys.config(), records.RoutingConfig().encode()).strategy == "min_expected_latency"
     with pytest.raises(MalformedValue, match="expected a engines key"):
-        codec.engine(keys.load("P1"), LoadRecord(engine_id="P1").encode())
+        codec.engine(keys.load("P1"), records.LoadRecord(engine_id="P1").encode())
 
 
 @pytest.mark.parametrize("key,record", [
     (keys.engine("P1"), engine("P2")),
-    (keys.router("r1"), RouterRecord(id="r2", url="u")),
+    (keys.router("r1"), records.RouterRecord(id="r2", url="u")),
     (keys.link("P1", "D1"), link("P1", "D2")),
     (keys.link("P1", "D1"), link("P9", "D1")),
     # the router used to accept a load record naming another engine; the stricter rule (ctl's) now holds
-    (keys.load("P1"), LoadRecord(engine_id="P2")),
+    (keys.load("P1"), records.LoadRecord(engine_id="P2")),
 ], ids=["engine", "router", "link-decode", "link-prefill", "load"])
 def test_a_record_naming_other_ids_than_its_key_is_malformed(key, record):
     with pytest.raises(MalformedValue, match="names .* but sits under"):
@@ -85,7 +76,7 @@ BAD_VALUES = [
     (keys.state("P1"), json.dumps({"schema_version": 99}).encode()),  # from the future
     (keys.router("r1"), b"[]"),
     (keys.config(), json.dumps({"strategy": "prefix_affinity", "params": {"load_factor": "abc"}}).encode()),
-    (keys.config("other"), RoutingConfig().encode()),  # only config/routing exists
+    (keys.config("other"), records.RoutingConfig().encode()),  # only config/routing exists
     (keys.root + "nonsense/x", b"{}"),  # outside the schema
     ("/elsewhere/engines/P1", engine().encode()),  # another prefix entirely
 ]

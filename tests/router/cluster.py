@@ -7,12 +7,17 @@ handshake between two live engines over HTTP. The PD end-to-end suites use the r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 import urllib.request
 import uuid
+from collections.abc import AsyncIterator, Iterator
 
+from discovery.client import EtcdClient
+from discovery.config import EtcdConfig
+from discovery.embedded import EmbeddedEtcd
 from distserve.cluster.keys import Keys
 from distserve.protocol import ConnectRequest, InitRequest, InitResponse, MigrationProtocol, parse_engine_info
 from distserve.cluster.records import EngineGeometry, EngineRecord, LinkRecord, OperatorFlags, RoutingConfig
@@ -162,3 +167,56 @@ __all__ = [
     "start_null_engines",
     "start_router",
 ]
+
+
+@contextlib.contextmanager
+def null_farm(prefills: int = 1, decodes: int = 1, hybrids: int = 0) -> Iterator[dict]:
+    """One etcd and null engines (one process per role), every prefill handshaken with every decode:
+    {"etcd", "prefills", "decodes", "hybrids", "geometry"}."""
+    etcd = EmbeddedEtcd(unsafe_no_fsync=True).start()
+    procs: list[Proc] = []
+    try:
+        farm: dict = {"etcd": etcd}
+        for role, count in (("prefill", prefills), ("decode", decodes), ("hybrid", hybrids)):
+            urls: list[str] = []
+            if count:
+                proc, urls = start_null_engines(role, count)
+                procs.append(proc)
+            farm[f"{role}s"] = urls
+        for p in farm["prefills"]:
+            for d in farm["decodes"]:
+                handshake(p, d)
+        farm["geometry"] = geometry_of(farm["prefills"][0])
+        yield farm
+    finally:
+        for proc in procs:
+            proc.kill()
+        etcd.stop()
+
+
+@contextlib.asynccontextmanager
+async def etcd_client(endpoints: list[str]) -> AsyncIterator[EtcdClient]:
+    client = EtcdClient(EtcdConfig(endpoints=endpoints, timeout=5.0))
+    await client.connect()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def publish_pd(client, keys: Keys, farm: dict, prefills: list[str] | None = None,
+                     decodes: list[str] | None = None, **states: str) -> dict[str, EngineRecord]:
+    """Engine records p0.., d0.. (ready unless `states` says otherwise) plus established links for every
+    prefill->decode pair; `farm` gives the URLs (unless `prefills`/`decodes` do) and the geometry."""
+    geometry = farm["geometry"]
+    recs = {}
+    for i, url in enumerate(prefills if prefills is not None else farm["prefills"]):
+        recs[f"p{i}"] = engine_record(f"p{i}", url, "prefill", state=states.get(f"p{i}", "ready"), geometry=geometry)
+    for i, url in enumerate(decodes if decodes is not None else farm["decodes"]):
+        recs[f"d{i}"] = engine_record(f"d{i}", url, "decode", state=states.get(f"d{i}", "ready"), geometry=geometry)
+    for r in recs.values():
+        await publish_engine(client, keys, r)
+    for p in (r for r in recs.values() if r.role == "prefill"):
+        for d in (r for r in recs.values() if r.role == "decode"):
+            await publish_link(client, keys, link_record(p, d))
+    return recs

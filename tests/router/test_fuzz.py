@@ -15,20 +15,13 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from discovery.client import EtcdClient
-from discovery.config import EtcdConfig
-from discovery.embedded import EmbeddedEtcd
 from distserve.cluster.keys import Keys
 from distserve.protocol import INTERNAL_REQUEST_FIELDS
 from tests.router.cluster import (
     MODEL,
-    engine_record,
-    geometry_of,
-    handshake,
-    link_record,
-    publish_engine,
-    publish_link,
-    start_null_engines,
+    etcd_client,
+    null_farm,
+    publish_pd,
     start_router,
 )
 
@@ -37,43 +30,27 @@ MAX_BODY = 64 * 1024
 
 @pytest.fixture(scope="module")
 def router():
-    etcd = EmbeddedEtcd(unsafe_no_fsync=True).start()
-    procs = []
-    try:
-        pp, [p] = start_null_engines("prefill")
-        procs.append(pp)
-        dp, [d] = start_null_engines("decode")
-        procs.append(dp)
-        handshake(p, d)
+    with null_farm(prefills=1, decodes=1) as farm:
         keys = Keys(f"fuzz{uuid.uuid4().hex[:6]}")
 
         async def publish():
-            client = EtcdClient(EtcdConfig(endpoints=etcd.endpoints))
-            await client.connect()
-            geometry = geometry_of(p)
-            pr = engine_record("p0", p, "prefill", geometry=geometry)
-            dr = engine_record("d0", d, "decode", geometry=geometry)
-            await publish_engine(client, keys, pr)
-            await publish_engine(client, keys, dr)
-            await publish_link(client, keys, link_record(pr, dr))
-            await client.close()
+            async with etcd_client(farm["etcd"].endpoints) as client:
+                await publish_pd(client, keys, farm)
 
         asyncio.run(publish())
         rp, url = start_router(
-            etcd.endpoints,
+            farm["etcd"].endpoints,
             "--cluster",
             keys.cluster,
             "--max-body-bytes",
             str(MAX_BODY),
             env={"ROUTER_LOG_LEVEL": "WARNING"},
         )
-        procs.append(rp)
-        with httpx.Client(base_url=url, timeout=20) as http:
-            yield http, rp
-    finally:
-        for proc in procs:
-            proc.kill()
-        etcd.stop()
+        try:
+            with httpx.Client(base_url=url, timeout=20) as http:
+                yield http, rp
+        finally:
+            rp.kill()
 
 
 json_scalars = st.one_of(

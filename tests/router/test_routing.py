@@ -14,20 +14,19 @@ import uuid
 import httpx
 import pytest
 
-from discovery.client import EtcdClient
-from discovery.config import EtcdConfig
-from discovery.embedded import EmbeddedEtcd
 from distserve.cluster.keys import Keys
 from distserve.cluster.records import RouterRecord
 from tests.router.cluster import (
     MODEL,
     engine_metric,
     engine_record,
-    geometry_of,
+    etcd_client,
     handshake,
     link_record,
+    null_farm,
     publish_engine,
     publish_link,
+    publish_pd,
     router_metric,
     set_flags,
     set_routing,
@@ -43,63 +42,19 @@ STRATEGY_NAMES = ["random", "round_robin", "min_expected_latency", "power_of_two
 @pytest.fixture(scope="module")
 def farm():
     """One etcd and null engines: 3 prefills, 2 decodes (every pair handshaken), 2 hybrids."""
-    etcd = EmbeddedEtcd(unsafe_no_fsync=True).start()
-    procs = []
-    try:
-        pp, prefills = start_null_engines("prefill", 3)
-        procs.append(pp)
-        dp, decodes = start_null_engines("decode", 2)
-        procs.append(dp)
-        hp, hybrids = start_null_engines("hybrid", 2)
-        procs.append(hp)
-        for p in prefills:
-            for d in decodes:
-                handshake(p, d)
-        geometry = geometry_of(prefills[0])
-        yield {
-            "etcd": etcd,
-            "prefills": prefills,
-            "decodes": decodes,
-            "hybrids": hybrids,
-            "geometry": geometry,
-        }
-    finally:
-        for p in procs:
-            p.kill()
-        etcd.stop()
+    with null_farm(prefills=3, decodes=2, hybrids=2) as farm:
+        yield farm
 
 
 @pytest.fixture
 async def etcdc(farm):
-    client = EtcdClient(EtcdConfig(endpoints=farm["etcd"].endpoints, timeout=5.0))
-    await client.connect()
-    yield client
-    await client.close()
+    async with etcd_client(farm["etcd"].endpoints) as client:
+        yield client
 
 
 @pytest.fixture
 def keys():
     return Keys(f"t{uuid.uuid4().hex[:8]}")
-
-
-async def publish_pd(client, keys, farm, prefills=None, decodes=None, **states):
-    """Engine records (ready unless `states` says otherwise) plus established links for every pair."""
-    geometry = farm["geometry"]
-    recs = {}
-    for i, url in enumerate(prefills if prefills is not None else farm["prefills"]):
-        recs[f"p{i}"] = engine_record(
-            f"p{i}", url, "prefill", state=states.get(f"p{i}", "ready"), geometry=geometry
-        )
-    for i, url in enumerate(decodes if decodes is not None else farm["decodes"]):
-        recs[f"d{i}"] = engine_record(
-            f"d{i}", url, "decode", state=states.get(f"d{i}", "ready"), geometry=geometry
-        )
-    for r in recs.values():
-        await publish_engine(client, keys, r)
-    for p in (r for r in recs.values() if r.role == "prefill"):
-        for d in (r for r in recs.values() if r.role == "decode"):
-            await publish_link(client, keys, link_record(p, d))
-    return recs
 
 
 def counts(urls: list[str]) -> list[float]:

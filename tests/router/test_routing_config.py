@@ -15,21 +15,14 @@ from pathlib import Path
 import httpx
 import pytest
 
-from discovery.client import EtcdClient
-from discovery.config import EtcdConfig
-from discovery.embedded import EmbeddedEtcd
 from distserve.cluster.keys import Keys
 from distserve.cluster.records import RoutingConfig
 from tests.router.cluster import (
     MODEL,
-    engine_record,
-    geometry_of,
-    handshake,
-    link_record,
-    publish_engine,
-    publish_link,
+    etcd_client,
+    null_farm,
+    publish_pd,
     router_metric,
-    start_null_engines,
     start_router,
 )
 
@@ -38,37 +31,18 @@ INVALID = "distserve_router_routing_config_invalid"
 
 @pytest.fixture(scope="module")
 def farm():
-    etcd = EmbeddedEtcd(unsafe_no_fsync=True).start()
-    procs = []
-    try:
-        pp, prefills = start_null_engines("prefill", 2)
-        procs.append(pp)
-        dp, decodes = start_null_engines("decode", 1)
-        procs.append(dp)
-        for p in prefills:
-            handshake(p, decodes[0])
-        yield {"etcd": etcd, "prefills": prefills, "decodes": decodes, "geometry": geometry_of(prefills[0])}
-    finally:
-        for p in procs:
-            p.kill()
-        etcd.stop()
+    with null_farm(prefills=2, decodes=1) as farm:
+        yield farm
 
 
 @pytest.fixture
 async def etcdc(farm):
-    client = EtcdClient(EtcdConfig(endpoints=farm["etcd"].endpoints, timeout=5.0))
-    await client.connect()
-    yield client
-    await client.close()
+    async with etcd_client(farm["etcd"].endpoints) as client:
+        yield client
 
 
 async def publish(client, keys: Keys, farm) -> None:
-    recs = [engine_record(f"p{i}", url, "prefill", geometry=farm["geometry"]) for i, url in enumerate(farm["prefills"])]
-    decode = engine_record("d0", farm["decodes"][0], "decode", geometry=farm["geometry"])
-    for r in (*recs, decode):
-        await publish_engine(client, keys, r)
-    for r in recs:
-        await publish_link(client, keys, link_record(r, decode))
+    await publish_pd(client, keys, farm)
 
 
 async def put_raw(client, keys: Keys, value: dict) -> int:

@@ -33,16 +33,18 @@ from distserve.cluster.keys import Keys  # noqa: E402
 from tests.router.cluster import (  # noqa: E402
     MODEL,
     engine_record,
+    etcd_client,
     geometry_of,
     handshake,
     http_json,
     link_record,
     publish_engine,
     publish_link,
+    publish_pd,
     router_metric,
     start_router,
 )
-from tests.util import Proc, free_port, wait_http  # noqa: E402
+from tests.util import Proc, free_port, spawn_engine  # noqa: E402
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -142,20 +144,7 @@ def otel_env(receiver: Receiver, service: str) -> dict:
 
 
 def start_engine(role: str, env: dict) -> tuple[Proc, str]:
-    port = free_port()
-    proc = Proc.python(
-        ["distserve", "engine", "--null", "--role", role, "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "INFO"],
-        name=f"traced-{role}-{port}",
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", timeout=60)
-    except TimeoutError:
-        proc.kill()
-        raise RuntimeError(f"engine did not start:\n{proc.output()[-3000:]}") from None
-    return proc, url
+    return spawn_engine(role, None, null=True, log_level="INFO", env=env, name=f"traced-{role}")
 
 
 @pytest.fixture(scope="module")
@@ -171,21 +160,14 @@ def traced():
         handshake(prefill, decode)
         cluster = f"tr{uuid.uuid4().hex[:6]}"
         geometry = geometry_of(prefill)
-        p_rec = engine_record("p0", prefill, "prefill", geometry=geometry)
-        d_rec = engine_record("d0", decode, "decode", geometry=geometry)
 
-        async def publish() -> None:
-            client = EtcdClient(EtcdConfig(endpoints=etcd.endpoints, timeout=5.0))
-            await client.connect()
-            try:
-                keys = Keys(cluster)
-                for rec in (p_rec, d_rec):
-                    await publish_engine(client, keys, rec)
-                await publish_link(client, keys, link_record(p_rec, d_rec))
-            finally:
-                await client.close()
+        async def publish() -> dict:
+            async with etcd_client(etcd.endpoints) as client:
+                farm = {"prefills": [prefill], "decodes": [decode], "geometry": geometry}
+                return await publish_pd(client, Keys(cluster), farm)
 
-        asyncio.run(publish())
+        recs = asyncio.run(publish())
+        p_rec, d_rec = recs["p0"], recs["d0"]
         rp, router = start_router(etcd.endpoints, "--cluster", cluster, env=otel_env(receiver, "test-router"))
         procs.append(rp)
         yield {"receiver": receiver, "etcd": etcd, "cluster": cluster, "router": router, "prefill": prefill,

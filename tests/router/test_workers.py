@@ -17,54 +17,30 @@ import httpx
 import openai
 import pytest
 
-from discovery.client import EtcdClient
-from discovery.config import EtcdConfig
-from discovery.embedded import EmbeddedEtcd
 from distserve.cluster.keys import Keys
 from distserve.cluster.records import RouterRecord
 from tests.router.cluster import (
     MODEL,
-    engine_record,
-    geometry_of,
-    handshake,
-    link_record,
-    publish_engine,
-    publish_link,
-    start_null_engines,
+    etcd_client,
+    null_farm,
+    publish_pd,
     start_router,
 )
 
 
 @pytest.fixture(scope="module")
 def farm():
-    etcd = EmbeddedEtcd(unsafe_no_fsync=True).start()
-    procs = []
-    try:
-        pp, [prefill] = start_null_engines("prefill", 1)
-        procs.append(pp)
-        dp, [decode] = start_null_engines("decode", 1)
-        procs.append(dp)
-        handshake(prefill, decode)
-        yield {"etcd": etcd, "prefill": prefill, "decode": decode, "geometry": geometry_of(prefill)}
-    finally:
-        for p in procs:
-            p.kill()
-        etcd.stop()
+    with null_farm(prefills=1, decodes=1) as farm:
+        yield farm
 
 
 @pytest.fixture
 async def cluster(farm):
     """An etcd client and a fresh cluster name with one routable prefill->decode pair published."""
-    client = EtcdClient(EtcdConfig(endpoints=farm["etcd"].endpoints, timeout=5.0))
-    await client.connect()
-    keys = Keys(f"w{uuid.uuid4().hex[:8]}")
-    p = engine_record("p0", farm["prefill"], "prefill", geometry=farm["geometry"])
-    d = engine_record("d0", farm["decode"], "decode", geometry=farm["geometry"])
-    for rec in (p, d):
-        await publish_engine(client, keys, rec)
-    await publish_link(client, keys, link_record(p, d))
-    yield client, keys
-    await client.close()
+    async with etcd_client(farm["etcd"].endpoints) as client:
+        keys = Keys(f"w{uuid.uuid4().hex[:8]}")
+        await publish_pd(client, keys, farm)
+        yield client, keys
 
 
 async def router_records(client, keys) -> dict[str, RouterRecord]:
