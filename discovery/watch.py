@@ -93,18 +93,18 @@ async def watch_prefix(
     view: dict[str, int] = dict(known or {})
     idle = idle_timeout if idle_timeout is not None else max(3 * progress_interval, progress_interval + 5.0)
 
-    if start_revision is None:
-        events, revision = await _relist(client, prefix, view)
-        for ev in events:
-            yield ev
-        next_revision = revision + 1
-        if meta_events:
-            yield WatchEvent("synced", "", None, revision, revision)
-    else:
-        next_revision = max(1, start_revision)
-
+    relist = start_revision is None
+    next_revision = max(1, start_revision or 1)
     attempt = 0
     while True:
+        if relist:  # at the start, and after a compaction: the events that bring `view` up to date
+            events, revision = await _relist(client, prefix, view)
+            for ev in events:
+                yield ev
+            next_revision = revision + 1
+            if meta_events:
+                yield WatchEvent("synced", "", None, revision, revision)
+            relist = False
         try:
             async for ev in _stream(client, prefix, next_revision, progress_interval, idle):
                 attempt = 0
@@ -123,12 +123,7 @@ async def watch_prefix(
         except _Compacted as exc:
             log.warning("watch %s: revision %d was compacted (now %d): re-listing", prefix, next_revision,
                         exc.compact_revision)
-            events, revision = await _relist(client, prefix, view)
-            for ev in events:
-                yield ev
-            next_revision = revision + 1
-            if meta_events:
-                yield WatchEvent("synced", "", None, revision, revision)
+            relist = True
             continue
         except EtcdAuthError:
             raise

@@ -81,11 +81,11 @@ def init(default_service: str, attributes: dict | None = None) -> bool:
                     protocol.strip())
         return False
     try:  # OpenTelemetry is an optional extra (distserve[otel]): loaded only when tracing is asked for
-        from opentelemetry import context, trace
-        from opentelemetry.sdk.resources import Resource
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import BatchSpanProcessor
-        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+        from opentelemetry import context, trace  # optional: distserve[otel]
+        from opentelemetry.sdk.resources import Resource  # optional: distserve[otel]
+        from opentelemetry.sdk.trace import TracerProvider  # optional: distserve[otel]
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor  # optional: distserve[otel]
+        from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator  # optional: distserve[otel]
     except ImportError as exc:
         log.warning("tracing off: %s asks for it but the OpenTelemetry SDK is not installed "
                     "(pip install 'distserve[otel]'): %s", why, exc)

@@ -521,13 +521,19 @@ async def restart_events(cluster: Cluster, t0: float, at: float, delay: float) -
     loop = asyncio.get_running_loop()
     url_r = cluster.routers[1 % len(cluster.routers)][1]
     url_p = cluster.prefills[0][1]
-    await loop.run_in_executor(None, lambda: wait_http(f"{url_p}/health", timeout=120, proc=prefill))
-    t_prefill_up = time.perf_counter() - t0
-    await loop.run_in_executor(None, lambda: wait_http(f"{url_r}/health/ready", timeout=120, proc=router))
-    t_router_ready = time.perf_counter() - t0
-    print(f"  restart: prefill up at {t_prefill_up:.1f} s, router ready at {t_router_ready:.1f} s", flush=True)
-    return {"kill_at": t_kill, "restart_at": t_restart, "prefill_up_at": t_prefill_up,
-            "router_ready_at": t_router_ready}
+    up: dict[str, float | None] = {}
+    errors = []
+    for key, url, proc in (("prefill_up_at", f"{url_p}/health", prefill),
+                           ("router_ready_at", f"{url_r}/health/ready", router)):
+        try:
+            await loop.run_in_executor(None, lambda u=url, p=proc: wait_http(u, timeout=120, proc=p))
+            up[key] = time.perf_counter() - t0
+        except (RuntimeError, TimeoutError) as exc:  # it did not come back: a result, reported
+            up[key] = None
+            errors.append(f"{proc.name}: {str(exc)[-300:]}")
+    print(f"  restart: prefill up at {up['prefill_up_at']} s, router ready at {up['router_ready_at']} s "
+          f"{errors or ''}", flush=True)
+    return {"kill_at": t_kill, "restart_at": t_restart, **up, "restart_errors": errors}
 
 
 def hit_windows(samples: list[dict], width: float) -> list[dict]:
@@ -560,7 +566,7 @@ def restart_summary(run: dict, ev: dict, args) -> dict:
                 for r in recs if r["outcome"] != "ok"]
     moved = sum(1 for r in recs if r["outcome"] == "ok" and r["tried"] > 1)
     return {
-        **{k: round(v, 2) for k, v in ev.items()},
+        **{k: round(v, 2) if isinstance(v, float) else v for k, v in ev.items()},
         "ttl_s": args.ttl,
         "requests": len(recs), "ok": sum(r["outcome"] == "ok" for r in recs),
         "moved_to_other_router": moved,
@@ -568,9 +574,14 @@ def restart_summary(run: dict, ev: dict, args) -> dict:
         "cache_state_failures": sum(1 for f in failures if f["outcome"] in ("http_400", "http_500", "bad_answer")
                                     or "cache" in (f["error"] or "").lower()),
         "hit_rate_before": round(base, 4) if base else None,
+        # the dip: the lowest window from the kill to one TTL after the prefill was back
+        "hit_rate_min_after_kill": min((w["hit_rate"] for w in windows if w["hit_rate"] is not None
+                                        and ev["kill_at"] <= w["t"] <= (ev["prefill_up_at"] or ev["kill_at"])
+                                        + args.ttl), default=None),
         "recovered_at": round(recovered_at, 2) if recovered_at else None,
         "recovery_after_kill_s": round(recovered_at - ev["kill_at"], 2) if recovered_at else None,
-        "recovery_after_prefill_up_s": round(max(0.0, recovered_at - ev["prefill_up_at"]), 2) if recovered_at else None,
+        "recovery_after_prefill_up_s": (round(max(0.0, recovered_at - ev["prefill_up_at"]), 2)
+                                        if recovered_at and ev["prefill_up_at"] else None),
         "windows": windows,
         "requests_timeline": [{"start": round(r["start"], 3), "end": round(r["end"], 3), "outcome": r["outcome"],
                                "ttft": r["ttft"], "router": r["router"]} for r in recs],
@@ -677,6 +688,7 @@ async def amain(args) -> dict:
                                       "rate_rps": round(rates[name], 3)} for name in rates}
         for strategy in args.strategies:
             results["strategies"][strategy] = await run_strategy(args, etcd, strategy, traces, rates, capacity)
+            await asyncio.to_thread(save, args.out, results)  # a later phase that fails loses nothing
         if args.restart and "low" in rates:
             cluster = Cluster(args, etcd, "kv_aware", f"restart-{os.getpid()}")
             print("restart: starting a kv_aware cluster", flush=True)
@@ -699,6 +711,11 @@ async def amain(args) -> dict:
     finally:
         etcd_proc.stop()
     return results
+
+
+def save(path: str, results: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=1) + "\n")
 
 
 def report(results: dict) -> str:
@@ -766,7 +783,8 @@ def plot(results: dict, path: Path) -> None:
         fails = [x for x in r["requests_timeline"] if x["outcome"] != "ok"]
         for key, label, color in (("kill_at", "kill", "#d62728"), ("prefill_up_at", "prefill up", "#1f77b4"),
                                   ("router_ready_at", "router ready", "#9467bd")):
-            ax.axvline(r[key], color=color, ls="--", label=label)
+            if r.get(key) is not None:
+                ax.axvline(r[key], color=color, ls="--", label=label)
         if fails:
             ax.scatter([x["end"] for x in fails], [0.02] * len(fails), marker="x", color="#d62728",
                        label=f"failed ({len(fails)})")
@@ -832,8 +850,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     results = asyncio.run(amain(args))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    save(args.out, results)
     print(report(results))
     if args.plot:
         plot(results, Path(args.plot))

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
-from discovery.informer import Informer
+from discovery.informer import Informer, wait_set
 from distserve.cluster import keys as K, records
 from distserve.cluster.codec import Codec, Decoded, MalformedValue
 
@@ -177,11 +177,7 @@ class ClusterCache:
 
     async def wait_synced(self, timeout: float | None) -> bool:
         """True once every kind has listed; False after `timeout` seconds."""
-        try:
-            await asyncio.wait_for(self.synced.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        return await wait_set(self.synced, timeout)
 
     async def close(self) -> None:
         """Stop every watch and owned task (idempotent). The maps keep their last contents."""

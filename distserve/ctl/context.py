@@ -48,7 +48,7 @@ async def connect(cfg: Any, keys: Keys, started: float | None = None) -> Any:
     """A connected client that has answered one read, or CtlError(exit 2) before the timeout runs out.
 
     The timeout counts from `started` (when main() began), so `distserve-ctl` as a whole gives up within it."""
-    from discovery.client import EtcdAuthError, EtcdClient, EtcdUnavailable
+    from discovery.client import EtcdAuthError, EtcdClient, EtcdUnavailable  # here: grpc loads only when a command talks to etcd
 
     spent = time.monotonic() - started if started is not None else 0.0
     budget = max(0.5, float(cfg.timeout) - spent - STARTUP_MARGIN_S)

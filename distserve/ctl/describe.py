@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 from datetime import datetime
 from typing import Any
 
+import orjson
 from rich.console import Group
 from rich.panel import Panel
 
 from distserve.cluster.keys import validate_id
+from distserve.cluster.settings import cluster_token
 
 from . import views
 from .context import Ctx
@@ -169,15 +172,13 @@ def hit_rate(metrics: dict[str, float]) -> float | None:
 
 
 def _auth() -> dict[str, str]:
-    from distserve.cluster.settings import cluster_token
-
     token = cluster_token()  # engines take the cluster token as their API key (DISTSERVE_CLUSTER_TOKEN)
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 async def engine_metrics(session: Any, url: str) -> dict[str, float] | str:
     """The engine's prefix-cache figures from its /metrics, or a one-line error."""
-    import aiohttp
+    import aiohttp  # here: ctl's cold start loads aiohttp only for commands that call an engine
 
     try:
         async with session.get(url.rstrip("/") + "/metrics", headers=_auth()) as resp:
@@ -190,8 +191,7 @@ async def engine_metrics(session: Any, url: str) -> dict[str, float] | str:
 
 async def stream_snapshot(session: Any, url: str, path: str, max_bytes: int = 64 << 20) -> dict | str:
     """The first line (a snapshot) of the engine's cache-state stream, read once, or a one-line error."""
-    import aiohttp
-    import orjson
+    import aiohttp  # here: ctl's cold start loads aiohttp only for commands that call an engine
 
     try:
         async with session.get(url.rstrip("/") + path, headers=_auth()) as resp:
@@ -214,9 +214,7 @@ async def engine_cache(url: str, path: str | None, timeout: float) -> dict[str, 
     """describe's `cache` section: the stream's state and size (one snapshot, read with a timeout) and the
     hit rate from the engine's metrics. Nothing here fails the command: an engine that does not answer
     shows why."""
-    import asyncio
-
-    import aiohttp
+    import aiohttp  # here: ctl's cold start loads aiohttp only for commands that call an engine
 
     out: dict[str, Any] = {"stream": "none (the engine publishes no cache_events capability)" if path is None
                            else path}

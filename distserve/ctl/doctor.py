@@ -242,7 +242,7 @@ def _ssl_for(cfg: Any) -> ssl.SSLContext | None:
 
 
 async def probe_engines(snap: ClusterSnapshot, timeout: float, concurrency: int = 32) -> list[Finding]:
-    import aiohttp
+    import aiohttp  # here: ctl's cold start loads aiohttp only for commands that call an engine
 
     gate = asyncio.Semaphore(concurrency)
     out: list[Finding] = []
@@ -265,7 +265,7 @@ async def probe_engines(snap: ClusterSnapshot, timeout: float, concurrency: int 
 
 async def etcd_clock_findings(cfg: Any, tolerance: float, timeout: float) -> list[Finding]:
     """etcd's HTTP answers carry a Date header (1 s resolution): compare it with this machine's clock."""
-    import aiohttp
+    import aiohttp  # here: ctl's cold start loads aiohttp only for commands that call an engine
 
     out: list[Finding] = []
     context = _ssl_for(cfg)

@@ -21,6 +21,7 @@ from distserve.cluster.records import RouterRecord
 
 from . import argtypes, views
 from .context import Ctx
+from .describe import engine_metrics, hit_rate
 from .errors import CtlError
 from .render import age, make_table
 from .snapshot import ClusterSnapshot
@@ -86,9 +87,8 @@ class LiveView:
     async def hit_rates(self, timeout: float) -> dict[str, float | None]:
         """Each engine's prefix-cache hit rate (hit tokens / prompt tokens) from its /metrics, scraped
         concurrently within `timeout`; None for an engine that does not answer or has no prefix cache."""
-        import aiohttp
+        import aiohttp  # here: ctl's cold start loads aiohttp only for commands that call an engine
 
-        from .describe import engine_metrics, hit_rate
 
         engines = {e: entry.record.url for e, entry in self.snapshot().engines.items()}
         if not engines:

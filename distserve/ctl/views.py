@@ -10,7 +10,7 @@ from typing import Any
 from distserve.cluster.records import EngineRecord
 from distserve.cluster.topology import link_usable, takes_new_requests
 
-from .render import since
+from .render import age, since
 from .snapshot import ClusterSnapshot
 
 
@@ -112,8 +112,6 @@ ENGINE_COLUMNS = ("ID", "ROLE", "URL", "MODELS", "STATE", "FLAGS", "LOAD", "LINK
 
 
 def engine_cells(row: dict[str, Any]) -> list[Any]:
-    from .render import age
-
     ttl = row["lease"]["ttl_left_s"]
     state = row["state"] + ("" if row["routable"] else " (not routable)")
     return [
@@ -156,8 +154,6 @@ LINK_COLUMNS = ("PREFILL", "DECODE", "STATE", "USABLE", "PROTOCOL", "HANDSHAKE",
 
 
 def link_cells(row: dict[str, Any]) -> list[Any]:
-    from .render import age
-
     hs = row["handshake_ms"]
     note = "; ".join(row["problems"]) or row["error"] or ""
     return [row["prefill_id"], row["decode_id"], row["state"], row["usable"], row["protocol"],
@@ -190,8 +186,6 @@ ROUTER_COLUMNS = ("ID", "URL", "VERSION", "SCHEMA", "STRATEGY", "IN FLIGHT", "RE
 
 
 def router_cells(row: dict[str, Any]) -> list[Any]:
-    from .render import age
-
     ttl = row["lease"]["ttl_left_s"]
     return [row["id"], row["url"], row["version"] or "-", row["schema_version"], row["strategy"] or "-",
             row["in_flight"], row["requests_total"], row["view_revision"] or "-", age(row["age_s"]),

@@ -15,7 +15,7 @@ output token for token, but a CPU GEMM's rounding depends on how many rows it mu
 and norms then accumulate in float64 and round to float32, so a row's result does not depend on its batch.
 Checkpoints run in their dtype instead (speed); PD equals hybrid there whenever the batches match.
 
-Decode batches (speed, not exact mode): a CPU GEMM of a few rows against a large weight runs up to 2-10x
+Decode batches (speed, not exact mode): a CPU GEMM of a few rows against a large weight runs 1.5-3x
 slower in one orientation than the other (MKL, M = 4..16), and which one wins depends on the shape, the
 thread count and the machine. `MatmulPlanner` times both on the first real calls of each (rows, in, out,
 threads) and keeps the faster; decode attention of a batch is one call over its gathered blocks.

@@ -113,6 +113,15 @@ STATS = MigrationStats()
 # Pure planning and validation (unit-tested without sockets)
 
 
+
+def _check_range(side: str, regions: dict, key, offset: int, length: int) -> None:
+    """The byte range [offset, offset + length) lies inside the `side` ("remote"/"local") region `key`."""
+    size = regions.get(key)
+    if size is None:
+        raise MigrationError(f"unknown {side} region {key} (known: {sorted(regions)})")
+    if offset + length > size:
+        raise MigrationError(f"{side} range [{offset}, {offset + length}) is outside region {key} of {size} bytes")
+
 def validate_segments(
     segments: Iterable[Segment], remote_regions: dict[int, int], local_regions: dict[int, int] | None = None
 ) -> list[Segment]:
@@ -125,23 +134,9 @@ def validate_segments(
                 raise MigrationError(f"segment {name} must be an integer, got {v!r}")
         if s.length <= 0 or s.remote_offset < 0 or s.local_offset < 0:
             raise MigrationError(f"segment has a negative offset or an empty length: {s}")
-        remote_len = remote_regions.get(s.key)
-        if remote_len is None:
-            raise MigrationError(f"unknown remote region {s.key} (known: {sorted(remote_regions)})")
-        if s.remote_offset + s.length > remote_len:
-            raise MigrationError(
-                f"remote range [{s.remote_offset}, {s.remote_offset + s.length}) is outside region {s.key} "
-                f"of {remote_len} bytes"
-            )
+        _check_range("remote", remote_regions, s.key, s.remote_offset, s.length)
         if local_regions is not None:
-            local_len = local_regions.get(s.key)
-            if local_len is None:
-                raise MigrationError(f"unknown local region {s.key}")
-            if s.local_offset + s.length > local_len:
-                raise MigrationError(
-                    f"local range [{s.local_offset}, {s.local_offset + s.length}) is outside region {s.key} "
-                    f"of {local_len} bytes"
-                )
+            _check_range("local", local_regions, s.key, s.local_offset, s.length)
         out.append(s)
     return out
 

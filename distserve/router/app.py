@@ -29,7 +29,8 @@ from distserve.router.inbound import GuardedSite, ReadGuards, answer_and_close, 
 from distserve.router.kv_index import KvIndex
 from distserve.router.load import LoadTracker
 from distserve.router.metrics import RouterMetrics
-from distserve.router.orchestrator import Orchestrator, PDRequest, Routing
+from distserve.router.orchestrator import Orchestrator, Routing
+from distserve.router.request import PDRequest
 from distserve.router.registration import Registration
 from distserve.router.settings import RouterSettings
 from distserve.router.strategies import make_strategy
@@ -121,7 +122,7 @@ class Router:
             decode = make_strategy("min_expected_latency" if name == "prefix_affinity" else name)  # no params
         weights = dict(config.weights) if config else {}
         params = dict(config.params) if config else {}
-        self.metrics.strategy.values = {(name,): 1}
+        self.metrics.strategy.replace({(name,): 1})
         return Routing(entry, decode, weights, params, kv)
 
     def _kv_picked(self, phase: str, basis: str, matched: int) -> None:

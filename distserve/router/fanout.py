@@ -30,6 +30,7 @@ from aiohttp import web
 
 from distserve.router import capabilities
 from distserve.router.errors import ApiError
+from distserve.router.request import PDRequest, kv_staging
 from distserve.router.upstream import UpstreamError
 from distserve.router.validation import COMPLETIONS, prompt_count
 
@@ -146,8 +147,6 @@ class _Sink:
 
 
 async def serve(orch, pd) -> web.StreamResponse:
-    from distserve.router.orchestrator import PDRequest
-
     kind, body = pd.kind, pd.body
     n = body.get("n") or 1
     best_of = (body.get("best_of") or n) if kind == COMPLETIONS else n
@@ -293,8 +292,6 @@ def _shared_leaders(orch, pd, base: dict, subs, best_of: int) -> list | None:
     """One prefill request per prompt asking for `best_of` first tokens (`n`), when a routable prefill with
     `shared_prefill` (and a linked decode honouring the rest) serves the model; None: every choice runs as
     a request of its own (hybrids, lmdeploy prefills)."""
-    from distserve.router.orchestrator import PDRequest
-
     model = pd.model
     needs = subs[0][2].needs | {capabilities.SHARED_PREFILL}
     entries = orch.view.table().entries.get(model) or ()
@@ -326,19 +323,9 @@ async def _shared_prompt(orch, leader, choices: list) -> list:
 
 
 async def _shared_attempt(orch, leader, choices: list, prefill) -> list:
-    from distserve.router.orchestrator import _kv_staging
-
-    orch.metrics.picks.inc(("prefill", prefill.id))
-    leader.engines = prefill.id
-    # Shielded as in a single request: a client gone while the prefill runs must not strand n sessions.
-    call = asyncio.ensure_future(orch._prefill(leader, prefill))
-    try:
-        answer = await asyncio.shield(call)
-    except asyncio.CancelledError:
-        orch._spawn(orch._free_orphan(call, prefill, leader.headers))
-        raise
+    answer = await orch._shielded_prefill(leader, prefill)  # n sessions: shielded as a single request's one
     sids, tokens, blocks = _shared_outputs(orch, prefill, leader, answer, len(choices))
-    staging = _kv_staging(answer)
+    staging = kv_staging(answer)
     lps = answer.get("remote_logprobs")
     decode_needs = leader.needs - {capabilities.SHARED_PREFILL}
     for j, sub in enumerate(choices):

@@ -252,7 +252,7 @@ class _Connection(asyncio.Protocol):
                 del buf[: end + 4]
                 if not self._head(resp, head):
                     continue  # a 1xx answer: the real one follows
-            elif state == _LENGTH:
+            elif state == _LENGTH or state == _CHUNK_DATA:  # body bytes: all of a Content-Length, or a chunk's
                 if not buf:
                     return
                 take = min(self._remaining, len(buf))
@@ -260,7 +260,7 @@ class _Connection(asyncio.Protocol):
                 del buf[:take]
                 self._remaining -= take
                 if self._remaining == 0:
-                    self._state = _DONE
+                    self._state = _DONE if state == _LENGTH else _CHUNK_END
             elif state == _CHUNK_SIZE:
                 end = buf.find(b"\r\n")
                 if end < 0:
@@ -276,15 +276,6 @@ class _Connection(asyncio.Protocol):
                 else:
                     self._remaining = size
                     self._state = _CHUNK_DATA
-            elif state == _CHUNK_DATA:
-                if not buf:
-                    return
-                take = min(self._remaining, len(buf))
-                resp._feed(bytes(buf[:take]))
-                del buf[:take]
-                self._remaining -= take
-                if self._remaining == 0:
-                    self._state = _CHUNK_END
             elif state == _CHUNK_END:
                 if len(buf) < 2:
                     return

@@ -35,6 +35,7 @@ import aiohttp
 import orjson
 
 from discovery.backoff import Backoff
+from discovery.informer import wait_set
 from distserve.cluster.prefix_keys import CHUNK_BYTES, longest_match, parse_key_hex
 
 log = logging.getLogger("distserve.router.kv_index")
@@ -187,11 +188,7 @@ class KvIndex:
         return False
 
     async def wait_synced(self, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(self.synced.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+        return await wait_set(self.synced, timeout)
 
     async def close(self) -> None:
         self._closed = True

@@ -41,6 +41,7 @@ from distserve.router import capabilities, fanout
 from distserve.router.errors import ApiError
 from distserve.router.http1 import EnginePool, Response
 from distserve.router.metrics import RouterMetrics
+from distserve.router.request import PDRequest, kv_staging
 from distserve.router.settings import RouterSettings
 from distserve.router.strategies import PickContext, Strategy
 from distserve.router.upstream import UpstreamError, classify_exception, classify_status
@@ -66,51 +67,6 @@ DONE_MARK = b"[DONE]"
 RETRY_JITTER = (0.005, 0.02)
 FREE_CACHE_ATTEMPTS = 2
 FREE_CACHE_BACKOFF = (0.15, 0.15, 2 / 3)  # base, cap, jitter: a delay in [0.05, 0.15]
-
-
-class PDRequest:
-    """One client request's state, from the handler through every engine call.
-
-    Set by the handler: request, kind, path, rid, started; then raw, body, model once the body is valid.
-    Set by the orchestrator: stream, headers, routing, ctx, and as the request goes: engines (the access
-    log's "via"), outcome (how a started stream ended: "started" until known), answered (the client was
-    sent [DONE]), the prefill's answer (prefill, session_id, token_id, block_ids, staging), first_at.
-    """
-
-    __slots__ = (
-        "request", "kind", "path", "rid", "started", "raw", "body", "model", "stream", "headers",
-        "routing", "ctx", "engines", "outcome", "answered", "prefill", "session_id", "token_id",
-        "block_ids", "staging", "first_at", "span", "needs", "sink", "first_logprobs",
-    )
-
-    def __init__(self, request: web.Request, kind: str, path: str, rid: str, started: float) -> None:
-        self.request = request
-        self.kind = kind
-        self.path = path
-        self.rid = rid
-        self.started = started
-        self.raw = b""
-        self.body: dict = {}
-        self.model: str | None = None
-        self.stream = False
-        self.headers = b""
-        self.routing: Routing | None = None
-        self.ctx: PickContext | None = None
-        self.engines: str | None = None
-        self.outcome: str | None = None
-        self.answered = False
-        self.prefill: EngineRecord | None = None
-        self.session_id: int | None = None
-        self.token_id = 0
-        self.block_ids: list[int] = []
-        self.staging: dict | None = None
-        self.first_at = 0.0  # perf_counter of the first byte sent to the client (0: not yet)
-        self.span = None  # the request's server span while tracing is on
-        # capabilities every engine on the request's path must have (distserve.router.capabilities)
-        self.needs: frozenset[str] = frozenset()
-        # a fanned-out choice (distserve.router.fanout): its stream goes into the merged one, not the client
-        self.sink = None
-        self.first_logprobs = None  # the prefill's logprobs of the first token, passed on to the decode
 
 
 class RetryElsewhere(Exception):
@@ -451,20 +407,24 @@ class Orchestrator:
         return await self._unary_through(pd, engine, pd.raw, "hybrid")
 
     # ------------------------------------------------------------------ PD
-    async def _pd(self, pd: PDRequest, prefill: EngineRecord) -> web.StreamResponse:
+    async def _shielded_prefill(self, pd: PDRequest, prefill: EngineRecord) -> dict:
+        """The prefill call, counted as a pick. Shielded: a client gone while the prefill runs must not strand
+        its preserved KV until the TTL (the engine may have answered already); the call finishes in the
+        background and its sessions are freed."""
         self.metrics.picks.inc(("prefill", prefill.id))
         pd.engines = prefill.id
-        # Shielded: a client gone while the prefill runs must not strand its preserved KV until the TTL (the
-        # engine may have answered already); the call finishes in the background and its session is freed.
         call = asyncio.ensure_future(self._prefill(pd, prefill))
         try:
-            answer = await asyncio.shield(call)
+            return await asyncio.shield(call)
         except asyncio.CancelledError:
             self._spawn(self._free_orphan(call, prefill, pd.headers))
             raise
+
+    async def _pd(self, pd: PDRequest, prefill: EngineRecord) -> web.StreamResponse:
+        answer = await self._shielded_prefill(pd, prefill)
         pd.session_id, pd.token_id, pd.block_ids = self._prefill_outputs(prefill, answer, pd.headers)
         pd.prefill = prefill
-        pd.staging = _kv_staging(answer)
+        pd.staging = kv_staging(answer)
         lps = answer.get("remote_logprobs")
         if type(lps) is list and lps and type(lps[0]) is list:
             pd.first_logprobs = lps[0]
@@ -885,13 +845,3 @@ def _retry_event(exc: RetryElsewhere, engine_id: str) -> None:
     if span is not None:
         span.add_event("retry", {"distserve.phase": exc.phase, "distserve.engine.id": engine_id,
                                  "error.type": exc.error.kind, "message": exc.error.message[:500]})
-
-
-def _kv_staging(answer: dict) -> dict | None:
-    """A distserve prefill's packed copy of the blocks (`remote_kv_staging`), passed on to the decode only
-    when well formed: it is an optimisation, so anything odd is dropped and the decode reads the blocks."""
-    staging = answer.get("remote_kv_staging")
-    if type(staging) is dict and staging.keys() == {"offset", "length"}:
-        if type(staging["offset"]) is int and type(staging["length"]) is int:
-            return staging
-    return None

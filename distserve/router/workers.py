@@ -15,6 +15,7 @@ the command line). It dies with the supervisor (PR_SET_PDEATHSIG on Linux, SIGTE
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 from discovery.backoff import Backoff
 from discovery.config import EtcdConfig
 from distserve.cluster.keys import sanitize_id
+from distserve.router.replica import run_router
 from distserve.router.settings import RouterSettings
 
 log = logging.getLogger("distserve.router.workers")
@@ -212,8 +214,6 @@ class Supervisor:
 def _die_with_parent(parent: int) -> None:
     """SIGTERM (a graceful stop) when the supervisor goes, even by SIGKILL (Linux only)."""
     if sys.platform.startswith("linux"):
-        import ctypes
-
         try:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):
@@ -232,8 +232,6 @@ def worker_main() -> int:
     )
     settings = RouterSettings.checked(**payload["settings"])
     etcd_config = EtcdConfig(**payload["etcd"])
-    from distserve.router.cli import run_router
-
     return run_router(settings, etcd_config, reuse_port=True)
 
 

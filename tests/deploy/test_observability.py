@@ -23,7 +23,7 @@ from kubernetes_validate import utils as k8s_schema
 
 from discovery.embedded import EmbeddedEtcd
 from distserve.testing import metrics as prom
-from tests.router.cluster import MODEL, router_metric, start_null_engines, start_router
+from tests.router.cluster import MODEL, router_metric, start_null_engines, start_router, wait_links_usable
 from tests.util import REPO, Proc, free_port, wait_http
 
 DASHBOARD = REPO / "deploy" / "grafana" / "distserve.json"
@@ -252,10 +252,7 @@ def live(tmp_path_factory):
                                             "--ttl", "3")
             procs.append(proc)
             engines += urls
-        deadline = time.monotonic() + 60
-        while router_metric(router, "distserve_router_links_usable") < 1:
-            assert time.monotonic() < deadline, "no usable link:\n" + procs[-1].output()[-3000:]
-            time.sleep(0.2)
+        wait_links_usable(router, log=procs[-1])
         client = openai.OpenAI(base_url=f"{router}/v1", api_key="unused", max_retries=0)
         for _ in range(3):
             client.completions.create(model=MODEL, prompt="hello", max_tokens=4)

@@ -220,3 +220,14 @@ async def publish_pd(client, keys: Keys, farm: dict, prefills: list[str] | None 
         for d in (r for r in recs.values() if r.role == "decode"):
             await publish_link(client, keys, link_record(p, d))
     return recs
+
+
+def wait_links_usable(router: str, count: int = 1, timeout: float = 60.0, log: Proc | None = None,
+                      deadline: float | None = None) -> None:
+    """Until the router reports `count` usable prefill->decode links (its links_usable gauge); on timeout the
+    assertion carries the tail of `log` (the agent that makes the links). `deadline` (monotonic) overrides
+    `timeout`, for several routers sharing one."""
+    deadline = deadline if deadline is not None else time.monotonic() + timeout
+    while router_metric(router, "distserve_router_links_usable") < count:
+        assert time.monotonic() < deadline, "no usable link" + (f":\n{log.output()[-3000:]}" if log else "")
+        time.sleep(0.1)

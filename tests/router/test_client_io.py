@@ -347,6 +347,22 @@ def stream_request(live, rid: str, max_tokens: int = 3500):
     )
 
 
+def stream_started(live, rid: str):
+    """A streamed completion whose first three chunks arrived (the rest still to read)."""
+    chunks = iter(stream_request(live, rid))
+    for _ in range(3):
+        next(chunks)
+    return chunks
+
+
+def read_to_failure(chunks) -> openai.APIError:
+    """Read the rest of a stream, which must fail; its error."""
+    with pytest.raises(openai.APIError) as info:
+        for _ in chunks:
+            pass
+    return info.value
+
+
 def streams(live, outcome: str) -> float:
     return metric(live, "distserve_router_streams_total", {"route": "/v1/completions", "outcome": outcome})
 
@@ -379,36 +395,25 @@ async def test_a_client_closing_mid_stream_is_client_gone(live):
 
 
 def test_an_engine_going_silent_mid_stream_is_upstream_timeout(live):
-    stream = stream_request(live, "stream-silent")
-    chunks = iter(stream)
-    for _ in range(3):
-        next(chunks)
+    chunks = stream_started(live, "stream-silent")
     engine = live["engine"]
     engine.signal(signal.SIGSTOP)
     try:
         started = time.monotonic()
-        with pytest.raises(openai.APIError) as info:
-            for _ in chunks:
-                pass
+        error = read_to_failure(chunks)
         assert time.monotonic() - started < IDLE_TIMEOUT + SLACK + 3
     finally:
         engine.signal(signal.SIGCONT)
-    assert "failed mid-stream" in str(info.value.message)
+    assert "failed mid-stream" in str(error.message)
     wait_log(live, "request stream-silent /v1/completions -> 200 stream=upstream_timeout in ")
     assert streams(live, "upstream_timeout") == 1
 
 
 def test_an_engine_killed_mid_stream_is_upstream_error_not_a_success(live):
     """It used to be logged `-> 200 in 1519 ms` and counted as a plain 200."""
-    stream = stream_request(live, "stream-killed")
-    chunks = iter(stream)
-    for _ in range(3):
-        next(chunks)
+    chunks = stream_started(live, "stream-killed")
     live["engine"].kill()
-    with pytest.raises(openai.APIError) as info:
-        for _ in chunks:
-            pass
-    assert "failed mid-stream" in str(info.value.message)
+    assert "failed mid-stream" in str(read_to_failure(chunks).message)
     out = wait_log(live, "request stream-killed /v1/completions -> 200 stream=upstream_error in ")
     assert "request stream-killed /v1/completions -> 200 in " not in out
     assert streams(live, "upstream_error") == 1

@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from discovery.embedded import EmbeddedEtcd
-from tests.router.cluster import MODEL, engine_metric, router_metric, start_router
+from tests.router.cluster import MODEL, engine_metric, start_router, wait_links_usable
 from tests.util import Proc, free_port, wait_http
 
 CONTEXT = 256
@@ -58,10 +58,7 @@ def cluster(tmp_path_factory):
                 pytest.fail(f"engine did not start:\n{proc.output()[-3000:]}")
         rp, router = start_router(etcd.endpoints, "--cluster", name)
         procs.append(rp)
-        deadline = time.monotonic() + 60
-        while router_metric(router, "distserve_router_links_usable") < 1:
-            assert time.monotonic() < deadline, "no usable link:\n" + procs[1].output()[-3000:]
-            time.sleep(0.1)
+        wait_links_usable(router, log=procs[1])
         yield router, urls
     finally:
         for proc in procs:

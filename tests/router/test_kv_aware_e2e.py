@@ -14,19 +14,8 @@ import time
 import openai
 
 from distserve.cluster.keys import Keys
-from tests.router.cluster import (
-    MODEL,
-    engine_metric,
-    engine_record,
-    geometry_of,
-    handshake,
-    http_json,
-    link_record,
-    publish_engine,
-    publish_link,
-    router_metric,
-    start_router,
-)
+from tests.router.cluster import (MODEL, engine_metric, engine_record, geometry_of, handshake, http_json,
+                                  link_record, publish_engine, publish_link, router_metric, start_router)
 from tests.util import spawn_engine
 
 TOKEN = "kv-aware-token"

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from discovery.embedded import EmbeddedEtcd
-from tests.router.cluster import MODEL, engine_metric, router_metric, start_router
+from tests.router.cluster import MODEL, engine_metric, router_metric, start_router, wait_links_usable
 from tests.util import Proc, free_port, wait_http
 
 TOKEN = "cluster-secret-issue19"
@@ -42,10 +42,7 @@ def cluster():
             wait_http(f"{url}/health", timeout=90)
         router, rurl = start_router(etcd.endpoints, "--cluster", name, env=ENV)
         procs.append(router)
-        deadline = time.monotonic() + 60
-        while router_metric(rurl, "distserve_router_links_usable") < 1:
-            assert time.monotonic() < deadline, "link not established"
-            time.sleep(0.1)
+        wait_links_usable(rurl)
         yield rurl, urls
     finally:
         for p in procs:

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from discovery.embedded import EmbeddedEtcd
-from tests.router.cluster import MODEL, engine_metric, http_json, router_metric, start_router
+from tests.router.cluster import MODEL, engine_metric, http_json, router_metric, start_router, wait_links_usable
 from tests.util import Proc, free_port, wait_http
 
 TOKEN = "cluster-secret-for-tests"
@@ -100,11 +100,7 @@ def cluster():
         c.start_router()
         deadline = time.monotonic() + 60
         for _, router in c.routers:  # links pre-established by the decode agents, before any request
-            while router_metric(router, "distserve_router_links_usable") < 4:
-                assert time.monotonic() < deadline, (
-                    "links not established:\n" + c.engines["d0"][0].output()[-3000:]
-                )
-                time.sleep(0.1)
+            wait_links_usable(router, 4, log=c.engines["d0"][0], deadline=deadline)
         yield c
     finally:
         c.stop()

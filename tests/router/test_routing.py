@@ -20,7 +20,6 @@ from tests.router.cluster import (
     MODEL,
     engine_metric,
     engine_record,
-    etcd_client,
     handshake,
     link_record,
     null_farm,
@@ -44,12 +43,6 @@ def farm():
     """One etcd and null engines: 3 prefills, 2 decodes (every pair handshaken), 2 hybrids."""
     with null_farm(prefills=3, decodes=2, hybrids=2) as farm:
         yield farm
-
-
-@pytest.fixture
-async def etcdc(farm):
-    async with etcd_client(farm["etcd"].endpoints) as client:
-        yield client
 
 
 @pytest.fixture

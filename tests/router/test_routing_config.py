@@ -19,7 +19,6 @@ from distserve.cluster.keys import Keys
 from distserve.cluster.records import RoutingConfig
 from tests.router.cluster import (
     MODEL,
-    etcd_client,
     null_farm,
     publish_pd,
     router_metric,
@@ -33,12 +32,6 @@ INVALID = "distserve_router_routing_config_invalid"
 def farm():
     with null_farm(prefills=2, decodes=1) as farm:
         yield farm
-
-
-@pytest.fixture
-async def etcdc(farm):
-    async with etcd_client(farm["etcd"].endpoints) as client:
-        yield client
 
 
 async def publish(client, keys: Keys, farm) -> None:

@@ -30,20 +30,9 @@ from discovery.client import EtcdClient  # noqa: E402
 from discovery.config import EtcdConfig  # noqa: E402
 from discovery.embedded import EmbeddedEtcd  # noqa: E402
 from distserve.cluster.keys import Keys  # noqa: E402
-from tests.router.cluster import (  # noqa: E402
-    MODEL,
-    engine_record,
-    etcd_client,
-    geometry_of,
-    handshake,
-    http_json,
-    link_record,
-    publish_engine,
-    publish_link,
-    publish_pd,
-    router_metric,
-    start_router,
-)
+from tests.router.cluster import (MODEL, engine_record, etcd_client, geometry_of, handshake, http_json,  # noqa: E402
+                                  link_record, publish_engine, publish_link, publish_pd, router_metric,
+                                  start_router)
 from tests.util import Proc, free_port, spawn_engine  # noqa: E402
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

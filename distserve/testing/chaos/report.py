@@ -5,6 +5,7 @@ tools/bench_report.py) and printed as a short text block."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from collections import Counter
@@ -103,6 +104,4 @@ def _fmt(v: float | None) -> str:
 
 
 def machine() -> dict:
-    import os
-
     return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()}

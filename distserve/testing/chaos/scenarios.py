@@ -8,13 +8,18 @@ Every scenario has a short form (CI: fewer engines, shorter holds) and a long fo
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+import sys
 import time
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
+
+from distserve.cluster.records import RoutingConfig
 from distserve.testing.chaos.cluster import MODEL, Cluster, ClusterSpec, EngineSpec
 from distserve.testing.chaos.load import LoadGenerator, RequestRecord
 from distserve.testing.chaos.observe import (
@@ -25,6 +30,7 @@ from distserve.testing.chaos.observe import (
     routers_report,
     scan_etcd,
 )
+from distserve.testing.chaos.plant import plant_malformed, remove_planted
 from distserve.testing.chaos.report import Result
 
 
@@ -451,21 +457,28 @@ async def _restart(h: Harness, name: str, before: EtcdView) -> None:
             f"{old} -> {new}")
 
 
+async def _kill_and_restart(h: Harness, victim: str, role: str, before: EtcdView, fault: str) -> tuple[float, float]:
+    """SIGKILL `victim`, wait until it is gone and its lease ran out (TTL + 1.5 s), restart it, let the load
+    run 2 s more and stop it; records service_recover_s. Returns (kill time, time it was dead)."""
+    t_kill, t_dead = await h.cluster.kill_engine(victim)
+    h.fault(fault, t_kill)
+    await _engine_gone(h, victim, role, t_kill)
+    await asyncio.sleep(max(0.0, t_kill + h.ttl + 1.5 - time.time()))
+    await _restart(h, victim, before)
+    await asyncio.sleep(2.0)
+    await h.stop_load()
+    h.result.times["service_recover_s"] = h.service_recover_s()
+    return t_kill, t_dead
+
+
 @scenario("prefill-kill", "a prefill engine (and its in-process agent) SIGKILLed under load, then restarted",
           _pd_engines, in_ci=True)
 async def prefill_kill(h: Harness) -> None:
     victim = "p0"
     await h.warmup(2.0)
     before = await h.snapshot()
-    t_kill, t_dead = await h.cluster.kill_engine(victim)
-    h.fault(f"SIGKILL {victim}", t_kill)
-    await _engine_gone(h, victim, "prefill", t_kill)
-    await asyncio.sleep(max(0.0, t_kill + h.ttl + 1.5 - time.time()))
-    await _restart(h, victim, before)
-    await asyncio.sleep(2.0)
-    await h.stop_load()
+    t_kill, t_dead = await _kill_and_restart(h, victim, "prefill", before, f"SIGKILL {victim}")
     r = h.result
-    r.times["service_recover_s"] = h.service_recover_s()
     bad = h.failed()
     outside = [x for x in bad if not (x.start <= t_dead and (x.engines or "").split(">")[0] == victim)]
     r.figures["failed_in_flight_on_victim"] = len(bad) - len(outside)
@@ -492,15 +505,8 @@ async def decode_kill(h: Harness) -> None:
         return (v or 0) >= 2
 
     await h.wait_for(streaming, 20.0, interval=0.05)
-    t_kill, t_dead = await h.cluster.kill_engine(victim)
-    h.fault(f"SIGKILL {victim} mid-stream", t_kill)
-    await _engine_gone(h, victim, "decode", t_kill)
-    await asyncio.sleep(max(0.0, t_kill + h.ttl + 1.5 - time.time()))
-    await _restart(h, victim, before)
-    await asyncio.sleep(2.0)
-    await h.stop_load()
+    t_kill, t_dead = await _kill_and_restart(h, victim, "decode", before, f"SIGKILL {victim} mid-stream")
     r = h.result
-    r.times["service_recover_s"] = h.service_recover_s()
 
     def on_victim(x: RequestRecord) -> bool:
         return (x.engines or "").split(">")[-1] == victim and x.start <= t_dead and (x.end or t_kill) >= t_kill
@@ -631,8 +637,6 @@ class _ReadyRouters:
         return list(self.ready.items())
 
     async def poll(self) -> None:
-        import aiohttp
-
         timeout = aiohttp.ClientTimeout(total=2.0)
         async with aiohttp.ClientSession(timeout=timeout) as http:
             while True:
@@ -715,7 +719,7 @@ async def router_rolling_restart(h: Harness) -> None:
 @scenario("api-fuzz", "the router API fuzzed with hypothesis (bodies, types, bytes, paths, methods, headers)",
           lambda short: ClusterSpec.pd(1, 1))
 async def api_fuzz(h: Harness) -> None:
-    from distserve.testing.chaos.fuzz import run_fuzz
+    from distserve.testing.chaos.fuzz import run_fuzz  # here: hypothesis (a dev dependency) only for this scenario
 
     await h.warmup(1.0)
     routers = [r.url for r in h.cluster.live_routers()]
@@ -747,8 +751,6 @@ async def api_fuzz(h: Harness) -> None:
 @scenario("etcd-malformed", "malformed values planted in etcd under every prefix the routers and agents watch",
           lambda short: ClusterSpec.pd(1, 1))
 async def etcd_malformed(h: Harness) -> None:
-    from distserve.testing.chaos.plant import plant_malformed, remove_planted
-
     await h.warmup(1.5)
     before = await h.snapshot()
     handshakes = await h.cluster.metric_by_engine("distserve_engine_handshakes_total")
@@ -800,8 +802,6 @@ CONFIG_INVALID_METRIC = "distserve_router_routing_config_invalid"
 
 async def _routing_report(h: Harness, router) -> tuple[dict | None, float | None]:
     """(routing_config from the router's /health/ready body, its distserve_router_routing_config_invalid)."""
-    import aiohttp
-
     config = metric = None
     try:
         async with h.cluster.http.get(f"{router.url}/health/ready",  # type: ignore[union-attr]
@@ -820,9 +820,6 @@ async def _routing_report(h: Harness, router) -> tuple[dict | None, float | None
 
 async def _ctl_json(h: Harness, *args: str) -> tuple[int, dict | None]:
     """distserve-ctl as an operator runs it (its own process), --json."""
-    import json
-    import sys
-
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "distserve.ctl.main", "--etcd", h.cluster.etcd_endpoints, *args, "--json",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
@@ -849,9 +846,6 @@ BAD_ROUTING_VALUES = [
 @scenario("bad-routing-config", "an operator writes bad routing config values to etcd (etcdctl) under load: "
           "load_factor \"abc\", vnodes 100000000, an unknown strategy", lambda short: ClusterSpec.pd(2, 1))
 async def bad_routing_config(h: Harness) -> None:
-    import json
-
-    from distserve.cluster.records import RoutingConfig
 
     client, keys = h.monitor.client, h.monitor.keys
     hold = 1.0 if h.short else 5.0
