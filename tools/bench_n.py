@@ -34,6 +34,7 @@ from discovery.embedded import EmbeddedEtcd  # noqa: E402
 from distserve.testing.cluster import engine_argv, start_router  # noqa: E402
 from distserve.testing.ports import HOST, free_port  # noqa: E402
 from distserve.testing.procs import Proc, wait_http  # noqa: E402
+from distserve.testing.metrics import scrape, value as metric_value  # noqa: E402
 
 MODEL = "distserve-reference"
 METRICS = {
@@ -45,10 +46,7 @@ PULLED = "distserve_engine_migration_bytes_total"
 
 
 def metric(url: str, name: str) -> float:
-    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:
-        text = resp.read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name) and line[len(name)] in " {")
+    return metric_value(scrape(url, timeout=10), name)
 
 
 def post(url: str, body: dict) -> dict:

@@ -62,6 +62,7 @@ from distserve.testing.cluster import engine_argv  # noqa: E402
 from distserve.testing.ports import free_port, free_port_range  # noqa: E402
 from distserve.testing.procs import Proc, answers  # noqa: E402
 from distserve.testing.procs import wait_http as _wait_http  # noqa: E402
+from distserve.testing.metrics import scrape, value as metric_value  # noqa: E402
 
 BENCH = REPO / ".bench"
 LMD_VENV = BENCH / "lmdeploy-venv"
@@ -139,15 +140,7 @@ def bench_proc(args: list[str], cpus: str, name: str, env: dict | None = None, c
 
 
 def engine_metric(url: str, name: str) -> float:
-    import urllib.request
-
-    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name) and line[len(name)] in " {"
-    )
+    return metric_value(scrape(url), name)
 
 
 def handshakes(urls: list[str]) -> float:

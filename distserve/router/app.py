@@ -122,7 +122,7 @@ class Router:
             decode = make_strategy("min_expected_latency" if name == "prefix_affinity" else name)  # no params
         weights = dict(config.weights) if config else {}
         params = dict(config.params) if config else {}
-        self.metrics.strategy.replace({(name,): 1})
+        self.metrics.strategy.values = {(name,): 1}
         return Routing(entry, decode, weights, params, kv)
 
     def _kv_picked(self, phase: str, basis: str, matched: int) -> None:

@@ -65,22 +65,17 @@ async def test_mutual_tls_end_to_end(tls_etcd, pki):
     assert tls_etcd.client_url.startswith("https://")
     cfg = EtcdConfig(endpoints=tls_etcd.endpoints, ca_cert=str(pki / "ca.crt"), cert=str(pki / "client.crt"),
                      key=str(pki / "client.key"), timeout=5.0)
-    async with EtcdClient(cfg) as client:
-        inf = Informer(client, "/tls/")
-        await inf.start()
-        try:
-            await inf.wait_synced(5)
-            async with LeaseSession(client, ttl=5) as session:
-                await session.put("/tls/registered", b"over mTLS")
-                for _ in range(100):
-                    if inf.get("/tls/registered") == b"over mTLS":
-                        break
-                    await asyncio.sleep(0.02)
-                assert inf.get("/tls/registered") == b"over mTLS"
-                assert (await client.get("/tls/registered")).lease == session.lease_id
-            assert await client.get("/tls/registered") is None
-        finally:
-            await inf.stop()
+    async with EtcdClient(cfg) as client, Informer(client, "/tls/") as inf:
+        await inf.wait_synced(5)
+        async with LeaseSession(client, ttl=5) as session:
+            await session.put("/tls/registered", b"over mTLS")
+            for _ in range(100):
+                if inf.get("/tls/registered") == b"over mTLS":
+                    break
+                await asyncio.sleep(0.02)
+            assert inf.get("/tls/registered") == b"over mTLS"
+            assert (await client.get("/tls/registered")).lease == session.lease_id
+        assert await client.get("/tls/registered") is None
 
 
 @pytest.mark.parametrize("variant", ["no client certificate", "client certificate from another CA",
@@ -130,27 +125,22 @@ async def test_user_password_auth_with_token_refresh(auth_etcd, caplog):
     cfg = EtcdConfig(endpoints=auth_etcd.endpoints, user="alice", password="s3cret-pw", timeout=5.0,
                      token_refresh_interval=600)  # only on-demand refresh can save the expired token below
     assert "s3cret-pw" not in repr(cfg) and "s3cret-pw" not in cfg.describe()
-    async with EtcdClient(cfg) as client:
-        inf = Informer(client, "/app/")
-        await inf.start()
-        try:
-            await inf.wait_synced(5)
-            async with LeaseSession(client, ttl=5) as session:
-                await session.put("/app/engine", b"alice's")
-                first_token = client._token
-                await asyncio.sleep(3)  # the token expires (2 s TTL)
-                await client.put("/app/after-expiry", b"still works")
-                assert client._token != first_token
-                assert (await client.get("/app/engine")).lease == session.lease_id
-                with pytest.raises(EtcdAuthError, match="permission denied"):
-                    await client.put("/elsewhere", b"not allowed")
-                for _ in range(100):
-                    if "/app/after-expiry" in inf:
-                        break
-                    await asyncio.sleep(0.02)
-                assert set(inf.items()) == {"/app/engine", "/app/after-expiry"}
-        finally:
-            await inf.stop()
+    async with EtcdClient(cfg) as client, Informer(client, "/app/") as inf:
+        await inf.wait_synced(5)
+        async with LeaseSession(client, ttl=5) as session:
+            await session.put("/app/engine", b"alice's")
+            first_token = client._token
+            await asyncio.sleep(3)  # the token expires (2 s TTL)
+            await client.put("/app/after-expiry", b"still works")
+            assert client._token != first_token
+            assert (await client.get("/app/engine")).lease == session.lease_id
+            with pytest.raises(EtcdAuthError, match="permission denied"):
+                await client.put("/elsewhere", b"not allowed")
+            for _ in range(100):
+                if "/app/after-expiry" in inf:
+                    break
+                await asyncio.sleep(0.02)
+            assert set(inf.items()) == {"/app/engine", "/app/after-expiry"}
     assert "s3cret-pw" not in caplog.text
 
 

@@ -55,10 +55,15 @@ def test_scattered_allocator_fragments():
     assert alloc.num_free == 512
 
 
-def test_pack_then_unpack_moves_exactly_those_blocks():
-    torch.manual_seed(0)
+def pool_and_arena(seed: int):
+    """A pool of 3 layers x 40 blocks (seeded random contents) and a 16-block staging arena over it."""
+    torch.manual_seed(seed)
     pool = torch.randn(3, 40, 2, 4, 8)
-    arena = StagingArena(pool, 16)
+    return pool, StagingArena(pool, 16)
+
+
+def test_pack_then_unpack_moves_exactly_those_blocks():
+    pool, arena = pool_and_arena(seed=0)
     src = [33, 2, 17, 5, 9]
     dst = [11, 38, 0, 24, 30]
     expected = pool[:, src].clone()
@@ -79,9 +84,7 @@ def test_pack_then_unpack_moves_exactly_those_blocks():
 
 def test_landing_piece_by_piece_equals_a_whole_unpack():
     """Pieces of whole rows that cross layer boundaries, unpacked in any order, put every block in place."""
-    torch.manual_seed(1)
-    pool = torch.randn(3, 40, 2, 4, 8)
-    arena = StagingArena(pool, 16)
+    pool, arena = pool_and_arena(seed=1)
     src, dst = [33, 2, 17, 5, 9, 21, 30], [11, 38, 0, 24, 31, 6, 19]
     expected = pool[:, src].clone()
     slot = arena.pack(src)

@@ -267,6 +267,14 @@ def _read_until_closed(sock: socket.socket, limit: float) -> tuple[bytes, float]
     return got, time.monotonic() - started
 
 
+def assert_read_timeout(live, phase: str, timeout: float, got: bytes, elapsed: float, before: float) -> None:
+    """The router closed the connection with a JSON 408 after `timeout` and counted it under `phase`."""
+    assert timeout * 0.9 <= elapsed <= timeout + SLACK, elapsed
+    assert got.startswith(b"HTTP/1.1 408 "), got
+    assert_openai_error(json.loads(got.split(b"\r\n\r\n", 1)[1]), "request_timeout")
+    assert metric(live, "distserve_router_client_read_timeouts_total", {"phase": phase}) == before + 1
+
+
 @pytest.mark.parametrize("trickle", [False, True])
 def test_partial_headers_are_cut_after_the_header_timeout(live, trickle):
     before = metric(live, "distserve_router_client_read_timeouts_total", {"phase": "headers"})
@@ -282,10 +290,7 @@ def test_partial_headers_are_cut_after_the_header_timeout(live, trickle):
                     break
         got, _ = _read_until_closed(sock, HEADER_TIMEOUT + SLACK + 5)
         elapsed = time.monotonic() - started
-    assert HEADER_TIMEOUT * 0.9 <= elapsed <= HEADER_TIMEOUT + SLACK, elapsed
-    assert got.startswith(b"HTTP/1.1 408 "), got
-    assert_openai_error(json.loads(got.split(b"\r\n\r\n", 1)[1]), "request_timeout")
-    assert metric(live, "distserve_router_client_read_timeouts_total", {"phase": "headers"}) == before + 1
+    assert_read_timeout(live, "headers", HEADER_TIMEOUT, got, elapsed, before)
 
 
 def test_short_body_is_cut_after_the_body_timeout(live):
@@ -299,10 +304,7 @@ def test_short_body_is_cut_after_the_body_timeout(live):
         started = time.monotonic()
         got, _ = _read_until_closed(sock, BODY_TIMEOUT + SLACK + 5)
         elapsed = time.monotonic() - started
-    assert BODY_TIMEOUT * 0.9 <= elapsed <= BODY_TIMEOUT + SLACK, elapsed
-    assert got.startswith(b"HTTP/1.1 408 "), got
-    assert_openai_error(json.loads(got.split(b"\r\n\r\n", 1)[1]), "request_timeout")
-    assert metric(live, "distserve_router_client_read_timeouts_total", {"phase": "body"}) == before + 1
+    assert_read_timeout(live, "body", BODY_TIMEOUT, got, elapsed, before)
     wait_log(live, "request short-body /v1/completions -> 408")
 
 

@@ -32,6 +32,7 @@ from distserve.testing.chaos.observe import (
 )
 from distserve.testing.chaos.plant import plant_malformed, remove_planted
 from distserve.testing.chaos.report import Result
+from distserve.testing.metrics import find
 
 
 @dataclass
@@ -810,9 +811,7 @@ async def _routing_report(h: Harness, router) -> tuple[dict | None, float | None
             config = body.get("routing_config") if resp.status == 200 else None
         async with h.cluster.http.get(f"{router.url}/metrics",  # type: ignore[union-attr]
                                       timeout=aiohttp.ClientTimeout(total=2)) as resp:
-            for line in (await resp.text()).splitlines():
-                if line.startswith(CONFIG_INVALID_METRIC + " "):
-                    metric = float(line.rsplit(" ", 1)[1])
+            metric = find(await resp.text(), CONFIG_INVALID_METRIC)
     except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
         pass
     return config, metric
