@@ -90,8 +90,10 @@ def prompt_ids(messages: list[dict]) -> list[int]:
     return [BOS, *text.encode()]
 
 
-def omniscient_hits(prompts: list[list[int]], capacity_blocks: int, block: int = 16) -> tuple[int, int]:
-    """(hit tokens, prompt tokens) of one LRU prefix cache of `capacity_blocks` seeing every prompt in order."""
+def omniscient_hits(prompts: list[list[int]], capacity_blocks: int, block: int = 16,
+                    each: list[int] | None = None) -> tuple[int, int]:
+    """(hit tokens, prompt tokens) of one LRU prefix cache of `capacity_blocks` seeing every prompt in order
+    (`each`: filled with every prompt's hit tokens)."""
     lru: OrderedDict[tuple, None] = OrderedDict()
     hits = total = 0
     for ids in prompts:
@@ -105,6 +107,8 @@ def omniscient_hits(prompts: list[list[int]], capacity_blocks: int, block: int =
         while k < reusable and keys[k] in lru:
             k += 1
         hits += k * block
+        if each is not None:
+            each.append(k * block)
         for key in reversed(keys):  # leaves older than their parents: LRU evicts leaves first
             lru[key] = None
             lru.move_to_end(key)
@@ -269,6 +273,7 @@ class Load:
             try:
                 async with http.post(f"{self.routers[r]}/v1/chat/completions", json=body) as resp:
                     if not sent:  # a router took it: it reaches a prefill (the omniscient replay's order)
+                        rec["sent_index"] = len(self.sent)
                         self.sent.append(ids)
                         sent = True
                     if resp.status != 200:
@@ -550,18 +555,29 @@ def hit_windows(samples: list[dict], width: float) -> list[dict]:
             for w, (p, h) in sorted(out.items())]
 
 
-def restart_summary(run: dict, ev: dict, args) -> dict:
+def restart_summary(run: dict, ev: dict, args, capacity: int) -> dict:
+    """Per `window`: the prefills' hit rate, and the omniscient one of the requests started in it (the
+    workload's mix of first and later turns changes from window to window: the ratio does not)."""
     recs = run["load"].records
     windows = hit_windows(run["samples"], args.window)
+    each: list[int] = []
+    omniscient_hits(run["load"].sent, capacity, args.block_size, each)
+    for w in windows:
+        lo, hi = w["t"] - args.window / 2, w["t"] + args.window / 2
+        inw = [r for r in recs if "sent_index" in r and lo <= r["start"] < hi]
+        total = sum(len(run["load"].sent[r["sent_index"]]) for r in inw)
+        w["omniscient_hit_rate"] = round(sum(each[r["sent_index"]] for r in inw) / total, 4) if total else None
+        w["ratio"] = (round(w["hit_rate"] / w["omniscient_hit_rate"], 3)
+                      if w["hit_rate"] is not None and w["omniscient_hit_rate"] else None)
     before = [w for w in windows if w["hit_rate"] is not None and ev["kill_at"] - 20 <= w["t"] < ev["kill_at"]]
     p = sum(w["prompt_tokens"] for w in before)
     base = sum(w["hit_rate"] * w["prompt_tokens"] for w in before) / p if p else None
     recovered_at = None
-    if base:
-        for w in windows:
-            if w["t"] > ev["kill_at"] and w["hit_rate"] is not None and w["hit_rate"] >= 0.9 * base:
-                recovered_at = w["t"]
-                break
+    # recovered: the end of the first window after the kill whose hit rate is >= 0.9 x the omniscient one
+    for w in windows:
+        if w["t"] - args.window / 2 >= ev["kill_at"] and w["ratio"] is not None and w["ratio"] >= 0.9:
+            recovered_at = w["t"] + args.window / 2
+            break
     failures = [{k: r[k] for k in ("conv", "turn", "router", "outcome", "error", "start", "end", "tried")}
                 for r in recs if r["outcome"] != "ok"]
     moved = sum(1 for r in recs if r["outcome"] == "ok" and r["tried"] > 1)
@@ -590,12 +606,15 @@ def restart_summary(run: dict, ev: dict, args) -> dict:
 
 # ------------------------------------------------------------------------------------------ main
 async def run_strategy(args, etcd, strategy: str, traces: dict, rates: dict, capacity: int) -> dict:
-    cluster = Cluster(args, etcd, strategy, f"{strategy}-{os.getpid()}")
-    print(f"{strategy}: starting {args.prefill}P+{args.decode}D+{args.routers}R", flush=True)
-    try:
-        startup = await asyncio.get_running_loop().run_in_executor(None, cluster.start)
-        out = {"startup_s": round(startup, 1), "runs": {}}
-        for name, rate in rates.items():
+    """One fresh cluster per run (a run's placement must not depend on what the previous one left cached);
+    the probe runs on the last one."""
+    out: dict = {"startup_s": [], "runs": {}}
+    for i, (name, rate) in enumerate(rates.items()):
+        cluster = Cluster(args, etcd, strategy, f"{strategy}-{name}-{os.getpid()}")
+        print(f"{strategy}/{name}: starting {args.prefill}P+{args.decode}D+{args.routers}R", flush=True)
+        try:
+            startup = await asyncio.get_running_loop().run_in_executor(None, cluster.start)
+            out["startup_s"].append(round(startup, 1))
             run = await open_loop(cluster, traces[name], rate, args)
             s = summarize(run, args, capacity, rate)
             s["timeline"] = hit_windows(run["samples"], args.window)
@@ -604,12 +623,13 @@ async def run_strategy(args, etcd, strategy: str, traces: dict, rates: dict, cap
                   f"hit {s['hit_rate']} (omniscient {s['omniscient_hit_rate']}), load max/mean "
                   f"{s['load_max_over_mean']}, router cpu {s['router_cpu_ms_per_request']} ms/req, "
                   f"failures {s['failures']}", flush=True)
-        rows = await probe(cluster, traces["probe"], args)
-        out["probe"] = {**probe_summary(rows), "rows": rows}
-        print(f"  probe: {json.dumps(out['probe']['by_turn'])}", flush=True)
-        return out
-    finally:
-        cluster.stop()
+            if i == len(rates) - 1:
+                rows = await probe(cluster, traces["probe"], args)
+                out["probe"] = {**probe_summary(rows), "rows": rows}
+                print(f"  probe: {json.dumps(out['probe']['by_turn'])}", flush=True)
+        finally:
+            cluster.stop()
+    return out
 
 
 def goals(results: dict) -> dict:
@@ -689,17 +709,18 @@ async def amain(args) -> dict:
         for strategy in args.strategies:
             results["strategies"][strategy] = await run_strategy(args, etcd, strategy, traces, rates, capacity)
             await asyncio.to_thread(save, args.out, results)  # a later phase that fails loses nothing
-        if args.restart and "low" in rates:
+        if args.restart and args.restart_run in rates:
             cluster = Cluster(args, etcd, "kv_aware", f"restart-{os.getpid()}")
             print("restart: starting a kv_aware cluster", flush=True)
             try:
                 await asyncio.get_running_loop().run_in_executor(None, cluster.start)
-                trace = make_trace(4, args.systems, args.system_tokens, n_conv(rates["low"]), turns)
-                duration = len(trace["conversations"]) * turns / rates["low"]
-                run = await open_loop(cluster, trace, rates["low"], args,
+                rate = rates[args.restart_run]
+                trace = make_trace(4, args.systems, args.system_tokens, n_conv(rate), turns)
+                duration = len(trace["conversations"]) * turns / rate
+                run = await open_loop(cluster, trace, rate, args,
                                       events=lambda t0: restart_events(cluster, t0, 0.5 * duration,
                                                                        args.restart_delay))
-                results["restart"] = restart_summary(run, run["events"], args)
+                results["restart"] = restart_summary(run, run["events"], args, capacity)
                 r = results["restart"]
                 print(f"  restart: {r['ok']}/{r['requests']} ok, failures {[f['outcome'] for f in r['failures']]}, "
                       f"hit before {r['hit_rate_before']}, recovered {r['recovery_after_prefill_up_s']} s after "
@@ -780,6 +801,9 @@ def plot(results: dict, path: Path) -> None:
         ax = axes[2]
         ws = [w for w in r["windows"] if w["hit_rate"] is not None]
         ax.plot([w["t"] for w in ws], [w["hit_rate"] for w in ws], "-o", ms=3, color="#2ca02c", label="hit rate")
+        om = [w for w in r["windows"] if w.get("omniscient_hit_rate") is not None]
+        ax.plot([w["t"] for w in om], [w["omniscient_hit_rate"] for w in om], "--", color="k", lw=1,
+                label="omniscient (same requests)")
         fails = [x for x in r["requests_timeline"] if x["outcome"] != "ok"]
         for key, label, color in (("kill_at", "kill", "#d62728"), ("prefill_up_at", "prefill up", "#1f77b4"),
                                   ("router_ready_at", "router ready", "#9467bd")):
@@ -828,7 +852,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe", type=int, default=2, help="conversations in the sequential migration probe")
     p.add_argument("--restart", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--restart-delay", type=float, default=1.0)
-    p.add_argument("--window", type=float, default=2.0, help="hit-rate window (s)")
+    p.add_argument("--restart-run", choices=("low", "high"), default="high", help="the restart phase's rate")
+    p.add_argument("--window", type=float, default=5.0, help="hit-rate window (s; default: the TTL)")
     p.add_argument("--log-dir", default=None)
     p.add_argument("--out", default=str(REPO / "docs/bench/prefix-2core.json"))
     p.add_argument("--plot", default=None, help="PNG (default: next to --out)")

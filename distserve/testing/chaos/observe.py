@@ -161,7 +161,7 @@ def routers_report(sample: Sample, role: str, count: int, routers: list[str] | N
                and sample.routers[n][role] == count for n in names)
 
 
-_LOG_LINE = re.compile(r"request (\S+) (\S+) -> (\d+) in ([\d.]+) ms via (\S+)")
+_LOG_LINE = re.compile(r"request (\S+) (\S+) -> (\d+)(?: stream=\S+)? in ([\d.]+) ms via (\S+)")  # streams say how they ended
 
 
 def router_log_engines(log_paths: list[Path]) -> dict[str, tuple[str, int]]:
