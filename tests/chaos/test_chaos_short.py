@@ -40,3 +40,10 @@ async def test_bad_routing_config_short_form(tmp_path):
     result = await run("bad-routing-config", "short", keep_dir=tmp_path / "run")
     assert result.passed, f"{result.text()}\nlogs: {tmp_path / 'run' / 'logs'}"
     assert sum(1 for r in result.requests if r.ok) >= 50
+
+
+async def test_router_rolling_restart_short_form(tmp_path):
+    """One of two routers SIGTERMed under load behind a readiness-polling balancer (outside the issue's CI set):
+    readiness turns 503 and the record leaves etcd first, in-flight requests and streams finish, none fails."""
+    result = await run("router-rolling-restart", "short", keep_dir=tmp_path / "run")
+    assert result.passed, f"{result.text()}\nlogs: {tmp_path / 'run' / 'logs'}"

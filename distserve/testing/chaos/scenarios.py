@@ -664,7 +664,7 @@ class _ReadyRouters:
           lambda short: ClusterSpec.pd(1 if short else 2, 1 if short else 2,
                                        router_args=["--drain-delay", str(ROLLING_DRAIN_DELAY)]),
           load=lambda short: {"workers": 16 if short else 64, "long_workers": 4 if short else 8,
-                              "interval": 0.01}, in_ci=True)
+                              "interval": 0.01})
 async def router_rolling_restart(h: Harness) -> None:
     balancer = _ReadyRouters(h.cluster)
     poller = asyncio.get_running_loop().create_task(balancer.poll())
