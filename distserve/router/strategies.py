@@ -210,8 +210,9 @@ class KvAwareStrategy(Strategy):
 
     cost(c) = load_weight x unfinished(c) / weight(c) - cache_weight x matched(c) / 1024, lowest wins;
     matched(c) = prompt tokens of the longest prefix key of the request cached on c (0 below
-    min_match_tokens). Ties (no match anywhere, equal loads) go to the tied engine caching the fewest prefix
-    keys, then to prefix_affinity's ring order, so every replica sends a new prefix to the same engine.
+    min_match_tokens). Ties go to the tied engine caching the fewest prefix keys, then to prefix_affinity's
+    ring order, so every replica sends a new prefix to the same engine; for a prefix no engine holds, loads
+    within one queued request of the lowest count as tied (its placement outlives the queue).
     Engines without a synced cache stream (lmdeploy today) are placed by prefix_affinity's hash among
     themselves; the one it picks is credited with the longest match any streaming engine holds (the prefix
     is where the hash sent it before), and a streaming engine wins a tie with it (its cache is known, not
@@ -268,7 +269,11 @@ class KvAwareStrategy(Strategy):
         low = min(costs.values())
         if hashed is not None and hashed_cost < low:
             return self._done(hashed, "hash", 0)
-        tied = [c for c, cost in costs.items() if cost <= low + 1e-9]
+        # A prefix no engine holds is placed for as long as its conversations last, not for the instant's
+        # queue: loads within one queued request of the lowest count as a tie for it (docs/benchmarks.md,
+        # "Cache-aware routing": 8 prompts placed by momentary queues of 0-2 gave 1.48 max/mean).
+        slack = self._load_weight if best_match == 0 else 1e-9
+        tied = [c for c, cost in costs.items() if cost <= low + slack]
         if len(tied) > 1:
             tied = _least_cached(tied, index)
         chosen = tied[0] if len(tied) == 1 else self._affinity.pick(tied, ctx)

@@ -221,6 +221,27 @@ def test_kv_aware_sends_a_new_prefix_to_the_engine_caching_the_least():
     assert make_strategy("kv_aware").pick(ENGINES, kv_ctx(index, CONVO)[0]) == ring
 
 
+def test_kv_aware_places_a_new_prefix_by_cached_keys_within_one_queued_request():
+    """A prefix no engine holds outlives the queue it is placed by: an engine with one more request queued
+    but far fewer cached keys takes it; two more queued requests do not count as a tie."""
+
+    class CountingIndex(FakeIndex):
+        def describe(self, engine_id):
+            return {"keys": len(self.maps[engine_id])}
+
+    index = CountingIndex({"p0": {i: 64 for i in range(1, 40)}, "p1": {}})
+    load = LoadTracker()
+    load.on_load("p1", LoadRecord(engine_id="p1", running=1))
+    assert make_strategy("kv_aware").pick(["p0", "p1"], kv_ctx(index, CONVO, load)[0]) == "p1"
+    load.on_load("p1", LoadRecord(engine_id="p1", running=2))
+    assert make_strategy("kv_aware").pick(["p0", "p1"], kv_ctx(index, CONVO, load)[0]) == "p0"
+    # a prefix one engine holds is not a tie: the match decides
+    k = _chain()
+    index.maps["p0"][k[2]] = 1100
+    load.on_load("p1", LoadRecord(engine_id="p1", running=0))
+    assert make_strategy("kv_aware").pick(["p0", "p1"], kv_ctx(index, CONVO, load)[0]) == "p0"
+
+
 def test_kv_aware_mixed_fleet_scores_engines_without_a_stream_by_hash():
     k = _chain()
     # p0, p1 stream (nothing cached); p2..p5 have no stream
