@@ -54,7 +54,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from distserve.testing.cluster import engine_argv, router_argv  # noqa: E402
+from distserve.testing.cluster import engine_argv, router_argv, wait_links_established  # noqa: E402
 from distserve.testing.ports import HOST, free_port  # noqa: E402
 from distserve.testing.procs import Proc, wait_http  # noqa: E402
 
@@ -179,25 +179,7 @@ class Cluster:
 
 
 async def wait_links(etcd: list[str], cluster: str, n: int, timeout: float = 180.0) -> None:
-    from discovery.client import EtcdClient
-    from discovery.config import EtcdConfig
-    from distserve.cluster.keys import Keys
-    from distserve.cluster.records import LinkRecord
-
-    client = EtcdClient(EtcdConfig(endpoints=etcd))
-    await client.connect()
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            kvs, _ = await client.get_prefix(Keys(cluster).prefix("links"))
-            done = sum(LinkRecord.decode(kv.value).state == "established" for kv in kvs)
-            if done >= n:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{done}/{n} links established")
-            await asyncio.sleep(0.2)
-    finally:
-        await client.close()
+    await wait_links_established(etcd, cluster, n, timeout=timeout, poll=0.2)
 
 
 # ------------------------------------------------------------------------------------------ metrics

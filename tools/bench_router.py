@@ -58,7 +58,7 @@ sys.path.insert(0, str(REPO))
 if (REPO / ".bench" / "device" / "site").is_dir():  # the device bundle's wheels: the imports below need them
     sys.path.insert(0, str(REPO / ".bench" / "device" / "site"))
 
-from distserve.testing.cluster import engine_argv  # noqa: E402
+from distserve.testing.cluster import engine_argv, wait_links_established  # noqa: E402
 from distserve.testing.ports import free_port, free_port_range  # noqa: E402
 from distserve.testing.procs import Proc, answers  # noqa: E402
 from distserve.testing.procs import wait_http as _wait_http  # noqa: E402
@@ -227,25 +227,7 @@ class Engines:
 
 
 async def wait_links(etcd: list[str], cluster: str, n: int, timeout: float = 120.0) -> None:
-    from discovery.client import EtcdClient
-    from discovery.config import EtcdConfig
-    from distserve.cluster.keys import Keys
-    from distserve.cluster.records import LinkRecord
-
-    client = EtcdClient(EtcdConfig(endpoints=etcd))
-    await client.connect()
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            kvs, _ = await client.get_prefix(Keys(cluster).prefix("links"))
-            done = sum(LinkRecord.decode(kv.value).state == "established" for kv in kvs)
-            if done >= n:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{done}/{n} links established")
-            await asyncio.sleep(0.1)
-    finally:
-        await client.close()
+    await wait_links_established(etcd, cluster, n, timeout=timeout, poll=0.1)
 
 
 # ------------------------------------------------------------------------------------------ front ends

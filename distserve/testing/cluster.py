@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Sequence
+
+from discovery.client import EtcdClient
+from discovery.config import EtcdConfig
+from distserve.cluster.codec import Codec, MalformedValue
+from distserve.cluster.keys import LINKS, Keys
 
 from distserve.testing.ports import HOST, free_port, free_port_range
 from distserve.testing.procs import Proc, wait_http
@@ -70,3 +77,30 @@ def start_router(etcd: Sequence[str], *extra: str, port: int | None = None, env:
 
 
 __all__ = ["engine_argv", "router_argv", "spawn_engine", "start_null_engines", "start_router"]
+
+
+async def wait_links_established(etcd: Sequence[str], cluster: str, count: int, timeout: float = 120.0,
+                                 poll: float = 0.1) -> None:
+    """Until `count` links of `cluster` are recorded as established in etcd (decoded by the cluster codec; a
+    malformed value counts as not established); TimeoutError naming how many were."""
+    keys = Keys(cluster)
+    codec = Codec(keys)
+    client = EtcdClient(EtcdConfig(endpoints=list(etcd)))
+    await client.connect()
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            kvs, _ = await client.get_prefix(keys.prefix(LINKS))
+            done = 0
+            for kv in kvs:
+                try:
+                    done += codec.link(kv.key, kv.value).state == "established"
+                except MalformedValue:
+                    pass
+            if done >= count:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{done}/{count} links established")
+            await asyncio.sleep(poll)
+    finally:
+        await client.close()
