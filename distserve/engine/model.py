@@ -31,8 +31,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
-from distserve.engine import tokenizer
+from distserve.engine import hf, tokenizer
 from distserve.engine.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -87,8 +88,6 @@ def load_weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
         return load_hf_weights(cfg)
     if not cfg.weights:
         return random_weights(cfg)
-    from safetensors.torch import load_file
-
     loaded = load_file(cfg.weights)
     expected = _names(cfg)
     missing = sorted(set(expected) - set(loaded))
@@ -101,8 +100,6 @@ def load_weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
 
 
 def save_weights(cfg: ModelConfig, path: str) -> None:
-    from safetensors.torch import save_file
-
     save_file(random_weights(cfg), path)
 
 
@@ -144,8 +141,6 @@ def map_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def load_hf_weights(cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors under the engine's names, in the configured dtype (q/k/v and gate/up fused)."""
-    from distserve.engine import hf
-
     assert cfg.hf_dir is not None
     tensors: dict[str, torch.Tensor] = {}
     for path in hf.weight_files(cfg.hf_dir):
