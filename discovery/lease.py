@@ -266,18 +266,25 @@ class LeaseSession:
     async def _recheck_forever(self) -> None:
         assert self.recheck_interval is not None
         interval = self.recheck_interval
+        outage_lease = 0  # the lease that was unconfirmed when this outage began (0: no outage seen)
         while True:
             await asyncio.sleep(interval)
             lease_id = self.lease_id
-            if self.alive or self._closed or lease_id == 0:
+            if self._closed or lease_id == 0:
                 continue
+            if self.alive:
+                if outage_lease:  # the keepalive or the guard ended the outage first: still say so, once
+                    replaced, outage_lease = lease_id != outage_lease, 0
+                    await self._confirmed(replaced)
+                continue
+            outage_lease = outage_lease or lease_id
             try:
                 ttl_left = await self.client.time_to_live(lease_id, timeout=max(0.5, 2 * interval))
             except EtcdError:
                 continue  # still unreachable
             async with self._lock:
-                replaced = self.lease_id != lease_id  # the guard replaced it while we asked
-                if not replaced and ttl_left < 0:
+                replaced = self.lease_id != outage_lease  # the guard replaced it while we asked
+                if self.lease_id == lease_id and ttl_left < 0:
                     await self._new_lease_locked(reason="expired or revoked during an outage")
                     replaced = True
                 elif not replaced:  # still held: etcd confirmed it, so it is alive again
@@ -285,11 +292,15 @@ class LeaseSession:
                                            time.monotonic() - max(0, self.granted_ttl - ttl_left))
             log.info("lease %s: etcd answers again (lease %x %s)", self.name, lease_id,
                      "gone: replaced" if replaced else f"held, {ttl_left}s left")
-            for callback in list(self._confirmed_callbacks):
-                try:
-                    await callback(replaced)
-                except Exception:  # noqa: BLE001 - a callback bug must not stop the recheck
-                    log.exception("lease %s: on_confirmed callback failed", self.name)
+            outage_lease = 0
+            await self._confirmed(replaced)
+
+    async def _confirmed(self, replaced: bool) -> None:
+        for callback in list(self._confirmed_callbacks):
+            try:
+                await callback(replaced)
+            except Exception:  # noqa: BLE001 - a callback bug must not stop the recheck
+                log.exception("lease %s: on_confirmed callback failed", self.name)
 
     # --- keepalive ----------------------------------------------------------------------------------
     async def _keepalive_forever(self) -> None:
