@@ -219,9 +219,12 @@ async def test_fallbacks_without_arena_or_with_a_full_one(fragmented):
             assert got == want, (p_name, d_name)
             d1 = await pd.metrics(http, d_url)
             assert _delta(d1, d0, "migrations_total") == len(items)
-            assert _delta(d1, d0, "migrations_landed_total") == 0, (p_name, d_name)
             if p_name == "prefill_no_arena":
+                # nothing packed; the decode may still land a pull whose source blocks happen to form fewer
+                # ranges than block-to-block reads (scattered ids do fall next to each other at times)
                 assert _delta(d1, d0, "migrations_from_packed_total") == 0
+            else:
+                assert _delta(d1, d0, "migrations_landed_total") == 0, (p_name, d_name)
             await _settled(http, [p_url, d_url])
 
 
