@@ -207,7 +207,7 @@ def test_engine_with_etcd_runs_the_agent_in_process_and_revokes_on_stop(etcd):
 def test_engine_with_etcd_rejects_an_advertise_url_shared_by_several_engines(etcd):
     result = subprocess.run([sys.executable, "-m", "distserve", "engine", "--role", "prefill", "--null", "--count", "2",
                              "--port", str(consecutive_free_ports(2)), "--etcd", etcd.client_url,
-                             "--advertise-url", "http://10.0.0.1:1"], capture_output=True, text=True, timeout=30,
+                             "--advertise-url", "http://127.0.0.1:1"], capture_output=True, text=True, timeout=30,
                             cwd=str(REPO))
     assert result.returncode == 2
     assert "--advertise-url names one engine" in result.stderr.strip().splitlines()[-1]
