@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import time
+from collections.abc import Awaitable, Callable
 
 import orjson
 from aiohttp import web
@@ -24,6 +25,7 @@ from distserve.cluster.keys import Keys, sanitize_id
 from distserve.cluster.records import RoutingConfig
 from distserve.router.breaker import CircuitBreakers
 from distserve.router.errors import ApiError
+from distserve.router.fastpath import FastConnection, FastDoor
 from distserve.router.http1 import EnginePool
 from distserve.router.inbound import GuardedSite, ReadGuards, answer_and_close, read_body
 from distserve.router.kv_index import KvIndex
@@ -191,7 +193,11 @@ class Router:
         )
         await self._runner.setup()
         site = GuardedSite(
-            self._runner, self._guards, s.host, s.port, backlog=2048, reuse_port=self.reuse_port
+            self._runner, self._guards, s.host, s.port, backlog=2048, reuse_port=self.reuse_port,
+            fast=lambda make_inner: FastDoor(
+                self.serve_fast, make_inner, s.max_body_bytes, s.header_read_timeout, s.body_read_timeout,
+                self._read_timed_out, lambda reason: self.metrics.handed_over.inc((reason,)),
+            ),
         )
         await site.start()
         port = s.port
@@ -296,10 +302,10 @@ class Router:
         return self.strategy_name, self.view.revision, self.requests_total, self.in_flight
 
     # ------------------------------------------------------------------ helpers
-    def _authorized(self, request: web.Request) -> bool:
+    def _authorized(self, headers) -> bool:
         if not self._api_keys:
             return True
-        scheme, _, given = request.headers.get("Authorization", "").strip().partition(" ")
+        scheme, _, given = headers.get("Authorization", "").strip().partition(" ")
         if scheme.lower() != "bearer":  # the scheme is case-insensitive (RFC 7235)
             return False
         given = given.strip().encode()
@@ -317,8 +323,8 @@ class Router:
         )
 
     @staticmethod
-    def _request_id(request: web.Request) -> str:
-        rid = request.headers.get("X-Request-Id")
+    def _request_id(headers) -> str:
+        rid = headers.get("X-Request-Id")
         if rid and _REQUEST_ID.match(rid):
             return rid
         return os.urandom(16).hex()
@@ -335,9 +341,28 @@ class Router:
         return await self._generate(request, CHAT, "/v1/chat/completions")
 
     async def _generate(self, request: web.Request, kind: str, path: str) -> web.StreamResponse:
-        started = time.perf_counter()
-        rid = self._request_id(request)
-        pd = PDRequest(request, kind, path, rid, started)
+        """The aiohttp route of both generation endpoints (requests the fast path handed over)."""
+        pd = PDRequest(request, kind, path, self._request_id(request.headers), time.perf_counter())
+        resp, close = await self.serve_generate(pd, request.headers, None)
+        if close:  # a body that is not coming: answer and close, do not wait for the rest
+            await answer_and_close(request, resp)
+        return resp
+
+    async def serve_fast(self, conn: FastConnection, kind: str, path: str, headers, body: bytes) -> None:
+        """The fast path's handler (fastpath.py): the same request handling, answered on `conn`."""
+        pd = PDRequest(conn, kind, path, self._request_id(headers), time.perf_counter())
+        pd.new_stream = conn.new_stream
+        resp, close = await self.serve_generate(pd, headers, body, conn.read_body)
+        if not resp.prepared:  # a stream has been written already
+            conn.send(resp, close)
+
+    async def serve_generate(
+        self, pd: PDRequest, headers, raw: bytes | None, read: Callable[[], Awaitable[bytes]] | None = None
+    ) -> tuple[web.StreamResponse, bool]:
+        """One generation request, whichever server path read it: (the answer, whether the connection must
+        close after it). `raw`: the body when already read, else `read()` it (by default from the aiohttp
+        request, `pd.request`)."""
+        rid, path, started = pd.rid, pd.path, pd.started
         self.in_flight += 1
         self.requests_total += 1
         status = 500
@@ -346,13 +371,13 @@ class Router:
         if tracing.ENABLED:  # off: nothing else of tracing on this path (the pass-through is in generate)
             span = tracing.start_server_span(
                 "POST " + path,
-                request.headers,
+                headers,
                 {"http.request.method": "POST", "url.path": path, "distserve.request_id": rid},
             )
             token = tracing.activate(span)
             pd.span = span
         try:
-            if not self._authorized(request):
+            if not self._authorized(headers):
                 raise self._auth_error()
             limit = self.settings.max_in_flight
             if self._closing:
@@ -364,23 +389,22 @@ class Router:
                     "rate_limited",
                     headers={"Retry-After": "1"},
                 )
-            pd.raw = raw = await self._read_body(request)
+            if raw is None:
+                raw = await (read() if read is not None else self._read_body(pd.request))
+            pd.raw = raw
             pd.body = body = parse_json_object(raw)
-            pd.model = validate_request(kind, body)
+            pd.model = validate_request(pd.kind, body)
             resp = await self.orchestrator.generate(pd)
             status = resp.status
             prepared = resp.prepared
             if not prepared:  # a non-streamed answer: its first byte comes with all of it
                 self.metrics.ttft.observe(time.perf_counter() - started, (path,))
-            return resp
+            return resp, False
         except ApiError as exc:
             status = exc.status
             if exc.status >= 500:
                 log.warning("request %s %s -> %d %s", rid, path, exc.status, exc.message)
-            resp = exc.response(rid)
-            if exc.close:  # a body that is not coming: answer and close, do not wait for the rest
-                await answer_and_close(request, resp)
-            return resp
+            return exc.response(rid), exc.close
         except (asyncio.CancelledError, ConnectionResetError):
             if pd.answered:  # closed after reading [DONE]: the request completed
                 status = 200
@@ -394,7 +418,7 @@ class Router:
             status = 500
             if prepared or pd.outcome:  # a stream's 200 is out: nothing else can be answered
                 raise
-            return ApiError(500, "internal router error", "internal_error").response(rid)
+            return ApiError(500, "internal router error", "internal_error").response(rid), False
         finally:
             self.in_flight -= 1
             if span is not None:
@@ -424,7 +448,7 @@ class Router:
                 )
 
     async def models(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
+        if not self._authorized(request.headers):
             return self._auth_error().response()
         created = int(time.time())
         data = [
@@ -446,7 +470,7 @@ class Router:
 
     async def model(self, request: web.Request) -> web.Response:
         """GET /v1/models/{id}: OpenAI's model object, or an OpenAI-style 404 for a model no engine serves."""
-        if not self._authorized(request):
+        if not self._authorized(request.headers):
             return self._auth_error().response()
         model_id = request.match_info["model_id"]
         if model_id not in self.view.table().topology.models():
@@ -495,7 +519,7 @@ class Router:
         )
 
     async def prometheus(self, request: web.Request) -> web.Response:
-        if not self._authorized(request):
+        if not self._authorized(request.headers):
             return self._auth_error().response()
         self.view.table()  # refresh the topology gauges
         return web.Response(

@@ -73,7 +73,7 @@ class _Merged:
 
     async def prepare(self) -> None:
         if self.out is None:
-            self.out = web.StreamResponse(status=200, headers={**SSE_HEADERS, "X-Request-Id": self.pd.rid})
+            self.out = self.pd.new_stream({**SSE_HEADERS, "X-Request-Id": self.pd.rid})
             await self.out.prepare(self.pd.request)
             self.pd.outcome = "started"
             self.pd.first_at = time.perf_counter()
@@ -170,6 +170,7 @@ async def serve(orch, pd) -> web.StreamResponse:
             if seed is not None:
                 sub_body["seed"] = derived_seed(seed, j)
             sub = PDRequest(pd.request, kind, pd.path, f"{pd.rid}.{i}.{j}", pd.started)
+            sub.new_stream = pd.new_stream
             sub.body = sub_body
             sub.raw = orjson.dumps(sub_body)
             sub.model = pd.model
@@ -305,6 +306,7 @@ def _shared_leaders(orch, pd, base: dict, subs, best_of: int) -> list | None:
         if base.get("seed") is not None:
             body["seed"] = base["seed"]  # the prefill samples choice j with seed + j
         leader = PDRequest(pd.request, pd.kind, pd.path, f"{pd.rid}.{i}", pd.started)
+        leader.new_stream = pd.new_stream
         leader.body = body
         leader.raw = orjson.dumps(body)
         leader.model = model

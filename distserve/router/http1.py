@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from distserve.router.upstream import UpstreamError
@@ -51,6 +52,8 @@ class Response:
         "_error",
         "_loop",
         "_paused",
+        "_timer",
+        "_whole",
     )
 
     def __init__(self, conn: "_Connection", loop: asyncio.AbstractEventLoop) -> None:
@@ -65,12 +68,14 @@ class Response:
         self._error: BaseException | None = None
         self._loop = loop
         self._paused = False
+        self._timer: asyncio.TimerHandle | None = None  # the call's deadline, when it has one
+        self._whole = False  # read() wants all of it: no back-pressure pauses
 
     # ------------------------------------------------------------- fed by the connection
     def _feed(self, data: bytes) -> None:
         self._chunks.append(data)
         self._size += len(data)
-        if self._size > PAUSE_ABOVE and self._conn is not None and not self._paused:
+        if self._size > PAUSE_ABOVE and self._conn is not None and not self._paused and not self._whole:
             self._paused = True
             self._conn.transport.pause_reading()
         self._wake()
@@ -78,13 +83,17 @@ class Response:
     def _finish(self) -> None:
         self._done = True
         self._conn = None
+        if self._timer is not None:
+            self._timer.cancel()
         self._wake()
 
     def _fail(self, exc: BaseException) -> None:
-        if self._done:
+        if self._done or self._error is not None:  # the first failure is the one reported
             return
         self._error = exc
         self._conn = None
+        if self._timer is not None:
+            self._timer.cancel()
         if not self._head.done():
             self._head.set_exception(exc)
             self._head.exception()  # retrieved: nobody may be waiting any more
@@ -123,12 +132,27 @@ class Response:
         return data
 
     async def read(self) -> bytes:
-        parts = []
-        while True:
-            data = await self.readany()
-            if not data:
-                return b"".join(parts)
-            parts.append(data)
+        """The whole body. It stays in the response until complete: a caller cancelled midway can hand the
+        response on (EnginePool.request's `on_cancel`) and whoever reads it next loses nothing."""
+        if not self._head.done():  # handed over before its head arrived
+            await self._head
+        self._whole = True
+        if self._paused and self._conn is not None:
+            self._paused = False
+            self._conn.transport.resume_reading()
+        while not self._done:
+            if self._error is not None:
+                raise _as_upstream(self._error)
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._size = 0
+        return data
 
     @property
     def complete(self) -> bool:
@@ -136,8 +160,20 @@ class Response:
 
     def close(self) -> None:
         """Abandon the answer: an unfinished one takes its connection down with it."""
+        if self._timer is not None:
+            self._timer.cancel()
         conn, self._conn = self._conn, None
         if conn is not None and not self._done:
+            conn.abort()
+
+    def _expire(self) -> None:
+        """The call's deadline passed: fail it (whoever awaits the head or the body gets TimeoutError)
+        and drop the connection, which still owes the rest of an answer."""
+        conn = self._conn
+        if conn is not None and conn._resp is self:
+            conn._resp = None
+        self._fail(asyncio.TimeoutError("the engine call ran out of time"))
+        if conn is not None:
             conn.abort()
 
 
@@ -384,7 +420,7 @@ class EnginePool:
             conn.abort()
         return None
 
-    async def _connect(self, key: tuple[str, int]) -> _Connection:
+    async def _connect(self, key: tuple[str, int], timeout: float) -> _Connection:
         gate = self._gates.get(key)
         if gate is None:
             gate = self._gates[key] = asyncio.Semaphore(self._connects_per_host)
@@ -392,7 +428,7 @@ class EnginePool:
             try:
                 _, conn = await asyncio.wait_for(
                     self.loop.create_connection(lambda: _Connection(self, key), key[0], key[1]),
-                    self.connect_timeout,
+                    timeout,
                 )
             except asyncio.TimeoutError:
                 raise UpstreamError("connect", f"connect to {key[0]}:{key[1]} timed out") from None
@@ -403,9 +439,16 @@ class EnginePool:
         return conn
 
     async def request(
-        self, base_url: str, method: bytes, path: bytes, body: bytes = b"", headers: bytes = b""
+        self, base_url: str, method: bytes, path: bytes, body: bytes = b"", headers: bytes = b"",
+        deadline: float | None = None, on_cancel: Callable[[Response], None] | None = None,
     ) -> Response:
-        """`headers`: complete header lines (each ending in CRLF), Host and Content-Length excluded."""
+        """`headers`: complete header lines (each ending in CRLF), Host and Content-Length excluded.
+
+        `deadline` (the loop's clock): the whole call, connecting, the head and the body, must end by then,
+        or it fails with TimeoutError and its connection is dropped. One timer per call: on the hot path
+        this costs a tenth of wrapping the call in `asyncio.timeout`.
+        `on_cancel(response)`: the caller is cancelled after the request went out; the response (and its
+        connection, and its deadline) is handed over instead of being dropped."""
         key, host = self._target(base_url)
         request = (
             method
@@ -424,8 +467,15 @@ class EnginePool:
             conn = self._take_idle(key)
             reused = conn is not None
             if conn is None:
-                conn = await self._connect(key)
+                timeout = self.connect_timeout
+                if deadline is not None:
+                    timeout = min(timeout, deadline - self.loop.time())
+                    if timeout <= 0:
+                        raise asyncio.TimeoutError("the engine call ran out of time")
+                conn = await self._connect(key, timeout)
             resp = conn.start(request)
+            if deadline is not None:
+                resp._timer = self.loop.call_at(deadline, resp._expire)
             try:
                 await resp._head
                 return resp
@@ -433,8 +483,14 @@ class EnginePool:
                 if reused and exc.before_response and attempt == 0:
                     continue  # the engine closed this idle connection: the request never reached it
                 raise UpstreamError("disconnect", str(exc)) from None
+            except asyncio.CancelledError:
+                if on_cancel is None:
+                    conn.abort()  # the engine sees the connection go
+                else:
+                    on_cancel(resp)
+                raise
             except BaseException:
-                conn.abort()  # cancelled or timed out: the engine sees the connection go
+                conn.abort()  # timed out: the engine sees the connection go
                 raise
         raise AssertionError("unreachable")
 

@@ -28,6 +28,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestPayloadError
 
 from distserve.router.errors import ApiError
+from distserve.router.fastpath import FastConnection, FastDoor
 
 log = logging.getLogger("distserve.router")
 
@@ -181,9 +182,12 @@ class GuardedSite(web.BaseSite):
         port: int,
         backlog: int = 128,
         reuse_port: bool = False,
+        fast: Callable[[Callable[[], asyncio.Protocol]], FastDoor] | None = None,
     ) -> None:
         super().__init__(runner, backlog=backlog)
         self._guards = guards
+        self._fast = fast  # makes the fast path's door (fastpath.py), given how to make an aiohttp side
+        self._door: FastDoor | None = None
         self._host = host
         self._port = port
         self._reuse_port = reuse_port  # `router --workers N`: N processes listen on one port (SO_REUSEPORT)
@@ -196,14 +200,29 @@ class GuardedSite(web.BaseSite):
         await super().start()
         server = self._runner.server
         guards = self._guards
+
+        def aiohttp_side() -> asyncio.Protocol:
+            return ReadGuard(server(), guards)
+
+        factory = aiohttp_side
+        if self._fast is not None:
+            door = self._door = self._fast(aiohttp_side)
+            door.start()
+            factory = lambda: FastConnection(door)  # noqa: E731
         self._server = await asyncio.get_running_loop().create_server(
-            lambda: ReadGuard(server(), guards),
+            factory,
             self._host,
             self._port,
             backlog=self._backlog,
             reuse_address=True,
             reuse_port=self._reuse_port or None,
         )
+
+    async def stop(self) -> None:
+        if self._door is not None:  # aiohttp's shutdown closes its own connections, not these
+            self._door.close()
+            self._door = None
+        await super().stop()
 
 
 # ---------------------------------------------------------------------------------------- body phase
@@ -290,6 +309,14 @@ async def read_body(
         raise ApiError(
             413, f"request body of {length} bytes exceeds the limit of {limit} bytes", "request_too_large"
         )
+    if coding is None and request.content.is_eof():
+        # the whole body came with the headers (the usual case): nothing to wait for, so no timer
+        try:
+            return await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise _too_large(limit) from None
+        except (HttpProcessingError, RequestPayloadError) as exc:
+            raise _malformed(exc) from None
     started = time.monotonic()
     try:
         async with asyncio.timeout(timeout):
@@ -324,10 +351,14 @@ async def read_body(
             close=True,
         ) from None
     except (HttpProcessingError, RequestPayloadError) as exc:  # malformed framing (chunked encoding)
-        detail = str(getattr(exc, "message", "") or exc).strip().splitlines()
-        raise ApiError(
-            400, f"malformed request body ({detail[-1].strip() if detail else 'bad framing'})", "invalid_request"
-        ) from None
+        raise _malformed(exc) from None
+
+
+def _malformed(exc: Exception) -> ApiError:
+    detail = str(getattr(exc, "message", "") or exc).strip().splitlines()
+    return ApiError(
+        400, f"malformed request body ({detail[-1].strip() if detail else 'bad framing'})", "invalid_request"
+    )
 
 
 async def answer_and_close(request: web.Request, response: web.StreamResponse) -> None:

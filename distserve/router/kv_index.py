@@ -15,12 +15,17 @@ heartbeats. This module keeps one owned task per such engine that follows it, li
 - every connection and read has a timeout (the engine heartbeats every 2 s while idle, so silence for
   IDLE_TIMEOUT means a dead stream); reconnects back off through discovery.backoff, jittered;
 - the per-engine key map is bounded (max_keys, least recently stored dropped first: a dropped key only
-  makes the router underestimate a match).
+  makes the router underestimate a match);
+- keys the engine marks as roots (`roots` in a snapshot or a stored event: the shallowest cached key of a
+  request, its prefix family) are counted per engine (`families`): kv_aware's tie rule for a new prefix.
 
 The index runs only while the routing strategy needs it (set_active), so other strategies pay nothing.
 `ready` is what /health/ready waits for: inactive, or every streaming engine in the synced view delivered
-its snapshot, or sync_timeout passed since activation (an engine that never answers must not keep a
-replica out of service; its engine is then scored like one without a stream).
+its snapshot or refused the connection (a process that is down cannot be routed to either: its snapshot
+is applied when it answers), or sync_timeout passed since activation (an engine that never answers must
+not keep a replica out of service; its engine is then scored like one without a stream).
+An engine followed but without a snapshot yet (`pending`) is scored as caching nothing, not by hash: it is
+a new process (empty) or one this replica has just started following.
 """
 
 from __future__ import annotations
@@ -60,9 +65,9 @@ class NewIncarnation(StreamError):
 class EngineCache:
     """One engine's cache state as streamed, and its stream's health (shown by ctl and metrics)."""
 
-    __slots__ = ("engine_id", "url", "path", "instance", "keys", "incarnation", "seq", "block_size",
-                 "chunk_bytes", "synced", "state", "error", "connects", "snapshots", "gaps", "dropped",
-                 "last_message_at", "task")
+    __slots__ = ("engine_id", "url", "path", "instance", "keys", "roots", "incarnation", "seq", "block_size",
+                 "chunk_bytes", "synced", "refused", "followed_at", "state", "error", "connects", "snapshots",
+                 "gaps", "dropped", "last_message_at", "task")
 
     def __init__(self, engine_id: str, url: str, path: str, instance: str | None, chunk_bytes: int) -> None:
         self.engine_id = engine_id
@@ -70,11 +75,14 @@ class EngineCache:
         self.path = path
         self.instance = instance
         self.keys: OrderedDict[int, int] = OrderedDict()  # prefix key -> prompt tokens it covers
+        self.roots: set[int] = set()  # the keys that are a prefix family's root (a subset of keys)
         self.incarnation: str | None = None  # the stream's (the engine process's instance id)
         self.seq: int | None = None
         self.block_size: int | None = None
         self.chunk_bytes = chunk_bytes
         self.synced = False  # a snapshot of the current incarnation was applied
+        self.refused = False  # the last connection attempt was refused (the process is down)
+        self.followed_at = time.monotonic()
         self.state = "connecting"  # connecting | streaming | retrying
         self.error: str | None = None
         self.connects = 0
@@ -86,12 +94,14 @@ class EngineCache:
 
     def clear(self) -> None:
         self.keys.clear()
+        self.roots.clear()
         self.incarnation = None
         self.seq = None
         self.synced = False
 
     def as_dict(self) -> dict[str, Any]:
         return {"engine": self.engine_id, "state": self.state, "synced": self.synced, "keys": len(self.keys),
+                "families": len(self.roots),
                 "incarnation": self.incarnation, "seq": self.seq, "connects": self.connects,
                 "snapshots": self.snapshots, "gaps": self.gaps, "dropped": self.dropped, "error": self.error}
 
@@ -213,6 +223,22 @@ class KvIndex:
         state = self.engines.get(engine_id)
         return state is not None and state.synced
 
+    def pending(self, engine_id: str) -> bool:
+        """Followed, no snapshot yet, for less than sync_timeout: a new process (its cache is empty) or a
+        replica that has just started; kv_aware scores it as caching nothing rather than by hash."""
+        state = self.engines.get(engine_id)
+        return (state is not None and not state.synced
+                and time.monotonic() - state.followed_at < self.sync_timeout)
+
+    def families(self, engine_id: str) -> int:
+        """Prefix families (root keys) cached on the engine: what kv_aware spreads new prefixes by."""
+        state = self.engines.get(engine_id)
+        return len(state.roots) if state is not None else 0
+
+    def key_count(self, engine_id: str) -> int:
+        state = self.engines.get(engine_id)
+        return len(state.keys) if state is not None else 0
+
     def chunk_bytes(self, engine_id: str) -> int:
         state = self.engines.get(engine_id)
         return state.chunk_bytes if state is not None else CHUNK_BYTES
@@ -281,7 +307,7 @@ class KvIndex:
             return
         if not self._cache.synced.is_set():
             return
-        if all(s.synced for s in self.engines.values()):
+        if all(s.synced or s.refused for s in self.engines.values()):
             self.synced.set()
             if self.metrics is not None:
                 self.metrics.kv_index_synced.set(1)
@@ -316,6 +342,11 @@ class KvIndex:
                 reason, state.error = "incarnation", str(exc)
             except StreamError as exc:
                 reason, state.error = "stream", str(exc)
+            except aiohttp.ClientConnectorError as exc:  # nothing listens there: the process is down
+                reason, state.error = "connect", f"{type(exc).__name__}: {exc}"[:300]
+                if not state.refused:
+                    state.refused = True
+                    self._check_synced()
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 reason, state.error = "connect", f"{type(exc).__name__}: {exc}"[:300]
             except Exception as exc:  # noqa: BLE001 - a bug must not end the engine's stream for good
@@ -337,6 +368,7 @@ class KvIndex:
                                         sock_connect=self._connect_timeout, sock_read=self._idle_timeout)
         async with self._get_session().get(state.url.rstrip("/") + state.path, params=params,
                                            headers=self._headers, timeout=timeout) as resp:
+            state.refused = False
             if resp.status != 200:
                 raise StreamError(f"HTTP {resp.status} from {state.path}")
             state.state = "streaming"
@@ -381,8 +413,10 @@ class KvIndex:
             elif state.snapshots:
                 self._count("kv_index_resyncs", ("snapshot",))
             pairs = self._pairs(msg.get("keys"))
+            roots = self._roots(msg.get("roots"))
             state.keys.clear()
-            self._store(state, pairs)
+            state.roots.clear()
+            self._store(state, pairs, roots)
             state.incarnation = incarnation
             state.seq = seq
             block_size = msg.get("block_size")
@@ -411,18 +445,21 @@ class KvIndex:
             self._count("kv_index_resyncs", ("gap",))
             raise StreamError(f"event seq {seq} after {state.seq}")
         if kind == "stored":
-            self._store(state, self._pairs(msg.get("keys")))
+            self._store(state, self._pairs(msg.get("keys")), self._roots(msg.get("roots")))
         elif kind == "removed":
             keys = msg.get("keys")
             if type(keys) is not list:
                 raise StreamError("removed without a keys list")
             for text in keys:
                 try:
-                    state.keys.pop(parse_key_hex(text), None)
+                    key = parse_key_hex(text)
                 except ValueError:
                     raise StreamError(f"bad key {str(text)[:40]!r}") from None
+                state.keys.pop(key, None)
+                state.roots.discard(key)
         else:
             state.keys.clear()
+            state.roots.clear()
         state.seq = seq
 
     @staticmethod
@@ -442,15 +479,29 @@ class KvIndex:
                 raise StreamError(f"bad key {str(text)[:40]!r}") from None
         return out
 
-    def _store(self, state: EngineCache, pairs: list[tuple[int, int]]) -> None:
+    @staticmethod
+    def _roots(roots: Any) -> set[int]:
+        """The optional `roots` list (hex keys among the message's keys); absent: none."""
+        if roots is None:
+            return set()
+        if type(roots) is not list:
+            raise StreamError("roots is not a list")
+        try:
+            return {parse_key_hex(text) for text in roots}
+        except ValueError:
+            raise StreamError("a bad key in roots") from None
+
+    def _store(self, state: EngineCache, pairs: list[tuple[int, int]], roots: set[int] = frozenset()) -> None:
         keys = state.keys
         for key, tokens in pairs:
             if key in keys:
                 keys.move_to_end(key)
             keys[key] = tokens
+            if key in roots:
+                state.roots.add(key)
         over = len(keys) - self.max_keys
         if over > 0:  # the least recently stored go first
             for _ in range(over):
-                keys.popitem(last=False)
+                state.roots.discard(keys.popitem(last=False)[0])
             state.dropped += over
             self._count("kv_index_dropped", (state.engine_id,), over)

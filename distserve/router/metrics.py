@@ -201,6 +201,14 @@ class RouterMetrics:
             )
         )
         self.in_flight = r.add(Gauge("distserve_router_in_flight", "Client requests in progress"))
+        self.handed_over = r.add(
+            Counter(
+                "distserve_router_connections_handed_over_total",
+                "Client connections the fast path handed to aiohttp's server, by reason (route: another "
+                "route or method; framing: chunked or compressed body, HTTP/1.0, an odd header; head_too_large)",
+                ("reason",),
+            )
+        )
         self.engines_known = r.add(
             Gauge("distserve_router_engines_known", "Engines in the view, by role", ("role",))
         )

@@ -234,10 +234,10 @@ class Orchestrator:
             pd.ctx.keys = _keys_once(body)
 
         def entries() -> list[str]:
-            found = list(self.view.table().entries.get(model) or ())
+            found = self.view.table().entries.get(model) or ()
             if pd.needs:  # only engines (and paths) that apply every field the request uses
                 found = [e for e in found if self._honours(e, pd.needs, model)]
-            return found
+            return found  # the table's own list when unfiltered: read, never changed
 
         async def attempt(engine_id: str) -> web.StreamResponse:
             engine = self.view.engines.get(engine_id)
@@ -277,6 +277,8 @@ class Orchestrator:
         last: RetryElsewhere | None = None
 
         def untried() -> list[str]:
+            if not tried:  # the first attempt: no copy (strategies cache per candidate list)
+                return routable()
             return [e for e in routable() if e not in tried]
 
         async def one(n: int):
@@ -409,16 +411,12 @@ class Orchestrator:
     # ------------------------------------------------------------------ PD
     async def _shielded_prefill(self, pd: PDRequest, prefill: EngineRecord) -> dict:
         """The prefill call, counted as a pick. Shielded: a client gone while the prefill runs must not strand
-        its preserved KV until the TTL (the engine may have answered already); the call finishes in the
-        background and its sessions are freed."""
+        its preserved KV until the TTL (the engine may have answered already): once the call went out, its
+        answer is read in the background and its sessions are freed (`_call`'s `orphaned`). No task of its
+        own per request for that (a shield costs a task and two loop callbacks each time)."""
         self.metrics.picks.inc(("prefill", prefill.id))
         pd.engines = prefill.id
-        call = asyncio.ensure_future(self._prefill(pd, prefill))
-        try:
-            return await asyncio.shield(call)
-        except asyncio.CancelledError:
-            self._spawn(self._free_orphan(call, prefill, pd.headers))
-            raise
+        return await self._prefill(pd, prefill)
 
     async def _pd(self, pd: PDRequest, prefill: EngineRecord) -> web.StreamResponse:
         answer = await self._shielded_prefill(pd, prefill)
@@ -449,20 +447,34 @@ class Orchestrator:
         return resp
 
     async def _call(
-        self, engine: EngineRecord, phase: str, path: str, data: bytes, headers: bytes, timeout: float
+        self, engine: EngineRecord, phase: str, path: str, data: bytes, headers: bytes, timeout: float,
+        orphaned: bool = False,
     ) -> tuple[int, bytes]:
-        """One whole engine call (status, body) within `timeout`; failures raised as UpstreamError."""
+        """One whole engine call (status, body) within `timeout`; failures raised as UpstreamError.
+        `orphaned`: the answer holds engine state (a prefill's preserved sessions): when the caller is
+        cancelled after the request went out, the answer is read (within the same deadline) and its
+        sessions freed in the background instead of the connection being dropped."""
         resp: Response | None = None
         span = None
+        on_cancel = None
+        if orphaned:
+            free_headers = headers
+            on_cancel = lambda answer: self._spawn(self._free_orphan(answer, engine, free_headers))  # noqa: E731
         if tracing.ENABLED:
             span, headers = _call_span(phase, engine, path, headers)
         try:
-            async with _timeout(timeout):
-                resp = await self._pool().request(engine.url, b"POST", path.encode(), data, headers)
-                if span is not None and phase == "decode":  # unary: the first token comes with the answer
-                    span.add_event("first_token")
-                return resp.status, await resp.read()
+            pool = self._pool()
+            resp = await pool.request(
+                engine.url, b"POST", path.encode(), data, headers,
+                deadline=pool.loop.time() + timeout, on_cancel=on_cancel,
+            )
+            if span is not None and phase == "decode":  # unary: the first token comes with the answer
+                span.add_event("first_token")
+            return resp.status, await resp.read()
         except asyncio.CancelledError:
+            if on_cancel is not None and resp is not None:
+                on_cancel(resp)
+                resp = None  # handed over: not closed below
             raise
         except Exception as exc:  # noqa: BLE001 - every transport failure is classified
             err = classify_exception(exc)
@@ -493,7 +505,8 @@ class Orchestrator:
         self.load.begin(prefill.id)
         try:
             status, raw = await self._call(
-                prefill, "prefill", pd.path, orjson.dumps(pre), pd.headers, self.s.prefill_timeout
+                prefill, "prefill", pd.path, orjson.dumps(pre), pd.headers, self.s.prefill_timeout,
+                orphaned=True,
             )
         except UpstreamError as err:
             if err.retryable:
@@ -596,11 +609,22 @@ class Orchestrator:
             wait_first=links_back,
         )
 
-    async def _free_orphan(self, call: asyncio.Future, prefill: EngineRecord, headers: bytes) -> None:
-        """Free the sessions of a prefill answer nobody will decode (its request was cancelled)."""
+    async def _free_orphan(self, resp: Response, prefill: EngineRecord, headers: bytes) -> None:
+        """Free the sessions of a prefill answer nobody will decode: its request was cancelled after the call
+        went out. The answer is read here, within the call's own deadline."""
         try:
-            answer = await call
-        except BaseException:  # noqa: BLE001 - failed or cancelled: nothing was preserved for us
+            raw = await resp.read()
+        except BaseException:  # noqa: BLE001 - failed, timed out or cancelled: nothing to free that we know of
+            return
+        finally:
+            resp.close()
+        if resp.status != 200:
+            return
+        try:
+            answer = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(answer, dict):
             return
         ids = answer.get("remote_session_ids")
         if type(ids) is not list:
@@ -754,7 +778,7 @@ class Orchestrator:
             first_at = time.perf_counter()
             if phase == "decode":
                 self.metrics.phase.observe(first_at - t0, ("migration",))
-            out = pd.sink or web.StreamResponse(status=200, headers={**SSE_HEADERS, "X-Request-Id": pd.rid})
+            out = pd.sink or pd.new_stream({**SSE_HEADERS, "X-Request-Id": pd.rid})
             await out.prepare(pd.request)
             pd.outcome = "started"  # how it ends is recorded below, or by the handler on an exception
             await out.write(first)

@@ -26,7 +26,7 @@ class PDRequest:
     __slots__ = (
         "request", "kind", "path", "rid", "started", "raw", "body", "model", "stream", "headers",
         "routing", "ctx", "engines", "outcome", "answered", "prefill", "session_id", "token_id",
-        "block_ids", "staging", "first_at", "span", "needs", "sink", "first_logprobs",
+        "block_ids", "staging", "first_at", "span", "needs", "sink", "first_logprobs", "new_stream",
     )
 
     def __init__(self, request: web.Request, kind: str, path: str, rid: str, started: float) -> None:
@@ -57,6 +57,13 @@ class PDRequest:
         # a fanned-out choice (distserve.router.fanout): its stream goes into the merged one, not the client
         self.sink = None
         self.first_logprobs = None  # the prefill's logprobs of the first token, passed on to the decode
+        # makes the client's stream (headers -> an unprepared StreamResponse-like object); the fast path
+        # (fastpath.py) writes its own
+        self.new_stream = _aiohttp_stream
+
+
+def _aiohttp_stream(headers: dict) -> web.StreamResponse:
+    return web.StreamResponse(status=200, headers=headers)
 
 
 def kv_staging(answer: dict) -> dict | None:

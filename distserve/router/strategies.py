@@ -18,15 +18,24 @@ non-drained, non-cordoned engines serving the model whose circuit breakers are c
 
 A strategy gets its params (distserve.cluster.records.STRATEGY_PARAMS[name], typed and bounded) when it is made;
 constructing one from a valid config never raises, and no value of a valid config can make a pick fail.
+
+Cost per pick (issue 22): none scans the candidates in Python. min_expected_latency (from _INDEX_MIN
+candidates), prefix_affinity and weighted random keep per-candidate-set state (_PerSet: a ring, cumulative
+weights, the members' loads) that the load tracker's change journal keeps current, so a pick costs the load
+changes since the previous one plus a C-level compare of the candidate list, with the same decisions as the
+scan (tests/router/test_strategies.py checks them against it).
 """
 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import math
 import random
 from bisect import bisect_right
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from itertools import accumulate, islice
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,11 +54,18 @@ from distserve.router.load import LoadTracker
 MAX_RING_POINTS = 1 << 14
 _RING_CACHE_POINTS = 1 << 18
 _RING_CACHE_ENTRIES = 256
+# min_expected_latency and weighted random keep a per-candidate-set index from this many candidates up; below
+# it a scan costs about as much, and the many small sets (each prefill's decodes) would only churn the cache.
+_INDEX_MIN = 32
+_INDEX_CACHE_ENTRIES = 64
+_INDEX_CACHE_MEMBERS = 1 << 16
 
 
 @dataclass
 class PickContext:
     load: LoadTracker
+    # Never mutated in place once picked with (the router makes a new dict per routing config): the
+    # strategies' per-candidate-set caches check it by identity, then by value.
     weights: dict[str, float] = field(default_factory=dict)
     # The config's params as stored (the strategies use the typed copy they were made with).
     params: dict[str, Any] = field(default_factory=dict)
@@ -78,15 +94,164 @@ def _weight(ctx: PickContext, engine_id: str) -> float:
     return w if w > 0 else 1e-9
 
 
+class _PerSet:
+    """State that is a function of one candidate set (and the weights): a ring, cumulative weights, a load
+    index. Picks come with a new list each time (the orchestrator filters the table's), so the key is cheap
+    to hash (size, first, middle, last) and the stored members are compared with == (a C loop, ~1 us per 500
+    engines): another set with the same key replaces the entry. Bounded in entries and in total size (members
+    or ring points), least recently used first out."""
+
+    def __init__(self, build: Callable[[list[str], PickContext], Any], max_entries: int, max_size: int) -> None:
+        self._build = build  # (members, ctx) -> state with .members, .weights, .size
+        self._max_entries = max_entries
+        self._max_size = max_size
+        self._states: OrderedDict[tuple, Any] = OrderedDict()
+        self.size = 0
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def get(self, candidates: list[str], ctx: PickContext) -> Any:
+        n = len(candidates)
+        key = (n, candidates[0], candidates[n >> 1], candidates[-1])
+        states = self._states
+        state = states.get(key)
+        if state is not None:
+            if state.members == candidates and (state.weights is ctx.weights or state.weights == ctx.weights):
+                state.weights = ctx.weights  # the same values: identity from now on
+                states.move_to_end(key)
+                return state
+            del states[key]
+            self.size -= state.size
+        state = self._build(list(candidates), ctx)
+        while states and (len(states) >= self._max_entries or self.size + state.size > self._max_size):
+            self.size -= states.popitem(last=False)[1].size
+        states[key] = state
+        self.size += state.size
+        return state
+
+
+class _Loads:
+    """One candidate set's unfinished() per member and their total, kept current from the load tracker's change
+    journal (distserve.router.load): a pick applies the changes since the previous one (each O(1), plus what
+    the subclass keeps) instead of reading every candidate; too far behind (or another tracker), it re-reads
+    them all, which costs what a scan did."""
+
+    def __init__(self, members: list[str], ctx: PickContext) -> None:
+        self.members = members
+        self.weights = ctx.weights
+        self.size = len(members)
+        self.load: LoadTracker | None = None
+        self.seq = 0
+        self.vals: dict[str, int] = {}
+        self.total = 0
+
+    def sync(self, load: LoadTracker) -> None:
+        lag = load.seq - self.seq
+        if load is self.load and lag == 0:
+            return
+        if load is not self.load or lag > len(load.changed) or lag > len(self.members):
+            self.load, self.seq = load, load.seq
+            unfinished = load.unfinished
+            self.vals = {c: unfinished(c) for c in self.members}
+            self.total = sum(self.vals.values())
+            self._rebuilt()
+            return
+        self.seq = load.seq
+        vals, unfinished = self.vals, load.unfinished
+        for engine_id in islice(reversed(load.changed), lag):  # repeats are harmless: each reads the current value
+            old = vals.get(engine_id)
+            if old is not None:
+                new = unfinished(engine_id)
+                if new != old:
+                    vals[engine_id] = new
+                    self.total += new - old
+                    self._moved(engine_id, new)
+
+    def _rebuilt(self) -> None:
+        pass
+
+    def _moved(self, engine_id: str, new: int) -> None:
+        pass
+
+
+class _LatencyIndex(_Loads):
+    """min_expected_latency over one candidate set: the members bucketed by score (unfinished / weight, the
+    very float the scan computes), a heap of the scores that have a bucket. Empty buckets are dropped when
+    they reach the top of the heap; a heap grown past 2x the members is rebuilt."""
+
+    def __init__(self, members: list[str], ctx: PickContext) -> None:
+        super().__init__(members, ctx)
+        weighted = bool(ctx.weights)
+        self.speed = {c: _weight(ctx, c) if weighted else 1.0 for c in members}
+
+    def _rebuilt(self) -> None:
+        self.score: dict[str, float] = {}
+        self.buckets: dict[float, list[str]] = {}
+        self.pos: dict[str, int] = {}  # member -> its index in its bucket
+        speed = self.speed
+        for c, v in self.vals.items():
+            s = self.score[c] = v / speed[c]
+            bucket = self.buckets.setdefault(s, [])
+            self.pos[c] = len(bucket)
+            bucket.append(c)
+        self.heap = list(self.buckets)
+        heapq.heapify(self.heap)
+
+    def _moved(self, engine_id: str, new: int) -> None:
+        s = new / self.speed[engine_id]
+        old = self.score[engine_id]
+        if s == old:
+            return
+        bucket, i = self.buckets[old], self.pos[engine_id]
+        last = bucket.pop()  # swap-remove: the order inside a bucket is irrelevant (ties go at random)
+        if last is not engine_id:
+            bucket[i] = last
+            self.pos[last] = i
+        bucket = self.buckets.get(s)
+        if bucket is None:
+            bucket = self.buckets[s] = []
+            heapq.heappush(self.heap, s)
+        self.pos[engine_id] = len(bucket)
+        bucket.append(engine_id)
+        self.score[engine_id] = s
+
+    def best(self) -> list[str]:
+        """The members of lowest score."""
+        heap, buckets = self.heap, self.buckets
+        if len(heap) > 2 * len(self.members) + 16:
+            self._rebuilt()
+        while not buckets[heap[0]]:
+            del buckets[heapq.heappop(heap)]
+        return buckets[heap[0]]
+
+
+class _CumWeights:
+    """Weighted random over one candidate set: the cumulative weights random.choices builds per call."""
+
+    def __init__(self, members: list[str], ctx: PickContext) -> None:
+        self.members = members
+        self.weights = ctx.weights
+        self.size = len(members)
+        self.cum = list(accumulate(_weight(ctx, c) for c in members))
+
+
 class RandomStrategy(Strategy):
     name = "random"
+
+    def __init__(self, params: StrategyParams | None = None) -> None:
+        super().__init__(params)
+        self._sets = _PerSet(_CumWeights, _INDEX_CACHE_ENTRIES, _INDEX_CACHE_MEMBERS)
 
     def pick(self, candidates: list[str], ctx: PickContext) -> str:
         if len(candidates) == 1:
             return candidates[0]
         if not ctx.weights:
             return random.choice(candidates)
-        return random.choices(candidates, weights=[_weight(ctx, c) for c in candidates])[0]
+        if len(candidates) < _INDEX_MIN:
+            return random.choices(candidates, weights=[_weight(ctx, c) for c in candidates])[0]
+        # the same draw as weights=... (random.choices accumulates them first), without the O(n) per pick
+        return random.choices(candidates, cum_weights=self._sets.get(candidates, ctx).cum)[0]
 
 
 class RoundRobinStrategy(Strategy):
@@ -104,9 +269,23 @@ class RoundRobinStrategy(Strategy):
 class MinExpectedLatencyStrategy(Strategy):
     name = "min_expected_latency"
 
+    def __init__(self, params: StrategyParams | None = None) -> None:
+        super().__init__(params)
+        self._sets = _PerSet(_LatencyIndex, _INDEX_CACHE_ENTRIES, _INDEX_CACHE_MEMBERS)
+
     def pick(self, candidates: list[str], ctx: PickContext) -> str:
         if len(candidates) == 1:
             return candidates[0]
+        if len(candidates) >= _INDEX_MIN:  # the index: O(load changes since the last pick), not O(candidates)
+            index = self._sets.get(candidates, ctx)
+            index.sync(ctx.load)
+            best = index.best()
+            return best[0] if len(best) == 1 else random.choice(best)
+        return self._scan(candidates, ctx)
+
+    @staticmethod
+    def _scan(candidates: list[str], ctx: PickContext) -> str:
+        """The reference: every candidate's score, the lowest wins, ties at random."""
         unfinished = ctx.load.unfinished
         weights = ctx.weights
         best: list[str] = []
@@ -151,34 +330,25 @@ class PrefixAffinityStrategy(Strategy):
         self._prefix_chars = typed.prefix_chars
         self._load_factor = max(1.0, typed.load_factor)
         self._vnodes = typed.vnodes
-        self._rings: dict[tuple, tuple[list[int], list[str]]] = {}
-        self._cached_points = 0
+        # per candidate set: the ring and the members' loads (candidate sets change with the topology; the
+        # cache is small in entries and in memory)
+        self._sets = _PerSet(self._ring, _RING_CACHE_ENTRIES, _RING_CACHE_POINTS)
 
-    def _ring(self, candidates: list[str], ctx: PickContext) -> tuple[list[int], list[str]]:
-        key = (
-            tuple(candidates),
-            tuple(sorted((c, ctx.weights[c]) for c in candidates if c in ctx.weights)),
-        )
-        ring = self._rings.get(key)
-        if ring is None:
-            counts = {c: max(1, round(self._vnodes * _weight(ctx, c))) for c in candidates}
-            total = sum(counts.values())
-            if total > MAX_RING_POINTS:  # the same scaling on every replica: they still agree
-                scale = MAX_RING_POINTS / total
-                counts = {c: max(1, int(n * scale)) for c, n in counts.items()}
-            points: list[tuple[int, str]] = []
-            for c in candidates:
-                for i in range(counts[c]):
-                    points.append((_hash64(f"{c}#{i}".encode()), c))
-            points.sort()
-            ring = ([p[0] for p in points], [p[1] for p in points])
-            # candidate sets change with the topology; keep the cache small in entries and in memory
-            if len(self._rings) >= _RING_CACHE_ENTRIES or self._cached_points + len(points) > _RING_CACHE_POINTS:
-                self._rings.clear()
-                self._cached_points = 0
-            self._rings[key] = ring
-            self._cached_points += len(points)
-        return ring
+    def _ring(self, candidates: list[str], ctx: PickContext) -> _Loads:
+        counts = {c: max(1, round(self._vnodes * _weight(ctx, c))) for c in candidates}
+        total = sum(counts.values())
+        if total > MAX_RING_POINTS:  # the same scaling on every replica: they still agree
+            scale = MAX_RING_POINTS / total
+            counts = {c: max(1, int(n * scale)) for c, n in counts.items()}
+        points: list[tuple[int, str]] = []
+        for c in candidates:
+            for i in range(counts[c]):
+                points.append((_hash64(f"{c}#{i}".encode()), c))
+        points.sort()
+        state = _Loads(candidates, ctx)
+        state.hashes, state.owners = [p[0] for p in points], [p[1] for p in points]
+        state.size = len(points)
+        return state
 
     def pick(self, candidates: list[str], ctx: PickContext) -> str:
         if len(candidates) == 1:
@@ -186,10 +356,10 @@ class PrefixAffinityStrategy(Strategy):
         prefix_chars = self._prefix_chars
         load_factor = self._load_factor
         prefix = ctx.prefix(prefix_chars) if ctx.prefix else b""
-        hashes, owners = self._ring(candidates, ctx)
-        unfinished = ctx.load.unfinished
-        loads = {c: unfinished(c) for c in candidates}
-        cap = math.ceil(load_factor * (sum(loads.values()) + 1) / len(candidates))
+        state = self._sets.get(candidates, ctx)
+        state.sync(ctx.load)  # loads and their total as of now, without reading every candidate
+        hashes, owners, loads = state.hashes, state.owners, state.vals
+        cap = math.ceil(load_factor * (state.total + 1) / len(candidates))
         start = bisect_right(hashes, _hash64(prefix))
         seen: set[str] = set()
         n = len(hashes)
@@ -210,10 +380,14 @@ class KvAwareStrategy(Strategy):
 
     cost(c) = load_weight x unfinished(c) / weight(c) - cache_weight x matched(c) / 1024, lowest wins;
     matched(c) = prompt tokens of the longest prefix key of the request cached on c (0 below
-    min_match_tokens). Ties go to the tied engine caching the fewest prefix keys, then to prefix_affinity's
-    ring order, so every replica sends a new prefix to the same engine; for a prefix no engine holds, loads
-    within one queued request of the lowest count as tied (its placement outlives the queue).
-    Engines without a synced cache stream (lmdeploy today) are placed by prefix_affinity's hash among
+    min_match_tokens). Ties go to the tied engine caching the fewest prefix families (root keys, as the
+    engines' streams mark them), then the least loaded, then the fewest prefix keys, then to prefix_affinity's
+    ring order, so every
+    replica sends a new prefix to the same engine. For a prefix no engine holds, every engine within one
+    queued request of the lowest load, or within load_factor x the mean (bounded loads), counts as tied:
+    its placement outlives the queue it is placed by.
+    An engine with a cache stream whose snapshot is not in yet (a restarted process) counts as caching
+    nothing. Engines without a cache stream (lmdeploy today) are placed by prefix_affinity's hash among
     themselves; the one it picks is credited with the longest match any streaming engine holds (the prefix
     is where the hash sent it before), and a streaming engine wins a tie with it (its cache is known, not
     assumed).
@@ -230,6 +404,7 @@ class KvAwareStrategy(Strategy):
         self._cache_weight = typed.cache_weight / 1024.0
         self._load_weight = typed.load_weight
         self._min_match = typed.min_match_tokens
+        self._load_factor = max(1.0, typed.load_factor)
         self._affinity = PrefixAffinityStrategy(
             PrefixAffinityParams(prefix_chars=typed.prefix_chars, load_factor=typed.load_factor,
                                  vnodes=typed.vnodes)
@@ -244,20 +419,25 @@ class KvAwareStrategy(Strategy):
         unfinished = ctx.load.unfinished
         weighted = bool(ctx.weights)
         costs: dict[str, float] = {}
+        loads: dict[str, float] = {}
         matches: dict[str, int] = {}
         blind: list[str] = []
         best_match = 0
+        pending = getattr(index, "pending", None)
         for c in candidates:
             if not index.has_stream(c):
-                blind.append(c)
-                continue
-            matched = index.matched_tokens(c, keys_of(index.chunk_bytes(c))) or 0
-            if matched < self._min_match:
-                matched = 0
+                if pending is None or not pending(c):
+                    blind.append(c)
+                    continue
+                matched = 0  # its snapshot is not in yet: a new process, nothing cached to count on
+            else:
+                matched = index.matched_tokens(c, keys_of(index.chunk_bytes(c))) or 0
+                if matched < self._min_match:
+                    matched = 0
             matches[c] = matched
             if matched > best_match:
                 best_match = matched
-            load = unfinished(c) / (_weight(ctx, c) if weighted else 1.0)
+            load = loads[c] = unfinished(c) / (_weight(ctx, c) if weighted else 1.0)
             costs[c] = self._load_weight * load - self._cache_weight * matched
         if not costs:  # nobody streams: exactly prefix_affinity
             return self._done(self._affinity.pick(candidates, ctx), "hash", 0)
@@ -269,13 +449,18 @@ class KvAwareStrategy(Strategy):
         low = min(costs.values())
         if hashed is not None and hashed_cost < low:
             return self._done(hashed, "hash", 0)
-        # A prefix no engine holds is placed for as long as its conversations last, not for the instant's
-        # queue: loads within one queued request of the lowest count as a tie for it (docs/benchmarks.md,
-        # "Cache-aware routing": 8 prompts placed by momentary queues of 0-2 gave 1.48 max/mean).
-        slack = self._load_weight if best_match == 0 else 1e-9
-        tied = [c for c, cost in costs.items() if cost <= low + slack]
+        if best_match == 0 and self._load_weight > 0:
+            # A prefix no engine holds is placed for as long as its conversations last, not for the instant's
+            # queue: loads within one queued request of the lowest, or within the bounded-load cap, count as
+            # a tie for it (docs/benchmarks.md, "Cache-aware routing": 8 prompts placed by momentary queues of
+            # 0-2 gave 1.48 max/mean).
+            bound = max(min(loads.values()) + 1.0,
+                        math.ceil(self._load_factor * (sum(loads.values()) + 1) / len(loads)) - 1.0)
+            tied = [c for c, load in loads.items() if load <= bound + 1e-9]
+        else:
+            tied = [c for c, cost in costs.items() if cost <= low + 1e-9]
         if len(tied) > 1:
-            tied = _least_cached(tied, index)
+            tied = _least_cached(tied, index, loads)
         chosen = tied[0] if len(tied) == 1 else self._affinity.pick(tied, ctx)
         matched = matches[chosen]
         return self._done(chosen, "cache" if matched else "load", matched)
@@ -286,15 +471,24 @@ class KvAwareStrategy(Strategy):
         return engine_id
 
 
-def _least_cached(tied: list[str], index: Any) -> list[str]:
-    """kv_aware's ties (a new prefix, equal loads) go first to the engines caching the fewest prefix keys: new
-    prefixes spread over the engines by the traffic each already serves (every replica follows the same
-    streams, so they agree), where the hash alone piled 8 system prompts 2.6x the mean onto one of 4 prefills
-    (docs/benchmarks.md, "Cache-aware routing"). The ring still breaks what is left."""
-    describe = getattr(index, "describe", None)
-    if describe is None:
-        return tied
-    sizes = {c: (describe(c) or {}).get("keys", 0) for c in tied}
+def _least_cached(tied: list[str], index: Any, loads: Mapping[str, float] | None = None) -> list[str]:
+    """kv_aware's ties (a new prefix, equal loads) go first to the engines caching the fewest prefix families
+    (root keys: a family is what brings a stream of requests, whatever its conversations' length), then the
+    fewest prefix keys: new prefixes spread over the engines by the traffic each already serves. Both come
+    from the engines' streams, so every replica agrees; the hash alone piled 8 system prompts 2.6x the mean
+    onto one of 4 prefills, the key count alone 1.48x (docs/benchmarks.md, "Cache-aware routing"). Equal
+    families: the lower load first (a family just placed is in flight there, its root not streamed until its
+    prefill ends: without this the next new family followed it), then the fewest keys; the ring still breaks
+    what is left."""
+    families = getattr(index, "families", None)
+    key_count = getattr(index, "key_count", None)
+    if key_count is None:
+        describe = getattr(index, "describe", None)
+        if describe is None:
+            return tied
+        key_count = lambda c: (describe(c) or {}).get("keys", 0)  # noqa: E731
+    sizes = {c: (families(c) if families is not None else 0, (loads or {}).get(c, 0.0), key_count(c))
+             for c in tied}
     fewest = min(sizes.values())
     return [c for c in tied if sizes[c] == fewest]
 

@@ -150,3 +150,37 @@ async def test_idle_timeout_inside_a_stream():
     finally:
         pool.close()
         await server.stop()
+
+
+async def test_deadline_bounds_the_whole_call_and_drops_its_connection():
+    """A call with a deadline fails with TimeoutError by then, whether the engine is silent before its head
+    or in the middle of its body; the connection owing the rest is dropped, never reused; a call that ends in
+    time is untouched by its (cancelled) timer."""
+    silent = await ScriptedServer([b""], hold_open=True).start()  # reads the request, never answers
+    halfway = await ScriptedServer([CL[:-4]], hold_open=True).start()  # head and part of the body, then silence
+    fine = await ScriptedServer([CL, CL]).start()
+    pool = EnginePool(connect_timeout=2)
+    loop = asyncio.get_running_loop()
+    try:
+        t0 = loop.time()
+        with pytest.raises(asyncio.TimeoutError):
+            await pool.request(silent.url, b"POST", b"/", b"", deadline=loop.time() + 0.2)
+        assert 0.15 < loop.time() - t0 < 1.0
+        r = await pool.request(halfway.url, b"POST", b"/", b"", deadline=loop.time() + 0.2)
+        assert r.status == 200
+        with pytest.raises(asyncio.TimeoutError):
+            await r.read()
+        assert 0.15 < loop.time() - t0 < 1.5
+        assert not pool._idle.get(pool._targets[halfway.url][0]), "a timed-out connection is not pooled"
+        r = await pool.request(fine.url, b"POST", b"/", b"", deadline=loop.time() + 0.2)
+        assert await r.read() == b'{"a": "b"}\n'
+        await asyncio.sleep(0.3)  # past that deadline: the finished call's timer must not touch its connection
+        r = await pool.request(fine.url, b"POST", b"/", b"")
+        assert await r.read() == b'{"a": "b"}\n'
+        assert fine.connections == 1
+        with pytest.raises(asyncio.TimeoutError):  # a deadline already gone: no call at all
+            await pool.request(silent.url, b"POST", b"/", b"", deadline=loop.time() - 1)
+    finally:
+        pool.close()
+        for server in (silent, halfway, fine):
+            await server.stop()

@@ -358,3 +358,26 @@ async def test_prefill_failing_before_output_is_retried_on_another_prefill(etcd)
         await client.close()
         for stub in (broken, healthy, decode):
             await stub.stop()
+
+
+async def test_client_gone_while_the_prefill_runs_frees_its_sessions_once_it_answers(wire):
+    """The prefill engine preserves KV for a request whose client has gone: the router reads the late
+    answer in the background and frees that session (not stranded until the TTL); no decode is called."""
+    prefill = wire["prefill"]
+    prefill.prefill_answer = {"id": "x", "remote_session_id": 91, "remote_token_ids": [5], "cache_block_ids": [1]}
+
+    async def slow() -> None:
+        await asyncio.sleep(0.6)
+
+    prefill.before_prefill_answer = slow
+    async with httpx.AsyncClient(base_url=wire["router"], timeout=0.2) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+    assert not prefill.requests("/distserve/free_cache"), "freed before the prefill even answered"
+    for _ in range(60):
+        if prefill.requests("/distserve/free_cache"):
+            break
+        await asyncio.sleep(0.05)
+    [(_headers, body)] = prefill.requests("/distserve/free_cache")
+    assert json.loads(body) == {"remote_engine_id": prefill.url, "remote_session_id": 91}
+    assert not wire["decode"].requests("/v1/completions")
