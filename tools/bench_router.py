@@ -30,7 +30,22 @@ bootstrap protocol; the null engines answer it as they are). `--skip-sglang` lea
 
 Workers (`--router-workers 2 4 8`): `distserve-wN` is `distserve router --workers N` pinned to N CPUs
 (1..N); CPU per request counts the supervisor and all its workers. With the largest N, the engines and
-load generators get the CPUs that are left (the table says where they saturate).
+load generators get the CPUs that are left, the same for every mode.
+
+direct-parallel (`--direct-parallel`, on by default when the gateway runs): the client sends the gateway's
+body (the request plus bootstrap_host/port/room) to a prefill and a decode at once and waits for both,
+SGLang's bootstrap protocol without a router. The gateway's added latency is taken over it, every other
+front end's over `direct` (LMDeploy's protocol): latency over the engines, not over round trips.
+
+Worker scaling (`--scenarios scaling`, `--scaling-workers 1 2 4 8`): for each N, `distserve router
+--workers N` on CPUs 1..N and everything else on all the other CPUs, with one engine process per prefill
+and decode and as many load processes as half those CPUs; concurrency N x --scaling-concurrency. `direct`
+on the same engines and CPUs is the ceiling; the table gives per N the req/s, 0.85 x N x one worker's,
+that ceiling, the CPU use of router and of engines+load, and a verdict: scales, or engines+load saturate.
+
+Profile (`--profile`): py-spy (installed under .bench/pyspy-venv, or from the device bundle) samples the
+distserve router during one extra steady cell; collapsed stacks in .bench/profile-router-*.txt (speedscope
+or flamegraph.pl read them), the top self-time frames in the report.
 
 Tracing cost (`--tracing`): the steady-state runs add `distserve-traced`, a second router with
 OpenTelemetry on (OTEL_* set, 100 % sampling, OTLP/HTTP to a local sink that accepts and drops), and with
@@ -46,11 +61,14 @@ import io
 import json
 import os
 import platform
+import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,11 +76,15 @@ sys.path.insert(0, str(REPO))
 if (REPO / ".bench" / "device" / "site").is_dir():  # the device bundle's wheels: the imports below need them
     sys.path.insert(0, str(REPO / ".bench" / "device" / "site"))
 
-from distserve.testing.cluster import engine_argv, wait_links_established  # noqa: E402
-from distserve.testing.ports import free_port, free_port_range  # noqa: E402
-from distserve.testing.procs import Proc, answers  # noqa: E402
-from distserve.testing.procs import wait_http as _wait_http  # noqa: E402
-from distserve.testing.metrics import scrape, value as metric_value  # noqa: E402
+try:
+    from distserve.testing.cluster import engine_argv, wait_links_established  # noqa: E402
+    from distserve.testing.ports import free_port, free_port_range  # noqa: E402
+    from distserve.testing.procs import Proc, answers  # noqa: E402
+    from distserve.testing.procs import wait_http as _wait_http  # noqa: E402
+    from distserve.testing.metrics import scrape, value as metric_value  # noqa: E402
+except ImportError:
+    if sys.argv[1:2] != ["--device-setup"]:  # it unpacks the very wheels these imports need (stdlib only)
+        raise
 
 BENCH = REPO / ".bench"
 LMD_VENV = BENCH / "lmdeploy-venv"
@@ -93,20 +115,29 @@ MAX_TOKENS = 16
 PY = sys.executable
 # The router (or proxy) under test gets CPU 1 alone (workers: CPUs 1..N); everything else shares the CPUs
 # no router uses (set_router_cpus, from the largest --router-workers).
-ROUTER_CPUS = "1"
-OTHER_CPUS = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)) if c != 1) or "0"
+# The CPUs this script may use, read once at import: amain then restricts its own affinity to the others,
+# so later reads of sched_getaffinity(0) would no longer see the routers' CPUs.
+ALL_CPUS = sorted(os.sched_getaffinity(0))
+
+
+def cpu_layout(n: int) -> tuple[str, str]:
+    """(router CPUs, everything else's CPUs) for a router of n workers: CPUs 1..n, and all the others. Where
+    the machine has no CPU left over, both get every CPU (a smoke run; the figures then mean nothing)."""
+    router = ALL_CPUS[1 : 1 + n] if len(ALL_CPUS) > n else ALL_CPUS
+    others = [c for c in ALL_CPUS if c not in router] or ALL_CPUS
+    return ",".join(map(str, router)), ",".join(map(str, others))
+
+
+ROUTER_CPUS, OTHER_CPUS = cpu_layout(1)
 
 
 def set_router_cpus(max_workers: int) -> None:
     global OTHER_CPUS
-    cpus = sorted(os.sched_getaffinity(0))
-    taken = set(cpus[1 : 1 + max_workers])
-    OTHER_CPUS = ",".join(str(c) for c in cpus if c not in taken) or str(cpus[0])
+    OTHER_CPUS = cpu_layout(max_workers)[1]
 
 
 def worker_cpus(n: int) -> str:
-    cpus = sorted(os.sched_getaffinity(0))
-    return ",".join(str(c) for c in cpus[1 : 1 + n]) or ROUTER_CPUS
+    return cpu_layout(n)[0] if n > 1 else ROUTER_CPUS
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -188,9 +219,11 @@ class Engines:
     engine (steady-state runs: engines must not be the bottleneck); else one process per role (--count)."""
 
     def __init__(
-        self, count: int, etcd: list[str] | None, cluster: str, tag: str, split: bool = False
+        self, count: int, etcd: list[str] | None, cluster: str, tag: str, split: bool = False,
+        cpus: str | None = None,
     ) -> None:
         self.count = count
+        self.cpus = cpus or OTHER_CPUS
         self.procs: list[Proc] = []
         self.prefills: list[str] = []
         self.decodes: list[str] = []
@@ -206,7 +239,7 @@ class Engines:
                                "--preserve-ttl", "30", null=True, log_level="WARNING")[1:]
             if etcd:
                 args += ["--etcd", ",".join(etcd), "--cluster", cluster, "--ttl", "10"]
-            proc = bench_proc([PY, __file__, "--engine-process", *args], OTHER_CPUS, name)
+            proc = bench_proc([PY, __file__, "--engine-process", *args], self.cpus, name)
             urls = [f"http://127.0.0.1:{port + i}" for i in range(count)]
             deadline = time.monotonic() + 60
             while proc.popen.poll() is None and time.monotonic() < deadline:
@@ -221,6 +254,9 @@ class Engines:
     def urls(self) -> list[str]:
         return self.prefills + self.decodes
 
+    def cpu_seconds(self) -> float:
+        return sum(tree_cpu_seconds(p.pid) for p in self.procs if p.pid)
+
     def stop(self) -> None:
         for p in self.procs:
             p.kill()
@@ -233,7 +269,7 @@ async def wait_links(etcd: list[str], cluster: str, n: int, timeout: float = 120
 # ------------------------------------------------------------------------------------------ front ends
 def start_router(
     etcd: list[str], cluster: str, tag: str, env: dict | None = None, tree: Path | None = None,
-    workers: int = 1,
+    workers: int = 1, cpus: str | None = None,
 ) -> tuple[Proc, str]:
     """`tree`: run the router of that source tree (a baseline checkout) instead of this one."""
     port = free_port()
@@ -256,7 +292,7 @@ def start_router(
             cluster,
             *extra,
         ],
-        worker_cpus(workers) if workers > 1 else ROUTER_CPUS,
+        cpus or worker_cpus(workers),
         f"{tag}-router",
         env,
         cwd=tree,
@@ -406,6 +442,138 @@ def start_sglang(tag: str, engines: "Engines") -> tuple[Proc, str]:
     return bench_proc(argv, ROUTER_CPUS, f"{tag}-sglang"), f"http://127.0.0.1:{port}"
 
 
+# ------------------------------------------------------------------------------------------ profiling
+PYSPY_VENV = BENCH / "pyspy-venv"
+PYSPY_VERSION = "0.4.3"
+
+
+def pyspy_command() -> str | None:
+    for path in (DEVICE / "site" / "bin" / "py-spy", PYSPY_VENV / "bin" / "py-spy"):
+        if path.exists():
+            return str(path)
+    return None
+
+
+def install_pyspy() -> tuple[str | None, str | None]:
+    """(py-spy's path, None), or (None, why not): py-spy==PYSPY_VERSION in .bench/pyspy-venv (a static
+    binary in its wheel), or the device bundle's copy (there nothing can be installed)."""
+    if pyspy_command() is None and not (DEVICE / "site").is_dir():
+        BENCH.mkdir(exist_ok=True)
+        pip = [str(PYSPY_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        for step in ([os.path.realpath(PY), "-m", "venv", str(PYSPY_VENV)], [*pip, f"py-spy=={PYSPY_VERSION}"]):
+            print("[bench] " + " ".join(step), file=sys.stderr)
+            r = subprocess.run(step, capture_output=True, text=True)
+            if r.returncode != 0:
+                return None, f"{' '.join(step[:6])} failed: {(r.stderr.strip().splitlines() or [r.returncode])[-1]}"
+    cmd = pyspy_command()
+    return (cmd, None) if cmd else (None, "py-spy not installed (device: rebuild the bundle with --device-bundle)")
+
+
+def _frame_name(frame: str) -> str:
+    """`func (/long/path/site-packages/pkg/mod.py:12)` -> `func (pkg/mod.py:12)`."""
+    name, sep, where = frame.partition(" (")
+    if not sep:
+        return frame
+    for marker in ("/site-packages/", "/dist-packages/", f"{REPO}/", "/lib/python3."):
+        if marker in where:
+            where = where.split(marker, 1)[1]
+            if marker == "/lib/python3.":  # the standard library: drop the version directory
+                where = where.split("/", 1)[-1]
+            break
+    return f"{name} ({where}"
+
+
+def top_frames(collapsed: str, limit: int = 25) -> dict:
+    """Self and total samples per frame from py-spy's raw (collapsed) output: `f1;f2;...;fn COUNT` lines.
+    Self time goes to each stack's last frame; total counts a frame once per stack it is on."""
+    self_n: dict[str, int] = {}
+    total_n: dict[str, int] = {}
+    threads: dict[str, int] = {}
+    samples = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        samples += n
+        frames = [_frame_name(f) for f in stack.split(";")]
+        if frames[0].startswith("thread (") and len(frames) > 1:  # --threads: `thread (TID): NAME` first
+            threads[frames[0]] = threads.get(frames[0], 0) + n
+            frames = frames[1:]
+        self_n[frames[-1]] = self_n.get(frames[-1], 0) + n
+        for f in set(frames):
+            total_n[f] = total_n.get(f, 0) + n
+
+    def top(d: dict[str, int]) -> list[dict]:
+        ranked = sorted(d.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]
+        return [{"frame": f, "samples": n, "share": n / max(1, samples),
+                 "total_share": total_n[f] / max(1, samples)} for f, n in ranked]
+
+    return {"samples": samples, "self": top(self_n), "total": top(total_n),
+            "threads": {t: n / max(1, samples) for t, n in sorted(threads.items(), key=lambda kv: -kv[1])}}
+
+
+async def profile_cell(session, args, router_url: str, router: Proc, results: dict) -> None:
+    """One extra steady cell (not in the tables) with py-spy sampling the distserve router: its collapsed
+    stacks under .bench/, the top self-time frames on stderr and in the results."""
+    pyspy, why = install_pyspy()
+    conc = args.profile_concurrency or max(args.concurrency)
+    tag = f"c{conc}-{'stream' if args.profile_stream else 'nostream'}"
+    out = BENCH / f"profile-router-{tag}.txt"
+    entry: dict = {"concurrency": conc, "stream": args.profile_stream, "duration": args.profile_duration}
+    results["profile"] = entry
+    if pyspy is None:
+        entry["error"] = why
+        print(f"[bench] profile not taken: {why}", file=sys.stderr)
+        return
+    out.unlink(missing_ok=True)
+    # py-spy on the load generators' CPUs, not the router's; --function: one frame per function, not per line.
+    cmd = [pyspy, "record", "--pid", str(router.pid), "--rate", str(args.profile_rate), "--format", "raw",
+           "--function", "--threads", "--full-filenames", "-o", str(out), *(["--native"] if args.profile_native else [])]
+    if shutil.which("taskset"):
+        cmd = ["taskset", "-c", OTHER_CPUS, *cmd]
+    spy = await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    said = b""
+    cell = None
+    try:
+        await asyncio.sleep(1.0)  # attached and sampling before the load starts
+        if spy.returncode is None:
+            cell = await measure(session, "distserve", router_url, args.profile_stream, conc,
+                                 args.profile_duration, args.clients, router)
+    except Exception as exc:  # noqa: BLE001 - a profile that could not be taken must not lose the tables
+        entry["error"] = f"{type(exc).__name__}: {exc}"
+    finally:
+        if spy.returncode is None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on Ctrl-C
+        try:
+            said = (await asyncio.wait_for(spy.communicate(), 60))[0]
+        except asyncio.TimeoutError:
+            spy.kill()
+            said = (await spy.communicate())[0]
+    if cell is None or not out.exists():
+        entry.setdefault("error", "py-spy recorded nothing: " + said.decode(errors="replace").strip()[-400:])
+        print(f"[bench] profile failed: {entry['error']}", file=sys.stderr)
+        return
+    ok = [x for x in cell.lat if x != FAILED]
+    entry.update(file=str(out.relative_to(REPO)), rps=len(ok) / cell.wall,
+                 cpu_ms_per_req=1000 * cell.cpu / max(1, len(cell.lat)), **top_frames(out.read_text()))
+    print(f"[bench] profile of the distserve router, c={conc} stream={args.profile_stream}: {entry['samples']} "
+          f"samples, {entry['rps']:.0f} req/s under py-spy, stacks in {out}", file=sys.stderr)
+    print(format_profile(entry), file=sys.stderr)
+
+
+def format_profile(entry: dict, limit: int = 20) -> str:
+    lines = []
+    if entry.get("threads"):
+        lines += ["Samples per thread (non-idle): " + ", ".join(
+            f"{t} {share * 100:.0f} %" for t, share in list(entry["threads"].items())[:6]), ""]
+    lines += [f"| self % | total % | frame (top {limit} by self time, {entry['samples']} samples) |",
+              "| --- | --- | --- |"]
+    for t in entry["self"][:limit]:
+        lines.append(f"| {t['share'] * 100:.1f} | {t['total_share'] * 100:.1f} | `{t['frame']}` |")
+    return "\n".join(lines)
+
+
 def start_proxy(tag: str) -> tuple[Proc, str]:
     port = free_port()
     proc = bench_proc(
@@ -490,6 +658,8 @@ DEVICE_WHEELS = [
     # SGLang's Rust gateway (abi3 wheel) and what its launcher imports beyond the above
     f"sglang-router=={SGL_VERSION}",
     "setproctitle==1.3.8",
+    # --profile: py-spy (a static binary in a py2.py3-none manylinux wheel; installed into site/bin)
+    f"py-spy=={PYSPY_VERSION}",
 ]
 
 
@@ -604,6 +774,9 @@ def device_setup() -> int:
 
 
 # ------------------------------------------------------------------------------------------ load
+DIRECT_MODES = ("direct", "direct-parallel")  # the client calls the engines itself (target: their URLs)
+
+
 class Client:
     """The load generator: one pooled aiohttp session, pre-encoded bodies."""
 
@@ -620,24 +793,41 @@ class Client:
         }
         self.raw = orjson.dumps(self.body)
         self.orjson = orjson
-        if mode == "direct":
+        if mode in DIRECT_MODES:
             self.prefills, self.decodes = target
             pre = {**self.body, "max_tokens": 1, "stream": False, "with_cache": True, "preserve_cache": True}
             self.prefill_raw = orjson.dumps(pre)
             self.i = 0
+            # direct-parallel: the body SGLang's gateway sends to both engines (seen on the wire from
+            # sglang-router 0.3.2): the client's request plus the bootstrap fields, a random room per request.
+            # The null engines ignore the fields and answer both calls as plain completions.
+            self.bootstrap_head = self.raw[:-1] + b',"bootstrap_host":"127.0.0.1","bootstrap_port":null,'
         else:
             self.url = f"{target}/v1/completions"
 
+    def _check(self, what: str, status: int, data: bytes) -> None:
+        ok = status == 200 and (data.rstrip().endswith(b"[DONE]") if self.stream else b'"choices"' in data)
+        if not ok or b'"error' in data:
+            raise RuntimeError(f"{what}: HTTP {status} {data[:200]!r}")
+
+    async def _post(self, url: str, body: bytes) -> tuple[int, bytes]:
+        async with self.session.post(url, data=body, headers={"Content-Type": "application/json"}) as r:
+            return r.status, await r.read()
+
     async def one(self) -> None:
         s = self.session
-        if self.mode != "direct":
-            async with s.post(self.url, data=self.raw, headers={"Content-Type": "application/json"}) as r:
-                data = await r.read()
-            ok = r.status == 200 and (
-                data.rstrip().endswith(b"[DONE]") if self.stream else b'"choices"' in data
-            )
-            if not ok or b'"error' in data:
-                raise RuntimeError(f"{self.mode}: HTTP {r.status} {data[:200]!r}")
+        if self.mode not in DIRECT_MODES:
+            self._check(self.mode, *await self._post(self.url, self.raw))
+            return
+        if self.mode == "direct-parallel":  # SGLang's bootstrap protocol: both calls at once, wait for both
+            self.i += 1
+            p = self.prefills[self.i % len(self.prefills)]
+            d = self.decodes[self.i % len(self.decodes)]
+            body = self.bootstrap_head + b'"bootstrap_room":%d}' % random.getrandbits(63)
+            pre, dec = await asyncio.gather(self._post(f"{p}/v1/completions", body),
+                                            self._post(f"{d}/v1/completions", body))
+            self._check("direct-parallel prefill", *pre)
+            self._check("direct-parallel decode", *dec)
             return
         self.i += 1
         p = self.prefills[self.i % len(self.prefills)]
@@ -698,12 +888,14 @@ def load_worker_main(spec_json: str) -> int:
     spec = json.loads(spec_json)
     target = spec["target"] if isinstance(spec["target"], str) else tuple(spec["target"])
 
-    async def run() -> list[float]:
+    async def run() -> dict:
         async with new_session() as session:
             client = Client(session, spec["mode"], target, spec["stream"])
             await burst(client, spec["concurrency"])  # open the connections before the clock starts
             await asyncio.sleep(max(0.0, spec["start_at"] - time.time()))
-            return await closed_loop(client, spec["concurrency"], spec["duration"])
+            cpu0 = time.process_time()
+            lat = await closed_loop(client, spec["concurrency"], spec["duration"])
+            return {"lat": lat, "cpu": time.process_time() - cpu0}  # its own CPU: is the load saturated?
 
     print(json.dumps(_run(run())))
     return 0
@@ -718,6 +910,18 @@ def _run(coro):
         return asyncio.run(coro)
 
 
+@dataclass
+class Cell:
+    """One measurement: latencies, wall seconds, and CPU seconds of the front end's process tree, of the
+    load generators and of the engine processes over it."""
+
+    lat: list[float]
+    wall: float
+    cpu: float
+    load_cpu: float = 0.0
+    engines_cpu: float = 0.0
+
+
 async def measure(
     session,
     mode: str,
@@ -727,14 +931,18 @@ async def measure(
     duration: float,
     clients: int,
     proc: Proc | None,
-) -> tuple[list[float], float, float]:
-    """Closed loop at `concurrency`: (latencies, wall seconds, CPU seconds of `proc`)."""
+    cpus: str | None = None,
+    engines: Engines | None = None,
+) -> Cell:
+    """Closed loop at `concurrency` from `clients` processes pinned to `cpus` (default: OTHER_CPUS)."""
+    eng0 = engines.cpu_seconds() if engines else 0.0
     if clients <= 1 or concurrency < clients:
         client = Client(session, mode, target, stream)
-        cpu0 = tree_cpu_seconds(proc.pid) if proc else 0.0
+        cpu0, load0 = (tree_cpu_seconds(proc.pid) if proc else 0.0), time.process_time()
         t0 = time.perf_counter()
         lat = await closed_loop(client, concurrency, duration)
-        return lat, time.perf_counter() - t0, (tree_cpu_seconds(proc.pid) - cpu0) if proc else 0.0
+        return Cell(lat, time.perf_counter() - t0, (tree_cpu_seconds(proc.pid) - cpu0) if proc else 0.0,
+                    time.process_time() - load0, (engines.cpu_seconds() - eng0) if engines else 0.0)
     start_at = time.time() + 1.0 + 0.3 * clients
     share = [concurrency // clients + (1 if i < concurrency % clients else 0) for i in range(clients)]
     workers = []
@@ -749,16 +957,18 @@ async def measure(
         }
         cmd = [PY, __file__, "--load-worker", json.dumps(spec)]
         if shutil.which("taskset"):
-            cmd = ["taskset", "-c", OTHER_CPUS, *cmd]
+            cmd = ["taskset", "-c", cpus or OTHER_CPUS, *cmd]
         workers.append(await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE, env=bench_env()))
     await asyncio.sleep(max(0.0, start_at - time.time()))
     cpu0 = tree_cpu_seconds(proc.pid) if proc else 0.0
+    eng0 = engines.cpu_seconds() if engines else 0.0
     outs = await asyncio.gather(*(w.communicate() for w in workers))
     cpu = (tree_cpu_seconds(proc.pid) - cpu0) if proc else 0.0
+    eng = (engines.cpu_seconds() - eng0) if engines else 0.0
     if any(w.returncode for w in workers):
         raise RuntimeError(f"a load worker failed ({mode}, stream={stream}, c={concurrency})")
-    lat = [x for out, _ in outs for x in json.loads(out)]
-    return lat, duration, cpu
+    got = [json.loads(out) for out, _ in outs]
+    return Cell([x for g in got for x in g["lat"]], duration, cpu, sum(g["cpu"] for g in got), eng)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -787,7 +997,10 @@ async def steady_state(args, etcd: list[str], results: dict, proxy_ok: bool, sgl
         await wait_links(etcd, cluster, n * n)
         router, router_url = start_router(etcd, cluster, "steady", untraced_env())
         wait_http(f"{router_url}/health/ready")
-        fronts = {"direct": ((engines.prefills, engines.decodes), None), "distserve": (router_url, router)}
+        fronts = {"direct": ((engines.prefills, engines.decodes), None)}
+        if args.direct_parallel or (args.direct_parallel is None and sglang_ok):
+            fronts["direct-parallel"] = ((engines.prefills, engines.decodes), None)
+        fronts["distserve"] = (router_url, router)
         for n in args.router_workers:
             if n > 1:
                 wproc, wurl = start_router(etcd, cluster, f"steady-w{n}", untraced_env(), workers=n)
@@ -831,9 +1044,10 @@ async def steady_state(args, etcd: list[str], results: dict, proxy_ok: bool, sgl
                 for concurrency in args.concurrency:
                     for stream in (False, True):
                         for mode, (target, proc) in fronts.items():
-                            lat, wall, cpu = await measure(
+                            cell = await measure(
                                 session, mode, target, stream, concurrency, args.duration, args.clients, proc
                             )
+                            lat, wall, cpu = cell.lat, cell.wall, cell.cpu
                             rows.append(
                                 {
                                     "rep": rep,
@@ -855,6 +1069,8 @@ async def steady_state(args, etcd: list[str], results: dict, proxy_ok: bool, sgl
                                 f"p99 {rows[-1]['p99'] * 1e3:.2f} ms cpu {rows[-1]['cpu_ms_per_req']:.2f} ms/req",
                                 file=sys.stderr,
                             )
+            if args.profile:
+                await profile_cell(session, args, router_url, router, results)
     finally:
         for p in (router, proxy, *extra):
             if p:
@@ -942,6 +1158,89 @@ async def cold_start(args, etcd: list[str], results: dict, proxy_ok: bool) -> No
             engines.stop()
 
 
+async def scaling(args, etcd: list[str], results: dict, etcd_pid: int | None = None) -> None:
+    """`--workers N` scaling: for each N, the router's workers on N CPUs and everything else (engines, load
+    generators, etcd) on all the other CPUs, with as many engine and load processes as those CPUs can run;
+    `direct` (the client straight to the same engines, same CPUs, same concurrency) is the ceiling that the
+    engines and load generators allow. Concurrency: --scaling-concurrency per worker."""
+    rows = results.setdefault("scaling", [])
+    streams = [s == "yes" for s in args.scaling_streams]
+    try:
+        for n in args.scaling_workers:
+            router_cpus, others = cpu_layout(n)
+            free = len(others.split(","))
+            per_role = args.scaling_engines or max(1, (free + 1) // 2)
+            clients = args.scaling_clients or max(1, (free + 1) // 2)
+            conc = args.scaling_concurrency * n
+            other_set = {int(c) for c in others.split(",")}
+            os.sched_setaffinity(0, other_set)  # this process and etcd stay off the routers' CPUs
+            if etcd_pid:
+                os.sched_setaffinity(etcd_pid, other_set)
+            cluster = f"bench-scaling-w{n}"
+            layout = {"router_cpus": router_cpus, "other_cpus": others, "engines_per_role": per_role,
+                      "clients": clients, "concurrency": conc,
+                      "shared": bool(set(router_cpus.split(",")) & set(others.split(",")))}
+            results.setdefault("scaling_layout", {})[str(n)] = layout
+            print(f"[bench] scaling w{n}: router on CPUs {router_cpus}; {per_role}+{per_role} engines and {clients}"
+                  f" load processes on CPUs {others}; concurrency {conc}", file=sys.stderr)
+            engines = Engines(per_role, etcd, cluster, f"scale-w{n}", split=True, cpus=others)
+            router = None
+            try:
+                await wait_links(etcd, cluster, per_role * per_role)
+                router, url = start_router(etcd, cluster, f"scale-w{n}", untraced_env(), workers=n, cpus=router_cpus)
+                wait_http(f"{url}/health/ready")
+                fronts = {"direct": ((engines.prefills, engines.decodes), None), "distserve": (url, router)}
+                async with new_session() as session:
+                    for mode, (target, _) in fronts.items():
+                        for stream in streams:
+                            await burst(Client(session, mode, target, stream), 50)
+                    for rep in range(args.repeats):
+                        for stream in streams:
+                            for mode, (target, proc) in fronts.items():
+                                cell = await measure(session, mode, target, stream, conc, args.duration, clients,
+                                                     proc, cpus=others, engines=engines)
+                                ok = sum(x != FAILED for x in cell.lat)
+                                rows.append({
+                                    "rep": rep, "workers": n, "mode": mode, "stream": stream, "concurrency": conc,
+                                    "n": len(cell.lat), "failed": len(cell.lat) - ok, "rps": ok / cell.wall,
+                                    "p50": pct(cell.lat, 50), "p99": pct(cell.lat, 99),
+                                    "cpu_ms_per_req": 1000 * cell.cpu / max(1, len(cell.lat)),
+                                    "router_util": cell.cpu / cell.wall / len(router_cpus.split(",")),
+                                    "engines_util": cell.engines_cpu / cell.wall / free,
+                                    "load_util": cell.load_cpu / cell.wall / free,
+                                    "others_util": (cell.engines_cpu + cell.load_cpu) / cell.wall / free,
+                                })
+                                r = rows[-1]
+                                print(f"[bench] scaling rep {rep} w{n} stream={stream} {mode}: {r['rps']:.0f} req/s"
+                                      f" p50 {r['p50'] * 1e3:.2f} ms p99 {r['p99'] * 1e3:.2f} ms; router "
+                                      f"{r['router_util']:.0%} of {n} CPU(s), engines {r['engines_util']:.0%} + "
+                                      f"load {r['load_util']:.0%} of {free}", file=sys.stderr)
+            finally:
+                if router:
+                    router.kill()
+                engines.stop()
+    finally:
+        back = {int(c) for c in OTHER_CPUS.split(",")}
+        os.sched_setaffinity(0, back)
+        if etcd_pid:
+            os.sched_setaffinity(etcd_pid, back)
+
+
+SCALES = 0.85  # the goal: N workers give at least 0.85 x N x one worker's throughput
+SATURATED = 0.9  # engines+load at >= 90 % of their CPUs, or distserve at >= 90 % of direct's ceiling
+
+
+def scaling_verdict(n: int, rps: float, w1: float, ceiling: float, others_util: float) -> str:
+    if n == 1:
+        return "one worker (the reference)"
+    if rps >= SCALES * n * w1:
+        return "scales"
+    if rps >= SATURATED * ceiling or others_util >= SATURATED:
+        return f"engines+load saturate (direct ceiling {ceiling:.0f} req/s)"
+    return (f"missed: {rps / (n * w1):.2f} x N x w1, below the engines' ceiling ({ceiling:.0f} req/s) with "
+            f"engines+load at {others_util:.0%} of their CPUs: not the engines")
+
+
 # ------------------------------------------------------------------------------------------ report
 def _ms(seconds: float) -> str:
     return "never" if seconds == FAILED else f"{seconds * 1e3:.1f} ms"
@@ -952,14 +1251,14 @@ def report(results: dict) -> str:
     steady = results.get("steady", [])
     if steady:
         out.append(
-            "| stream | concurrency | mode | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | "
+            "| stream | concurrency | mode | req/s | p50 ms | p99 ms | added p50 ms | added p99 ms | added over | "
             "router CPU-ms/req | router CPU use |"
         )
-        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        out.append("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         keys = sorted({(r["stream"], r["concurrency"]) for r in steady})
         for stream, conc in keys:
             med = {}
-            modes = ["direct", "distserve", *sorted({r["mode"] for r in steady if r["mode"].startswith("distserve-w")},
+            modes = ["direct", "direct-parallel", "distserve", *sorted({r["mode"] for r in steady if r["mode"].startswith("distserve-w")},
                                                       key=lambda m: int(m[len("distserve-w"):])),
                      "distserve-base", "distserve-traced", "sglang", "lmdeploy"]
             for mode in modes:
@@ -974,17 +1273,18 @@ def report(results: dict) -> str:
                         for k in ("rps", "p50", "p99", "cpu_ms_per_req", "cpu_util")
                     }
             for mode, m in med.items():
+                base = baseline_of(mode, med)
                 added = (
                     ("-", "-")
-                    if mode == "direct"
+                    if base is None
                     else (
-                        f"{(m['p50'] - med['direct']['p50']) * 1e3:.2f}",
-                        f"{(m['p99'] - med['direct']['p99']) * 1e3:.2f}",
+                        f"{(m['p50'] - med[base]['p50']) * 1e3:.2f}",
+                        f"{(m['p99'] - med[base]['p99']) * 1e3:.2f}",
                     )
                 )
                 cpu = (
                     ("-", "-")
-                    if mode == "direct"
+                    if mode in DIRECT_MODES
                     else (f"{m['cpu_ms_per_req']:.2f}", f"{m['cpu_util'] * 100:.0f}%")
                 )
                 failed = sum(r.get("failed", 0) for r in steady
@@ -992,8 +1292,9 @@ def report(results: dict) -> str:
                 label = f"{mode} ({failed} failed)" if failed else mode
                 out.append(
                     f"| {'yes' if stream else 'no'} | {conc} | {label} | {m['rps']:.0f} | {m['p50'] * 1e3:.2f} | "
-                    f"{m['p99'] * 1e3:.2f} | {added[0]} | {added[1]} | {cpu[0]} | {cpu[1]} |"
+                    f"{m['p99'] * 1e3:.2f} | {added[0]} | {added[1]} | {base or '-'} | {cpu[0]} | {cpu[1]} |"
                 )
+        out.extend(added_latency_goal(steady))
     cold = results.get("cold", [])
     if cold:
         out.append("")
@@ -1011,7 +1312,99 @@ def report(results: dict) -> str:
                 + " | "
                 f"{r['direct_burst_p50'] * 1e3:.1f} / {r['direct_burst_p99'] * 1e3:.1f} ms |"
             )
+    if results.get("scaling"):
+        out.append("")
+        out.extend(scaling_table(results["scaling"], results.get("scaling_layout", {})))
+    prof = results.get("profile")
+    if prof:
+        out.append("")
+        if prof.get("error"):
+            out.append(f"Profile (c={prof['concurrency']}, stream={prof['stream']}): not taken: {prof['error']}")
+        else:
+            out.append(f"Profile of the distserve router (py-spy, c={prof['concurrency']}, stream={prof['stream']}, "
+                       f"{prof['duration']:.0f} s, {prof['rps']:.0f} req/s under the profiler; collapsed stacks: "
+                       f"`{prof['file']}`):")
+            out.append("")
+            out.append(format_profile(prof))
     return "\n".join(out)
+
+
+def baseline_of(mode: str, present) -> str | None:
+    """The direct mode a front end's added latency is taken over: its own protocol's round trips. SGLang's
+    gateway calls prefill and decode at once (direct-parallel); distserve and LMDeploy's proxy wait for the
+    prefill's answer before the decode call (direct). None for the direct modes themselves."""
+    if mode in DIRECT_MODES:
+        return None
+    if mode == "sglang" and "direct-parallel" in present:
+        return "direct-parallel"
+    return "direct" if "direct" in present else None
+
+
+def _steady_medians(steady: list[dict], stream: bool, conc: int) -> dict[str, dict]:
+    med = {}
+    for mode in dict.fromkeys(r["mode"] for r in steady):
+        rs = [r for r in steady if r["stream"] == stream and r["concurrency"] == conc and r["mode"] == mode]
+        if rs:
+            med[mode] = {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99")}
+    return med
+
+
+def added_latency_goal(steady: list[dict]) -> list[str]:
+    """Issue 22: distserve's added latency over direct at concurrency 1 <= the gateway's over direct-parallel
+    + 0.3 ms (each over its own protocol's round trips to the engines)."""
+    lines = []
+    for stream in sorted({r["stream"] for r in steady}):
+        med = _steady_medians(steady, stream, 1)
+        if not {"direct", "direct-parallel", "distserve", "sglang"} <= set(med):
+            continue
+        ours = {q: med["distserve"][q] - med["direct"][q] for q in ("p50", "p99")}
+        theirs = {q: med["sglang"][q] - med["direct-parallel"][q] for q in ("p50", "p99")}
+        verdicts = []
+        for q in ("p50", "p99"):
+            over = (ours[q] - theirs[q] - 0.3e-3) * 1e3
+            verdicts.append(f"{q}: distserve +{ours[q] * 1e3:.2f} ms over direct, gateway +{theirs[q] * 1e3:.2f} ms "
+                            f"over direct-parallel: " + ("met" if over <= 0 else f"missed by {over:.2f} ms"))
+        if not lines:
+            lines.append("")
+        lines.append(f"Added latency at concurrency 1, {'streamed' if stream else 'not streamed'} (goal: distserve's "
+                     f"<= the gateway's + 0.3 ms): " + "; ".join(verdicts))
+    return lines
+
+
+def scaling_table(rows: list[dict], layout: dict) -> list[str]:
+    out = ["| stream | workers N | CPUs: router / engines+load | engines, load procs, concurrency | "
+           "distserve-wN req/s (p50 / p99 ms) | 0.85 x N x w1 | direct ceiling req/s (p50 / p99 ms) | "
+           "router CPU use (of N) | engines+load CPU use: distserve / direct | verdict |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    keys = ("rps", "p50", "p99", "router_util", "others_util")
+
+    def med(n: int, stream: bool, mode: str) -> dict | None:
+        rs = [r for r in rows if r["workers"] == n and r["stream"] == stream and r["mode"] == mode]
+        return {k: statistics.median(r[k] for r in rs) for k in keys} if rs else None
+
+    for stream in sorted({r["stream"] for r in rows}):
+        w1 = med(1, stream, "distserve")
+        for n in sorted({r["workers"] for r in rows}):
+            ours, direct = med(n, stream, "distserve"), med(n, stream, "direct")
+            if ours is None or direct is None:
+                continue
+            lay = layout.get(str(n), {})
+            failed = sum(r["failed"] for r in rows if r["workers"] == n and r["stream"] == stream)
+            target = f"{SCALES * n * w1['rps']:.0f}" if w1 else "-"
+            verdict = (scaling_verdict(n, ours["rps"], w1["rps"], direct["rps"], ours["others_util"])
+                       if w1 else "no one-worker run to compare with")
+            if lay.get("shared"):
+                verdict += " (router and engines share CPUs here: not a figure)"
+            if failed:
+                verdict += f" ({failed} requests failed)"
+            out.append(
+                f"| {'yes' if stream else 'no'} | {n} | {lay.get('router_cpus', '?')} / {lay.get('other_cpus', '?')} | "
+                f"{lay.get('engines_per_role', '?')}+{lay.get('engines_per_role', '?')}, {lay.get('clients', '?')}, "
+                f"{lay.get('concurrency', '?')} | {ours['rps']:.0f} ({ours['p50'] * 1e3:.1f} / {ours['p99'] * 1e3:.1f}) | "
+                f"{target} | {direct['rps']:.0f} ({direct['p50'] * 1e3:.1f} / {direct['p99'] * 1e3:.1f}) | "
+                f"{ours['router_util']:.0%} | {ours['others_util']:.0%} / {direct['others_util']:.0%} | {verdict} |"
+            )
+    return out
 
 
 def _cold_medians(cold: list[dict]) -> list[dict]:
@@ -1053,11 +1446,13 @@ async def amain(args) -> int:
     }
     failed = False
     try:
-        for name, scenario in (("steady", steady_state), ("cold", cold_start)):
+        for name, scenario in (("steady", steady_state), ("cold", cold_start), ("scaling", scaling)):
             if name in args.scenarios:
                 try:
                     if name == "steady":
                         await scenario(args, etcd.endpoints, results, proxy_ok, sglang_ok)
+                    elif name == "scaling":
+                        await scenario(args, etcd.endpoints, results, etcd.pid)
                     else:
                         await scenario(args, etcd.endpoints, results, proxy_ok)
                 except Exception as exc:  # noqa: BLE001 - keep what the other scenarios measured
@@ -1093,7 +1488,30 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3, help="repeats, interleaved; tables show medians")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--cold-sizes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--scenarios", nargs="+", default=["steady", "cold"], choices=["steady", "cold"])
+    p.add_argument("--scenarios", nargs="+", default=["steady", "cold"], choices=["steady", "cold", "scaling"],
+                   help="scaling (not by default): `--workers N` scaling, see --scaling-workers")
+    p.add_argument("--direct-parallel", action=argparse.BooleanOptionalAction, default=None,
+                   help="steady: also the client calling prefill and decode at once (SGLang's bootstrap protocol, "
+                        "the gateway's added-latency baseline); default: on when the gateway runs")
+    p.add_argument("--scaling-workers", type=int, nargs="+", default=[1, 2, 4, 8], metavar="N",
+                   help="scaling: router worker counts (1, the reference, is always run)")
+    p.add_argument("--scaling-concurrency", type=int, default=64, metavar="C",
+                   help="scaling: concurrency per router worker (N workers get N x C; default 64)")
+    p.add_argument("--scaling-engines", type=int, default=0, metavar="E",
+                   help="scaling: prefills (and as many decodes), one process each (default: half the free CPUs)")
+    p.add_argument("--scaling-clients", type=int, default=0, metavar="L",
+                   help="scaling: load-generating processes (default: half the free CPUs)")
+    p.add_argument("--scaling-streams", nargs="+", default=["no", "yes"], choices=["no", "yes"],
+                   help="scaling: streamed, not, or both (default both)")
+    p.add_argument("--profile", action="store_true",
+                   help="steady: one extra cell with py-spy (installed under .bench/) sampling the distserve "
+                        "router; collapsed stacks in .bench/profile-router-*.txt, top self-time frames printed")
+    p.add_argument("--profile-concurrency", type=int, metavar="C", help="profile cell's concurrency "
+                   "(default: the largest --concurrency)")
+    p.add_argument("--profile-stream", action="store_true", help="profile a streamed cell (default: not streamed)")
+    p.add_argument("--profile-duration", type=float, default=10.0, help="seconds (default 10)")
+    p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second (default 100)")
+    p.add_argument("--profile-native", action="store_true", help="py-spy --native: C frames too (uvloop, parsers)")
     p.add_argument("--skip-lmdeploy", action="store_true", help="do not install or run LMDeploy's proxy")
     p.add_argument("--skip-sglang", action="store_true", help="do not install or run SGLang's Rust gateway")
     p.add_argument("--router-workers", type=int, nargs="+", default=[1], metavar="N",
@@ -1119,7 +1537,20 @@ def main() -> int:
     )
     args = p.parse_args()
     if args.quick:
-        args.duration, args.repeats = 1.0, 1
+        args.duration, args.repeats, args.profile_duration = 1.0, 1, 2.0
+    for name in ("scaling_workers", "concurrency", "router_workers", "cold_sizes"):
+        if min(getattr(args, name)) < 1:
+            p.error(f"--{name.replace('_', '-')} takes positive integers")
+    for name in ("scaling_concurrency", "scaling_engines", "scaling_clients", "profile_concurrency", "profile_rate",
+                 "clients", "steady_engines", "repeats"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name in ("scaling_engines", "scaling_clients") else 1):
+            p.error(f"--{name.replace('_', '-')} must be positive")
+    if args.duration <= 0 or args.profile_duration <= 0:
+        p.error("--duration and --profile-duration must be positive")
+    if args.profile and "steady" not in args.scenarios:
+        p.error("--profile needs the steady scenario (--scenarios steady ...)")
+    args.scaling_workers = sorted({1, *args.scaling_workers})
     return _run(amain(args))
 
 

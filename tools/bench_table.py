@@ -11,7 +11,10 @@ many decodes, each prefill linked to `--links-per-prefill` decodes, all ready. M
 time of this process (time.thread_time): the event handling plus the first `view.table()` after it (the
 work the first request after a change pays). Changes alternate: an engine drained and undrained (a state
 change), a link failed and re-established, an operator cordon set and cleared. Picks: every strategy of
-`distserve.router.strategies` over the table's candidates for the model (all prefills), with uneven loads.
+`distserve.router.strategies` over the table's candidates for the model (all prefills, a new list per pick
+as the orchestrator hands them), without and with weights (every fourth prefill weight 2), over 100
+prompts, with loads moving between picks as under traffic (each pick starts a request, the oldest of 64 in
+flight ends, one agent load record arrives; those load-tracker calls are timed on their own).
 
 Each tree runs in its own child process (`--tree`), so the baseline imports its own code.
 """
@@ -124,29 +127,50 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int) -> 
         table = view.table()
         assert len(table.entries[model]) == prefills
 
-        ctx = S.PickContext(load=load, weights={}, params={}, prefix=lambda n: b"the same prompt prefix"[:n])
         candidates = list(table.entries[model])
+        # uneven speeds: every fourth prefill has weight 2 (the "weighted" rows)
+        weight_sets = {"": {}, ", weighted": {c: 2.0 for c in candidates[::4]}}
         decisions: dict[str, dict] = {}
+        load_changes: list[float] = []
         for name in sorted(S.STRATEGIES):
-            strategy = S.make_strategy(name)
-            if getattr(strategy, "needs_kv", False):
-                continue  # needs a cache-event index: measured by its own benchmark
-            for _ in range(50):  # warm caches (prefix_affinity's ring)
-                strategy.pick(candidates, ctx)
-            times = []
-            for i in range(picks):
-                c0 = time.perf_counter()
-                strategy.pick(candidates, ctx)
-                times.append(time.perf_counter() - c0)
-                if i % 50 == 0:  # loads move between picks, as they do under traffic
-                    load.begin(rng.choice(candidates))
-            decisions[name] = _summary(times)
+            for label, weights in weight_sets.items():
+                strategy = S.make_strategy(name)
+                if getattr(strategy, "needs_kv", False):
+                    continue  # needs a cache-event index: measured by its own benchmark
+                prompts = [f"prompt {k}: ".encode() * 8 for k in range(100)]
+                contexts = [S.PickContext(load=load, weights=weights, params={}, prefix=lambda n, p=p: p[:n])
+                            for p in prompts]
+                for i in range(50):  # warm caches (prefix_affinity's ring, the indexes)
+                    strategy.pick(list(candidates), contexts[i % 100])
+                times = []
+                inflight: list[str] = []
+                for i in range(picks):
+                    fresh = list(candidates)  # the orchestrator hands every pick a new list (not timed here)
+                    c0 = time.perf_counter()
+                    chosen = strategy.pick(fresh, contexts[i % 100])
+                    times.append(time.perf_counter() - c0)
+                    # loads move between picks as under traffic (not timed with the pick, timed alone): the
+                    # request starts, the oldest of 64 in flight ends, one agent's load record arrives
+                    engine_id = candidates[(i * 7919) % len(candidates)]
+                    record = LoadRecord(engine_id=engine_id, running=rng.randint(0, 8), waiting=rng.randint(0, 4))
+                    ended = inflight.pop(0) if len(inflight) >= 64 else None
+                    c0 = time.perf_counter()
+                    load.begin(chosen)
+                    if ended is not None:
+                        load.end(ended)
+                    load.on_load(engine_id, record)
+                    load_changes.append((time.perf_counter() - c0) / (2 if ended is None else 3))
+                    inflight.append(chosen)
+                for engine_id in inflight:
+                    load.end(engine_id)
+                decisions[name + label] = _summary(times)
         return {
             "engines": len(engines), "links": len(links), "candidates": len(candidates),
             "initial_build_s": round(initial, 3),
             "change_cpu": {k: _summary(v) for k, v in per_kind.items()},
             "change_cpu_all": _summary([x for v in per_kind.values() for x in v]),
             "pick": decisions,
+            "load_change": _summary(load_changes),
         }
 
     def link_key(link) -> tuple[str, str]:
@@ -195,8 +219,11 @@ def main() -> int:
             print(f"   change {kind:14s} CPU per event: mean {s['mean_us']:>9.1f} us  p50 {s['p50_us']:>9.1f}  "
                   f"p99 {s['p99_us']:>9.1f}  max {s['max_us']:>9.1f}")
         for strategy, s in r["pick"].items():
-            print(f"   pick {strategy:22s} over {r['candidates']}: p50 {s['p50_us']:>7.1f} us  p99 "
+            print(f"   pick {strategy:32s} over {r['candidates']}: p50 {s['p50_us']:>7.1f} us  p99 "
                   f"{s['p99_us']:>7.1f}  mean {s['mean_us']:>7.1f}")
+        if "load_change" in r:
+            s = r["load_change"]
+            print(f"   load change (begin/end/record), per call: p50 {s['p50_us']:>5.2f} us  p99 {s['p99_us']:>5.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

@@ -223,11 +223,14 @@ def test_kv_aware_sends_a_new_prefix_to_the_engine_caching_the_least():
 
 def test_kv_aware_places_a_new_prefix_by_cached_keys_within_one_queued_request():
     """A prefix no engine holds outlives the queue it is placed by: an engine with one more request queued
-    but far fewer cached keys takes it; two more queued requests do not count as a tie."""
+    but fewer cached prefix families takes it; two more queued requests do not count as a tie."""
 
     class CountingIndex(FakeIndex):
-        def describe(self, engine_id):
-            return {"keys": len(self.maps[engine_id])}
+        def families(self, engine_id):
+            return 1 if self.maps[engine_id] else 0
+
+        def key_count(self, engine_id):
+            return len(self.maps[engine_id])
 
     index = CountingIndex({"p0": {i: 64 for i in range(1, 40)}, "p1": {}})
     load = LoadTracker()
@@ -272,3 +275,224 @@ def test_kv_aware_params_are_typed_and_bounded():
                 {"cache_weight": float("nan")}, {"bogus": 1}):
         with pytest.raises(ValueError):
             RoutingConfig(strategy="kv_aware", params=bad)
+
+
+# ------------------------------------------------- per-candidate-set indexes (issue 22): same picks as a scan
+def _ref_min_latency(candidates, ctx):
+    """The scan the index replaces: every candidate's unfinished / weight; the lowest ones."""
+    from distserve.router.strategies import _weight
+    scores = {c: ctx.load.unfinished(c) / (_weight(ctx, c) if ctx.weights else 1.0) for c in candidates}
+    low = min(scores.values())
+    return {c for c, s in scores.items() if s == low}
+
+
+_REF_RINGS: dict = {}
+
+
+def _ref_prefix_affinity(candidates, ctx, vnodes=64, load_factor=1.25, prefix_chars=256):
+    """prefix_affinity as it was before the index: the ring built from scratch, every load read."""
+    import math
+    from bisect import bisect_right
+
+    from distserve.router.strategies import MAX_RING_POINTS, _hash64, _weight
+    ring_key = (tuple(candidates), tuple(sorted(ctx.weights.items())), vnodes)
+    if ring_key not in _REF_RINGS:  # the ring is a pure function of these (memoised: building one is slow)
+        counts = {c: max(1, round(vnodes * _weight(ctx, c))) for c in candidates}
+        total = sum(counts.values())
+        if total > MAX_RING_POINTS:
+            counts = {c: max(1, int(n * MAX_RING_POINTS / total)) for c, n in counts.items()}
+        points = sorted((_hash64(f"{c}#{i}".encode()), c) for c in candidates for i in range(counts[c]))
+        _REF_RINGS[ring_key] = [p[0] for p in points], [p[1] for p in points]
+    hashes, owners = _REF_RINGS[ring_key]
+    loads = {c: ctx.load.unfinished(c) for c in candidates}
+    cap = math.ceil(load_factor * (sum(loads.values()) + 1) / len(candidates))
+    start = bisect_right(hashes, _hash64(ctx.prefix(prefix_chars)))
+    seen = set()
+    for i in range(len(hashes)):
+        owner = owners[(start + i) % len(hashes)]
+        if owner in seen:
+            continue
+        if loads[owner] + 1 <= cap:
+            return owner
+        seen.add(owner)
+    return min(candidates, key=lambda c: loads[c])
+
+
+POOL = [f"e{i:03d}" for i in range(240)]
+
+
+def _churn(rng, load, engines, n):
+    """n load changes of every kind the router makes: its own starts and ends, agents' records, deletions."""
+    for _ in range(n):
+        e = rng.choice(engines)
+        kind = rng.random()
+        if kind < 0.4:
+            load.begin(e)
+        elif kind < 0.7:
+            if load.own.get(e, 0) > 0:
+                load.end(e)
+        elif kind < 0.95:
+            load.on_load(e, LoadRecord(engine_id=e, running=rng.randint(0, 12), waiting=rng.randint(0, 3)))
+        else:
+            load.on_load(e, None) if rng.random() < 0.5 else load.forget(e)
+
+
+def _random_weights(rng, engines):
+    roll = rng.random()
+    if roll < 0.3:
+        return {}
+    if roll < 0.6:  # a few weighted, the rest at the default 1
+        return {e: rng.choice([0.5, 2.0, 3.0]) for e in rng.sample(engines, 10)}
+    return {e: rng.choice([0.5, 1.0, 1.5, 2.0, 4.0]) for e in engines}
+
+
+def _scenario(seed, picks=400):
+    """Random candidate sets (below and above the index threshold, subsets as after a failed attempt), loads
+    changing between picks (sometimes more than the load journal holds), weights replaced as by a config."""
+    import random as _random
+
+    from distserve.router import load as load_module
+    rng = _random.Random(seed)
+    load = LoadTracker()
+    _churn(rng, load, POOL, 2000)
+    sets = [sorted(rng.sample(POOL, rng.choice([2, 5, 31, 32, 33, 80, 200]))) for _ in range(6)]
+    weights = _random_weights(rng, POOL)
+    for i in range(picks):
+        candidates = list(rng.choice(sets))
+        if rng.random() < 0.1:  # a retry: one candidate tried already
+            candidates.pop(rng.randrange(len(candidates)))
+        if rng.random() < 0.02:
+            weights = _random_weights(rng, POOL)  # a new routing config
+        elif rng.random() < 0.05:
+            weights = dict(weights)  # the same values in a new dict
+        if rng.random() < 0.01:
+            _churn(rng, load, POOL, load_module.JOURNAL + 10)  # past what the journal holds
+        else:
+            _churn(rng, load, candidates if rng.random() < 0.5 else POOL, rng.choice([0, 1, 3, 20, 300]))
+        yield i, candidates, PickContext(load=load, weights=weights, prefix=lambda n, i=i: f"prompt {i % 23}".encode()[:n])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_min_expected_latency_index_picks_what_a_scan_picks(seed):
+    s = make_strategy("min_expected_latency")
+    for _, candidates, c in _scenario(seed):
+        assert s.pick(candidates, c) in _ref_min_latency(candidates, c)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_prefix_affinity_index_picks_what_a_scan_picks(seed):
+    s = make_strategy("prefix_affinity", {"vnodes": 16})  # fewer points than the default: rings build faster
+    for _, candidates, c in _scenario(seed):
+        assert s.pick(candidates, c) == _ref_prefix_affinity(candidates, c, vnodes=16)
+
+
+def test_prefix_affinity_index_follows_params():
+    params = {"vnodes": 5, "load_factor": 1.0, "prefix_chars": 3}
+    s = make_strategy("prefix_affinity", params)
+    for _, candidates, c in _scenario(11, picks=200):
+        assert s.pick(candidates, c) == _ref_prefix_affinity(candidates, c, **params)
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_weighted_random_draws_what_random_choices_draws(seed):
+    """The same random state gives the same engine as random.choices over the weights (the scan)."""
+    import random as _random
+
+    from distserve.router.strategies import _weight
+    s = make_strategy("random")
+    for i, candidates, c in _scenario(seed, picks=300):
+        _random.seed(i)
+        expected = (_random.choices(candidates, weights=[_weight(c, e) for e in candidates])[0] if c.weights
+                    else _random.choice(candidates))
+        _random.seed(i)
+        assert s.pick(candidates, c) == expected
+
+
+def test_min_expected_latency_index_spreads_ties_over_all_of_them():
+    """Ties still go at random among every engine of the lowest score (not the first found)."""
+    load = LoadTracker()
+    for e in POOL[:100]:
+        load.on_load(e, LoadRecord(engine_id=e, running=3))
+    tied = POOL[10:15]
+    for e in tied:
+        load.on_load(e, LoadRecord(engine_id=e, running=1))
+    s = make_strategy("min_expected_latency")
+    picks = Counter(s.pick(POOL[:100], ctx(load)) for _ in range(500))
+    assert set(picks) == set(tied) and min(picks.values()) > 50
+    load.begin(tied[0])  # no longer among the lowest
+    assert tied[0] not in {s.pick(POOL[:100], ctx(load)) for _ in range(200)}
+
+
+class CountingLoad(LoadTracker):
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def unfinished(self, engine_id):
+        self.reads += 1
+        return super().unfinished(engine_id)
+
+
+@pytest.mark.parametrize("name", ["min_expected_latency", "prefix_affinity"])
+def test_a_pick_reads_only_the_loads_that_changed(name):
+    """The cost of a pick follows the load changes since the previous one, not the candidate count: over 200
+    candidates, a pick after one request started reads one engine's load (a scan read all 200)."""
+    load = CountingLoad()
+    for e in POOL[:200]:
+        load.on_load(e, LoadRecord(engine_id=e, running=int(e[1:]) % 7))
+    s = make_strategy(name)
+    c = ctx(load, prefix=b"a prompt")
+    s.pick(POOL[:200], c)  # builds the index
+    for _ in range(50):
+        load.reads = 0
+        load.begin(s.pick(list(POOL[:200]), c))
+        assert load.reads <= 1
+
+
+def test_per_set_caches_are_bounded(monkeypatch):
+    """Candidate sets come and go with the topology: the caches keep a bounded number of sets and points
+    (small bounds here, so that few sets overflow them)."""
+    import random as _random
+
+    from distserve.router import strategies as S
+    for name, value in (("_INDEX_CACHE_ENTRIES", 8), ("_INDEX_CACHE_MEMBERS", 1000), ("_RING_CACHE_ENTRIES", 8),
+                        ("_RING_CACHE_POINTS", 4000)):
+        monkeypatch.setattr(S, name, value)
+    rng = _random.Random(5)
+    mel, rnd = make_strategy("min_expected_latency"), make_strategy("random")
+    affinity = make_strategy("prefix_affinity", {"vnodes": 8})
+    weights = {e: 2.0 for e in POOL[::3]}
+    for _ in range(60):
+        candidates = sorted(rng.sample(POOL, rng.randint(40, 240)))
+        c = PickContext(load=LoadTracker(), weights=weights, prefix=lambda n: b"x")
+        for s in (mel, affinity, rnd):
+            assert s.pick(candidates, c) in candidates
+    for s in (mel, rnd):
+        assert len(s._sets) <= S._INDEX_CACHE_ENTRIES and s._sets.size <= S._INDEX_CACHE_MEMBERS
+    assert len(affinity._sets) <= S._RING_CACHE_ENTRIES and affinity._sets.size <= S._RING_CACHE_POINTS
+    assert len(affinity._sets) < 60  # evicted, not kept
+
+
+def test_min_expected_latency_index_over_a_long_run():
+    """Thousands of picks on one set with uneven weights (scores that are never the same twice): the index
+    still picks what a scan picks, and its heap of scores stays bounded."""
+    import random as _random
+    rng = _random.Random(3)
+    candidates = POOL[:40]
+    weights = {e: rng.uniform(0.5, 3.0) for e in candidates}
+    load = LoadTracker()
+    s = make_strategy("min_expected_latency")
+    inflight = []
+    for _ in range(3000):
+        c = PickContext(load=load, weights=weights)
+        pick = s.pick(candidates, c)
+        assert pick in _ref_min_latency(candidates, c)
+        load.begin(pick)
+        inflight.append(pick)
+        if len(inflight) > 200 and rng.random() < 0.9:
+            load.end(inflight.pop(rng.randrange(len(inflight))))
+        if rng.random() < 0.3:  # an agent's record: any value, so old scores are left behind empty
+            e = rng.choice(candidates)
+            load.on_load(e, LoadRecord(engine_id=e, running=rng.randint(0, 100)))
+    index = next(iter(s._sets._states.values()))
+    assert len(index.heap) <= 2 * len(candidates) + 17
