@@ -450,8 +450,10 @@ class FastStream:
 
     async def write(self, data: bytes) -> None:
         if data:
-            self.conn.write(b"%x\r\n%b\r\n" % (len(data), data))
-            await self.conn.drain()
+            conn = self.conn
+            conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+            if conn._writing_paused:  # the client reads slower than the engine writes: wait for it
+                await conn.drain()
 
     async def write_eof(self, data: bytes = b"") -> None:
         if self._ended:

@@ -166,6 +166,12 @@ class Response:
         if conn is not None and not self._done:
             conn.abort()
 
+    def clear_deadline(self) -> None:
+        """The call's deadline no longer applies (a stream past its first byte: idle timeouts take over)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _expire(self) -> None:
         """The call's deadline passed: fail it (whoever awaits the head or the body gets TimeoutError)
         and drop the connection, which still owes the rest of an answer."""

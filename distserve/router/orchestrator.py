@@ -747,21 +747,23 @@ class Orchestrator:
         upstream: Response | None = None
         try:
             try:
-                async with _timeout(self.s.decode_first_byte_timeout):
-                    upstream = await self._pool().request(engine.url, b"POST", path.encode(), data, headers)
-                    if upstream.status != 200:
-                        err = classify_status(upstream.status, await upstream.read())
-                        self._failed(engine, phase, err)
-                        if err.retryable:
-                            raise RetryElsewhere(err, phase)
-                        raise err.to_api_error(phase)
-                    first = await upstream.readany()
-                    if not first:
-                        raise UpstreamError(
-                            "disconnect", "the engine closed the stream before its first byte"
-                        )
-                    if span is not None:
-                        span.add_event("first_token")
+                pool = self._pool()  # the first byte within its timeout: one deadline timer on the call
+                upstream = await pool.request(engine.url, b"POST", path.encode(), data, headers,
+                                              deadline=pool.loop.time() + self.s.decode_first_byte_timeout)
+                if upstream.status != 200:
+                    err = classify_status(upstream.status, await upstream.read())
+                    self._failed(engine, phase, err)
+                    if err.retryable:
+                        raise RetryElsewhere(err, phase)
+                    raise err.to_api_error(phase)
+                first = await upstream.readany()
+                upstream.clear_deadline()
+                if not first:
+                    raise UpstreamError(
+                        "disconnect", "the engine closed the stream before its first byte"
+                    )
+                if span is not None:
+                    span.add_event("first_token")
             except (RetryElsewhere, ApiError, asyncio.CancelledError):
                 raise
             except Exception as exc:  # noqa: BLE001
