@@ -90,18 +90,29 @@ def prompt_ids(messages: list[dict]) -> list[int]:
     return [BOS, *text.encode()]
 
 
+def block_keys(ids: list[int], block: int = 16, limit: int | None = None) -> list[tuple]:
+    """The chained keys of the full blocks of `ids` (at most `limit`), as the omniscient cache names them."""
+    keys, parent = [], ()
+    n = len(ids) // block if limit is None else min(limit, len(ids) // block)
+    for j in range(n):
+        parent = (hash(parent), tuple(ids[j * block:(j + 1) * block]))
+        keys.append(parent)
+    return keys
+
+
 def omniscient_hits(prompts: list[list[int]], capacity_blocks: int, block: int = 16,
-                    each: list[int] | None = None) -> tuple[int, int]:
+                    each: list[int] | None = None, loss: tuple[int, set] | None = None) -> tuple[int, int]:
     """(hit tokens, prompt tokens) of one LRU prefix cache of `capacity_blocks` seeing every prompt in order
-    (`each`: filled with every prompt's hit tokens)."""
+    (`each`: filled with every prompt's hit tokens). `loss` = (i, blocks): before prompt i the cache loses
+    those blocks (a prefill killed: the same loss the engines suffered, so the comparison stays fair)."""
     lru: OrderedDict[tuple, None] = OrderedDict()
     hits = total = 0
-    for ids in prompts:
+    for i, ids in enumerate(prompts):
+        if loss is not None and i == loss[0]:
+            for key in loss[1]:
+                lru.pop(key, None)
         total += len(ids)
-        keys, parent = [], ()
-        for j in range(len(ids) // block):
-            parent = (hash(parent), tuple(ids[j * block:(j + 1) * block]))
-            keys.append(parent)
+        keys = block_keys(ids, block)
         reusable = (len(ids) - 1) // block
         k = 0
         while k < reusable and keys[k] in lru:
@@ -236,6 +247,7 @@ class Load:
         self.t0 = t0
         self.records: list[dict] = []
         self.sent: list[list[int]] = []  # prompt token ids in the order sent (the omniscient replay)
+        self.sent_messages: list[list[dict]] = []  # their messages (engine prefix keys -> blocks)
 
     async def request(self, http, conv: int, turn: int, messages: list[dict]) -> tuple[dict, str]:
         import aiohttp
@@ -258,6 +270,7 @@ class Load:
                     if not sent:  # a router took it: it reaches a prefill (the omniscient replay's order)
                         rec["sent_index"] = len(self.sent)
                         self.sent.append(ids)
+                        self.sent_messages.append(messages)
                         sent = True
                     if resp.status != 200:
                         rec["outcome"], rec["error"] = f"http_{resp.status}", (await resp.text())[:300]
@@ -345,11 +358,13 @@ async def open_loop(cluster: Cluster, trace: dict, rate: float, args, events=Non
     load = Load([u for _, u in cluster.routers], args.answer_tokens, t0)
     counters, samples, stop = Counters(), [], asyncio.Event()
     cpu0 = cluster.router_cpu()
-    samp = asyncio.create_task(sampler(cluster, counters, samples, t0, args.window, stop))
+    # the restart phase samples finely: its recovery is placed to a fraction of a second, not a window
+    period = min(args.window, 0.25) if events else args.window
+    samp = asyncio.create_task(sampler(cluster, counters, samples, t0, period, stop))
     await asyncio.sleep(0.3)  # the sampler's baseline
     t0b = time.perf_counter()
     tasks = []
-    ev_task = asyncio.create_task(events(t0)) if events else None  # faults run alongside the arrivals
+    ev_task = asyncio.create_task(events(t0, load)) if events else None  # faults run alongside the arrivals
     async with session() as http:
         at = 0.0
         for c in range(len(trace["conversations"])):
@@ -494,10 +509,71 @@ def probe_summary(rows: list[dict]) -> dict:
     return {"by_turn": by_turn, "later_turns": len(later), "later_turns_within_new_plus_1": within}
 
 
-async def restart_events(cluster: Cluster, t0: float, at: float, delay: float) -> dict:
-    """SIGKILL router 1 and prefill 0 at `at` s, restart both (same ports, ids) `delay` s later."""
+async def cache_snapshot(http, url: str) -> dict | None:
+    """The first line (the snapshot) of an engine's cache-state stream; None if it does not answer."""
+    import aiohttp
+
+    try:
+        async with http.get(f"{url}/distserve/cache/events", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+            if resp.status != 200:
+                return None
+            return json.loads(await resp.content.readline())
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        return None
+
+
+async def router_index(http, url: str) -> dict[str, float] | None:
+    """distserve_router_kv_index_keys per engine, as a router reports it."""
+    import aiohttp
+
+    try:
+        async with http.get(f"{url}/metrics", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+            text = await resp.text()
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return None
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("distserve_router_kv_index_keys{"):
+            labels, value = line.rsplit(" ", 1)
+            out[labels.split('engine="', 1)[1].split('"', 1)[0]] = float(value)
+    return out
+
+
+async def poll_up(url: str, t0: float, proc: Proc, timeout: float = 120.0, interval: float = 0.01) -> dict:
+    """Poll GET url every `interval` s: when the process first answered at all (listening) and when it answered
+    200 (ready), in s since t0."""
+    import aiohttp
+
+    out: dict = {"listening_at": None, "ready_at": None}
+    deadline = time.perf_counter() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.perf_counter() < deadline and proc.alive():
+            try:
+                async with http.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                    now = time.perf_counter() - t0
+                    if out["listening_at"] is None:
+                        out["listening_at"] = now
+                    if resp.status == 200:
+                        out["ready_at"] = now
+                        return out
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass
+            await asyncio.sleep(interval)
+    return out
+
+
+async def restart_events(cluster: Cluster, t0: float, at: float, delay: float, load: Load) -> dict:
+    """SIGKILL router 1 and prefill 0 at `at` s, restart both (same ports, ids) `delay` s later. Just before
+    the kill every prefill's cache snapshot is read (what the killed one alone held is the loss the fair
+    omniscient reference suffers too); after it, the restarted router's readiness is polled every 10 ms and
+    its index compared with the other router's."""
     await asyncio.sleep(max(0.0, at - (time.perf_counter() - t0)))
     router, prefill = cluster.routers[1 % len(cluster.routers)][0], cluster.prefills[0][0]
+    url_r = cluster.routers[1 % len(cluster.routers)][1]
+    url_p = cluster.prefills[0][1]
+    async with session() as http:
+        snaps = await asyncio.gather(*(cache_snapshot(http, u) for _, u in cluster.prefills))
+    sent_at_kill = len(load.sent)
     t_kill = time.perf_counter() - t0
     router.kill()
     prefill.kill()
@@ -506,22 +582,49 @@ async def restart_events(cluster: Cluster, t0: float, at: float, delay: float) -
     t_restart = time.perf_counter() - t0
     router.start()
     prefill.start()
-    loop = asyncio.get_running_loop()
-    url_r = cluster.routers[1 % len(cluster.routers)][1]
-    url_p = cluster.prefills[0][1]
-    up: dict[str, float | None] = {}
-    errors = []
-    for key, url, proc in (("prefill_up_at", f"{url_p}/health", prefill),
-                           ("router_ready_at", f"{url_r}/health/ready", router)):
-        try:
-            await loop.run_in_executor(None, lambda u=url, p=proc: wait_http(u, timeout=120, proc=p))
-            up[key] = time.perf_counter() - t0
-        except (RuntimeError, TimeoutError) as exc:  # it did not come back: a result, reported
-            up[key] = None
-            errors.append(f"{proc.name}: {str(exc)[-300:]}")
-    print(f"  restart: prefill up at {up['prefill_up_at']} s, router ready at {up['router_ready_at']} s "
-          f"{errors or ''}", flush=True)
-    return {"kill_at": t_kill, "restart_at": t_restart, **up, "restart_errors": errors}
+    r_up, p_up = await asyncio.gather(poll_up(f"{url_r}/health/ready", t0, router),
+                                      poll_up(f"{url_p}/health", t0, prefill))
+    index: dict = {}
+    if r_up["ready_at"] is not None:  # at once: what the restarted replica holds when it says ready
+        async with session() as http:
+            mine, other = await asyncio.gather(router_index(http, url_r), router_index(http, cluster.routers[0][1]))
+        index = {"restarted": mine, "other": other}
+    errors = [f"{name} did not come back" for name, up in (("router-1", r_up), ("prefill-0", p_up))
+              if up["ready_at"] is None]
+    up = {"prefill_up_at": p_up["ready_at"], "prefill_listening_at": p_up["listening_at"],
+          "router_ready_at": r_up["ready_at"], "router_listening_at": r_up["listening_at"]}
+    print(f"  restart: prefill up at {up['prefill_up_at']} s, router listening at {up['router_listening_at']} s, "
+          f"ready at {up['router_ready_at']} s {errors or ''}", flush=True)
+    return {"kill_at": t_kill, "restart_at": t_restart, **up, "restart_errors": errors,
+            "sent_at_kill": sent_at_kill, "snapshots": snaps, "router_index_at_ready": index}
+
+
+def lost_blocks(load: Load, ev: dict, block: int) -> set:
+    """The blocks only the killed prefill (prefill-0) held at the kill: its cached prefix keys (chat keys over
+    the messages of the prompts sent so far, as the engine counted their tokens) minus those another prefill
+    also held, as omniscient block keys."""
+    from distserve.cluster.prefix_keys import chat_keys
+
+    snaps = ev.get("snapshots") or []
+    if not snaps or snaps[0] is None:
+        return set()
+    where: dict[int, tuple[int, int]] = {}  # prefix key -> (sent index, message count)
+    for i in range(ev["sent_at_kill"]):
+        for j, key in enumerate(chat_keys(load.sent_messages[i])):
+            where.setdefault(key, (i, j + 1))
+
+    def blocks(snap: dict | None) -> set:
+        out: set = set()
+        for text, tokens in (snap or {}).get("keys", []):
+            hit = where.get(int(text, 16))
+            if hit is not None:
+                out.update(block_keys(load.sent[hit[0]], block, tokens // block))
+        return out
+
+    others: set = set()
+    for snap in snaps[1:]:
+        others |= blocks(snap)
+    return blocks(snaps[0]) - others
 
 
 def hit_windows(samples: list[dict], width: float) -> list[dict]:
@@ -539,17 +642,32 @@ def hit_windows(samples: list[dict], width: float) -> list[dict]:
 
 
 def restart_summary(run: dict, ev: dict, args, capacity: int) -> dict:
-    """Per `window`: the prefills' hit rate, and the omniscient one of the requests started in it (the
-    workload's mix of first and later turns changes from window to window: the ratio does not)."""
-    recs = run["load"].records
+    """Per `window`: the prefills' hit rate, and the omniscient one of the requests prefilled in it (the
+    workload's mix of first and later turns changes from window to window: the ratio does not).
+
+    The omniscient reference suffers the same cache loss as the cluster (`lost_blocks`: what only the killed
+    prefill held is gone from its cache at the kill), or it would count as hits prefixes that no scheduler
+    could find anywhere any more. A request counts in the window of its prefill (start + TTFT, where the
+    prefills' counters moved), not of its start. The lossless reference is kept for comparison."""
+    load = run["load"]
+    recs = load.records
     windows = hit_windows(run["samples"], args.window)
+    lost = lost_blocks(load, ev, args.block_size)
     each: list[int] = []
-    omniscient_hits(run["load"].sent, capacity, args.block_size, each)
+    omniscient_hits(load.sent, capacity, args.block_size, each, loss=(ev["sent_at_kill"], lost))
+    each_no_loss: list[int] = []
+    omniscient_hits(load.sent, capacity, args.block_size, each_no_loss)
+
+    def prefilled_at(r: dict) -> float:
+        return r["start"] + r["ttft"] if r["ttft"] is not None else r["end"]
+
     for w in windows:
         lo, hi = w["t"] - args.window / 2, w["t"] + args.window / 2
-        inw = [r for r in recs if "sent_index" in r and lo <= r["start"] < hi]
-        total = sum(len(run["load"].sent[r["sent_index"]]) for r in inw)
+        inw = [r for r in recs if "sent_index" in r and lo <= prefilled_at(r) < hi]
+        total = sum(len(load.sent[r["sent_index"]]) for r in inw)
         w["omniscient_hit_rate"] = round(sum(each[r["sent_index"]] for r in inw) / total, 4) if total else None
+        w["omniscient_no_loss"] = (round(sum(each_no_loss[r["sent_index"]] for r in inw) / total, 4)
+                                   if total else None)
         w["ratio"] = (round(w["hit_rate"] / w["omniscient_hit_rate"], 3)
                       if w["hit_rate"] is not None and w["omniscient_hit_rate"] else None)
     before = [w for w in windows if w["hit_rate"] is not None and ev["kill_at"] - 20 <= w["t"] < ev["kill_at"]]
@@ -566,8 +684,30 @@ def restart_summary(run: dict, ev: dict, args, capacity: int) -> dict:
     failures = [{k: r[k] for k in ("conv", "turn", "router", "outcome", "error", "start", "end", "tried")}
                 for r in recs if r["outcome"] != "ok"]
     moved = sum(1 for r in recs if r["outcome"] == "ok" and r["tried"] > 1)
+    after_kill = [r for r in recs if "sent_index" in r and r["sent_index"] >= ev["sent_at_kill"]]
+    tok = sum(len(load.sent[r["sent_index"]]) for r in after_kill)
+    idx = ev.get("router_index_at_ready") or {}
+    mine, other = idx.get("restarted") or {}, idx.get("other") or {}
+    index_gap = {e: other.get(e, 0) - mine.get(e, 0) for e in set(mine) | set(other)
+                 if other.get(e, 0) != mine.get(e, 0)}
+    ev = {k: v for k, v in ev.items() if k not in ("snapshots", "router_index_at_ready")}
+    snap_keys = [len((x or {}).get("keys", [])) for x in (run["events"] or {}).get("snapshots", [])]
     return {
         **{k: round(v, 2) if isinstance(v, float) else v for k, v in ev.items()},
+        "prefill_keys_at_kill": snap_keys,
+        "omniscient_lost_blocks": len(lost),
+        # the whole tail after the kill, against both references (no window resolution involved)
+        "omniscient_after_kill": round(sum(each[r["sent_index"]] for r in after_kill) / tok, 4) if tok else None,
+        "omniscient_no_loss_after_kill": (round(sum(each_no_loss[r["sent_index"]] for r in after_kill) / tok, 4)
+                                          if tok else None),
+        # the restarted router: first answer -> ready (its view and kv index complete), and its index then vs
+        # the other replica's (keys per engine; a difference is events in flight at that instant)
+        "router_index_sync_s": (round(ev["router_ready_at"] - ev["router_listening_at"], 3)
+                                if ev.get("router_ready_at") and ev.get("router_listening_at") else None),
+        "router_index_at_ready": {"restarted": mine, "other": other, "differs": index_gap},
+        "requests_to_router_before_ready": sum(
+            1 for r in recs if r["router"] == 1 % len(load.routers) and ev.get("router_listening_at") is not None
+            and ev["router_listening_at"] - 0.5 <= r["start"] < (ev.get("router_ready_at") or math.inf)),
         "ttl_s": args.ttl,
         "requests": len(recs), "ok": sum(r["outcome"] == "ok" for r in recs),
         "moved_to_other_router": moved,
@@ -705,8 +845,8 @@ async def amain(args) -> dict:
                 trace = make_trace(4, args.systems, args.system_tokens, n_conv(rate), turns)
                 duration = len(trace["conversations"]) * turns / rate
                 run = await open_loop(cluster, trace, rate, args,
-                                      events=lambda t0: restart_events(cluster, t0, 0.5 * duration,
-                                                                       args.restart_delay))
+                                      events=lambda t0, load: restart_events(cluster, t0, 0.5 * duration,
+                                                                             args.restart_delay, load))
                 results["restart"] = restart_summary(run, run["events"], args, capacity)
                 r = results["restart"]
                 print(f"  restart: {r['ok']}/{r['requests']} ok, failures {[f['outcome'] for f in r['failures']]}, "
@@ -837,7 +977,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ramp-levels", type=int, nargs="+", default=[2, 4, 8])
     p.add_argument("--ramp-seconds", type=float, default=12.0)
     p.add_argument("--probe", type=int, default=2, help="conversations in the sequential migration probe")
-    p.add_argument("--restart", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--restart", action=argparse.BooleanOptionalAction, default=None,
+                   help="the restart phase (default: on, off with --quick)")
     p.add_argument("--restart-delay", type=float, default=1.0)
     p.add_argument("--restart-run", choices=("low", "high"), default="high", help="the restart phase's rate")
     p.add_argument("--window", type=float, default=5.0, help="hit-rate window (s; default: the TTL)")
@@ -850,7 +991,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.systems, args.system_tokens, args.turns, args.answer_tokens = 2, 400, 3, 4
         args.conversations = args.conversations or 6
         args.rate = args.rate or 3.0
-        args.restart, args.probe, args.num_blocks, args.runs = False, 1, 256, ["low"]
+        args.probe, args.num_blocks, args.runs = 1, 256, ["low"]
+    if args.restart is None:
+        args.restart = not args.quick
     if args.plot is None:
         args.plot = str(Path(args.out).with_suffix(".png"))
     for name in ("prefill", "decode", "routers", "systems", "system_tokens", "turns", "answer_tokens"):

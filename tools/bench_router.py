@@ -267,6 +267,11 @@ async def wait_links(etcd: list[str], cluster: str, n: int, timeout: float = 120
 
 
 # ------------------------------------------------------------------------------------------ front ends
+# distserve routers log at this level (--router-log-level): WARNING by default, as the gateway runs with
+# `--log-level warn` and the proxy with WARNING; at INFO each request adds its access-log line (~20 µs)
+ROUTER_LOG_LEVEL = ["WARNING"]
+
+
 def start_router(
     etcd: list[str], cluster: str, tag: str, env: dict | None = None, tree: Path | None = None,
     workers: int = 1, cpus: str | None = None,
@@ -274,8 +279,10 @@ def start_router(
     """`tree`: run the router of that source tree (a baseline checkout) instead of this one."""
     port = free_port()
     extra = ["--workers", str(workers), "--router-id", f"{tag}-router"] if workers > 1 else []
-    if tree is not None:
-        env = {**(env or {}), "PYTHONPATH": str(tree)}
+    if tree is not None:  # the tree's own distserve first; the device bundle's wheels still reachable
+        paths = [str(tree)] + [p for p in bench_env().get("PYTHONPATH", "").split(os.pathsep)
+                               if p and p != str(REPO)]
+        env = {**(env or {}), "PYTHONPATH": os.pathsep.join(paths)}
     proc = bench_proc(
         [
             PY,
@@ -290,6 +297,8 @@ def start_router(
             ",".join(etcd),
             "--cluster",
             cluster,
+            "--log-level",
+            ROUTER_LOG_LEVEL[0],
             *extra,
         ],
         cpus or worker_cpus(workers),
@@ -1520,6 +1529,9 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="one short repeat (smoke run)")
     p.add_argument("--tracing", action="store_true",
                    help="steady: also a router with OpenTelemetry on (100%% sampling, OTLP/HTTP to a local sink)")
+    p.add_argument("--router-log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING"],
+                   help="distserve routers' --log-level (default WARNING, like the other front ends; INFO adds "
+                        "an access-log line per request)")
     p.add_argument("--baseline-tree", metavar="DIR",
                    help="steady: also the router of this source tree (e.g. `git worktree add /tmp/base HEAD`)")
     p.add_argument("--clients", type=int, default=4 if big else 1, help="load-generating processes")
@@ -1536,6 +1548,7 @@ def main() -> int:
         help="prefills (and as many decodes) in the steady-state runs",
     )
     args = p.parse_args()
+    ROUTER_LOG_LEVEL[0] = args.router_log_level
     if args.quick:
         args.duration, args.repeats, args.profile_duration = 1.0, 1, 2.0
     for name in ("scaling_workers", "concurrency", "router_workers", "cold_sizes"):

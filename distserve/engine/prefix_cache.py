@@ -4,6 +4,11 @@ blocks they need, and the ordered event log behind `GET /distserve/cache/events`
 A key is registered when a request's prompt blocks are cached, with the number of prompt tokens its
 prefix covers in full blocks, and removed as soon as the deepest block it needs is evicted (the allocator
 evicts leaves first, so that block's eviction is the first that breaks the prefix).
+
+A request's first registrable key (the shallowest prefix that fills a block: chat, usually the system
+prompt) is its family's root; the stream marks roots (`roots`, optional: older routers ignore it) so every
+router can count the prefix families an engine serves, a proxy for the traffic they bring that does not
+grow with conversation length (docs/router.md "kv_aware").
 """
 
 from __future__ import annotations
@@ -115,6 +120,7 @@ class CacheEvents:
         self.block_size = block_size
         self.seq = 0
         self._keys: dict[int, tuple[int, bytes]] = {}  # key -> (tokens, deepest block hash)
+        self._roots: set[int] = set()  # keys that are a family's root (a subset of _keys)
         self._by_block: dict[bytes, set[int]] = {}
         self._ring: collections.deque[dict] = collections.deque(maxlen=ring)
         self._lock = threading.Lock()
@@ -129,6 +135,8 @@ class CacheEvents:
         bs = self.block_size
         hashes = block_hashes(prompt_ids, bs, max(t for _, t in plan) // bs)
         stored = []
+        roots = []
+        root = plan[0][0]  # the shallowest key holding a full block: the same for every request sharing it
         # The allocator's lock first (as in eviction): a block cannot go between the check and the entry.
         with self.allocator.lock, self._lock:
             for key, tokens in plan:
@@ -144,8 +152,14 @@ class CacheEvents:
                 self._keys[key] = (tokens, h)
                 self._by_block.setdefault(h, set()).add(key)
                 stored.append([PK.key_hex(key), tokens])
+                if key == root:
+                    self._roots.add(key)
+                    roots.append(PK.key_hex(key))
             if stored:
-                self._append({"type": "stored", "keys": stored})
+                event: dict[str, Any] = {"type": "stored", "keys": stored}
+                if roots:
+                    event["roots"] = roots
+                self._append(event)
         return len(stored)
 
     def _evicted(self, hashes: list[bytes]) -> None:
@@ -156,6 +170,7 @@ class CacheEvents:
                 for key in self._by_block.pop(h, ()):
                     if self._keys.get(key, (0, b""))[1] == h:
                         del self._keys[key]
+                        self._roots.discard(key)
                         removed.append(PK.key_hex(key))
             if removed:
                 self._append({"type": "removed", "keys": removed})
@@ -163,6 +178,7 @@ class CacheEvents:
     def clear(self) -> None:
         with self._lock:
             self._keys.clear()
+            self._roots.clear()
             self._by_block.clear()
             self._append({"type": "cleared"})
 
@@ -180,9 +196,12 @@ class CacheEvents:
     # -- readers -----------------------------------------------------------------------------------
     def snapshot(self) -> dict:
         with self._lock:
-            return {"type": "snapshot", "incarnation": self.incarnation, "seq": self.seq,
+            snap = {"type": "snapshot", "incarnation": self.incarnation, "seq": self.seq,
                     "block_size": self.block_size, "chunk_bytes": PK.CHUNK_BYTES,
                     "keys": [[PK.key_hex(k), t] for k, (t, _) in self._keys.items()]}
+            if self._roots:  # optional, like in stored events: absent means none
+                snap["roots"] = [PK.key_hex(k) for k in self._roots]
+            return snap
 
     def after(self, since: int) -> list[dict] | None:
         """Events since+1.. in order, or None when the ring no longer holds since+1 (or since is ahead)."""

@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import urllib.request
 
 import openai
 
 from distserve.cluster.keys import Keys
+from distserve.cluster.prefix_keys import chat_keys
 from tests.router.cluster import (MODEL, engine_metric, engine_record, geometry_of, handshake, http_json,
                                   link_record, publish_engine, publish_link, router_metric, start_router)
 from tests.util import spawn_engine
@@ -22,6 +24,13 @@ TOKEN = "kv-aware-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 HIT = "distserve_engine_prefix_cache_hit_tokens_total"
 PROMPT = "distserve_engine_prompt_tokens_total"
+
+
+def _snapshot(url):
+    """The first line of the engine's cache-state stream."""
+    req = urllib.request.Request(f"{url}/distserve/cache/events", headers=AUTH)
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        return json.loads(resp.readline())
 
 
 def _with_stream(rec, url):
@@ -86,6 +95,18 @@ async def test_second_turn_goes_to_the_prefill_that_cached_the_first(etcd, etcd_
             assert prompts[first] > prompt_before[first] and prompts[other] == prompt_before[other]
             assert hits[first] > hits_before[first]  # served from the cache of the first turn
         assert router_metric(router, "distserve_router_kv_picks_total", {"phase": "prefill", "basis": "cache"}) >= 4
+        # each engine marks its prefix families' roots: the system prompt of every conversation it served (2
+        # turns each, one family), which is what kv_aware spreads new prefixes by
+        systems = {chat_keys([{"role": "system", "content": f"conversation {conv}: " + "you answer briefly. " * 30}
+                              ])[0] for conv in range(4)}
+        roots = set()
+        for p in ("p0", "p1"):
+            snap = await asyncio.to_thread(_snapshot, urls[p])
+            keys = {int(k, 16) for k, _ in snap["keys"]}
+            mine = {int(k, 16) for k in snap.get("roots", [])}
+            assert mine <= keys and mine <= systems
+            roots |= mine
+        assert roots == systems
         assert router_metric(router, "distserve_router_kv_index_synced") == 1
     finally:
         for proc in procs:

@@ -34,6 +34,7 @@ class StreamEngine:
         self.incarnation = uuid.uuid4().hex
         self.seq = 0
         self.keys: dict[str, int] = {}
+        self.roots: set[str] = set()  # keys marked as a prefix family's root
         self.ring: list[dict] = []  # the last `ring_size` events
         self.ring_size = ring
         self.heartbeat = heartbeat
@@ -71,18 +72,22 @@ class StreamEngine:
         ev = {"type": kind, "seq": self.seq, "incarnation": self.incarnation, **fields}
         if kind == "stored":
             self.keys.update({k: t for k, t in fields["keys"]})
+            self.roots.update(fields.get("roots", ()))
         elif kind == "removed":
             for k in fields["keys"]:
                 self.keys.pop(k, None)
+                self.roots.discard(k)
         elif kind == "cleared":
             self.keys.clear()
+            self.roots.clear()
         self.ring.append(ev)
         del self.ring[: -self.ring_size]
         async with self.changed:
             self.changed.notify_all()
 
-    async def store(self, pairs: list[tuple[int, int]]) -> None:
-        await self.event("stored", keys=[[key_hex(k), t] for k, t in pairs])
+    async def store(self, pairs: list[tuple[int, int]], roots: tuple[int, ...] = ()) -> None:
+        extra = {"roots": [key_hex(k) for k in roots]} if roots else {}
+        await self.event("stored", keys=[[key_hex(k), t] for k, t in pairs], **extra)
 
     async def remove(self, keys: list[int]) -> None:
         await self.event("removed", keys=[key_hex(k) for k in keys])
@@ -92,11 +97,12 @@ class StreamEngine:
         self.incarnation = uuid.uuid4().hex
         self.seq = 0
         self.keys = {}
+        self.roots = set()
         self.ring = []
 
     def snapshot(self) -> dict:
         return {"type": "snapshot", "incarnation": self.incarnation, "seq": self.seq, "block_size": 16,
-                "chunk_bytes": 64, "keys": [[k, t] for k, t in self.keys.items()]}
+                "chunk_bytes": 64, "keys": [[k, t] for k, t in self.keys.items()], "roots": sorted(self.roots)}
 
     # -------------------------------------------------------------- the route
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -364,3 +370,134 @@ async def test_inactive_index_follows_nothing(setup):
     assert await s.index.wait_synced(5)
     s.index.set_active(False)
     assert s.index.engines == {}
+
+
+# ------------------------------------------------------------------------------------------ prefix families
+async def test_families_follow_the_roots_the_engine_marks(setup):
+    """The router counts an engine's prefix families from the `roots` the stream marks, in the snapshot and in
+    events, and forgets a root when its key is removed, cleared or dropped by the bound."""
+    s = setup
+    p1 = await s.engine("P1")
+    await p1.store([(CHAIN[0], 16), (CHAIN[1], 32)], roots=(CHAIN[0],))
+    s.index.set_active(True)
+    await s.cache.start()
+    s.index.start()
+    assert await s.index.wait_synced(5)
+    assert s.index.families("P1") == 1 and s.index.key_count("P1") == 2  # from the snapshot
+    await p1.store([(CHAIN[2], 48)])  # a longer conversation of the same family: no new root
+    await p1.store([(777, 16), (778, 32)], roots=(777,))  # another family
+    await eventually(lambda: s.index.key_count("P1") == 5)
+    assert s.index.families("P1") == 2 and s.index.describe("P1")["families"] == 2
+    await p1.remove([777])
+    await eventually(lambda: s.index.families("P1") == 1)
+    await p1.event("cleared")
+    await eventually(lambda: s.index.key_count("P1") == 0)
+    assert s.index.families("P1") == 0
+    await p1.store([(5000, 16)], roots=(5000,))
+    await p1.store([(i, 8) for i in range(1, 1200)])  # the bound (1000) drops the oldest, the root with it
+    await eventually(lambda: s.index.engines["P1"].seq == 5)
+    assert s.index.families("P1") == 0
+    state = s.index.engines["P1"]
+    with pytest.raises(StreamError, match="roots"):
+        s.index.apply(state, orjson.dumps({"type": "stored", "seq": 6, "incarnation": p1.incarnation,
+                                           "keys": [], "roots": ["zz"]}))
+
+
+async def test_a_refused_stream_does_not_hold_readiness(setup):
+    """An engine in the view whose process is down (connection refused, e.g. killed with its lease not yet
+    expired) must not keep a restarted router out of service until sync_timeout: nothing can be routed to it
+    either. Its snapshot is applied when it answers."""
+    s = setup
+    await s.engine("P1")
+    await s.client.put(s.keys.engine("P2"), record("P2", "http://127.0.0.1:1", "dead").encode())
+    s.index.sync_timeout = 30.0
+    s.index.set_active(True)
+    await s.cache.start()
+    s.index.start()
+    assert await s.index.wait_synced(3)  # not 30 s
+    assert s.index.ready and s.index.has_stream("P1") and not s.index.has_stream("P2")
+
+
+def _pick(index, body, loads=None, engines=("P0", "P1", "P2", "P3")):
+    from distserve.cluster.prefix_keys import request_keys
+    from distserve.cluster.records import LoadRecord
+    from distserve.router.load import LoadTracker
+    from distserve.router.strategies import PickContext, make_strategy
+
+    load = LoadTracker()
+    for e, n in (loads or {}).items():
+        load.on_load(e, LoadRecord(engine_id=e, running=n))
+    ctx = PickContext(load=load, prefix=lambda n: str(body)[:n].encode(), kv=index,
+                      keys=lambda chunk: request_keys(body, chunk))
+    return make_strategy("kv_aware").pick(sorted(engines), ctx)
+
+
+def _family(f: int) -> dict:
+    return {"messages": [{"role": "system", "content": f"family {f} " + "x" * 900},
+                         {"role": "user", "content": f"first question of family {f}"}]}
+
+
+async def test_kv_aware_spreads_new_prefixes_by_families_not_by_keys(setup):
+    """Issue 18's load goal: 8 system prompts on 4 prefills. A family whose conversations grew long holds many
+    keys but brings no more traffic than one with short conversations; placing new prefixes by key count
+    piled 3 families onto one prefill (1.48 max/mean); by family count they go 2 + 2 + 2 + 2, on every
+    replica alike (both decide from the same streams)."""
+    s = setup
+    engines = {e: await s.engine(e) for e in ("P0", "P1", "P2", "P3")}
+    s.index.set_active(True)
+    await s.cache.start()
+    s.index.start()
+    assert await s.index.wait_synced(5)
+    history = [30, 2, 20, 20, 2, 2, 9, 9]  # keys each family's conversations leave behind
+    placed: dict[str, list[int]] = {e: [] for e in engines}
+    for f in range(8):
+        body = _family(f)
+        chosen = _pick(s.index, body)
+        assert _pick(s.index, body) == chosen  # another replica with the same streams: the same engine
+        placed[chosen].append(f)
+        keys = chat_keys(body["messages"])
+        eng = engines[chosen]
+        seq = eng.seq + 2
+        await eng.store([(keys[0], 1008)], roots=(keys[0],))
+        await eng.store([(10_000 * (f + 1) + i, 1024 + i) for i in range(history[f])])
+        await eventually(lambda e=chosen, q=seq: s.index.engines[e].seq == q)
+    assert sorted(len(v) for v in placed.values()) == [2, 2, 2, 2], placed
+    # the family, once placed, keeps its conversations: a new one of family 0 goes where family 0 is cached
+    home = next(e for e, fs in placed.items() if 0 in fs)
+    assert _pick(s.index, _family(0)) == home
+
+
+async def test_kv_aware_scores_an_engine_awaiting_its_snapshot_as_empty(setup):
+    """A prefill that has just restarted (a new process: its stream is followed, no snapshot yet) holds
+    nothing: it must not be credited, as an engine without any stream is, with the match another engine
+    holds, and so take a conversation away from the prefill that has it cached."""
+    s = setup
+    p0 = await s.engine("P0")
+    p1 = await s.engine("P1")
+    p1.refuse = True  # answers 503: followed, no snapshot
+    body = _family(1)
+    keys = chat_keys(body["messages"])
+    await p0.store([(keys[0], 1008), (keys[1], 1040)], roots=(keys[0],))
+    s.index.set_active(True)
+    await s.cache.start()
+    s.index.start()
+    await eventually(lambda: s.index.has_stream("P0"))
+    # P0 holds the conversation and is one request busier; P1 is idle with an unknown (empty) cache
+    assert _pick(s.index, body, loads={"P0": 1}, engines=("P0", "P1")) == "P0"
+    assert s.index.pending("P1") and not s.index.ready
+
+
+async def test_kv_aware_does_not_stack_a_new_family_onto_one_still_in_flight(setup):
+    """A family just placed on P0 is still in its prefill there (load 1): its root is not streamed yet, so the
+    family counts are equal; the next new family must not follow it there because P0 holds the fewest keys."""
+    s = setup
+    await s.engine("P0")
+    p1 = await s.engine("P1")
+    await p1.store([(4242, 1024)])  # leftovers of an ended conversation, no root
+    s.index.set_active(True)
+    await s.cache.start()
+    s.index.start()
+    assert await s.index.wait_synced(5)
+    assert s.index.families("P0") == s.index.families("P1") == 0
+    assert _pick(s.index, _family(2), engines=("P0", "P1")) == "P0"  # idle both: the fewest keys
+    assert _pick(s.index, _family(2), loads={"P0": 1}, engines=("P0", "P1")) == "P1"
