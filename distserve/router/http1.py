@@ -54,6 +54,9 @@ class Response:
         "_paused",
         "_timer",
         "_whole",
+        "_idle_timer",
+        "_idle",
+        "_wait_since",
     )
 
     def __init__(self, conn: "_Connection", loop: asyncio.AbstractEventLoop) -> None:
@@ -70,6 +73,10 @@ class Response:
         self._paused = False
         self._timer: asyncio.TimerHandle | None = None  # the call's deadline, when it has one
         self._whole = False  # read() wants all of it: no back-pressure pauses
+        # readany's idle timeout: one timer per idle period, not one per piece (a stream has hundreds)
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._idle = 0.0
+        self._wait_since = 0.0
 
     # ------------------------------------------------------------- fed by the connection
     def _feed(self, data: bytes) -> None:
@@ -85,6 +92,7 @@ class Response:
         self._conn = None
         if self._timer is not None:
             self._timer.cancel()
+        self._stop_idle()
         self._wake()
 
     def _fail(self, exc: BaseException) -> None:
@@ -94,6 +102,7 @@ class Response:
         self._conn = None
         if self._timer is not None:
             self._timer.cancel()
+        self._stop_idle()
         if not self._head.done():
             self._head.set_exception(exc)
             self._head.exception()  # retrieved: nobody may be waiting any more
@@ -113,15 +122,15 @@ class Response:
             if self._error is not None:
                 raise _as_upstream(self._error)
             self._waiter = self._loop.create_future()
-            handle = None
             if idle_timeout is not None:
-                handle = self._loop.call_later(idle_timeout, _expire, self._waiter)
+                self._idle = idle_timeout
+                self._wait_since = now = self._loop.time()
+                if self._idle_timer is None:
+                    self._idle_timer = self._loop.call_at(now + idle_timeout, self._idle_check)
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-                if handle is not None:
-                    handle.cancel()
         chunks = self._chunks
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
@@ -162,9 +171,28 @@ class Response:
         """Abandon the answer: an unfinished one takes its connection down with it."""
         if self._timer is not None:
             self._timer.cancel()
+        self._stop_idle()
         conn, self._conn = self._conn, None
         if conn is not None and not self._done:
             conn.abort()
+
+    def _idle_check(self) -> None:
+        """The idle timer: fails the current wait if it has lasted the idle timeout, else waits on until it
+        would (a wait that began later than this timer did moves it on instead of re-arming per piece)."""
+        self._idle_timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # not waiting: the next wait arms a timer again
+        due = self._wait_since + self._idle
+        if self._loop.time() >= due:
+            waiter.set_exception(asyncio.TimeoutError("the engine stayed silent for too long"))
+        else:
+            self._idle_timer = self._loop.call_at(due, self._idle_check)
+
+    def _stop_idle(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
 
     def clear_deadline(self) -> None:
         """The call's deadline no longer applies (a stream past its first byte: idle timeouts take over)."""
@@ -183,9 +211,6 @@ class Response:
             conn.abort()
 
 
-def _expire(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_exception(asyncio.TimeoutError("the engine stayed silent for too long"))
 
 
 def _as_upstream(exc: BaseException) -> BaseException:

@@ -184,3 +184,43 @@ async def test_deadline_bounds_the_whole_call_and_drops_its_connection():
         pool.close()
         for server in (silent, halfway, fine):
             await server.stop()
+
+
+async def test_idle_timeout_counts_each_wait_not_the_whole_stream():
+    """A stream whose pieces come more often than the idle timeout never times out however long it runs, a
+    reader that pauses between pieces is not blamed for its own pause, and a real silence fails within the
+    idle timeout of the wait it started (one timer per idle period serves all the waits)."""
+    async def trickle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(8):  # 8 pieces, 0.1 s apart: 0.8 s in all, against an idle timeout of 0.3 s
+            await asyncio.sleep(0.1)
+            writer.write(b"2\r\nok\r\n")
+            await writer.drain()
+        await asyncio.sleep(0.5)  # then the reader pauses 0.4 s while a piece waits for it
+        writer.write(b"4\r\nlate\r\n")
+        await writer.drain()
+        await asyncio.sleep(5)  # then silence
+        writer.close()
+
+    server = await asyncio.start_server(trickle, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    pool = EnginePool(connect_timeout=2)
+    loop = asyncio.get_running_loop()
+    try:
+        r = await pool.request(url, b"POST", b"/", b"")
+        got = b""
+        while len(got) < 16:
+            got += await r.readany(0.3)
+        assert got == b"ok" * 8
+        await asyncio.sleep(0.4)  # the reader's own pause, longer than the idle timeout
+        assert await r.readany(0.3) == b"late"
+        started = loop.time()
+        with pytest.raises(asyncio.TimeoutError):
+            await r.readany(0.3)
+        assert 0.25 < loop.time() - started < 1.0
+        r.close()
+    finally:
+        pool.close()
+        server.close()
+        await server.wait_closed()
