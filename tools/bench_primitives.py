@@ -64,6 +64,16 @@ async def via_retry() -> None:
     await retry(_op, attempts=3, backoff=Backoff(0.001, 0.01, jitter=1.0), retry_if=lambda exc: True)
 
 
+async def timer_per_piece() -> None:
+    """before: each wait for a stream's next piece armed (and cancelled) its own idle timer."""
+    asyncio.get_running_loop().call_later(30, _noop).cancel()
+
+
+async def clock_per_piece() -> None:
+    """after: each wait only notes when it began; one timer per idle period checks it."""
+    asyncio.get_running_loop().time()
+
+
 async def aiohttp_response() -> None:
     """before: a unary answer as aiohttp's web.Response (then aiohttp's writer serialises it)."""
     resp = web.Response(body=b'{"a": 1}', status=200, content_type="application/json",
@@ -83,6 +93,7 @@ ROWS = [
     ("prefill call", shielded_task, plain_await),
     ("retry executor (first attempt)", via_retry, plain_await),
     ("unary answer object", aiohttp_response, fast_send_bytes),
+    ("stream piece idle timer", timer_per_piece, clock_per_piece),
 ]
 
 
