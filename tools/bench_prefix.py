@@ -30,7 +30,10 @@ caches (distserve_engine_prompt_tokens_total, ..._prefix_cache_hit_tokens_total)
 (the run's prompts, in the order they were sent, replayed through one LRU prefix cache of all prefills'
 blocks, with the engine's rules: full blocks, the last prompt token always computed), per-engine load
 max/mean (prefill requests), router CPU per request (psutil, both replicas), and from the probe the KV
-blocks/bytes each turn migrated vs the blocks that were new since the previous turn.
+blocks/bytes each turn migrated vs the blocks that were new since the previous turn. `placements` (per run and
+in the restart phase): where each request was prefilled, read off the prefills' own cache-state streams (a
+turn's whole-prompt key is new and stored where it ran), where each family's root was first announced, and
+every later turn that ran on another prefill than the turn before it (a moved conversation).
 
     .venv/bin/python tools/bench_prefix.py                       # full run, docs/bench/prefix-2core.{json,png}
     .venv/bin/python tools/bench_prefix.py --quick --out /tmp/q.json   # smoke (~1 min)
@@ -350,6 +353,78 @@ async def sampler(cluster: Cluster, counters: Counters, samples: list, t0: float
                 pass
 
 
+async def follow_placements(cluster: Cluster, t0: float, stop: asyncio.Event, out: list[dict]) -> None:
+    """Follow every prefill's cache-state stream (reconnecting across a restart) and record, with the time, the
+    keys each stores and the roots it announces as pending: a request's last prefix key (its whole prompt) is
+    new and stored by the prefill that served it, so `placements` can tell where every turn ran."""
+    import aiohttp
+
+    async def one(name: str, url: str) -> None:
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=2, sock_read=10)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            while not stop.is_set():
+                try:
+                    async with http.get(f"{url}/distserve/cache/events") as resp:
+                        async for raw in resp.content:
+                            msg = json.loads(raw)
+                            if msg.get("type") in ("snapshot", "stored"):
+                                out.append({"t": time.perf_counter() - t0, "engine": name,
+                                            "keys": [k for k, _ in msg.get("keys", [])],
+                                            "pending": msg.get("pending", [])})
+                except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+                    pass  # down (the restart phase) or a line too long: again
+                await asyncio.sleep(0.1)
+
+    tasks = [asyncio.create_task(one(f"prefill-{i}", u)) for i, (_, u) in enumerate(cluster.prefills)]
+    try:
+        await stop.wait()
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def placements(load: Load, stream: list[dict], systems: int) -> dict:
+    """Where each request was prefilled (the prefill whose stream first stored its last prefix key after it
+    started), where each system prompt (family) was first announced, and every later turn that ran on
+    another prefill than the turn before it (a conversation moved: its prefix computed again)."""
+    from distserve.cluster.prefix_keys import chat_keys, key_hex
+
+    stored: dict[str, list[tuple[float, str]]] = {}
+    first_pending: dict[str, tuple[float, str]] = {}
+    for ev in stream:
+        for k in ev["keys"]:
+            stored.setdefault(k, []).append((ev["t"], ev["engine"]))
+        for k in ev["pending"]:
+            first_pending.setdefault(k, (ev["t"], ev["engine"]))
+    where: dict[tuple[int, int], str] = {}
+    for rec in load.records:
+        if "sent_index" not in rec:
+            continue
+        last = key_hex(chat_keys(load.sent_messages[rec["sent_index"]])[-1])
+        hits = [e for t, e in stored.get(last, ()) if t >= rec["start"] - 0.05]
+        if hits:
+            rec["prefill"] = where[(rec["conv"], rec["turn"])] = hits[0]
+    families = {}
+    for rec in sorted(load.records, key=lambda r: r["start"]):
+        if rec["turn"] == 0 and "sent_index" in rec:
+            root = key_hex(chat_keys(load.sent_messages[rec["sent_index"]][:1])[0])
+            fam = families.setdefault(str(rec["conv"] % systems), {"first_conv": rec["conv"],
+                                                                   "router": rec["router"], "engines": []})
+            if first_pending.get(root) and not fam.get("announced_on"):
+                fam["announced_on"], fam["announced_at"] = first_pending[root][1], round(first_pending[root][0], 3)
+            if rec.get("prefill") and rec["prefill"] not in fam["engines"]:
+                fam["engines"].append(rec["prefill"])
+    moved = []
+    for rec in load.records:
+        prev = where.get((rec["conv"], rec["turn"] - 1))
+        if rec["turn"] > 0 and prev and rec.get("prefill") and rec["prefill"] != prev:
+            moved.append({"conv": rec["conv"], "turn": rec["turn"], "from": prev, "to": rec["prefill"],
+                          "start": round(rec["start"], 3), "router": rec["router"]})
+    return {"placed": len(where), "requests": len(load.records), "families": families,
+            "moved_turns": sorted(moved, key=lambda m: m["start"])}
+
+
 async def open_loop(cluster: Cluster, trace: dict, rate: float, args, events=None) -> dict:
     """Conversations arrive Poisson at rate/turns a second; returns the run's records and engine deltas."""
     turns = len(trace["conversations"][0]["questions"])
@@ -361,6 +436,8 @@ async def open_loop(cluster: Cluster, trace: dict, rate: float, args, events=Non
     # the restart phase samples finely: its recovery is placed to a fraction of a second, not a window
     period = min(args.window, 0.25) if events else args.window
     samp = asyncio.create_task(sampler(cluster, counters, samples, t0, period, stop))
+    stream: list[dict] = []
+    follow = asyncio.create_task(follow_placements(cluster, t0, stop, stream))
     await asyncio.sleep(0.3)  # the sampler's baseline
     t0b = time.perf_counter()
     tasks = []
@@ -377,10 +454,12 @@ async def open_loop(cluster: Cluster, trace: dict, rate: float, args, events=Non
         ev_results = await ev_task if ev_task else None
     wall = time.perf_counter() - t0b
     cpu = cluster.router_cpu() - cpu0
+    await asyncio.sleep(0.3)  # the last turns' keys reach the placement stream
     stop.set()
     await samp
+    await follow
     return {"load": load, "counters": counters, "samples": samples, "wall": wall, "router_cpu": cpu,
-            "events": ev_results}
+            "events": ev_results, "placements": placements(load, stream, len(trace["systems"]))}
 
 
 def summarize(run: dict, args, capacity_blocks: int, rate: float) -> dict:
@@ -422,6 +501,7 @@ def summarize(run: dict, args, capacity_blocks: int, rate: float) -> dict:
         "computed_tokens_max_over_mean": round(max(per_tok) / mean_tok, 3) if mean_tok else None,
         "router_cpu_ms_per_request": round(1000 * run["router_cpu"] / len(recs), 3) if recs else None,
         "decode_migration_bytes": int(sum(v.get(MIG_BYTES, 0) for e, v in tot.items() if e.startswith("decode"))),
+        "placements": run["placements"],
     }
 
 
@@ -726,8 +806,13 @@ def restart_summary(run: dict, ev: dict, args, capacity: int) -> dict:
         "recovery_after_prefill_up_s": (round(max(0.0, recovered_at - ev["prefill_up_at"]), 2)
                                         if recovered_at and ev["prefill_up_at"] else None),
         "windows": windows,
+        "placements": run["placements"],
         "requests_timeline": [{"start": round(r["start"], 3), "end": round(r["end"], 3), "outcome": r["outcome"],
-                               "ttft": r["ttft"], "router": r["router"]} for r in recs],
+                               "ttft": r["ttft"], "router": r["router"], "conv": r["conv"], "turn": r["turn"],
+                               "prefill": r.get("prefill"),
+                               "hit_tokens": each[r["sent_index"]] if "sent_index" in r else None,
+                               "prompt_tokens": len(load.sent[r["sent_index"]]) if "sent_index" in r else None}
+                              for r in recs],
     }
 
 
@@ -749,7 +834,8 @@ async def run_strategy(args, etcd, strategy: str, traces: dict, rates: dict, cap
             print(f"  {name}: {rate:.2f} req/s offered, ttft p50 {s['ttft_p50_ms']} ms p99 {s['ttft_p99_ms']} ms, "
                   f"hit {s['hit_rate']} (omniscient {s['omniscient_hit_rate']}), load max/mean "
                   f"{s['load_max_over_mean']}, router cpu {s['router_cpu_ms_per_request']} ms/req, "
-                  f"failures {s['failures']}", flush=True)
+                  f"failures {s['failures']}, prefill requests {s['prefill_requests']}, "
+                  f"moved turns {len(s['placements']['moved_turns'])}", flush=True)
             if i == len(rates) - 1:
                 rows = await probe(cluster, traces["probe"], args)
                 out["probe"] = {**probe_summary(rows), "rows": rows}

@@ -242,14 +242,20 @@ class Engine:
                        ) -> AsyncIterator[Step]:
         """Validate, then run; raises ApiError before the first Step for anything wrong. `key_plan`: the
         request's prefix keys (distserve.engine.prefix_cache.key_plan), registered once its prompt's blocks
-        are cached (at the first step: the prompt is computed or migrated by then)."""
+        are cached (at the first step: the prompt is computed or migrated by then). Its root is announced as
+        pending from admission until the request ends (prefix_cache.CacheEvents.admit)."""
         first = True
-        async with aclosing(self._generate(req)) as steps:
-            async for step in steps:
-                if first and key_plan:
-                    first = False
-                    self.cache_events.register(key_plan, req.prompt_ids)
-                yield step
+        pending = self.cache_events.admit(key_plan) if key_plan else None
+        try:
+            async with aclosing(self._generate(req)) as steps:
+                async for step in steps:
+                    if first and key_plan:
+                        first = False
+                        self.cache_events.register(key_plan, req.prompt_ids)
+                    yield step
+        finally:  # ended, failed or cancelled: the pending mark goes (a root it cached stays a root)
+            if pending is not None:
+                self.cache_events.release(pending)
 
     async def _generate(self, req: SamplingRequest) -> AsyncIterator[Step]:
         total_blocks = blocks_for(len(req.prompt_ids) + 1, self.model.block_size)

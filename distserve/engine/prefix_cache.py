@@ -9,6 +9,13 @@ A request's first registrable key (the shallowest prefix that fills a block: cha
 prompt) is its family's root; the stream marks roots (`roots`, optional: older routers ignore it) so every
 router can count the prefix families an engine serves, a proxy for the traffic they bring that does not
 grow with conversation length (docs/router.md "kv_aware").
+
+A root is announced as soon as the engine admits a request whose root it does not hold (`pending`,
+optional in snapshots and stored events): a family's first prefill takes 0.4-2 s, and until its root was
+stored every other router replica saw the engine one family short and sent the next new family there too
+(docs/benchmarks.md "Re-run 3"). The mark ends when the root is stored (it is then in `roots`), or, when
+every request admitted under it ended with nothing cached (failed, cancelled), by `pending` in a removed
+event.
 """
 
 from __future__ import annotations
@@ -121,6 +128,10 @@ class CacheEvents:
         self.seq = 0
         self._keys: dict[int, tuple[int, bytes]] = {}  # key -> (tokens, deepest block hash)
         self._roots: set[int] = set()  # keys that are a family's root (a subset of _keys)
+        # pending roots (never in _roots): root -> [requests admitted under it while it was pending]; the
+        # list's identity is the admit token, so a request admitted before the root was stored (and the
+        # entry popped) cannot withdraw a later entry of the same root
+        self._pending: dict[int, list[int]] = {}
         self._by_block: dict[bytes, set[int]] = {}
         self._ring: collections.deque[dict] = collections.deque(maxlen=ring)
         self._lock = threading.Lock()
@@ -154,6 +165,7 @@ class CacheEvents:
                 stored.append([PK.key_hex(key), tokens])
                 if key == root:
                     self._roots.add(key)
+                    self._pending.pop(key, None)  # routers drop a pending mark when its root is stored
                     roots.append(PK.key_hex(key))
             if stored:
                 event: dict[str, Any] = {"type": "stored", "keys": stored}
@@ -161,6 +173,35 @@ class CacheEvents:
                     event["roots"] = roots
                 self._append(event)
         return len(stored)
+
+    def admit(self, plan: list[tuple[int, int]]) -> tuple[int, list[int]] | None:
+        """A request with this key plan was admitted: announce its root as pending unless the root is held or
+        pending already. Returns the token for release() when the request ends (None: nothing to release)."""
+        if not plan:
+            return None
+        root = plan[0][0]
+        with self._lock:
+            entry = self._pending.get(root)
+            if entry is None:
+                if root in self._roots:
+                    return None  # the family is here already
+                entry = self._pending[root] = [0]
+                self._append({"type": "stored", "keys": [], "pending": [PK.key_hex(root)]})
+            entry[0] += 1
+        return root, entry
+
+    def release(self, token: tuple[int, list[int]]) -> None:
+        """The request admitted with `token` ended, whatever its outcome. When the root is still pending (not
+        stored since) and no other request holds it, the mark is withdrawn: nothing of the family is here."""
+        root, entry = token
+        with self._lock:
+            if self._pending.get(root) is not entry:
+                return  # stored (now a root) or cleared since
+            entry[0] -= 1
+            if entry[0] > 0:
+                return
+            del self._pending[root]
+            self._append({"type": "removed", "keys": [], "pending": [PK.key_hex(root)]})
 
     def _evicted(self, hashes: list[bytes]) -> None:
         # Called by the allocator with its lock held.
@@ -180,6 +221,7 @@ class CacheEvents:
             self._keys.clear()
             self._roots.clear()
             self._by_block.clear()
+            self._pending.clear()  # "cleared" drops everything on the routers, pending marks too
             self._append({"type": "cleared"})
 
     def _append(self, event: dict) -> None:
@@ -201,6 +243,8 @@ class CacheEvents:
                     "keys": [[PK.key_hex(k), t] for k, (t, _) in self._keys.items()]}
             if self._roots:  # optional, like in stored events: absent means none
                 snap["roots"] = [PK.key_hex(k) for k in self._roots]
+            if self._pending:
+                snap["pending"] = [PK.key_hex(k) for k in self._pending]
             return snap
 
     def after(self, since: int) -> list[dict] | None:
@@ -218,6 +262,10 @@ class CacheEvents:
     @property
     def num_keys(self) -> int:
         return len(self._keys)
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._pending)
 
     def waiter(self) -> asyncio.Event:
         ev = asyncio.Event()

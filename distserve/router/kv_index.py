@@ -17,7 +17,11 @@ heartbeats. This module keeps one owned task per such engine that follows it, li
 - the per-engine key map is bounded (max_keys, least recently stored dropped first: a dropped key only
   makes the router underestimate a match);
 - keys the engine marks as roots (`roots` in a snapshot or a stored event: the shallowest cached key of a
-  request, its prefix family) are counted per engine (`families`): kv_aware's tie rule for a new prefix.
+  request, its prefix family) are counted per engine (`families`): kv_aware's tie rule for a new prefix;
+  so are the roots it announces as pending (`pending` in a snapshot or a stored event: a request of that
+  family admitted, nothing cached yet; the mark ends when the root is stored, or by `pending` in a removed
+  event when the family's requests ended with nothing cached), so a family placed by any replica counts
+  from its admission, not from the end of its first prefill.
 
 The index runs only while the routing strategy needs it (set_active), so other strategies pay nothing.
 `ready` is what /health/ready waits for: inactive, or every streaming engine in the synced view delivered
@@ -65,8 +69,8 @@ class NewIncarnation(StreamError):
 class EngineCache:
     """One engine's cache state as streamed, and its stream's health (shown by ctl and metrics)."""
 
-    __slots__ = ("engine_id", "url", "path", "instance", "keys", "roots", "incarnation", "seq", "block_size",
-                 "chunk_bytes", "synced", "refused", "followed_at", "state", "error", "connects", "snapshots",
+    __slots__ = ("engine_id", "url", "path", "instance", "keys", "roots", "pending_roots", "incarnation", "seq",
+                 "block_size", "chunk_bytes", "synced", "refused", "followed_at", "state", "error", "connects", "snapshots",
                  "gaps", "dropped", "last_message_at", "task")
 
     def __init__(self, engine_id: str, url: str, path: str, instance: str | None, chunk_bytes: int) -> None:
@@ -76,6 +80,7 @@ class EngineCache:
         self.instance = instance
         self.keys: OrderedDict[int, int] = OrderedDict()  # prefix key -> prompt tokens it covers
         self.roots: set[int] = set()  # the keys that are a prefix family's root (a subset of keys)
+        self.pending_roots: set[int] = set()  # roots of admitted requests, announced before anything is cached
         self.incarnation: str | None = None  # the stream's (the engine process's instance id)
         self.seq: int | None = None
         self.block_size: int | None = None
@@ -95,13 +100,18 @@ class EngineCache:
     def clear(self) -> None:
         self.keys.clear()
         self.roots.clear()
+        self.pending_roots.clear()
         self.incarnation = None
         self.seq = None
         self.synced = False
 
+    def families(self) -> int:
+        """Roots cached or pending (the two sets are disjoint: a stored root ends its pending mark)."""
+        return len(self.roots) + len(self.pending_roots)
+
     def as_dict(self) -> dict[str, Any]:
         return {"engine": self.engine_id, "state": self.state, "synced": self.synced, "keys": len(self.keys),
-                "families": len(self.roots),
+                "families": self.families(), "pending_roots": len(self.pending_roots),
                 "incarnation": self.incarnation, "seq": self.seq, "connects": self.connects,
                 "snapshots": self.snapshots, "gaps": self.gaps, "dropped": self.dropped, "error": self.error}
 
@@ -231,9 +241,10 @@ class KvIndex:
                 and time.monotonic() - state.followed_at < self.sync_timeout)
 
     def families(self, engine_id: str) -> int:
-        """Prefix families (root keys) cached on the engine: what kv_aware spreads new prefixes by."""
+        """Prefix families (root keys) cached on the engine or pending there (a request of the family admitted,
+        its first prefill not done): what kv_aware spreads new prefixes by."""
         state = self.engines.get(engine_id)
-        return len(state.roots) if state is not None else 0
+        return state.families() if state is not None else 0
 
     def key_count(self, engine_id: str) -> int:
         state = self.engines.get(engine_id)
@@ -414,9 +425,12 @@ class KvIndex:
                 self._count("kv_index_resyncs", ("snapshot",))
             pairs = self._pairs(msg.get("keys"))
             roots = self._roots(msg.get("roots"))
+            pending = self._roots(msg.get("pending"), "pending")
             state.keys.clear()
             state.roots.clear()
+            state.pending_roots.clear()
             self._store(state, pairs, roots)
+            self._add_pending(state, pending)
             state.incarnation = incarnation
             state.seq = seq
             block_size = msg.get("block_size")
@@ -446,6 +460,7 @@ class KvIndex:
             raise StreamError(f"event seq {seq} after {state.seq}")
         if kind == "stored":
             self._store(state, self._pairs(msg.get("keys")), self._roots(msg.get("roots")))
+            self._add_pending(state, self._roots(msg.get("pending"), "pending"))
         elif kind == "removed":
             keys = msg.get("keys")
             if type(keys) is not list:
@@ -457,9 +472,11 @@ class KvIndex:
                     raise StreamError(f"bad key {str(text)[:40]!r}") from None
                 state.keys.pop(key, None)
                 state.roots.discard(key)
+            state.pending_roots.difference_update(self._roots(msg.get("pending"), "pending"))
         else:
             state.keys.clear()
             state.roots.clear()
+            state.pending_roots.clear()
         state.seq = seq
 
     @staticmethod
@@ -480,16 +497,25 @@ class KvIndex:
         return out
 
     @staticmethod
-    def _roots(roots: Any) -> set[int]:
-        """The optional `roots` list (hex keys among the message's keys); absent: none."""
+    def _roots(roots: Any, field: str = "roots") -> set[int]:
+        """An optional list of hex keys (`roots`, `pending`); absent: none."""
         if roots is None:
             return set()
         if type(roots) is not list:
-            raise StreamError("roots is not a list")
+            raise StreamError(f"{field} is not a list")
         try:
             return {parse_key_hex(text) for text in roots}
         except ValueError:
-            raise StreamError("a bad key in roots") from None
+            raise StreamError(f"a bad key in {field}") from None
+
+    def _add_pending(self, state: EngineCache, pending: set[int]) -> None:
+        # bounded like the keys (an engine has at most its in-flight requests' roots pending); a root already
+        # stored is not pending
+        for key in pending:
+            if len(state.pending_roots) >= self.max_keys:
+                break
+            if key not in state.roots:
+                state.pending_roots.add(key)
 
     def _store(self, state: EngineCache, pairs: list[tuple[int, int]], roots: set[int] = frozenset()) -> None:
         keys = state.keys
@@ -499,6 +525,7 @@ class KvIndex:
             keys[key] = tokens
             if key in roots:
                 state.roots.add(key)
+                state.pending_roots.discard(key)  # stored: no longer pending
         over = len(keys) - self.max_keys
         if over > 0:  # the least recently stored go first
             for _ in range(over):

@@ -381,7 +381,7 @@ class KvAwareStrategy(Strategy):
     cost(c) = load_weight x unfinished(c) / weight(c) - cache_weight x matched(c) / 1024, lowest wins;
     matched(c) = prompt tokens of the longest prefix key of the request cached on c (0 below
     min_match_tokens). Ties go to the tied engine caching the fewest prefix families (root keys, as the
-    engines' streams mark them), then the least loaded, then the fewest prefix keys, then to prefix_affinity's
+    engines' streams mark them, cached or pending: announced at admission), then the least loaded, then the fewest prefix keys, then to prefix_affinity's
     ring order, so every
     replica sends a new prefix to the same engine. For a prefix no engine holds, every engine within one
     queued request of the lowest load, or within load_factor x the mean (bounded loads), counts as tied:
@@ -476,10 +476,11 @@ def _least_cached(tied: list[str], index: Any, loads: Mapping[str, float] | None
     (root keys: a family is what brings a stream of requests, whatever its conversations' length), then the
     fewest prefix keys: new prefixes spread over the engines by the traffic each already serves. Both come
     from the engines' streams, so every replica agrees; the hash alone piled 8 system prompts 2.6x the mean
-    onto one of 4 prefills, the key count alone 1.48x (docs/benchmarks.md, "Cache-aware routing"). Equal
-    families: the lower load first (a family just placed is in flight there, its root not streamed until its
-    prefill ends: without this the next new family followed it), then the fewest keys; the ring still breaks
-    what is left."""
+    onto one of 4 prefills, the key count alone 1.48x (docs/benchmarks.md, "Cache-aware routing"). A family
+    counts from its first request's admission (the engine streams its root as pending), not from the end of
+    that prefill: otherwise another replica placing the next new family meanwhile saw one family fewer there
+    and followed it. Equal families: the lower load first (what this replica has in flight), then the
+    fewest keys; the ring still breaks what is left."""
     families = getattr(index, "families", None)
     key_count = getattr(index, "key_count", None)
     if key_count is None:

@@ -75,36 +75,60 @@ async def test_cache_event_stream():
 
             body = chat_body("you are a terse assistant " * 3, "what is a kv cache?")
             await pd.generate(http, url, "chat/completions", body, KEY)
-            stored = await stream.next_event()
-            assert stored["type"] == "stored" and stored["seq"] == 1 and stored["incarnation"] == inc
             keys = PK.chat_keys(body["messages"])
+            # admitted: its family's root (the system prompt's key) is announced before anything is cached
+            pending = await stream.next_event()
+            assert pending == {"type": "stored", "seq": 1, "incarnation": inc, "keys": [],
+                               "pending": [PK.key_hex(keys[0])]}
+            stored = await stream.next_event()
+            assert stored["type"] == "stored" and stored["seq"] == 2 and stored["incarnation"] == inc
             got = dict(stored["keys"])
             # the system message alone: "<BOS><|system|>\n" + 78 chars + "\n" = 91 tokens -> 80 in full blocks
             assert got == {PK.key_hex(keys[0]): 80, PK.key_hex(keys[1]): (91 + 9 + 19 + 1) // 16 * 16}
+            assert stored["roots"] == [PK.key_hex(keys[0])] and "pending" not in stored  # stored: not pending
 
-            # a second turn sharing the system prompt: no new key for it, a new one for its own prefix
+            # a second turn sharing the system prompt: its root is held (nothing pending), a new key for its prefix
             body2 = chat_body("you are a terse assistant " * 3, "and a block?")
             await pd.generate(http, url, "chat/completions", body2, KEY)
             ev2 = await stream.next_event()
-            assert ev2["seq"] == 2 and dict(ev2["keys"]) == {PK.key_hex(PK.chat_keys(body2["messages"])[1]): 112}
+            assert ev2["seq"] == 3 and dict(ev2["keys"]) == {PK.key_hex(PK.chat_keys(body2["messages"])[1]): 112}
+            assert "pending" not in ev2
 
-            # a completions prompt: keys over 64-byte chunks
+            # a completions prompt: keys over 64-byte chunks, the first one its root
             text = "z" * 130
             await pd.generate(http, url, "completions", {"model": MODEL, "prompt": text, "max_tokens": 2}, KEY)
+            ev3p = await stream.next_event()
+            assert ev3p["pending"] == [PK.key_hex(PK.text_keys(text)[0])] and ev3p["keys"] == []
             ev3 = await stream.next_event()
             assert dict(ev3["keys"]) == {PK.key_hex(k): t for k, t in zip(PK.text_keys(text), [64, 128])}
 
-            # resume from seq 1 on a second connection: events 2.. without a snapshot
-            resumed = await open_stream(http, url, since=1, incarnation=inc)
+            # resume from seq 2 on a second connection: events 3.. without a snapshot
+            resumed = await open_stream(http, url, since=2, incarnation=inc)
             assert (await resumed.next_event()) == ev2
+            assert (await resumed.next_event()) == ev3p
             assert (await resumed.next_event()) == ev3
             resumed.resp.close()
-            # another incarnation or a seq this engine never had: a fresh snapshot
+            # another incarnation or a seq this engine never had: a fresh snapshot, nothing pending
             for params in ({"since": 1, "incarnation": "old"}, {"since": 999, "incarnation": inc}):
                 again = await open_stream(http, url, **params)
                 snap = await again.next()
-                assert snap["type"] == "snapshot" and snap["seq"] == 3 and len(snap["keys"]) == 5
+                assert snap["type"] == "snapshot" and snap["seq"] == 5 and len(snap["keys"]) == 5
+                assert len(snap["roots"]) == 2 and "pending" not in snap
                 again.resp.close()
+
+            # a request admitted that fails before anything is cached (its prompt needs more blocks than the
+            # pool has: a 400 after admission) withdraws its pending root: no family is left behind
+            big = chat_body("a new family " * 40, "too long for 24 blocks")
+            async with http.post(f"{url}/v1/chat/completions", json=big, headers=pd.auth(KEY)) as resp:
+                assert resp.status == 400, await resp.text()
+            root = PK.key_hex(PK.chat_keys(big["messages"])[0])
+            announced = await stream.next_event()
+            assert announced["type"] == "stored" and announced["pending"] == [root] and announced["keys"] == []
+            withdrawn = await stream.next_event()
+            assert withdrawn == {"type": "removed", "seq": announced["seq"] + 1, "incarnation": inc, "keys": [],
+                                 "pending": [root]}
+            snap = await (await open_stream(http, url)).next()
+            assert "pending" not in snap and root not in snap["roots"]
 
             # eviction pressure: long unrelated prompts push the first conversation out, its keys go
             removed: set[str] = set()

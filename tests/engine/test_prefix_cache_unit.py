@@ -161,6 +161,53 @@ def test_cache_events_register_evict_and_resume():
     assert ev.snapshot()["keys"] == []
 
 
+def test_cache_events_announce_a_pending_root_at_admission_and_withdraw_it_if_nothing_was_cached():
+    """A family's root is in the stream from the moment the engine admits its first request (routers count it
+    at once, not after that prefill), once per family; a stored root ends the mark; a family whose requests
+    all ended with nothing cached is withdrawn; a root already held announces nothing."""
+    alloc = BlockAllocator(16, prefix_caching=True)
+    ev = CacheEvents(alloc, "inc1", BS)
+    tokens = list(range(500, 512))
+    plan = [(11, 4), (22, 8)]
+    first = ev.admit(plan)
+    assert ev.after(0) == [{"type": "stored", "keys": [], "pending": [PK.key_hex(11)], "seq": 1,
+                            "incarnation": "inc1"}]
+    assert ev.snapshot()["pending"] == [PK.key_hex(11)] and ev.num_pending == 1
+    second = ev.admit([(11, 4), (33, 8)])  # another conversation of the same family: already announced
+    assert ev.seq == 1
+    ev.release(second)  # ends without caching, the first still runs: the mark stays
+    assert ev.seq == 1 and ev.num_pending == 1
+    _cached_run(alloc, tokens)
+    assert ev.register(plan, tokens) == 2
+    stored = ev.after(1)[0]
+    assert stored["roots"] == [PK.key_hex(11)] and "pending" not in stored
+    snap = ev.snapshot()
+    assert "pending" not in snap and snap["roots"] == [PK.key_hex(11)]
+    ev.release(first)  # its root is stored: nothing to withdraw
+    assert ev.seq == 2
+    assert ev.admit(plan) is None and ev.seq == 2  # held: nothing to announce, nothing to release
+
+    # a new family whose requests all fail (or are cancelled) before anything is cached: withdrawn once
+    a, b = ev.admit([(55, 4)]), ev.admit([(55, 4), (56, 8)])
+    ev.release(a)
+    assert ev.seq == 3
+    ev.release(b)
+    assert ev.after(3) == [{"type": "removed", "keys": [], "pending": [PK.key_hex(55)], "seq": 4,
+                            "incarnation": "inc1"}]
+    assert "pending" not in ev.snapshot() and ev.num_pending == 0
+    assert ev.admit([]) is None
+
+    # a request admitted before a clear cannot withdraw the mark of one admitted after it
+    old = ev.admit([(77, 4)])
+    ev.clear()
+    new = ev.admit([(77, 4)])
+    seq = ev.seq
+    ev.release(old)
+    assert ev.seq == seq and ev.snapshot()["pending"] == [PK.key_hex(77)]
+    ev.release(new)
+    assert ev.after(seq)[0]["pending"] == [PK.key_hex(77)] and "pending" not in ev.snapshot()
+
+
 @pytest.mark.parametrize("n", [1, 4, 5, 8, 9])
 def test_at_least_one_token_is_computed(n):
     alloc = BlockAllocator(8, prefix_caching=True)

@@ -35,6 +35,7 @@ class StreamEngine:
         self.seq = 0
         self.keys: dict[str, int] = {}
         self.roots: set[str] = set()  # keys marked as a prefix family's root
+        self.pending: set[str] = set()  # roots announced for admitted requests, nothing cached yet
         self.ring: list[dict] = []  # the last `ring_size` events
         self.ring_size = ring
         self.heartbeat = heartbeat
@@ -73,13 +74,17 @@ class StreamEngine:
         if kind == "stored":
             self.keys.update({k: t for k, t in fields["keys"]})
             self.roots.update(fields.get("roots", ()))
+            self.pending.difference_update(fields.get("roots", ()))
+            self.pending.update(fields.get("pending", ()))
         elif kind == "removed":
             for k in fields["keys"]:
                 self.keys.pop(k, None)
                 self.roots.discard(k)
+            self.pending.difference_update(fields.get("pending", ()))
         elif kind == "cleared":
             self.keys.clear()
             self.roots.clear()
+            self.pending.clear()
         self.ring.append(ev)
         del self.ring[: -self.ring_size]
         async with self.changed:
@@ -92,17 +97,29 @@ class StreamEngine:
     async def remove(self, keys: list[int]) -> None:
         await self.event("removed", keys=[key_hex(k) for k in keys])
 
+    async def admit(self, root: int) -> None:
+        """A request of the family `root` admitted (the engine announces its root as pending)."""
+        await self.event("stored", keys=[], pending=[key_hex(root)])
+
+    async def withdraw(self, root: int) -> None:
+        """The family's requests ended with nothing cached."""
+        await self.event("removed", keys=[], pending=[key_hex(root)])
+
     def restart(self) -> None:
         """A new engine process: new incarnation, empty cache, seq from 0."""
         self.incarnation = uuid.uuid4().hex
         self.seq = 0
         self.keys = {}
         self.roots = set()
+        self.pending = set()
         self.ring = []
 
     def snapshot(self) -> dict:
-        return {"type": "snapshot", "incarnation": self.incarnation, "seq": self.seq, "block_size": 16,
+        snap = {"type": "snapshot", "incarnation": self.incarnation, "seq": self.seq, "block_size": 16,
                 "chunk_bytes": 64, "keys": [[k, t] for k, t in self.keys.items()], "roots": sorted(self.roots)}
+        if self.pending:
+            snap["pending"] = sorted(self.pending)
+        return snap
 
     # -------------------------------------------------------------- the route
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -501,3 +518,93 @@ async def test_kv_aware_does_not_stack_a_new_family_onto_one_still_in_flight(set
     assert s.index.families("P0") == s.index.families("P1") == 0
     assert _pick(s.index, _family(2), engines=("P0", "P1")) == "P0"  # idle both: the fewest keys
     assert _pick(s.index, _family(2), loads={"P0": 1}, engines=("P0", "P1")) == "P1"
+
+
+# ------------------------------------------------------------------------------------------ pending roots
+async def test_pending_roots_count_as_families_from_admission(setup):
+    """An engine announces a family's root as `pending` when it admits a request of it; the router counts it
+    as a family from then (snapshot and events) until it is stored as a root (counted once) or withdrawn, and
+    forgets it on a clear or a new incarnation."""
+    s = setup
+    p1 = await s.engine("P1")
+    await p1.admit(900)
+    s.index.set_active(True)
+    await s.cache.start()
+    s.index.start()
+    assert await s.index.wait_synced(5)
+    assert s.index.families("P1") == 1 and s.index.key_count("P1") == 0  # from the snapshot
+    assert s.index.describe("P1")["pending_roots"] == 1
+    await p1.admit(901)
+    await eventually(lambda: s.index.families("P1") == 2)
+    await p1.store([(901, 1008), (902, 1040)], roots=(901,))  # 901's prefill ended: a root, not two families
+    await eventually(lambda: s.index.key_count("P1") == 2)
+    assert s.index.families("P1") == 2 and s.index.describe("P1")["pending_roots"] == 1
+    await p1.withdraw(900)  # 900's request failed before anything was cached
+    await eventually(lambda: s.index.families("P1") == 1)
+    await p1.admit(903)
+    await eventually(lambda: s.index.families("P1") == 2)
+    await p1.event("cleared")
+    await eventually(lambda: s.index.families("P1") == 0)
+    await p1.admit(904)
+    await eventually(lambda: s.index.families("P1") == 1)
+    p1.restart()  # a new process: nothing of the old one is pending
+    await p1.drop_connections()
+    await eventually(lambda: s.index.engines["P1"].incarnation == p1.incarnation)
+    assert s.index.families("P1") == 0
+    state = s.index.engines["P1"]
+    with pytest.raises(StreamError, match="pending"):
+        s.index.apply(state, orjson.dumps({"type": "stored", "seq": state.seq + 1, "incarnation": p1.incarnation,
+                                           "keys": [], "pending": "904"}))
+
+
+class _RootsOnly:
+    """An index as a router that ignores `pending` sees it (stored roots only)."""
+
+    def __init__(self, index: KvIndex) -> None:
+        self._index = index
+
+    def __getattr__(self, name):
+        return getattr(self._index, name)
+
+    def families(self, engine_id: str) -> int:
+        state = self._index.engines.get(engine_id)
+        return len(state.roots) if state is not None else 0
+
+
+async def test_kv_aware_replicas_spread_new_families_admitted_back_to_back(setup):
+    """Issue 18's load goal at 80 % of saturation: new families reach alternate router replicas a fraction of
+    a second apart, while the first family's prefill is still running (its root not stored anywhere, and the
+    other replica does not see that request's load). Each engine announces the root at admission, so the
+    second replica sees the first family where it was placed and puts the next one elsewhere; without it both
+    replicas saw the same equal counts and the tie rule sent both families to the same prefill."""
+    s = setup
+    engines = {e: await s.engine(e) for e in ("P0", "P1", "P2", "P3")}
+    other_cache = ClusterCache(s.client, s.keys, (ENGINES,), name="replica-2")
+    other = KvIndex(other_cache, TOKEN, None, sync_timeout=5.0, idle_timeout=1.0, backoff=(0.02, 0.1))
+    try:
+        for cache, index in ((s.cache, s.index), (other_cache, other)):
+            index.set_active(True)
+            await cache.start()
+            index.start()
+            assert await index.wait_synced(5)
+        replicas = [s.index, other]
+        placed: list[str] = []
+        f = 0
+        for n in range(3):  # three new families through replicas 0, 1, 0; no prefill ends in between
+            index = replicas[n % 2]
+            # a family that the counts without pending roots (all 0, no load seen) send where the last one went
+            while placed and _pick(_RootsOnly(index), _family(f)) != placed[-1]:
+                f += 1
+            chosen = _pick(index, _family(f))
+            assert chosen not in placed, (n, chosen, placed)
+            placed.append(chosen)
+            seq = engines[chosen].seq + 1
+            await engines[chosen].admit(chat_keys(_family(f)["messages"])[0])  # admitted: its prefill starts
+            for r in replicas:  # the announcement reaches every replica through the engine's stream
+                await eventually(lambda r=r, e=chosen, q=seq: r.engines[e].seq == q)
+            f += 1
+        assert len(set(placed)) == 3, placed
+        assert all(not eng.keys for eng in engines.values())  # nothing stored: every prefill still running
+    finally:
+        await other.close()
+        await other_cache.close()

@@ -29,6 +29,11 @@ def test_quick_run_shape_and_kv_aware_beats_round_robin(tmp_path):
             assert run[key] is not None, (strategy, key)
         assert run["ok"] == run["requests"] > 0, run["failures"]
         assert run["prompt_tokens"] == run["computed_tokens"] + run["cached_tokens"]
+        # every request is placed from the prefills' own streams (its whole prompt's key, stored where it ran)
+        placed = run["placements"]
+        assert placed["placed"] == run["requests"], placed
+        assert sum(run["prefill_requests"].values()) == run["requests"]
+        assert {str(c % 2) for c in range(run["requests"] // 3)} <= set(placed["families"])
         # what the engines cached never beats one cache that saw everything
         assert 0 < run["hit_rate"] <= run["omniscient_hit_rate"] + 1e-9
         probe = s["probe"]
