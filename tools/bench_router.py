@@ -391,24 +391,18 @@ def install_lmdeploy() -> str | None:
     why = lmdeploy_available()
     if why is None or (DEVICE / "site").is_dir():  # on the device machine nothing can be installed
         return why
-    BENCH.mkdir(exist_ok=True)
-    base_python = os.path.realpath(PY)
-    pip = [str(LMD_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     torch_wheels = sorted(
         Path("/opt/wheels").glob(f"torch-*+cpu-cp{sys.version_info[0]}{sys.version_info[1]}-*.whl")
     )
-    steps = [
-        [base_python, "-m", "venv", str(LMD_VENV)],
-        [*pip, "--no-deps", f"lmdeploy=={LMD_VERSION}"],
-        [*pip, "--no-deps", str(torch_wheels[-1]) if torch_wheels else "torch"]
+    failed = venv_install(
+        LMD_VENV,
+        ["--no-deps", f"lmdeploy=={LMD_VERSION}"],
+        ["--no-deps", str(torch_wheels[-1]) if torch_wheels else "torch"]
         + ([] if torch_wheels else ["--index-url", "https://download.pytorch.org/whl/cpu"]),
-        [*pip, *LMD_PROXY_DEPS],
-    ]
-    for step in steps:
-        print("[bench] " + " ".join(step), file=sys.stderr)
-        r = subprocess.run(step, capture_output=True, text=True)
-        if r.returncode != 0:
-            return f"{' '.join(step[:6])} failed: {r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode}"
+        LMD_PROXY_DEPS,
+    )
+    if failed:
+        return failed
     return lmdeploy_available()
 
 
@@ -422,16 +416,27 @@ def sglang_command() -> list[str] | None:
     return None
 
 
+def venv_install(venv: Path, *installs: list[str] | str) -> str | None:
+    """A venv under .bench/ and one `pip install` per argument (a requirement, or a list of pip arguments);
+    None, or why it failed."""
+    BENCH.mkdir(exist_ok=True)
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    steps = [[os.path.realpath(PY), "-m", "venv", str(venv)]]
+    steps += [[*pip, *([i] if isinstance(i, str) else i)] for i in installs]
+    for step in steps:
+        print("[bench] " + " ".join(step), file=sys.stderr)
+        r = subprocess.run(step, capture_output=True, text=True)
+        if r.returncode != 0:
+            return f"{' '.join(step[:6])} failed: {(r.stderr.strip().splitlines() or [r.returncode])[-1]}"
+    return None
+
+
 def install_sglang() -> str | None:
     """sglang-router==SGL_VERSION in .bench/sglang-venv (it needs no GPU and no torch); None when runnable."""
     if sglang_command() is None and not (DEVICE / "site").is_dir():
-        BENCH.mkdir(exist_ok=True)
-        pip = [str(SGL_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        for step in ([os.path.realpath(PY), "-m", "venv", str(SGL_VENV)], [*pip, f"sglang-router=={SGL_VERSION}"]):
-            print("[bench] " + " ".join(step), file=sys.stderr)
-            r = subprocess.run(step, capture_output=True, text=True)
-            if r.returncode != 0:
-                return f"{' '.join(step[:6])} failed: {(r.stderr.strip().splitlines() or [r.returncode])[-1]}"
+        failed = venv_install(SGL_VENV, f"sglang-router=={SGL_VERSION}")
+        if failed:
+            return failed
     cmd = sglang_command()
     if cmd is None:
         return "not installed"
@@ -467,13 +472,9 @@ def install_pyspy() -> tuple[str | None, str | None]:
     """(py-spy's path, None), or (None, why not): py-spy==PYSPY_VERSION in .bench/pyspy-venv (a static
     binary in its wheel), or the device bundle's copy (there nothing can be installed)."""
     if pyspy_command() is None and not (DEVICE / "site").is_dir():
-        BENCH.mkdir(exist_ok=True)
-        pip = [str(PYSPY_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        for step in ([os.path.realpath(PY), "-m", "venv", str(PYSPY_VENV)], [*pip, f"py-spy=={PYSPY_VERSION}"]):
-            print("[bench] " + " ".join(step), file=sys.stderr)
-            r = subprocess.run(step, capture_output=True, text=True)
-            if r.returncode != 0:
-                return None, f"{' '.join(step[:6])} failed: {(r.stderr.strip().splitlines() or [r.returncode])[-1]}"
+        failed = venv_install(PYSPY_VENV, f"py-spy=={PYSPY_VERSION}")
+        if failed:
+            return None, failed
     cmd = pyspy_command()
     return (cmd, None) if cmd else (None, "py-spy not installed (device: rebuild the bundle with --device-bundle)")
 

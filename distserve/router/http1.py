@@ -119,25 +119,15 @@ class Response:
         while not self._chunks:
             if self._done:
                 return b""
-            if self._error is not None:
-                raise _as_upstream(self._error)
-            self._waiter = self._loop.create_future()
             if idle_timeout is not None:
                 self._idle = idle_timeout
                 self._wait_since = now = self._loop.time()
                 if self._idle_timer is None:
                     self._idle_timer = self._loop.call_at(now + idle_timeout, self._idle_check)
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        chunks = self._chunks
-        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-        chunks.clear()
-        self._size = 0
+            await self._more()
+        data = self._take()
         if self._paused and self._conn is not None:
-            self._paused = False
-            self._conn.transport.resume_reading()
+            self._resume()
         return data
 
     async def read(self) -> bytes:
@@ -147,21 +137,31 @@ class Response:
             await self._head
         self._whole = True
         if self._paused and self._conn is not None:
-            self._paused = False
-            self._conn.transport.resume_reading()
+            self._resume()
         while not self._done:
-            if self._error is not None:
-                raise _as_upstream(self._error)
-            self._waiter = self._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            await self._more()
+        return self._take()
+
+    async def _more(self) -> None:
+        """Until the connection feeds more, finishes or fails (then raised, as an UpstreamError)."""
+        if self._error is not None:
+            raise _as_upstream(self._error)
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _take(self) -> bytes:
         chunks = self._chunks
         data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self._size = 0
         return data
+
+    def _resume(self) -> None:
+        self._paused = False
+        self._conn.transport.resume_reading()
 
     @property
     def complete(self) -> bool:

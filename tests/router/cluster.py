@@ -7,6 +7,7 @@ handshake between two live engines over HTTP. The PD end-to-end suites use the r
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -191,6 +192,32 @@ def null_farm(prefills: int = 1, decodes: int = 1, hybrids: int = 0) -> Iterator
     finally:
         for proc in procs:
             proc.kill()
+        etcd.stop()
+
+
+@contextlib.contextmanager
+def hybrid_behind_router(name: str, *router_args: str) -> Iterator[dict]:
+    """One etcd, one reference hybrid engine (its own process) published as `h0`, and a router reading them:
+    {"router": url, "proc": the router's Proc, "engine": the engine's Proc}."""
+    etcd = EmbeddedEtcd(unsafe_no_fsync=True).start()
+    engine, engine_url = spawn_engine("hybrid", name=name)
+    keys = Keys(f"hr{uuid.uuid4().hex[:6]}")
+
+    async def publish() -> None:
+        async with etcd_client(etcd.endpoints) as client:
+            await publish_engine(
+                client, keys, engine_record("h0", engine_url, "hybrid", geometry=geometry_of(engine_url))
+            )
+
+    router = None
+    try:
+        asyncio.run(publish())
+        router, url = start_router(etcd.endpoints, "--cluster", keys.cluster, *router_args)
+        yield {"router": url, "proc": router, "engine": engine}
+    finally:
+        if router is not None:
+            router.stop()
+        engine.kill()
         etcd.stop()
 
 

@@ -14,7 +14,6 @@ import json
 import signal
 import socket
 import time
-import uuid
 import zlib
 
 import aiohttp
@@ -22,12 +21,7 @@ import httpx
 import openai
 import pytest
 
-from discovery.client import EtcdClient
-from discovery.config import EtcdConfig
-from discovery.embedded import EmbeddedEtcd
-from distserve.cluster.keys import Keys
-from tests.router.cluster import MODEL, engine_record, geometry_of, publish_engine, router_metric, start_router
-from tests.util import spawn_engine
+from tests.router.cluster import MODEL, hybrid_behind_router, router_metric
 
 KEY = "client-io-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -39,40 +33,11 @@ SLACK = 1.5  # scheduling on a loaded CI box
 
 @pytest.fixture(scope="module")
 def live():
-    etcd = EmbeddedEtcd(unsafe_no_fsync=True).start()
-    engine, engine_url = spawn_engine("hybrid", name="client-io-engine")
-    keys = Keys(f"io{uuid.uuid4().hex[:6]}")
-
-    async def publish() -> None:
-        client = EtcdClient(EtcdConfig(endpoints=etcd.endpoints))
-        await client.connect()
-        try:
-            await publish_engine(
-                client, keys, engine_record("h0", engine_url, "hybrid", geometry=geometry_of(engine_url))
-            )
-        finally:
-            await client.close()
-
-    asyncio.run(publish())
-    router, url = start_router(
-        etcd.endpoints,
-        "--cluster",
-        keys.cluster,
-        "--api-keys",
-        KEY,
-        "--header-read-timeout",
-        str(HEADER_TIMEOUT),
-        "--body-read-timeout",
-        str(BODY_TIMEOUT),
-        "--decode-idle-timeout",
-        str(IDLE_TIMEOUT),
-    )
-    try:
-        yield {"router": url, "proc": router, "engine": engine}
-    finally:
-        router.stop()
-        engine.kill()
-        etcd.stop()
+    with hybrid_behind_router(
+        "client-io-engine", "--api-keys", KEY, "--header-read-timeout", str(HEADER_TIMEOUT),
+        "--body-read-timeout", str(BODY_TIMEOUT), "--decode-idle-timeout", str(IDLE_TIMEOUT),
+    ) as live:
+        yield live
 
 
 def metric(live, name: str, labels: dict | None = None) -> float:

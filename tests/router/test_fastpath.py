@@ -6,22 +6,17 @@ counter to know which path answered.
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import json
+from collections.abc import Iterator
 import socket
 import time
-import uuid
 
 import h11
 import pytest
 
-from discovery.client import EtcdClient
-from discovery.config import EtcdConfig
-from discovery.embedded import EmbeddedEtcd
-from distserve.cluster.keys import Keys
 from distserve.testing.metrics import scrape, value as metric_value
-from tests.router.cluster import MODEL, engine_record, geometry_of, publish_engine, start_router
-from tests.util import spawn_engine
+from tests.router.cluster import MODEL, hybrid_behind_router
 
 KEY = "fast-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -29,29 +24,9 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 
 @pytest.fixture(scope="module")
 def live():
-    etcd = EmbeddedEtcd(unsafe_no_fsync=True).start()
-    engine, engine_url = spawn_engine("hybrid", name="fastpath-engine")
-    keys = Keys(f"fp{uuid.uuid4().hex[:6]}")
-
-    async def publish() -> None:
-        client = EtcdClient(EtcdConfig(endpoints=etcd.endpoints))
-        await client.connect()
-        try:
-            await publish_engine(
-                client, keys, engine_record("h0", engine_url, "hybrid", geometry=geometry_of(engine_url))
-            )
-        finally:
-            await client.close()
-
-    asyncio.run(publish())
-    router, url = start_router(etcd.endpoints, "--cluster", keys.cluster, "--api-keys", KEY,
-                               "--header-read-timeout", "2", "--body-read-timeout", "2")
-    try:
-        yield {"router": url, "proc": router}
-    finally:
-        router.stop()
-        engine.kill()
-        etcd.stop()
+    with hybrid_behind_router("fastpath-engine", "--api-keys", KEY, "--header-read-timeout", "2",
+                              "--body-read-timeout", "2") as live:
+        yield live
 
 
 def handovers(live) -> tuple[float, float]:
@@ -76,6 +51,14 @@ def completion(rid: str, *, stream: bool = False, close: bool = False, auth: boo
             b"X-Request-Id: " + rid.encode() + b"\r\n" + (b"Authorization: Bearer %s\r\n" % KEY.encode() if auth else b"")
             + (b"Connection: close\r\n" if close else b"") + b"Content-Length: %d\r\n\r\n" % len(body))
     return head + body
+
+
+@contextlib.contextmanager
+def client(live) -> Iterator[tuple[socket.socket, "Reader"]]:
+    """A raw connection to the router and a strict reader of its answers; closed at the end."""
+    sock = connect(live)
+    with sock:
+        yield sock, Reader(sock)
 
 
 class Reader:
@@ -124,9 +107,7 @@ def text_of(body: bytes) -> str:
 
 def test_pipelined_and_split_requests_on_one_connection_are_answered_in_order_on_the_fast_path(live):
     route, framing = handovers(live)
-    sock = connect(live)
-    reader = Reader(sock)
-    with sock:
+    with client(live) as (sock, reader):
         # two requests in one write, then one whose head and body come in pieces, the body much later
         sock.sendall(completion("p1") + completion("p2", prompt="another prompt"))
         third = completion("p3")
@@ -147,9 +128,7 @@ def test_pipelined_and_split_requests_on_one_connection_are_answered_in_order_on
 
 
 def test_a_streamed_answer_is_chunked_sse_and_the_connection_is_reused(live):
-    sock = connect(live)
-    reader = Reader(sock)
-    with sock:
+    with client(live) as (sock, reader):
         sock.sendall(completion("s1", stream=True))
         resp, body = reader.response()
         assert resp.status_code == 200 and header(resp, b"transfer-encoding") == b"chunked"
@@ -164,9 +143,7 @@ def test_a_streamed_answer_is_chunked_sse_and_the_connection_is_reused(live):
 
 def test_other_routes_and_framings_hand_the_connection_to_aiohttp_intact(live):
     route, framing = handovers(live)
-    sock = connect(live)
-    reader = Reader(sock)
-    with sock:
+    with client(live) as (sock, reader):
         sock.sendall(completion("h1"))
         first, body1 = reader.response()
         sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: router\r\nAuthorization: Bearer %s\r\n\r\n" % KEY.encode())
@@ -178,9 +155,7 @@ def test_other_routes_and_framings_hand_the_connection_to_aiohttp_intact(live):
     assert handovers(live) == (route + 2, framing)  # GET /v1/models, and the scrape
     # a chunked body: aiohttp's to read; the answer is the same
     payload = json.dumps({"model": MODEL, "prompt": "the fast path", "max_tokens": 5, "temperature": 0}).encode()
-    sock = connect(live)
-    reader = Reader(sock)
-    with sock:
+    with client(live) as (sock, reader):
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: router\r\nAuthorization: Bearer %s\r\n"
                      b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (KEY.encode(), len(payload), payload))
         chunked, body3 = reader.response()
@@ -190,9 +165,7 @@ def test_other_routes_and_framings_hand_the_connection_to_aiohttp_intact(live):
 
 def test_errors_and_connection_close_on_the_fast_path(live):
     route, framing = handovers(live)
-    sock = connect(live)
-    reader = Reader(sock)
-    with sock:
+    with client(live) as (sock, reader):
         sock.sendall(completion("e1", auth=False))
         resp, body = reader.response()
         assert resp.status_code == 401 and header(resp, b"www-authenticate") == b"Bearer"

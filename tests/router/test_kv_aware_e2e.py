@@ -46,24 +46,30 @@ def _with_stream(rec, url):
     return type(rec).model_validate(data)
 
 
+async def _two_prefills_one_decode(etcd_client, keys: Keys, procs: list) -> tuple[dict, dict]:
+    """Reference engines p0, p1 (prefill) and d0 (decode) as processes (appended to `procs`), published with
+    their cache streams and linked p0/p1 -> d0: ({name: url}, {name: proc})."""
+    urls, procs_by = {}, {}
+    for name, role in (("p0", "prefill"), ("p1", "prefill"), ("d0", "decode")):
+        proc, url = await asyncio.to_thread(spawn_engine, role, None, "--api-keys", TOKEN, "--log-level", "WARNING")
+        procs.append(proc)
+        urls[name], procs_by[name] = url, proc
+    recs = {}
+    for name, role in (("p0", "prefill"), ("p1", "prefill"), ("d0", "decode")):
+        rec = engine_record(name, urls[name], role, geometry=geometry_of(urls[name], AUTH))
+        recs[name] = _with_stream(rec, urls[name])
+        await publish_engine(etcd_client, keys, recs[name])
+    for p in ("p0", "p1"):
+        await asyncio.to_thread(handshake, urls[p], urls["d0"], AUTH)
+        await publish_link(etcd_client, keys, link_record(recs[p], recs["d0"]))
+    return urls, procs_by
+
+
 async def test_second_turn_goes_to_the_prefill_that_cached_the_first(etcd, etcd_client):
     keys = Keys("kvaware")
     procs = []
     try:
-        urls = {}
-        for name, role in (("p0", "prefill"), ("p1", "prefill"), ("d0", "decode")):
-            proc, url = await asyncio.to_thread(spawn_engine, role, None, "--api-keys", TOKEN,
-                                                "--log-level", "WARNING")
-            procs.append(proc)
-            urls[name] = url
-        recs = {}
-        for name, role in (("p0", "prefill"), ("p1", "prefill"), ("d0", "decode")):
-            rec = engine_record(name, urls[name], role, geometry=geometry_of(urls[name], AUTH))
-            recs[name] = _with_stream(rec, urls[name])
-            await publish_engine(etcd_client, keys, recs[name])
-        for p in ("p0", "p1"):
-            await asyncio.to_thread(handshake, urls[p], urls["d0"], AUTH)
-            await publish_link(etcd_client, keys, link_record(recs[p], recs["d0"]))
+        urls, _procs_by = await _two_prefills_one_decode(etcd_client, keys, procs)
         proc, router = await asyncio.to_thread(
             start_router, etcd.endpoints, "--cluster", keys.cluster, "--strategy", "kv_aware",
             "--cluster-token", TOKEN)
@@ -169,20 +175,7 @@ async def test_new_families_through_two_replicas_land_on_different_prefills_befo
     paused = None
     tasks: list[asyncio.Task] = []
     try:
-        urls, procs_by = {}, {}
-        for name, role in (("p0", "prefill"), ("p1", "prefill"), ("d0", "decode")):
-            proc, url = await asyncio.to_thread(spawn_engine, role, None, "--api-keys", TOKEN,
-                                                "--log-level", "WARNING")
-            procs.append(proc)
-            urls[name], procs_by[name] = url, proc
-        recs = {}
-        for name, role in (("p0", "prefill"), ("p1", "prefill"), ("d0", "decode")):
-            rec = engine_record(name, urls[name], role, geometry=geometry_of(urls[name], AUTH))
-            recs[name] = _with_stream(rec, urls[name])
-            await publish_engine(etcd_client, keys, recs[name])
-        for p in ("p0", "p1"):
-            await asyncio.to_thread(handshake, urls[p], urls["d0"], AUTH)
-            await publish_link(etcd_client, keys, link_record(recs[p], recs["d0"]))
+        urls, procs_by = await _two_prefills_one_decode(etcd_client, keys, procs)
         routers = []
         for _ in range(2):
             proc, router = await asyncio.to_thread(
