@@ -1,11 +1,12 @@
 """Reading client requests: header and body read timeouts, bounded body decoding.
 
-aiohttp's server (its llhttp parser) parses every client request, in production and in tests; the lean
-HTTP/1 code in distserve.router.http1 only talks to engines. aiohttp has no read timeout of its own: a
-client sending part of its headers, or fewer body bytes than its Content-Length, would hold a connection
-(and a handler) for as long as it likes. Hence:
+This is aiohttp's path: connections the fast path (fastpath.py) hands over, and so every route but the two
+hot ones (fastpath.py applies the same header and body timeouts to what it reads itself). aiohttp has no
+read timeout of its own: a client sending part of its headers, or fewer body bytes than its Content-Length,
+would hold a connection (and a handler) for as long as it likes. Hence:
 
-- `GuardedSite` listens like aiohttp's TCPSite, but puts a `ReadGuard` in front of each connection's
+- `GuardedSite` listens like aiohttp's TCPSite (each connection starts on the fast path, `FastConnection`),
+  and puts a `ReadGuard` in front of each handed-over connection's
   aiohttp protocol. The guard arms a timer when the first byte of a request arrives on an idle connection
   and disarms it when the request's handler starts (`ReadGuards.wrap` marks handlers): a request whose
   headers are not complete within `header_timeout` gets a 408 and its connection is closed. An idle
