@@ -14,7 +14,12 @@ change), a link failed and re-established, an operator cordon set and cleared. P
 `distserve.router.strategies` over the table's candidates for the model (all prefills, a new list per pick
 as the orchestrator hands them), without and with weights (every fourth prefill weight 2), over 100
 prompts, with loads moving between picks as under traffic (each pick starts a request, the oldest of 64 in
-flight ends, one agent load record arrives; those load-tracker calls are timed on their own).
+flight ends, one agent load record arrives; those load-tracker calls are timed on their own). kv_aware's rows
+use a real `distserve.router.kv_index.KvIndex` of the tree under test, fed the engines' cache-stream
+messages through its own `apply` (a snapshot of 200 prefix keys per prefill: 100 chat conversations of 12
+messages under 5 shared system prompts, each conversation cached to some depth on 3 prefills, the rest
+other keys; between picks one prefill streams a stored or removed event), and requests of those 100
+conversations (12 prefix keys each, computed once per request as the router does, not timed).
 
 Each tree runs in its own child process (`--tree`), so the baseline imports its own code.
 """
@@ -50,11 +55,13 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int) -> 
     import asyncio
 
     from distserve.cluster.keys import Keys
+    from distserve.cluster.prefix_keys import request_keys
     from distserve.cluster.records import EngineGeometry, EngineRecord, LinkRecord, LoadRecord, OperatorFlags
     from distserve.router import strategies as S
     from distserve.router.breaker import CircuitBreakers
     from distserve.router.load import LoadTracker
     from distserve.router.metrics import RouterMetrics
+    from distserve.router.validation import prompt_prefix
     from distserve.router.view import ClusterView
 
     rng = random.Random(22)
@@ -135,11 +142,19 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int) -> 
         for name in sorted(S.STRATEGIES):
             for label, weights in weight_sets.items():
                 strategy = S.make_strategy(name)
+                stream = None
                 if getattr(strategy, "needs_kv", False):
-                    continue  # needs a cache-event index: measured by its own benchmark
-                prompts = [f"prompt {k}: ".encode() * 8 for k in range(100)]
-                contexts = [S.PickContext(load=load, weights=weights, params={}, prefix=lambda n, p=p: p[:n])
-                            for p in prompts]
+                    index, bodies, stream = kv_index(view.cache, candidates)
+                    # the prompt's prefix and keys as the orchestrator hands them (computed per request, not
+                    # per pick: not timed)
+                    contexts = [S.PickContext(load=load, weights=weights, params={},
+                                              prefix=lambda n, p=prompt_prefix("chat", b, 1024): p[:n], kv=index,
+                                              keys=lambda chunk, k=request_keys(b): k)
+                                for b in bodies]
+                else:
+                    prompts = [f"prompt {k}: ".encode() * 8 for k in range(100)]
+                    contexts = [S.PickContext(load=load, weights=weights, params={}, prefix=lambda n, p=p: p[:n])
+                                for p in prompts]
                 for i in range(50):  # warm caches (prefix_affinity's ring, the indexes)
                     strategy.pick(list(candidates), contexts[i % 100])
                 times = []
@@ -161,6 +176,8 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int) -> 
                     load.on_load(engine_id, record)
                     load_changes.append((time.perf_counter() - c0) / (2 if ended is None else 3))
                     inflight.append(chosen)
+                    if stream is not None:
+                        stream(i)  # one prefill's cache changes (not timed)
                 for engine_id in inflight:
                     load.end(engine_id)
                 decisions[name + label] = _summary(times)
@@ -172,6 +189,50 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int) -> 
             "pick": decisions,
             "load_change": _summary(load_changes),
         }
+
+    def kv_index(cache, candidates: list[str]):
+        """A KvIndex following every prefill (its stream tasks cancelled: fed here through apply)."""
+        from types import SimpleNamespace
+
+        import orjson
+
+        from distserve.cluster.prefix_keys import key_hex
+        from distserve.router.kv_index import KvIndex
+
+        index = KvIndex(cache)
+        kv_rng = random.Random(18)
+        systems = [{"role": "system", "content": f"app {a} system prompt " * 40} for a in range(5)]
+        bodies = []
+        for k in range(100):
+            msgs = [systems[k % 5]]
+            for t in range(11):
+                msgs.append({"role": "user" if t % 2 == 0 else "assistant", "content": f"conv {k} turn {t}"})
+            bodies.append({"messages": msgs})
+        held: dict[str, dict[int, int]] = {c: {} for c in candidates}
+        for b in bodies:
+            keys = request_keys(b)
+            for c in kv_rng.sample(candidates, 3):
+                for d in range(kv_rng.randint(1, len(keys) - 1)):
+                    held[c][keys[d]] = 1000 + 30 * d
+        for c in candidates:
+            while len(held[c]) < 200:
+                held[c][kv_rng.getrandbits(63)] = kv_rng.randint(16, 4000)
+            index._follow(c, SimpleNamespace(url=f"http://127.0.0.1:1/{c}", instance=c,
+                                             cache_events={"path": "/x", "version": 1, "chunk_bytes": 64}))
+            state = index.engines[c]
+            state.task.cancel()  # nothing to connect to
+            index.apply(state, orjson.dumps({"type": "snapshot", "seq": 0, "incarnation": c,
+                                             "keys": [[key_hex(k), t] for k, t in held[c].items()]}))
+
+        def stream(i: int) -> None:
+            state = index.engines[candidates[(i * 104729) % len(candidates)]]
+            key = kv_rng.getrandbits(63)
+            kind = "stored" if i % 2 == 0 else "removed"
+            keys = [[key_hex(key), 64]] if kind == "stored" else [key_hex(next(iter(state.keys)))]
+            index.apply(state, orjson.dumps({"type": kind, "seq": state.seq + 1, "incarnation": state.incarnation,
+                                             "keys": keys}))
+
+        return index, bodies, stream
 
     def link_key(link) -> tuple[str, str]:
         return link.prefill_id, link.decode_id

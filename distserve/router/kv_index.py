@@ -21,7 +21,11 @@ heartbeats. This module keeps one owned task per such engine that follows it, li
   so are the roots it announces as pending (`pending` in a snapshot or a stored event: a request of that
   family admitted, nothing cached yet; the mark ends when the root is stored, or by `pending` in a removed
   event when the family's requests ended with nothing cached), so a family placed by any replica counts
-  from its admission, not from the end of its first prefill.
+  from its admission, not from the end of its first prefill;
+- an inverted index (key -> {engine: tokens}) mirrors the per-engine maps (kept current by snapshots,
+  stored/removed/cleared events, evictions, new incarnations and engines dropped; bounded by them), so
+  `matches(keys)` costs O(request keys + holders), whatever the fleet size (kv_aware above SCAN_LIMIT
+  candidates, distserve.router.strategies).
 
 The index runs only while the routing strategy needs it (set_active), so other strategies pay nothing.
 `ready` is what /health/ready waits for: inactive, or every streaming engine in the synced view delivered
@@ -160,6 +164,12 @@ class KvIndex:
         self._idle_timeout = idle_timeout
         self._backoff = backoff
         self.engines: dict[str, EngineCache] = {}
+        # key -> {engine_id: tokens}: the per-engine maps inverted (the same entries, so bounded like them)
+        self._holders: dict[int, dict[str, int]] = {}
+        # +1 whenever an engine's has_stream()/pending() may change other than by time (followed, snapshot,
+        # cleared, dropped): kv_aware's per-candidate-set partition is recomputed only then
+        self.epoch = 0
+        self._chunks: dict[int, int] = {}  # chunk_bytes -> engines followed with it
         self.active = False
         self.synced = asyncio.Event()
         self._activated_at = 0.0
@@ -170,6 +180,7 @@ class KvIndex:
         cache.on_synced(self._check_synced)
         if metrics is not None:
             metrics.kv_index_keys.callback = lambda: {(e,): len(s.keys) for e, s in self.engines.items()}
+            metrics.kv_index_families.callback = lambda: {(e,): s.families() for e, s in self.engines.items()}
             metrics.kv_index_streams.callback = self._stream_states
 
     # ---------------------------------------------------------------- lifecycle
@@ -217,6 +228,9 @@ class KvIndex:
                 unsubscribe()
         tasks = [s.task for s in self.engines.values() if s.task is not None]
         self.engines.clear()
+        self._holders.clear()
+        self._chunks.clear()
+        self.epoch += 1
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -264,6 +278,35 @@ class KvIndex:
             return 0
         return longest_match(keys, state.keys)[1]
 
+    def matches(self, keys: list[int]) -> dict[str, int]:
+        """{engine_id: matched_tokens(engine_id, keys)} for every engine that matches (> 0 tokens), through the
+        inverted index: the request's keys longest-first, each engine credited at the first (longest) key it
+        holds. O(len(keys) + holders), independent of the fleet size."""
+        out: dict[str, int] = {}
+        for holders in self.levels(keys):
+            if out:
+                for engine_id, tokens in holders.items():
+                    if engine_id not in out:
+                        out[engine_id] = tokens
+            else:
+                out.update(holders)
+        return out
+
+    def levels(self, keys: list[int]) -> list[dict[str, int]]:
+        """The holders ({engine_id: tokens}, read-only) of each of `keys` cached somewhere, longest key first:
+        an engine's matched_tokens is its value in the first level that holds it. O(len(keys))."""
+        get = self._holders.get
+        out = []
+        for i in range(len(keys) - 1, -1, -1):
+            holders = get(keys[i])
+            if holders:
+                out.append(holders)
+        return out
+
+    def chunk_sizes(self) -> list[int]:
+        """The chunk sizes of the engines followed, ascending (one in a fleet of one engine build)."""
+        return sorted(self._chunks)
+
     def describe(self, engine_id: str) -> dict[str, Any] | None:
         state = self.engines.get(engine_id)
         return None if state is None else state.as_dict()
@@ -303,6 +346,8 @@ class KvIndex:
         except RuntimeError:  # not started yet: start() reconciles
             return
         state = self.engines[engine_id] = EngineCache(engine_id, record.url, path, record.instance, chunk)
+        self._chunks[chunk] = self._chunks.get(chunk, 0) + 1
+        self.epoch += 1
         state.task = loop.create_task(self._run(state), name=f"kv-index-{engine_id}")
 
     def _drop(self, engine_id: str) -> None:
@@ -311,7 +356,34 @@ class KvIndex:
             return
         if state.task is not None:
             state.task.cancel()
+        left = self._chunks.get(state.chunk_bytes, 0) - 1
+        if left > 0:
+            self._chunks[state.chunk_bytes] = left
+        else:
+            self._chunks.pop(state.chunk_bytes, None)
+        self._clear(state)
+
+    def _clear(self, state: EngineCache) -> None:
+        """Forget the engine's state (a new incarnation, or dropped), its entries in the inverted index too."""
+        self._unindex_all(state)
         state.clear()
+        self.epoch += 1
+
+    def _unindex_all(self, state: EngineCache) -> None:
+        holders, engine_id = self._holders, state.engine_id
+        for key in state.keys:
+            entry = holders.get(key)
+            if entry is not None:
+                entry.pop(engine_id, None)
+                if not entry:
+                    del holders[key]
+
+    def _unindex(self, engine_id: str, key: int) -> None:
+        entry = self._holders.get(key)
+        if entry is not None:
+            entry.pop(engine_id, None)
+            if not entry:
+                del self._holders[key]
 
     def _check_synced(self) -> None:
         if not self.active or self.synced.is_set():
@@ -349,7 +421,7 @@ class KvIndex:
             except asyncio.CancelledError:
                 raise
             except NewIncarnation as exc:
-                state.clear()
+                self._clear(state)
                 reason, state.error = "incarnation", str(exc)
             except StreamError as exc:
                 reason, state.error = "stream", str(exc)
@@ -426,6 +498,7 @@ class KvIndex:
             pairs = self._pairs(msg.get("keys"))
             roots = self._roots(msg.get("roots"))
             pending = self._roots(msg.get("pending"), "pending")
+            self._unindex_all(state)
             state.keys.clear()
             state.roots.clear()
             state.pending_roots.clear()
@@ -436,6 +509,7 @@ class KvIndex:
             block_size = msg.get("block_size")
             state.block_size = block_size if type(block_size) is int else None
             state.synced = True
+            self.epoch += 1
             state.snapshots += 1
             state.error = None
             self._check_synced()
@@ -470,10 +544,12 @@ class KvIndex:
                     key = parse_key_hex(text)
                 except ValueError:
                     raise StreamError(f"bad key {str(text)[:40]!r}") from None
-                state.keys.pop(key, None)
+                if state.keys.pop(key, None) is not None:
+                    self._unindex(state.engine_id, key)
                 state.roots.discard(key)
             state.pending_roots.difference_update(self._roots(msg.get("pending"), "pending"))
         else:
+            self._unindex_all(state)
             state.keys.clear()
             state.roots.clear()
             state.pending_roots.clear()
@@ -518,17 +594,24 @@ class KvIndex:
                 state.pending_roots.add(key)
 
     def _store(self, state: EngineCache, pairs: list[tuple[int, int]], roots: set[int] = frozenset()) -> None:
-        keys = state.keys
+        keys, holders, engine_id = state.keys, self._holders, state.engine_id
         for key, tokens in pairs:
             if key in keys:
                 keys.move_to_end(key)
             keys[key] = tokens
+            entry = holders.get(key)
+            if entry is None:
+                holders[key] = {engine_id: tokens}
+            else:
+                entry[engine_id] = tokens
             if key in roots:
                 state.roots.add(key)
                 state.pending_roots.discard(key)  # stored: no longer pending
         over = len(keys) - self.max_keys
         if over > 0:  # the least recently stored go first
             for _ in range(over):
-                state.roots.discard(keys.popitem(last=False)[0])
+                key = keys.popitem(last=False)[0]
+                state.roots.discard(key)
+                self._unindex(engine_id, key)
             state.dropped += over
             self._count("kv_index_dropped", (state.engine_id,), over)

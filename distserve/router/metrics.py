@@ -329,6 +329,11 @@ class RouterMetrics:
             Gauge("distserve_router_kv_index_keys", "Prefix keys held for an engine (bounded per engine)",
                   ("engine",))
         )
+        self.kv_index_families = r.add(
+            Gauge("distserve_router_kv_index_families",
+                  "Prefix families (root keys cached or pending) on an engine: what new prefixes spread by",
+                  ("engine",))
+        )
         self.kv_index_dropped = r.add(
             Counter("distserve_router_kv_index_dropped_total",
                     "Prefix keys dropped because an engine's map reached its bound", ("engine",))

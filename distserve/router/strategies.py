@@ -23,7 +23,9 @@ Cost per pick (issue 22): none scans the candidates in Python. min_expected_late
 candidates), prefix_affinity and weighted random keep per-candidate-set state (_PerSet: a ring, cumulative
 weights, the members' loads) that the load tracker's change journal keeps current, so a pick costs the load
 changes since the previous one plus a C-level compare of the candidate list, with the same decisions as the
-scan (tests/router/test_strategies.py checks them against it).
+scan (tests/router/test_strategies.py checks them against it). kv_aware scans up to SCAN_LIMIT candidates;
+above it it scores a shortlist (the engines the cache index says hold the request's prefix, through its
+inverted index, plus SAMPLE engines in ring order): see KvAwareStrategy.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import hashlib
 import heapq
 import math
 import random
+import time
 from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -59,6 +62,12 @@ _RING_CACHE_ENTRIES = 256
 _INDEX_MIN = 32
 _INDEX_CACHE_ENTRIES = 64
 _INDEX_CACHE_MEMBERS = 1 << 16
+# kv_aware (issue 22): up to SCAN_LIMIT candidates every one is scored; above it a shortlist: the candidates
+# holding a key of the request that at most HOLDERS_LIMIT engines hold (a distinctive match), plus the first
+# SAMPLE engines in ring order from the request's deepest key (a deterministic "power of SAMPLE choices").
+SCAN_LIMIT = 32
+SAMPLE = 8
+HOLDERS_LIMIT = 32
 
 
 @dataclass
@@ -315,6 +324,97 @@ def _hash64(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
+def _ring_walk(hashes: list[int], owners: list[str], start: int, k: int) -> list[str]:
+    """The first k distinct owners clockwise from `start` (k <= the number of owners)."""
+    n = len(owners)
+    i = bisect_right(hashes, start)
+    span = 2 * k + 8  # a ring of many owners needs barely more than k points for k distinct ones
+    while True:
+        window = owners[i: i + span]
+        if i + span > n:  # wrap around
+            window += owners[: min(i, i + span - n)]
+        out = dict.fromkeys(window)  # C-level, first occurrences in order
+        if len(out) >= k or span >= n:
+            return list(islice(out, k))
+        span *= 4
+
+
+class _KvSet(_Loads):
+    """kv_aware over one candidate set: its members as a set, its ring (prefix_affinity's, the same points),
+    each owner's points (ties: the tied engine first clockwise), the members' loads and their weighted total
+    (from the load journal), and which members have no cache stream (recomputed when the index's epoch moves
+    or a member's wait for its snapshot runs out)."""
+
+    def __init__(self, members: list[str], ctx: PickContext, ring: tuple[list[int], list[str]]) -> None:
+        super().__init__(members, ctx)
+        self.member_set = frozenset(members)
+        self.hashes, self.owners = ring
+        self.size = len(self.hashes)
+        self.speed = {c: _weight(ctx, c) for c in members} if ctx.weights else None
+        # each owner's points, sorted (the ring is): for ties, built with the ring rather than on the first tie
+        self.by_owner: dict[str, list[int]] = {}
+        for h, c in zip(self.hashes, self.owners):
+            self.by_owner.setdefault(c, []).append(h)
+        self.wvals: dict[str, float] = {}
+        self.wtotal = 0.0
+        self.index: Any = None
+        self.epoch = -1
+        self.expires = -math.inf
+        self.blind: list[str] = []
+        self.blind_set: frozenset[str] = frozenset()
+        self.known = 0  # members with a stream or awaiting their snapshot
+
+    def _rebuilt(self) -> None:
+        speed = self.speed
+        if speed is None:
+            return
+        self.wvals = {c: v / speed[c] for c, v in self.vals.items()}
+        self.wtotal = sum(self.wvals.values())
+
+    def _moved(self, engine_id: str, new: int) -> None:
+        if self.speed is not None:
+            w = new / self.speed[engine_id]
+            self.wtotal += w - self.wvals[engine_id]
+            self.wvals[engine_id] = w
+
+    def weighted_total(self) -> float:
+        return float(self.total) if self.speed is None else self.wtotal
+
+    def refresh(self, index: Any, now: float) -> None:
+        """Which members are blind (no synced stream, not awaiting a snapshot): only when that may have changed."""
+        if index is self.index and index.epoch == self.epoch and now < self.expires:
+            return
+        self.index, self.epoch = index, index.epoch
+        engines, timeout = index.engines, index.sync_timeout
+        blind: list[str] = []
+        expires = math.inf
+        for c in self.members:
+            state = engines.get(c)
+            if state is None:
+                blind.append(c)
+            elif not state.synced:
+                until = state.followed_at + timeout
+                if now >= until:
+                    blind.append(c)
+                else:
+                    expires = min(expires, until)
+        self.blind, self.expires = blind, expires
+        self.blind_set = frozenset(blind)
+        self.known = len(self.members) - len(blind)
+
+    def first_clockwise(self, tied: list[str], start: int) -> str:
+        """The tied engine whose ring point comes first clockwise from `start` (what walking the ring finds)."""
+        by_owner = self.by_owner
+        best, best_d = tied[0], 1 << 65
+        for c in tied:
+            points = by_owner[c]
+            i = bisect_right(points, start)
+            d = (points[i] - start) if i < len(points) else (points[0] + (1 << 64) - start)
+            if d < best_d or (d == best_d and c < best):
+                best, best_d = c, d
+        return best
+
+
 class PrefixAffinityStrategy(Strategy):
     """Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018) on the prompt prefix.
 
@@ -335,6 +435,13 @@ class PrefixAffinityStrategy(Strategy):
         self._sets = _PerSet(self._ring, _RING_CACHE_ENTRIES, _RING_CACHE_POINTS)
 
     def _ring(self, candidates: list[str], ctx: PickContext) -> _Loads:
+        state = _Loads(candidates, ctx)
+        state.hashes, state.owners = self.ring_points(candidates, ctx)
+        state.size = len(state.hashes)
+        return state
+
+    def ring_points(self, candidates: list[str], ctx: PickContext) -> tuple[list[int], list[str]]:
+        """The ring of a candidate set: point hashes (sorted) and their owners."""
         counts = {c: max(1, round(self._vnodes * _weight(ctx, c))) for c in candidates}
         total = sum(counts.values())
         if total > MAX_RING_POINTS:  # the same scaling on every replica: they still agree
@@ -345,10 +452,15 @@ class PrefixAffinityStrategy(Strategy):
             for i in range(counts[c]):
                 points.append((_hash64(f"{c}#{i}".encode()), c))
         points.sort()
-        state = _Loads(candidates, ctx)
-        state.hashes, state.owners = [p[0] for p in points], [p[1] for p in points]
-        state.size = len(points)
-        return state
+        return [p[0] for p in points], [p[1] for p in points]
+
+    def ring_order(self, candidates: list[str], ctx: PickContext, k: int, start: int | None = None) -> list[str]:
+        """The first k distinct owners on the candidate set's (cached) ring from the request's prefix hash (or
+        from `start`, a 64-bit hash): what every replica computes alike."""
+        if start is None:
+            start = _hash64(ctx.prefix(self._prefix_chars) if ctx.prefix else b"")
+        state = self._sets.get(candidates, ctx)
+        return _ring_walk(state.hashes, state.owners, start, min(k, len(candidates)))
 
     def pick(self, candidates: list[str], ctx: PickContext) -> str:
         if len(candidates) == 1:
@@ -381,9 +493,12 @@ class KvAwareStrategy(Strategy):
     cost(c) = load_weight x unfinished(c) / weight(c) - cache_weight x matched(c) / 1024, lowest wins;
     matched(c) = prompt tokens of the longest prefix key of the request cached on c (0 below
     min_match_tokens). Ties go to the tied engine caching the fewest prefix families (root keys, as the
-    engines' streams mark them, cached or pending: announced at admission), then the least loaded, then the fewest prefix keys, then to prefix_affinity's
-    ring order, so every
-    replica sends a new prefix to the same engine. For a prefix no engine holds, every engine within one
+    engines' streams mark them, cached or pending: announced at admission), then the least loaded, then the
+    fewest prefix keys, then to the first of them clockwise on prefix_affinity's ring of the whole candidate
+    set from the request's prefix hash, so every replica sends a new prefix to the same engine. (Before
+    issue 22 a ring was built per tied subset, with its bounded-load pass: the same engine wherever the ring
+    is not scaled down, i.e. up to 256 candidates of weight 1, and the tied engines' loads are equal, so that
+    pass never skipped one unless weights differ.) For a prefix no engine holds, every engine within one
     queued request of the lowest load, or within load_factor x the mean (bounded loads), counts as tied:
     its placement outlives the queue it is placed by.
     An engine with a cache stream whose snapshot is not in yet (a restarted process) counts as caching
@@ -391,6 +506,15 @@ class KvAwareStrategy(Strategy):
     themselves; the one it picks is credited with the longest match any streaming engine holds (the prefix
     is where the hash sent it before), and a streaming engine wins a tie with it (its cache is known, not
     assumed).
+
+    Above SCAN_LIMIT candidates (with a KvIndex: one that has `levels`) the same rule runs on a shortlist,
+    so a pick costs O(request keys + shortlist), not O(candidates): every candidate holding a key of the
+    request that at most HOLDERS_LIMIT engines hold (found through the index's inverted index), plus the
+    first SAMPLE engines clockwise on the ring from the request's deepest key (a deterministic "power of
+    SAMPLE choices": it differs per conversation, so a new prefix, or one cached on many engines, spreads
+    over the whole fleet instead of following the prefix hash onto the same few). The load-tie bound's mean
+    is the whole candidate set's. The blind engines (no stream) are still placed by the hash among all of
+    them.
     The same strategy picks the decode among those linked to the prefill (`phase` = "decode").
     """
 
@@ -405,17 +529,26 @@ class KvAwareStrategy(Strategy):
         self._load_weight = typed.load_weight
         self._min_match = typed.min_match_tokens
         self._load_factor = max(1.0, typed.load_factor)
+        self._prefix_chars = typed.prefix_chars
         self._affinity = PrefixAffinityStrategy(
             PrefixAffinityParams(prefix_chars=typed.prefix_chars, load_factor=typed.load_factor,
                                  vnodes=typed.vnodes)
         )
+        ring_points = self._affinity.ring_points
+        self._sets = _PerSet(lambda m, ctx: _KvSet(m, ctx, ring_points(m, ctx)), _RING_CACHE_ENTRIES,
+                             _RING_CACHE_POINTS)
         self.on_pick: Callable[[str, str, int], None] | None = None  # (phase, basis, matched): metrics
+
+    def _prefix_hash(self, ctx: PickContext) -> int:
+        return _hash64(ctx.prefix(self._prefix_chars) if ctx.prefix else b"")
 
     def pick(self, candidates: list[str], ctx: PickContext) -> str:
         index = ctx.kv
         keys_of = ctx.keys
         if index is None or keys_of is None:  # no index (should not happen): the hash alone
             return self._done(self._affinity.pick(candidates, ctx), "hash", 0)
+        if len(candidates) > SCAN_LIMIT and getattr(index, "levels", None) is not None:
+            return self._pick_shortlist(candidates, ctx, index, keys_of)
         unfinished = ctx.load.unfinished
         weighted = bool(ctx.weights)
         costs: dict[str, float] = {}
@@ -449,21 +582,107 @@ class KvAwareStrategy(Strategy):
         low = min(costs.values())
         if hashed is not None and hashed_cost < low:
             return self._done(hashed, "hash", 0)
+        mean_of = (sum(loads.values()), len(loads))
+        return self._decide(candidates, ctx, index, costs, loads, matches, best_match, low, mean_of)
+
+    def _decide(self, candidates: list[str], ctx: PickContext, index: Any, costs: dict[str, float],
+                loads: dict[str, float], matches: dict[str, int], best_match: int, low: float,
+                mean_of: tuple[float, int]) -> str:
         if best_match == 0 and self._load_weight > 0:
             # A prefix no engine holds is placed for as long as its conversations last, not for the instant's
             # queue: loads within one queued request of the lowest, or within the bounded-load cap, count as
             # a tie for it (docs/benchmarks.md, "Cache-aware routing": 8 prompts placed by momentary queues of
             # 0-2 gave 1.48 max/mean).
-            bound = max(min(loads.values()) + 1.0,
-                        math.ceil(self._load_factor * (sum(loads.values()) + 1) / len(loads)) - 1.0)
+            total, n = mean_of
+            bound = max(min(loads.values()) + 1.0, math.ceil(self._load_factor * (total + 1) / n) - 1.0)
             tied = [c for c, load in loads.items() if load <= bound + 1e-9]
         else:
             tied = [c for c, cost in costs.items() if cost <= low + 1e-9]
         if len(tied) > 1:
             tied = _least_cached(tied, index, loads)
-        chosen = tied[0] if len(tied) == 1 else self._affinity.pick(tied, ctx)
+        if len(tied) == 1:
+            chosen = tied[0]
+        else:  # the first of them clockwise on the whole set's ring (one ring per candidate set, cached)
+            chosen = self._sets.get(candidates, ctx).first_clockwise(tied, self._prefix_hash(ctx))
         matched = matches[chosen]
         return self._done(chosen, "cache" if matched else "load", matched)
+
+    def _pick_shortlist(self, candidates: list[str], ctx: PickContext, index: Any,
+                        keys_of: Callable[[int], list[int]]) -> str:
+        st = self._sets.get(candidates, ctx)
+        st.refresh(index, time.monotonic())
+        if not st.known:  # nobody streams: exactly prefix_affinity
+            return self._done(self._affinity.pick(candidates, ctx), "hash", 0)
+        st.sync(ctx.load)
+        members = st.member_set
+        # the request's keys per chunk size in use (one in a fleet of one engine build); an engine can only
+        # hold keys of its own chunk size (another size's chain has other hashes)
+        levels: list[dict[str, int]] = []
+        deepest = None
+        for chunk in index.chunk_sizes():
+            keys = keys_of(chunk)
+            if keys:
+                levels += index.levels(keys)
+                if deepest is None:
+                    deepest = keys[-1]
+        # matched tokens of the shortlist: every holder of a distinctive level (at most HOLDERS_LIMIT holders),
+        # credited at the first (longest) level holding it; the sample's engines are then looked up in the
+        # common levels only (a holder of a distinctive level is already credited). Exact: an engine's first
+        # level is a common one before its distinctive one, or that one.
+        matched_of: dict[str, int] = {}
+        common: list[dict[str, int]] = []
+        for holders in levels:
+            if len(holders) > HOLDERS_LIMIT:
+                common.append(holders)
+                continue
+            for c, tokens in holders.items():
+                if c not in matched_of and c in members:
+                    for longer in common:
+                        t = longer.get(c)
+                        if t is not None:
+                            tokens = t
+                            break
+                    matched_of[c] = tokens
+        start = deepest if deepest is not None else self._prefix_hash(ctx)
+        for c in _ring_walk(st.hashes, st.owners, start, min(SAMPLE, len(candidates))):
+            if c not in matched_of:
+                tokens = 0
+                for holders in common:
+                    t = holders.get(c)
+                    if t is not None:
+                        tokens = t
+                        break
+                matched_of[c] = tokens
+        # score them: the blind ones (no stream, or its snapshot overdue) are placed by the hash below; one
+        # awaiting its snapshot holds no key, so it scores as caching nothing
+        vals, speed, blind, min_match = st.vals, st.speed, st.blind_set, self._min_match
+        lw, cw = self._load_weight, self._cache_weight
+        costs: dict[str, float] = {}
+        loads: dict[str, float] = {}
+        matches: dict[str, int] = {}
+        best_match = 0
+        for c, matched in matched_of.items():
+            if c in blind:
+                continue
+            if matched < min_match:
+                matched = 0
+            elif matched > best_match:
+                best_match = matched
+            matches[c] = matched
+            load = loads[c] = vals[c] if speed is None else vals[c] / speed[c]
+            costs[c] = lw * load - cw * matched
+        blind = st.blind
+        if not costs:  # the sample held only blind engines: they compete through the hash alone
+            return self._done(self._affinity.pick(blind, ctx), "hash", 0)
+        low = min(costs.values())
+        if blind:
+            hashed = self._affinity.pick(blind, ctx)
+            load = vals[hashed] if speed is None else vals[hashed] / speed[hashed]
+            if self._load_weight * load - self._cache_weight * best_match < low:
+                return self._done(hashed, "hash", 0)
+        # the bounded-load mean is the whole candidate set's (blind engines included)
+        return self._decide(candidates, ctx, index, costs, loads, matches, best_match, low,
+                            (st.weighted_total(), len(candidates)))
 
     def _done(self, engine_id: str, basis: str, matched: int) -> str:
         if self.on_pick is not None:

@@ -220,7 +220,14 @@ async def test_new_families_through_two_replicas_land_on_different_prefills_befo
             with contextlib.suppress(asyncio.TimeoutError):  # nothing of A was stored before the pause
                 msg = await streams[x].next(0.3)
                 assert not msg.get("roots") and not msg.get("keys"), msg
-            await asyncio.sleep(0.5)  # router 1 reads the announcement off x's stream (written before the pause)
+            # router 1 has read the announcement off x's stream (written before the pause)
+            for _ in range(200):
+                seen = await asyncio.to_thread(router_metric, routers[1], "distserve_router_kv_index_families",
+                                               {"engine": x})
+                if seen >= 1:
+                    break
+                await asyncio.sleep(0.05)
+            assert seen >= 1, "router 1 never counted family A (pending) on the paused prefill"
 
             # B: a new family that the equal counts alone would send to x too
             i = 0

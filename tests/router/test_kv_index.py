@@ -608,3 +608,106 @@ async def test_kv_aware_replicas_spread_new_families_admitted_back_to_back(setup
     finally:
         await other.close()
         await other_cache.close()
+
+
+# ------------------------------------------------------------ the inverted index (issue 22: kv_aware at scale)
+class _NoView:
+    """The cluster cache surface KvIndex subscribes to; engines are followed and fed by hand below."""
+
+    def __init__(self) -> None:
+        self.engines: dict = {}
+        self.synced = asyncio.Event()
+
+    def on_engines(self, handler):
+        return lambda: None
+
+    def on_synced(self, handler):
+        pass
+
+
+def _rec(engine_id: str, instance: str = "a"):
+    from types import SimpleNamespace
+    return SimpleNamespace(url=f"http://127.0.0.1:1/{engine_id}", instance=instance,
+                           cache_events={"path": PATH, "version": 1, "chunk_bytes": 64})
+
+
+def _brute_holders(index: KvIndex) -> dict[int, dict[str, int]]:
+    out: dict[int, dict[str, int]] = {}
+    for engine_id, state in index.engines.items():
+        for key, tokens in state.keys.items():
+            out.setdefault(key, {})[engine_id] = tokens
+    return out
+
+
+async def test_inverted_index_equals_a_recomputation_after_random_events():
+    """After every message of random streams (snapshots, stored with evictions past max_keys, removed,
+    cleared, new incarnations, engines dropped and followed again) the key -> holders index is the per-engine
+    maps inverted, and matches(keys) is matched_tokens of every engine that matches."""
+    import random
+
+    rng = random.Random(18)
+    index = KvIndex(_NoView(), max_keys=12)
+    names = [f"P{i}" for i in range(6)]
+    universe = list(range(1, 40))
+    chains = [rng.sample(universe, rng.randint(1, 8)) for _ in range(30)]
+
+    def follow(engine_id: str, instance: str) -> None:
+        index._follow(engine_id, _rec(engine_id, instance))
+        index.engines[engine_id].task.cancel()  # fed by hand
+
+    def snapshot(state) -> None:
+        state.incarnation = None
+        pairs = [[key_hex(k), rng.randint(0, 4000)] for k in rng.sample(universe, rng.randint(0, 15))]
+        index.apply(state, orjson.dumps({"type": "snapshot", "seq": 0, "incarnation": uuid.uuid4().hex,
+                                         "keys": pairs}))
+
+    for e in names:
+        follow(e, "a")
+        snapshot(index.engines[e])
+    for step in range(3000):
+        e = rng.choice(names)
+        state = index.engines.get(e)
+        op = rng.random()
+        if state is None:
+            follow(e, uuid.uuid4().hex)
+            continue
+        if not state.synced or op < 0.03:
+            snapshot(state)
+        elif op < 0.06:
+            index._clear(state)  # a new incarnation: what _run does on NewIncarnation
+        elif op < 0.08:
+            index._drop(e)
+        else:
+            kind = "stored" if op < 0.6 else "removed" if op < 0.97 else "cleared"
+            msg = {"type": kind, "seq": state.seq + 1, "incarnation": state.incarnation}
+            if kind == "stored":
+                msg["keys"] = [[key_hex(k), rng.randint(0, 4000)] for k in rng.sample(universe, rng.randint(1, 6))]
+            elif kind == "removed":
+                msg["keys"] = [key_hex(k) for k in rng.sample(universe, rng.randint(1, 6))]
+            index.apply(state, orjson.dumps(msg))
+        assert index._holders == _brute_holders(index), step
+        keys = rng.choice(chains)
+        expect = {x: index.matched_tokens(x, keys) for x in index.engines}
+        assert index.matches(keys) == {x: t for x, t in expect.items() if t}, step
+        assert all(len(s.keys) <= 12 for s in index.engines.values())
+    await index.close()
+    assert index._holders == {}
+
+
+async def test_inverted_index_follows_the_real_streams(setup):
+    """The same, over real streams: an engine leaving the view takes its keys out of matches()."""
+    s = setup
+    p1 = await s.engine("P1")
+    p2 = await s.engine("P2")
+    await p1.store([(CHAIN[0], 800), (CHAIN[1], 900)], roots=(CHAIN[0],))
+    await p2.store([(CHAIN[0], 800)], roots=(CHAIN[0],))
+    s.index.set_active(True)
+    await s.cache.start()
+    s.index.start()
+    assert await s.index.wait_synced(5)
+    assert s.index.matches(CHAIN) == {"P1": 900, "P2": 800}
+    await p2.store([(CHAIN[2], 950)])
+    await eventually(lambda: s.index.matches(CHAIN) == {"P1": 900, "P2": 950})
+    await s.client.delete(s.keys.engine("P1"))
+    await eventually(lambda: s.index.matches(CHAIN) == {"P2": 950})
+    assert s.index._holders == _brute_holders(s.index)

@@ -496,3 +496,293 @@ def test_min_expected_latency_index_over_a_long_run():
             load.on_load(e, LoadRecord(engine_id=e, running=rng.randint(0, 100)))
     index = next(iter(s._sets._states.values()))
     assert len(index.heap) <= 2 * len(candidates) + 17
+
+
+# ------------------------------------------- kv_aware at scale (issue 22): a shortlist above SCAN_LIMIT
+class _NoView:
+    """The cluster cache surface KvIndex subscribes to; the engines' states are fed to it by apply()."""
+
+    def __init__(self) -> None:
+        import asyncio
+        self.engines: dict = {}
+        self.synced = asyncio.Event()
+
+    def on_engines(self, handler):
+        return lambda: None
+
+    def on_synced(self, handler):
+        pass
+
+
+def _stream_record(engine_id):
+    from types import SimpleNamespace
+    return SimpleNamespace(url=f"http://127.0.0.1:1/{engine_id}", instance=f"i-{engine_id}",
+                           cache_events={"path": "/distserve/cache/events", "version": 1, "chunk_bytes": 64})
+
+
+def _msg(**fields) -> bytes:
+    import orjson
+    return orjson.dumps(fields)
+
+
+def fed_index(maps, roots=None, order=None):
+    """A real KvIndex holding `maps` (engine -> {key: tokens}) as the engines' snapshots put them, and `roots`
+    (engine -> root keys); engines followed in `order` (the holders' dicts then differ in order)."""
+    import asyncio
+
+    from distserve.cluster.prefix_keys import key_hex
+    from distserve.router.kv_index import KvIndex
+
+    index = KvIndex(_NoView())
+
+    async def follow():
+        for e in order or maps:
+            index._follow(e, _stream_record(e))
+            index.engines[e].task.cancel()  # nothing to connect to: fed below
+
+    asyncio.run(follow())
+    for e in order or maps:
+        index.apply(index.engines[e], _msg(type="snapshot", seq=0, incarnation=f"i-{e}",
+                                           keys=[[key_hex(k), t] for k, t in maps[e].items()],
+                                           roots=[key_hex(k) for k in (roots or {}).get(e, ())]))
+    return index
+
+
+def _ref_kv_pick(params, candidates, ctx, tie="subset_ring"):
+    """kv_aware as it was before issue 22's shortlist (every candidate scanned; ties by a ring built on the tied
+    subset), or with ties by the first tied engine clockwise on the whole set's ring (tie="set_ring")."""
+    import math as _m
+
+    from distserve.router.strategies import _KvSet, _hash64, _least_cached, _weight
+    s = make_strategy("kv_aware", params)
+    index, keys_of = ctx.kv, ctx.keys
+    costs, loads, matches, blind, best = {}, {}, {}, [], 0
+    for c in candidates:
+        if not index.has_stream(c):
+            if not index.pending(c):
+                blind.append(c)
+                continue
+            matched = 0
+        else:
+            matched = index.matched_tokens(c, keys_of(index.chunk_bytes(c))) or 0
+            if matched < s._min_match:
+                matched = 0
+        matches[c] = matched
+        best = max(best, matched)
+        load = loads[c] = ctx.load.unfinished(c) / (_weight(ctx, c) if ctx.weights else 1.0)
+        costs[c] = s._load_weight * load - s._cache_weight * matched
+    if not costs:
+        return s._affinity.pick(candidates, ctx)
+    low = min(costs.values())
+    if blind:
+        hashed = s._affinity.pick(blind, ctx)
+        load = ctx.load.unfinished(hashed) / (_weight(ctx, hashed) if ctx.weights else 1.0)
+        if s._load_weight * load - s._cache_weight * best < low:
+            return hashed
+    if best == 0 and s._load_weight > 0:
+        bound = max(min(loads.values()) + 1.0,
+                    _m.ceil(s._load_factor * (sum(loads.values()) + 1) / len(loads)) - 1.0)
+        tied = [c for c, load in loads.items() if load <= bound + 1e-9]
+    else:
+        tied = [c for c, cost in costs.items() if cost <= low + 1e-9]
+    if len(tied) > 1:
+        tied = _least_cached(tied, index, loads)
+    if len(tied) == 1:
+        return tied[0]
+    if tie == "subset_ring":
+        return s._affinity.pick(tied, ctx)
+    ring = _KvSet(list(candidates), ctx, s._affinity.ring_points(candidates, ctx))
+    return ring.first_clockwise(tied, _hash64(ctx.prefix(s._prefix_chars) if ctx.prefix else b""))
+
+
+def _kv_world(rng, n, holders_of_deep=3, hot=None):
+    """n engines; 40 conversations (chat bodies), each cached on a few engines to some depth, plus a system
+    prompt cached on `hot` engines (None: a random share)."""
+    from distserve.cluster.prefix_keys import request_keys
+    engines = [f"e{i:04d}" for i in range(n)]
+    maps = {e: {} for e in engines}
+    roots = {e: set() for e in engines}
+    system = {"role": "system", "content": "you are a helpful assistant " * 20}
+    bodies = []
+    for conv in range(40):
+        msgs = [system]
+        for turn in range(rng.randint(1, 5)):
+            msgs += [{"role": "user", "content": f"conv {conv} q{turn}"},
+                     {"role": "assistant", "content": f"a{turn}"}]
+        body = {"messages": msgs + [{"role": "user", "content": f"conv {conv} next"}]}
+        bodies.append(body)
+        keys = request_keys(body)
+        for e in rng.sample(engines, rng.randint(0, holders_of_deep)):
+            depth = rng.randint(1, len(keys) - 1)
+            for d in range(depth):
+                maps[e][keys[d]] = 1000 + 40 * d
+            roots[e].add(keys[0])
+    system_key = request_keys(bodies[0])[0]
+    for e in rng.sample(engines, hot if hot is not None else rng.randint(0, n)):
+        maps[e][system_key] = 1000
+        roots[e].add(system_key)
+    bodies.append({"messages": [{"role": "system", "content": "a new prompt " * 30},
+                                {"role": "user", "content": "hi"}]})  # held by nobody
+    return engines, maps, roots, bodies
+
+
+def _kctx(index, body, load, weights=None):
+    from distserve.cluster.prefix_keys import request_keys
+    return PickContext(load=load, weights=weights or {}, prefix=lambda n: str(body)[:n].encode(), kv=index,
+                       keys=lambda chunk: request_keys(body, chunk))
+
+
+def _loads(rng, engines, top=6):
+    load = LoadTracker()
+    for e in engines:
+        load.on_load(e, LoadRecord(engine_id=e, running=rng.randint(0, top)))
+    return load
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kv_aware_up_to_scan_limit_picks_what_it_picked_before(seed):
+    """Up to SCAN_LIMIT candidates every candidate is scored as before; ties now go to the first tied engine
+    clockwise on the whole set's ring, which is the engine the per-tied-subset ring chose whenever weights are
+    equal (the tied engines' loads are then equal and the subset ring's load cap skips none)."""
+    import random as _random
+
+    from distserve.router.strategies import SCAN_LIMIT
+    rng = _random.Random(seed)
+    engines, maps, roots, bodies = _kv_world(rng, SCAN_LIMIT, holders_of_deep=2)
+    index = fed_index(maps, roots)
+    for params in ({}, {"cache_weight": 3.0}, {"min_match_tokens": 1100}, {"load_weight": 0.0}):
+        s = make_strategy("kv_aware", params)
+        for _ in range(60):
+            candidates = sorted(rng.sample(engines, rng.randint(2, SCAN_LIMIT)))
+            load = _loads(rng, engines, top=rng.choice((0, 1, 6)))
+            body = rng.choice(bodies)
+            weights = {} if rng.random() < 0.6 else {e: rng.choice((1.0, 2.0)) for e in engines}
+
+            got = s.pick(candidates, _kctx(index, body, load, weights))
+            assert got == _ref_kv_pick(params, candidates, _kctx(index, body, load, weights), tie="set_ring")
+            if not weights:
+                assert got == _ref_kv_pick(params, candidates, _kctx(index, body, load))
+
+
+def _cost(params, ctx, c, matched):
+    return (params.get("load_weight", 1.0) * ctx.load.unfinished(c)
+            - params.get("cache_weight", 1.0) * matched / 1024.0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kv_aware_above_scan_limit_finds_the_engine_holding_the_prefix(seed):
+    """500 candidates: the pick is the scan's best whenever an engine holding the request's prefix (a key
+    cached on at most HOLDERS_LIMIT engines) has a cost advantage over every engine holding nothing; and it is
+    always an engine of the candidate list."""
+    import random as _random
+
+    from distserve.cluster.prefix_keys import request_keys
+    rng = _random.Random(100 + seed)
+    engines, maps, roots, bodies = _kv_world(rng, 500, holders_of_deep=4, hot=rng.choice((0, 10, 400)))
+    index = fed_index(maps, roots)
+    s = make_strategy("kv_aware")
+    advantaged = 0
+    sets = [engines] + [sorted(rng.sample(engines, rng.randint(300, 499))) for _ in range(3)]
+    for _ in range(200):
+        candidates = list(rng.choice(sets))
+        load = _loads(rng, engines)
+        body = rng.choice(bodies)
+        c = _kctx(index, body, load)
+        got = s.pick(candidates, c)
+        assert got in candidates
+        keys = request_keys(body)
+        matched = {e: index.matched_tokens(e, keys) for e in candidates}
+        # keys held by few engines: those the shortlist takes whole
+        distinct = {e for e in candidates
+                    if any(e in index._holders.get(k, ()) and len(index._holders[k]) <= 32 for k in keys)}
+        if not distinct:
+            continue
+        best_held = min(_cost({}, c, e, matched[e]) for e in distinct)
+        best_empty = min((_cost({}, c, e, 0) for e in candidates if not matched[e]), default=float("inf"))
+        if best_held < best_empty and best_held < min(_cost({}, c, e, matched[e]) for e in candidates
+                                                      if e not in distinct):
+            advantaged += 1
+            assert matched[got] > 0 and _cost({}, c, got, matched[got]) == best_held
+    assert advantaged > 20
+
+
+def _admit(index, engine_id, root):
+    from distserve.cluster.prefix_keys import key_hex
+    state = index.engines[engine_id]
+    index.apply(state, _msg(type="stored", seq=state.seq + 1, incarnation=state.incarnation, keys=[],
+                            pending=[key_hex(root)]))
+
+
+def test_kv_aware_above_scan_limit_spreads_new_prefixes():
+    """2,000 new families over 500 idle prefills, each admitted where it was placed (its root announced as
+    pending, one request in flight): the sample of 8 by the request's own key and the family-count tie rule
+    keep the busiest prefill within a small factor of the mean."""
+    from distserve.cluster.prefix_keys import request_keys
+    engines = [f"e{i:04d}" for i in range(500)]
+    index = fed_index({e: {} for e in engines})
+    load = LoadTracker()
+    s = make_strategy("kv_aware")
+    counts = Counter()
+    for f in range(2000):
+        body = {"messages": [{"role": "system", "content": f"family {f} " * 20}, {"role": "user", "content": "hi"}]}
+        keys = request_keys(body)
+        got = s.pick(list(engines), PickContext(load=load, prefix=lambda n, b=body: str(b)[:n].encode(), kv=index,
+                                                keys=lambda chunk, b=body: request_keys(b, chunk)))
+        counts[got] += 1
+        load.begin(got)
+        _admit(index, got, keys[0])
+    mean = 2000 / 500
+    assert max(counts.values()) / mean <= 1.5, counts.most_common(3)
+    assert len(counts) >= 450
+
+
+def test_kv_aware_replicas_agree_above_scan_limit():
+    """Two strategy instances over two indexes fed the same engine states in another order (their holders'
+    dicts iterate differently) pick the same engine for every request: replicas agree without sharing."""
+    import random as _random
+
+    rng = _random.Random(7)
+    engines, maps, roots, bodies = _kv_world(rng, 300, holders_of_deep=6, hot=60)
+    a = fed_index(maps, roots)
+    b = fed_index(maps, roots, order=list(reversed(engines)))
+    sa, sb = make_strategy("kv_aware"), make_strategy("kv_aware")
+    sets = [engines] + [sorted(rng.sample(engines, rng.randint(100, 299))) for _ in range(3)]
+    for _ in range(300):
+        candidates = list(rng.choice(sets))
+        load = _loads(rng, engines, top=rng.choice((0, 2, 6)))
+        body = rng.choice(bodies)
+
+        assert sa.pick(candidates, _kctx(a, body, load)) == sb.pick(list(candidates), _kctx(b, body, load))
+
+
+def test_kv_aware_above_scan_limit_places_blind_engines_by_hash():
+    """A mixed fleet of 100: 60 engines without a stream are placed by prefix_affinity's hash among all of
+    them, as below the limit; none streaming at all is exactly prefix_affinity."""
+    engines = [f"e{i:04d}" for i in range(100)]
+    index = fed_index({e: {} for e in engines[:40]})
+    load = LoadTracker()
+    for e in engines[:40]:
+        load.on_load(e, LoadRecord(engine_id=e, running=3))
+    affinity = make_strategy("prefix_affinity")
+    s = make_strategy("kv_aware")
+    for f in range(30):
+        body = {"prompt": f"prompt {f} " * 30}
+        c = _kctx(index, body, load)
+        assert s.pick(engines, c) == affinity.pick(engines[40:], c)
+        none = fed_index({})
+        c.kv = none
+        assert s.pick(engines, c) == affinity.pick(engines, c)
+
+
+def test_prefix_affinity_ring_order_is_the_ring_walk():
+    """ring_order: the first k distinct engines clockwise from the prefix; the first is prefix_affinity's pick
+    while nobody is over the load cap, and every replica computes the same order."""
+    load = LoadTracker()
+    c = ctx(load, prefix=b"some prompt")
+    pool = POOL[:300]
+    order = make_strategy("prefix_affinity").ring_order(pool, c, 16)
+    assert len(order) == len(set(order)) == 16 and set(order) <= set(pool)
+    assert order[0] == make_strategy("prefix_affinity").pick(pool, c)
+    assert make_strategy("prefix_affinity").ring_order(list(pool), c, 16) == order
+    assert make_strategy("prefix_affinity").ring_order(pool[:5], c, 16) == \
+        make_strategy("prefix_affinity").ring_order(pool[:5], c, 5)
