@@ -210,6 +210,11 @@ async def test_rolling_restart_under_load_fails_no_request(farm, cluster):
         await wait_for(lambda: _ids(client, keys, {"ra", "rb"}), 20, "both router records")
         await load.start()
         await asyncio.sleep(1.5)
+        # SIGTERM while a stream is in flight on the victim (on null engines streams are short: wait for one)
+        for _ in range(2500):
+            if any(r.stream and r.routers_tried and r.routers_tried[-1] == "ra" for r in load.in_flight()):
+                break
+            await asyncio.sleep(0.002)
         victim = procs["ra"]
         t_term = time.time()
         victim.signal(signal.SIGTERM)
