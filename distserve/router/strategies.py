@@ -585,9 +585,9 @@ class KvAwareStrategy(Strategy):
         mean_of = (sum(loads.values()), len(loads))
         return self._decide(candidates, ctx, index, costs, loads, matches, best_match, low, mean_of)
 
-    def _decide(self, candidates: list[str], ctx: PickContext, index: Any, costs: dict[str, float],
-                loads: dict[str, float], matches: dict[str, int], best_match: int, low: float,
-                mean_of: tuple[float, int]) -> str:
+    def _tied(self, index: Any, costs: dict[str, float], loads: dict[str, float], best_match: int, low: float,
+              mean_of: tuple[float, int]) -> list[str]:
+        """The engines tied for the pick, narrowed by `_least_cached`."""
         if best_match == 0 and self._load_weight > 0:
             # A prefix no engine holds is placed for as long as its conversations last, not for the instant's
             # queue: loads within one queued request of the lowest, or within the bounded-load cap, count as
@@ -600,6 +600,12 @@ class KvAwareStrategy(Strategy):
             tied = [c for c, cost in costs.items() if cost <= low + 1e-9]
         if len(tied) > 1:
             tied = _least_cached(tied, index, loads)
+        return tied
+
+    def _decide(self, candidates: list[str], ctx: PickContext, index: Any, costs: dict[str, float],
+                loads: dict[str, float], matches: dict[str, int], best_match: int, low: float,
+                mean_of: tuple[float, int]) -> str:
+        tied = self._tied(index, costs, loads, best_match, low, mean_of)
         if len(tied) == 1:
             chosen = tied[0]
         else:  # the first of them clockwise on the whole set's ring (one ring per candidate set, cached)

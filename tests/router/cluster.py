@@ -195,6 +195,21 @@ def null_farm(prefills: int = 1, decodes: int = 1, hybrids: int = 0) -> Iterator
         etcd.stop()
 
 
+class DetachedCache:
+    """The cluster-cache surface KvIndex subscribes to, with nothing behind it: tests follow and feed engines'
+    stream states to the index by hand."""
+
+    def __init__(self) -> None:
+        self.engines: dict = {}
+        self.synced = asyncio.Event()
+
+    def on_engines(self, handler):
+        return lambda: None
+
+    def on_synced(self, handler):
+        pass
+
+
 @contextlib.contextmanager
 def hybrid_behind_router(name: str, *router_args: str) -> Iterator[dict]:
     """One etcd, one reference hybrid engine (its own process) published as `h0`, and a router reading them:

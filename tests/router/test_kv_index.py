@@ -20,6 +20,7 @@ from distserve.cluster.keys import ENGINES, Keys
 from distserve.cluster.prefix_keys import chat_keys, key_hex
 from distserve.cluster.records import EngineGeometry, EngineRecord
 from distserve.router.kv_index import KvIndex, StreamError
+from tests.router.cluster import DetachedCache
 from distserve.router.metrics import RouterMetrics
 from distserve.testing.metrics import find
 
@@ -611,20 +612,6 @@ async def test_kv_aware_replicas_spread_new_families_admitted_back_to_back(setup
 
 
 # ------------------------------------------------------------ the inverted index (issue 22: kv_aware at scale)
-class _NoView:
-    """The cluster cache surface KvIndex subscribes to; engines are followed and fed by hand below."""
-
-    def __init__(self) -> None:
-        self.engines: dict = {}
-        self.synced = asyncio.Event()
-
-    def on_engines(self, handler):
-        return lambda: None
-
-    def on_synced(self, handler):
-        pass
-
-
 def _rec(engine_id: str, instance: str = "a"):
     from types import SimpleNamespace
     return SimpleNamespace(url=f"http://127.0.0.1:1/{engine_id}", instance=instance,
@@ -646,7 +633,7 @@ async def test_inverted_index_equals_a_recomputation_after_random_events():
     import random
 
     rng = random.Random(18)
-    index = KvIndex(_NoView(), max_keys=12)
+    index = KvIndex(DetachedCache(), max_keys=12)
     names = [f"P{i}" for i in range(6)]
     universe = list(range(1, 40))
     chains = [rng.sample(universe, rng.randint(1, 8)) for _ in range(30)]

@@ -9,6 +9,7 @@ import pytest
 from distserve.cluster.records import LoadRecord
 from distserve.router.load import LoadTracker
 from distserve.router.strategies import STRATEGIES, PickContext, make_strategy
+from tests.router.cluster import DetachedCache
 
 ENGINES = [f"p{i}" for i in range(6)]
 
@@ -499,21 +500,6 @@ def test_min_expected_latency_index_over_a_long_run():
 
 
 # ------------------------------------------- kv_aware at scale (issue 22): a shortlist above SCAN_LIMIT
-class _NoView:
-    """The cluster cache surface KvIndex subscribes to; the engines' states are fed to it by apply()."""
-
-    def __init__(self) -> None:
-        import asyncio
-        self.engines: dict = {}
-        self.synced = asyncio.Event()
-
-    def on_engines(self, handler):
-        return lambda: None
-
-    def on_synced(self, handler):
-        pass
-
-
 def _stream_record(engine_id):
     from types import SimpleNamespace
     return SimpleNamespace(url=f"http://127.0.0.1:1/{engine_id}", instance=f"i-{engine_id}",
@@ -533,7 +519,7 @@ def fed_index(maps, roots=None, order=None):
     from distserve.cluster.prefix_keys import key_hex
     from distserve.router.kv_index import KvIndex
 
-    index = KvIndex(_NoView())
+    index = KvIndex(DetachedCache())
 
     async def follow():
         for e in order or maps:
@@ -551,9 +537,8 @@ def fed_index(maps, roots=None, order=None):
 def _ref_kv_pick(params, candidates, ctx, tie="subset_ring"):
     """kv_aware as it was before issue 22's shortlist (every candidate scanned; ties by a ring built on the tied
     subset), or with ties by the first tied engine clockwise on the whole set's ring (tie="set_ring")."""
-    import math as _m
 
-    from distserve.router.strategies import _KvSet, _hash64, _least_cached, _weight
+    from distserve.router.strategies import _KvSet, _hash64, _weight
     s = make_strategy("kv_aware", params)
     index, keys_of = ctx.kv, ctx.keys
     costs, loads, matches, blind, best = {}, {}, {}, [], 0
@@ -579,14 +564,8 @@ def _ref_kv_pick(params, candidates, ctx, tie="subset_ring"):
         load = ctx.load.unfinished(hashed) / (_weight(ctx, hashed) if ctx.weights else 1.0)
         if s._load_weight * load - s._cache_weight * best < low:
             return hashed
-    if best == 0 and s._load_weight > 0:
-        bound = max(min(loads.values()) + 1.0,
-                    _m.ceil(s._load_factor * (sum(loads.values()) + 1) / len(loads)) - 1.0)
-        tied = [c for c, load in loads.items() if load <= bound + 1e-9]
-    else:
-        tied = [c for c, cost in costs.items() if cost <= low + 1e-9]
-    if len(tied) > 1:
-        tied = _least_cached(tied, index, loads)
+    # the tie set is computed as it always was (shared code): what changed is the shortlist and the tie-break
+    tied = s._tied(index, costs, loads, best, low, (sum(loads.values()), len(loads)))
     if len(tied) == 1:
         return tied[0]
     if tie == "subset_ring":
