@@ -25,7 +25,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import orjson  # noqa: E402 - after the path tweak
+import aiohttp  # noqa: E402 - after the path tweak
+import orjson  # noqa: E402
+import psutil  # noqa: E402
+import uvloop  # noqa: E402
+from aiohttp import web  # noqa: E402
+
+from discovery.embedded import EmbeddedEtcd  # noqa: E402
+from distserve.router.http1 import EnginePool  # noqa: E402
+from distserve.testing.cluster import start_null_engines, start_router, wait_links_established  # noqa: E402
+from distserve.testing.ports import free_port  # noqa: E402
 
 MODEL = "distserve-reference"
 HEADERS = b"Content-Type: application/json\r\n"
@@ -46,10 +55,6 @@ async def _pd(pool, prefill: str, decode: str, raw: bytes) -> bytes:
 
 def serve(mode: str, port: int, prefill: str, decode: str) -> None:
     """A floor front end (`--serve`): 'aiohttp' or 'protocol'."""
-    import uvloop
-    from aiohttp import web
-
-    from distserve.router.http1 import EnginePool
 
     async def with_aiohttp() -> None:
         pool = EnginePool()
@@ -103,9 +108,6 @@ def serve(mode: str, port: int, prefill: str, decode: str) -> None:
 
 
 def cpu_ms_per_request(url: str, pid: int, seconds: float) -> float:
-    import aiohttp
-    import psutil
-
     proc = psutil.Process(pid)
     body = {"model": MODEL, "prompt": "hello " * 30, "max_tokens": 16}
 
@@ -154,10 +156,6 @@ def main() -> int:
     if args.seconds <= 0 or args.repeats < 1:
         print("bench_server_floor: --seconds must be > 0 and --repeats >= 1", file=sys.stderr)
         return 2
-    from discovery.embedded import EmbeddedEtcd
-    from distserve.testing.cluster import start_null_engines, start_router, wait_links_established
-    from distserve.testing.ports import free_port
-
     etcd = EmbeddedEtcd(unsafe_no_fsync=True).start()
     procs: list = []
     try:

@@ -343,7 +343,7 @@ class Router:
     async def _generate(self, request: web.Request, kind: str, path: str) -> web.StreamResponse:
         """The aiohttp route of both generation endpoints (requests the fast path handed over)."""
         pd = PDRequest(request, kind, path, self._request_id(request.headers), time.perf_counter())
-        resp, close = await self.serve_generate(pd, request.headers, None)
+        resp, close = await self.serve_generate(pd, None)
         if close:  # a body that is not coming: answer and close, do not wait for the rest
             await answer_and_close(request, resp)
         return resp
@@ -352,17 +352,17 @@ class Router:
         """The fast path's handler (fastpath.py): the same request handling, answered on `conn`."""
         pd = PDRequest(conn, kind, path, self._request_id(headers), time.perf_counter())
         pd.new_stream = conn.new_stream
-        resp, close = await self.serve_generate(pd, headers, body, conn.read_body)
+        resp, close = await self.serve_generate(pd, body, conn.read_body)
         if not resp.prepared:  # a stream has been written already
             conn.send(resp, close)
 
     async def serve_generate(
-        self, pd: PDRequest, headers, raw: bytes | None, read: Callable[[], Awaitable[bytes]] | None = None
+        self, pd: PDRequest, raw: bytes | None, read: Callable[[], Awaitable[bytes]] | None = None
     ) -> tuple[web.StreamResponse, bool]:
         """One generation request, whichever server path read it: (the answer, whether the connection must
         close after it). `raw`: the body when already read, else `read()` it (by default from the aiohttp
         request, `pd.request`)."""
-        rid, path, started = pd.rid, pd.path, pd.started
+        rid, path, started, headers = pd.rid, pd.path, pd.started, pd.request.headers
         self.in_flight += 1
         self.requests_total += 1
         status = 500

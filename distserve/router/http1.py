@@ -90,9 +90,7 @@ class Response:
     def _finish(self) -> None:
         self._done = True
         self._conn = None
-        if self._timer is not None:
-            self._timer.cancel()
-        self._stop_idle()
+        self._stop_timers()
         self._wake()
 
     def _fail(self, exc: BaseException) -> None:
@@ -100,9 +98,7 @@ class Response:
             return
         self._error = exc
         self._conn = None
-        if self._timer is not None:
-            self._timer.cancel()
-        self._stop_idle()
+        self._stop_timers()
         if not self._head.done():
             self._head.set_exception(exc)
             self._head.exception()  # retrieved: nobody may be waiting any more
@@ -169,9 +165,7 @@ class Response:
 
     def close(self) -> None:
         """Abandon the answer: an unfinished one takes its connection down with it."""
-        if self._timer is not None:
-            self._timer.cancel()
-        self._stop_idle()
+        self._stop_timers()
         conn, self._conn = self._conn, None
         if conn is not None and not self._done:
             conn.abort()
@@ -189,7 +183,9 @@ class Response:
         else:
             self._idle_timer = self._loop.call_at(due, self._idle_check)
 
-    def _stop_idle(self) -> None:
+    def _stop_timers(self) -> None:
+        """The call's deadline and the idle timer: neither applies to an ended or abandoned answer."""
+        self.clear_deadline()
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None

@@ -310,14 +310,6 @@ async def read_body(
         raise ApiError(
             413, f"request body of {length} bytes exceeds the limit of {limit} bytes", "request_too_large"
         )
-    if coding is None and request.content.is_eof():
-        # the whole body came with the headers (the usual case): nothing to wait for, so no timer
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise _too_large(limit) from None
-        except (HttpProcessingError, RequestPayloadError) as exc:
-            raise _malformed(exc) from None
     started = time.monotonic()
     try:
         async with asyncio.timeout(timeout):

@@ -643,22 +643,11 @@ class KvAwareStrategy(Strategy):
                 continue
             for c, tokens in holders.items():
                 if c not in matched_of and c in members:
-                    for longer in common:
-                        t = longer.get(c)
-                        if t is not None:
-                            tokens = t
-                            break
-                    matched_of[c] = tokens
+                    matched_of[c] = _deepest_common(common, c, tokens)
         start = deepest if deepest is not None else self._prefix_hash(ctx)
         for c in _ring_walk(st.hashes, st.owners, start, min(SAMPLE, len(candidates))):
             if c not in matched_of:
-                tokens = 0
-                for holders in common:
-                    t = holders.get(c)
-                    if t is not None:
-                        tokens = t
-                        break
-                matched_of[c] = tokens
+                matched_of[c] = _deepest_common(common, c, 0)
         # score them: the blind ones (no stream, or its snapshot overdue) are placed by the hash below; one
         # awaiting its snapshot holds no key, so it scores as caching nothing
         vals, speed, blind, min_match = st.vals, st.speed, st.blind_set, self._min_match
@@ -694,6 +683,16 @@ class KvAwareStrategy(Strategy):
         if self.on_pick is not None:
             self.on_pick(self.phase, basis, matched)
         return engine_id
+
+
+def _deepest_common(common: list[dict[str, int]], engine_id: str, default: int) -> int:
+    """Tokens of the deepest common level (held by too many engines to list, deepest first) the engine holds,
+    else `default`."""
+    for holders in common:
+        tokens = holders.get(engine_id)
+        if tokens is not None:
+            return tokens
+    return default
 
 
 def _least_cached(tied: list[str], index: Any, loads: Mapping[str, float] | None = None) -> list[str]:
