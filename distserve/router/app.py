@@ -32,7 +32,7 @@ from distserve.router.kv_index import KvIndex
 from distserve.router.load import LoadTracker
 from distserve.router.metrics import RouterMetrics
 from distserve.router.orchestrator import Orchestrator, Routing
-from distserve.router.request import PDRequest
+from distserve.router.request import PDRequest, Unary
 from distserve.router.registration import Registration
 from distserve.router.settings import RouterSettings
 from distserve.router.strategies import make_strategy
@@ -344,6 +344,8 @@ class Router:
         """The aiohttp route of both generation endpoints (requests the fast path handed over)."""
         pd = PDRequest(request, kind, path, self._request_id(request.headers), time.perf_counter())
         resp, close = await self.serve_generate(pd, None)
+        if type(resp) is Unary:
+            resp = resp.to_aiohttp()
         if close:  # a body that is not coming: answer and close, do not wait for the rest
             await answer_and_close(request, resp)
         return resp

@@ -15,8 +15,16 @@ _KNOBS = (("top_k", (None, 0, -1)), ("min_p", (None, 0)), ("repetition_penalty",
           ("presence_penalty", (None, 0)), ("frequency_penalty", (None, 0)), ("logit_bias", (None, {})))
 
 
+# every field `required` looks at: a body with none of them (the usual one) needs nothing, found by one
+# set intersection instead of ~15 lookups per request
+_GATED = frozenset({"seed", "min_tokens", "min_new_tokens", "skip_special_tokens", "logprobs", "best_of", "echo",
+                    "suffix", "top_logprobs", "tools", "tool_choice", "response_format", *(n for n, _ in _KNOBS)})
+
+
 def required(kind: str, body: dict) -> tuple[tuple[str, str], ...]:
     """(field, capability) for each gated field a validated body uses, in a fixed order."""
+    if _GATED.isdisjoint(body):
+        return ()
     out: list[tuple[str, str]] = []
     if body.get("seed") is not None:
         out.append(("seed", "seed"))

@@ -66,6 +66,25 @@ def _aiohttp_stream(headers: dict) -> web.StreamResponse:
     return web.StreamResponse(status=200, headers=headers)
 
 
+class Unary:
+    """A whole JSON answer from an engine, passed on as is: what the orchestrator returns for a non-streamed
+    request. The fast path writes it in one piece (fastpath.py); the aiohttp path turns it into a
+    web.Response. (Building a web.Response per request, headers multidict included, only for the fast path
+    to read it back cost ~3 % of the router's CPU per request.)"""
+
+    __slots__ = ("body", "rid")
+    status = 200
+    prepared = False
+
+    def __init__(self, body: bytes, rid: str) -> None:
+        self.body = body
+        self.rid = rid
+
+    def to_aiohttp(self) -> web.Response:
+        return web.Response(body=self.body, status=200, content_type="application/json",
+                            headers={"X-Request-Id": self.rid})
+
+
 def kv_staging(answer: dict) -> dict | None:
     """A distserve prefill's packed copy of the blocks (`remote_kv_staging`), passed on to the decode only
     when well formed: it is an optimisation, so anything odd is dropped and the decode reads the blocks."""

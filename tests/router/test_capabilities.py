@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from distserve.agent.record import capabilities as agent_capabilities
 from distserve.cluster.capabilities import effective, lmdeploy_capabilities
 from distserve.cluster.records import EngineGeometry, EngineRecord
@@ -50,3 +52,18 @@ def test_old_record_without_capabilities():
     assert effective(EngineRecord(**base, engine_kind="reference")) == frozenset({"seed"})
     assert "tools" in effective(EngineRecord(**base, engine_kind="lmdeploy", software_version="0.18.0"))
     assert effective(EngineRecord(**base, capabilities=["echo"])) == frozenset({"echo"})
+
+
+@pytest.mark.parametrize("kind, field, value", [
+    (COMPLETIONS, "seed", 1), (COMPLETIONS, "top_k", 5), (COMPLETIONS, "min_p", 0.1),
+    (COMPLETIONS, "repetition_penalty", 1.1), (COMPLETIONS, "presence_penalty", 0.5),
+    (COMPLETIONS, "frequency_penalty", 0.5), (COMPLETIONS, "logit_bias", {"1": 2}), (COMPLETIONS, "min_tokens", 3),
+    (COMPLETIONS, "min_new_tokens", 3), (COMPLETIONS, "skip_special_tokens", False), (COMPLETIONS, "logprobs", 1),
+    (COMPLETIONS, "best_of", 2), (COMPLETIONS, "echo", True), (COMPLETIONS, "suffix", "x"), (CHAT, "logprobs", True),
+    (CHAT, "top_logprobs", 1), (CHAT, "tools", [{}]), (CHAT, "tool_choice", "auto"),
+    (CHAT, "response_format", {"type": "json_object"}),
+])
+def test_every_gated_field_alone_is_required(kind, field, value):
+    """Each gated field, alone in an otherwise plain body, is found (the no-gated-field shortcut misses none)."""
+    body = {"model": "m", "max_tokens": 4, "temperature": 0.5, "stream": False, field: value}
+    assert [f for f, _ in required(kind, body)] == [field]

@@ -133,7 +133,33 @@ async def test_failures_are_classified():
         await pool.request(server.url, b"POST", b"/", b"")
     assert info.value.kind == "disconnect" and "bad" in info.value.message
     await server.stop()
+    # a header line without a colon, or a Content-Length that is not a number: disconnect, never a guess
+    for answer in (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nbroken line\r\n\r\n{}",
+                   b"HTTP/1.1 200 OK\r\nContent-Length: 2x\r\n\r\n{}"):
+        server = await ScriptedServer([answer]).start()
+        with pytest.raises(UpstreamError) as info:
+            await pool.request(server.url, b"POST", b"/", b"")
+        assert info.value.kind == "disconnect" and "bad" in info.value.message
+        await server.stop()
     pool.close()
+
+
+async def test_only_the_framing_headers_frame_the_answer():
+    """Look-alike names (X-Content-Length, a Connection value that merely contains "close") do not frame or
+    end the answer; the headers are all there when read, names lower-cased."""
+    answer = (b"HTTP/1.1 200 OK\r\nX-Content-Length: 99\r\ncontent-LENGTH :  3\r\n"
+              b"Connection: keep-alive, x-close\r\nX-Engine: e1\r\n\r\nabc")
+    server = await ScriptedServer([answer, CL]).start()
+    pool = EnginePool(connect_timeout=2)
+    try:
+        r = await pool.request(server.url, b"POST", b"/", b"")
+        assert await r.read() == b"abc"
+        assert r.headers["x-engine"] == "e1" and r.headers["x-content-length"] == "99"
+        assert await (await pool.request(server.url, b"POST", b"/", b"")).read() == b'{"a": "b"}\n'
+        assert server.connections == 1, "kept alive"
+    finally:
+        pool.close()
+        await server.stop()
 
 
 async def test_idle_timeout_inside_a_stream():

@@ -1,0 +1,213 @@
+#!/usr/bin/env python3
+"""The router's own CPU per PD request, measured inside one process: the real Router (its fast path,
+orchestrator, engine client, view from a real etcd) serving real null engines over loopback, with the
+client side replaced by in-process connections (a fake client transport, named so: it only collects the
+router's answers and sends the next request). No load generator shares the CPU and no client socket is
+read or written, so two trees compare within a percent or two even on a busy 2-core machine: the tool for
+A/B-ing cuts to the hot path. tools/bench_router.py stays the judge (real clients, the gateway beside it).
+
+Each tree runs in its own process (PYTHONPATH = the tree), interleaved, `--repeats` times; a cell is the
+router thread's CPU time (time.thread_time: the etcd client's gRPC thread excluded) over the requests
+answered in `--seconds`, at `--concurrency` connections each sending its next request as soon as its
+answer is out.
+
+    .venv/bin/python tools/bench_hot_path.py [--trees DIR ...] [--concurrency 1 8 64] [--stream]
+        [--seconds 3] [--repeats 3] [--profile FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "distserve-reference"
+CLUSTER = "hotpath"
+
+
+class FakeClientTransport:
+    """Fake (in-process) client side of one router connection: the router writes its answer here; once the
+    answer is complete the next request goes in, as a keep-alive client would send it."""
+
+    def __init__(self, bench: "Clients", request: bytes) -> None:
+        self.bench, self.request, self.conn = bench, request, None
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        if not data.startswith(b"HTTP/1.1 200") and not self.bench.stream and data[:5] == b"HTTP/":
+            raise RuntimeError(f"router answered {data[:200]!r}")
+        done = data.endswith(b"0\r\n\r\n") if self.bench.stream else True
+        if done:
+            self.bench.answered += 1
+            if self.bench.running:
+                self.bench.loop.call_soon(self.conn.data_received, self.request)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def get_extra_info(self, name: str, default=None):
+        return ("127.0.0.1", 1) if name == "peername" else default
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class Clients:
+    def __init__(self, loop, stream: bool) -> None:
+        self.loop, self.stream = loop, stream
+        self.answered = 0
+        self.running = False
+
+
+def request_bytes(stream: bool) -> bytes:
+    body = json.dumps({"model": MODEL, "prompt": "hello " * 30, "max_tokens": 16, "stream": stream}).encode()
+    return (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: bench\r\nAccept: */*\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+
+
+async def serve_and_measure(etcd: list[str], concurrencies: list[int], stream: bool, seconds: float,
+                            profile: str | None) -> dict[int, float]:
+    from discovery.client import EtcdClient
+    from discovery.config import EtcdConfig
+    from distserve.router.app import Router
+    from distserve.router.fastpath import FastConnection, FastDoor
+    from distserve.router.settings import RouterSettings
+
+    client = EtcdClient(EtcdConfig(endpoints=etcd))
+    await client.connect()
+    router = Router(RouterSettings(cluster=CLUSTER, port=0, host="127.0.0.1"), client)
+    await router.start()
+    loop = asyncio.get_running_loop()
+    try:
+        deadline = time.monotonic() + 30
+        while not router.view.table().entries.get(MODEL):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the router found no route")
+            await asyncio.sleep(0.05)
+        s = router.settings
+        door = FastDoor(router.serve_fast, lambda: None, s.max_body_bytes, s.header_read_timeout,
+                        s.body_read_timeout, lambda _phase: None)
+        request = request_bytes(stream)
+        results: dict[int, float] = {}
+        profiler = None
+        for concurrency in concurrencies:
+            clients = Clients(loop, stream)
+            conns = []
+            for _ in range(concurrency):
+                transport = FakeClientTransport(clients, request)
+                conn = FastConnection(door)
+                transport.conn = conn
+                conn.connection_made(transport)
+                conns.append(conn)
+            for phase, length in (("warm-up", min(1.0, seconds)), ("measure", seconds)):
+                clients.running = True
+                if phase == "measure" and profile:
+                    import cProfile
+
+                    profiler = cProfile.Profile(time.thread_time)
+                    profiler.enable()
+                before, cpu0 = clients.answered, time.thread_time()
+                for conn in conns:
+                    conn.data_received(request)
+                await asyncio.sleep(length)
+                clients.running = False
+                while any(c.task is not None for c in conns):
+                    await asyncio.sleep(0.01)
+                cpu = time.thread_time() - cpu0
+                if profiler is not None:
+                    profiler.disable()
+                    profiler.dump_stats(f"{profile}.c{concurrency}")
+                    profiler = None
+                n = clients.answered - before
+            results[concurrency] = cpu * 1000 / max(1, n)
+            for conn in conns:
+                conn.connection_lost(None)
+        return results
+    finally:
+        await router.stop()
+        await client.close()
+
+
+def child(args: argparse.Namespace) -> int:
+    import uvloop
+
+    results = uvloop.run(serve_and_measure(args.etcd, args.concurrency, args.stream, args.seconds, args.profile))
+    print(json.dumps(results))
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--trees", nargs="+", default=[str(ROOT)], help="source trees to compare (default: this one)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    p.add_argument("--stream", action="store_true")
+    p.add_argument("--seconds", type=float, default=3.0)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--profile", help="cProfile (thread CPU time) of the last tree's last repeat: FILE.c<N>")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--etcd", nargs="+", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        return child(args)
+    if args.seconds <= 0 or args.repeats < 1 or min(args.concurrency) < 1:
+        print("bench_hot_path: --seconds must be > 0, --repeats and --concurrency >= 1", file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(ROOT))
+    from discovery.embedded import EmbeddedEtcd
+    from distserve.testing.cluster import start_null_engines, wait_links_established
+
+    etcd = EmbeddedEtcd(unsafe_no_fsync=True).start()
+    procs = []
+    try:
+        for role in ("prefill", "decode"):
+            proc, _ = start_null_engines(role, 1, "--etcd", ",".join(etcd.endpoints), "--cluster", CLUSTER)
+            procs.append(proc)
+        asyncio.run(wait_links_established(etcd.endpoints, CLUSTER, 1))
+        cells: dict[str, dict[int, list[float]]] = {t: {c: [] for c in args.concurrency} for t in args.trees}
+        for repeat in range(args.repeats):
+            for i, tree in enumerate(args.trees):
+                argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--etcd", *etcd.endpoints,
+                        "--seconds", str(args.seconds), "--concurrency", *map(str, args.concurrency)]
+                if args.stream:
+                    argv.append("--stream")
+                if args.profile and repeat == args.repeats - 1 and i == len(args.trees) - 1:
+                    argv += ["--profile", args.profile]
+                env = dict(os.environ, PYTHONPATH=tree)
+                out = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True, timeout=300)
+                if out.returncode != 0:
+                    raise RuntimeError(f"{tree}: {out.stderr[-3000:]}")
+                found = json.loads(out.stdout.strip().splitlines()[-1])
+                for c, v in found.items():
+                    cells[tree][int(c)].append(v)
+        base = args.trees[0]
+        print(f"| tree | {' | '.join(f'c{c} CPU-ms/req' for c in args.concurrency)} |")
+        print(f"| --- | {' | '.join('---' for _ in args.concurrency)} |")
+        for tree in args.trees:
+            row = []
+            for c in args.concurrency:
+                m = statistics.median(cells[tree][c])
+                rel = "" if tree == base else f" ({m / statistics.median(cells[base][c]) - 1:+.0%})"
+                row.append(f"{m:.4f}{rel}")
+            print(f"| {tree} | {' | '.join(row)} |")
+    finally:
+        for proc in procs:
+            proc.kill()
+        etcd.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
