@@ -518,19 +518,8 @@ class EnginePool:
         `on_cancel(response)`: the caller is cancelled after the request went out; the response (and its
         connection, and its deadline) is handed over instead of being dropped."""
         key, host = self._target(base_url)
-        request = (
-            method
-            + b" "
-            + path
-            + b" HTTP/1.1\r\nHost: "
-            + host
-            + b"\r\n"
-            + headers
-            + b"Content-Length: "
-            + str(len(body)).encode()
-            + b"\r\n\r\n"
-            + body
-        )
+        request = b"%s %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n%s" % (
+            method, path, host, headers, len(body), body)
         for attempt in range(2):
             conn = self._take_idle(key)
             reused = conn is not None

@@ -26,7 +26,8 @@ import asyncio
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -442,14 +443,15 @@ class Orchestrator:
         return await self._unary_through(pd, engine, pd.raw, "hybrid")
 
     # ------------------------------------------------------------------ PD
-    async def _shielded_prefill(self, pd: PDRequest, prefill: EngineRecord) -> dict:
-        """The prefill call, counted as a pick. Shielded: a client gone while the prefill runs must not strand
-        its preserved KV until the TTL (the engine may have answered already): once the call went out, its
-        answer is read in the background and its sessions are freed (`_call`'s `orphaned`). No task of its
-        own per request for that (a shield costs a task and two loop callbacks each time)."""
+    def _shielded_prefill(self, pd: PDRequest, prefill: EngineRecord) -> Coroutine[Any, Any, dict]:
+        """The prefill call (to await), counted as a pick. Shielded: a client gone while the prefill runs must
+        not strand its preserved KV until the TTL (the engine may have answered already): once the call went
+        out, its answer is read in the background and its sessions are freed (`_call`'s `orphaned`). No
+        task of its own per request for that (a shield costs a task and two loop callbacks each time), and
+        no coroutine of its own either: it returns `_prefill`'s."""
         self.metrics.picks.inc(("prefill", prefill.id))
         pd.engines = prefill.id
-        return await self._prefill(pd, prefill)
+        return self._prefill(pd, prefill)
 
     async def _pd(self, pd: PDRequest, prefill: EngineRecord) -> web.StreamResponse:
         answer = await self._shielded_prefill(pd, prefill)
