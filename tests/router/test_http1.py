@@ -250,3 +250,23 @@ async def test_idle_timeout_counts_each_wait_not_the_whole_stream():
         pool.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_malformed_heads_fail_the_call():
+    """What an engine's answer head must look like: any other status line or header line fails the call as a
+    disconnect (never a misframed answer), and the pool goes on."""
+    bad = (b"HTTP/2 200 OK", b"HTTP/1.1 20 OK", b"HTTP/1.1 2000 OK", b"HTTP/1.1  200 OK", b"HTTP/1.1 200 OK\r\n: x",
+           b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nno colon", b"HTTP/1.1 200 OK\r\nno colon\r\nContent-Length: 2")
+    pool = EnginePool(connect_timeout=2)
+    try:
+        for head in bad:
+            server = await ScriptedServer([head + b"\r\n\r\n{}"]).start()
+            with pytest.raises(UpstreamError) as info:
+                await pool.request(server.url, b"POST", b"/", b"")
+            assert info.value.kind == "disconnect" and "bad" in info.value.message, head
+            await server.stop()
+        server = await ScriptedServer([b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\n{}"]).start()  # no reason: fine
+        assert await (await pool.request(server.url, b"POST", b"/", b"")).read() == b"{}"
+        await server.stop()
+    finally:
+        pool.close()
