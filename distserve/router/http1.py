@@ -18,7 +18,6 @@ parser still checks everything it relies on and fails the call (never the proces
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -221,14 +220,13 @@ class Response:
 
 
 
-DEADLINE_GRAIN = 0.025  # seconds: a call's deadline fires within this much after it, never before
-
-
 class _Deadlines:
-    """The engine calls' deadlines, grouped in slots of DEADLINE_GRAIN: one loop timer per slot in use rather
-    than one per call. A loop timer per call (made, then cancelled when the answer is in: nearly always) was
-    ~8 % of the router's CPU per request with cold caches (tools/bench_hot_path.py, py-spy); joining a slot
-    is a set insertion. Calls made within the same 25 ms with the same timeout share a slot."""
+    """The engine calls' deadlines, grouped in slots: one loop timer per slot in use rather than one per call.
+    A loop timer per call (made, then cancelled when the answer is in: nearly always) was ~8 % of the
+    router's CPU per request with cold caches (tools/bench_hot_path.py under py-spy); joining a slot is a
+    set insertion. A deadline fires after it, never before: within 25 ms for a call with under 25 s to go,
+    200 ms under 200 s, 1 s beyond (the prefill's and the request's timeouts are minutes: a timer per 25 ms
+    for those kept thousands pending)."""
 
     __slots__ = ("loop", "slots", "timers")
 
@@ -238,13 +236,16 @@ class _Deadlines:
         self.timers: dict[int, asyncio.TimerHandle] = {}
 
     def add(self, resp: Response, deadline: float) -> None:
-        slot = -int(-deadline // DEADLINE_GRAIN)  # the slot ending at or after the deadline
-        members = self.slots.get(slot)
+        ahead = deadline - self.loop.time()
+        per_s = 40 if ahead < 25.0 else 5 if ahead < 200.0 else 1  # slots per second
+        slot = int(deadline * per_s) + 1  # the first slot boundary after the deadline
+        key = slot * 64 + per_s  # one key space for the three grains
+        members = self.slots.get(key)
         if members is None:
-            members = self.slots[slot] = set()
-            self.timers[slot] = self.loop.call_at(slot * DEADLINE_GRAIN, self._due, slot)
+            members = self.slots[key] = set()
+            self.timers[key] = self.loop.call_at(slot / per_s, self._due, key)
         members.add(resp)
-        resp._deadlines, resp._slot = self, slot
+        resp._deadlines, resp._slot = self, key
 
     def remove(self, resp: Response) -> None:
         members = self.slots.get(resp._slot)
@@ -435,26 +436,28 @@ class _Connection(asyncio.Protocol):
                 return
 
     def _head(self, resp: Response, head: bytes) -> bool:
-        # Slicing checks the status line, one regex finds a malformed header line, one the three fields the
-        # framing needs: the other headers are parsed only if somebody reads them (Response.headers). A dict
-        # of every header per answer was a fifth of the router's Python calls per request.
+        # Only what framing needs, from the lower-cased head: the other headers are parsed if somebody reads
+        # them (Response.headers). Decoding every header into a dict per answer was a fifth of the router's
+        # Python calls per request; a regex per head cost more than this loop once caches are cold (py-spy).
         if (head[:7] != b"HTTP/1." or head[8:9] != b" " or not head[9:12].isdigit()
                 or head[12:13] not in (b" ", b"\r", b"")):
             raise ValueError(f"bad status line {head[:80]!r}")
-        if _NO_COLON.search(head) is not None:
-            raise ValueError(f"bad header line in {head[:200]!r}")
         status = int(head[9:12])
         if 100 <= status < 200:
             return False
         length = chunked = close = None
-        for name, value in _FRAMING.findall(head):
-            name = name.lower()
+        lines = head.lower().split(b"\r\n")
+        for i in range(1, len(lines)):
+            name, sep, value = lines[i].partition(b":")
+            if not sep or not name:
+                raise ValueError(f"bad header line {lines[i][:80]!r}")
+            name = name.rstrip()
             if name == b"content-length":
                 length = value.strip()
             elif name == b"transfer-encoding":
-                chunked = b"chunked" in value.lower()
-            else:
-                close = value.strip().lower() == b"close"
+                chunked = b"chunked" in value
+            elif name == b"connection":
+                close = value.strip() == b"close"
         self._keep_alive = head[7] == 49 and not close  # "HTTP/1.1" ([7] is b"1")
         if chunked:
             self._state = _CHUNK_SIZE
@@ -473,11 +476,6 @@ class _Connection(asyncio.Protocol):
         if not resp._head.done():
             resp._head.set_result(None)
         return True
-
-
-# a header line without a colon, or with an empty name (the status line is checked by slicing: cheaper)
-_NO_COLON = re.compile(rb"\r\n(?:[^:\r\n]*(?:\r\n|$)|:)")
-_FRAMING = re.compile(rb"\r\n[ \t]*(content-length|transfer-encoding|connection)[ \t]*:([^\r\n]*)", re.IGNORECASE)
 
 
 def _parse_headers(head: bytes) -> dict[str, str]:
@@ -562,9 +560,9 @@ class EnginePool:
         """`headers`: complete header lines (each ending in CRLF), Host and Content-Length excluded.
 
         `deadline` (the loop's clock): the whole call, connecting, the head and the body, must end by then,
-        or it fails with TimeoutError and its connection is dropped, within DEADLINE_GRAIN after it (a slot
-        of _Deadlines: on the hot path a set insertion, where a timer per call cost several times more and
-        `asyncio.timeout` ten times that).
+        or it fails with TimeoutError and its connection is dropped, soon after it (a slot of _Deadlines: on
+        the hot path a set insertion, where a timer per call cost several times more and `asyncio.timeout`
+        ten times that).
         `on_cancel(response)`: the caller is cancelled after the request went out; the response (and its
         connection, and its deadline) is handed over instead of being dropped."""
         key, host = self._target(base_url)

@@ -270,3 +270,31 @@ async def test_malformed_heads_fail_the_call():
         await server.stop()
     finally:
         pool.close()
+
+
+async def test_deadline_slots_fire_after_the_deadline_and_close_to_it():
+    """Every deadline's slot timer is due at or after the deadline, within 25 ms / 200 ms / 1 s for calls
+    with under 25 s / 200 s / more to go; calls due in the same slot share one timer, a finished call leaves
+    its slot, and closing the pool cancels the timers."""
+    from distserve.router.http1 import Response, _Deadlines
+
+    loop = asyncio.get_running_loop()
+    deadlines = _Deadlines(loop)
+    now = loop.time()
+    for ahead in (0.0003, 0.2, 24.9, 30.0, 120.0, 199.95, 600.0):
+        for jitter in (0.0, 0.0101, 0.0199, 0.1234):
+            grain = 0.025 if ahead + jitter < 25 else 0.2 if ahead + jitter < 200 else 1.0
+            resp = Response(None, loop)
+            deadline = now + ahead + jitter
+            deadlines.add(resp, deadline)
+            due = deadlines.timers[resp._slot].when()
+            assert deadline <= due <= deadline + grain + 1e-6, (ahead, jitter, due - deadline)
+    a, b = Response(None, loop), Response(None, loop)
+    deadlines.add(a, now + 100.0)
+    deadlines.add(b, now + 100.0)
+    assert a._slot == b._slot and deadlines.slots[a._slot] == {a, b}
+    deadlines.remove(a)
+    assert deadlines.slots[b._slot] == {b}
+    timers = list(deadlines.timers.values())
+    deadlines.close()
+    assert all(t.cancelled() for t in timers) and not deadlines.slots
