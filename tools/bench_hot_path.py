@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import statistics
@@ -91,6 +92,9 @@ async def serve_and_measure(etcd: list[str], concurrencies: list[int], stream: b
     router = Router(RouterSettings(cluster=CLUSTER, port=0, host="127.0.0.1"), client)
     await router.start()
     loop = asyncio.get_running_loop()
+    gc.collect()  # as distserve/router/replica.py does once the router is up
+    gc.freeze()
+    gc.set_threshold(10_000, 50, 100)
     try:
         deadline = time.monotonic() + 30
         while not router.view.table().entries.get(MODEL):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from email.utils import formatdate
@@ -48,42 +47,39 @@ _NO_COPY = frozenset({"content-length", "transfer-encoding", "connection", "date
 
 Serve = Callable[["FastConnection", str, str, "HeadHeaders", bytes], Awaitable[None]]
 
-# header lines of a request head after its request line: CRLF, an RFC 9110 token, a colon, a value
-_FIELDS_SHAPE = re.compile(rb"(?:\r\n[-!#$%&'*+.^_`|~0-9A-Za-z]+:[^\r\n]*)*")
-# the fields that decide whether this path serves the request (the rest are read on demand)
-_DECIDING = re.compile(
-    rb"\r\n(content-length|connection|transfer-encoding|content-encoding|expect|upgrade):([^\r\n]*)",
-    re.IGNORECASE,
-)
-_BY_NAME: dict[str, re.Pattern] = {}
+# requests carrying one of these are aiohttp's: it decodes, streams or refuses them
+_AIOHTTP_HEADERS = frozenset({b"transfer-encoding", b"content-encoding", b"expect", b"upgrade"})
+# the headers the handler reads on every request: kept from the head's one pass (the rest parsed on demand)
+_WATCHED = frozenset({"x-request-id", "authorization", "traceparent", "tracestate"})
+_WATCHED_BYTES = frozenset(name.encode() for name in _WATCHED)
 
 
 class HeadHeaders(Mapping):
-    """A request's headers over its raw head, case-insensitive, read-only (what aiohttp's request.headers
-    offers the handler). `get(name)` searches the head for that one field, so the handler's few lookups
-    (X-Request-Id, Authorization, traceparent) cost a regex each instead of parsing every header; anything
-    else (iteration, getall) parses them all once into a CIMultiDictProxy."""
+    """A request's headers, case-insensitive, read-only (what aiohttp's request.headers offers the handler).
+    The few the handler reads on every request (X-Request-Id, Authorization, traceparent, tracestate) were
+    kept by the head's one pass; anything else (another name, iteration, getall) parses the head's lines
+    once into a CIMultiDictProxy. A CIMultiDict of every header per request, names and values decoded, was
+    ~7 % of the router's Python calls per request."""
 
-    __slots__ = ("_head", "_all")
+    __slots__ = ("_lines", "_watched", "_all")
 
-    def __init__(self, head: bytes) -> None:
-        self._head = head  # b"\r\nName: value" lines, shape checked
+    def __init__(self, lines: list[bytes], watched: dict[bytes, bytes]) -> None:
+        self._lines = lines  # b"Name: value" lines, checked
+        self._watched = watched  # lower-cased name -> value (stripped), first occurrence
         self._all: CIMultiDictProxy | None = None
 
     def get(self, name: str, default=None):
-        if self._all is not None:
-            return self._all.get(name, default)
-        pattern = _BY_NAME.get(name)
-        if pattern is None:
-            pattern = _BY_NAME[name] = re.compile(
-                rb"\r\n" + re.escape(name.encode("latin-1")) + rb":[ \t]*([^\r\n]*)", re.IGNORECASE)
-        found = pattern.search(self._head)
-        return default if found is None else found.group(1).rstrip(b" \t").decode("latin-1")
+        if self._all is None:
+            lname = name.lower()
+            if lname in _WATCHED:
+                value = self._watched.get(lname.encode())
+                return default if value is None else value.decode("latin-1")
+        return self._parsed().get(name, default)
 
     def _parsed(self) -> CIMultiDictProxy:
         if self._all is None:
             pairs = []
-            for line in self._head.split(b"\r\n")[1:]:
+            for line in self._lines:
                 name, _, value = line.partition(b":")
                 pairs.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
             self._all = CIMultiDictProxy(CIMultiDict(pairs))
@@ -348,14 +344,10 @@ class FastConnection(asyncio.Protocol):
 
     def _parse_head(self, buf: bytes, end: int) -> tuple | str:
         """(kind, path, headers, keep_alive, body start, body end) of a hot request, or why it is aiohttp's.
-
-        Two regexes instead of a loop over the lines (the loop, with a dict of every header, was a sixth of
-        the router's Python calls per request): one checks the head's shape, one finds the few fields that
-        decide who serves the request; the headers are read by name when asked (HeadHeaders)."""
-        line_end = buf.find(b"\r\n", 0, end)
-        if line_end < 0:
-            line_end = end
-        parts = buf[:line_end].split(b" ")
+        One pass over the header lines: the fields that decide who serves the request, and the few the
+        handler reads (HeadHeaders); no dict of every header."""
+        lines = buf[:end].split(b"\r\n")
+        parts = lines[0].split(b" ")
         if len(parts) != 3:
             return "framing"
         hot = HOT.get(parts[1])
@@ -363,32 +355,36 @@ class FastConnection(asyncio.Protocol):
             return "route"
         if parts[2] != b"HTTP/1.1":
             return "framing"
-        head = buf[line_end:end]  # "\r\nname: value" lines
-        # a line without a colon, an empty name, a name that is not an HTTP token (whitespace before the
-        # colon, a folded line): aiohttp answers it
-        if _FIELDS_SHAPE.fullmatch(head) is None:
-            return "framing"
+        del lines[0]
         length = None
         keep_alive = True
-        for name, value in _DECIDING.findall(head):
-            name = name.lower()
-            if name == b"content-length":
+        watched: dict[bytes, bytes] = {}
+        for line in lines:
+            name, sep, value = line.partition(b":")
+            # no colon, an empty name, whitespace before the colon, or a folded line: aiohttp answers it
+            if not sep or not name or name[-1] in b" \t" or name[0] in b" \t":
+                return "framing"
+            lname = name.lower()
+            if lname == b"content-length":
                 value = value.strip(b" \t")
                 if length is not None or not value.isdigit():
                     return "framing"
                 length = int(value)
-            elif name == b"connection":
+            elif lname in _WATCHED_BYTES:
+                if lname not in watched:
+                    watched[lname] = value.strip(b" \t")
+            elif lname in _AIOHTTP_HEADERS:
+                return "framing"
+            elif lname == b"connection":
                 tokens = value.lower()
                 if b"upgrade" in tokens:
                     return "framing"
                 if b"close" in tokens:
                     keep_alive = False
-            else:  # transfer-encoding, content-encoding, expect, upgrade
-                return "framing"
         if length is None or length > self.door.body_limit:
             return "framing"  # aiohttp answers 411/413 and the rest
         start = end + 4
-        return hot[0], hot[1], HeadHeaders(head), keep_alive, start, start + length
+        return hot[0], hot[1], HeadHeaders(lines, watched), keep_alive, start, start + length
 
     def _hand_over(self, reason: str) -> None:
         """The connection becomes aiohttp's, from the request boundary it is at (nothing was answered for
