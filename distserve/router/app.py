@@ -15,7 +15,8 @@ import os
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -350,13 +351,13 @@ class Router:
             await answer_and_close(request, resp)
         return resp
 
-    async def serve_fast(self, conn: FastConnection, kind: str, path: str, headers, body: bytes) -> None:
-        """The fast path's handler (fastpath.py): the same request handling, answered on `conn`."""
+    def serve_fast(self, conn: FastConnection, kind: str, path: str, headers,
+                   body: bytes | None) -> Coroutine[Any, Any, tuple[web.StreamResponse, bool]]:
+        """The fast path's handler (fastpath.py): the same request handling (serve_generate's coroutine, to
+        await; the connection writes a whole answer itself)."""
         pd = PDRequest(conn, kind, path, self._request_id(headers), time.perf_counter())
         pd.new_stream = conn.new_stream
-        resp, close = await self.serve_generate(pd, body, conn.read_body)
-        if not resp.prepared:  # a stream has been written already
-            conn.send(resp, close)
+        return self.serve_generate(pd, body, conn.read_body)
 
     async def serve_generate(
         self, pd: PDRequest, raw: bytes | None, read: Callable[[], Awaitable[bytes]] | None = None

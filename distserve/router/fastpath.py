@@ -45,7 +45,8 @@ HOT = {
 }
 _NO_COPY = frozenset({"content-length", "transfer-encoding", "connection", "date"})
 
-Serve = Callable[["FastConnection", str, str, "HeadHeaders", bytes], Awaitable[None]]
+# the handler: (connection, kind, path, headers, body or None) -> awaitable (answer, close after it)
+Serve = Callable[["FastConnection", str, str, "HeadHeaders", bytes | None], Awaitable[tuple]]
 
 # requests carrying one of these are aiohttp's: it decodes, streams or refuses them
 _AIOHTTP_HEADERS = frozenset({b"transfer-encoding", b"content-encoding", b"expect", b"upgrade"})
@@ -440,7 +441,9 @@ class FastConnection(asyncio.Protocol):
     # ------------------------------------------------------------- serving
     async def _serve(self, kind: str, path: str, headers: HeadHeaders, body: bytes) -> None:
         try:
-            await self.door.serve(self, kind, path, headers, body)
+            resp, close = await self.door.serve(self, kind, path, headers, body)
+            if not resp.prepared:  # a whole answer (a stream has been written already)
+                self.send(resp, close)
         except (asyncio.CancelledError, ConnectionError):
             self.transport.close()  # the client went away (counted by the handler), or the router stops
             return

@@ -146,13 +146,22 @@ class Orchestrator:
     async def generate(self, pd: PDRequest) -> web.StreamResponse:
         if fanout.needed(pd.kind, pd.body):  # n > 1, best_of, a batch of prompts
             return await fanout.serve(self, pd)
-        await self.precheck(pd)
+        if self.view.table().entries.get(pd.model):  # the usual case: nothing to wait for, no coroutine
+            self._checks(pd)
+        else:
+            await self.precheck(pd)
         return await self._generate(pd)
 
     async def precheck(self, pd: PDRequest) -> None:
         """Everything decided before any engine call: a known model with a route (or 404/503), the context
         length, and a path that honours every field the request uses (400 unsupported_parameter)."""
-        model = pd.model
+        if not self.view.table().entries.get(pd.model):
+            await self._wait_for_entry(pd.model)
+        self._checks(pd)
+
+    async def _wait_for_entry(self, model: str) -> None:
+        """No routable engine serves `model` now: 404 for a model nobody serves, else wait a little for one
+        (route_wait), else 503."""
         if not self.view.table().entries.get(model):
             if self._unknown_model(model):
                 raise ApiError(404, f"The model `{model}` does not exist", "model_not_found", "model")
@@ -167,6 +176,10 @@ class Orchestrator:
                     "no_route",
                     headers={"Retry-After": "1"},
                 )
+
+    def _checks(self, pd: PDRequest) -> None:
+        """The context length, and a path that honours every field the request uses."""
+        model = pd.model
         paths = self._context_paths(model)
         if paths is not None:
             # before any engine call: a request that cannot fit would cost a whole prefill otherwise
