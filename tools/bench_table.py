@@ -4,6 +4,8 @@
     python tools/bench_table.py                                  # this tree, 1,000 engines / 10,000 links
     python tools/bench_table.py --baseline-tree /tmp/base22      # also a baseline tree, in the same run
     python tools/bench_table.py --json out.json
+    python tools/bench_table.py --only kv_aware --changes 1      # one strategy's pick rows (and a token change)
+    python tools/bench_table.py --only kv_aware --profile p.out  # cProfile of this tree's timed picks (pstats)
 
 No etcd and no network: a real `distserve.router.view.ClusterView` is fed records through its cache's own
 listeners (the code path of a watch event: decode, typed map, handlers), with `--prefills` prefills and as
@@ -50,7 +52,8 @@ def _summary(values_s: list[float]) -> dict:
             "p99_us": round(_pct(us, 0.99), 1), "max_us": round(max(us), 1)}
 
 
-def measure(prefills: int, links_per_prefill: int, changes: int, picks: int) -> dict:
+def measure(prefills: int, links_per_prefill: int, changes: int, picks: int, only: list[str] | None = None,
+            profile: Path | None = None) -> dict:
     """Runs inside the tree under test (its distserve on sys.path)."""
     import asyncio
 
@@ -139,7 +142,14 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int) -> 
         weight_sets = {"": {}, ", weighted": {c: 2.0 for c in candidates[::4]}}
         decisions: dict[str, dict] = {}
         load_changes: list[float] = []
+        profiler = None
+        if profile is not None:
+            import cProfile
+
+            profiler = cProfile.Profile()
         for name in sorted(S.STRATEGIES):
+            if only and name not in only:
+                continue
             for label, weights in weight_sets.items():
                 strategy = S.make_strategy(name)
                 stream = None
@@ -161,9 +171,13 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int) -> 
                 inflight: list[str] = []
                 for i in range(picks):
                     fresh = list(candidates)  # the orchestrator hands every pick a new list (not timed here)
+                    if profiler is not None:
+                        profiler.enable()
                     c0 = time.perf_counter()
                     chosen = strategy.pick(fresh, contexts[i % 100])
                     times.append(time.perf_counter() - c0)
+                    if profiler is not None:
+                        profiler.disable()
                     # loads move between picks as under traffic (not timed with the pick, timed alone): the
                     # request starts, the oldest of 64 in flight ends, one agent's load record arrives
                     engine_id = candidates[(i * 7919) % len(candidates)]
@@ -181,10 +195,12 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int) -> 
                 for engine_id in inflight:
                     load.end(engine_id)
                 decisions[name + label] = _summary(times)
+        if profiler is not None:
+            profiler.dump_stats(str(profile))
         return {
             "engines": len(engines), "links": len(links), "candidates": len(candidates),
             "initial_build_s": round(initial, 3),
-            "change_cpu": {k: _summary(v) for k, v in per_kind.items()},
+            "change_cpu": {k: _summary(v) for k, v in per_kind.items() if v},
             "change_cpu_all": _summary([x for v in per_kind.values() for x in v]),
             "pick": decisions,
             "load_change": _summary(load_changes),
@@ -240,11 +256,15 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int) -> 
     return asyncio.run(run())
 
 
-def run_tree(tree: Path, args: argparse.Namespace) -> dict:
+def run_tree(tree: Path, args: argparse.Namespace, profile: Path | None = None) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)}
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--prefills", str(args.prefills),
            "--links-per-prefill", str(args.links_per_prefill), "--changes", str(args.changes),
            "--picks", str(args.picks)]
+    if args.only:
+        cmd += ["--only", *args.only]
+    if profile is not None:
+        cmd += ["--profile", str(profile.resolve())]
     out = subprocess.run(cmd, env=env, cwd=str(tree), capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise SystemExit(f"bench_table: the run in {tree} failed:\n{out.stderr[-3000:]}")
@@ -259,6 +279,9 @@ def main() -> int:
     p.add_argument("--picks", type=int, default=3000, help="picks measured per strategy")
     p.add_argument("--baseline-tree", type=Path, help="also measure this source tree (git worktree add ...)")
     p.add_argument("--json", type=Path, help="write the results here")
+    p.add_argument("--only", nargs="+", metavar="STRATEGY", help="pick rows of these strategies only (default all)")
+    p.add_argument("--profile", type=Path, metavar="FILE",
+                   help="cProfile the timed picks of this tree (pstats file; the timings include its overhead)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if not (1 <= args.links_per_prefill <= args.prefills and args.prefills >= 2 and args.changes >= 1
@@ -266,13 +289,23 @@ def main() -> int:
         print("bench_table: need --prefills >= 2, 1 <= --links-per-prefill <= --prefills, --changes and --picks "
               ">= 1", file=sys.stderr)
         return 2
+    if args.only and not args.child:  # the parent checks against this tree (a child imports its own tree only)
+        sys.path.insert(0, str(REPO))
+        from distserve.router.strategies import STRATEGIES
+
+        unknown = sorted(set(args.only) - set(STRATEGIES))
+        if unknown:
+            print(f"bench_table: unknown strategy {', '.join(unknown)} (choose from {', '.join(STRATEGIES)})",
+                  file=sys.stderr)
+            return 2
     if args.child:
-        print(json.dumps(measure(args.prefills, args.links_per_prefill, args.changes, args.picks)))
+        print(json.dumps(measure(args.prefills, args.links_per_prefill, args.changes, args.picks, args.only,
+                                 args.profile)))
         return 0
     trees = {"this": REPO}
     if args.baseline_tree:
         trees = {"baseline": args.baseline_tree.resolve(), **trees}
-    results = {name: run_tree(tree, args) for name, tree in trees.items()}
+    results = {name: run_tree(tree, args, args.profile if name == "this" else None) for name, tree in trees.items()}
     for name, r in results.items():
         print(f"== {name} ({trees[name]}): {r['engines']} engines, {r['links']} links, initial build "
               f"{r['initial_build_s']} s")

@@ -149,6 +149,10 @@ class Response:
             await self._more()
         return self._take()
 
+    def take_whole(self) -> bytes:
+        """The whole body of a complete answer (`complete`), at once."""
+        return self._take()
+
     async def _more(self) -> None:
         """Until the connection feeds more, finishes or fails (then raised, as an UpstreamError)."""
         if self._error is not None:

@@ -170,6 +170,7 @@ class KvIndex:
         # cleared, dropped): kv_aware's per-candidate-set partition is recomputed only then
         self.epoch = 0
         self._chunks: dict[int, int] = {}  # chunk_bytes -> engines followed with it
+        self._chunk_sizes: list[int] = []  # sorted(self._chunks), kept by _chunks_changed (read per pick)
         self.active = False
         self.synced = asyncio.Event()
         self._activated_at = 0.0
@@ -230,6 +231,7 @@ class KvIndex:
         self.engines.clear()
         self._holders.clear()
         self._chunks.clear()
+        self._chunks_changed()
         self.epoch += 1
         for task in tasks:
             task.cancel()
@@ -295,17 +297,14 @@ class KvIndex:
     def levels(self, keys: list[int]) -> list[dict[str, int]]:
         """The holders ({engine_id: tokens}, read-only) of each of `keys` cached somewhere, longest key first:
         an engine's matched_tokens is its value in the first level that holds it. O(len(keys))."""
-        get = self._holders.get
-        out = []
-        for i in range(len(keys) - 1, -1, -1):
-            holders = get(keys[i])
-            if holders:
-                out.append(holders)
-        return out
+        return list(filter(None, map(self._holders.get, reversed(keys))))  # C-level: no per-key bytecode
 
     def chunk_sizes(self) -> list[int]:
-        """The chunk sizes of the engines followed, ascending (one in a fleet of one engine build)."""
-        return sorted(self._chunks)
+        """The chunk sizes of the engines followed, ascending (one in a fleet of one engine build); read-only."""
+        return self._chunk_sizes
+
+    def _chunks_changed(self) -> None:
+        self._chunk_sizes = sorted(self._chunks)
 
     def describe(self, engine_id: str) -> dict[str, Any] | None:
         state = self.engines.get(engine_id)
@@ -347,6 +346,7 @@ class KvIndex:
             return
         state = self.engines[engine_id] = EngineCache(engine_id, record.url, path, record.instance, chunk)
         self._chunks[chunk] = self._chunks.get(chunk, 0) + 1
+        self._chunks_changed()
         self.epoch += 1
         state.task = loop.create_task(self._run(state), name=f"kv-index-{engine_id}")
 
@@ -361,6 +361,7 @@ class KvIndex:
             self._chunks[state.chunk_bytes] = left
         else:
             self._chunks.pop(state.chunk_bytes, None)
+        self._chunks_changed()
         self._clear(state)
 
     def _clear(self, state: EngineCache) -> None:

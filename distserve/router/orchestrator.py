@@ -518,7 +518,8 @@ class Orchestrator:
             )
             if span is not None and phase == "decode":  # unary: the first token comes with the answer
                 span.add_event("first_token")
-            return resp.status, await resp.read()
+            # usually the whole answer came with its head: taken as is, no coroutine to await
+            return resp.status, (resp.take_whole() if resp.complete else await resp.read())
         except asyncio.CancelledError:
             if on_cancel is not None and resp is not None:
                 on_cancel(resp)

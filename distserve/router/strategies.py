@@ -37,7 +37,7 @@ import random
 import time
 from bisect import bisect_right
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from itertools import accumulate, islice
 from dataclasses import dataclass, field
 from typing import Any
@@ -328,6 +328,9 @@ def _ring_walk(hashes: list[int], owners: list[str], start: int, k: int) -> list
     """The first k distinct owners clockwise from `start` (k <= the number of owners)."""
     n = len(owners)
     i = bisect_right(hashes, start)
+    window = owners[i: i + k]
+    if len(window) == k and len(set(window)) == k:  # most often on a ring of many owners: no repeat, no wrap
+        return window
     span = 2 * k + 8  # a ring of many owners needs barely more than k points for k distinct ones
     while True:
         window = owners[i: i + span]
@@ -363,6 +366,7 @@ class _KvSet(_Loads):
         self.blind: list[str] = []
         self.blind_set: frozenset[str] = frozenset()
         self.known = 0  # members with a stream or awaiting their snapshot
+        self.covers = False  # every engine the index follows is a member (no holder to filter out)
 
     def _rebuilt(self) -> None:
         speed = self.speed
@@ -380,10 +384,14 @@ class _KvSet(_Loads):
     def weighted_total(self) -> float:
         return float(self.total) if self.speed is None else self.wtotal
 
-    def refresh(self, index: Any, now: float) -> None:
-        """Which members are blind (no synced stream, not awaiting a snapshot): only when that may have changed."""
-        if index is self.index and index.epoch == self.epoch and now < self.expires:
+    def refresh(self, index: Any) -> None:
+        """Which members are blind (no synced stream, not awaiting a snapshot): only when that may have changed
+        (the clock is read only while a member awaits its snapshot)."""
+        expires = self.expires
+        if index is self.index and index.epoch == self.epoch and (
+                expires == math.inf or time.monotonic() < expires):
             return
+        now = time.monotonic()
         self.index, self.epoch = index, index.epoch
         engines, timeout = index.engines, index.sync_timeout
         blind: list[str] = []
@@ -401,6 +409,7 @@ class _KvSet(_Loads):
         self.blind, self.expires = blind, expires
         self.blind_set = frozenset(blind)
         self.known = len(self.members) - len(blind)
+        self.covers = self.member_set.issuperset(engines)
 
     def first_clockwise(self, tied: list[str], start: int) -> str:
         """The tied engine whose ring point comes first clockwise from `start` (what walking the ring finds)."""
@@ -537,6 +546,9 @@ class KvAwareStrategy(Strategy):
         ring_points = self._affinity.ring_points
         self._sets = _PerSet(lambda m, ctx: _KvSet(m, ctx, ring_points(m, ctx)), _RING_CACHE_ENTRIES,
                              _RING_CACHE_POINTS)
+        # the last candidate set's state: a pick for the same set (most picks) skips _PerSet's key tuple, its
+        # hashing and LRU upkeep; still checked by value (members ==, the weights dict by identity)
+        self._last: _KvSet | None = None
         self.on_pick: Callable[[str, str, int], None] | None = None  # (phase, basis, matched): metrics
 
     def _prefix_hash(self, ctx: PickContext) -> int:
@@ -582,107 +594,159 @@ class KvAwareStrategy(Strategy):
         low = min(costs.values())
         if hashed is not None and hashed_cost < low:
             return self._done(hashed, "hash", 0)
-        mean_of = (sum(loads.values()), len(loads))
-        return self._decide(candidates, ctx, index, costs, loads, matches, best_match, low, mean_of)
+        tied = self._tied(index, costs, loads, best_match, low, (sum(loads.values()), len(loads)))
+        return self._decide(tied, matches, lambda: self._sets.get(candidates, ctx), ctx)
 
-    def _tied(self, index: Any, costs: dict[str, float], loads: dict[str, float], best_match: int, low: float,
+    def _tied(self, index: Any, costs: dict[str, float], loads: Mapping[str, float], best_match: int, low: float,
               mean_of: tuple[float, int]) -> list[str]:
-        """The engines tied for the pick, narrowed by `_least_cached`."""
+        """The engines tied for the pick (`costs`: the scored engines; `loads`: at least theirs), narrowed by
+        `_least_cached`."""
         if best_match == 0 and self._load_weight > 0:
-            # A prefix no engine holds is placed for as long as its conversations last, not for the instant's
-            # queue: loads within one queued request of the lowest, or within the bounded-load cap, count as
-            # a tie for it (docs/benchmarks.md, "Cache-aware routing": 8 prompts placed by momentary queues of
-            # 0-2 gave 1.48 max/mean).
-            total, n = mean_of
-            bound = max(min(loads.values()) + 1.0, math.ceil(self._load_factor * (total + 1) / n) - 1.0)
-            tied = [c for c, load in loads.items() if load <= bound + 1e-9]
+            tied = self._new_prefix_tie(costs, loads, mean_of)
         else:
             tied = [c for c, cost in costs.items() if cost <= low + 1e-9]
         if len(tied) > 1:
             tied = _least_cached(tied, index, loads)
         return tied
 
-    def _decide(self, candidates: list[str], ctx: PickContext, index: Any, costs: dict[str, float],
-                loads: dict[str, float], matches: dict[str, int], best_match: int, low: float,
-                mean_of: tuple[float, int]) -> str:
-        tied = self._tied(index, costs, loads, best_match, low, mean_of)
+    def _new_prefix_tie(self, engines: Iterable[str], loads: Mapping[str, float],
+                        mean_of: tuple[float, int]) -> list[str]:
+        """A prefix no engine holds is placed for as long as its conversations last, not for the instant's
+        queue: loads within one queued request of the lowest, or within the bounded-load cap, count as a tie for
+        it (docs/benchmarks.md, "Cache-aware routing": 8 prompts placed by momentary queues of 0-2 gave 1.48
+        max/mean)."""
+        total, n = mean_of
+        bound = max(min(loads[c] for c in engines) + 1.0, math.ceil(self._load_factor * (total + 1) / n) - 1.0)
+        return [c for c in engines if loads[c] <= bound + 1e-9]
+
+    def _decide(self, tied: list[str], matches: Mapping[str, int], ring: Callable[[], _KvSet],
+                ctx: PickContext) -> str:
         if len(tied) == 1:
             chosen = tied[0]
         else:  # the first of them clockwise on the whole set's ring (one ring per candidate set, cached)
-            chosen = self._sets.get(candidates, ctx).first_clockwise(tied, self._prefix_hash(ctx))
+            chosen = ring().first_clockwise(tied, self._prefix_hash(ctx))
         matched = matches[chosen]
         return self._done(chosen, "cache" if matched else "load", matched)
 
     def _pick_shortlist(self, candidates: list[str], ctx: PickContext, index: Any,
                         keys_of: Callable[[int], list[int]]) -> str:
-        st = self._sets.get(candidates, ctx)
-        st.refresh(index, time.monotonic())
+        st = self._last
+        if st is None or st.weights is not ctx.weights or st.members != candidates:
+            st = self._last = self._sets.get(candidates, ctx)
+        st.refresh(index)
         if not st.known:  # nobody streams: exactly prefix_affinity
             return self._done(self._affinity.pick(candidates, ctx), "hash", 0)
         st.sync(ctx.load)
-        members = st.member_set
         # the request's keys per chunk size in use (one in a fleet of one engine build); an engine can only
         # hold keys of its own chunk size (another size's chain has other hashes)
-        levels: list[dict[str, int]] = []
-        deepest = None
-        for chunk in index.chunk_sizes():
-            keys = keys_of(chunk)
-            if keys:
-                levels += index.levels(keys)
-                if deepest is None:
-                    deepest = keys[-1]
-        # matched tokens of the shortlist: every holder of a distinctive level (at most HOLDERS_LIMIT holders),
-        # credited at the first (longest) level holding it; the sample's engines are then looked up in the
-        # common levels only (a holder of a distinctive level is already credited). Exact: an engine's first
-        # level is a common one before its distinctive one, or that one.
-        matched_of: dict[str, int] = {}
-        common: list[dict[str, int]] = []
-        for holders in levels:
-            if len(holders) > HOLDERS_LIMIT:
-                common.append(holders)
-                continue
-            for c, tokens in holders.items():
-                if c not in matched_of and c in members:
-                    matched_of[c] = _deepest_common(common, c, tokens)
+        chunks = index.chunk_sizes()
+        if len(chunks) == 1:
+            keys = keys_of(chunks[0])
+            levels = index.levels(keys) if keys else []
+            deepest = keys[-1] if keys else None
+        else:
+            levels, deepest = [], None
+            for chunk in chunks:
+                keys = keys_of(chunk)
+                if keys:
+                    levels += index.levels(keys)
+                    if deepest is None:
+                        deepest = keys[-1]
+        matched_of, common = _credit(levels, None if st.covers else st.member_set)
+        # the sample: the first SAMPLE engines clockwise from the deepest key, looked up in the common levels
+        # only (deepest first; a holder of a distinctive level is already credited)
         start = deepest if deepest is not None else self._prefix_hash(ctx)
         for c in _ring_walk(st.hashes, st.owners, start, min(SAMPLE, len(candidates))):
             if c not in matched_of:
-                matched_of[c] = _deepest_common(common, c, 0)
+                for holders in common:
+                    tokens = holders.get(c)
+                    if tokens is not None:
+                        matched_of[c] = tokens
+                        break
+                else:
+                    matched_of[c] = 0
         # score them: the blind ones (no stream, or its snapshot overdue) are placed by the hash below; one
         # awaiting its snapshot holds no key, so it scores as caching nothing
-        vals, speed, blind, min_match = st.vals, st.speed, st.blind_set, self._min_match
-        lw, cw = self._load_weight, self._cache_weight
-        costs: dict[str, float] = {}
-        loads: dict[str, float] = {}
-        matches: dict[str, int] = {}
-        best_match = 0
-        for c, matched in matched_of.items():
-            if c in blind:
-                continue
-            if matched < min_match:
-                matched = 0
-            elif matched > best_match:
-                best_match = matched
-            matches[c] = matched
-            load = loads[c] = vals[c] if speed is None else vals[c] / speed[c]
-            costs[c] = lw * load - cw * matched
         blind = st.blind
-        if not costs:  # the sample held only blind engines: they compete through the hash alone
-            return self._done(self._affinity.pick(blind, ctx), "hash", 0)
-        low = min(costs.values())
+        if blind:
+            for c in st.blind_set.intersection(matched_of):
+                del matched_of[c]
+            if not matched_of:  # the sample held only blind engines: they compete through the hash alone
+                return self._done(self._affinity.pick(blind, ctx), "hash", 0)
+        min_match = self._min_match
+        if min_match:
+            matched_of = {c: m if m >= min_match else 0 for c, m in matched_of.items()}
+        best_match = max(matched_of.values())
+        vals, speed = st.vals, st.speed
+        loads = vals if speed is None else st.wvals  # the set keeps the weighted loads current too
+        lw, cw = self._load_weight, self._cache_weight
+        # cost (the scan's very floats: the same products and difference) in one pass that keeps the lowest
+        # and the engines within 1e-9 of it (the cost tie set, as _tied computes it), pruned when it drops
+        low = thr = math.inf
+        near: list[tuple[float, str]] = []
+        for c, m in matched_of.items():
+            cost = lw * loads[c] - cw * m
+            if cost <= thr:
+                if cost < low:
+                    low, thr = cost, cost + 1e-9
+                    if near:
+                        near = [n for n in near if n[0] <= thr]
+                near.append((cost, c))
         if blind:
             hashed = self._affinity.pick(blind, ctx)
-            load = vals[hashed] if speed is None else vals[hashed] / speed[hashed]
-            if self._load_weight * load - self._cache_weight * best_match < low:
+            if lw * loads[hashed] - cw * best_match < low:
                 return self._done(hashed, "hash", 0)
-        # the bounded-load mean is the whole candidate set's (blind engines included)
-        return self._decide(candidates, ctx, index, costs, loads, matches, best_match, low,
-                            (st.weighted_total(), len(candidates)))
+        if best_match == 0 and lw > 0:  # a new prefix: the bounded-load mean is the whole candidate set's
+            tied = self._new_prefix_tie(matched_of, loads, (st.weighted_total(), len(candidates)))
+        elif len(near) == 1:  # the common case: one engine of lowest cost
+            chosen = near[0][1]
+            matched = matched_of[chosen]
+            return self._done(chosen, "cache" if matched else "load", matched)
+        else:
+            tied = [n[1] for n in near]
+        if len(tied) > 1:
+            tied = _least_cached(tied, index, loads)
+        return self._decide(tied, matched_of, lambda: st, ctx)
 
     def _done(self, engine_id: str, basis: str, matched: int) -> str:
         if self.on_pick is not None:
             self.on_pick(self.phase, basis, matched)
         return engine_id
+
+
+def _credit(levels: list[dict[str, int]],
+            members: frozenset[str] | None) -> tuple[dict[str, int], list[dict[str, int]]]:
+    """kv_aware's shortlist by the cache: {member: matched tokens} for every holder of a distinctive level (at
+    most HOLDERS_LIMIT holders), credited at the first (longest) level holding it, and the common levels,
+    deepest first (the sample's engines are then looked up in those only: a holder of a distinctive level is
+    already credited). Exact: an engine's first level is a common one before its distinctive one, or that one.
+    `members` None: every engine held is a candidate."""
+    matched_of: dict[str, int] = {}
+    common: list[dict[str, int]] = []
+    # shallowest first: while every distinctive level is deeper than every common one (holders grow towards
+    # the root), an engine's first level is its first distinctive one, so C-level updates, the longest last
+    for holders in reversed(levels):
+        if len(holders) <= HOLDERS_LIMIT:
+            matched_of.update(holders)
+        elif matched_of:  # a common level deeper than a distinctive one (rare: several chunk sizes): one by one
+            break
+        else:
+            common.append(holders)
+    else:
+        common.reverse()
+        if members is not None and not members.issuperset(matched_of):
+            for c in matched_of.keys() - members:
+                del matched_of[c]
+        return matched_of, common
+    matched_of, common = {}, []
+    for holders in levels:
+        if len(holders) > HOLDERS_LIMIT:
+            common.append(holders)
+            continue
+        for c, tokens in holders.items():
+            if c not in matched_of and (members is None or c in members):
+                matched_of[c] = _deepest_common(common, c, tokens)
+    return matched_of, common
 
 
 def _deepest_common(common: list[dict[str, int]], engine_id: str, default: int) -> int:

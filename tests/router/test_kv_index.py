@@ -612,10 +612,10 @@ async def test_kv_aware_replicas_spread_new_families_admitted_back_to_back(setup
 
 
 # ------------------------------------------------------------ the inverted index (issue 22: kv_aware at scale)
-def _rec(engine_id: str, instance: str = "a"):
+def _rec(engine_id: str, instance: str = "a", chunk: int = 64):
     from types import SimpleNamespace
     return SimpleNamespace(url=f"http://127.0.0.1:1/{engine_id}", instance=instance,
-                           cache_events={"path": PATH, "version": 1, "chunk_bytes": 64})
+                           cache_events={"path": PATH, "version": 1, "chunk_bytes": chunk})
 
 
 def _brute_holders(index: KvIndex) -> dict[int, dict[str, int]]:
@@ -629,7 +629,8 @@ def _brute_holders(index: KvIndex) -> dict[int, dict[str, int]]:
 async def test_inverted_index_equals_a_recomputation_after_random_events():
     """After every message of random streams (snapshots, stored with evictions past max_keys, removed,
     cleared, new incarnations, engines dropped and followed again) the key -> holders index is the per-engine
-    maps inverted, and matches(keys) is matched_tokens of every engine that matches."""
+    maps inverted, and matches(keys) is matched_tokens of every engine that matches; chunk_sizes() (kept, read per
+    kv_aware pick) is the followed engines' chunk sizes, as engines of two builds come and go."""
     import random
 
     rng = random.Random(18)
@@ -639,7 +640,7 @@ async def test_inverted_index_equals_a_recomputation_after_random_events():
     chains = [rng.sample(universe, rng.randint(1, 8)) for _ in range(30)]
 
     def follow(engine_id: str, instance: str) -> None:
-        index._follow(engine_id, _rec(engine_id, instance))
+        index._follow(engine_id, _rec(engine_id, instance, rng.choice((64, 64, 128))))
         index.engines[engine_id].task.cancel()  # fed by hand
 
     def snapshot(state) -> None:
@@ -677,8 +678,9 @@ async def test_inverted_index_equals_a_recomputation_after_random_events():
         expect = {x: index.matched_tokens(x, keys) for x in index.engines}
         assert index.matches(keys) == {x: t for x, t in expect.items() if t}, step
         assert all(len(s.keys) <= 12 for s in index.engines.values())
+        assert index.chunk_sizes() == sorted({s.chunk_bytes for s in index.engines.values()}), step
     await index.close()
-    assert index._holders == {}
+    assert index._holders == {} and index.chunk_sizes() == []
 
 
 async def test_inverted_index_follows_the_real_streams(setup):

@@ -500,10 +500,10 @@ def test_min_expected_latency_index_over_a_long_run():
 
 
 # ------------------------------------------- kv_aware at scale (issue 22): a shortlist above SCAN_LIMIT
-def _stream_record(engine_id):
+def _stream_record(engine_id, chunk=64):
     from types import SimpleNamespace
     return SimpleNamespace(url=f"http://127.0.0.1:1/{engine_id}", instance=f"i-{engine_id}",
-                           cache_events={"path": "/distserve/cache/events", "version": 1, "chunk_bytes": 64})
+                           cache_events={"path": "/distserve/cache/events", "version": 1, "chunk_bytes": chunk})
 
 
 def _msg(**fields) -> bytes:
@@ -511,19 +511,20 @@ def _msg(**fields) -> bytes:
     return orjson.dumps(fields)
 
 
-def fed_index(maps, roots=None, order=None):
+def fed_index(maps, roots=None, order=None, chunks=None, pending=(), sync_timeout=10.0):
     """A real KvIndex holding `maps` (engine -> {key: tokens}) as the engines' snapshots put them, and `roots`
-    (engine -> root keys); engines followed in `order` (the holders' dicts then differ in order)."""
+    (engine -> root keys); engines followed in `order` (the holders' dicts then differ in order), with chunk
+    size `chunks[e]` (default 64); the `pending` engines followed with no snapshot yet."""
     import asyncio
 
     from distserve.cluster.prefix_keys import key_hex
     from distserve.router.kv_index import KvIndex
 
-    index = KvIndex(DetachedCache())
+    index = KvIndex(DetachedCache(), sync_timeout=sync_timeout)
 
     async def follow():
-        for e in order or maps:
-            index._follow(e, _stream_record(e))
+        for e in [*(order or maps), *pending]:
+            index._follow(e, _stream_record(e, (chunks or {}).get(e, 64)))
             index.engines[e].task.cancel()  # nothing to connect to: fed below
 
     asyncio.run(follow())
@@ -534,9 +535,11 @@ def fed_index(maps, roots=None, order=None):
     return index
 
 
-def _ref_kv_pick(params, candidates, ctx, tie="subset_ring"):
+def _ref_kv_pick(params, candidates, ctx, tie="subset_ring", shortlist=None):
     """kv_aware as it was before issue 22's shortlist (every candidate scanned; ties by a ring built on the tied
-    subset), or with ties by the first tied engine clockwise on the whole set's ring (tie="set_ring")."""
+    subset), or with ties by the first tied engine clockwise on the whole set's ring (tie="set_ring"); with a
+    `shortlist`, only those engines are scored, while the blind engines, the bounded-load mean and the ring
+    are still the whole set's (kv_aware above SCAN_LIMIT)."""
 
     from distserve.router.strategies import _KvSet, _hash64, _weight
     s = make_strategy("kv_aware", params)
@@ -552,12 +555,14 @@ def _ref_kv_pick(params, candidates, ctx, tie="subset_ring"):
             matched = index.matched_tokens(c, keys_of(index.chunk_bytes(c))) or 0
             if matched < s._min_match:
                 matched = 0
+        if shortlist is not None and c not in shortlist:
+            continue
         matches[c] = matched
         best = max(best, matched)
         load = loads[c] = ctx.load.unfinished(c) / (_weight(ctx, c) if ctx.weights else 1.0)
         costs[c] = s._load_weight * load - s._cache_weight * matched
     if not costs:
-        return s._affinity.pick(candidates, ctx)
+        return s._affinity.pick(candidates if shortlist is None else blind, ctx)
     low = min(costs.values())
     if blind:
         hashed = s._affinity.pick(blind, ctx)
@@ -565,7 +570,9 @@ def _ref_kv_pick(params, candidates, ctx, tie="subset_ring"):
         if s._load_weight * load - s._cache_weight * best < low:
             return hashed
     # the tie set is computed as it always was (shared code): what changed is the shortlist and the tie-break
-    tied = s._tied(index, costs, loads, best, low, (sum(loads.values()), len(loads)))
+    mean_of = (sum(loads.values()), len(loads)) if shortlist is None else (
+        sum(ctx.load.unfinished(c) / (_weight(ctx, c) if ctx.weights else 1.0) for c in candidates), len(candidates))
+    tied = s._tied(index, costs, loads, best, low, mean_of)
     if len(tied) == 1:
         return tied[0]
     if tie == "subset_ring":
@@ -751,6 +758,150 @@ def test_kv_aware_above_scan_limit_places_blind_engines_by_hash():
         none = fed_index({})
         c.kv = none
         assert s.pick(engines, c) == affinity.pick(engines, c)
+
+
+def _shortlist(s, candidates, ctx):
+    """kv_aware's shortlist above SCAN_LIMIT from its definition: every candidate holding a key of the request
+    that at most HOLDERS_LIMIT engines hold, plus the first SAMPLE engines clockwise on the set's ring from the
+    request's deepest key (of the smallest chunk size)."""
+    from distserve.router.strategies import HOLDERS_LIMIT, SAMPLE, _hash64
+    index, short, deepest = ctx.kv, set(), None
+    for chunk in index.chunk_sizes():
+        keys = ctx.keys(chunk)
+        if keys and deepest is None:
+            deepest = keys[-1]
+        for k in keys:
+            holders = index._holders.get(k, {})
+            if len(holders) <= HOLDERS_LIMIT:
+                short.update(e for e in holders if e in candidates)
+    if deepest is None:
+        deepest = _hash64(ctx.prefix(s._prefix_chars))
+    return short | set(s._affinity.ring_order(candidates, ctx, SAMPLE, start=deepest))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kv_aware_above_scan_limit_is_the_rule_over_its_shortlist(seed):
+    """Above SCAN_LIMIT every pick is the scan's rule applied to the shortlist as defined (matched tokens
+    recomputed from each engine's own key map, ties to the least cached, then the first clockwise on the whole
+    set's ring), whatever the fast path does: weights, min_match_tokens, load_weight 0, engines without a
+    stream (placed by hash) or awaiting their snapshot, two chunk sizes, idle fleets full of ties."""
+    import random as _random
+
+    from distserve.cluster.prefix_keys import request_keys
+    rng = _random.Random(300 + seed)
+    engines, maps, roots, bodies = _kv_world(rng, 120, holders_of_deep=rng.choice((3, 40)),
+                                             hot=rng.choice((0, 20, 60)))
+    streaming, pending = engines[:100], engines[100:105]  # the last 15 have no stream at all
+    chunks = {}
+    if seed == 2:  # a quarter of the fleet on another engine build: 128-byte chunks, their own keys
+        for e in streaming[::4]:
+            chunks[e] = 128
+            maps[e] = {k: 900 + 50 * d for body in rng.sample(bodies, 6)
+                       for d, k in enumerate(request_keys(body, 128)[: rng.randint(1, 4)])}
+    index = fed_index({e: maps[e] for e in streaming}, roots, chunks=chunks, pending=pending)
+    sets = [engines, sorted(rng.sample(engines, 60))]
+    picked = Counter()
+    for params in ({}, {"cache_weight": 3.0}, {"min_match_tokens": 1100}, {"load_weight": 0.0}):
+        s = make_strategy("kv_aware", params)
+        for _ in range(50):
+            candidates = list(rng.choice(sets))
+            load = _loads(rng, engines, top=rng.choice((0, 1, 6)))
+            body = rng.choice(bodies)
+            weights = {} if rng.random() < 0.6 else {e: rng.choice((0.5, 1.0, 2.0)) for e in engines}
+
+            got = s.pick(candidates, _kctx(index, body, load, weights))
+            c = _kctx(index, body, load, weights)
+            assert got == _ref_kv_pick(params, candidates, c, tie="set_ring", shortlist=_shortlist(s, candidates, c))
+            picked[got in streaming] += 1
+    assert picked[True] > 100 and picked[False] > 0  # both kinds were picked, not only the hash's
+
+
+def test_kv_aware_above_scan_limit_credits_each_engine_at_its_deepest_level():
+    """Above SCAN_LIMIT an engine's match is its longest cached prefix of the request, whether it holds a key few
+    engines hold (two holders of one conversation, one cached deeper: the deeper wins) or only keys most
+    engines hold (a sampled engine holding two of them is credited with the deeper, and wins over those
+    holding the shallower only, which cache fewer keys and would win a tie)."""
+    import random as _random
+
+    from distserve.cluster.prefix_keys import request_keys
+    rng = _random.Random(5)
+    engines = [f"e{i:04d}" for i in range(40)]
+    for f in range(5):
+        body = {"messages": [{"role": "system", "content": f"family {f} " * 40},
+                             *({"role": "user", "content": f"q{t}"} for t in range(5))]}
+        keys = request_keys(body)
+        assert len(keys) >= 4
+        shallow, deep = rng.sample(engines, 2)
+        maps = {e: {} for e in engines}
+        maps[shallow] = {k: 1000 * (d + 1) for d, k in enumerate(keys[:2])}
+        maps[deep] = {k: 1000 * (d + 1) for d, k in enumerate(keys[:4])}
+        c = PickContext(load=LoadTracker(), prefix=lambda n, b=body: str(b)[:n].encode(), kv=fed_index(maps),
+                        keys=lambda chunk, k=keys: k)
+        assert make_strategy("kv_aware").pick(list(engines), c) == deep
+        # every engine holds the first key, all but 7 the second: both levels are common ones
+        maps = {e: {keys[0]: 1000} for e in engines}
+        for e in rng.sample(engines, 33):
+            maps[e][keys[1]] = 8000
+        c.kv = index = fed_index(maps)
+        got = make_strategy("kv_aware").pick(list(engines), c)
+        assert index.matched_tokens(got, keys) == 8000
+
+
+def test_kv_aware_above_scan_limit_follows_the_candidate_set_and_weights():
+    """kv_aware keeps the last candidate set's state: another list (an engine gone), other weights or an engine
+    followed since are never picked against the old one. The engine holding the request's prefix wins until it
+    leaves the candidates, or its weight makes its one request cost more than the cache saves."""
+    engines = [f"e{i:04d}" for i in range(60)]
+    keys = _chain()
+    holder = engines[7]
+    index = fed_index({e: ({k: 4096 * (d + 1) for d, k in enumerate(keys)} if e == holder else {})
+                       for e in engines})
+    load = LoadTracker()
+    load.begin(holder)
+    s = make_strategy("kv_aware")
+    c = PickContext(load=load, prefix=lambda n: b"convo", kv=index, keys=lambda chunk: keys)
+    assert s.pick(list(engines), c) == holder
+    without = [e for e in engines if e != holder]
+    got = s.pick(without, c)
+    assert got != holder and got in without
+    assert s.pick(list(engines), c) == holder
+    slow = PickContext(load=load, weights={holder: 0.0001}, prefix=lambda n: b"convo", kv=index,
+                       keys=lambda chunk: keys)
+    assert s.pick(list(engines), slow) != holder
+    # the index starts following an engine that is no candidate (another model's, say), holding the prefix
+    # deeper still and idle: it is never picked, though every engine followed so far was a candidate
+    import asyncio
+
+    from distserve.cluster.prefix_keys import key_hex
+
+    async def follow():
+        index._follow("x9999", _stream_record("x9999"))
+        index.engines["x9999"].task.cancel()
+
+    asyncio.run(follow())
+    index.apply(index.engines["x9999"], _msg(type="snapshot", seq=0, incarnation="i-x9999",
+                                             keys=[[key_hex(k), 9999 * (d + 1)] for d, k in enumerate(keys)]))
+    assert s.pick(list(engines), c) == holder
+
+
+def test_kv_aware_above_scan_limit_gives_up_on_a_snapshot_that_never_comes():
+    """An engine followed without a snapshot scores as caching nothing while sync_timeout runs (a new process),
+    then as an engine without a stream (placed by hash, credited with the longest match anyone holds): the pick
+    moves to it once the wait is over, though nothing else changed since the previous pick."""
+    import time as _time
+    engines = [f"e{i:04d}" for i in range(40)]
+    keys = _chain()
+    holder, waiting = engines[3], engines[39]
+    index = fed_index({e: ({k: 1000 * (d + 1) for d, k in enumerate(keys)} if e == holder else {})
+                       for e in engines[:39]}, pending=[waiting], sync_timeout=0.2)
+    load = _loads(__import__("random").Random(1), engines, top=0)
+    for e in engines[:39]:
+        load.on_load(e, LoadRecord(engine_id=e, running=2))
+    s = make_strategy("kv_aware")
+    c = PickContext(load=load, prefix=lambda n: b"convo", kv=index, keys=lambda chunk: keys)
+    assert s.pick(list(engines), c) == holder  # 2 - 3.9 beats the waiting engine's 0 - 0
+    _time.sleep(0.3)
+    assert s.pick(list(engines), c) == waiting  # by hash now: 0 - 3.9
 
 
 def test_prefix_affinity_ring_order_is_the_ring_walk():
