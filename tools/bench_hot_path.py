@@ -170,46 +170,34 @@ def main() -> int:
         print("bench_hot_path: --seconds must be > 0, --repeats and --concurrency >= 1", file=sys.stderr)
         return 2
     sys.path.insert(0, str(ROOT))
-    from discovery.embedded import EmbeddedEtcd
-    from distserve.testing.cluster import start_null_engines, wait_links_established
+    from distserve.testing.cluster import null_pd_cluster
 
-    etcd = EmbeddedEtcd(unsafe_no_fsync=True).start()
-    procs = []
-    try:
-        for role in ("prefill", "decode"):
-            proc, _ = start_null_engines(role, 1, "--etcd", ",".join(etcd.endpoints), "--cluster", CLUSTER)
-            procs.append(proc)
-        asyncio.run(wait_links_established(etcd.endpoints, CLUSTER, 1))
-        cells: dict[str, dict[int, list[float]]] = {t: {c: [] for c in args.concurrency} for t in args.trees}
+    cells: dict[str, dict[int, list[float]]] = {t: {c: [] for c in args.concurrency} for t in args.trees}
+    with null_pd_cluster(CLUSTER) as (etcd, _urls, _procs):
         for repeat in range(args.repeats):
             for i, tree in enumerate(args.trees):
-                argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--etcd", *etcd.endpoints,
+                argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--etcd", *etcd,
                         "--seconds", str(args.seconds), "--concurrency", *map(str, args.concurrency)]
                 if args.stream:
                     argv.append("--stream")
                 if args.profile and repeat == args.repeats - 1 and i == len(args.trees) - 1:
                     argv += ["--profile", args.profile]
-                env = dict(os.environ, PYTHONPATH=tree)
-                out = subprocess.run(argv, cwd=tree, env=env, capture_output=True, text=True, timeout=300)
+                out = subprocess.run(argv, cwd=tree, env=dict(os.environ, PYTHONPATH=tree), capture_output=True,
+                                     text=True, timeout=300)
                 if out.returncode != 0:
                     raise RuntimeError(f"{tree}: {out.stderr[-3000:]}")
-                found = json.loads(out.stdout.strip().splitlines()[-1])
-                for c, v in found.items():
+                for c, v in json.loads(out.stdout.strip().splitlines()[-1]).items():
                     cells[tree][int(c)].append(v)
-        base = args.trees[0]
-        print(f"| tree | {' | '.join(f'c{c} CPU-ms/req' for c in args.concurrency)} |")
-        print(f"| --- | {' | '.join('---' for _ in args.concurrency)} |")
-        for tree in args.trees:
-            row = []
-            for c in args.concurrency:
-                m = statistics.median(cells[tree][c])
-                rel = "" if tree == base else f" ({m / statistics.median(cells[base][c]) - 1:+.0%})"
-                row.append(f"{m:.4f}{rel}")
-            print(f"| {tree} | {' | '.join(row)} |")
-    finally:
-        for proc in procs:
-            proc.kill()
-        etcd.stop()
+    base = args.trees[0]
+    print(f"| tree | {' | '.join(f'c{c} CPU-ms/req' for c in args.concurrency)} |")
+    print(f"| --- | {' | '.join('---' for _ in args.concurrency)} |")
+    for tree in args.trees:
+        row = []
+        for c in args.concurrency:
+            m = statistics.median(cells[tree][c])
+            rel = "" if tree == base else f" ({m / statistics.median(cells[base][c]) - 1:+.0%})"
+            row.append(f"{m:.4f}{rel}")
+        print(f"| {tree} | {' | '.join(row)} |")
     return 0
 
 

@@ -31,9 +31,8 @@ import psutil  # noqa: E402
 import uvloop  # noqa: E402
 from aiohttp import web  # noqa: E402
 
-from discovery.embedded import EmbeddedEtcd  # noqa: E402
 from distserve.router.http1 import EnginePool  # noqa: E402
-from distserve.testing.cluster import start_null_engines, start_router, wait_links_established  # noqa: E402
+from distserve.testing.cluster import null_pd_cluster, start_router  # noqa: E402
 from distserve.testing.ports import free_port  # noqa: E402
 
 MODEL = "distserve-reference"
@@ -156,16 +155,8 @@ def main() -> int:
     if args.seconds <= 0 or args.repeats < 1:
         print("bench_server_floor: --seconds must be > 0 and --repeats >= 1", file=sys.stderr)
         return 2
-    etcd = EmbeddedEtcd(unsafe_no_fsync=True).start()
-    procs: list = []
-    try:
-        urls = {}
-        for role in ("prefill", "decode"):
-            proc, found = start_null_engines(role, 1, "--etcd", ",".join(etcd.endpoints), "--cluster", "floor")
-            procs.append(proc)
-            urls[role] = found[0]
-        asyncio.run(wait_links_established(etcd.endpoints, "floor", 1))
-        router, router_url = start_router(etcd.endpoints, "--cluster", "floor", log_level="WARNING")
+    with null_pd_cluster("floor") as (etcd, urls, procs):
+        router, router_url = start_router(etcd, "--cluster", "floor", log_level="WARNING")
         procs.append(router)
         fronts = [("router", router_url, router.pid)]
         for mode in ("aiohttp", "protocol"):
@@ -182,14 +173,10 @@ def main() -> int:
         for _ in range(args.repeats):
             for name, url, pid in fronts:
                 results[name].append(cpu_ms_per_request(url, pid, args.seconds))
-        print("| front end | CPU-ms per PD request (median) | repeats |")
-        print("| --- | --- | --- |")
-        for name, values in results.items():
-            print(f"| {name} | {statistics.median(values):.3f} | {', '.join(f'{v:.3f}' for v in values)} |")
-    finally:
-        for proc in procs:
-            proc.kill()
-        etcd.stop()
+    print("| front end | CPU-ms per PD request (median) | repeats |")
+    print("| --- | --- | --- |")
+    for name, values in results.items():
+        print(f"| {name} | {statistics.median(values):.3f} | {', '.join(f'{v:.3f}' for v in values)} |")
     return 0
 
 

