@@ -18,6 +18,7 @@ parser still checks everything it relies on and fails the call (never the proces
 from __future__ import annotations
 
 import asyncio
+import operator
 import time
 from collections import deque
 from collections.abc import Callable
@@ -440,28 +441,24 @@ class _Connection(asyncio.Protocol):
                 return
 
     def _head(self, resp: Response, head: bytes) -> bool:
-        # Only what framing needs, from the lower-cased head: the other headers are parsed if somebody reads
-        # them (Response.headers). Decoding every header into a dict per answer was a fifth of the router's
-        # Python calls per request; a regex per head cost more than this loop once caches are cold (py-spy).
+        # Only what framing needs, found in the lower-cased head by C-level searches: the other headers are
+        # parsed if somebody reads them (Response.headers). Decoding every header into a dict per answer was a
+        # fifth of the router's Python calls per request; a regex, then a Python loop over the lines, cost
+        # more than these searches once caches are cold (py-spy over tools/bench_hot_path.py).
         if (head[:7] != b"HTTP/1." or head[8:9] != b" " or not head[9:12].isdigit()
                 or head[12:13] not in (b" ", b"\r", b"")):
             raise ValueError(f"bad status line {head[:80]!r}")
         status = int(head[9:12])
         if 100 <= status < 200:
             return False
-        length = chunked = close = None
-        lines = head.lower().split(b"\r\n")
-        for i in range(1, len(lines)):
-            name, sep, value = lines[i].partition(b":")
-            if not sep or not name:
-                raise ValueError(f"bad header line {lines[i][:80]!r}")
-            name = name.rstrip()
-            if name == b"content-length":
-                length = value.strip()
-            elif name == b"transfer-encoding":
-                chunked = b"chunked" in value
-            elif name == b"connection":
-                close = value.strip() == b"close"
+        low = head.lower()
+        lines = low.split(b"\r\n")
+        del lines[0]
+        if not all(map(_has_colon, lines)) or b"\r\n:" in low:  # a line without a name or a colon
+            raise ValueError(f"bad header line in {head[:200]!r}")
+        length = _field(low, b"\r\ncontent-length:")
+        chunked = b"\r\ntransfer-encoding:" in low and b"chunked" in _field(low, b"\r\ntransfer-encoding:")
+        close = b"\r\nconnection:" in low and _field(low, b"\r\nconnection:") == b"close"
         self._keep_alive = head[7] == 49 and not close  # "HTTP/1.1" ([7] is b"1")
         if chunked:
             self._state = _CHUNK_SIZE
@@ -480,6 +477,20 @@ class _Connection(asyncio.Protocol):
         if not resp._head.done():
             resp._head.set_result(None)
         return True
+
+
+_has_colon = operator.methodcaller("__contains__", b":")
+
+
+def _field(low: bytes, marker: bytes) -> bytes | None:
+    """The (stripped) value of the first header line starting with `marker` (b"\\r\\nname:") in a lower-cased
+    head, or None."""
+    at = low.find(marker)
+    if at < 0:
+        return None
+    at += len(marker)
+    end = low.find(b"\r\n", at)
+    return low[at:end].strip() if end >= 0 else low[at:].strip()
 
 
 def _parse_headers(head: bytes) -> dict[str, str]:

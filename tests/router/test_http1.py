@@ -147,7 +147,7 @@ async def test_failures_are_classified():
 async def test_only_the_framing_headers_frame_the_answer():
     """Look-alike names (X-Content-Length, a Connection value that merely contains "close") do not frame or
     end the answer; the headers are all there when read, names lower-cased."""
-    answer = (b"HTTP/1.1 200 OK\r\nX-Content-Length: 99\r\ncontent-LENGTH :  3\r\n"
+    answer = (b"HTTP/1.1 200 OK\r\nX-Content-Length: 99\r\ncontent-LENGTH:  3 \r\n"
               b"Connection: keep-alive, x-close\r\nX-Engine: e1\r\n\r\nabc")
     server = await ScriptedServer([answer, CL]).start()
     pool = EnginePool(connect_timeout=2)
