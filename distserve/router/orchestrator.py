@@ -143,13 +143,19 @@ class Orchestrator:
         self._context_limits: tuple[object, dict[str, tuple | None]] = (None, {})
 
     # ------------------------------------------------------------------ entry
-    async def generate(self, pd: PDRequest) -> web.StreamResponse:
+    def generate(self, pd: PDRequest) -> Coroutine[Any, Any, web.StreamResponse]:
+        """The request's handling, to await. Not a coroutine of its own: in the usual case (one choice, a
+        route at hand) the checks run now and the caller awaits `_generate`'s coroutine directly (every
+        coroutine layer costs on each of the request's resumptions)."""
         if fanout.needed(pd.kind, pd.body):  # n > 1, best_of, a batch of prompts
-            return await fanout.serve(self, pd)
-        if self.view.table().entries.get(pd.model):  # the usual case: nothing to wait for, no coroutine
+            return fanout.serve(self, pd)
+        if self.view.table().entries.get(pd.model):  # nothing to wait for
             self._checks(pd)
-        else:
-            await self.precheck(pd)
+            return self._generate(pd)
+        return self._checked_generate(pd)
+
+    async def _checked_generate(self, pd: PDRequest) -> web.StreamResponse:
+        await self.precheck(pd)
         return await self._generate(pd)
 
     async def precheck(self, pd: PDRequest) -> None:
@@ -253,13 +259,14 @@ class Orchestrator:
                 found = [e for e in found if self._honours(e, pd.needs, model)]
             return found  # the table's own list when unfiltered: read, never changed
 
-        async def attempt(engine_id: str) -> web.StreamResponse:
+        def attempt(engine_id: str) -> Coroutine[Any, Any, web.StreamResponse]:
+            # the engine's path, to await (no coroutine layer of its own; _Vanished raised before any)
             engine = self.view.engines.get(engine_id)
             if engine is None:
                 raise _Vanished(engine_id)
             if engine.role == "hybrid":
-                return await self._hybrid(pd, engine)
-            return await (pd_attempt or self._pd)(pd, engine)
+                return self._hybrid(pd, engine)
+            return (pd_attempt or self._pd)(pd, engine)
 
         return await self._on_engines(
             pd,
