@@ -105,6 +105,22 @@ class Response:
         self._stop_timers()
         self._wake()
 
+    def _complete(self, body: bytes) -> None:
+        """The whole body at once (the usual unary answer): `_feed` then `_finish`, written out for it (no
+        pause check or size to keep, no idle timer: only streams have one)."""
+        self._chunks.append(body)
+        self._done = True
+        self._conn = None
+        deadlines = self._deadlines
+        if deadlines is not None:
+            deadlines.remove(self)
+            self._deadlines = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if self._waiter is not None:
+            self._wake()
+
     def _fail(self, exc: BaseException) -> None:
         if self._done or self._error is not None:  # the first failure is the one reported
             return
@@ -227,8 +243,8 @@ class Response:
 
 class _Deadlines:
     """The engine calls' deadlines, grouped in slots: one loop timer per slot in use rather than one per call.
-    A loop timer per call (made, then cancelled when the answer is in: nearly always) was ~8 % of the
-    router's CPU per request with cold caches (tools/bench_hot_path.py under py-spy); joining a slot is a
+    A loop timer per call (made, then cancelled when the answer is in: nearly always) was ~9 % of the
+    router's samples (py-spy --gil over tools/bench_hot_path.py: creating and cancelling); joining a slot is a
     set insertion. A deadline fires after it, never before: within 25 ms for a call with under 25 s to go,
     200 ms under 200 s, 1 s beyond (the prefill's and the request's timeouts are minutes: a timer per 25 ms
     for those kept thousands pending)."""
@@ -304,15 +320,14 @@ class _Connection(asyncio.Protocol):
         try:
             if self._state == _HEAD and not self._buf:
                 # The usual answer: its head and whole Content-Length body in this one piece. Taken as is,
-                # without the buffer's copies and the general loop (~5 % of the router's CPU per request).
+                # without the buffer's copies and the general loop (8 calls per answer less).
                 end = data.find(b"\r\n\r\n")
                 if end >= 0:
                     head, data = data[:end], data[end + 4 :]
                     if self._head(resp, head) and self._state == _LENGTH and len(data) == self._remaining:
-                        resp._feed(data)
                         self._state = _DONE
                         self._release()
-                        resp._finish()
+                        resp._complete(data)
                         return
                     if not data and self._state != _DONE:
                         return  # the rest comes later
@@ -443,7 +458,7 @@ class _Connection(asyncio.Protocol):
     def _head(self, resp: Response, head: bytes) -> bool:
         # Only what framing needs, found in the lower-cased head by C-level searches: the other headers are
         # parsed if somebody reads them (Response.headers). Decoding every header into a dict per answer was a
-        # fifth of the router's Python calls per request; a regex, then a Python loop over the lines, cost
+        # sixth of the router's function calls per request; a regex, then a Python loop over the lines, cost
         # more than these searches once caches are cold (py-spy over tools/bench_hot_path.py).
         if (head[:7] != b"HTTP/1." or head[8:9] != b" " or not head[9:12].isdigit()
                 or head[12:13] not in (b" ", b"\r", b"")):

@@ -295,7 +295,7 @@ class Orchestrator:
         client's error; `none_left()` when no engine could be tried at all. `wait_first`: awaited when the
         first attempt finds no engine (it waits for one to appear)."""
         # The first attempt runs here, without the executor: it is the one nearly every request makes, and
-        # the executor's back-off state and closures cost ~5 % of a request's CPU (tools/bench_hot_path.py).
+        # the executor's back-off state and closures were ~4 % of a request's function calls (docs/benchmarks.md).
         # A failure that may go elsewhere continues through discovery.backoff.retry.
         candidates = routable()
         if not candidates and wait_first is not None and await wait_first():
