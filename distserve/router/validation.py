@@ -155,18 +155,8 @@ def validate_request(kind: str, body: dict) -> str:
         raise _bad(f"'model' must be 1-{MAX_MODEL_NAME} characters", "model")
     if kind == COMPLETIONS:
         _check_prompt(body)
-        v = body.get("logprobs")
-        if v is not None and not (_is_int(v) and 0 <= v <= 20):
-            raise _bad("'logprobs' must be an integer between 0 and 20", "logprobs", "invalid_type")
-        _opt_bool(body, "echo")
-        _opt_str(body, "suffix")
-        _opt_int(body, "best_of", 1, MAX_N)
-        best_of = body.get("best_of")
-        if best_of is not None:
-            if best_of < (body.get("n") if _is_int(body.get("n")) else 1):
-                raise _bad("'best_of' must be greater than or equal to 'n'", "best_of")
-            if best_of > 1 and body.get("stream") is True:  # as OpenAI
-                raise _bad("'best_of' cannot be used with 'stream'", "best_of")
+        if not _COMPLETIONS_ONLY.isdisjoint(body):  # the usual body has none of them
+            _check_completions_only(body)
     else:
         _check_messages(body)
         _opt_bool(body, "logprobs")
@@ -187,6 +177,24 @@ def validate_request(kind: str, body: dict) -> str:
             raise _bad(f"at most {MAX_CHOICES} choices per request (prompts x n, or x best_of), got {choices}",
                        "n")
     return model
+
+
+_COMPLETIONS_ONLY = frozenset({"logprobs", "echo", "suffix", "best_of"})
+
+
+def _check_completions_only(body: dict) -> None:
+    v = body.get("logprobs")
+    if v is not None and not (_is_int(v) and 0 <= v <= 20):
+        raise _bad("'logprobs' must be an integer between 0 and 20", "logprobs", "invalid_type")
+    _opt_bool(body, "echo")
+    _opt_str(body, "suffix")
+    _opt_int(body, "best_of", 1, MAX_N)
+    best_of = body.get("best_of")
+    if best_of is not None:
+        if best_of < (body.get("n") if _is_int(body.get("n")) else 1):
+            raise _bad("'best_of' must be greater than or equal to 'n'", "best_of")
+        if best_of > 1 and body.get("stream") is True:  # as OpenAI
+            raise _bad("'best_of' cannot be used with 'stream'", "best_of")
 
 
 def _check_common(body: dict) -> None:
