@@ -106,20 +106,9 @@ class Response:
         self._wake()
 
     def _complete(self, body: bytes) -> None:
-        """The whole body at once (the usual unary answer): `_feed` then `_finish`, written out for it (no
-        pause check or size to keep, no idle timer: only streams have one)."""
+        """The whole body at once (the usual unary answer): no pause check or size to keep."""
         self._chunks.append(body)
-        self._done = True
-        self._conn = None
-        deadlines = self._deadlines
-        if deadlines is not None:
-            deadlines.remove(self)
-            self._deadlines = None
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
-        if self._waiter is not None:
-            self._wake()
+        self._finish()
 
     def _fail(self, exc: BaseException) -> None:
         if self._done or self._error is not None:  # the first failure is the one reported
@@ -226,7 +215,6 @@ class Response:
         """The call's deadline no longer applies (a stream past its first byte: idle timeouts take over)."""
         if self._deadlines is not None:
             self._deadlines.remove(self)
-            self._deadlines = None
 
     def _expire(self) -> None:
         """The call's deadline passed: fail it (whoever awaits the head or the body gets TimeoutError)
@@ -272,6 +260,7 @@ class _Deadlines:
         members = self.slots.get(resp._slot)
         if members is not None:
             members.discard(resp)
+        resp._deadlines = None
 
     def _due(self, slot: int) -> None:
         self.timers.pop(slot, None)
@@ -472,8 +461,9 @@ class _Connection(asyncio.Protocol):
         if not all(map(_has_colon, lines)) or b"\r\n:" in low:  # a line without a name or a colon
             raise ValueError(f"bad header line in {head[:200]!r}")
         length = _field(low, b"\r\ncontent-length:")
-        chunked = b"\r\ntransfer-encoding:" in low and b"chunked" in _field(low, b"\r\ntransfer-encoding:")
-        close = b"\r\nconnection:" in low and _field(low, b"\r\nconnection:") == b"close"
+        coding = _field(low, b"\r\ntransfer-encoding:")
+        chunked = coding is not None and b"chunked" in coding
+        close = _field(low, b"\r\nconnection:") == b"close"
         self._keep_alive = head[7] == 49 and not close  # "HTTP/1.1" ([7] is b"1")
         if chunked:
             self._state = _CHUNK_SIZE

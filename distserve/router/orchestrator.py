@@ -168,20 +168,19 @@ class Orchestrator:
     async def _wait_for_entry(self, model: str) -> None:
         """No routable engine serves `model` now: 404 for a model nobody serves, else wait a little for one
         (route_wait), else 503."""
-        if not self.view.table().entries.get(model):
+        if self._unknown_model(model):
+            raise ApiError(404, f"The model `{model}` does not exist", "model_not_found", "model")
+        # Nothing routable serves it right now: wait a little for the view to change (engines
+        # re-registering after etcd revoked their leases are back within a fraction of a second).
+        if not await self._wait_for_route("entry", lambda: self.view.table().entries.get(model)):
             if self._unknown_model(model):
                 raise ApiError(404, f"The model `{model}` does not exist", "model_not_found", "model")
-            # Nothing routable serves it right now: wait a little for the view to change (engines
-            # re-registering after etcd revoked their leases are back within a fraction of a second).
-            if not await self._wait_for_route("entry", lambda: self.view.table().entries.get(model)):
-                if self._unknown_model(model):
-                    raise ApiError(404, f"The model `{model}` does not exist", "model_not_found", "model")
-                raise ApiError(
-                    503,
-                    f"no routable engine serves model `{model}` right now",
-                    "no_route",
-                    headers={"Retry-After": "1"},
-                )
+            raise ApiError(
+                503,
+                f"no routable engine serves model `{model}` right now",
+                "no_route",
+                headers={"Retry-After": "1"},
+            )
 
     def _checks(self, pd: PDRequest) -> None:
         """The context length, and a path that honours every field the request uses."""
