@@ -304,8 +304,30 @@ def _libc():
     return _LIBC
 
 
+# Between fork and exec a child runs with this process's signal handlers, which write to the event loop's
+# wakeup fd: a Ctrl-C reaching the child while it is still in our process group would count as a second
+# Ctrl-C here ("again to kill at once") and kill everything. So the stop signals are blocked around each
+# spawn; the child discards any that reached it (they were meant for us) and restores the defaults.
+_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+@contextlib.contextmanager
+def _stop_signals_held():
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _die_with_parent(parent_pid: int, libc) -> None:
-    """Runs in the child between fork and exec: SIGTERM when `distserve up` dies, even by SIGKILL."""
+    """Runs in the child between fork and exec (its own session by now): SIGTERM when `distserve up` dies,
+    even by SIGKILL; the stop signals back to their defaults and unblocked (see _STOP_SIGNALS)."""
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_DFL)
+    while signal.sigtimedwait(_STOP_SIGNALS, 0) is not None:
+        pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     if libc is not None:
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
@@ -329,7 +351,7 @@ class Child:
     async def start(self) -> None:
         self.started_at = time.monotonic()
         parent, libc = os.getpid(), _libc()
-        with open(self.log_path, "ab") as log:  # noqa: ASYNC230 - a local log file, opened once per child
+        with open(self.log_path, "ab") as log, _stop_signals_held():  # noqa: ASYNC230 - a local log file
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
                 env=self.env, start_new_session=True, preexec_fn=lambda: _die_with_parent(parent, libc),
@@ -478,11 +500,12 @@ class LocalCluster:
         # (PR_SET_PDEATHSIG); the reaper, which gets it too, then stops etcd and removes its data directory.
         parent, libc = os.getpid(), _libc()
         doomed = [self.etcd_data_dir, *([str(self.log_dir)] if self.owns_log_dir else [])]
-        self.reaper = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", "import sys; from distserve.up import reap; reap(*sys.argv[1:])",
-            str(etcd.pid), *doomed, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=lambda: _die_with_parent(parent, libc))
+        with _stop_signals_held():
+            self.reaper = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", "import sys; from distserve.up import reap; reap(*sys.argv[1:])",
+                str(etcd.pid), *doomed, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=lambda: _die_with_parent(parent, libc))
 
     async def _check_external_etcd(self) -> None:
         from discovery.client import EtcdClient  # noqa: PLC0415 - loads grpc: only with an external etcd

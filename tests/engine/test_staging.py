@@ -193,12 +193,13 @@ async def test_scattered_pd_equals_hybrid_with_packed_migrations(fragmented, str
         migrations = _delta(d1, d0, "migrations_total")
         assert migrations == len(items)
         # Prompts of one block (4 of the 20) need no packing; every longer one was scattered, so packed
-        # and landed, unless the decode's scattered allocation happened to hand out one contiguous run:
-        # then the pull reads straight into it (fewer reads still) and skips the arena (seen once in CI).
+        # and landed, unless an allocation happened to hand out one contiguous run (each seen once in CI):
+        # on the decode, the pull reads straight into it (fewer reads still) and skips the arena; on the
+        # prefill, nothing is packed but the decode may still land the run's per-layer reads in its arena.
         packs = _delta(p1, p0, "kv_packs_total")
         assert packs >= 15
         assert _delta(d1, d0, "migrations_from_packed_total") == packs
-        assert packs - 2 <= _delta(d1, d0, "migrations_landed_total") <= packs
+        assert packs - 2 <= _delta(d1, d0, "migrations_landed_total") <= packs + 2
         # A packed prompt of <= 600 tokens (<= 38 blocks, <= 4.75 MiB) lands in 2 MiB pieces: at most 3
         # reads, not one per block and layer (up to 152 here); one-block prompts take one read per layer.
         assert _delta(d1, d0, "migration_reads_total") <= 3 * packs + LAYERS * (migrations - packs)
