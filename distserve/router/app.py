@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 import os
 import re
@@ -43,6 +44,25 @@ from distserve.router.view import ClusterView, ConfigStatus
 log = logging.getLogger("distserve.router")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+class _RequestIds:
+    """Ids for requests that bring none: a random per-process prefix and a counter (32 hex digits, as
+    before). Unique across routers and restarts without a getrandom syscall per request."""
+
+    def __init__(self) -> None:
+        self.renew()
+        os.register_at_fork(after_in_child=self.renew)  # a forked child must not repeat its parent's ids
+
+    def renew(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+    def new(self) -> str:
+        return "%s%016x" % (self.prefix, next(self.counter))
+
+
+_new_request_id = _RequestIds().new
 _HEADER_SAFE = re.compile(r"^[\x21-\x7e]{1,4096}$")
 ROUTES = {
     "/v1/completions": "POST",
@@ -328,7 +348,7 @@ class Router:
         rid = headers.get("X-Request-Id")
         if rid and _REQUEST_ID.match(rid):
             return rid
-        return os.urandom(16).hex()
+        return _new_request_id()
 
     async def _read_body(self, request: web.Request) -> bytes:
         s = self.settings

@@ -380,6 +380,15 @@ class _Connection(asyncio.Protocol):
                 self._release()
                 resp._finish()
                 return
+        elif state == _CHUNK_SIZE and not self._buf:  # a stream's pieces: whole chunks read in place
+            data = self._whole_chunks(resp, data)
+            if data == b"0\r\n\r\n":  # the last chunk, no trailers: the usual end of a stream
+                self._state = _DONE
+                self._release()
+                resp._finish()
+                return
+            if not data:
+                return
         self._buf += data
         buf = self._buf
         while True:
@@ -443,6 +452,32 @@ class _Connection(asyncio.Protocol):
                 self._release()
                 resp._finish()
                 return
+
+    def _whole_chunks(self, resp: Response, data: bytes) -> bytes:
+        """Feed the whole chunks at the start of `data` (at a chunk boundary, nothing buffered) as one piece,
+        found by searches in place: the general loop below copies into the buffer and deletes from it per
+        chunk. Returns the rest (a partial chunk, the last chunk and trailers) for that loop."""
+        pos, n, parts = 0, len(data), []
+        while True:
+            end = data.find(b"\r\n", pos, pos + 1024)
+            if end < 0:
+                break
+            size_field = data[pos:end]
+            if b";" in size_field:
+                size_field = size_field.split(b";", 1)[0]
+            size = int(size_field, 16)
+            if size <= 0:  # the last chunk (or a bad size): the loop handles trailers and errors
+                break
+            stop = end + 2 + size
+            if stop + 2 > n:
+                break
+            if data[stop : stop + 2] != b"\r\n":
+                raise ValueError("missing CRLF after a chunk")
+            parts.append(data[end + 2 : stop])
+            pos = stop + 2
+        if parts:
+            resp._feed(parts[0] if len(parts) == 1 else b"".join(parts))
+        return data[pos:] if pos else data
 
     def _head(self, resp: Response, head: bytes) -> bool:
         # Only what framing needs, found in the lower-cased head by C-level searches: the other headers are

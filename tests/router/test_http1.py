@@ -298,3 +298,59 @@ async def test_deadline_slots_fire_after_the_deadline_and_close_to_it():
     timers = list(deadlines.timers.values())
     deadlines.close()
     assert all(t.cancelled() for t in timers) and not deadlines.slots
+
+
+async def test_chunked_stream_split_in_two_anywhere():
+    """Whole chunks at the start of a piece are read in place; a chunk cut anywhere (its size line, its data,
+    its CRLF, the last chunk, the trailers) is finished by the general loop: the same bytes either way."""
+    body = [b"data: %d\n\n" % i * (i + 1) for i in range(6)]
+    answer = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+              + b"".join(b"%x%s\r\n%s\r\n" % (len(c), b";e=1" if i == 2 else b"", c) for i, c in enumerate(body))
+              + b"0\r\nX-T: 1\r\n\r\n")
+    start = answer.index(b"\r\n\r\n") + 4
+    pool = EnginePool(connect_timeout=2)
+    try:
+        for cut in range(start, len(answer)):
+            server = await SplitServer(answer, cut).start()
+            r = await pool.request(server.url, b"POST", b"/", b"")
+            assert await r.read() == b"".join(body), cut
+            await server.stop()
+    finally:
+        pool.close()
+
+
+async def test_broken_chunks_fail_the_call():
+    """A chunk without its CRLF, a negative or non-hex size: a disconnect, never a misframed stream."""
+    pool = EnginePool(connect_timeout=2)
+    try:
+        for chunks in (b"3\r\nabcXY0\r\n\r\n", b"-3\r\nabc\r\n0\r\n\r\n", b"zz\r\nabc\r\n0\r\n\r\n",
+                       b"3\r\nabc\r\n2\r\nxyz0\r\n\r\n"):
+            server = await ScriptedServer([b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks]).start()
+            r = await pool.request(server.url, b"POST", b"/", b"")
+            with pytest.raises(UpstreamError) as info:
+                await r.read()
+            assert info.value.kind == "disconnect", chunks
+            await server.stop()
+    finally:
+        pool.close()
+
+
+class SplitServer(ScriptedServer):
+    """Answers once, in two writes cut at `cut`, the second after the first has been read."""
+
+    def __init__(self, answer: bytes, cut: int) -> None:
+        super().__init__([answer])
+        self.cut = cut
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        answer = self.answers.pop(0)
+        writer.write(answer[: self.cut])
+        await writer.drain()
+        await asyncio.sleep(0.002)
+        writer.write(answer[self.cut :])
+        await writer.drain()
+        await reader.read()
+        writer.close()
