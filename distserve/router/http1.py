@@ -206,7 +206,8 @@ class Response:
 
     def _stop_timers(self) -> None:
         """The call's deadline and the idle timer: neither applies to an ended or abandoned answer."""
-        self.clear_deadline()
+        if self._deadlines is not None:  # clear_deadline, inline: this runs twice per engine call
+            self._deadlines.remove(self)
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
@@ -496,9 +497,9 @@ class _Connection(asyncio.Protocol):
         if not all(map(_has_colon, lines)) or b"\r\n:" in low:  # a line without a name or a colon
             raise ValueError(f"bad header line in {head[:200]!r}")
         length = _field(low, b"\r\ncontent-length:")
-        coding = _field(low, b"\r\ntransfer-encoding:")
-        chunked = coding is not None and b"chunked" in coding
-        close = _field(low, b"\r\nconnection:") == b"close"
+        # the other two are absent from most answers: a C-level `in` before the search of their value
+        chunked = b"\r\ntransfer-encoding:" in low and b"chunked" in _field(low, b"\r\ntransfer-encoding:")
+        close = b"\r\nconnection:" in low and _field(low, b"\r\nconnection:") == b"close"
         self._keep_alive = head[7] == 49 and not close  # "HTTP/1.1" ([7] is b"1")
         if chunked:
             self._state = _CHUNK_SIZE
