@@ -542,12 +542,22 @@ def _parse_headers(head: bytes) -> dict[str, str]:
     return headers
 
 
+# How long an idle engine connection may be reused. The engine decides when one ends (uvicorn, lmdeploy's server:
+# 5 s idle; aiohttp, the reference engine: 75 s): its close is seen here (connection_lost) and that connection is
+# never taken again, and a close racing a request is retried once. So this only bounds a connection the engine
+# dropped silently. At 30 s it threw away the reference engines' live connections after every quiet half-minute,
+# and the next burst paid two connects per request: the concurrency-64 p99 of tools/bench_router.py's
+# non-streamed cells (each a minute or more after the last) rose 1.5-2.5x over the streamed ones (warm: measured
+# right after). docs/benchmarks.md, "Fourth pass".
+IDLE_TTL = 120.0
+
+
 class EnginePool:
     def __init__(
         self,
         connect_timeout: float = 2.0,
         connects_per_host: int = 32,
-        idle_ttl: float = 30.0,
+        idle_ttl: float = IDLE_TTL,
         max_idle_per_host: int = 1024,
     ) -> None:
         self.loop = asyncio.get_running_loop()

@@ -10,7 +10,7 @@ import asyncio
 
 import pytest
 
-from distserve.router.http1 import EnginePool
+from distserve.router.http1 import IDLE_TTL, EnginePool
 from distserve.router.upstream import UpstreamError
 
 
@@ -104,6 +104,29 @@ async def test_idle_connection_closed_by_the_engine_is_replaced():
     try:
         assert await (await pool.request(server.url, b"POST", b"/", b"")).read()
         await asyncio.sleep(0.05)  # the server closed the pooled connection meanwhile
+        assert await (await pool.request(server.url, b"POST", b"/", b"")).read() == b'{"a": "b"}\n'
+        assert server.connections == 2
+    finally:
+        pool.close()
+        await server.stop()
+
+
+async def test_a_connection_the_engine_keeps_is_reused_after_a_quiet_minute():
+    """The engine decides when an idle connection ends (aiohttp's server, the reference engine: 75 s): one it
+    still keeps is reused after a quiet minute, not dropped and reconnected (every burst after a quiet spell
+    paid two connects per request); one idle past the pool's bound is replaced."""
+    server = await ScriptedServer([CL, CL, CL]).start()
+    pool = EnginePool(connect_timeout=2)
+    try:
+        assert await (await pool.request(server.url, b"POST", b"/", b"")).read()
+        for conns in pool._idle.values():
+            for conn in conns:
+                conn.idle_since -= 70.0  # idle for 70 s, within the reference engine's keep-alive
+        assert await (await pool.request(server.url, b"POST", b"/", b"")).read() == b'{"a": "b"}\n'
+        assert server.connections == 1
+        for conns in pool._idle.values():
+            for conn in conns:
+                conn.idle_since -= IDLE_TTL
         assert await (await pool.request(server.url, b"POST", b"/", b"")).read() == b'{"a": "b"}\n'
         assert server.connections == 2
     finally:
