@@ -220,12 +220,18 @@ async def test_new_families_through_two_replicas_land_on_different_prefills_befo
             with contextlib.suppress(asyncio.TimeoutError):  # nothing of A was stored before the pause
                 msg = await streams[x].next(0.3)
                 assert not msg.get("roots") and not msg.get("keys"), msg
-            # router 1 has read the announcement off x's stream (written before the pause)
-            for _ in range(200):
+            # router 1 reads the announcement off x's stream. x writes it to each follower from that follower's
+            # own task, so the pause can land between two of them (seen once in CI): then x runs for a few ms
+            # at a time, enough to flush what it owes its followers, far too little to end A's prefill
+            for attempt in range(200):
                 seen = await asyncio.to_thread(router_metric, routers[1], "distserve_router_kv_index_families",
                                                {"engine": x})
                 if seen >= 1:
                     break
+                if attempt % 20 == 19:
+                    paused.resume()
+                    await asyncio.sleep(0.005)
+                    paused.pause()
                 await asyncio.sleep(0.05)
             assert seen >= 1, "router 1 never counted family A (pending) on the paused prefill"
 
