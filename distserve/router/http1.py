@@ -377,16 +377,12 @@ class _Connection(asyncio.Protocol):
                 return
             if n == self._remaining:
                 resp._feed(data)
-                self._state = _DONE
-                self._release()
-                resp._finish()
+                self._end(resp)
                 return
         elif state == _CHUNK_SIZE and not self._buf:  # a stream's pieces: whole chunks read in place
             data = self._whole_chunks(resp, data)
             if data == b"0\r\n\r\n":  # the last chunk, no trailers: the usual end of a stream
-                self._state = _DONE
-                self._release()
-                resp._finish()
+                self._end(resp)
                 return
             if not data:
                 return
@@ -419,7 +415,7 @@ class _Connection(asyncio.Protocol):
                     if len(buf) > 1024:
                         raise ValueError("chunk size line too long")
                     return
-                size = int(bytes(buf[:end]).split(b";", 1)[0].strip(), 16)
+                size = _chunk_size(bytes(buf[:end]))
                 del buf[: end + 2]
                 if size < 0:
                     raise ValueError("negative chunk size")
@@ -450,9 +446,14 @@ class _Connection(asyncio.Protocol):
             if self._state == _DONE:
                 if buf:
                     raise ValueError("bytes after the end of the answer")
-                self._release()
-                resp._finish()
+                self._end(resp)
                 return
+
+    def _end(self, resp: Response) -> None:
+        """The answer is complete: the connection goes back to the pool, the response finishes."""
+        self._state = _DONE
+        self._release()
+        resp._finish()
 
     def _whole_chunks(self, resp: Response, data: bytes) -> bytes:
         """Feed the whole chunks at the start of `data` (at a chunk boundary, nothing buffered) as one piece,
@@ -463,10 +464,7 @@ class _Connection(asyncio.Protocol):
             end = data.find(b"\r\n", pos, pos + 1024)
             if end < 0:
                 break
-            size_field = data[pos:end]
-            if b";" in size_field:
-                size_field = size_field.split(b";", 1)[0]
-            size = int(size_field, 16)
+            size = _chunk_size(data[pos:end])
             if size <= 0:  # the last chunk (or a bad size): the loop handles trailers and errors
                 break
             stop = end + 2 + size
@@ -518,6 +516,11 @@ class _Connection(asyncio.Protocol):
         if not resp._head.done():
             resp._head.set_result(None)
         return True
+
+
+def _chunk_size(line: bytes) -> int:
+    """A chunk-size line's size (hex, extensions after ";" ignored); ValueError when it is not a number."""
+    return int(line.split(b";", 1)[0], 16)
 
 
 _has_colon = operator.methodcaller("__contains__", b":")

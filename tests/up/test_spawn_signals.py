@@ -4,6 +4,7 @@ component SIGKILLed, seen in CI) nor be lost for `distserve up`, nor stop the ch
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -24,11 +25,7 @@ async def _spawn_hit_by_sigint(held: bool) -> tuple[int, int]:
             _die_with_parent(parent, None)
 
     try:
-        if held:
-            with _stop_signals_held():
-                proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass", preexec_fn=preexec,
-                                                            start_new_session=True)
-        else:
+        with _stop_signals_held() if held else contextlib.nullcontext():
             proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass", preexec_fn=preexec,
                                                         start_new_session=True)
         code = await asyncio.wait_for(proc.wait(), 30)
