@@ -17,8 +17,12 @@ CLASSES = ("Response", "_Deadlines", "_Connection")
 def _attributes_set(cls: ast.ClassDef) -> set[str]:
     names = set()
     for node in ast.walk(cls):
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
-            node, (ast.AnnAssign, ast.AugAssign)) else []
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+            targets = [node.target]
+        else:
+            continue
         for target in targets:
             for t in ast.walk(target):
                 if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self":
