@@ -6,6 +6,7 @@
     python tools/bench_table.py --json out.json
     python tools/bench_table.py --only kv_aware --changes 1      # one strategy's pick rows (and a token change)
     python tools/bench_table.py --only kv_aware --profile p.out  # cProfile of this tree's timed picks (pstats)
+    python tools/bench_table.py --new-lists                     # every pick given a new list (a retry's)
 
 No etcd and no network: a real `distserve.router.view.ClusterView` is fed records through its cache's own
 listeners (the code path of a watch event: decode, typed map, handlers), with `--prefills` prefills and as
@@ -13,15 +14,16 @@ many decodes, each prefill linked to `--links-per-prefill` decodes, all ready. M
 time of this process (time.thread_time): the event handling plus the first `view.table()` after it (the
 work the first request after a change pays). Changes alternate: an engine drained and undrained (a state
 change), a link failed and re-established, an operator cordon set and cleared. Picks: every strategy of
-`distserve.router.strategies` over the table's candidates for the model (all prefills, a new list per pick
-as the orchestrator hands them), without and with weights (every fourth prefill weight 2), over 100
-prompts, with loads moving between picks as under traffic (each pick starts a request, the oldest of 64 in
-flight ends, one agent load record arrives; those load-tracker calls are timed on their own). kv_aware's rows
-use a real `distserve.router.kv_index.KvIndex` of the tree under test, fed the engines' cache-stream
-messages through its own `apply` (a snapshot of 200 prefix keys per prefill: 100 chat conversations of 12
-messages under 5 shared system prompts, each conversation cached to some depth on 3 prefills, the rest
-other keys; between picks one prefill streams a stored or removed event), and requests of those 100
-conversations (12 prefix keys each, computed once per request as the router does, not timed).
+`distserve.router.strategies` over the table's candidates for the model (all prefills: the table's own list,
+as the orchestrator's first attempt hands it; `--new-lists`: a new list per pick, as a retry's), without and
+with weights (every fourth prefill weight 2), over 100 prompts, with loads moving between picks as under
+traffic (each pick starts a request, the oldest of 64 in flight ends, one agent load record arrives; those
+load-tracker calls are timed on their own). kv_aware's rows use a real `distserve.router.kv_index.KvIndex` of
+the tree under test, fed the engines' cache-stream messages through its own `apply` (a snapshot of 200 prefix
+keys per prefill: 100 chat conversations of 12 messages under 5 shared system prompts, each conversation
+cached to some depth on 3 prefills, the rest other keys; between picks one prefill streams a stored or
+removed event), and requests of those 100 conversations (12 prefix keys each, computed once per request as
+the router does, not timed; the prompt prefix computed from the body at each call, as the orchestrator's is).
 
 Each tree runs in its own child process (`--tree`), so the baseline imports its own code.
 """
@@ -53,7 +55,7 @@ def _summary(values_s: list[float]) -> dict:
 
 
 def measure(prefills: int, links_per_prefill: int, changes: int, picks: int, only: list[str] | None = None,
-            profile: Path | None = None) -> dict:
+            profile: Path | None = None, new_lists: bool = False) -> dict:
     """Runs inside the tree under test (its distserve on sys.path)."""
     import asyncio
 
@@ -137,7 +139,7 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int, onl
         table = view.table()
         assert len(table.entries[model]) == prefills
 
-        candidates = list(table.entries[model])
+        candidates = table.entries[model]  # the table's own list, as the orchestrator hands it
         # uneven speeds: every fourth prefill has weight 2 (the "weighted" rows)
         weight_sets = {"": {}, ", weighted": {c: 2.0 for c in candidates[::4]}}
         decisions: dict[str, dict] = {}
@@ -155,10 +157,10 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int, onl
                 stream = None
                 if getattr(strategy, "needs_kv", False):
                     index, bodies, stream = kv_index(view.cache, candidates)
-                    # the prompt's prefix and keys as the orchestrator hands them (computed per request, not
-                    # per pick: not timed)
+                    # the prompt's prefix and keys as the orchestrator hands them: the prefix computed from the
+                    # body at each call (timed: a tie reads it), the keys once per request (not timed)
                     contexts = [S.PickContext(load=load, weights=weights, params={},
-                                              prefix=lambda n, p=prompt_prefix("chat", b, 1024): p[:n], kv=index,
+                                              prefix=lambda n, b=b: prompt_prefix("chat", b, n), kv=index,
                                               keys=lambda chunk, k=request_keys(b): k)
                                 for b in bodies]
                 else:
@@ -166,15 +168,17 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int, onl
                     contexts = [S.PickContext(load=load, weights=weights, params={}, prefix=lambda n, p=p: p[:n])
                                 for p in prompts]
                 for i in range(50):  # warm caches (prefix_affinity's ring, the indexes)
-                    strategy.pick(list(candidates), contexts[i % 100])
+                    strategy.pick(candidates, contexts[i % 100])
                 times = []
                 inflight: list[str] = []
                 for i in range(picks):
-                    fresh = list(candidates)  # the orchestrator hands every pick a new list (not timed here)
+                    # the orchestrator's first attempt (nearly every pick) hands the table's own list, the same
+                    # object until the table changes; --new-lists: a new list each pick, as a retry's is
+                    given = list(candidates) if new_lists else candidates
                     if profiler is not None:
                         profiler.enable()
                     c0 = time.perf_counter()
-                    chosen = strategy.pick(fresh, contexts[i % 100])
+                    chosen = strategy.pick(given, contexts[i % 100])
                     times.append(time.perf_counter() - c0)
                     if profiler is not None:
                         profiler.disable()
@@ -265,6 +269,8 @@ def run_tree(tree: Path, args: argparse.Namespace, profile: Path | None = None) 
         cmd += ["--only", *args.only]
     if profile is not None:
         cmd += ["--profile", str(profile.resolve())]
+    if args.new_lists:
+        cmd.append("--new-lists")
     out = subprocess.run(cmd, env=env, cwd=str(tree), capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise SystemExit(f"bench_table: the run in {tree} failed:\n{out.stderr[-3000:]}")
@@ -282,6 +288,8 @@ def main() -> int:
     p.add_argument("--only", nargs="+", metavar="STRATEGY", help="pick rows of these strategies only (default all)")
     p.add_argument("--profile", type=Path, metavar="FILE",
                    help="cProfile the timed picks of this tree (pstats file; the timings include its overhead)")
+    p.add_argument("--new-lists", action="store_true",
+                   help="hand every pick a new candidate list (as a retry does) instead of the table's own")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if not (1 <= args.links_per_prefill <= args.prefills and args.prefills >= 2 and args.changes >= 1
@@ -300,7 +308,7 @@ def main() -> int:
             return 2
     if args.child:
         print(json.dumps(measure(args.prefills, args.links_per_prefill, args.changes, args.picks, args.only,
-                                 args.profile)))
+                                 args.profile, args.new_lists)))
         return 0
     trees = {"this": REPO}
     if args.baseline_tree:

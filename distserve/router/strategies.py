@@ -521,8 +521,9 @@ class KvAwareStrategy(Strategy):
     request that at most HOLDERS_LIMIT engines hold (found through the index's inverted index), plus the
     first SAMPLE engines clockwise on the ring from the request's deepest key (a deterministic "power of
     SAMPLE choices": it differs per conversation, so a new prefix, or one cached on many engines, spreads
-    over the whole fleet instead of following the prefix hash onto the same few). The load-tie bound's mean
-    is the whole candidate set's. The blind engines (no stream) are still placed by the hash among all of
+    over the whole fleet instead of following the prefix hash onto the same few). Ties go to the first tied
+    engine clockwise from that same key (no prompt prefix to read and hash). The load-tie bound's mean is the
+    whole candidate set's. The blind engines (no stream) are still placed by the hash among all of
     them.
     The same strategy picks the decode among those linked to the prefill (`phase` = "decode").
     """
@@ -706,7 +707,12 @@ class KvAwareStrategy(Strategy):
             tied = [n[1] for n in near]
         if len(tied) > 1:
             tied = _least_cached(tied, index, loads)
-        return self._decide(tied, matched_of, lambda: st, ctx)
+        if len(tied) == 1:
+            chosen = tied[0]
+        else:  # the first of them clockwise from where the sample starts (the request's deepest key)
+            chosen = st.first_clockwise(tied, start)
+        matched = matched_of[chosen]
+        return self._done(chosen, "cache" if matched else "load", matched)
 
     def _done(self, engine_id: str, basis: str, matched: int) -> str:
         if self.on_pick is not None:

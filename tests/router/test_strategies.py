@@ -537,9 +537,10 @@ def fed_index(maps, roots=None, order=None, chunks=None, pending=(), sync_timeou
 
 def _ref_kv_pick(params, candidates, ctx, tie="subset_ring", shortlist=None):
     """kv_aware as it was before issue 22's shortlist (every candidate scanned; ties by a ring built on the tied
-    subset), or with ties by the first tied engine clockwise on the whole set's ring (tie="set_ring"); with a
-    `shortlist`, only those engines are scored, while the blind engines, the bounded-load mean and the ring
-    are still the whole set's (kv_aware above SCAN_LIMIT)."""
+    subset), or with ties by the first tied engine clockwise on the whole set's ring (tie="set_ring") from the
+    prompt prefix's hash; with a `shortlist`, only those engines are scored, while the blind engines, the
+    bounded-load mean and the ring are still the whole set's, and ties go to the first clockwise from where the
+    sample starts, the request's deepest key (kv_aware above SCAN_LIMIT)."""
 
     from distserve.router.strategies import _KvSet, _hash64, _weight
     s = make_strategy("kv_aware", params)
@@ -578,7 +579,8 @@ def _ref_kv_pick(params, candidates, ctx, tie="subset_ring", shortlist=None):
     if tie == "subset_ring":
         return s._affinity.pick(tied, ctx)
     ring = _KvSet(list(candidates), ctx, s._affinity.ring_points(candidates, ctx))
-    return ring.first_clockwise(tied, _hash64(ctx.prefix(s._prefix_chars) if ctx.prefix else b""))
+    start = _hash64(ctx.prefix(s._prefix_chars) if ctx.prefix else b"") if shortlist is None else _sample_start(s, ctx)
+    return ring.first_clockwise(tied, start)
 
 
 def _kv_world(rng, n, holders_of_deep=3, hot=None):
@@ -764,19 +766,25 @@ def _shortlist(s, candidates, ctx):
     """kv_aware's shortlist above SCAN_LIMIT from its definition: every candidate holding a key of the request
     that at most HOLDERS_LIMIT engines hold, plus the first SAMPLE engines clockwise on the set's ring from the
     request's deepest key (of the smallest chunk size)."""
-    from distserve.router.strategies import HOLDERS_LIMIT, SAMPLE, _hash64
-    index, short, deepest = ctx.kv, set(), None
+    from distserve.router.strategies import HOLDERS_LIMIT, SAMPLE
+    index, short = ctx.kv, set()
     for chunk in index.chunk_sizes():
-        keys = ctx.keys(chunk)
-        if keys and deepest is None:
-            deepest = keys[-1]
-        for k in keys:
+        for k in ctx.keys(chunk):
             holders = index._holders.get(k, {})
             if len(holders) <= HOLDERS_LIMIT:
                 short.update(e for e in holders if e in candidates)
-    if deepest is None:
-        deepest = _hash64(ctx.prefix(s._prefix_chars))
-    return short | set(s._affinity.ring_order(candidates, ctx, SAMPLE, start=deepest))
+    return short | set(s._affinity.ring_order(candidates, ctx, SAMPLE, start=_sample_start(s, ctx)))
+
+
+def _sample_start(s, ctx):
+    """Where kv_aware's sample (and its tie-break) starts above SCAN_LIMIT: the request's deepest key of the
+    smallest chunk size that gives keys, else the prompt prefix's hash."""
+    from distserve.router.strategies import _hash64
+    for chunk in ctx.kv.chunk_sizes():
+        keys = ctx.keys(chunk)
+        if keys:
+            return keys[-1]
+    return _hash64(ctx.prefix(s._prefix_chars))
 
 
 @pytest.mark.parametrize("seed", range(3))
