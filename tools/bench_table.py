@@ -21,9 +21,10 @@ traffic (each pick starts a request, the oldest of 64 in flight ends, one agent 
 load-tracker calls are timed on their own). kv_aware's rows use a real `distserve.router.kv_index.KvIndex` of
 the tree under test, fed the engines' cache-stream messages through its own `apply` (a snapshot of 200 prefix
 keys per prefill: 100 chat conversations of 12 messages under 5 shared system prompts, each conversation
-cached to some depth on 3 prefills, the rest other keys; between picks one prefill streams a stored or
-removed event), and requests of those 100 conversations (12 prefix keys each, computed once per request as
-the router does, not timed; the prompt prefix computed from the body at each call, as the orchestrator's is).
+cached to some depth on 3 prefills, the rest other keys, listed before them as the least recently stored;
+between picks one prefill streams a stored or removed event: a new key, or its least recent), and requests
+of those 100 conversations (12 prefix keys each, computed once per request as the router does, not timed;
+the prompt prefix computed from the body at each call, as the orchestrator's is).
 
 Each tree runs in its own child process (`--tree`), so the baseline imports its own code.
 """
@@ -228,15 +229,22 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int, onl
             for t in range(11):
                 msgs.append({"role": "user" if t % 2 == 0 else "assistant", "content": f"conv {k} turn {t}"})
             bodies.append({"messages": msgs})
-        held: dict[str, dict[int, int]] = {c: {} for c in candidates}
+        conversations: dict[str, dict[int, int]] = {c: {} for c in candidates}
         for b in bodies:
             keys = request_keys(b)
             for c in kv_rng.sample(candidates, 3):
                 for d in range(kv_rng.randint(1, len(keys) - 1)):
-                    held[c][keys[d]] = 1000 + 30 * d
+                    conversations[c][keys[d]] = 1000 + 30 * d
+        held: dict[str, dict[int, int]] = {}
         for c in candidates:
-            while len(held[c]) < 200:
+            # a snapshot lists keys least recently stored first, as an engine's LRU holds them: the other keys,
+            # then those of the conversations being served (an engine touches a prefix at each of its turns, so
+            # a removal takes the others first; listed the other way round, 3,000 removals wiped the
+            # conversations from half the fleet during the run: docs/benchmarks.md, "Sixth pass")
+            held[c] = {}
+            while len(held[c]) + len(conversations[c]) < 200:
                 held[c][kv_rng.getrandbits(63)] = kv_rng.randint(16, 4000)
+            held[c].update(conversations[c])
             index._follow(c, SimpleNamespace(url=f"http://127.0.0.1:1/{c}", instance=c,
                                              cache_events={"path": "/x", "version": 1, "chunk_bytes": 64}))
             state = index.engines[c]
