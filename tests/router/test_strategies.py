@@ -66,6 +66,44 @@ def test_load_tracker_adds_own_traffic_until_the_next_shared_record():
     assert load.unfinished("p0") == 1
 
 
+def test_load_tracker_keeps_every_engines_current_figure_as_its_rule_computes_it():
+    """`current` (what the strategies read in bulk) equals the rule (the shared record plus own starts minus
+    own ends since it, never below own in flight) after any sequence of starts, ends, records and forgets, and
+    holds no entry for an engine forgotten with nothing in flight."""
+    import random as _random
+
+    rng = _random.Random(7)
+    load = LoadTracker()
+    engines = ["p0", "p1", "p2"]
+    own = {e: 0 for e in engines}
+    shared: dict = {e: None for e in engines}
+    delta = {e: 0 for e in engines}
+    for _ in range(3000):
+        e, op = rng.choice(engines), rng.random()
+        if op < 0.35:
+            load.begin(e)
+            own[e] += 1
+            delta[e] += 1
+        elif op < 0.7 and own[e] > 0:
+            load.end(e)
+            own[e] -= 1
+            delta[e] -= 1
+        elif op < 0.9:
+            record = None if rng.random() < 0.2 else LoadRecord(engine_id=e, running=rng.randint(0, 9),
+                                                                 waiting=rng.randint(0, 3))
+            load.on_load(e, record)
+            shared[e], delta[e] = (None if record is None else record.in_flight), 0
+        else:
+            load.forget(e)
+            shared[e], delta[e] = None, 0
+            if own[e] == 0:
+                assert e not in load.current
+        for x in engines:
+            rule = own[x] if shared[x] is None else max(shared[x] + delta[x], own[x])
+            assert load.unfinished(x) == rule
+            assert load.current.get(x, 0) == rule
+
+
 def test_power_of_two_never_picks_the_most_loaded_of_two():
     load = LoadTracker()
     load.on_load("hot", LoadRecord(engine_id="hot", running=50))
