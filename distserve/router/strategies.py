@@ -357,7 +357,8 @@ class _KvSet:
         self.member_set = frozenset(members)
         self.hashes, self.owners = ring
         self.size = len(self.hashes)
-        self.speed = {c: _weight(ctx, c) for c in members} if ctx.weights else None
+        # each member's weight (1.0 each without weights: a load divided by it is the scan's float either way)
+        self.speed = {c: _weight(ctx, c) for c in members} if ctx.weights else dict.fromkeys(members, 1.0)
         self.speeds = [_weight(ctx, c) for c in members] if ctx.weights else None  # in members' order
         # each owner's points, sorted (the ring is): for ties, built with the ring rather than on the first tie
         self.by_owner: dict[str, list[int]] = {}
@@ -673,38 +674,36 @@ class KvAwareStrategy(Strategy):
             matched_of = {c: m if m >= min_match else 0 for c, m in matched_of.items()}
         best_match = max(matched_of.values())
         # the shortlist's loads read from the tracker's current figures (only theirs: no per-pick upkeep of
-        # the whole set's), divided by the weights as the scan does
-        current, speed = ctx.load.current, st.speed
-        if speed is None:
-            loads = {c: current.get(c, 0) for c in matched_of}
-        else:
-            loads = {c: current.get(c, 0) / speed[c] for c in matched_of}
+        # the whole set's), divided by the weights as the scan does (by 1.0 without weights: the same floats)
+        current, speed = ctx.load.current.get, st.speed
         lw, cw = self._load_weight, self._cache_weight
         # cost (the scan's very floats: the same products and difference) in one pass that keeps the lowest
         # and the engines within 1e-9 of it (the cost tie set, as _tied computes it), pruned when it drops
         low = thr = math.inf
-        near: list[tuple[float, str]] = []
+        near: list[tuple[float, str, float]] = []  # (cost, engine, load)
         for c, m in matched_of.items():
-            cost = lw * loads[c] - cw * m
+            load = current(c, 0) / speed[c]
+            cost = lw * load - cw * m
             if cost <= thr:
                 if cost < low:
                     low, thr = cost, cost + 1e-9
                     if near:
                         near = [n for n in near if n[0] <= thr]
-                near.append((cost, c))
+                near.append((cost, c, load))
         if blind:
             hashed = self._affinity.pick(blind, ctx)
-            hashed_load = current.get(hashed, 0) if speed is None else current.get(hashed, 0) / speed[hashed]
-            if lw * hashed_load - cw * best_match < low:
+            if lw * (current(hashed, 0) / speed[hashed]) - cw * best_match < low:
                 return self._done(hashed, "hash", 0)
-        if best_match == 0 and lw > 0:  # a new prefix: the bounded-load mean is the whole candidate set's
-            tied = self._new_prefix_tie(matched_of, loads, (st.total_load(current), len(candidates)))
-        elif len(near) == 1:  # the common case: one engine of lowest cost
+        if len(near) == 1 and (best_match or lw == 0):  # the common case: one engine of lowest cost
             chosen = near[0][1]
             matched = matched_of[chosen]
             return self._done(chosen, "cache" if matched else "load", matched)
+        if best_match == 0 and lw > 0:  # a new prefix: the bounded-load mean is the whole candidate set's
+            loads = {c: current(c, 0) / speed[c] for c in matched_of}
+            tied = self._new_prefix_tie(matched_of, loads, (st.total_load(ctx.load.current), len(candidates)))
         else:
-            tied = [n[1] for n in near]
+            loads = {n[1]: n[2] for n in near}  # the tied engines' (the tie rule reads them)
+            tied = list(loads)
         if len(tied) > 1:
             tied = _least_cached(tied, index, loads)
         if len(tied) == 1:
@@ -775,6 +774,12 @@ def _least_cached(tied: list[str], index: Any, loads: Mapping[str, float] | None
     that prefill: otherwise another replica placing the next new family meanwhile saw one family fewer there
     and followed it. Equal families: the lower load first (what this replica has in flight), then the
     fewest keys; the ring still breaks what is left."""
+    loads = loads or {}
+    cache_sizes = getattr(index, "cache_sizes", None)
+    if cache_sizes is not None:  # both figures of every tied engine in one call (KvIndex)
+        sizes = [(f, loads.get(c, 0.0), k) for c, (f, k) in zip(tied, cache_sizes(tied))]
+        fewest = min(sizes)
+        return [c for c, size in zip(tied, sizes) if size == fewest]
     families = getattr(index, "families", None)
     key_count = getattr(index, "key_count", None)
     if key_count is None:
@@ -782,8 +787,7 @@ def _least_cached(tied: list[str], index: Any, loads: Mapping[str, float] | None
         if describe is None:
             return tied
         key_count = lambda c: (describe(c) or {}).get("keys", 0)  # noqa: E731
-    sizes = {c: (families(c) if families is not None else 0, (loads or {}).get(c, 0.0), key_count(c))
-             for c in tied}
+    sizes = {c: (families(c) if families is not None else 0, loads.get(c, 0.0), key_count(c)) for c in tied}
     fewest = min(sizes.values())
     return [c for c in tied if sizes[c] == fewest]
 

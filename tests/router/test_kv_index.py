@@ -571,6 +571,9 @@ class _RootsOnly:
         state = self._index.engines.get(engine_id)
         return len(state.roots) if state is not None else 0
 
+    def cache_sizes(self, engine_ids: list[str]) -> list[tuple[int, int]]:
+        return [(self.families(e), self._index.key_count(e)) for e in engine_ids]
+
 
 async def test_kv_aware_replicas_spread_new_families_admitted_back_to_back(setup):
     """Issue 18's load goal at 80 % of saturation: new families reach alternate router replicas a fraction of
@@ -630,7 +633,8 @@ async def test_inverted_index_equals_a_recomputation_after_random_events():
     """After every message of random streams (snapshots, stored with evictions past max_keys, removed,
     cleared, new incarnations, engines dropped and followed again) the key -> holders index is the per-engine
     maps inverted, and matches(keys) is matched_tokens of every engine that matches; chunk_sizes() (kept, read per
-    kv_aware pick) is the followed engines' chunk sizes, as engines of two builds come and go."""
+    kv_aware pick) is the followed engines' chunk sizes, as engines of two builds come and go; cache_sizes() (kept
+    per message) is every engine's families and key count."""
     import random
 
     rng = random.Random(18)
@@ -669,11 +673,17 @@ async def test_inverted_index_equals_a_recomputation_after_random_events():
             kind = "stored" if op < 0.6 else "removed" if op < 0.97 else "cleared"
             msg = {"type": kind, "seq": state.seq + 1, "incarnation": state.incarnation}
             if kind == "stored":
-                msg["keys"] = [[key_hex(k), rng.randint(0, 4000)] for k in rng.sample(universe, rng.randint(1, 6))]
+                stored = rng.sample(universe, rng.randint(1, 6))
+                msg["keys"] = [[key_hex(k), rng.randint(0, 4000)] for k in stored]
+                msg["roots"] = [key_hex(k) for k in stored[: rng.randint(0, 2)]]
+                msg["pending"] = [key_hex(k) for k in rng.sample(universe, rng.randint(0, 2))]
             elif kind == "removed":
                 msg["keys"] = [key_hex(k) for k in rng.sample(universe, rng.randint(1, 6))]
+                msg["pending"] = [key_hex(k) for k in rng.sample(universe, rng.randint(0, 2))]
             index.apply(state, orjson.dumps(msg))
         assert index._holders == _brute_holders(index), step
+        # kv_aware's tie rule reads both figures of tied engines in one call: the same as asking each
+        assert index.cache_sizes(names) == [(index.families(x), index.key_count(x)) for x in names], step
         keys = rng.choice(chains)
         expect = {x: index.matched_tokens(x, keys) for x in index.engines}
         assert index.matches(keys) == {x: t for x, t in expect.items() if t}, step
