@@ -355,14 +355,15 @@ class _KvSet:
         self.members = members
         self.weights = ctx.weights
         self.member_set = frozenset(members)
-        self.hashes, self.owners = ring
-        self.size = len(self.hashes)
+        hashes, self.owners = ring
+        self.hashes = hashes
+        self.size = len(hashes)
         # each member's weight (1.0 each without weights: a load divided by it is the scan's float either way)
         self.speed = {c: _weight(ctx, c) for c in members} if ctx.weights else dict.fromkeys(members, 1.0)
         self.speeds = [_weight(ctx, c) for c in members] if ctx.weights else None  # in members' order
         # each owner's points, sorted (the ring is): for ties, built with the ring rather than on the first tie
         self.by_owner: dict[str, list[int]] = {}
-        for h, c in zip(self.hashes, self.owners):
+        for h, c in zip(hashes, self.owners):
             self.by_owner.setdefault(c, []).append(h)
         self.index: Any = None
         self.epoch = -1
@@ -652,15 +653,25 @@ class KvAwareStrategy(Strategy):
         # the sample: the first SAMPLE engines clockwise from the deepest key, looked up in the common levels
         # only (deepest first; a holder of a distinctive level is already credited)
         start = deepest if deepest is not None else self._prefix_hash(ctx)
-        for c in _ring_walk(st.hashes, st.owners, start, min(SAMPLE, len(candidates))):
-            if c not in matched_of:
-                for holders in common:
-                    tokens = holders.get(c)
-                    if tokens is not None:
-                        matched_of[c] = tokens
-                        break
-                else:
-                    matched_of[c] = 0
+        i = bisect_right(st.hashes, start)
+        sample = st.owners[i: i + SAMPLE]  # most often SAMPLE distinct owners already (_ring_walk's first try)
+        if len(sample) < SAMPLE or len(set(sample)) < SAMPLE:
+            sample = _ring_walk(st.hashes, st.owners, start, min(SAMPLE, len(candidates)))
+        if len(common) == 1:  # the usual case (one common level: the shared system prompt)
+            held = common[0].get
+            for c in sample:
+                if c not in matched_of:
+                    matched_of[c] = held(c, 0)
+        else:
+            for c in sample:
+                if c not in matched_of:
+                    for holders in common:
+                        tokens = holders.get(c)
+                        if tokens is not None:
+                            matched_of[c] = tokens
+                            break
+                    else:
+                        matched_of[c] = 0
         # score them: the blind ones (no stream, or its snapshot overdue) are placed by the hash below; one
         # awaiting its snapshot holds no key, so it scores as caching nothing
         blind = st.blind
