@@ -355,15 +355,14 @@ class _KvSet:
         self.members = members
         self.weights = ctx.weights
         self.member_set = frozenset(members)
-        hashes, self.owners = ring
-        self.hashes = hashes
-        self.size = len(hashes)
+        self.hashes, self.owners = ring
+        self.size = len(self.hashes)
         # each member's weight (1.0 each without weights: a load divided by it is the scan's float either way)
         self.speed = {c: _weight(ctx, c) for c in members} if ctx.weights else dict.fromkeys(members, 1.0)
         self.speeds = [_weight(ctx, c) for c in members] if ctx.weights else None  # in members' order
         # each owner's points, sorted (the ring is): for ties, built with the ring rather than on the first tie
         self.by_owner: dict[str, list[int]] = {}
-        for h, c in zip(hashes, self.owners):
+        for h, c in zip(self.hashes, self.owners):
             self.by_owner.setdefault(c, []).append(h)
         self.index: Any = None
         self.epoch = -1
