@@ -2,7 +2,8 @@
 
 Pluggable: a strategy is a class with `name` and `pick(candidates, ctx)`, registered in STRATEGIES.
 `candidates` is a non-empty list of engine ids, sorted, already filtered to live, routable,
-non-drained, non-cordoned engines serving the model whose circuit breakers are closed.
+non-drained, non-cordoned engines serving the model whose circuit breakers are closed, and never mutated once
+picked with (the routing table's own list, which the orchestrator's first attempt hands, or a new one).
 
 - random: weighted random (LMDeploy's `random`: weights play the role of its node speeds).
 - round_robin: per replica, in order.
@@ -544,8 +545,12 @@ class KvAwareStrategy(Strategy):
         self._sets = _PerSet(lambda m, ctx: _KvSet(m, ctx, ring_points(m, ctx)), _RING_CACHE_ENTRIES,
                              _RING_CACHE_POINTS)
         # the last candidate set's state: a pick for the same set (most picks) skips _PerSet's key tuple, its
-        # hashing and LRU upkeep; still checked by value (members ==, the weights dict by identity)
+        # hashing and LRU upkeep. The very list of the last pick (the routing table's, until it changes) is
+        # recognised by identity; another is compared by value (members ==, the weights dict by identity): over
+        # 500 engines that compare, on memory gone cold between requests, was ~1 us of a pick on the 16-core host
+        # (docs/benchmarks.md, "Sixth pass")
         self._last: _KvSet | None = None
+        self._last_list: list[str] | None = None
         self.on_pick: Callable[[str, str, int], None] | None = None  # (phase, basis, matched): metrics
 
     def _prefix_hash(self, ctx: PickContext) -> int:
@@ -628,9 +633,12 @@ class KvAwareStrategy(Strategy):
     def _pick_shortlist(self, candidates: list[str], ctx: PickContext, index: Any,
                         keys_of: Callable[[int], list[int]]) -> str:
         st = self._last
-        if st is None or st.weights is not ctx.weights or st.members != candidates:
-            st = self._last = self._sets.get(candidates, ctx)
-        st.refresh(index)
+        if candidates is not self._last_list or st.weights is not ctx.weights:  # else the same list as before
+            if st is None or st.weights is not ctx.weights or st.members != candidates:
+                st = self._last = self._sets.get(candidates, ctx)
+            self._last_list = candidates  # kept: its id cannot be reused while it is held here
+        if index is not st.index or index.epoch != st.epoch or st.expires != math.inf:  # refresh's own test
+            st.refresh(index)
         if not st.known:  # nobody streams: exactly prefix_affinity
             return self._done(self._affinity.pick(candidates, ctx), "hash", 0)
         # the request's keys per chunk size in use (one in a fleet of one engine build); an engine can only
@@ -706,8 +714,10 @@ class KvAwareStrategy(Strategy):
                 return self._done(hashed, "hash", 0)
         if len(near) == 1 and (best_match or lw == 0):  # the common case: one engine of lowest cost
             chosen = near[0][1]
-            matched = matched_of[chosen]
-            return self._done(chosen, "cache" if matched else "load", matched)
+            if self.on_pick is not None:
+                matched = matched_of[chosen]
+                self.on_pick(self.phase, "cache" if matched else "load", matched)
+            return chosen
         if best_match == 0 and lw > 0:  # a new prefix: the bounded-load mean is the whole candidate set's
             loads = {c: current(c, 0) / speed[c] for c in matched_of}
             tied = self._new_prefix_tie(matched_of, loads, (st.total_load(ctx.load.current), len(candidates)))
