@@ -656,7 +656,28 @@ class KvAwareStrategy(Strategy):
                     levels += index.levels(keys)
                     if deepest is None:
                         deepest = keys[-1]
-        matched_of, common = _credit(levels, None if st.covers else st.member_set)
+        # the shortlist by the cache: {member: matched tokens} for every holder of a distinctive level (at most
+        # HOLDERS_LIMIT holders), credited at the first (longest) level holding it, and the common levels, deepest
+        # first (the sample's engines are looked up in those only: a holder of a distinctive level is already
+        # credited). Shallowest first: while every distinctive level is deeper than every common one (holders
+        # grow towards the root), an engine's first level is its first distinctive one, so C-level updates, the
+        # longest last; otherwise (rare: several chunk sizes) _credit, one by one.
+        members = None if st.covers else st.member_set
+        matched_of: dict[str, int] = {}
+        common: list[dict[str, int]] = []
+        for holders in reversed(levels):
+            if len(holders) <= HOLDERS_LIMIT:
+                matched_of.update(holders)
+            elif matched_of:
+                matched_of, common = _credit(levels, members)
+                break
+            else:
+                common.append(holders)
+        else:
+            common.reverse()
+            if members is not None and not members.issuperset(matched_of):
+                for c in matched_of.keys() - members:
+                    del matched_of[c]
         # the sample: the first SAMPLE engines clockwise from the deepest key, looked up in the common levels
         # only (deepest first; a holder of a distinctive level is already credited)
         start = deepest if deepest is not None else self._prefix_hash(ctx)
@@ -693,14 +714,16 @@ class KvAwareStrategy(Strategy):
         best_match = max(matched_of.values())
         # the shortlist's loads read from the tracker's current figures (only theirs: no per-pick upkeep of
         # the whole set's), divided by the weights as the scan does (by 1.0 without weights: the same floats)
-        current, speed = ctx.load.current.get, st.speed
+        current, speed, weighted = ctx.load.current.get, st.speed, st.speeds is not None
         lw, cw = self._load_weight, self._cache_weight
         # cost (the scan's very floats: the same products and difference) in one pass that keeps the lowest
         # and the engines within 1e-9 of it (the cost tie set, as _tied computes it), pruned when it drops
         low = thr = math.inf
         near: list[tuple[float, str, float]] = []  # (cost, engine, load)
         for c, m in matched_of.items():
-            load = current(c, 0) / speed[c]
+            load = current(c, 0)
+            if weighted:  # without weights the integer itself: lw x it is the scan's lw x (it / 1.0)
+                load /= speed[c]
             cost = lw * load - cw * m
             if cost <= thr:
                 if cost < low:
@@ -741,29 +764,13 @@ class KvAwareStrategy(Strategy):
 
 def _credit(levels: list[dict[str, int]],
             members: frozenset[str] | None) -> tuple[dict[str, int], list[dict[str, int]]]:
-    """kv_aware's shortlist by the cache: {member: matched tokens} for every holder of a distinctive level (at
-    most HOLDERS_LIMIT holders), credited at the first (longest) level holding it, and the common levels,
-    deepest first (the sample's engines are then looked up in those only: a holder of a distinctive level is
-    already credited). Exact: an engine's first level is a common one before its distinctive one, or that one.
-    `members` None: every engine held is a candidate."""
+    """kv_aware's shortlist by the cache when a common level is deeper than a distinctive one (its usual shape
+    is handled in KvAwareStrategy._pick_shortlist): {member: matched tokens} for every holder of a distinctive
+    level (at most HOLDERS_LIMIT holders), credited at the first (longest) level holding it, and the common
+    levels, deepest first. Exact: an engine's first level is a common one before its distinctive one, or that
+    one. `members` None: every engine held is a candidate."""
     matched_of: dict[str, int] = {}
     common: list[dict[str, int]] = []
-    # shallowest first: while every distinctive level is deeper than every common one (holders grow towards
-    # the root), an engine's first level is its first distinctive one, so C-level updates, the longest last
-    for holders in reversed(levels):
-        if len(holders) <= HOLDERS_LIMIT:
-            matched_of.update(holders)
-        elif matched_of:  # a common level deeper than a distinctive one (rare: several chunk sizes): one by one
-            break
-        else:
-            common.append(holders)
-    else:
-        common.reverse()
-        if members is not None and not members.issuperset(matched_of):
-            for c in matched_of.keys() - members:
-                del matched_of[c]
-        return matched_of, common
-    matched_of, common = {}, []
     for holders in levels:
         if len(holders) > HOLDERS_LIMIT:
             common.append(holders)
