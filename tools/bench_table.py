@@ -3,6 +3,7 @@
 
     python tools/bench_table.py                                  # this tree, 1,000 engines / 10,000 links
     python tools/bench_table.py --baseline-tree /tmp/base22      # also a baseline tree, in the same run
+    python tools/bench_table.py --only kv_aware --rounds 6 --baseline-tree /tmp/a /tmp/b  # medians, order rotated
     python tools/bench_table.py --json out.json
     python tools/bench_table.py --only kv_aware --changes 1      # one strategy's pick rows (and a token change)
     python tools/bench_table.py --only kv_aware --profile p.out  # cProfile of this tree's timed picks (pstats)
@@ -291,7 +292,11 @@ def main() -> int:
     p.add_argument("--links-per-prefill", type=int, default=20, help="default 20 (10,000 links at 500)")
     p.add_argument("--changes", type=int, default=300, help="changes measured (each = two events)")
     p.add_argument("--picks", type=int, default=3000, help="picks measured per strategy")
-    p.add_argument("--baseline-tree", type=Path, help="also measure this source tree (git worktree add ...)")
+    p.add_argument("--baseline-tree", type=Path, nargs="+", metavar="TREE",
+                   help="also measure these source trees (git worktree add ..., git archive ...)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every tree this many times, the order rotated each round, and print the medians of "
+                        "the pick rows (default 1)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--only", nargs="+", metavar="STRATEGY", help="pick rows of these strategies only (default all)")
     p.add_argument("--profile", type=Path, metavar="FILE",
@@ -301,9 +306,9 @@ def main() -> int:
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if not (1 <= args.links_per_prefill <= args.prefills and args.prefills >= 2 and args.changes >= 1
-            and args.picks >= 1):
+            and args.picks >= 1 and 1 <= args.rounds <= 100):
         print("bench_table: need --prefills >= 2, 1 <= --links-per-prefill <= --prefills, --changes and --picks "
-              ">= 1", file=sys.stderr)
+              ">= 1, 1 <= --rounds <= 100", file=sys.stderr)
         return 2
     if args.only and not args.child:  # the parent checks against this tree (a child imports its own tree only)
         sys.path.insert(0, str(REPO))
@@ -318,10 +323,24 @@ def main() -> int:
         print(json.dumps(measure(args.prefills, args.links_per_prefill, args.changes, args.picks, args.only,
                                  args.profile, args.new_lists)))
         return 0
-    trees = {"this": REPO}
-    if args.baseline_tree:
-        trees = {"baseline": args.baseline_tree.resolve(), **trees}
-    results = {name: run_tree(tree, args, args.profile if name == "this" else None) for name, tree in trees.items()}
+    trees: dict[str, Path] = {}
+    for i, tree in enumerate(args.baseline_tree or ()):
+        if not (tree / "distserve").is_dir():
+            print(f"bench_table: {tree} has no distserve/ (a source tree is needed)", file=sys.stderr)
+            return 2
+        trees["baseline" if i == 0 else f"baseline{i + 1}"] = tree.resolve()
+    trees["this"] = REPO
+    names = list(trees)
+    rounds: dict[str, list[dict]] = {name: [] for name in names}
+    for n in range(args.rounds):  # each round in another order: no tree always runs first (or last)
+        for name in names[n % len(names):] + names[: n % len(names)]:
+            profile = args.profile if name == "this" and n == 0 else None
+            rounds[name].append(run_tree(trees[name], args, profile))
+            if args.rounds > 1:
+                picks = rounds[name][-1]["pick"]
+                print(f"round {n + 1} {name}: " + ", ".join(f"{k} {v['p50_us']}/{v['p99_us']}" for k, v in picks.items()),
+                      flush=True)
+    results = {name: runs[0] for name, runs in rounds.items()}
     for name, r in results.items():
         print(f"== {name} ({trees[name]}): {r['engines']} engines, {r['links']} links, initial build "
               f"{r['initial_build_s']} s")
@@ -334,8 +353,15 @@ def main() -> int:
         if "load_change" in r:
             s = r["load_change"]
             print(f"   load change (begin/end/record), per call: p50 {s['p50_us']:>5.2f} us  p99 {s['p99_us']:>5.2f}")
+    if args.rounds > 1:
+        print(f"== medians over {args.rounds} rounds, p50 / p99 us per pick")
+        for name, runs in rounds.items():
+            for strategy in runs[0]["pick"]:
+                p50 = statistics.median(r["pick"][strategy]["p50_us"] for r in runs)
+                p99 = statistics.median(r["pick"][strategy]["p99_us"] for r in runs)
+                print(f"   {name:10s} {strategy:32s} p50 {p50:>7.2f}  p99 {p99:>7.2f}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.write_text(json.dumps(results if args.rounds == 1 else rounds, indent=1))
     return 0
 
 
