@@ -713,7 +713,7 @@ class KvAwareStrategy(Strategy):
             matched_of = {c: m if m >= min_match else 0 for c, m in matched_of.items()}
         best_match = max(matched_of.values())
         # the shortlist's loads read from the tracker's current figures (only theirs: no per-pick upkeep of
-        # the whole set's), divided by the weights as the scan does (by 1.0 without weights: the same floats)
+        # the whole set's), divided by the weights as the scan does
         current, speed, weighted = ctx.load.current.get, st.speed, st.speeds is not None
         lw, cw = self._load_weight, self._cache_weight
         # cost (the scan's very floats: the same products and difference) in one pass that keeps the lowest
