@@ -107,9 +107,10 @@ def _weight(ctx: PickContext, engine_id: str) -> float:
 
 class _PerSet:
     """State that is a function of one candidate set (and the weights): a ring, cumulative weights, a load
-    index. Picks come with a new list each time (the orchestrator filters the table's), so the key is cheap
-    to hash (size, first, middle, last) and the stored members are compared with == (a C loop, ~1 us per 500
-    engines): another set with the same key replaces the entry. Bounded in entries and in total size (members
+    index. Picks come with the routing table's own list (the orchestrator's first attempt, unfiltered) or a
+    new one (filtered, or a retry's), so the key is cheap to hash (size, first, middle, last) and the stored
+    members are compared with == (a C loop, ~1 us per 500 engines): another set with the same key replaces the
+    entry. Bounded in entries and in total size (members
     or ring points), least recently used first out."""
 
     def __init__(self, build: Callable[[list[str], PickContext], Any], max_entries: int, max_size: int) -> None:
