@@ -19,13 +19,15 @@ change), a link failed and re-established, an operator cordon set and cleared. P
 as the orchestrator's first attempt hands it; `--new-lists`: a new list per pick, as a retry's), without and
 with weights (every fourth prefill weight 2), over 100 prompts, with loads moving between picks as under
 traffic (each pick starts a request, the oldest of 64 in flight ends, one agent load record arrives; those
-load-tracker calls are timed on their own). kv_aware's rows use a real `distserve.router.kv_index.KvIndex` of
-the tree under test, fed the engines' cache-stream messages through its own `apply` (a snapshot of 200 prefix
-keys per prefill: 100 chat conversations of 12 messages under 5 shared system prompts, each conversation
-cached to some depth on 3 prefills, the rest other keys, listed before them as the least recently stored;
-between picks one prefill streams a stored or removed event: a new key, or its least recent), and requests
-of those 100 conversations (12 prefix keys each, computed once per request as the router does, not timed;
-the prompt prefix computed from the body at each call, as the orchestrator's is).
+load-tracker calls are timed on their own), and the first pick after the candidate set changes (one prefill
+leaves the set, then returns; 20 times, CPU time: what a topology change costs a strategy's per-set state).
+kv_aware's rows use a real `distserve.router.kv_index.KvIndex` of the tree under test, fed the engines'
+cache-stream messages through its own `apply` (a snapshot of 200 prefix keys per prefill: 100 chat
+conversations of 12 messages under 5 shared system prompts, each conversation cached to some depth on 3
+prefills, the rest other keys, listed before them as the least recently stored; between picks one prefill
+streams a stored or removed event: a new key, or its least recent), and requests of those 100 conversations
+(12 prefix keys each, computed once per request as the router does, not timed; the prompt prefix computed
+from the body at each call, as the orchestrator's is).
 
 Each tree runs in its own child process (`--tree`), so the baseline imports its own code.
 """
@@ -145,6 +147,7 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int, onl
         # uneven speeds: every fourth prefill has weight 2 (the "weighted" rows)
         weight_sets = {"": {}, ", weighted": {c: 2.0 for c in candidates[::4]}}
         decisions: dict[str, dict] = {}
+        first_picks: dict[str, dict] = {}
         load_changes: list[float] = []
         profiler = None
         if profile is not None:
@@ -201,6 +204,15 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int, onl
                 for engine_id in inflight:
                     load.end(engine_id)
                 decisions[name + label] = _summary(times)
+                # the first pick after the candidate set changes (a prefill leaves the set, then comes back):
+                # what a topology change costs a strategy that keeps state per set, as CPU time of this process
+                set_changes = []
+                for k in range(20):
+                    for given in (candidates[:k * 7] + candidates[k * 7 + 1:], candidates):
+                        c0 = time.thread_time()
+                        strategy.pick(given, contexts[k])
+                        set_changes.append(time.thread_time() - c0)
+                first_picks[name + label] = _summary(set_changes)
         if profiler is not None:
             profiler.dump_stats(str(profile))
         return {
@@ -209,6 +221,7 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int, onl
             "change_cpu": {k: _summary(v) for k, v in per_kind.items() if v},
             "change_cpu_all": _summary([x for v in per_kind.values() for x in v]),
             "pick": decisions,
+            "first_pick_after_set_change": first_picks,
             "load_change": _summary(load_changes),
         }
 
@@ -350,6 +363,9 @@ def main() -> int:
         for strategy, s in r["pick"].items():
             print(f"   pick {strategy:32s} over {r['candidates']}: p50 {s['p50_us']:>7.1f} us  p99 "
                   f"{s['p99_us']:>7.1f}  mean {s['mean_us']:>7.1f}")
+        for strategy, s in r.get("first_pick_after_set_change", {}).items():
+            print(f"   first pick after a set change, {strategy:20s} CPU: mean {s['mean_us'] / 1000:>6.2f} ms  "
+                  f"p99 {s['p99_us'] / 1000:>6.2f}  max {s['max_us'] / 1000:>6.2f}")
         if "load_change" in r:
             s = r["load_change"]
             print(f"   load change (begin/end/record), per call: p50 {s['p50_us']:>5.2f} us  p99 {s['p99_us']:>5.2f}")

@@ -36,7 +36,7 @@ import heapq
 import math
 import random
 import time
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from itertools import accumulate, islice, repeat
@@ -59,6 +59,11 @@ from distserve.router.load import LoadTracker
 MAX_RING_POINTS = 1 << 14
 _RING_CACHE_POINTS = 1 << 18
 _RING_CACHE_ENTRIES = 256
+# A ring differing from the last one built by at most this many points is derived from it (each point moved by
+# bisection, ~2 us); more, it is merged from the engines' kept points. Engines' points kept for at most
+# _KEPT_ENGINES engines.
+_DERIVE_POINTS = 256
+_KEPT_ENGINES = 8192
 # min_expected_latency and weighted random keep a per-candidate-set index from this many candidates up; below
 # it a scan costs about as much, and the many small sets (each prefill's decodes) would only churn the cache.
 _INDEX_MIN = 32
@@ -353,19 +358,18 @@ class _KvSet:
     Loads are not kept here: a pick reads its shortlist's from the tracker, and the whole set's total only for
     a new prefix."""
 
-    def __init__(self, members: list[str], ctx: PickContext, ring: tuple[list[int], list[str]]) -> None:
+    def __init__(self, members: list[str], ctx: PickContext, rings: _Rings) -> None:
         self.members = members
         self.weights = ctx.weights
         self.member_set = frozenset(members)
-        self.hashes, self.owners = ring
+        self.hashes, self.owners, counts = rings.ring(members, ctx)
         self.size = len(self.hashes)
         # each member's weight (1.0 each without weights: a load divided by it is the scan's float either way)
         self.speed = {c: _weight(ctx, c) for c in members} if ctx.weights else dict.fromkeys(members, 1.0)
         self.speeds = [_weight(ctx, c) for c in members] if ctx.weights else None  # in members' order
-        # each owner's points, sorted (the ring is): for ties, built with the ring rather than on the first tie
-        self.by_owner: dict[str, list[int]] = {}
-        for h, c in zip(self.hashes, self.owners):
-            self.by_owner.setdefault(c, []).append(h)
+        # each owner's points, sorted (as on the ring): for ties, kept by the ring builder per engine and count
+        owned = rings.owned
+        self.by_owner: dict[str, list[int]] = {c: owned(c, n) for c, n in counts.items()}
         self.index: Any = None
         self.epoch = -1
         self.expires = -math.inf
@@ -422,6 +426,91 @@ class _KvSet:
         return best
 
 
+class _Rings:
+    """prefix_affinity's rings (kv_aware's too), built in proportion to what changed. Each engine's points are
+    hashed once and kept (point i of engine c is hash("c#i"), whatever the set); a set's ring is derived from the
+    last one built when at most _DERIVE_POINTS points differ (a topology change moves one engine's: its points
+    leave or join by bisection), else merged from the kept points. Either way the lists equal a build from
+    scratch (sorted by hash, then owner): rebuilding a 500-engine ring from scratch was ~20 ms of CPU paid by the
+    first pick after any change of the candidate set (docs/benchmarks.md, "Sixth pass")."""
+
+    def __init__(self, vnodes: int) -> None:
+        self._vnodes = vnodes
+        self._points: dict[str, list[int]] = {}  # engine -> hashes of its points #0, #1, ... (as many as asked)
+        self._owned: dict[str, tuple[int, list[int]]] = {}  # engine -> (count, its first count points sorted)
+        self._last: tuple[dict[str, int], list[int], list[str]] | None = None  # counts, hashes, owners
+
+    def counts(self, candidates: list[str], ctx: PickContext) -> dict[str, int]:
+        counts = {c: max(1, round(self._vnodes * _weight(ctx, c))) for c in candidates}
+        total = sum(counts.values())
+        if total > MAX_RING_POINTS:  # the same scaling on every replica: they still agree
+            scale = MAX_RING_POINTS / total
+            counts = {c: max(1, int(n * scale)) for c, n in counts.items()}
+        return counts
+
+    def points(self, engine_id: str, n: int) -> list[int]:
+        """The hashes of the engine's points #0 .. #n-1 (kept: hashed once per engine)."""
+        kept = self._points.get(engine_id)
+        if kept is None or len(kept) < n:
+            if len(self._points) >= _KEPT_ENGINES:  # engines come and go: bounded, dropped wholesale
+                self._points.clear()
+                self._owned.clear()
+            kept = self._points[engine_id] = [_hash64(f"{engine_id}#{i}".encode()) for i in range(n)]
+        return kept[:n] if len(kept) > n else kept
+
+    def owned(self, engine_id: str, n: int) -> list[int]:
+        """The engine's first n points, sorted (its points on any ring where it has n)."""
+        kept = self._owned.get(engine_id)
+        if kept is None or kept[0] != n:
+            kept = self._owned[engine_id] = (n, sorted(self.points(engine_id, n)))
+        return kept[1]
+
+    def ring(self, candidates: list[str], ctx: PickContext) -> tuple[list[int], list[str], dict[str, int]]:
+        counts = self.counts(candidates, ctx)
+        derived = self._derive(counts)
+        if derived is None:
+            points = [(h, c) for c in candidates for h in self.points(c, counts[c])]
+            points.sort()
+            derived = [p[0] for p in points], [p[1] for p in points]
+        self._last = (counts, *derived)
+        return (*derived, counts)
+
+    def _derive(self, counts: dict[str, int]) -> tuple[list[int], list[str]] | None:
+        last = self._last
+        if last is None:
+            return None
+        old_counts, old_hashes, old_owners = last
+        leaving: list[tuple[int, str]] = []
+        joining: list[tuple[int, str]] = []
+        for c, n in counts.items():
+            old = old_counts.get(c, 0)
+            if n != old:
+                if n < old:
+                    leaving += [(h, c) for h in self.points(c, old)[n:]]
+                else:
+                    joining += [(h, c) for h in self.points(c, n)[old:]]
+                if len(leaving) + len(joining) > _DERIVE_POINTS:
+                    return None
+        for c in old_counts.keys() - counts.keys():  # engines no longer in the set
+            leaving += [(h, c) for h in self.points(c, old_counts[c])]
+            if len(leaving) + len(joining) > _DERIVE_POINTS:
+                return None
+        hashes, owners = old_hashes.copy(), old_owners.copy()
+        for h, c in leaving:
+            i = bisect_left(hashes, h)
+            while owners[i] != c:  # equal hashes (never seen in practice) are ordered by owner
+                i += 1
+            del hashes[i]
+            del owners[i]
+        for h, c in joining:
+            i = bisect_left(hashes, h)
+            while i < len(hashes) and hashes[i] == h and owners[i] < c:
+                i += 1
+            hashes.insert(i, h)
+            owners.insert(i, c)
+        return hashes, owners
+
+
 class PrefixAffinityStrategy(Strategy):
     """Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2018) on the prompt prefix.
 
@@ -437,6 +526,7 @@ class PrefixAffinityStrategy(Strategy):
         self._prefix_chars = typed.prefix_chars
         self._load_factor = max(1.0, typed.load_factor)
         self._vnodes = typed.vnodes
+        self._rings = _Rings(typed.vnodes)
         # per candidate set: the ring and the members' loads (candidate sets change with the topology; the
         # cache is small in entries and in memory)
         self._sets = _PerSet(self._ring, _RING_CACHE_ENTRIES, _RING_CACHE_POINTS)
@@ -449,17 +539,8 @@ class PrefixAffinityStrategy(Strategy):
 
     def ring_points(self, candidates: list[str], ctx: PickContext) -> tuple[list[int], list[str]]:
         """The ring of a candidate set: point hashes (sorted) and their owners."""
-        counts = {c: max(1, round(self._vnodes * _weight(ctx, c))) for c in candidates}
-        total = sum(counts.values())
-        if total > MAX_RING_POINTS:  # the same scaling on every replica: they still agree
-            scale = MAX_RING_POINTS / total
-            counts = {c: max(1, int(n * scale)) for c, n in counts.items()}
-        points: list[tuple[int, str]] = []
-        for c in candidates:
-            for i in range(counts[c]):
-                points.append((_hash64(f"{c}#{i}".encode()), c))
-        points.sort()
-        return [p[0] for p in points], [p[1] for p in points]
+        hashes, owners, _ = self._rings.ring(candidates, ctx)
+        return hashes, owners
 
     def ring_order(self, candidates: list[str], ctx: PickContext, k: int, start: int | None = None) -> list[str]:
         """The first k distinct owners on the candidate set's (cached) ring from the request's prefix hash (or
@@ -542,9 +623,8 @@ class KvAwareStrategy(Strategy):
             PrefixAffinityParams(prefix_chars=typed.prefix_chars, load_factor=typed.load_factor,
                                  vnodes=typed.vnodes)
         )
-        ring_points = self._affinity.ring_points
-        self._sets = _PerSet(lambda m, ctx: _KvSet(m, ctx, ring_points(m, ctx)), _RING_CACHE_ENTRIES,
-                             _RING_CACHE_POINTS)
+        rings = self._affinity._rings
+        self._sets = _PerSet(lambda m, ctx: _KvSet(m, ctx, rings), _RING_CACHE_ENTRIES, _RING_CACHE_POINTS)
         # the last candidate set's state: a pick for the same set (most picks) skips _PerSet's key tuple, its
         # hashing and LRU upkeep. The very list of the last pick (the routing table's, until it changes) is
         # recognised by identity; another is compared by value (members ==, the weights dict by identity): over

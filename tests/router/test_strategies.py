@@ -616,9 +616,50 @@ def _ref_kv_pick(params, candidates, ctx, tie="subset_ring", shortlist=None):
         return tied[0]
     if tie == "subset_ring":
         return s._affinity.pick(tied, ctx)
-    ring = _KvSet(list(candidates), ctx, s._affinity.ring_points(candidates, ctx))
+    ring = _KvSet(list(candidates), ctx, s._affinity._rings)
     start = _hash64(ctx.prefix(s._prefix_chars) if ctx.prefix else b"") if shortlist is None else _sample_start(s, ctx)
     return ring.first_clockwise(tied, start)
+
+
+def _ring_from_scratch(candidates, ctx, vnodes):
+    """prefix_affinity's ring as it was built before it was derived: every point hashed, all sorted."""
+    from distserve.router.strategies import MAX_RING_POINTS, _hash64, _weight
+    counts = {c: max(1, round(vnodes * _weight(ctx, c))) for c in candidates}
+    total = sum(counts.values())
+    if total > MAX_RING_POINTS:
+        counts = {c: max(1, int(n * MAX_RING_POINTS / total)) for c, n in counts.items()}
+    points = sorted((_hash64(f"{c}#{i}".encode()), c) for c in candidates for i in range(counts[c]))
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def test_rings_derived_from_the_last_one_equal_rings_built_from_scratch():
+    """A candidate set's ring is derived from the last ring built when few points differ (an engine joins or
+    leaves, a weight changes), else merged from the kept points: either way the very lists a build from scratch
+    gives, above and below the point cap, and kv_aware's per-owner points are each owner's points on it."""
+    import random as _random
+
+    from distserve.router.strategies import _KvSet
+    rng = _random.Random(22)
+    for vnodes, size in ((64, 300), (8, 40)):  # 300 x 64 points are scaled down to the cap; 40 x 8 are not
+        s = make_strategy("prefix_affinity", {"vnodes": vnodes})
+        pool = [f"p{i:04d}" for i in range(size + 40)]
+        members = sorted(rng.sample(pool, size))
+        weights: dict = {}
+        for step in range(60):
+            op = rng.random()
+            if op < 0.3 and len(members) > 2:
+                members.remove(rng.choice(members))
+            elif op < 0.6:
+                members = sorted(set(members) | {rng.choice(pool)})
+            elif op < 0.8:
+                weights = {**weights, rng.choice(members): rng.choice((0.5, 1.0, 2.0, 3.0))}
+            else:
+                members = sorted(rng.sample(pool, rng.randint(2, len(pool))))  # a wholly different set
+            ctx = PickContext(load=LoadTracker(), weights=dict(weights))
+            assert s.ring_points(members, ctx) == _ring_from_scratch(members, ctx, vnodes), step
+            kv = _KvSet(list(members), ctx, s._rings)
+            for c in members:
+                assert kv.by_owner[c] == [h for h, o in zip(kv.hashes, kv.owners) if o == c], (step, c)
 
 
 def _kv_world(rng, n, holders_of_deep=3, hot=None):
