@@ -59,8 +59,8 @@ from distserve.router.load import LoadTracker
 MAX_RING_POINTS = 1 << 14
 _RING_CACHE_POINTS = 1 << 18
 _RING_CACHE_ENTRIES = 256
-# A ring differing from the last one built by at most this many points is derived from it (each point moved by
-# bisection, ~2 us); more, it is merged from the engines' kept points. Engines' points kept for at most
+# A ring differing from the last one built by at most this many points is derived from it (each point placed by
+# bisection, the lists rebuilt from slices); more, it is merged from the engines' kept points. Engines' points kept for at most
 # _KEPT_ENGINES engines.
 _DERIVE_POINTS = 256
 _KEPT_ENGINES = 8192
@@ -430,7 +430,7 @@ class _Rings:
     """prefix_affinity's rings (kv_aware's too), built in proportion to what changed. Each engine's points are
     hashed once and kept (point i of engine c is hash("c#i"), whatever the set); a set's ring is derived from the
     last one built when at most _DERIVE_POINTS points differ (a topology change moves one engine's: its points
-    leave or join by bisection), else merged from the kept points. Either way the lists equal a build from
+    are found by bisection, the new lists made of slices of the old), else merged from the kept points. Either way the lists equal a build from
     scratch (sorted by hash, then owner): rebuilding a 500-engine ring from scratch was ~20 ms of CPU paid by the
     first pick after any change of the candidate set (docs/benchmarks.md, "Sixth pass")."""
 
@@ -441,11 +441,21 @@ class _Rings:
         self._last: tuple[dict[str, int], list[int], list[str]] | None = None  # counts, hashes, owners
 
     def counts(self, candidates: list[str], ctx: PickContext) -> dict[str, int]:
-        counts = {c: max(1, round(self._vnodes * _weight(ctx, c))) for c in candidates}
+        """Each member's points: vnodes x its weight (at least 1), all scaled alike above MAX_RING_POINTS. Built
+        per distinct count, not per member (most members have the default weight)."""
+        vnodes = self._vnodes
+        counts = dict.fromkeys(candidates, max(1, round(vnodes * 1.0)))
+        for c, w in ctx.weights.items():
+            if c in counts:
+                counts[c] = max(1, round(vnodes * (w if w > 0 else 1e-9)))
         total = sum(counts.values())
         if total > MAX_RING_POINTS:  # the same scaling on every replica: they still agree
             scale = MAX_RING_POINTS / total
-            counts = {c: max(1, int(n * scale)) for c, n in counts.items()}
+            scaled = {n: max(1, int(n * scale)) for n in set(counts.values())}
+            if len(scaled) == 1:
+                counts = dict.fromkeys(candidates, scaled.popitem()[1])
+            else:
+                counts = {c: scaled[n] for c, n in counts.items()}
         return counts
 
     def points(self, engine_id: str, n: int) -> list[int]:
@@ -495,19 +505,44 @@ class _Rings:
             leaving += [(h, c) for h in self.points(c, old_counts[c])]
             if len(leaving) + len(joining) > _DERIVE_POINTS:
                 return None
-        hashes, owners = old_hashes.copy(), old_owners.copy()
-        for h, c in leaving:
-            i = bisect_left(hashes, h)
-            while owners[i] != c:  # equal hashes (never seen in practice) are ordered by owner
-                i += 1
-            del hashes[i]
-            del owners[i]
-        for h, c in joining:
-            i = bisect_left(hashes, h)
-            while i < len(hashes) and hashes[i] == h and owners[i] < c:
-                i += 1
-            hashes.insert(i, h)
-            owners.insert(i, c)
+        # new lists from slices of the old (C-level copies, each point once), never changed in place: the old
+        # lists stay valid for the sets that hold them
+        hashes, owners = old_hashes, old_owners
+        if leaving:
+            drop = []
+            for h, c in leaving:
+                i = bisect_left(hashes, h)
+                while owners[i] != c:  # equal hashes (never seen in practice) are ordered by owner
+                    i += 1
+                drop.append(i)
+            drop.sort()
+            kept_h: list[int] = []
+            kept_o: list[str] = []
+            prev = 0
+            for i in drop:
+                kept_h += hashes[prev:i]
+                kept_o += owners[prev:i]
+                prev = i + 1
+            kept_h += hashes[prev:]
+            kept_o += owners[prev:]
+            hashes, owners = kept_h, kept_o
+        if joining:
+            joining.sort()
+            merged_h: list[int] = []
+            merged_o: list[str] = []
+            prev = 0
+            for h, c in joining:
+                i = bisect_left(hashes, h, prev)
+                while i < len(hashes) and hashes[i] == h and owners[i] < c:
+                    i += 1
+                merged_h += hashes[prev:i]
+                merged_o += owners[prev:i]
+                merged_h.append(h)
+                merged_o.append(c)
+                prev = i
+            merged_h += hashes[prev:]
+            merged_o += owners[prev:]
+            hashes, owners = merged_h, merged_o
         return hashes, owners
 
 
