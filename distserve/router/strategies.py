@@ -53,7 +53,8 @@ from distserve.cluster.records import (
 )
 from distserve.router.load import LoadTracker
 
-# The prefix_affinity ring holds at most this many points (~40 ms to build on a busy core): above it every
+# The prefix_affinity ring holds at most this many points (~20 ms to hash and sort from scratch on a busy core;
+# after a topology change it is derived from the last one, _Rings): above it every
 # engine's share is scaled down alike (each keeps at least one point), so no weight or vnodes value can make
 # a router build a huge ring. Rings cached per candidate set hold at most _RING_CACHE_POINTS in all.
 MAX_RING_POINTS = 1 << 14
