@@ -20,7 +20,8 @@ as the orchestrator's first attempt hands it; `--new-lists`: a new list per pick
 with weights (every fourth prefill weight 2), over 100 prompts, with loads moving between picks as under
 traffic (each pick starts a request, the oldest of 64 in flight ends, one agent load record arrives; those
 load-tracker calls are timed on their own), and the first pick after the candidate set changes (one prefill
-leaves the set, then returns; 20 times, CPU time: what a topology change costs a strategy's per-set state).
+leaves the set: a new set; then returns: a set seen before; 20 times each, CPU time: what a topology change
+costs a strategy's per-set state).
 kv_aware's rows use a real `distserve.router.kv_index.KvIndex` of the tree under test, fed the engines'
 cache-stream messages through its own `apply` (a snapshot of 200 prefix keys per prefill: 100 chat
 conversations of 12 messages under 5 shared system prompts, each conversation cached to some depth on 3
@@ -206,13 +207,13 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int, onl
                 decisions[name + label] = _summary(times)
                 # the first pick after the candidate set changes (a prefill leaves the set, then comes back):
                 # what a topology change costs a strategy that keeps state per set, as CPU time of this process
-                set_changes = []
+                leaves, returns = [], []
                 for k in range(20):
-                    for given in (candidates[:k * 7] + candidates[k * 7 + 1:], candidates):
+                    for given, into in ((candidates[:k * 7] + candidates[k * 7 + 1:], leaves), (candidates, returns)):
                         c0 = time.thread_time()
                         strategy.pick(given, contexts[k])
-                        set_changes.append(time.thread_time() - c0)
-                first_picks[name + label] = _summary(set_changes)
+                        into.append(time.thread_time() - c0)
+                first_picks[name + label] = {"new_set": _summary(leaves), "set_seen_before": _summary(returns)}
         if profiler is not None:
             profiler.dump_stats(str(profile))
         return {
@@ -363,9 +364,10 @@ def main() -> int:
         for strategy, s in r["pick"].items():
             print(f"   pick {strategy:32s} over {r['candidates']}: p50 {s['p50_us']:>7.1f} us  p99 "
                   f"{s['p99_us']:>7.1f}  mean {s['mean_us']:>7.1f}")
-        for strategy, s in r.get("first_pick_after_set_change", {}).items():
-            print(f"   first pick after a set change, {strategy:20s} CPU: mean {s['mean_us'] / 1000:>6.2f} ms  "
-                  f"p99 {s['p99_us'] / 1000:>6.2f}  max {s['max_us'] / 1000:>6.2f}")
+        for strategy, kinds in r.get("first_pick_after_set_change", {}).items():
+            new, seen = kinds["new_set"], kinds["set_seen_before"]
+            print(f"   first pick after a set change, {strategy:20s} CPU: a new set mean {new['mean_us'] / 1000:>5.2f} "
+                  f"ms, max {new['max_us'] / 1000:>5.2f}; back to a set seen before mean {seen['mean_us'] / 1000:>5.2f}")
         if "load_change" in r:
             s = r["load_change"]
             print(f"   load change (begin/end/record), per call: p50 {s['p50_us']:>5.2f} us  p99 {s['p99_us']:>5.2f}")
