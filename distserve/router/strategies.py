@@ -367,7 +367,7 @@ class _KvSet:
         self.size = len(self.hashes)
         # each member's weight (1.0 each without weights: a load divided by it is the scan's float either way)
         self.speed = {c: _weight(ctx, c) for c in members} if ctx.weights else dict.fromkeys(members, 1.0)
-        self.speeds = [_weight(ctx, c) for c in members] if ctx.weights else None  # in members' order
+        self.weighted = bool(ctx.weights)
         # each owner's points, sorted (as on the ring): for ties, kept by the ring builder per engine and count
         owned = rings.owned
         self.by_owner: dict[str, list[int]] = {c: owned(c, n) for c, n in counts.items()}
@@ -383,9 +383,9 @@ class _KvSet:
         """The members' loads (divided by their weights) summed in the members' order, as the scan sums them:
         C-level maps over the tracker's current figures (~5 us per 500 members; a new prefix only)."""
         members = self.members
-        if self.speeds is None:
+        if not self.weighted:
             return float(sum(map(current.get, members, repeat(0))))
-        return sum(map(truediv, map(current.get, members, repeat(0)), self.speeds))
+        return sum(map(truediv, map(current.get, members, repeat(0)), map(self.speed.__getitem__, members)))
 
     def refresh(self, index: Any) -> None:
         """Which members are blind (no synced stream, not awaiting a snapshot): only when that may have changed
@@ -831,7 +831,7 @@ class KvAwareStrategy(Strategy):
         best_match = max(matched_of.values())
         # the shortlist's loads read from the tracker's current figures (only theirs: no per-pick upkeep of
         # the whole set's), divided by the weights as the scan does
-        current, speed, weighted = ctx.load.current.get, st.speed, st.speeds is not None
+        current, speed, weighted = ctx.load.current.get, st.speed, st.weighted
         lw, cw = self._load_weight, self._cache_weight
         # cost (the scan's very floats: the same products and difference) in one pass that keeps the lowest
         # and the engines within 1e-9 of it (the cost tie set, as _tied computes it), pruned when it drops
