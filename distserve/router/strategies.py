@@ -883,18 +883,11 @@ class KvAwareStrategy(Strategy):
         if best_match == 0 and lw > 0:  # a new prefix: the bounded-load mean is the whole candidate set's
             loads = {c: current(c, 0) / speed[c] for c in matched_of}
             tied = self._new_prefix_tie(matched_of, loads, (st.total_load(ctx.load.current), len(candidates)))
-            if len(tied) > 1:
-                tied = _least_cached(tied, index, loads)
-        elif (cache_sizes := getattr(index, "cache_sizes", None)) is not None:
-            # a cost tie (often the whole sample, on a shared prompt): _least_cached's rule over `near` as it
-            # is, (families, load, keys) lowest, without its dict of loads (~2 us of a 32-engine tie)
-            tied = [n[1] for n in near]
-            ranks = [(f, n[2], k) for n, (f, k) in zip(near, cache_sizes(tied))]
-            fewest = min(ranks)
-            tied = [c for c, rank in zip(tied, ranks) if rank == fewest]
         else:
-            loads = {n[1]: n[2] for n in near}
-            tied = _least_cached(list(loads), index, loads)
+            loads = {n[1]: n[2] for n in near}  # the tied engines' (the tie rule reads them)
+            tied = list(loads)
+        if len(tied) > 1:
+            tied = _least_cached(tied, index, loads)
         if len(tied) == 1:
             chosen = tied[0]
         else:  # the first of them clockwise from where the sample starts (the request's deepest key)
