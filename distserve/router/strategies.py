@@ -39,7 +39,7 @@ import time
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from itertools import accumulate, islice, repeat
+from itertools import accumulate, compress, islice, repeat
 from operator import truediv
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,10 +60,15 @@ from distserve.router.load import LoadTracker
 MAX_RING_POINTS = 1 << 14
 _RING_CACHE_POINTS = 1 << 18
 _RING_CACHE_ENTRIES = 256
-# A ring differing from the last one built by at most this many points is derived from it (each point placed by
-# bisection, the lists rebuilt from slices); more, it is merged from the engines' kept points. Engines' points kept for at most
-# _KEPT_ENGINES engines.
-_DERIVE_POINTS = 256
+# A ring differing from the last one built by at most 1/_DERIVE_SHARE of its points is derived from it (each point
+# placed by bisection, the lists rebuilt in one pass of slices: ~1 us a point); more, it is merged from the engines'
+# kept points (~10-20 ms at the cap). A fleet crossing a point-count step (scaled to the cap, every engine has
+# int(16384 / n) points: the 513th prefill takes one point from each of the others) changes ~n points: derived.
+# Engines' points kept for at most _KEPT_ENGINES engines; sorted up front for at most _SORT_AHEAD engines whose
+# count changed (the others on first use).
+_DERIVE_SHARE = 4
+_SORT_AHEAD = 16
+_MASK_DROPS = 64  # more drops than this: dropped by a mask over the whole ring (C-level) rather than by slices
 _KEPT_ENGINES = 8192
 # min_expected_latency and weighted random keep a per-candidate-set index from this many candidates up; below
 # it a scan costs about as much, and the many small sets (each prefill's decodes) would only churn the cache.
@@ -452,7 +457,7 @@ class _KvSet:
 class _Rings:
     """prefix_affinity's rings (kv_aware's too), built in proportion to what changed. Each engine's points are
     hashed once and kept (point i of engine c is hash("c#i"), whatever the set); a set's ring is derived from the
-    last one built when at most _DERIVE_POINTS points differ (a topology change moves one engine's: its points
+    last one built when at most a quarter of its points differ (a topology change moves one engine's: its points
     are found by bisection, the new lists made of slices of the old), else merged from the kept points. Either way the lists equal a build from
     scratch (sorted by hash, then owner): rebuilding a 500-engine ring from scratch was ~20 ms of CPU paid by the
     first pick after any change of the candidate set (docs/benchmarks.md, "Sixth pass")."""
@@ -460,7 +465,7 @@ class _Rings:
     def __init__(self, vnodes: int) -> None:
         self._vnodes = vnodes
         self._points: dict[str, list[int]] = {}  # engine -> hashes of its points #0, #1, ... (as many as asked)
-        self._owned: dict[str, tuple[int, list[int]]] = {}  # engine -> (count, its first count points sorted)
+        self._owned: dict[str, dict[int, list[int]]] = {}  # engine -> {count: its first count points, sorted}
         self._last: tuple[dict[str, int], list[int], list[str]] | None = None  # counts, hashes, owners
 
     def counts(self, candidates: list[str], ctx: PickContext) -> dict[str, int]:
@@ -495,10 +500,15 @@ class _Rings:
 
     def owned(self, engine_id: str, n: int) -> list[int]:
         """The engine's first n points, sorted (its points on any ring where it has n)."""
-        kept = self._owned.get(engine_id)
-        if kept is None or kept[0] != n:
-            kept = self._owned[engine_id] = (n, sorted(self.points(engine_id, n)))
-        return kept[1]
+        per_count = self._owned.get(engine_id)
+        if per_count is None:
+            per_count = self._owned[engine_id] = {}
+        kept = per_count.get(n)
+        if kept is None:
+            if len(per_count) >= 4:  # the fleet's size moved through several point counts: the older ones go
+                per_count.clear()
+            kept = per_count[n] = sorted(self.points(engine_id, n))
+        return kept
 
     def ring(self, candidates: list[str], ctx: PickContext) -> tuple[list[int], list[str], dict[str, int]]:
         counts = self.counts(candidates, ctx)
@@ -516,36 +526,58 @@ class _Rings:
         last = self._last
         if last is None:
             return None
-        old_counts, old_hashes, old_owners = last
-        leaving: list[tuple[int, str]] = []
-        joining: list[tuple[int, str]] = []
+        old_counts, hashes, owners = last
+        limit = max(256, len(hashes) // _DERIVE_SHARE)
+        kept, points = self._points, self.points
+        leaving: list[tuple[int, str]] = []  # (hash, owner)
+        joins: list[tuple[int, str]] = []
+        changed: list[tuple[str, int]] = []
+        edits = 0
+        old_get = old_counts.get
         for c, n in counts.items():
-            old = old_counts.get(c, 0)
+            old = old_get(c, 0)
             if n != old:
-                if n < old:
-                    leaving += [(h, c) for h in self.points(c, old)[n:]]
-                else:
-                    joining += [(h, c) for h in self.points(c, n)[old:]]
-                self.owned(c, n)
-                if len(leaving) + len(joining) > _DERIVE_POINTS:
+                edits += abs(n - old)
+                if edits > limit:
                     return None
+                hs = kept.get(c)
+                if hs is None or len(hs) < n:
+                    hs = points(c, n)
+                if n < old:
+                    leaving += zip(hs[n:old], repeat(c))
+                else:
+                    joins += zip(hs[old:n], repeat(c))
+                changed.append((c, n))
         for c in old_counts.keys() - counts.keys():  # engines no longer in the set
-            leaving += [(h, c) for h in self.points(c, old_counts[c])]
-            if len(leaving) + len(joining) > _DERIVE_POINTS:
+            edits += old_counts[c]
+            if edits > limit:
                 return None
-        # new lists from slices of the old in one pass (C-level copies, each point once), never changed in
-        # place: the old lists stay valid for the sets that hold them. Edits are placed in the old lists'
-        # positions: (i, 0, point) inserts before old point i, (i, 1) drops it; a point joining at a
-        # dropped one's position goes in first (both sorted by (hash, owner) as the ring is)
-        hashes, owners = old_hashes, old_owners
-        n = len(hashes)
-        edits: list[tuple] = []
+            leaving += zip(points(c, old_counts[c]), repeat(c))
+        drops: list[int] = []  # positions in the old lists
         for h, c in leaving:
             i = bisect_left(hashes, h)
             while owners[i] != c:  # equal hashes (never seen in practice) are ordered by owner
                 i += 1
-            edits.append((i, 1))
-        for h, c in joining:
+            drops.append(i)
+        if len(changed) <= _SORT_AHEAD:  # a join, a leave, a weight: sorted now, not in a pick's tie
+            for c, n in changed:
+                self.owned(c, n)
+        # New lists, never changed in place: the old ones stay valid for the sets that hold them. Many drops (a
+        # fleet crossing a point-count step: one point of every engine) go by a mask, C-level; the rest by one
+        # pass of slices (C-level copies, each point once), edits placed in the lists' positions: (i, 0, h, c)
+        # inserts before point i, (i, 1) drops it, an insertion at a dropped point's position first (both keep
+        # the ring's (hash, owner) order).
+        if len(drops) > _MASK_DROPS:
+            keep = bytearray(b"\x01") * len(hashes)
+            for i in drops:
+                keep[i] = 0
+            hashes, owners = list(compress(hashes, keep)), list(compress(owners, keep))
+            drops = []
+        if not drops and not joins:
+            return hashes, owners
+        n = len(hashes)
+        edits: list[tuple] = [(i, 1) for i in drops]
+        for h, c in joins:
             i = bisect_left(hashes, h)
             while i < n and hashes[i] == h and owners[i] < c:
                 i += 1
