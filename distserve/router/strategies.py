@@ -39,8 +39,8 @@ import time
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
-from itertools import accumulate, compress, islice, repeat
-from operator import truediv
+from itertools import accumulate, islice, repeat
+from operator import itemgetter, truediv
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,7 +68,6 @@ _RING_CACHE_ENTRIES = 256
 # count changed (the others on first use).
 _DERIVE_SHARE = 4
 _SORT_AHEAD = 16
-_MASK_DROPS = 64  # more drops than this: dropped by a mask over the whole ring (C-level) rather than by slices
 _KEPT_ENGINES = 8192
 # min_expected_latency and weighted random keep a per-candidate-set index from this many candidates up; below
 # it a scan costs about as much, and the many small sets (each prefill's decodes) would only churn the cache.
@@ -491,11 +490,16 @@ class _Rings:
     def points(self, engine_id: str, n: int) -> list[int]:
         """The hashes of the engine's points #0 .. #n-1 (kept: hashed once per engine)."""
         kept = self._points.get(engine_id)
-        if kept is None or len(kept) < n:
+        if kept is None:
             if len(self._points) >= _KEPT_ENGINES:  # engines come and go: bounded, dropped wholesale
                 self._points.clear()
                 self._owned.clear()
-            kept = self._points[engine_id] = [_hash64(f"{engine_id}#{i}".encode()) for i in range(n)]
+            # all of a unit weight's points, whatever the scaling: a fleet crossing a point-count step then
+            # finds every engine's next point hashed already (hashing them then was ~20 ms at 500 prefills)
+            kept = self._points[engine_id] = [_hash64(f"{engine_id}#{i}".encode())
+                                              for i in range(max(n, self._vnodes))]
+        elif len(kept) < n:  # a weight raised: only the points it adds
+            kept += [_hash64(f"{engine_id}#{i}".encode()) for i in range(len(kept), n)]
         return kept[:n] if len(kept) > n else kept
 
     def owned(self, engine_id: str, n: int) -> list[int]:
@@ -527,59 +531,61 @@ class _Rings:
         if last is None:
             return None
         old_counts, hashes, owners = last
-        limit = max(256, len(hashes) // _DERIVE_SHARE)
-        kept, points = self._points, self.points
-        leaving: list[tuple[int, str]] = []  # (hash, owner)
-        joins: list[tuple[int, str]] = []
-        changed: list[tuple[str, int]] = []
-        edits = 0
-        old_get = old_counts.get
-        for c, n in counts.items():
-            old = old_get(c, 0)
-            if n != old:
-                edits += abs(n - old)
-                if edits > limit:
-                    return None
-                hs = kept.get(c)
-                if hs is None or len(hs) < n:
-                    hs = points(c, n)
-                if n < old:
-                    leaving += zip(hs[n:old], repeat(c))
-                else:
-                    joins += zip(hs[old:n], repeat(c))
-                changed.append((c, n))
+        # the engines whose point count changed, grouped by (old count, new count): a join or a leave is one
+        # engine; a fleet crossing a point-count step (scaled to the cap, every engine has int(16384 / n)
+        # points) moves every engine alike, so a group's points are gathered by C-level maps, not per engine
+        groups: dict[tuple[int, int], list[str]] = {}
+        for c, old, n in zip(counts, map(old_counts.get, counts, repeat(0)), counts.values()):
+            if old != n:
+                group = groups.get((old, n))
+                if group is None:
+                    group = groups[(old, n)] = []
+                group.append(c)
         for c in old_counts.keys() - counts.keys():  # engines no longer in the set
-            edits += old_counts[c]
-            if edits > limit:
-                return None
-            leaving += zip(points(c, old_counts[c]), repeat(c))
-        drops: list[int] = []  # positions in the old lists
-        for h, c in leaving:
-            i = bisect_left(hashes, h)
-            while owners[i] != c:  # equal hashes (never seen in practice) are ordered by owner
-                i += 1
-            drops.append(i)
-        if len(changed) <= _SORT_AHEAD:  # a join, a leave, a weight: sorted now, not in a pick's tie
-            for c, n in changed:
-                self.owned(c, n)
-        # New lists, never changed in place: the old ones stay valid for the sets that hold them. Many drops (a
-        # fleet crossing a point-count step: one point of every engine) go by a mask, C-level; the rest by one
-        # pass of slices (C-level copies, each point once), edits placed in the lists' positions: (i, 0, h, c)
-        # inserts before point i, (i, 1) drops it, an insertion at a dropped point's position first (both keep
-        # the ring's (hash, owner) order).
-        if len(drops) > _MASK_DROPS:
-            keep = bytearray(b"\x01") * len(hashes)
-            for i in drops:
-                keep[i] = 0
-            hashes, owners = list(compress(hashes, keep)), list(compress(owners, keep))
-            drops = []
-        if not drops and not joins:
+            groups.setdefault((old_counts[c], 0), []).append(c)
+        if sum(abs(n - old) * len(g) for (old, n), g in groups.items()) > max(256, len(hashes) // _DERIVE_SHARE):
+            return None
+        kept = self._points
+        leave_h: list[int] = []
+        leave_o: list[str] = []
+        join_h: list[int] = []
+        join_o: list[str] = []
+        for (old, n), group in groups.items():
+            if n > old:
+                for c in group:  # hashed as far as needed (an engine new to this router: all of its points)
+                    self.points(c, n)
+            lists = list(map(kept.__getitem__, group))
+            for j in range(min(old, n), max(old, n)):  # point #j of each engine of the group
+                if n < old:
+                    leave_h += map(itemgetter(j), lists)
+                    leave_o += group
+                else:
+                    join_h += map(itemgetter(j), lists)
+                    join_o += group
+        if len(groups) == 1 or sum(map(len, groups.values())) <= _SORT_AHEAD:
+            # a join, a leave, a weight: sorted now, not in a pick's tie (a crossing: on first use)
+            for (_, n), group in groups.items():
+                if n and len(group) <= _SORT_AHEAD:
+                    for c in group:
+                        self.owned(c, n)
+        # New lists, never changed in place: the old ones stay valid for the sets that hold them. The dropped
+        # points' positions by bisection (C-level; equal hashes, never seen in practice, are ordered by owner:
+        # then one by one); the new lists in one pass of slices of the old (C-level copies, each point once;
+        # a mask and `compress` over the whole ring cost more), each edit placed in the old lists' positions:
+        # (i, 0, h, c) inserts before point i, (i, 1) drops it, an insertion at a dropped point's position
+        # first (both keep the ring's (hash, owner) order).
+        drops = list(map(bisect_left, repeat(hashes), leave_h))
+        if list(map(owners.__getitem__, drops)) != leave_o:
+            for k, (i, c) in enumerate(zip(drops, leave_o)):
+                while owners[i] != c:
+                    i += 1
+                drops[k] = i
+        if not drops and not join_h:
             return hashes, owners
-        n = len(hashes)
+        size = len(hashes)
         edits: list[tuple] = [(i, 1) for i in drops]
-        for h, c in joins:
-            i = bisect_left(hashes, h)
-            while i < n and hashes[i] == h and owners[i] < c:
+        for i, h, c in zip(map(bisect_left, repeat(hashes), join_h), join_h, join_o):
+            while i < size and hashes[i] == h and owners[i] < c:
                 i += 1
             edits.append((i, 0, h, c))
         edits.sort()

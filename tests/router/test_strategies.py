@@ -665,6 +665,47 @@ def test_rings_derived_from_the_last_one_equal_rings_built_from_scratch():
                 assert kv.owner_points(c) == [h for h, o in zip(kv.hashes, kv.owners) if o == c], (step, c)
 
 
+def test_rings_across_point_count_steps_equal_rings_built_from_scratch(monkeypatch):
+    """Scaled to the point cap, each engine has int(16384 / n) points (unit weight): a fleet growing or shrinking
+    through n = 303 / 304 (54 / 53 points) and 309 / 310 (53 / 52) moves one point of every engine. Such rings
+    are derived from the last one (not rebuilt) and still equal a build from scratch, with kv_aware's per-owner
+    points, weights or not."""
+    import random as _random
+
+    from distserve.router import strategies as strategies_module
+    from distserve.router.strategies import _KvSet
+    derived_steps = []
+    derive = strategies_module._Rings._derive
+
+    def counted(self, counts):
+        before = self._last[0] if self._last is not None else {}
+        out = derive(self, counts)
+        if out is not None and sum(1 for c, n in counts.items() if before.get(c) not in (None, n)) > 100:
+            derived_steps.append(len(counts))
+        return out
+
+    monkeypatch.setattr(strategies_module._Rings, "_derive", counted)
+    rng = _random.Random(7)
+    s = make_strategy("prefix_affinity", {"vnodes": 64})
+    pool = [f"p{i:04d}" for i in range(330)]
+    members = pool[:300]
+    weights: dict = {}
+    for step in range(50):
+        if rng.random() < 0.15:
+            weights = {**weights, rng.choice(members): rng.choice((0.5, 2.0))}
+        elif len(members) < 314 and (len(members) < 298 or rng.random() < 0.6):
+            members = sorted(set(members) | set(rng.sample([p for p in pool if p not in members], rng.randint(1, 2))))
+        else:
+            for gone in rng.sample(members, rng.randint(1, 2)):
+                members.remove(gone)
+        ctx = PickContext(load=LoadTracker(), weights=dict(weights))
+        assert s.ring_points(members, ctx) == _ring_from_scratch(members, ctx, 64), step
+        kv = _KvSet(list(members), ctx, s._rings)
+        for c in rng.sample(members, 20):
+            assert kv.owner_points(c) == [h for h, o in zip(kv.hashes, kv.owners) if o == c], (step, c)
+    assert len(derived_steps) >= 5, derived_steps  # the steps went the derived way
+
+
 def _kv_world(rng, n, holders_of_deep=3, hot=None):
     """n engines; 40 conversations (chat bodies), each cached on a few engines to some depth, plus a system
     prompt cached on `hot` engines (None: a random share)."""
