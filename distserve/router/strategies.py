@@ -568,26 +568,26 @@ class _Rings:
                 if n and len(group) <= _SORT_AHEAD:
                     for c in group:
                         self.owned(c, n)
-        # New lists, never changed in place: the old ones stay valid for the sets that hold them. The dropped
-        # points' positions by bisection (C-level; equal hashes, never seen in practice, are ordered by owner:
-        # then one by one); the new lists in one pass of slices of the old (C-level copies, each point once;
-        # a mask and `compress` over the whole ring cost more), each edit placed in the old lists' positions:
-        # (i, 0, h, c) inserts before point i, (i, 1) drops it, an insertion at a dropped point's position
-        # first (both keep the ring's (hash, owner) order).
+        # New lists, never changed in place: the old ones stay valid for the sets that hold them. The points'
+        # positions by bisection (C-level). Equal hashes (never seen with 64-bit hashes: the ring orders them by
+        # owner, and an engine may even repeat one) send the set to the merge from the kept points instead.
+        # The new lists in one pass of slices of the old (C-level copies, each point once; a mask and
+        # `compress` over the whole ring cost more), each edit placed in the old lists' positions: (i, 0, h, c)
+        # inserts before point i, (i, 1) drops it, an insertion at a dropped point's position first (both keep
+        # the ring's order).
         drops = list(map(bisect_left, repeat(hashes), leave_h))
-        if list(map(owners.__getitem__, drops)) != leave_o:
-            for k, (i, c) in enumerate(zip(drops, leave_o)):
-                while owners[i] != c:
-                    i += 1
-                drops[k] = i
+        if list(map(owners.__getitem__, drops)) != leave_o or len(set(leave_h)) < len(leave_h):
+            return None
         if not drops and not join_h:
             return hashes, owners
         size = len(hashes)
         edits: list[tuple] = [(i, 1) for i in drops]
         for i, h, c in zip(map(bisect_left, repeat(hashes), join_h), join_h, join_o):
-            while i < size and hashes[i] == h and owners[i] < c:
-                i += 1
+            if i < size and hashes[i] == h:
+                return None
             edits.append((i, 0, h, c))
+        if len(set(join_h)) < len(join_h):
+            return None
         edits.sort()
         new_h: list[int] = []
         new_o: list[str] = []

@@ -706,6 +706,30 @@ def test_rings_across_point_count_steps_equal_rings_built_from_scratch(monkeypat
     assert len(derived_steps) >= 5, derived_steps  # the steps went the derived way
 
 
+def test_rings_with_equal_point_hashes_equal_rings_built_from_scratch(monkeypatch):
+    """Points of different engines with equal hashes (with 64-bit hashes never seen; forced here with 10-bit
+    ones) are ordered by owner on the ring, derived or built, joins, leaves and point-count steps alike."""
+    import hashlib
+    import random as _random
+
+    from distserve.router import strategies as strategies_module
+    monkeypatch.setattr(strategies_module, "_hash64",
+                        lambda data: hashlib.blake2b(data, digest_size=8).digest()[0] << 2)
+    rng = _random.Random(5)
+    s = make_strategy("prefix_affinity", {"vnodes": 8})
+    pool = [f"p{i:03d}" for i in range(60)]
+    members = pool[:40]
+    for step in range(60):
+        if rng.random() < 0.5 and len(members) > 2:
+            members.remove(rng.choice(members))
+        else:
+            members = sorted(set(members) | {rng.choice(pool)})
+        ctx = PickContext(load=LoadTracker())
+        hashes, owners = s.ring_points(members, ctx)
+        assert len(set(hashes)) < len(hashes), step  # collisions present
+        assert (hashes, owners) == _ring_from_scratch(members, ctx, 8), step
+
+
 def _kv_world(rng, n, holders_of_deep=3, hot=None):
     """n engines; 40 conversations (chat bodies), each cached on a few engines to some depth, plus a system
     prompt cached on `hot` engines (None: a random share)."""
