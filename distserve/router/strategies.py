@@ -490,16 +490,16 @@ class _Rings:
     def points(self, engine_id: str, n: int) -> list[int]:
         """The hashes of the engine's points #0 .. #n-1 (kept: hashed once per engine)."""
         kept = self._points.get(engine_id)
-        if kept is None:
-            if len(self._points) >= _KEPT_ENGINES:  # engines come and go: bounded, dropped wholesale
+        if kept is None or len(kept) < n:
+            if kept is None and len(self._points) >= _KEPT_ENGINES:  # engines come and go: bounded, dropped wholesale
                 self._points.clear()
                 self._owned.clear()
-            # all of a unit weight's points, whatever the scaling: a fleet crossing a point-count step then
-            # finds every engine's next point hashed already (hashing them then was ~20 ms at 500 prefills)
-            kept = self._points[engine_id] = [_hash64(f"{engine_id}#{i}".encode())
-                                              for i in range(max(n, self._vnodes))]
-        elif len(kept) < n:  # a weight raised: only the points it adds
-            kept += [_hash64(f"{engine_id}#{i}".encode()) for i in range(len(kept), n)]
+            # an eighth more than asked: a fleet shrinking across a point-count step (every engine gains a
+            # point) finds them hashed already (hashing there was ~20 ms at 500 prefills; all 64 up front
+            # made the first pick after a router starts ~12 ms longer)
+            have = len(kept) if kept is not None else 0
+            more = [_hash64(f"{engine_id}#{i}".encode()) for i in range(have, n + n // 8 + 1)]
+            kept = self._points[engine_id] = (kept + more) if kept is not None else more
         return kept[:n] if len(kept) > n else kept
 
     def owned(self, engine_id: str, n: int) -> list[int]:
