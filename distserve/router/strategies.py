@@ -551,10 +551,10 @@ class _Rings:
         join_h: list[int] = []
         join_o: list[str] = []
         for (old, n), group in groups.items():
-            if n > old:
-                for c in group:  # hashed as far as needed (an engine new to this router: all of its points)
-                    self.points(c, n)
-            lists = list(map(kept.__getitem__, group))
+            most = max(old, n)
+            lists = list(map(kept.get, group))
+            if None in lists or min(map(len, lists)) < most:  # not hashed that far (or dropped at the bound)
+                lists = [self.points(c, most) for c in group]
             for j in range(min(old, n), max(old, n)):  # point #j of each engine of the group
                 if n < old:
                     leave_h += map(itemgetter(j), lists)

@@ -706,6 +706,26 @@ def test_rings_across_point_count_steps_equal_rings_built_from_scratch(monkeypat
     assert len(derived_steps) >= 5, derived_steps  # the steps went the derived way
 
 
+def test_rings_derived_past_the_bound_on_kept_engines_equal_rings_built_from_scratch(monkeypatch):
+    """The kept points are dropped wholesale past _KEPT_ENGINES engines (here 12), even in the middle of a
+    derivation: the ring is still right (the points are hashed again), never a KeyError in a pick."""
+    import random as _random
+
+    from distserve.router import strategies as strategies_module
+    monkeypatch.setattr(strategies_module, "_KEPT_ENGINES", 12)
+    rng = _random.Random(3)
+    s = make_strategy("prefix_affinity", {"vnodes": 8})
+    pool = [f"p{i:03d}" for i in range(40)]
+    members = pool[:20]
+    for step in range(80):
+        if rng.random() < 0.4 and len(members) > 2:
+            members.remove(rng.choice(members))
+        else:
+            members = sorted(set(members) | set(rng.sample(pool, 2)))
+        ctx = PickContext(load=LoadTracker())
+        assert s.ring_points(members, ctx) == _ring_from_scratch(members, ctx, 8), step
+
+
 def test_rings_with_equal_point_hashes_equal_rings_built_from_scratch(monkeypatch):
     """Points of different engines with equal hashes (with 64-bit hashes never seen; forced here with 10-bit
     ones) are ordered by owner on the ring, derived or built, joins, leaves and point-count steps alike."""
