@@ -13,6 +13,7 @@ answer is out.
 
     .venv/bin/python tools/bench_hot_path.py [--trees DIR ...] [--concurrency 1 8 64] [--stream]
         [--seconds 3] [--repeats 3] [--profile FILE]
+    .venv/bin/python tools/bench_hot_path.py --callgrind --concurrency 16 --seconds 9 --repeats 1 [--trees ...]
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def request_bytes(stream: bool) -> bytes:
 
 
 async def serve_and_measure(etcd: list[str], concurrencies: list[int], stream: bool, seconds: float,
-                            profile: str | None) -> dict[int, float]:
+                            profile: str | None, answered_only: bool = False) -> dict[int, float]:
     from discovery.client import EtcdClient
     from discovery.config import EtcdConfig
     from distserve.router.app import Router
@@ -136,7 +137,7 @@ async def serve_and_measure(etcd: list[str], concurrencies: list[int], stream: b
                     profiler.dump_stats(f"{profile}.c{concurrency}")
                     profiler = None
                 n = clients.answered - before
-            results[concurrency] = cpu * 1000 / max(1, n)
+            results[concurrency] = n if answered_only else cpu * 1000 / max(1, n)
             for conn in conns:
                 conn.connection_lost(None)
         return results
@@ -148,8 +149,46 @@ async def serve_and_measure(etcd: list[str], concurrencies: list[int], stream: b
 def child(args: argparse.Namespace) -> int:
     import uvloop
 
-    results = uvloop.run(serve_and_measure(args.etcd, args.concurrency, args.stream, args.seconds, args.profile))
+    results = uvloop.run(serve_and_measure(args.etcd, args.concurrency, args.stream, args.seconds, args.profile,
+                                           args.answered))
     print(json.dumps(results))
+    return 0
+
+
+def _instructions(tree: str, etcd: list[str], concurrency: int, seconds: float, stream: bool) -> tuple[int, int]:
+    """(instructions of the router's thread, requests answered) for one child run under callgrind."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        out = os.path.join(scratch, "callgrind.out")
+        argv = ["valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={out}",
+                sys.executable, str(Path(__file__).resolve()), "--child", "--answered", "--etcd", *etcd,
+                "--seconds", str(seconds), "--concurrency", str(concurrency)]
+        if stream:
+            argv.append("--stream")
+        run = subprocess.run(argv, cwd=tree, env=dict(os.environ, PYTHONPATH=tree), capture_output=True, text=True,
+                             timeout=1200)
+        if run.returncode != 0:
+            raise RuntimeError(f"{tree}: {run.stderr[-3000:]}")
+        answered = int(json.loads(run.stdout.strip().splitlines()[-1])[str(concurrency)])
+        with open(out + "-01") as f:  # the main thread (the router's loop): callgrind numbers threads from 1
+            for line in f:
+                if line.startswith(("summary:", "totals:")):
+                    return int(line.split()[1]), answered
+    raise RuntimeError(f"{tree}: no instruction total in callgrind's output")
+
+
+def callgrind(args: argparse.Namespace, null_pd_cluster) -> int:
+    concurrency = args.concurrency[0]
+    print(f"| tree | c{concurrency} k instructions/req (callgrind, router thread) |")
+    print("| --- | --- |")
+    with null_pd_cluster(CLUSTER) as (etcd, _urls, _procs):
+        for tree in args.trees:
+            per_request = []
+            for _ in range(args.repeats):
+                short, long = (_instructions(tree, etcd, concurrency, s, args.stream) for s in (3.0, 3.0 + args.seconds))
+                per_request.append((long[0] - short[0]) / max(1, long[1] - short[1]) / 1000)
+            print(f"| {tree} | {' / '.join(f'{x:.1f}' for x in per_request)} |", flush=True)
     return 0
 
 
@@ -161,7 +200,12 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=3.0)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--profile", help="cProfile (thread CPU time) of the last tree's last repeat: FILE.c<N>")
+    p.add_argument("--callgrind", action="store_true",
+                   help="instead of CPU time: the router thread's instructions per request under valgrind's "
+                        "callgrind (two run lengths, 3 s and 3 + --seconds, differenced so set-up and warm-up "
+                        "cancel; one concurrency; needs valgrind): the work, nearly free of the machine's noise")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--answered", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--etcd", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
@@ -171,6 +215,9 @@ def main() -> int:
         return 2
     sys.path.insert(0, str(ROOT))
     from distserve.testing.cluster import null_pd_cluster
+
+    if args.callgrind:
+        return callgrind(args, null_pd_cluster)
 
     cells: dict[str, dict[int, list[float]]] = {t: {c: [] for c in args.concurrency} for t in args.trees}
     with null_pd_cluster(CLUSTER) as (etcd, _urls, _procs):
