@@ -465,6 +465,9 @@ class _Rings:
         self._vnodes = vnodes
         self._points: dict[str, list[int]] = {}  # engine -> hashes of its points #0, #1, ... (as many as asked)
         self._owned: dict[str, dict[int, list[int]]] = {}  # engine -> {count: its first count points, sorted}
+        # sort each member's points where the ring is built or derived (kv_aware's ties read them; sorting on
+        # first use would land in a pick); prefix_affinity alone never reads them
+        self.sort_ahead = False
         self._last: tuple[dict[str, int], list[int], list[str]] | None = None  # counts, hashes, owners
 
     def counts(self, candidates: list[str], ctx: PickContext) -> dict[str, int]:
@@ -521,8 +524,9 @@ class _Rings:
             points = [(h, c) for c in candidates for h in self.points(c, counts[c])]
             points.sort()
             derived = [p[0] for p in points], [p[1] for p in points]
-            for c, n in counts.items():  # each member's sorted points, for kv_aware's ties (sorted here, once)
-                self.owned(c, n)
+            if self.sort_ahead:
+                for c, n in counts.items():
+                    self.owned(c, n)
         self._last = (counts, *derived)
         return (*derived, counts)
 
@@ -562,7 +566,7 @@ class _Rings:
                 else:
                     join_h += map(itemgetter(j), lists)
                     join_o += group
-        if len(groups) == 1 or sum(map(len, groups.values())) <= _SORT_AHEAD:
+        if self.sort_ahead and (len(groups) == 1 or sum(map(len, groups.values())) <= _SORT_AHEAD):
             # a join, a leave, a weight: sorted now, not in a pick's tie (a crossing: on first use)
             for (_, n), group in groups.items():
                 if n and len(group) <= _SORT_AHEAD:
@@ -720,6 +724,7 @@ class KvAwareStrategy(Strategy):
                                  vnodes=typed.vnodes)
         )
         rings = self._affinity._rings
+        rings.sort_ahead = True
         self._sets = _PerSet(lambda m, ctx: _KvSet(m, ctx, rings), _RING_CACHE_ENTRIES, _RING_CACHE_POINTS)
         # the last candidate set's state: a pick for the same set (most picks) skips _PerSet's key tuple, its
         # hashing and LRU upkeep. The very list of the last pick (the routing table's, until it changes) is

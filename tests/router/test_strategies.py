@@ -706,6 +706,18 @@ def test_rings_across_point_count_steps_equal_rings_built_from_scratch(monkeypat
     assert len(derived_steps) >= 5, derived_steps  # the steps went the derived way
 
 
+def _member_walk(rng, pool: list[str], members: list[str], steps: int, leave: float, join: int):
+    """A candidate set changing one step at a time: a member leaves (share `leave`), or `join` engines of the
+    pool (members or not) are added."""
+    members = list(members)
+    for _ in range(steps):
+        if rng.random() < leave and len(members) > 2:
+            members.remove(rng.choice(members))
+        else:
+            members = sorted(set(members) | set(rng.sample(pool, join)))
+        yield members
+
+
 def test_rings_derived_past_the_bound_on_kept_engines_equal_rings_built_from_scratch(monkeypatch):
     """The kept points are dropped wholesale past _KEPT_ENGINES engines (here 12), even in the middle of a
     derivation: the ring is still right (the points are hashed again), never a KeyError in a pick."""
@@ -713,15 +725,9 @@ def test_rings_derived_past_the_bound_on_kept_engines_equal_rings_built_from_scr
 
     from distserve.router import strategies as strategies_module
     monkeypatch.setattr(strategies_module, "_KEPT_ENGINES", 12)
-    rng = _random.Random(3)
     s = make_strategy("prefix_affinity", {"vnodes": 8})
     pool = [f"p{i:03d}" for i in range(40)]
-    members = pool[:20]
-    for step in range(80):
-        if rng.random() < 0.4 and len(members) > 2:
-            members.remove(rng.choice(members))
-        else:
-            members = sorted(set(members) | set(rng.sample(pool, 2)))
+    for step, members in enumerate(_member_walk(_random.Random(3), pool, pool[:20], 80, leave=0.4, join=2)):
         ctx = PickContext(load=LoadTracker())
         assert s.ring_points(members, ctx) == _ring_from_scratch(members, ctx, 8), step
 
@@ -735,15 +741,9 @@ def test_rings_with_equal_point_hashes_equal_rings_built_from_scratch(monkeypatc
     from distserve.router import strategies as strategies_module
     monkeypatch.setattr(strategies_module, "_hash64",
                         lambda data: hashlib.blake2b(data, digest_size=8).digest()[0] << 2)
-    rng = _random.Random(5)
     s = make_strategy("prefix_affinity", {"vnodes": 8})
     pool = [f"p{i:03d}" for i in range(60)]
-    members = pool[:40]
-    for step in range(60):
-        if rng.random() < 0.5 and len(members) > 2:
-            members.remove(rng.choice(members))
-        else:
-            members = sorted(set(members) | {rng.choice(pool)})
+    for step, members in enumerate(_member_walk(_random.Random(5), pool, pool[:40], 60, leave=0.5, join=1)):
         ctx = PickContext(load=LoadTracker())
         hashes, owners = s.ring_points(members, ctx)
         assert len(set(hashes)) < len(hashes), step  # collisions present
