@@ -573,8 +573,9 @@ class _Rings:
                     for c in group:
                         self.owned(c, n)
         # New lists, never changed in place: the old ones stay valid for the sets that hold them. The points'
-        # positions by bisection (C-level). Equal hashes (never seen with 64-bit hashes: the ring orders them by
-        # owner, and an engine may even repeat one) send the set to the merge from the kept points instead.
+        # positions by bisection (C-level). A hash already on the ring, or repeated among the leaving points (never
+        # seen with 64-bit hashes: the ring orders equal ones by owner, and an engine may even repeat one) sends
+        # the set to the merge from the kept points instead; joining points equal to each other sort by owner.
         # The new lists in one pass of slices of the old (C-level copies, each point once; a mask and
         # `compress` over the whole ring cost more), each edit placed in the old lists' positions: (i, 0, h, c)
         # inserts before point i, (i, 1) drops it, an insertion at a dropped point's position first (both keep
@@ -590,8 +591,6 @@ class _Rings:
             if i < size and hashes[i] == h:
                 return None
             edits.append((i, 0, h, c))
-        if len(set(join_h)) < len(join_h):
-            return None
         edits.sort()
         new_h: list[int] = []
         new_o: list[str] = []

@@ -750,6 +750,28 @@ def test_rings_with_equal_point_hashes_equal_rings_built_from_scratch(monkeypatc
         assert (hashes, owners) == _ring_from_scratch(members, ctx, 8), step
 
 
+def test_a_ring_drops_both_points_of_an_engine_that_repeats_a_hash(monkeypatch):
+    """An engine whose two points share a hash no other engine has (forced) leaves, joins back: each derived
+    ring equals a build from scratch (one bisection finds both points at one position: derived, one of them
+    stayed on the ring)."""
+    import hashlib
+
+    from distserve.router import strategies as strategies_module
+
+    def hash64(data: bytes) -> int:
+        if data in (b"p007#0", b"p007#1"):
+            return 1 << 40
+        return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+    monkeypatch.setattr(strategies_module, "_hash64", hash64)
+    s = make_strategy("prefix_affinity", {"vnodes": 8})
+    pool = [f"p{i:03d}" for i in range(20)]
+    without = [p for p in pool if p != "p007"]
+    ctx = PickContext(load=LoadTracker())
+    for members in (pool, without, pool, without):
+        assert s.ring_points(members, ctx) == _ring_from_scratch(members, ctx, 8)
+
+
 def _kv_world(rng, n, holders_of_deep=3, hot=None):
     """n engines; 40 conversations (chat bodies), each cached on a few engines to some depth, plus a system
     prompt cached on `hot` engines (None: a random share)."""
