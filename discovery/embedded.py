@@ -154,6 +154,32 @@ def free_port(host: str = HOST) -> int:
         return sock.getsockname()[1]
 
 
+def stop_and_wait(pid: int, timeout: float = 5.0) -> bool:
+    """SIGSTOP `pid` and wait until every one of its threads has stopped; False if that took over `timeout`.
+
+    A stop is not immediate: the kernel wakes one thread, which stops the others, and on a busy machine
+    another thread (an I/O loop woken by a connection) may still run for milliseconds meanwhile. A test of
+    a frozen process must not send it traffic before then. Without /proc (not Linux) it only signals."""
+    os.kill(pid, signal.SIGSTOP)
+    tasks = Path(f"/proc/{pid}/task")
+    if not tasks.is_dir():
+        return True
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for stat in tasks.glob("*/stat"):
+            try:
+                # "pid (comm) S ...": the state follows the last ')' (comm may contain one)
+                states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+            except (OSError, IndexError):
+                continue  # a thread that just exited
+        if states and all(state in ("T", "t", "Z", "X") for state in states):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.001)
+
+
 # Every live member, so nothing outlives the interpreter even when a test forgets stop().
 _LIVE: "weakref.WeakSet[EmbeddedEtcd]" = weakref.WeakSet()
 
@@ -352,7 +378,7 @@ class EmbeddedEtcd:
     def pause(self) -> None:
         """SIGSTOP: the process freezes with its connections open (a hung server)."""
         if self.alive():
-            os.kill(self._proc.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+            stop_and_wait(self._proc.pid)  # type: ignore[union-attr]
 
     def resume(self) -> None:
         if self.alive():

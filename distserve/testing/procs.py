@@ -19,6 +19,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from discovery.embedded import stop_and_wait
+
 # Children start here, so `python -m distserve` finds this source tree even when it is not installed.
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,9 +98,12 @@ class Proc:
         return self.popen is not None and self.popen.poll() is None
 
     def signal(self, sig: int) -> None:
-        """Send `sig` to the process itself (not its group)."""
+        """Send `sig` to the process itself (not its group); SIGSTOP returns once every thread has stopped."""
         if self.alive():
-            os.kill(self.popen.pid, sig)  # type: ignore[union-attr]
+            if sig == signal.SIGSTOP:
+                stop_and_wait(self.popen.pid)  # type: ignore[union-attr]
+            else:
+                os.kill(self.popen.pid, sig)  # type: ignore[union-attr]
 
     def signal_group(self, sig: int) -> None:
         """Send `sig` to the process group (the process and every child it started)."""
@@ -123,7 +128,10 @@ class Proc:
         self.paused = False
 
     def pause(self) -> None:
+        """SIGSTOP the group; returns once every thread of the process itself has stopped."""
         self.signal_group(signal.SIGSTOP)
+        if self.alive():
+            stop_and_wait(self.popen.pid)  # type: ignore[union-attr]
         self.paused = True
 
     def resume(self) -> None:
