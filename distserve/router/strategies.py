@@ -54,17 +54,15 @@ from distserve.cluster.records import (
 from distserve.router.load import LoadTracker
 
 # The prefix_affinity ring holds at most this many points (~20 ms to hash and sort from scratch on a busy core;
-# after a topology change it is derived from the last one, _Rings): above it every
-# engine's share is scaled down alike (each keeps at least one point), so no weight or vnodes value can make
+# after a topology change it is derived from the last one, _Rings): above it every engine's share is scaled
+# down alike and rounded down or up (each keeps at least one point), so no weight or vnodes value can make
 # a router build a huge ring. Rings cached per candidate set hold at most _RING_CACHE_POINTS in all.
 MAX_RING_POINTS = 1 << 14
 _RING_CACHE_POINTS = 1 << 18
 _RING_CACHE_ENTRIES = 256
 # A ring differing from the last one built by at most 1/_DERIVE_SHARE of its points is derived from it (each point
 # placed by bisection, the lists rebuilt in one pass of slices: ~1 us a point); more, it is merged from the engines'
-# kept points (~10-20 ms at the cap). A fleet crossing a point-count step (scaled to the cap, every engine has
-# int(16384 / n) points: the 513th prefill takes one point from each of the others) changes ~n points: derived.
-# Engines' points kept for at most _KEPT_ENGINES engines; sorted up front for at most _SORT_AHEAD engines whose
+# kept points (~10-20 ms at the cap). Engines' points kept for at most _KEPT_ENGINES engines; sorted up front for at most _SORT_AHEAD engines whose
 # count changed (the others on first use).
 _DERIVE_SHARE = 4
 _SORT_AHEAD = 16
@@ -465,14 +463,21 @@ class _Rings:
         self._vnodes = vnodes
         self._points: dict[str, list[int]] = {}  # engine -> hashes of its points #0, #1, ... (as many as asked)
         self._owned: dict[str, dict[int, list[int]]] = {}  # engine -> {count: its first count points, sorted}
+        self._rank_of: dict[str, int] = {}  # engine -> its place in line for the spare points (see counts)
+        self._in_line: list[str] = []  # those engines in that order
         # sort each member's points where the ring is built or derived (kv_aware's ties read them; sorting on
         # first use would land in a pick); prefix_affinity alone never reads them
         self.sort_ahead = False
         self._last: tuple[dict[str, int], list[int], list[str]] | None = None  # counts, hashes, owners
 
     def counts(self, candidates: list[str], ctx: PickContext) -> dict[str, int]:
-        """Each member's points: vnodes x its weight (at least 1), all scaled alike above MAX_RING_POINTS. Built
-        per distinct count, not per member (most members have the default weight)."""
+        """Each member's points: vnodes x its weight (at least 1). Above MAX_RING_POINTS every share is scaled
+        alike and rounded down, and the points that leaves go one each to the members first by a hash of their
+        id: the ring holds exactly the cap, each member within one point of its share, the same on every
+        replica. A join or leave then moves about two shares' worth of points (the newcomer's, and the spare
+        points passing to or from the engines ranked next), where scaling alike and rounding down moved a
+        point of every engine whenever int(16384 / n) stepped (every 4-50 engines above 256 prefills).
+        Built per distinct count, not per member (most members have the default weight)."""
         vnodes = self._vnodes
         counts = dict.fromkeys(candidates, max(1, round(vnodes * 1.0)))
         weights = ctx.weights
@@ -484,11 +489,39 @@ class _Rings:
         if total > MAX_RING_POINTS:  # the same scaling on every replica: they still agree
             scale = MAX_RING_POINTS / total
             scaled = {n: max(1, int(n * scale)) for n in set(counts.values())}
-            if len(scaled) == 1:
-                counts = dict.fromkeys(candidates, scaled.popitem()[1])
+            line = self._line(counts)
+            if len(scaled) == 1:  # C-level: the first `spare` members in line gain a point (or the others lose one)
+                base = scaled.popitem()[1]
+                spare = MAX_RING_POINTS - base * len(counts)
+                if 2 * spare <= len(counts):
+                    counts = dict.fromkeys(candidates, base)
+                    counts.update(zip(islice(filter(counts.__contains__, line), max(0, spare)), repeat(base + 1)))
+                else:
+                    counts = dict.fromkeys(candidates, base + 1)
+                    counts.update(zip(islice(filter(counts.__contains__, reversed(line)), len(counts) - spare),
+                                      repeat(base)))
             else:
                 counts = dict(zip(counts, map(scaled.__getitem__, counts.values())))
+                spare = MAX_RING_POINTS - sum(counts.values())
+                for c in islice(filter(counts.__contains__, line), max(0, spare)):
+                    counts[c] += 1
         return counts
+
+    def _line(self, members: Mapping[str, int]) -> list[str]:
+        """Every engine seen, in line for the points left over by scaling: by a hash of its id, then its id (kept,
+        so a new set is walked at C level instead of sorted)."""
+        rank_of = self._rank_of
+        if rank_of.keys() >= members.keys():
+            return self._in_line
+        new = members.keys() - rank_of.keys()
+        if new:
+            if len(rank_of) + len(new) > _KEPT_ENGINES:  # engines come and go: bounded, dropped wholesale
+                rank_of.clear()
+                new = members.keys()
+            for c in new:
+                rank_of[c] = _hash64(f"{c}#spare".encode())
+            self._in_line = [c for c, _ in sorted(rank_of.items(), key=itemgetter(1, 0))]
+        return self._in_line
 
     def points(self, engine_id: str, n: int) -> list[int]:
         """The hashes of the engine's points #0 .. #n-1 (kept: hashed once per engine)."""
@@ -536,8 +569,8 @@ class _Rings:
             return None
         old_counts, hashes, owners = last
         # the engines whose point count changed, grouped by (old count, new count): a join or a leave is one
-        # engine; a fleet crossing a point-count step (scaled to the cap, every engine has int(16384 / n)
-        # points) moves every engine alike, so a group's points are gathered by C-level maps, not per engine
+        # engine (and, above the cap, the few that the spare points pass to or from); a weight change of many
+        # engines moves them alike, so a group's points are gathered by C-level maps, not per engine
         groups: dict[tuple[int, int], list[str]] = {}
         for c, old, n in zip(counts, map(old_counts.get, counts, repeat(0)), counts.values()):
             if old != n:
