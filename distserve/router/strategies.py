@@ -40,7 +40,7 @@ from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from itertools import accumulate, islice, repeat
-from operator import itemgetter, truediv
+from operator import add, itemgetter, truediv
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -502,9 +502,8 @@ class _Rings:
                                       repeat(base)))
             else:
                 counts = dict(zip(counts, map(scaled.__getitem__, counts.values())))
-                spare = MAX_RING_POINTS - sum(counts.values())
-                for c in islice(filter(counts.__contains__, line), max(0, spare)):
-                    counts[c] += 1
+                gaining = list(islice(filter(counts.__contains__, line), max(0, MAX_RING_POINTS - sum(counts.values()))))
+                counts.update(zip(gaining, map(add, map(counts.__getitem__, gaining), repeat(1))))
         return counts
 
     def _line(self, members: Mapping[str, int]) -> list[str]:
@@ -530,9 +529,9 @@ class _Rings:
             if kept is None and len(self._points) >= _KEPT_ENGINES:  # engines come and go: bounded, dropped wholesale
                 self._points.clear()
                 self._owned.clear()
-            # an eighth more than asked: a fleet shrinking across a point-count step (every engine gains a
-            # point) finds them hashed already (hashing there was ~20 ms at 500 prefills; all 64 up front
-            # made the first pick after a router starts ~12 ms longer)
+            # an eighth more than asked: an engine gaining a point as the fleet shrinks (above the cap) or a
+            # weight grows finds it hashed already (all 64 up front made the first pick after a router starts
+            # ~12 ms longer at 500 prefills)
             have = len(kept) if kept is not None else 0
             more = [_hash64(f"{engine_id}#{i}".encode()) for i in range(have, n + n // 8 + 1)]
             kept = self._points[engine_id] = (kept + more) if kept is not None else more
