@@ -21,8 +21,9 @@ with weights (every fourth prefill weight 2), over 100 prompts, with loads movin
 traffic (each pick starts a request, the oldest of 64 in flight ends, one agent load record arrives; those
 load-tracker calls are timed on their own), and the first pick after the candidate set changes (one prefill
 leaves the set: a new set; then returns: a set seen before; 20 times each, CPU time: what a topology change
-costs a strategy's per-set state), also for new sets of 496 and 497 prefills in turn (20: above 256 prefills a
-ring point count is int(16384 / n), so each of these moves one point of every engine).
+costs a strategy's per-set state), also for new sets of 496 and 497 prefills in turn (20: where int(16384 / n)
+steps; until the eighth pass every ring share above 256 prefills was rounded down, so each of these moved one
+point of every engine).
 kv_aware's rows use a real `distserve.router.kv_index.KvIndex` of the tree under test, fed the engines'
 cache-stream messages through its own `apply` (a snapshot of 200 prefix keys per prefill: 100 chat
 conversations of 12 messages under 5 shared system prompts, each conversation cached to some depth on 3
@@ -214,9 +215,9 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int, onl
                         c0 = time.thread_time()
                         strategy.pick(given, contexts[k])
                         into.append(time.thread_time() - c0)
-                # across a point-count step: above 256 prefills every ring point count is int(16384 / n) (unit
-                # weights), so 496 prefills have 33 points each and 497 have 32: a new set of one size after a
-                # set of the other moves one point of every engine (new sets of 496 and 497 alternating)
+                # new sets of 496 and 497 prefills alternating: where int(16384 / n) steps (33 points each at 496,
+                # 32 at 497), so before the eighth pass (every share rounded down) a change moved a point of every
+                # engine; now the shares are rounded down or up and a change moves about two shares' worth
                 steps = []
                 for k in range(10):
                     small = [c for i, c in enumerate(candidates) if not 20 * k <= i < 20 * k + 4]  # 496
@@ -383,8 +384,8 @@ def main() -> int:
                   f"ms, max {new['max_us'] / 1000:>5.2f}; back to a set seen before mean {seen['mean_us'] / 1000:>5.2f}")
             step = kinds.get("new_set_across_a_step")
             if step is not None:
-                print(f"   first pick after a set change, {strategy:20s} CPU: a new set across a point-count step "
-                      f"(496 <-> 497) mean {step['mean_us'] / 1000:>5.2f} ms, max {step['max_us'] / 1000:>5.2f}")
+                print(f"   first pick after a set change, {strategy:20s} CPU: a new set of 496 <-> 497 prefills "
+                      f"(a point-count step until the eighth pass) mean {step['mean_us'] / 1000:>5.2f} ms, max {step['max_us'] / 1000:>5.2f}")
         if "load_change" in r:
             s = r["load_change"]
             print(f"   load change (begin/end/record), per call: p50 {s['p50_us']:>5.2f} us  p99 {s['p99_us']:>5.2f}")
