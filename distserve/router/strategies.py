@@ -1015,11 +1015,9 @@ def _least_cached(tied: list[str], index: Any, loads: Mapping[str, float] | None
     and followed it. Equal families: the lower load first (what this replica has in flight), then the
     fewest keys; the ring still breaks what is left."""
     loads = loads or {}
-    cache_sizes = getattr(index, "cache_sizes", None)
-    if cache_sizes is not None:  # both figures of every tied engine in one call (KvIndex)
-        sizes = [(f, loads.get(c, 0.0), k) for c, (f, k) in zip(tied, cache_sizes(tied))]
-        fewest = min(sizes)
-        return [c for c, size in zip(tied, sizes) if size == fewest]
+    least_cached = getattr(index, "least_cached", None)
+    if least_cached is not None:  # KvIndex: both figures of every tied engine, ranked in one loop
+        return least_cached(tied, loads)
     families = getattr(index, "families", None)
     key_count = getattr(index, "key_count", None)
     if key_count is None:

@@ -306,6 +306,8 @@ async def test_event_gap_on_the_wire_reconnects_with_since(setup):
                 b'{"type":"stored","seq":1,"keys":[["ab",-1]]}', b'{"type":"what","seq":1}'):
         with pytest.raises(StreamError):
             s.index.apply(state, bad)
+    with pytest.raises(StreamError, match="bad token count '0'"):  # a key covers at least one block
+        s.index._pairs([["00000000000000ab", 0]])
     assert s.metrics.kv_index_resyncs.get(("gap",)) == 2
 
 
@@ -571,8 +573,10 @@ class _RootsOnly:
         state = self._index.engines.get(engine_id)
         return len(state.roots) if state is not None else 0
 
-    def cache_sizes(self, engine_ids: list[str]) -> list[tuple[int, int]]:
-        return [(self.families(e), self._index.key_count(e)) for e in engine_ids]
+    def least_cached(self, engine_ids: list[str], loads) -> list[str]:
+        sizes = {e: (self.families(e), loads.get(e, 0.0), self._index.key_count(e)) for e in engine_ids}
+        fewest = min(sizes.values())
+        return [e for e in engine_ids if sizes[e] == fewest]
 
 
 async def test_kv_aware_replicas_spread_new_families_admitted_back_to_back(setup):
@@ -633,8 +637,8 @@ async def test_inverted_index_equals_a_recomputation_after_random_events():
     """After every message of random streams (snapshots, stored with evictions past max_keys, removed,
     cleared, new incarnations, engines dropped and followed again) the key -> holders index is the per-engine
     maps inverted, and matches(keys) is matched_tokens of every engine that matches; chunk_sizes() (kept, read per
-    kv_aware pick) is the followed engines' chunk sizes, as engines of two builds come and go; cache_sizes() (kept
-    per message) is every engine's families and key count."""
+    kv_aware pick) is the followed engines' chunk sizes, as engines of two builds come and go; least_cached() (sizes kept
+    per message) ranks engines by families, load and key count as asking each engine does."""
     import random
 
     rng = random.Random(18)
@@ -649,7 +653,7 @@ async def test_inverted_index_equals_a_recomputation_after_random_events():
 
     def snapshot(state) -> None:
         state.incarnation = None
-        pairs = [[key_hex(k), rng.randint(0, 4000)] for k in rng.sample(universe, rng.randint(0, 15))]
+        pairs = [[key_hex(k), rng.randint(1, 4000)] for k in rng.sample(universe, rng.randint(0, 15))]
         index.apply(state, orjson.dumps({"type": "snapshot", "seq": 0, "incarnation": uuid.uuid4().hex,
                                          "keys": pairs}))
 
@@ -674,7 +678,7 @@ async def test_inverted_index_equals_a_recomputation_after_random_events():
             msg = {"type": kind, "seq": state.seq + 1, "incarnation": state.incarnation}
             if kind == "stored":
                 stored = rng.sample(universe, rng.randint(1, 6))
-                msg["keys"] = [[key_hex(k), rng.randint(0, 4000)] for k in stored]
+                msg["keys"] = [[key_hex(k), rng.randint(1, 4000)] for k in stored]
                 msg["roots"] = [key_hex(k) for k in stored[: rng.randint(0, 2)]]
                 msg["pending"] = [key_hex(k) for k in rng.sample(universe, rng.randint(0, 2))]
             elif kind == "removed":
@@ -682,8 +686,10 @@ async def test_inverted_index_equals_a_recomputation_after_random_events():
                 msg["pending"] = [key_hex(k) for k in rng.sample(universe, rng.randint(0, 2))]
             index.apply(state, orjson.dumps(msg))
         assert index._holders == _brute_holders(index), step
-        # kv_aware's tie rule reads both figures of tied engines in one call: the same as asking each
-        assert index.cache_sizes(names) == [(index.families(x), index.key_count(x)) for x in names], step
+        # kv_aware's tie rule reads both figures of tied engines in one loop: the same as asking each
+        loads = {x: float(rng.randint(0, 1)) for x in rng.sample(names, 4)}
+        sizes = {x: (index.families(x), loads.get(x, 0.0), index.key_count(x)) for x in names}
+        assert index.least_cached(names, loads) == [x for x in names if sizes[x] == min(sizes.values())], step
         keys = rng.choice(chains)
         expect = {x: index.matched_tokens(x, keys) for x in index.engines}
         assert index.matches(keys) == {x: t for x, t in expect.items() if t}, step
