@@ -479,8 +479,11 @@ class _Rings:
         point of every engine whenever int(16384 / n) stepped (every 4-50 engines above 256 prefills).
         Built per distinct count, not per member (most members have the default weight)."""
         vnodes = self._vnodes
-        counts = dict.fromkeys(candidates, max(1, round(vnodes * 1.0)))
         weights = ctx.weights
+        if not weights and vnodes * len(candidates) > MAX_RING_POINTS:  # the usual large fleet: arithmetic
+            base = max(1, int(vnodes * (MAX_RING_POINTS / (vnodes * len(candidates)))))
+            return self._spread(candidates, base, MAX_RING_POINTS - base * len(candidates))
+        counts = dict.fromkeys(candidates, max(1, round(vnodes * 1.0)))
         if weights:  # C-level maps over the weighted members (the members' order is kept: they are keys already)
             weighted = weights.keys() & counts.keys()
             of_weight = {w: max(1, round(vnodes * (w if w > 0 else 1e-9))) for w in set(weights.values())}
@@ -489,21 +492,27 @@ class _Rings:
         if total > MAX_RING_POINTS:  # the same scaling on every replica: they still agree
             scale = MAX_RING_POINTS / total
             scaled = {n: max(1, int(n * scale)) for n in set(counts.values())}
-            line = self._line(counts)
-            if len(scaled) == 1:  # C-level: the first `spare` members in line gain a point (or the others lose one)
+            if len(scaled) == 1:
                 base = scaled.popitem()[1]
-                spare = MAX_RING_POINTS - base * len(counts)
-                if 2 * spare <= len(counts):
-                    counts = dict.fromkeys(candidates, base)
-                    counts.update(zip(islice(filter(counts.__contains__, line), max(0, spare)), repeat(base + 1)))
-                else:
-                    counts = dict.fromkeys(candidates, base + 1)
-                    counts.update(zip(islice(filter(counts.__contains__, reversed(line)), len(counts) - spare),
-                                      repeat(base)))
-            else:
-                counts = dict(zip(counts, map(scaled.__getitem__, counts.values())))
-                gaining = list(islice(filter(counts.__contains__, line), max(0, MAX_RING_POINTS - sum(counts.values()))))
-                counts.update(zip(gaining, map(add, map(counts.__getitem__, gaining), repeat(1))))
+                return self._spread(candidates, base, MAX_RING_POINTS - base * len(counts))
+            counts = dict(zip(counts, map(scaled.__getitem__, counts.values())))
+            line = self._line(counts)
+            gaining = list(islice(filter(counts.__contains__, line), max(0, MAX_RING_POINTS - sum(counts.values()))))
+            counts.update(zip(gaining, map(add, map(counts.__getitem__, gaining), repeat(1))))
+        return counts
+
+    def _spread(self, candidates: list[str], base: int, spare: int) -> dict[str, int]:
+        """`base` points each, and one more for the first `spare` members in line (C-level: or one fewer for the
+        last ones, when fewer)."""
+        if spare <= 0:
+            return dict.fromkeys(candidates, base)
+        counts = dict.fromkeys(candidates, base)
+        line = self._line(counts)
+        if 2 * spare <= len(counts):
+            counts.update(zip(islice(filter(counts.__contains__, line), spare), repeat(base + 1)))
+        else:
+            counts = dict.fromkeys(candidates, base + 1)
+            counts.update(zip(islice(filter(counts.__contains__, reversed(line)), len(counts) - spare), repeat(base)))
         return counts
 
     def _line(self, members: Mapping[str, int]) -> list[str]:
