@@ -1139,3 +1139,23 @@ def test_prefix_affinity_ring_order_is_the_ring_walk():
     assert make_strategy("prefix_affinity").ring_order(list(pool), c, 16) == order
     assert make_strategy("prefix_affinity").ring_order(pool[:5], c, 16) == \
         make_strategy("prefix_affinity").ring_order(pool[:5], c, 5)
+
+
+def test_ring_walk_from_a_known_position_equals_the_walk_from_the_hash():
+    """kv_aware hands _ring_walk the position it bisected already: the same first k distinct owners clockwise,
+    wrapping past the ring's end, as a walk that bisects itself (and as a plain walk over the ring)."""
+    import random as _random
+    from bisect import bisect_right
+
+    from distserve.router.strategies import _ring_walk
+    rng = _random.Random(9)
+    owners_pool = [f"e{i}" for i in range(12)]
+    for _ in range(300):
+        hashes = sorted(rng.sample(range(1 << 16), rng.randint(1, 60)))
+        owners = [rng.choice(owners_pool) for _ in hashes]
+        start = rng.randrange(1 << 16)
+        k = rng.randint(1, len(set(owners)))
+        i = bisect_right(hashes, start)
+        expect = list(dict.fromkeys(owners[i:] + owners[:i]))[:k]
+        assert _ring_walk(hashes, owners, start, k) == expect
+        assert _ring_walk(hashes, owners, start, k, i) == expect
