@@ -746,7 +746,8 @@ def _member_walk(rng, pool: list[str], members: list[str], steps: int, leave: fl
 
 def test_rings_derived_past_the_bound_on_kept_engines_equal_rings_built_from_scratch(monkeypatch):
     """The kept points are dropped wholesale past _KEPT_ENGINES engines (here 12), even in the middle of a
-    derivation: the ring is still right (the points are hashed again), never a KeyError in a pick."""
+    derivation: the ring is still right (the points are hashed again), never a KeyError in a pick; above the cap
+    the same, and the line the spare points follow is bounded alike and stays in hash order."""
     import random as _random
 
     from distserve.router import strategies as strategies_module
@@ -756,6 +757,21 @@ def test_rings_derived_past_the_bound_on_kept_engines_equal_rings_built_from_scr
     for step, members in enumerate(_member_walk(_random.Random(3), pool, pool[:20], 80, leave=0.4, join=2)):
         ctx = PickContext(load=LoadTracker())
         assert s.ring_points(members, ctx) == _ring_from_scratch(members, ctx, 8), step
+    # above the cap (here 100 points), the line the spare points follow is bounded the same way
+    monkeypatch.setattr(strategies_module, "MAX_RING_POINTS", 100)
+    s = make_strategy("prefix_affinity", {"vnodes": 8})
+    for step, members in enumerate(_member_walk(_random.Random(4), pool, pool[:20], 80, leave=0.4, join=2)):
+        weights = {members[0]: 2.0} if step % 3 == 0 else {}
+        ctx = PickContext(load=LoadTracker(), weights=weights)
+        assert s.ring_points(members, ctx) == _ring_from_scratch(members, ctx, 8), step
+        if 8 * len(members) > 100:
+            assert sum(s._rings._last[0].values()) == 100, step
+    rings = strategies_module._Rings(8)  # sets of 10 engines coming and going: the line holds at most 12
+    for k in range(10):
+        members = dict.fromkeys(f"q{k}-{i}" for i in range(10))
+        line = rings._line(members)
+        assert set(members) <= set(line) and len(line) <= 12, k
+        assert line == sorted(line, key=lambda c: (strategies_module._hash64(f"{c}#spare".encode()), c))
 
 
 def test_rings_with_equal_point_hashes_equal_rings_built_from_scratch(monkeypatch):
