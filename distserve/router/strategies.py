@@ -62,8 +62,8 @@ _RING_CACHE_POINTS = 1 << 18
 _RING_CACHE_ENTRIES = 256
 # A ring differing from the last one built by at most 1/_DERIVE_SHARE of its points is derived from it (each point
 # placed by bisection, the lists rebuilt in one pass of slices: ~1 us a point); more, it is merged from the engines'
-# kept points (~10-20 ms at the cap). Engines' points kept for at most _KEPT_ENGINES engines; sorted up front for at most _SORT_AHEAD engines whose
-# count changed (the others on first use).
+# kept points (~10-20 ms at the cap). Engines' points kept for at most _KEPT_ENGINES engines; sorted up front for
+# at most _SORT_AHEAD engines whose count changed (the others on first use).
 _DERIVE_SHARE = 4
 _SORT_AHEAD = 16
 _KEPT_ENGINES = 8192
@@ -475,7 +475,7 @@ class _Rings:
 
     def counts(self, candidates: list[str], ctx: PickContext) -> dict[str, int]:
         """Each member's points: vnodes x its weight (at least 1). Above MAX_RING_POINTS every share is scaled
-        alike and rounded down, and the points that leaves go one each to the members first by a hash of their
+        alike and rounded down, and the points left over go one each to the members first by a hash of their
         id: the ring holds exactly the cap, each member within one point of its share, the same on every
         replica. A join or leave then moves about two shares' worth of points (the newcomer's, and the spare
         points passing to or from the engines ranked next), where scaling alike and rounding down moved a
@@ -525,13 +525,12 @@ class _Rings:
         if rank_of.keys() >= members.keys():
             return self._in_line
         new = members.keys() - rank_of.keys()
-        if new:
-            if len(rank_of) + len(new) > _KEPT_ENGINES:  # engines come and go: bounded, dropped wholesale
-                rank_of.clear()
-                new = members.keys()
-            for c in new:
-                rank_of[c] = _hash64(f"{c}#spare".encode())
-            self._in_line = [c for c, _ in sorted(rank_of.items(), key=itemgetter(1, 0))]
+        if len(rank_of) + len(new) > _KEPT_ENGINES:  # engines come and go: bounded, dropped wholesale
+            rank_of.clear()
+            new = members.keys()
+        for c in new:
+            rank_of[c] = _hash64(f"{c}#spare".encode())
+        self._in_line = [c for c, _ in sorted(rank_of.items(), key=itemgetter(1, 0))]
         return self._in_line
 
     def points(self, engine_id: str, n: int) -> list[int]:
