@@ -161,6 +161,11 @@ def stop_and_wait(pid: int, timeout: float = 5.0) -> bool:
     another thread (an I/O loop woken by a connection) may still run for milliseconds meanwhile. A test of
     a frozen process must not send it traffic before then. Without /proc (not Linux) it only signals."""
     os.kill(pid, signal.SIGSTOP)
+    return wait_stopped(pid, timeout)
+
+
+def wait_stopped(pid: int, timeout: float = 5.0) -> bool:
+    """Wait until every thread of `pid` has stopped (after a SIGSTOP sent by whoever); False after `timeout`."""
     tasks = Path(f"/proc/{pid}/task")
     if not tasks.is_dir():
         return True

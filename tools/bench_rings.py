@@ -32,16 +32,9 @@ PREFILLS = 500
 
 
 def _sets(kind: str, candidates: list[str]) -> list[list[str]]:
-    if kind == "one-left":
-        out = []
-        for k in range(20):
-            out += [candidates[:k * 7] + candidates[k * 7 + 1:], candidates]
-        return out
-    out = []
-    for k in range(10):
-        small = [c for i, c in enumerate(candidates) if not 20 * k <= i < 20 * k + 4]  # 496
-        out += [small, small + [candidates[20 * k]]]  # then 497
-    return out
+    from bench_table import sets_across_a_step, sets_one_left  # the routing-table benchmark's very sets
+
+    return sets_one_left(candidates) if kind == "one-left" else sets_across_a_step(candidates)
 
 
 def child(kind: str, weighted: bool, passes: int) -> None:

@@ -61,6 +61,26 @@ def _summary(values_s: list[float]) -> dict:
             "p99_us": round(_pct(us, 0.99), 1), "max_us": round(max(us), 1)}
 
 
+def sets_one_left(candidates: list[str]) -> list[list[str]]:
+    """A prefill leaves the set, then the whole set returns (20 times, a different prefill each): a new set, then a
+    set seen before, in turn."""
+    out = []
+    for k in range(20):
+        out += [candidates[:k * 7] + candidates[k * 7 + 1:], candidates]
+    return out
+
+
+def sets_across_a_step(candidates: list[str]) -> list[list[str]]:
+    """New sets of 496 and 497 prefills in turn (of 500; 20): where int(16384 / n) steps (33 points each at 496, 32
+    at 497), so before the eighth pass (every share rounded down) a change moved a point of every engine; now
+    the shares are rounded down or up and a change moves about two shares' worth."""
+    out = []
+    for k in range(10):
+        small = [c for i, c in enumerate(candidates) if not 20 * k <= i < 20 * k + 4]  # 496
+        out += [small, small + [candidates[20 * k]]]  # then 497
+    return out
+
+
 def measure(prefills: int, links_per_prefill: int, changes: int, picks: int, only: list[str] | None = None,
             profile: Path | None = None, new_lists: bool = False) -> dict:
     """Runs inside the tree under test (its distserve on sys.path)."""
@@ -210,22 +230,15 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int, onl
                 # the first pick after the candidate set changes (a prefill leaves the set, then comes back):
                 # what a topology change costs a strategy that keeps state per set, as CPU time of this process
                 leaves, returns = [], []
-                for k in range(20):
-                    for given, into in ((candidates[:k * 7] + candidates[k * 7 + 1:], leaves), (candidates, returns)):
-                        c0 = time.thread_time()
-                        strategy.pick(given, contexts[k])
-                        into.append(time.thread_time() - c0)
-                # new sets of 496 and 497 prefills alternating: where int(16384 / n) steps (33 points each at 496,
-                # 32 at 497), so before the eighth pass (every share rounded down) a change moved a point of every
-                # engine; now the shares are rounded down or up and a change moves about two shares' worth
-                steps = []
-                for k in range(10):
-                    small = [c for i, c in enumerate(candidates) if not 20 * k <= i < 20 * k + 4]  # 496
-                    large = small + [candidates[20 * k]]  # 497
-                    for given in (small, large):
-                        c0 = time.thread_time()
-                        strategy.pick(given, contexts[k])
-                        steps.append(time.thread_time() - c0)
+                for j, given in enumerate(sets_one_left(candidates)):
+                    c0 = time.thread_time()
+                    strategy.pick(given, contexts[j // 2])
+                    (returns if j % 2 else leaves).append(time.thread_time() - c0)
+                steps = []  # new sets across what was a point-count step
+                for j, given in enumerate(sets_across_a_step(candidates)):
+                    c0 = time.thread_time()
+                    strategy.pick(given, contexts[j // 2])
+                    steps.append(time.thread_time() - c0)
                 first_picks[name + label] = {"new_set": _summary(leaves), "set_seen_before": _summary(returns),
                                              "new_set_across_a_step": _summary(steps)}
         if profiler is not None:

@@ -457,8 +457,8 @@ class _KvSet:
 class _Rings:
     """prefix_affinity's rings (kv_aware's too), built in proportion to what changed. Each engine's points are
     hashed once and kept (point i of engine c is hash("c#i"), whatever the set); a set's ring is derived from the
-    last one built when at most a quarter of its points differ (a topology change moves one engine's: its points
-    are found by bisection, the new lists made of slices of the old), else merged from the kept points. Either way the lists equal a build from
+    last one built when at most a quarter of its points differ (a topology change moves one engine's, and above
+    the cap a share of spare points: they are found by bisection, the new lists made of slices of the old), else merged from the kept points. Either way the lists equal a build from
     scratch (sorted by hash, then owner): rebuilding a 500-engine ring from scratch was ~20 ms of CPU paid by the
     first pick after any change of the candidate set (docs/benchmarks.md, "Sixth pass")."""
 
@@ -509,12 +509,12 @@ class _Rings:
         last ones, when fewer)."""
         if spare <= 0:
             return dict.fromkeys(candidates, base)
-        counts = dict.fromkeys(candidates, base)
+        few = 2 * spare <= len(candidates)
+        counts = dict.fromkeys(candidates, base if few else base + 1)
         line = self._line(counts)
-        if 2 * spare <= len(counts):
+        if few:
             counts.update(zip(islice(filter(counts.__contains__, line), spare), repeat(base + 1)))
         else:
-            counts = dict.fromkeys(candidates, base + 1)
             counts.update(zip(islice(filter(counts.__contains__, reversed(line)), len(counts) - spare), repeat(base)))
         return counts
 

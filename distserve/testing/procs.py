@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from discovery.embedded import stop_and_wait
+from discovery.embedded import stop_and_wait, wait_stopped
 
 # Children start here, so `python -m distserve` finds this source tree even when it is not installed.
 ROOT = Path(__file__).resolve().parents[2]
@@ -131,7 +131,7 @@ class Proc:
         """SIGSTOP the group; returns once every thread of the process itself has stopped."""
         self.signal_group(signal.SIGSTOP)
         if self.alive():
-            stop_and_wait(self.popen.pid)  # type: ignore[union-attr]
+            wait_stopped(self.popen.pid)  # type: ignore[union-attr]
         self.paused = True
 
     def resume(self) -> None:
