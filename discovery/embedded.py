@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -38,6 +37,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, model_validator
+
+from discovery.ports import free_port
 
 HOST = "127.0.0.1"
 PORTS_FILE = "distserve-ports.json"  # in a kept data dir: the ports it was created with
@@ -146,12 +147,6 @@ def _load_ports(data_dir: str | os.PathLike[str]) -> dict[str, int]:
         return {k: int(v) for k, v in raw.items() if k in ("client", "peer", "metrics")}
     except (OSError, ValueError, AttributeError):
         return {}
-
-
-def free_port(host: str = HOST) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def stop_and_wait(pid: int, timeout: float = 5.0) -> bool:

@@ -45,6 +45,7 @@ from discovery import config as etcd_config
 from discovery.backoff import Backoff
 from discovery.config import EtcdConfig, config_error_message
 from discovery.embedded import DEFAULT_AUTO_COMPACTION, AutoCompaction, EmbeddedEtcd, EmbeddedEtcdError
+from discovery.ports import free_port
 from distserve.agent.options import agent_config_from_args
 from distserve.cluster.keys import Keys, validate_id
 from distserve.cluster.settings import ENV_CLUSTER_TOKEN, cluster_name, cluster_token, env_value
@@ -418,12 +419,6 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
 def _url_host(host: str) -> str:
     if host in ("0.0.0.0", "", "::"):
         return LOCAL
@@ -520,7 +515,8 @@ class LocalCluster:
     def _ports(self, count: int) -> list[int]:
         args = self.args
         if args.port == 0:
-            return [_free_port(args.host if i < args.routers else LOCAL) for i in range(count)]
+            # Below the ephemeral range: a port from bind(0) could be taken by any connect() before its child binds it.
+            return [free_port(args.host if i < args.routers else LOCAL) for i in range(count)]
         ports = list(range(args.port, args.port + count))
         for i, port in enumerate(ports):
             host = args.host if i < args.routers else LOCAL

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import socket
 
-# The one implementation of "ask the kernel for a free port" (embedded etcd picks its ports with it too).
-from discovery.embedded import free_port
+# The one implementation of "a free port for a server started later" (embedded etcd picks its ports with it too).
+from discovery.ports import free_port
 
 HOST = "127.0.0.1"
 
@@ -20,13 +20,9 @@ def port_free(port: int, host: str = HOST) -> bool:
             return False
 
 
-def free_port_range(count: int, host: str = HOST, attempts: int = 200) -> int:
+def free_port_range(count: int, host: str = HOST) -> int:
     """The first of `count` consecutive ports that are free now (a process serving `--count N` engines)."""
-    for _ in range(attempts):
-        base = free_port(host)
-        if base + count <= 65536 and all(port_free(base + i, host) for i in range(count)):
-            return base
-    raise RuntimeError(f"no {count} consecutive free ports on {host} after {attempts} attempts")
+    return free_port(host, count)
 
 
 __all__ = ["HOST", "free_port", "free_port_range", "port_free"]
