@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import re
 import shutil
@@ -39,6 +40,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from discovery.ports import free_port
+
+log = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 PORTS_FILE = "distserve-ports.json"  # in a kept data dir: the ports it was created with
@@ -389,6 +392,7 @@ class EmbeddedEtcd:
         if self.alive():
             self.resume()  # a paused process cannot handle SIGTERM
         if not self._signal_and_wait(signal.SIGTERM, timeout):
+            log.warning("etcd %s did not stop within %.0f s of SIGTERM; killing it", self.name, timeout)
             self._signal_and_wait(signal.SIGKILL, 10.0)
 
     def restart(self, timeout: float | None = None, wait: bool = True) -> "EmbeddedEtcd":
