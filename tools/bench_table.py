@@ -82,9 +82,10 @@ def sets_across_a_step(candidates: list[str]) -> list[list[str]]:
 
 
 def measure(prefills: int, links_per_prefill: int, changes: int, picks: int, only: list[str] | None = None,
-            profile: Path | None = None, new_lists: bool = False) -> dict:
+            profile: Path | None = None, new_lists: bool = False, gc_mode: str = "router") -> dict:
     """Runs inside the tree under test (its distserve on sys.path)."""
     import asyncio
+    import gc
 
     from distserve.cluster.keys import Keys
     from distserve.cluster.prefix_keys import request_keys
@@ -140,6 +141,14 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int, onl
         initial = time.perf_counter() - t0
         assert len(table.entries[model]) == prefills, len(table.entries[model])
 
+        if gc_mode == "router":
+            # as distserve/router/replica.py does once the router is up: what was built so far (the table, the
+            # records) frozen out of the collector's scans, the young generation collected every 10,000
+            # allocations; "python" keeps the interpreter's defaults (700, 10, 10: the eighth pass and before)
+            gc.collect()
+            gc.freeze()
+            gc.set_threshold(10_000, 50, 100)
+        collections_before = [g["collections"] for g in gc.get_stats()]
         ids = list(engines)
         link_ids = list(links)
         per_kind: dict[str, list[float]] = {"engine_state": [], "link_state": [], "operator_flag": []}
@@ -251,6 +260,9 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int, onl
             "pick": decisions,
             "first_pick_after_set_change": first_picks,
             "load_change": _summary(load_changes),
+            "gc": {"mode": gc_mode, "thresholds": list(gc.get_threshold()),
+                   "collections_per_generation": [g["collections"] - b for g, b in
+                                                  zip(gc.get_stats(), collections_before)]},
         }
 
     def kv_index(cache, candidates: list[str]):
@@ -321,6 +333,7 @@ def run_tree(tree: Path, args: argparse.Namespace, profile: Path | None = None) 
         cmd += ["--profile", str(profile.resolve())]
     if args.new_lists:
         cmd.append("--new-lists")
+    cmd += ["--gc", args.gc]
     out = subprocess.run(cmd, env=env, cwd=str(tree), capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         raise SystemExit(f"bench_table: the run in {tree} failed:\n{out.stderr[-3000:]}")
@@ -344,6 +357,9 @@ def main() -> int:
                    help="cProfile the timed picks of this tree (pstats file; the timings include its overhead)")
     p.add_argument("--new-lists", action="store_true",
                    help="hand every pick a new candidate list (as a retry does) instead of the table's own")
+    p.add_argument("--gc", choices=("router", "python"), default="router",
+                   help="the collector's settings while measuring: the router's (distserve/router/replica.py: "
+                        "frozen after start-up, 10,000 / 50 / 100; default) or the interpreter's (700 / 10 / 10)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if not (1 <= args.links_per_prefill <= args.prefills and args.prefills >= 2 and args.changes >= 1
@@ -362,7 +378,7 @@ def main() -> int:
             return 2
     if args.child:
         print(json.dumps(measure(args.prefills, args.links_per_prefill, args.changes, args.picks, args.only,
-                                 args.profile, args.new_lists)))
+                                 args.profile, args.new_lists, args.gc)))
         return 0
     trees: dict[str, Path] = {}
     for i, tree in enumerate(args.baseline_tree or ()):

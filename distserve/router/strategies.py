@@ -36,6 +36,7 @@ import heapq
 import math
 import random
 import time
+from array import array
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -350,7 +351,7 @@ def _hash64(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
-def _ring_walk(hashes: list[int], owners: list[str], start: int, k: int, i: int | None = None) -> list[str]:
+def _ring_walk(hashes: array[int], owners: list[str], start: int, k: int, i: int | None = None) -> list[str]:
     """The first k distinct owners clockwise from `start` (k <= the number of owners). `i`: where `start` falls
     (bisect_right), when the caller has it and found the k points from there not distinct already (a bisection
     of a ring gone cold between picks was ~3 us of the 5 a walk cost kv_aware's pick)."""
@@ -471,7 +472,7 @@ class _Rings:
         # sort each member's points where the ring is built or derived (kv_aware's ties read them; sorting on
         # first use would land in a pick); prefix_affinity alone never reads them
         self.sort_ahead = False
-        self._last: tuple[dict[str, int], list[int], list[str]] | None = None  # counts, hashes, owners
+        self._last: tuple[dict[str, int], array[int], list[str]] | None = None  # counts, hashes, owners
 
     def counts(self, candidates: list[str], ctx: PickContext) -> dict[str, int]:
         """Each member's points: vnodes x its weight (at least 1). Above MAX_RING_POINTS every share is scaled
@@ -560,20 +561,20 @@ class _Rings:
             kept = per_count[n] = sorted(self.points(engine_id, n))
         return kept
 
-    def ring(self, candidates: list[str], ctx: PickContext) -> tuple[list[int], list[str], dict[str, int]]:
+    def ring(self, candidates: list[str], ctx: PickContext) -> tuple[array[int], list[str], dict[str, int]]:
         counts = self.counts(candidates, ctx)
         derived = self._derive(counts)
         if derived is None:
             points = [(h, c) for c in candidates for h in self.points(c, counts[c])]
             points.sort()
-            derived = [p[0] for p in points], [p[1] for p in points]
+            derived = array("Q", map(itemgetter(0), points)), [p[1] for p in points]
             if self.sort_ahead:
                 for c, n in counts.items():
                     self.owned(c, n)
         self._last = (counts, *derived)
         return (*derived, counts)
 
-    def _derive(self, counts: dict[str, int]) -> tuple[list[int], list[str]] | None:
+    def _derive(self, counts: dict[str, int]) -> tuple[array[int], list[str]] | None:
         last = self._last
         if last is None:
             return None
@@ -620,9 +621,11 @@ class _Rings:
         # seen with 64-bit hashes: the ring orders equal ones by owner, and an engine may even repeat one) sends
         # the set to the merge from the kept points instead; joining points equal to each other sort by owner.
         # The new lists in one pass of slices of the old (C-level copies, each point once; a mask and
-        # `compress` over the whole ring cost more), each edit placed in the old lists' positions: (i, 0, h, c)
-        # inserts before point i, (i, 1) drops it, an insertion at a dropped point's position first (both keep
-        # the ring's order).
+        # `compress` over the whole ring cost more, and so did chaining the slices at C level), each edit placed
+        # in the old lists' positions: (i, 0, h, c) inserts before point i, (i, 1) drops it, an insertion at a
+        # dropped point's position first (both keep the ring's order). The hashes are an array: its slices are
+        # copies of memory, where a list's touched the reference count of every point's int, spread over memory
+        # (a new set's first pick -15 to -26 %, docs/benchmarks.md "Ninth pass").
         drops = list(map(bisect_left, repeat(hashes), leave_h))
         if list(map(owners.__getitem__, drops)) != leave_o or len(set(leave_h)) < len(leave_h):
             return None
@@ -635,7 +638,7 @@ class _Rings:
                 return None
             edits.append((i, 0, h, c))
         edits.sort()
-        new_h: list[int] = []
+        new_h = array("Q")
         new_o: list[str] = []
         prev = 0
         for edit in edits:
@@ -679,7 +682,7 @@ class PrefixAffinityStrategy(Strategy):
         state.size = len(state.hashes)
         return state
 
-    def ring_points(self, candidates: list[str], ctx: PickContext) -> tuple[list[int], list[str]]:
+    def ring_points(self, candidates: list[str], ctx: PickContext) -> tuple[array[int], list[str]]:
         """The ring of a candidate set: point hashes (sorted) and their owners."""
         hashes, owners, _ = self._rings.ring(candidates, ctx)
         return hashes, owners

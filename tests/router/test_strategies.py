@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
 
 import pytest
@@ -637,7 +638,7 @@ def _ring_from_scratch(candidates, ctx, vnodes):
     from distserve.router.strategies import _hash64
     counts = _ring_counts(candidates, ctx, vnodes)
     points = sorted((_hash64(f"{c}#{i}".encode()), c) for c in candidates for i in range(counts[c]))
-    return [p[0] for p in points], [p[1] for p in points]
+    return array("Q", [p[0] for p in points]), [p[1] for p in points]  # the hashes as the ring keeps them
 
 
 def test_rings_derived_from_the_last_one_equal_rings_built_from_scratch():
