@@ -8,6 +8,10 @@
     python tools/bench_table.py --only kv_aware --changes 1      # one strategy's pick rows (and a token change)
     python tools/bench_table.py --only kv_aware --profile p.out  # cProfile of this tree's timed picks (pstats)
     python tools/bench_table.py --new-lists                     # every pick given a new list (a retry's)
+    python tools/bench_table.py --gc python                     # the interpreter's collector settings
+
+The collector runs as `distserve router` sets it once up (distserve/router/replica.py: what was built frozen,
+thresholds 10,000 / 50 / 100); the JSON counts the collections made while measuring.
 
 No etcd and no network: a real `distserve.router.view.ClusterView` is fed records through its cache's own
 listeners (the code path of a watch event: decode, typed map, handlers), with `--prefills` prefills and as
