@@ -37,6 +37,15 @@ _lock = threading.Lock()
 _next: int | None = None  # this process's cursor into the pool
 
 
+def _forget_cursor() -> None:
+    global _next
+    _next = None
+
+
+if hasattr(os, "register_at_fork"):  # a forked child walks from a start of its own, not its parent's next port
+    os.register_at_fork(after_in_child=_forget_cursor)
+
+
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 

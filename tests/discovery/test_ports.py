@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
@@ -45,3 +46,20 @@ def test_a_port_someone_listens_on_is_skipped(monkeypatch):
 def test_a_count_below_one_is_refused():
     with pytest.raises(ValueError, match="at least 1"):
         free_port(count=0)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only")
+def test_a_forked_child_does_not_hand_out_its_parents_next_ports():
+    free_port()  # the parent's cursor is set
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next port, to the parent
+        try:
+            os.write(write, str(free_port()).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child_port = int(os.read(read, 16))
+    os.close(read)
+    assert child_port not in {free_port() for _ in range(5)}  # by chance 1 in ~4,500 (the pool is ~22,768 ports)
