@@ -625,7 +625,7 @@ class _Rings:
         # in the old lists' positions: (i, 0, h, c) inserts before point i, (i, 1) drops it, an insertion at a
         # dropped point's position first (both keep the ring's order). The hashes are an array: its slices are
         # copies of memory, where a list's touched the reference count of every point's int, spread over memory
-        # (a new set's first pick -15 to -26 %, docs/benchmarks.md "Ninth pass").
+        # (a new set's first pick -12 to -25 % on the 2-core machine, docs/benchmarks.md "Ninth pass").
         drops = list(map(bisect_left, repeat(hashes), leave_h))
         if list(map(owners.__getitem__, drops)) != leave_o or len(set(leave_h)) < len(leave_h):
             return None
