@@ -9,10 +9,12 @@ Production: run your own etcd 3.4.22+ or 3.5.6+ (docs/etcd-clients.md) and point
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
+import os
+import select
 import signal
 import sys
-import threading
 
 from discovery.embedded import (
     DEFAULT_AUTO_COMPACTION,
@@ -66,8 +68,16 @@ def main(args: argparse.Namespace) -> int:
         print(f"distserve etcd: {problem}", file=sys.stderr)
         return 2
 
-    stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # The handler only notes the signal: it runs on the main thread between two bytecodes, so one that took a
+    # lock (threading.Event.set) could interrupt the main thread holding that very lock (Event.wait) and wait on
+    # it forever (seen in CI: a SIGTERMed `distserve etcd` hung). The wakeup fd ends the loop's wait at once.
+    stopping: list[int] = []
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    previous_fd = signal.set_wakeup_fd(wake_w)
+    previous = {sig: signal.signal(sig, lambda signum, _frame: stopping.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     server: EmbeddedEtcd | EmbeddedEtcdCluster
     if args.cluster_size == 1:
         server = EmbeddedEtcd(name="distserve", data_dir=args.data_dir, host=args.host, client_port=args.port,
@@ -90,7 +100,12 @@ def main(args: argparse.Namespace) -> int:
         members = server.members if isinstance(server, EmbeddedEtcdCluster) else [server]
         kept = "kept" if args.data_dir else "removed on exit"
         print(f"data dir: {', '.join(m.data_dir for m in members)} ({kept})", file=sys.stderr, flush=True)
-        while not stop.wait(0.5):
+        while not stopping:
+            select.select([wake_r], [], [], 0.5)
+            with contextlib.suppress(BlockingIOError):
+                os.read(wake_r, 512)
+            if stopping:
+                break
             dead = [m for m in members if not m.alive()]
             if dead:
                 print(f"distserve etcd: member {dead[0].name} exited unexpectedly; log: {dead[0].log_tail(300)!r}",
@@ -99,5 +114,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     finally:
         server.stop()
+        signal.set_wakeup_fd(previous_fd)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        os.close(wake_r)
+        os.close(wake_w)
