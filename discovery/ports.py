@@ -2,8 +2,9 @@
 
 `bind(port 0)` hands out a port from the kernel's ephemeral range, the same range every outgoing connection
 takes its local port from. Between handing the port out and the child process binding it, any connect() on
-the machine may take it (Linux even prefers the parity that `base + 1` has); a client socket holding it, or
-lingering in TIME_WAIT after it, then refuses the server's bind even with SO_REUSEADDR. So the ports handed
+the machine may take it (in CI a `distserve up` decode found 49984 taken that way, one above the 49983 that
+bind(0) had given); a client socket holding it, or lingering in TIME_WAIT after it, then refuses the server's
+bind even with SO_REUSEADDR. So the ports handed
 out here come from below the ephemeral range, which connect() never uses, checked free by a bind, and each
 process walks that pool from its own starting point so two calls never return the same port. Where the
 ephemeral range leaves no room below it, it falls back to the kernel's choice.
