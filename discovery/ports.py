@@ -51,9 +51,9 @@ def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def _bindable(host: str, port: int) -> bool:
-    """Free for a plain bind (no SO_REUSEADDR): a port with sockets of an earlier server in TIME_WAIT counts as
-    taken, so a caller that binds without the option succeeds too."""
+def port_free(port: int, host: str = HOST) -> bool:
+    """Whether `port` can be bound on `host` right now, by a plain bind (no SO_REUSEADDR): a port with sockets of
+    an earlier server in TIME_WAIT counts as taken, so a caller that binds without the option succeeds too."""
     with socket.socket(_family(host)) as sock:
         try:
             sock.bind((host, port))
@@ -77,7 +77,7 @@ def free_port(host: str = HOST, count: int = 1) -> int:
     if pool is None or count > len(pool):
         for _ in range(200):
             base = _kernel_port(host)
-            if base + count <= 65536 and all(_bindable(host, base + i) for i in range(1, count)):
+            if base + count <= 65536 and all(port_free(base + i, host) for i in range(1, count)):
                 return base
         raise RuntimeError(f"no {count} consecutive free ports on {host}")
     with _lock:
@@ -89,9 +89,9 @@ def free_port(host: str = HOST, count: int = 1) -> int:
                 offset = 0
             _next = offset + count
             base = pool[offset]
-            if all(_bindable(host, base + i) for i in range(count)):
+            if all(port_free(base + i, host) for i in range(count)):
                 return base
     raise RuntimeError(f"no {count} consecutive free ports on {host} in {pool.start}-{pool.stop - 1}")
 
 
-__all__ = ["HOST", "free_port"]
+__all__ = ["HOST", "free_port", "port_free"]

@@ -2,22 +2,8 @@
 
 from __future__ import annotations
 
-import socket
-
 # The one implementation of "a free port for a server started later" (embedded etcd picks its ports with it too).
-from discovery.ports import free_port
-
-HOST = "127.0.0.1"
-
-
-def port_free(port: int, host: str = HOST) -> bool:
-    """Whether `port` can be bound on `host` right now."""
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-            return True
-        except OSError:
-            return False
+from discovery.ports import HOST, free_port, port_free
 
 
 def free_port_range(count: int, host: str = HOST) -> int:

@@ -124,13 +124,18 @@ def test_router_and_agent_print_the_same_line_and_exit_2(command):
                              "expected http(s)://host:port\n")
 
 
+def _wait_for_output(proc: Proc, text: str, timeout: float = 30) -> None:
+    """Until the command has printed `text` (it must stay alive meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while text not in proc.output() and time.monotonic() < deadline:
+        assert proc.alive(), proc.output()
+        time.sleep(0.05)
+
+
 def test_distserve_etcd_command_serves_and_stops_cleanly():
     proc = Proc.python(["distserve", "etcd"], name="distserve-etcd")
     try:
-        deadline = time.monotonic() + 30
-        while "\n" not in proc.output() and time.monotonic() < deadline:
-            assert proc.alive(), proc.output()
-            time.sleep(0.05)
+        _wait_for_output(proc, "\n")
         url = proc.output().splitlines()[0]
         assert url.startswith("http://127.0.0.1:")
 
@@ -207,10 +212,7 @@ def test_distserve_etcd_stops_on_a_burst_of_signals():
     for _ in range(3):
         proc = Proc.python(["distserve", "etcd"], name="distserve-etcd")
         try:
-            deadline = time.monotonic() + 30
-            while "data dir: " not in proc.output() and time.monotonic() < deadline:
-                assert proc.alive(), proc.output()
-                time.sleep(0.05)
+            _wait_for_output(proc, "data dir: ")
             for i in range(300):  # signals as fast as they can be sent, until the process is gone
                 try:
                     os.kill(proc.popen.pid, signal.SIGINT if i % 2 else signal.SIGTERM)
