@@ -382,9 +382,9 @@ class FastConnection(asyncio.Protocol):
                 return "framing"
             elif lname == b"connection":
                 tokens = value.lower()
-                if b"upgrade" in tokens:
+                if tokens.find(b"upgrade") >= 0:  # searches: `bytes in bytes` costs a cleared TypeError (http1._head)
                     return "framing"
-                if b"close" in tokens:
+                if tokens.find(b"close") >= 0:
                     keep_alive = False
         if length is None or length > self.door.body_limit:
             return "framing"  # aiohttp answers 411/413 and the rest
