@@ -263,6 +263,11 @@ class EmbeddedEtcd:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
+    @property
+    def temporary_root(self) -> str | None:
+        """The temporary directory holding the data dir, removed by stop(); None when a data dir was given."""
+        return self._tmp_root
+
     # --- process ------------------------------------------------------------------------------------
     def _args(self) -> list[str]:
         args = [

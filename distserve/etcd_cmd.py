@@ -1,7 +1,8 @@
 """`distserve etcd`: a real etcd in the foreground for local clusters and demos.
 
 Prints the client URL (comma-separated for 3 members) as the first line on stdout, then runs until
-SIGINT/SIGTERM and stops cleanly (a temporary data dir is removed; `--data-dir` is kept). Old revisions
+SIGINT/SIGTERM and stops cleanly (a temporary data dir is removed; `--data-dir` is kept); killed outright
+(SIGKILL), its reaper (distserve/reaper.py) stops etcd and removes the temporary data dir. Old revisions
 are compacted automatically (--auto-compaction, default periodic:10m), so a long-running one stays flat.
 Production: run your own etcd 3.4.22+ or 3.5.6+ (docs/etcd-clients.md) and point --etcd at it.
 """
@@ -14,6 +15,7 @@ import ipaddress
 import os
 import select
 import signal
+import subprocess
 import sys
 
 from discovery.embedded import (
@@ -23,6 +25,7 @@ from discovery.embedded import (
     EmbeddedEtcdCluster,
     EmbeddedEtcdError,
 )
+from distserve.reaper import spawn_reaper
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -79,6 +82,7 @@ def main(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, lambda signum, _frame: stopping.append(signum))
                 for sig in (signal.SIGINT, signal.SIGTERM)}
     server: EmbeddedEtcd | EmbeddedEtcdCluster
+    reaper: subprocess.Popen | None = None
     if args.cluster_size == 1:
         server = EmbeddedEtcd(name="distserve", data_dir=args.data_dir, host=args.host, client_port=args.port,
                               auto_compaction=compaction)
@@ -98,6 +102,10 @@ def main(args: argparse.Namespace) -> int:
         print(f"etcd ready ({args.cluster_size} member{'s' if args.cluster_size > 1 else ''}); use it with:\n"
               f"  export DISTSERVE_ETCD_ENDPOINTS={server.client_url}\nCtrl-C stops it.", file=sys.stderr, flush=True)
         members = server.members if isinstance(server, EmbeddedEtcdCluster) else [server]
+        # etcd runs in its own session (a Ctrl-C reaches us, and we stop it): should this process be killed
+        # outright, the reaper stops it and removes its temporary data dir
+        reaper = spawn_reaper([(m.pid, m.data_dir) for m in members],
+                              [m.temporary_root for m in members if m.temporary_root], grace=0.0)
         kept = "kept" if args.data_dir else "removed on exit"
         print(f"data dir: {', '.join(m.data_dir for m in members)} ({kept})", file=sys.stderr, flush=True)
         while not stopping:
@@ -113,6 +121,9 @@ def main(args: argparse.Namespace) -> int:
                 return 1
         return 0
     finally:
+        if reaper is not None:
+            reaper.kill()
+            reaper.wait()
         server.stop()
         signal.set_wakeup_fd(previous_fd)
         for sig, handler in previous.items():

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import ipaddress
 import math
 import os
@@ -48,6 +47,7 @@ from discovery.embedded import DEFAULT_AUTO_COMPACTION, AutoCompaction, Embedded
 from discovery.ports import free_port
 from distserve.agent.options import agent_config_from_args
 from distserve.cluster.keys import Keys, validate_id
+from distserve.reaper import die_with_parent, libc, reaper_argv, stop_signals_held
 from distserve.cluster.settings import ENV_CLUSTER_TOKEN, cluster_name, cluster_token, env_value
 from distserve.router.settings import env_api_keys
 from distserve.router.strategies import STRATEGIES
@@ -294,47 +294,6 @@ def _router_argv(args: argparse.Namespace, port: int, endpoints: str, router_id:
 
 
 # ---- child processes -------------------------------------------------------------------------------------
-_LIBC = None
-
-
-def _libc():
-    global _LIBC
-    if _LIBC is None and sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):
-            _LIBC = ctypes.CDLL(None, use_errno=True)
-    return _LIBC
-
-
-# Between fork and exec a child runs with this process's signal handlers, which write to the event loop's
-# wakeup fd: a Ctrl-C reaching the child while it is still in our process group would count as a second
-# Ctrl-C here ("again to kill at once") and kill everything. So the stop signals are blocked around each
-# spawn; the child discards any that reached it (they were meant for us) and restores the defaults.
-_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
-
-
-@contextlib.contextmanager
-def _stop_signals_held():
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _die_with_parent(parent_pid: int, libc) -> None:
-    """Runs in the child between fork and exec (its own session by now): SIGTERM when `distserve up` dies,
-    even by SIGKILL; the stop signals back to their defaults and unblocked (see _STOP_SIGNALS)."""
-    for sig in _STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_DFL)
-    while signal.sigtimedwait(_STOP_SIGNALS, 0) is not None:
-        pass
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-    if libc is not None:
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
-            os._exit(1)
-
-
 @dataclass
 class Child:
     """One component in its own process group, its output in a log file."""
@@ -351,11 +310,11 @@ class Child:
 
     async def start(self) -> None:
         self.started_at = time.monotonic()
-        parent, libc = os.getpid(), _libc()
-        with open(self.log_path, "ab") as log, _stop_signals_held():  # noqa: ASYNC230 - a local log file
+        parent, c_library = os.getpid(), libc()
+        with open(self.log_path, "ab") as log, stop_signals_held():  # noqa: ASYNC230 - a local log file
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=asyncio.subprocess.STDOUT,
-                env=self.env, start_new_session=True, preexec_fn=lambda: _die_with_parent(parent, libc),
+                env=self.env, start_new_session=True, preexec_fn=lambda: die_with_parent(parent, c_library),
             )
 
     @property
@@ -493,14 +452,14 @@ class LocalCluster:
         self.etcd_config = EtcdConfig(endpoints=etcd.endpoints)
         # If this process is killed outright (SIGKILL), the engines and routers get SIGTERM from the kernel
         # (PR_SET_PDEATHSIG); the reaper, which gets it too, then stops etcd and removes its data directory.
-        parent, libc = os.getpid(), _libc()
+        parent, c_library = os.getpid(), libc()
         doomed = [self.etcd_data_dir, *([str(self.log_dir)] if self.owns_log_dir else [])]
-        with _stop_signals_held():
+        with stop_signals_held():
             self.reaper = await asyncio.create_subprocess_exec(
-                sys.executable, "-c", "import sys; from distserve.up import reap; reap(*sys.argv[1:])",
-                str(etcd.pid), *doomed, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                *reaper_argv([(etcd.pid, etcd.data_dir)], doomed, grace=3.0),
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=lambda: _die_with_parent(parent, libc))
+                preexec_fn=lambda: die_with_parent(parent, c_library, hold_term=True))
 
     async def _check_external_etcd(self) -> None:
         from discovery.client import EtcdClient  # noqa: PLC0415 - loads grpc: only with an external etcd
@@ -889,29 +848,6 @@ async def _group_gone(pgid: int, wait: float = 2.0) -> bool:
         if time.monotonic() > deadline:
             return False
         await asyncio.sleep(0.05)
-
-
-def reap(etcd_pid: str, data_dir: str, *more_dirs: str) -> None:
-    """The reaper process: idle until `distserve up` dies (SIGTERM via PR_SET_PDEATHSIG; a normal stop kills
-    the reaper instead), then give the agents a moment to revoke their leases, stop etcd, remove its data."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    signal.sigwait({signal.SIGTERM})
-    time.sleep(3.0)
-    pid = int(etcd_pid)
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        cmdline = b""
-    if data_dir.encode() in cmdline:  # still our etcd, not a recycled pid
-        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-            deadline = time.monotonic() + wait
-            while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-                time.sleep(0.05)
-    for path in (data_dir, *more_dirs):
-        shutil.rmtree(path, ignore_errors=True)
 
 
 # ---- entry point -----------------------------------------------------------------------------------------

@@ -221,3 +221,40 @@ def test_distserve_etcd_stops_on_a_burst_of_signals():
             assert proc.popen.wait(30) == 0, proc.output()
         finally:
             proc.stop()
+
+
+def _refuses(url: str) -> bool:
+    port = int(url.rsplit(":", 1)[1])
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def _until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+@pytest.mark.parametrize("cluster", [False, True], ids=["one-member-temporary-dir", "three-members-kept-dir"])
+def test_a_sigkilled_distserve_etcd_leaves_no_etcd_running(tmp_path: Path, cluster: bool):
+    """etcd runs in its own session (a Ctrl-C reaches the command, which stops it): the command killed outright
+    must not leave it serving. Its reaper stops every member and removes a temporary data dir; a given
+    --data-dir is kept."""
+    args = ("--cluster-size", "3", "--data-dir", str(tmp_path)) if cluster else ()
+    proc, urls = _start_cmd(*args)
+    try:
+        data_dirs = [Path(d) for d in proc.output().split("data dir: ", 1)[1].split(" (", 1)[0].split(", ")]
+        assert all(d.is_dir() for d in data_dirs) and not any(_refuses(u) for u in urls.split(","))
+        os.kill(proc.popen.pid, signal.SIGKILL)  # the command only, not its process group
+        proc.popen.wait(10)
+        assert _until(lambda: all(_refuses(u) for u in urls.split(",")), 20), "etcd outlived its command"
+        if cluster:
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["m0", "m1", "m2"]  # kept, as asked
+            assert all(d.is_dir() for d in data_dirs)
+        else:
+            assert _until(lambda: not data_dirs[0].parent.exists(), 10), "the temporary data dir was left behind"
+    finally:
+        proc.kill()

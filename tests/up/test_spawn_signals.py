@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from distserve.up import _die_with_parent, _stop_signals_held
+from distserve.reaper import die_with_parent, stop_signals_held
 
 
 async def _spawn_hit_by_sigint(held: bool) -> tuple[int, int]:
@@ -22,10 +22,10 @@ async def _spawn_hit_by_sigint(held: bool) -> tuple[int, int]:
     def preexec() -> None:
         os.kill(os.getpid(), signal.SIGINT)  # as if the group's Ctrl-C landed in the fork-to-exec window
         if held:
-            _die_with_parent(parent, None)
+            die_with_parent(parent, None)
 
     try:
-        with _stop_signals_held() if held else contextlib.nullcontext():
+        with stop_signals_held() if held else contextlib.nullcontext():
             proc = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass", preexec_fn=preexec,
                                                         start_new_session=True)
         code = await asyncio.wait_for(proc.wait(), 30)
