@@ -101,8 +101,11 @@ class _Sink:
 
     async def write(self, data: bytes) -> None:
         self.buf += data
-        while b"\n\n" in self.buf:
-            event, self.buf = self.buf.split(b"\n\n", 1)
+        while True:  # partition, not `b"\n\n" in`: that test makes and clears a TypeError (http1._Connection._head)
+            event, sep, rest = self.buf.partition(b"\n\n")
+            if not sep:
+                return
+            self.buf = rest
             await self._event(event)
 
     async def _event(self, event: bytes) -> None:

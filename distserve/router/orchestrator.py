@@ -844,7 +844,7 @@ class Orchestrator:
                     break
                 await out.write(chunk)  # raises when the client went away (handled by the caller)
                 tail = (tail + chunk)[-16:]
-            if failure is None and DONE_MARK not in tail:
+            if failure is None and tail.find(DONE_MARK) < 0:
                 failure = UpstreamError("disconnect", "the engine ended the stream without [DONE]")
             if failure is not None:
                 self._failed(engine, phase, failure)
@@ -864,7 +864,7 @@ class Orchestrator:
             except ConnectionResetError:
                 # clients (the openai SDK) may close as soon as they read [DONE], before the chunked
                 # stream's end: the request completed, the decode freed P's KV; not a disconnect
-                if failure is not None or DONE_MARK not in tail:
+                if failure is not None or tail.find(DONE_MARK) < 0:
                     raise
             if failure is None and not upstream.complete:
                 # drain the engine's end of stream in the background so its connection is reused
