@@ -65,22 +65,25 @@ def die_with_parent(parent_pid: int, c_library, hold_term: bool = False) -> None
             os._exit(1)
 
 
-def reaper_argv(etcds: Sequence[tuple[int, str]], remove: Sequence[str], grace: float) -> list[str]:
-    """The reaper's command line: each etcd as (pid, its data directory), the directories to remove, and how
-    long to wait after the parent's death before stopping them."""
-    return [sys.executable, "-c", "import sys; from distserve.reaper import reap; reap(sys.argv[1:])",
+def reaper_command(etcds: Sequence[tuple[int, str]], remove: Sequence[str], grace: float) -> tuple[list[str], dict]:
+    """The reaper's command line and spawn options (for subprocess.Popen or asyncio.create_subprocess_exec,
+    inside stop_signals_held()): each etcd as (pid, its data directory), the directories to remove, and how long
+    to wait after the parent's death before stopping them."""
+    argv = [sys.executable, "-c", "import sys; from distserve.reaper import reap; reap(sys.argv[1:])",
             f"{grace:g}", *(f"{pid}={data_dir}" for pid, data_dir in etcds), "--", *remove]
+    parent, c_library = os.getpid(), libc()
+    options = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL,
+               "start_new_session": True,
+               "preexec_fn": lambda: die_with_parent(parent, c_library, hold_term=True)}
+    return argv, options
 
 
 def spawn_reaper(etcds: Sequence[tuple[int, str]], remove: Sequence[str], grace: float) -> subprocess.Popen:
-    """Start the reaper (synchronously: `distserve etcd`; `distserve up` starts the same argv on its loop, with
-    the same preexec: die_with_parent(..., hold_term=True))."""
-    parent, c_library = os.getpid(), libc()
+    """Start the reaper from synchronous code (`distserve etcd`; `distserve up` starts reaper_command's on its
+    loop)."""
+    argv, options = reaper_command(etcds, remove, grace)
     with stop_signals_held():
-        return subprocess.Popen(
-            reaper_argv(etcds, remove, grace), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True,
-            preexec_fn=lambda: die_with_parent(parent, c_library, hold_term=True))
+        return subprocess.Popen(argv, **options)
 
 
 def reap(argv: list[str]) -> None:

@@ -47,7 +47,7 @@ from discovery.embedded import DEFAULT_AUTO_COMPACTION, AutoCompaction, Embedded
 from discovery.ports import free_port
 from distserve.agent.options import agent_config_from_args
 from distserve.cluster.keys import Keys, validate_id
-from distserve.reaper import die_with_parent, libc, reaper_argv, stop_signals_held
+from distserve.reaper import die_with_parent, libc, reaper_command, stop_signals_held
 from distserve.cluster.settings import ENV_CLUSTER_TOKEN, cluster_name, cluster_token, env_value
 from distserve.router.settings import env_api_keys
 from distserve.router.strategies import STRATEGIES
@@ -452,14 +452,10 @@ class LocalCluster:
         self.etcd_config = EtcdConfig(endpoints=etcd.endpoints)
         # If this process is killed outright (SIGKILL), the engines and routers get SIGTERM from the kernel
         # (PR_SET_PDEATHSIG); the reaper, which gets it too, then stops etcd and removes its data directory.
-        parent, c_library = os.getpid(), libc()
         doomed = [self.etcd_data_dir, *([str(self.log_dir)] if self.owns_log_dir else [])]
+        argv, options = reaper_command([(etcd.pid, etcd.data_dir)], doomed, grace=3.0)
         with stop_signals_held():
-            self.reaper = await asyncio.create_subprocess_exec(
-                *reaper_argv([(etcd.pid, etcd.data_dir)], doomed, grace=3.0),
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
-                preexec_fn=lambda: die_with_parent(parent, c_library, hold_term=True))
+            self.reaper = await asyncio.create_subprocess_exec(*argv, **options)
 
     async def _check_external_etcd(self) -> None:
         from discovery.client import EtcdClient  # noqa: PLC0415 - loads grpc: only with an external etcd
