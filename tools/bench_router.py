@@ -142,20 +142,28 @@ def worker_cpus(n: int) -> str:
 
 def tree_cpu_seconds(pid: int) -> float:
     """utime + stime of a process and every live descendant (a `--workers` supervisor and its workers)."""
+    return sum(tree_cpu_split(pid))
+
+
+def tree_cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process and every live descendant: user and kernel CPU seconds apart (does a
+    cell cost more in the router's own code or in the kernel under it)."""
     tick = os.sysconf("SC_CLK_TCK")
-    total, todo = 0.0, [pid]
+    user = system = 0.0
+    todo = [pid]
     while todo:
         p = todo.pop()
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / tick
+            user += int(fields[11]) / tick
+            system += int(fields[12]) / tick
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     todo.extend(int(c) for c in f.read().split())
         except (OSError, ValueError):
             continue
-    return total
+    return user, system
 # A copy of what the device machine needs (wheels, etcd, lmdeploy's Python part): --device-bundle builds it.
 DEVICE = BENCH / "device"
 
@@ -930,6 +938,7 @@ class Cell:
     cpu: float
     load_cpu: float = 0.0
     engines_cpu: float = 0.0
+    cpu_sys: float = 0.0  # the kernel's part of `cpu`
 
 
 async def measure(
@@ -948,11 +957,12 @@ async def measure(
     eng0 = engines.cpu_seconds() if engines else 0.0
     if clients <= 1 or concurrency < clients:
         client = Client(session, mode, target, stream)
-        cpu0, load0 = (tree_cpu_seconds(proc.pid) if proc else 0.0), time.process_time()
+        split0, load0 = (tree_cpu_split(proc.pid) if proc else (0.0, 0.0)), time.process_time()
         t0 = time.perf_counter()
         lat = await closed_loop(client, concurrency, duration)
-        return Cell(lat, time.perf_counter() - t0, (tree_cpu_seconds(proc.pid) - cpu0) if proc else 0.0,
-                    time.process_time() - load0, (engines.cpu_seconds() - eng0) if engines else 0.0)
+        user, system = (a - b for a, b in zip(tree_cpu_split(proc.pid) if proc else (0.0, 0.0), split0))
+        return Cell(lat, time.perf_counter() - t0, user + system, time.process_time() - load0,
+                    (engines.cpu_seconds() - eng0) if engines else 0.0, system)
     start_at = time.time() + 1.0 + 0.3 * clients
     share = [concurrency // clients + (1 if i < concurrency % clients else 0) for i in range(clients)]
     workers = []
@@ -970,15 +980,16 @@ async def measure(
             cmd = ["taskset", "-c", cpus or OTHER_CPUS, *cmd]
         workers.append(await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE, env=bench_env()))
     await asyncio.sleep(max(0.0, start_at - time.time()))
-    cpu0 = tree_cpu_seconds(proc.pid) if proc else 0.0
+    split0 = tree_cpu_split(proc.pid) if proc else (0.0, 0.0)
     eng0 = engines.cpu_seconds() if engines else 0.0
     outs = await asyncio.gather(*(w.communicate() for w in workers))
-    cpu = (tree_cpu_seconds(proc.pid) - cpu0) if proc else 0.0
+    user, system = (a - b for a, b in zip(tree_cpu_split(proc.pid) if proc else (0.0, 0.0), split0))
+    cpu = user + system
     eng = (engines.cpu_seconds() - eng0) if engines else 0.0
     if any(w.returncode for w in workers):
         raise RuntimeError(f"a load worker failed ({mode}, stream={stream}, c={concurrency})")
     got = [json.loads(out) for out, _ in outs]
-    return Cell([x for g in got for x in g["lat"]], duration, cpu, sum(g["cpu"] for g in got), eng)
+    return Cell([x for g in got for x in g["lat"]], duration, cpu, sum(g["cpu"] for g in got), eng, system)
 
 
 def pct(values: list[float], q: float) -> float:
@@ -1071,12 +1082,14 @@ async def steady_state(args, etcd: list[str], results: dict, proxy_ok: bool, sgl
                                     "p99": pct(lat, 99),
                                     "cpu_ms_per_req": 1000 * cpu / max(1, len(lat)),
                                     "cpu_util": cpu / wall,
+                                    "cpu_sys_share": cell.cpu_sys / cpu if cpu else 0.0,
                                 }
                             )
                             print(
                                 f"[bench] rep {rep} c={concurrency} stream={stream} {mode}: "
                                 f"{rows[-1]['rps']:.0f} req/s p50 {rows[-1]['p50'] * 1e3:.2f} ms "
-                                f"p99 {rows[-1]['p99'] * 1e3:.2f} ms cpu {rows[-1]['cpu_ms_per_req']:.2f} ms/req",
+                                f"p99 {rows[-1]['p99'] * 1e3:.2f} ms cpu {rows[-1]['cpu_ms_per_req']:.3f} ms/req "
+                                f"({rows[-1]['cpu_sys_share'] * 100:.0f} % kernel)",
                                 file=sys.stderr,
                             )
             if args.profile:
