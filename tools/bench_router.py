@@ -120,19 +120,45 @@ PY = sys.executable
 ALL_CPUS = sorted(os.sched_getaffinity(0))
 
 
+SIBLINGS_IDLE = True  # --router-sibling
+
+
+def smt_siblings(cpu: int) -> set[int]:
+    """The other hardware threads of `cpu`'s core (empty without SMT, or where the kernel does not say)."""
+    try:
+        with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+            text = f.read().strip()
+    except OSError:
+        return set()
+    found: set[int] = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit():
+            found.update(range(int(lo), int(hi or lo) + 1))
+    return found - {cpu}
+
+
 def cpu_layout(n: int) -> tuple[str, str]:
-    """(router CPUs, everything else's CPUs) for a router of n workers: CPUs 1..n, and all the others. Where
-    the machine has no CPU left over, both get every CPU (a smoke run; the figures then mean nothing)."""
+    """(router CPUs, everything else's CPUs) for a router of n workers: CPUs 1..n, and all the others but
+    the routers' SMT siblings while at least half the CPUs remain for the rest: a sibling busy with engines or
+    load generators takes cycles from the router's core, more the busier they are (so more at concurrency 64,
+    and unequally between front ends whose engines work differently). Where the machine has no CPU left
+    over, both get every CPU (a smoke run; the figures then mean nothing)."""
     router = ALL_CPUS[1 : 1 + n] if len(ALL_CPUS) > n else ALL_CPUS
     others = [c for c in ALL_CPUS if c not in router] or ALL_CPUS
+    siblings = set().union(*(smt_siblings(c) for c in router)) - set(router) if SIBLINGS_IDLE else set()
+    quiet = [c for c in others if c not in siblings]
+    if siblings and len(quiet) >= max(2, len(ALL_CPUS) // 2):
+        others = quiet
     return ",".join(map(str, router)), ",".join(map(str, others))
 
 
 ROUTER_CPUS, OTHER_CPUS = cpu_layout(1)
 
 
-def set_router_cpus(max_workers: int) -> None:
-    global OTHER_CPUS
+def set_router_cpus(max_workers: int, siblings_idle: bool = True) -> None:
+    global OTHER_CPUS, SIBLINGS_IDLE
+    SIBLINGS_IDLE = siblings_idle
     OTHER_CPUS = cpu_layout(max_workers)[1]
 
 
@@ -1453,7 +1479,7 @@ async def amain(args) -> int:
     sglang_ok = not args.skip_sglang and sgl_why is None
     if not sglang_ok:
         print(f"[bench] SGLang gateway not run: {sgl_why or 'skipped'}", file=sys.stderr)
-    set_router_cpus(max(args.router_workers))
+    set_router_cpus(max(args.router_workers), args.router_sibling == "idle")
     etcd = EmbeddedEtcd(unsafe_no_fsync=True).start()
     others = {int(c) for c in OTHER_CPUS.split(",")}
     os.sched_setaffinity(etcd.pid, others)
@@ -1535,6 +1561,9 @@ def main() -> int:
     p.add_argument("--profile-duration", type=float, default=10.0, help="seconds (default 10)")
     p.add_argument("--profile-rate", type=int, default=100, help="py-spy samples per second (default 100)")
     p.add_argument("--profile-native", action="store_true", help="py-spy --native: C frames too (uvloop, parsers)")
+    p.add_argument("--router-sibling", choices=["idle", "shared"], default="idle",
+                   help="the router CPU's SMT siblings: kept idle (default, where the host has them and enough "
+                        "CPUs remain) or shared with engines and load generators, as before 2026-12-06")
     p.add_argument("--skip-lmdeploy", action="store_true", help="do not install or run LMDeploy's proxy")
     p.add_argument("--skip-sglang", action="store_true", help="do not install or run SGLang's Rust gateway")
     p.add_argument("--router-workers", type=int, nargs="+", default=[1], metavar="N",
