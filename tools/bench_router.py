@@ -10,7 +10,8 @@ is the routing layer):
   torch: the local CPU torch wheel is used, with only the packages the proxy really imports).
 
 The router under test (or the proxy) is pinned to CPU 1 with taskset; everything else (etcd, engines,
-this load generator) to CPU 0. Reported: added latency p50/p99 (mode minus direct) at concurrency 1, 16
+this load generator) to the other CPUs but CPU 1's SMT siblings, which stay idle where the host has them
+(`--router-sibling shared`: not kept idle). Reported: added latency p50/p99 (mode minus direct) at concurrency 1, 16
 and 64, throughput, CPU-ms per PD request of the router process, stream and not; cold start at 1x1 and
 8x8 engines (process start -> first successful PD completion, handshake calls made, then a burst of 256
 requests: its p99).
