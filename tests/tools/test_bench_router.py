@@ -113,6 +113,7 @@ def test_worker_cpus_stay_the_routers_after_this_process_is_pinned_elsewhere(ben
     # amain pins itself to the non-router CPUs; worker CPUs must still be 1..N, never the engines' CPUs
     monkeypatch.setattr(bench, "OTHER_CPUS", bench.OTHER_CPUS)  # restored after the test
     monkeypatch.setattr(bench, "ALL_CPUS", list(range(16)))
+    monkeypatch.setattr(bench, "smt_siblings", lambda cpu: set())  # this machine's topology must not matter
     monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: {0, 9, 10, 11, 12, 13, 14, 15})
     bench.set_router_cpus(8)
     assert bench.worker_cpus(2) == "1,2"
@@ -121,6 +122,41 @@ def test_worker_cpus_stay_the_routers_after_this_process_is_pinned_elsewhere(ben
     assert bench.cpu_layout(4) == ("1,2,3,4", "0,5,6,7,8,9,10,11,12,13,14,15")
     monkeypatch.setattr(bench, "ALL_CPUS", [0, 1])  # no CPU left over: both share every CPU
     assert bench.cpu_layout(2) == ("0,1", "0,1")
+
+
+def test_the_routers_smt_siblings_stay_idle_while_half_the_cpus_remain(bench, monkeypatch):
+    # 8 cores of 2 threads: CPU c and c + 8 share a core, as Linux numbers them on most x86 hosts
+    monkeypatch.setattr(bench, "OTHER_CPUS", bench.OTHER_CPUS)
+    monkeypatch.setattr(bench, "SIBLINGS_IDLE", True)
+    monkeypatch.setattr(bench, "ALL_CPUS", list(range(16)))
+    monkeypatch.setattr(bench, "smt_siblings", lambda cpu: {(cpu + 8) % 16})
+    assert bench.cpu_layout(1) == ("1", "0,2,3,4,5,6,7,8,10,11,12,13,14,15")  # CPU 9 idle
+    assert bench.cpu_layout(4) == ("1,2,3,4", "0,5,6,7,8,13,14,15")  # 9-12 idle: 8 CPUs remain
+    assert bench.cpu_layout(5)[1] == "0,6,7,8,9,10,11,12,13,14,15"  # only 6 would remain: shared
+    bench.set_router_cpus(1, siblings_idle=False)  # --router-sibling shared
+    assert bench.OTHER_CPUS == "0,2,3,4,5,6,7,8,9,10,11,12,13,14,15"
+    bench.set_router_cpus(1)
+    assert bench.OTHER_CPUS == "0,2,3,4,5,6,7,8,10,11,12,13,14,15"
+
+
+def test_smt_siblings_read_from_the_kernels_list(bench, monkeypatch, tmp_path):
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        if str(path).endswith("cpu3/topology/thread_siblings_list"):
+            path = tmp_path / "list"
+            path.write_text("3,67\n")
+        elif str(path).endswith("cpu5/topology/thread_siblings_list"):
+            path = tmp_path / "list"
+            path.write_text("4-7\n")
+        elif "topology" in str(path):
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    assert bench.smt_siblings(3) == {67}
+    assert bench.smt_siblings(5) == {4, 6, 7}
+    assert bench.smt_siblings(1) == set()  # no list: no siblings known
 
 
 def test_top_frames_from_pyspy_collapsed_stacks(bench):
