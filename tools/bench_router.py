@@ -191,6 +191,19 @@ def tree_cpu_split(pid: int) -> tuple[float, float]:
         except (OSError, ValueError):
             continue
     return user, system
+
+
+def router_cpu(proc: "Proc | None") -> tuple[float, float]:
+    """(user, kernel) CPU seconds of a front end's process tree so far; zeros without one (direct modes)."""
+    return tree_cpu_split(proc.pid) if proc else (0.0, 0.0)
+
+
+def cpu_since(proc: "Proc | None", before: tuple[float, float]) -> tuple[float, float]:
+    """(all, kernel) CPU seconds of a front end's process tree since `before` (router_cpu's)."""
+    user, system = (now - then for now, then in zip(router_cpu(proc), before))
+    return user + system, system
+
+
 # A copy of what the device machine needs (wheels, etcd, lmdeploy's Python part): --device-bundle builds it.
 DEVICE = BENCH / "device"
 
@@ -984,11 +997,11 @@ async def measure(
     eng0 = engines.cpu_seconds() if engines else 0.0
     if clients <= 1 or concurrency < clients:
         client = Client(session, mode, target, stream)
-        split0, load0 = (tree_cpu_split(proc.pid) if proc else (0.0, 0.0)), time.process_time()
+        split0, load0 = router_cpu(proc), time.process_time()
         t0 = time.perf_counter()
         lat = await closed_loop(client, concurrency, duration)
-        user, system = (a - b for a, b in zip(tree_cpu_split(proc.pid) if proc else (0.0, 0.0), split0))
-        return Cell(lat, time.perf_counter() - t0, user + system, time.process_time() - load0,
+        cpu, system = cpu_since(proc, split0)
+        return Cell(lat, time.perf_counter() - t0, cpu, time.process_time() - load0,
                     (engines.cpu_seconds() - eng0) if engines else 0.0, system)
     start_at = time.time() + 1.0 + 0.3 * clients
     share = [concurrency // clients + (1 if i < concurrency % clients else 0) for i in range(clients)]
@@ -1007,11 +1020,10 @@ async def measure(
             cmd = ["taskset", "-c", cpus or OTHER_CPUS, *cmd]
         workers.append(await asyncio.create_subprocess_exec(*cmd, stdout=subprocess.PIPE, env=bench_env()))
     await asyncio.sleep(max(0.0, start_at - time.time()))
-    split0 = tree_cpu_split(proc.pid) if proc else (0.0, 0.0)
+    split0 = router_cpu(proc)
     eng0 = engines.cpu_seconds() if engines else 0.0
     outs = await asyncio.gather(*(w.communicate() for w in workers))
-    user, system = (a - b for a, b in zip(tree_cpu_split(proc.pid) if proc else (0.0, 0.0), split0))
-    cpu = user + system
+    cpu, system = cpu_since(proc, split0)
     eng = (engines.cpu_seconds() - eng0) if engines else 0.0
     if any(w.returncode for w in workers):
         raise RuntimeError(f"a load worker failed ({mode}, stream={stream}, c={concurrency})")
