@@ -26,8 +26,9 @@ retried by the kernel after one second, whatever the front end).
 
 SGLang's Rust gateway (`sglang`): `sglang-router==0.3.2` from PyPI in its own virtual environment under
 .bench/ (or from the device bundle), run as `sglang-router launch --pd-disaggregation --prefill URL ...
---decode URL ...` over the same null engines (it dispatches prefill and decode in parallel: SGLang's
-bootstrap protocol; the null engines answer it as they are). `--skip-sglang` leaves it out.
+--decode URL ... --policy round_robin` over the same null engines (it dispatches prefill and decode in parallel:
+SGLang's bootstrap protocol; the null engines answer it as they are). `--sglang-policy` picks another policy
+(cache_aware is the gateway's own default). `--skip-sglang` leaves it out.
 
 Workers (`--router-workers 2 4 8`): `distserve-wN` is `distserve router --workers N` pinned to N CPUs
 (1..N); CPU per request counts the supervisor and all its workers. With the largest N, the engines and
@@ -493,10 +494,11 @@ def install_sglang() -> str | None:
         (r.stderr.strip().splitlines() or ["sglang-router launch --help failed"])[-1])
 
 
-def start_sglang(tag: str, engines: "Engines") -> tuple[Proc, str]:
+def start_sglang(tag: str, engines: "Engines", policy: str = "round_robin") -> tuple[Proc, str]:
+    """`policy`: the gateway's --policy for prefill and decode alike (--sglang-policy; round_robin by default)."""
     port = free_port()
     argv = [*sglang_command(), "launch", "--pd-disaggregation", "--host", "127.0.0.1", "--port", str(port),
-            "--policy", "round_robin", "--log-level", "warn"]
+            "--policy", policy, "--log-level", "warn"]
     for url in engines.prefills:
         argv += ["--prefill", url]
     for url in engines.decodes:
@@ -1068,7 +1070,7 @@ async def steady_state(args, etcd: list[str], results: dict, proxy_ok: bool, sgl
                 wait_http(f"{wurl}/health/ready")
                 fronts[f"distserve-w{n}"] = (wurl, wproc)
         if sglang_ok:
-            sgl, sgl_url = start_sglang("steady", engines)
+            sgl, sgl_url = start_sglang("steady", engines, args.sglang_policy)
             extra.append(sgl)
             wait_http(f"{sgl_url}/health", 120)
             fronts["sglang"] = (sgl_url, sgl)
@@ -1579,6 +1581,10 @@ def main() -> int:
                         "CPUs remain) or shared with engines and load generators, as before 2026-12-06")
     p.add_argument("--skip-lmdeploy", action="store_true", help="do not install or run LMDeploy's proxy")
     p.add_argument("--skip-sglang", action="store_true", help="do not install or run SGLang's Rust gateway")
+    p.add_argument("--sglang-policy", default="round_robin",
+                   choices=["round_robin", "random", "power_of_two", "cache_aware"],
+                   help="the gateway's --policy (default round_robin, as in every pass so far; its own default is "
+                        "cache_aware)")
     p.add_argument("--router-workers", type=int, nargs="+", default=[1], metavar="N",
                    help="steady: also `distserve router --workers N` on N CPUs, for each N > 1 (e.g. 2 4 8)")
     p.add_argument("--json", type=Path, help="also write the results here (default: .bench/bench_router.json only)")

@@ -179,6 +179,19 @@ def test_top_frames_from_pyspy_collapsed_stacks(bench):
     assert "| 60.0 | 60.0 | `pick (distserve/router/strategies.py:10)` |" in bench.format_profile(got)
 
 
+def test_the_gateway_runs_the_policy_asked_for(bench, monkeypatch):
+    """--sglang-policy reaches the gateway's command line (round_robin, as in every pass so far, by default)."""
+    launched = []
+    monkeypatch.setattr(bench, "sglang_command", lambda: ["sglang-router"])
+    monkeypatch.setattr(bench, "bench_proc", lambda argv, *_a, **_k: launched.append(argv))
+    engines = type("E", (), {"prefills": ["http://127.0.0.1:1"], "decodes": ["http://127.0.0.1:2"]})()
+    bench.start_sglang("t", engines)
+    bench.start_sglang("t", engines, "cache_aware")
+    policies = [argv[argv.index("--policy") + 1] for argv in launched]
+    assert policies == ["round_robin", "cache_aware"]
+    assert launched[1][-4:] == ["--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2"]
+
+
 def test_device_bundle_carries_pyspy(bench):
     assert f"py-spy=={bench.PYSPY_VERSION}" in bench.DEVICE_WHEELS
 
@@ -187,6 +200,7 @@ def test_device_bundle_carries_pyspy(bench):
     (["--profile", "--scenarios", "cold"], "--profile needs the steady scenario"),
     (["--scaling-workers", "0"], "--scaling-workers takes positive integers"),
     (["--scaling-concurrency", "0"], "--scaling-concurrency must be positive"),
+    (["--sglang-policy", "fastest"], "argument --sglang-policy: invalid choice"),
 ])
 def test_bad_options_exit_2_with_one_line(argv, message):
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "bench_router.py"), *argv],
