@@ -30,7 +30,9 @@ from email.utils import formatdate
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from distserve.router import heads
 from distserve.router.errors import ApiError
+from distserve.router.heads import request_head
 from distserve.router.request import Unary
 from distserve.router.validation import CHAT, COMPLETIONS
 
@@ -39,20 +41,16 @@ log = logging.getLogger("distserve.router")
 MAX_HEAD = 16 * 1024
 KEEPALIVE_TIMEOUT = 75.0  # aiohttp's default for an idle keep-alive connection
 SWEEP_INTERVAL = 5.0
-HOT = {
-    b"/v1/completions": (COMPLETIONS, "/v1/completions"),
-    b"/v1/chat/completions": (CHAT, "/v1/chat/completions"),
-}
+# heads.ROUTES, in order: what the handler is told
+_ROUTES = ((COMPLETIONS, "/v1/completions"), (CHAT, "/v1/chat/completions"))
 _NO_COPY = frozenset({"content-length", "transfer-encoding", "connection", "date"})
 
 # the handler: (connection, kind, path, headers, body or None) -> awaitable (answer, close after it)
 Serve = Callable[["FastConnection", str, str, "HeadHeaders", bytes | None], Awaitable[tuple]]
 
-# requests carrying one of these are aiohttp's: it decodes, streams or refuses them
-_AIOHTTP_HEADERS = frozenset({b"transfer-encoding", b"content-encoding", b"expect", b"upgrade"})
 # the headers the handler reads on every request: kept from the head's one pass (the rest parsed on demand)
 _WATCHED = frozenset({"x-request-id", "authorization", "traceparent", "tracestate"})
-_WATCHED_BYTES = frozenset(name.encode() for name in _WATCHED)
+assert heads.WATCHED == frozenset(name.encode() for name in _WATCHED)
 _WATCHED_KEYS = {spelling: spelling.lower().encode() for spelling in (
     "X-Request-Id", "Authorization", "traceparent", "tracestate", *_WATCHED)}
 
@@ -64,10 +62,10 @@ class HeadHeaders(Mapping):
     once into a CIMultiDictProxy. A CIMultiDict of every header per request, names and values decoded, was
     with the loop around it, ~8 % of the router's function calls per request (docs/benchmarks.md)."""
 
-    __slots__ = ("_lines", "_watched", "_all")
+    __slots__ = ("_buf", "_end", "_watched", "_all")
 
-    def __init__(self, lines: list[bytes], watched: dict[bytes, bytes]) -> None:
-        self._lines = lines  # b"Name: value" lines, checked
+    def __init__(self, buf: bytes, end: int, watched: dict[bytes, bytes]) -> None:
+        self._buf, self._end = buf, end  # the checked head is buf[:end]: its lines split if somebody asks
         self._watched = watched  # lower-cased name -> value (stripped), first occurrence
         self._all: CIMultiDictProxy | None = None
 
@@ -84,7 +82,7 @@ class HeadHeaders(Mapping):
     def _parsed(self) -> CIMultiDictProxy:
         if self._all is None:
             pairs = []
-            for line in self._lines:
+            for line in self._buf[: self._end].split(b"\r\n")[1:]:
                 name, _, value = line.partition(b":")
                 pairs.append((name.decode("latin-1"), value.strip(b" \t").decode("latin-1")))
             self._all = CIMultiDictProxy(CIMultiDict(pairs))
@@ -349,47 +347,15 @@ class FastConnection(asyncio.Protocol):
 
     def _parse_head(self, buf: bytes, end: int) -> tuple | str:
         """(kind, path, headers, keep_alive, body start, body end) of a hot request, or why it is aiohttp's.
-        One pass over the header lines: the fields that decide who serves the request, and the few the
-        handler reads (HeadHeaders); no dict of every header."""
-        lines = buf[:end].split(b"\r\n")
-        parts = lines[0].split(b" ")
-        if len(parts) != 3:
-            return "framing"
-        hot = HOT.get(parts[1])
-        if hot is None or parts[0] != b"POST":
-            return "route"
-        if parts[2] != b"HTTP/1.1":
-            return "framing"
-        del lines[0]
-        length = None
-        keep_alive = True
-        watched: dict[bytes, bytes] = {}
-        for line in lines:
-            name, sep, value = line.partition(b":")
-            # no colon, an empty name, whitespace before the colon, or a folded line: aiohttp answers it
-            if not sep or not name or name[-1] in b" \t" or name[0] in b" \t":
-                return "framing"
-            lname = name.lower()
-            if lname == b"content-length":
-                value = value.strip(b" \t")
-                if length is not None or not value.isdigit():
-                    return "framing"
-                length = int(value)
-            elif lname in _WATCHED_BYTES:
-                if lname not in watched:
-                    watched[lname] = value.strip(b" \t")
-            elif lname in _AIOHTTP_HEADERS:
-                return "framing"
-            elif lname == b"connection":
-                tokens = value.lower()
-                if tokens.find(b"upgrade") >= 0:  # searches: `bytes in bytes` costs a cleared TypeError (http1._head)
-                    return "framing"
-                if tokens.find(b"close") >= 0:
-                    keep_alive = False
-        if length is None or length > self.door.body_limit:
-            return "framing"  # aiohttp answers 411/413 and the rest
+        One pass over the header lines (heads.request_head: in C where built): the fields that decide who serves
+        the request, and the few the handler reads (HeadHeaders); no dict of every header."""
+        head = request_head(buf, end, self.door.body_limit)
+        if type(head) is str:
+            return head
+        route, watched, keep_alive, length = head
+        kind, path = _ROUTES[route]
         start = end + 4
-        return hot[0], hot[1], HeadHeaders(lines, watched), keep_alive, start, start + length
+        return kind, path, HeadHeaders(buf, end, watched), keep_alive, start, start + length
 
     def _hand_over(self, reason: str) -> None:
         """The connection becomes aiohttp's, from the request boundary it is at (nothing was answered for

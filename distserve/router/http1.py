@@ -18,18 +18,21 @@ parser still checks everything it relies on and fails the call (never the proces
 from __future__ import annotations
 
 import asyncio
-import operator
 import time
 from collections import deque
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
+from distserve.router import heads
+from distserve.router.heads import answer_head
 from distserve.router.upstream import UpstreamError
 
 MAX_HEAD = 64 * 1024
 PAUSE_ABOVE = 1 << 20  # buffered body bytes above which reading from the engine pauses
 
 _HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
+assert (_HEAD, _LENGTH, _CHUNK_SIZE, _UNTIL_CLOSE, _DONE) == (
+    heads.HEAD, heads.LENGTH, heads.CHUNK_SIZE, heads.UNTIL_CLOSE, heads.DONE)  # the head parsers' states
 
 
 class _Lost(Exception):
@@ -479,42 +482,14 @@ class _Connection(asyncio.Protocol):
         return data[pos:] if pos else data
 
     def _head(self, resp: Response, head: bytes) -> bool:
-        # Only what framing needs, found in the lower-cased head by C-level searches: the other headers are
-        # parsed if somebody reads them (Response.headers). Decoding every header into a dict per answer was a
-        # sixth of the router's function calls per request; a regex, then a Python loop over the lines, cost
-        # more than these searches once caches are cold (py-spy over tools/bench_hot_path.py).
-        if (head[:7] != b"HTTP/1." or head[8:9] != b" " or not head[9:12].isdigit()
-                or head[12:13] not in (b" ", b"\r", b"")):
-            raise ValueError(f"bad status line {head[:80]!r}")
-        status = int(head[9:12])
-        if 100 <= status < 200:
-            return False
-        low = head.lower()
-        lines = low.split(b"\r\n")
-        del lines[0]
-        # every line has a name and a colon: its first colon past position 0. Searches, not `b":" in line`:
-        # CPython's bytes.__contains__ first tries its argument as an int, and a bytes argument costs it a
-        # TypeError made and cleared per test (142 ns against find's 63 on Python 3.11, 250 against 70 on 3.12)
-        if lines and min(map(_colon_at, lines)) <= 0:  # min(..., default=) parses its keyword: ~0.15 us more
-            raise ValueError(f"bad header line in {head[:200]!r}")
-        length = _field(low, b"\r\ncontent-length:")
-        # the other two are absent from most answers: a C-level search before the one of their value
-        chunked = (low.find(b"\r\ntransfer-encoding:") >= 0
-                   and _field(low, b"\r\ntransfer-encoding:").find(b"chunked") >= 0)
-        close = low.find(b"\r\nconnection:") >= 0 and _field(low, b"\r\nconnection:") == b"close"
-        self._keep_alive = head[7] == 49 and not close  # "HTTP/1.1" ([7] is b"1")
-        if chunked:
-            self._state = _CHUNK_SIZE
-        elif length is not None:
-            if not length.isdigit():
-                raise ValueError(f"bad content-length {length[:20]!r}")
-            self._remaining = int(length)
-            self._state = _LENGTH if self._remaining else _DONE
-        elif status in (204, 304):
-            self._state = _DONE
-        else:
-            self._state = _UNTIL_CLOSE
-            self._keep_alive = False
+        # Only what framing needs (heads.answer_head: in C where built): the other headers are parsed if somebody
+        # reads them (Response.headers).
+        status, state, remaining, keep_alive = answer_head(head)
+        if state == _HEAD:
+            return False  # a 1xx answer: the real one follows
+        self._state = state
+        self._remaining = remaining
+        self._keep_alive = keep_alive
         resp.status = status
         resp._raw_head = head
         if not resp._head.done():
@@ -525,20 +500,6 @@ class _Connection(asyncio.Protocol):
 def _chunk_size(line: bytes) -> int:
     """A chunk-size line's size (hex, extensions after ";" ignored); ValueError when it is not a number."""
     return int(line.split(b";", 1)[0], 16)
-
-
-_colon_at = operator.methodcaller("find", b":")
-
-
-def _field(low: bytes, marker: bytes) -> bytes | None:
-    """The (stripped) value of the first header line starting with `marker` (b"\\r\\nname:") in a lower-cased
-    head, or None."""
-    at = low.find(marker)
-    if at < 0:
-        return None
-    at += len(marker)
-    end = low.find(b"\r\n", at)
-    return low[at:end].strip() if end >= 0 else low[at:].strip()
 
 
 def _parse_headers(head: bytes) -> dict[str, str]:
