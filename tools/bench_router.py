@@ -802,6 +802,30 @@ def device_bundle() -> int:
     return 0
 
 
+def parsers_of(tree: Path) -> str:
+    """Which head parsers a router started from `tree` runs (distserve/router/heads.py): "c" or "python"."""
+    code = "from distserve.router import heads; print(heads.IMPLEMENTATION)"
+    out = subprocess.run([PY, "-c", code], cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)),
+                         capture_output=True, text=True, timeout=60)
+    return out.stdout.strip() or "python (no heads module)"
+
+
+def build_heads_in_place() -> str:
+    """The router's C head parsers for this interpreter, built in this tree where they are not yet (a C compiler
+    and Python's headers needed; without them the router runs the Python versions). Returns the outcome."""
+    import sysconfig
+
+    target = REPO / "distserve" / "router" / f"_heads{sysconfig.get_config_var('EXT_SUFFIX')}"
+    if not target.exists():
+        cc = shutil.which("cc") or shutil.which("gcc")
+        include = sysconfig.get_paths()["include"]
+        if cc is None or not (Path(include) / "Python.h").exists():
+            return "python (no C compiler or Python headers here)"
+        subprocess.run([cc, "-shared", "-fPIC", "-O2", f"-I{include}", str(REPO / "distserve/router/_heads.c"),
+                        "-o", str(target)], check=True, timeout=300)
+    return parsers_of(REPO)
+
+
 def device_setup() -> int:
     """On the device machine: unpack the bundle (no network needed)."""
     import gzip
@@ -830,6 +854,7 @@ def device_setup() -> int:
     with tarfile.open(DEVICE / "lmdeploy.tar.gz") as tar:
         tar.extractall(DEVICE / "lmdeploy_root")
     print("[bench] device set up:", lmdeploy_available() or "lmdeploy proxy importable")
+    print("[bench] router head parsers:", build_heads_in_place())
     return 0
 
 
@@ -1504,6 +1529,9 @@ async def amain(args) -> int:
         "python": platform.python_version(),
         "lmdeploy": LMD_VERSION if proxy_ok else f"not run: {why}",
         "sglang_router": SGL_VERSION if sglang_ok else f"not run: {sgl_why or 'skipped'}",
+        # which head parsers each router ran: the C module where it is built, else the Python ones
+        "router_parsers": {"distserve": parsers_of(REPO),
+                           **({"distserve-base": parsers_of(Path(args.baseline_tree))} if args.baseline_tree else {})},
         "router_cpus": {"distserve": ROUTER_CPUS, "others": OTHER_CPUS,
                         **{f"distserve-w{n}": worker_cpus(n) for n in args.router_workers if n > 1}},
         "args": vars(args),
