@@ -77,6 +77,21 @@ static PyObject *value_error_with(const char *what, const char *s, Py_ssize_t n)
     return NULL;
 }
 
+/* a tuple of new references (stolen; NULL if one is NULL): Py_BuildValue parses its format string on every
+ * call, ~1,000 instructions, more than the parse it returns (callgrind, tools/bench_hot_path.py) */
+static PyObject *tuple_of(Py_ssize_t n, PyObject **items) {
+    PyObject *t = NULL;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (items[i] == NULL) goto fail;
+    t = PyTuple_New(n);
+    if (t == NULL) goto fail;
+    for (Py_ssize_t i = 0; i < n; i++) PyTuple_SET_ITEM(t, i, items[i]);
+    return t;
+fail:
+    for (Py_ssize_t i = 0; i < n; i++) Py_XDECREF(items[i]);
+    return NULL;
+}
+
 /* answer_head(head: bytes) -> (status, state, remaining, keep_alive); ValueError for a bad head.
  * heads.answer_head_py is the specification. */
 static PyObject *answer_head(PyObject *module, PyObject *arg) {
@@ -97,7 +112,10 @@ static PyObject *answer_head(PyObject *module, PyObject *arg) {
     if (!ok) return value_error_with("bad status line", (const char *)s, n < 80 ? n : 80);
     long status = 0;
     for (Py_ssize_t i = 9; i < digits_end; i++) status = status * 10 + (s[i] - '0');
-    if (status >= 100 && status < 200) return Py_BuildValue("(liiO)", status, ST_HEAD, 0, Py_False);
+    if (status >= 100 && status < 200) {
+        PyObject *items[4] = {PyLong_FromLong(status), PyLong_FromLong(ST_HEAD), PyLong_FromLong(0), Py_NewRef(Py_False)};
+        return tuple_of(4, items);
+    }
 
     /* header lines: each has a colon past its first byte; the three framing fields, first occurrence */
     Py_ssize_t len_a = -1, len_b = -1, te_a = -1, te_b = -1, conn_a = -1, conn_b = -1;
@@ -158,7 +176,9 @@ static PyObject *answer_head(PyObject *module, PyObject *arg) {
     }
     if (remaining == NULL) remaining = PyLong_FromLong(0);
     if (remaining == NULL) return NULL;
-    return Py_BuildValue("(liNO)", status, state, remaining, keep_alive ? Py_True : Py_False);
+    PyObject *items[4] = {PyLong_FromLong(status), PyLong_FromLong(state), remaining,
+                          Py_NewRef(keep_alive ? Py_True : Py_False)};
+    return tuple_of(4, items);
 }
 
 /* request_head(buf: bytes, end: int, body_limit: int) -> (route, watched, keep_alive, length) or a str:
@@ -254,7 +274,9 @@ static PyObject *request_head(PyObject *module, PyObject *const *args, Py_ssize_
         }
     }
     if (length < 0 || length > body_limit) return why(WHY_FRAMING, watched);
-    return Py_BuildValue("(iNOL)", route, watched, keep_alive ? Py_True : Py_False, length);
+    PyObject *items[4] = {PyLong_FromLong(route), watched, Py_NewRef(keep_alive ? Py_True : Py_False),
+                          PyLong_FromLongLong(length)};
+    return tuple_of(4, items);
 }
 
 static PyMethodDef methods[] = {
