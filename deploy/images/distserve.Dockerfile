@@ -3,13 +3,22 @@
 #   docker build -f deploy/images/distserve.Dockerfile -t REGISTRY/distserve:0.1.0 .
 # An optimised CPython (the official image is built with PGO and LTO): the router's CPU per request depends on
 # the interpreter's build (docs/deploy.md, "Images").
-FROM python:3.11-slim
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# The wheel is built where a C compiler is (the full image of the same Python): it carries the router's C head
+# parsers (distserve/router/_heads.c), which the slim image could not compile; the build fails without them.
+FROM python:3.11 AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY discovery ./discovery
 COPY distserve ./distserve
-RUN pip install . && rm -rf /src
+RUN pip wheel --no-deps -w /wheels . \
+ && python -c "import glob, sys, zipfile; w = zipfile.ZipFile(glob.glob('/wheels/distserve-*.whl')[0]); sys.exit(0 if any('/_heads.' in n for n in w.namelist()) else 'the C head parsers were not built')"
+
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY --from=build /wheels /wheels
+RUN pip install /wheels/distserve-*.whl && rm -rf /wheels \
+ && python -c "from distserve.router import heads; assert heads.IMPLEMENTATION == 'c', heads.IMPLEMENTATION"
 RUN useradd --system --uid 10001 --no-create-home distserve
 USER 10001
 WORKDIR /

@@ -20,6 +20,7 @@ from distserve.router.settings import (
     env_cluster,
     env_cluster_token,
     env_log_level,
+    env_pure_python,
 )
 from distserve.router.strategies import STRATEGIES
 from distserve.router.workers import WORKERS_MAX, Supervisor
@@ -179,6 +180,7 @@ def main(args: argparse.Namespace) -> int:
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
         settings = settings_from_args(args)
+        env_pure_python()  # read again by distserve.router.heads, which cannot refuse it: refused here
         etcd_config = EtcdConfig.from_args(args)
         if not 1 <= args.workers <= WORKERS_MAX:
             raise ValueError(f"--workers must be in 1-{WORKERS_MAX}")

@@ -5,13 +5,14 @@ built at install (a C compiler and Python's headers: `pip install` builds it, qu
 `answer_head` and `request_head` are its versions: the same answers and errors (tests/router/test_heads.py
 compares them on generated heads), in one pass over the bytes instead of split lists, lower-cased copies and a
 call per line; ~10 % of the router's CPU per PD request (docs/benchmarks.md, "Fourteenth pass").
-`DISTSERVE_PURE_PYTHON=1` in the environment makes the router use the Python versions.
+`DISTSERVE_PURE_PYTHON=1` in the environment makes the router use the Python versions (distserve/router/settings.py).
 """
 
 from __future__ import annotations
 
 import operator
-import os
+
+from distserve.router.settings import env_pure_python
 
 # an engine answer's framing: what the connection reads after the head (http1.py's states, same numbers)
 HEAD, LENGTH, CHUNK_SIZE, UNTIL_CLOSE, DONE = 0, 1, 2, 6, 7
@@ -116,8 +117,11 @@ def request_head_py(buf: bytes, end: int, body_limit: int) -> tuple[int, dict[by
 
 
 def _load_c():
-    if os.environ.get("DISTSERVE_PURE_PYTHON", "") not in ("", "0"):
-        return None
+    try:
+        if env_pure_python():
+            return None
+    except ValueError:
+        pass  # `distserve router` refuses the value at its start (exit 2); anything else importing this keeps C
     try:
         from distserve.router import _heads
     except ImportError:  # not built here (no compiler at install): the Python versions serve

@@ -11,6 +11,7 @@ import sys
 
 from discovery.client import EtcdClient, EtcdError
 from discovery.config import EtcdConfig
+from distserve.router import heads
 from distserve.router.app import Router
 from distserve.router.settings import RouterSettings
 
@@ -35,7 +36,7 @@ async def serve(settings: RouterSettings, etcd_config: EtcdConfig, reuse_port: b
         gc.set_threshold(10_000, 50, 100)
         print(
             f"distserve router {router.router_id} listening on {router.url} "
-            f"(cluster {settings.cluster}, strategy {router.strategy_name})",
+            f"(cluster {settings.cluster}, strategy {router.strategy_name}, head parsers {heads.IMPLEMENTATION})",
             flush=True,
         )
         await stop.wait()

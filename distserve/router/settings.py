@@ -18,10 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from distserve.cluster.keys import DEFAULT_CLUSTER
 from distserve.cluster.settings import ENV_CLUSTER, ENV_CLUSTER_TOKEN, cluster_name, cluster_token, env_value
 
-__all__ = ["ENV_CLUSTER", "ENV_CLUSTER_TOKEN", "ENV_API_KEYS", "ENV_LOG_LEVEL", "RouterSettings"]
+__all__ = ["ENV_CLUSTER", "ENV_CLUSTER_TOKEN", "ENV_API_KEYS", "ENV_LOG_LEVEL", "ENV_PURE_PYTHON", "RouterSettings"]
 
 ENV_API_KEYS = "DISTSERVE_API_KEYS"
 ENV_LOG_LEVEL = "DISTSERVE_LOG_LEVEL"
+ENV_PURE_PYTHON = "DISTSERVE_PURE_PYTHON"
 
 # Bounds of the client read timeouts (seconds): above these a slow client holds a connection for minutes.
 HEADER_READ_TIMEOUT_MAX = 300.0
@@ -153,3 +154,14 @@ def env_api_keys(env: Mapping[str, str] | None = None) -> list[str]:
 def env_log_level(env: Mapping[str, str] | None = None) -> str:
     """DISTSERVE_LOG_LEVEL: the default of --log-level."""
     return env_value(ENV_LOG_LEVEL, env) or "INFO"
+
+
+def env_pure_python(env: Mapping[str, str] | None = None) -> bool:
+    """DISTSERVE_PURE_PYTHON: `1` runs the router's head parsers in Python where their C module is built too (to
+    compare, or to rule it out); `0` or unset: the C module where built. ValueError for anything else."""
+    raw = env_value(ENV_PURE_PYTHON, env)
+    if raw is None or raw == "0":
+        return False
+    if raw == "1":
+        return True
+    raise ValueError(f"{ENV_PURE_PYTHON} must be 1 or 0, not {raw[:40]!r}")

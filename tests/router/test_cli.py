@@ -33,3 +33,15 @@ def test_out_of_range_options_are_refused_before_the_router_starts():
         with pytest.raises(ValueError, match=word):
             settings_from_args(parse(*argv))
     assert settings_from_args(parse("--max-in-flight", "64")).max_in_flight == 64
+
+
+def test_a_bad_pure_python_switch_is_one_line_and_exit_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DISTSERVE_PURE_PYTHON="yes", DISTSERVE_ETCD_ENDPOINTS="http://127.0.0.1:1")
+    out = subprocess.run([sys.executable, "-m", "distserve", "router", "--port", "0"], env=env, capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "distserve router: DISTSERVE_PURE_PYTHON must be 1 or 0, not 'yes'"
