@@ -114,3 +114,13 @@ def test_pure_python_can_be_asked_for():
     out = subprocess.run([sys.executable, "-c", "from distserve.router import heads; print(heads.IMPLEMENTATION)"],
                          env=dict(os.environ, DISTSERVE_PURE_PYTHON="1"), capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "python", out.stderr
+
+
+@needs_c
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc here")
+def test_the_c_parsers_under_address_and_undefined_behaviour_sanitizers():
+    tool = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "fuzz_heads.py")
+    out = subprocess.run([sys.executable, tool, "--sanitize", "--iterations", "20000"], capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "20000 heads of each kind, C and Python alike" in out.stdout
