@@ -805,9 +805,14 @@ def device_bundle() -> int:
 def parsers_of(tree: Path) -> str:
     """Which head parsers a router started from `tree` runs (distserve/router/heads.py): "c" or "python"."""
     code = "from distserve.router import heads; print(heads.IMPLEMENTATION)"
-    out = subprocess.run([PY, "-c", code], cwd=tree, env=dict(os.environ, PYTHONPATH=str(tree)),
+    # the import path start_router gives that tree's router: the tree first, the device bundle's wheels after it
+    paths = [str(tree)] + [p for p in bench_env().get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO)]
+    out = subprocess.run([PY, "-c", code], cwd=tree, env={**bench_env(), "PYTHONPATH": os.pathsep.join(paths)},
                          capture_output=True, text=True, timeout=60)
-    return out.stdout.strip() or "python (no heads module)"
+    if out.returncode == 0:
+        return out.stdout.strip()
+    last = (out.stderr.strip().splitlines() or ["import failed"])[-1]
+    return "python (no heads module)" if "heads" in last else f"unknown ({last[:200]})"
 
 
 def build_heads_in_place() -> str:
