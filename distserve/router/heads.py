@@ -4,7 +4,7 @@ The functions here are the specification, and the fallback. Where the C module `
 built at install (a C compiler and Python's headers: `pip install` builds it, quietly skipped where it cannot),
 `answer_head` and `request_head` are its versions: the same answers and errors (tests/router/test_heads.py
 compares them on generated heads), in one pass over the bytes instead of split lists, lower-cased copies and a
-call per line; ~10 % of the router's CPU per PD request (docs/benchmarks.md, "Fourteenth pass").
+call per line: 5-11 % less of the router's CPU per PD request (docs/benchmarks.md, "Fourteenth pass").
 `DISTSERVE_PURE_PYTHON=1` in the environment makes the router use the Python versions (distserve/router/settings.py).
 """
 
