@@ -328,10 +328,8 @@ def start_router(
     """`tree`: run the router of that source tree (a baseline checkout) instead of this one."""
     port = free_port()
     extra = ["--workers", str(workers), "--router-id", f"{tag}-router"] if workers > 1 else []
-    if tree is not None:  # the tree's own distserve first; the device bundle's wheels still reachable
-        paths = [str(tree)] + [p for p in bench_env().get("PYTHONPATH", "").split(os.pathsep)
-                               if p and p != str(REPO)]
-        env = {**(env or {}), "PYTHONPATH": os.pathsep.join(paths)}
+    if tree is not None:
+        env = {**(env or {}), "PYTHONPATH": tree_pythonpath(tree)}
     proc = bench_proc(
         [
             PY,
@@ -419,6 +417,13 @@ def lmdeploy_available() -> str | None:
         [py, "-c", "import lmdeploy.serve.proxy.proxy"], capture_output=True, text=True, env=bench_env()
     )
     return None if r.returncode == 0 else (r.stderr.strip().splitlines() or ["import failed"])[-1]
+
+
+def tree_pythonpath(tree: Path) -> str:
+    """The import path of a router run from `tree`: the tree's own distserve first, the device bundle's wheels
+    still reachable."""
+    paths = [str(tree)] + [p for p in bench_env().get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO)]
+    return os.pathsep.join(paths)
 
 
 def bench_env() -> dict:
@@ -805,9 +810,7 @@ def device_bundle() -> int:
 def parsers_of(tree: Path) -> str:
     """Which head parsers a router started from `tree` runs (distserve/router/heads.py): "c" or "python"."""
     code = "from distserve.router import heads; print(heads.IMPLEMENTATION)"
-    # the import path start_router gives that tree's router: the tree first, the device bundle's wheels after it
-    paths = [str(tree)] + [p for p in bench_env().get("PYTHONPATH", "").split(os.pathsep) if p and p != str(REPO)]
-    out = subprocess.run([PY, "-c", code], cwd=tree, env={**bench_env(), "PYTHONPATH": os.pathsep.join(paths)},
+    out = subprocess.run([PY, "-c", code], cwd=tree, env={**bench_env(), "PYTHONPATH": tree_pythonpath(tree)},
                          capture_output=True, text=True, timeout=60)
     if out.returncode == 0:
         return out.stdout.strip()

@@ -49,8 +49,7 @@ _NO_COPY = frozenset({"content-length", "transfer-encoding", "connection", "date
 Serve = Callable[["FastConnection", str, str, "HeadHeaders", bytes | None], Awaitable[tuple]]
 
 # the headers the handler reads on every request: kept from the head's one pass (the rest parsed on demand)
-_WATCHED = frozenset({"x-request-id", "authorization", "traceparent", "tracestate"})
-assert heads.WATCHED == frozenset(name.encode() for name in _WATCHED)
+_WATCHED = frozenset(name.decode() for name in heads.WATCHED)
 _WATCHED_KEYS = {spelling: spelling.lower().encode() for spelling in (
     "X-Request-Id", "Authorization", "traceparent", "tracestate", *_WATCHED)}
 

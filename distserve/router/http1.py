@@ -30,9 +30,11 @@ from distserve.router.upstream import UpstreamError
 MAX_HEAD = 64 * 1024
 PAUSE_ABOVE = 1 << 20  # buffered body bytes above which reading from the engine pauses
 
-_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILERS, _UNTIL_CLOSE, _DONE = range(8)
-assert (_HEAD, _LENGTH, _CHUNK_SIZE, _UNTIL_CLOSE, _DONE) == (
-    heads.HEAD, heads.LENGTH, heads.CHUNK_SIZE, heads.UNTIL_CLOSE, heads.DONE)  # the head parsers' states
+# the answer's framing states: the five a head leads to are the head parsers' own (heads.py), the rest are
+# inside a chunked body
+_HEAD, _LENGTH, _CHUNK_SIZE = heads.HEAD, heads.LENGTH, heads.CHUNK_SIZE
+_UNTIL_CLOSE, _DONE = heads.UNTIL_CLOSE, heads.DONE
+_CHUNK_DATA, _CHUNK_END, _TRAILERS = 3, 4, 5
 
 
 class _Lost(Exception):
