@@ -1,10 +1,14 @@
-"""The one compiled part: the router's HTTP/1.1 head parsers (distserve/router/_heads.c).
+"""The compiled parts: the router's HTTP/1.1 head parsers (distserve/router/_heads.c) and kv_aware's shortlist
+scoring (distserve/router/_shortlist.c).
 
-Optional: where no C compiler or Python headers are at hand the build goes on without it, and the router uses
-the same parsers in Python (distserve/router/heads.py). Everything else about the package is in pyproject.toml.
+Optional: where no C compiler or Python headers are at hand the build goes on without them, and the router uses
+the same functions in Python (distserve/router/heads.py, shortlist.py). Everything else about the package is in
+pyproject.toml.
 """
 
 from setuptools import Extension, setup
+
+_FLAGS = ["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 
 setup(
     ext_modules=[
@@ -12,7 +16,14 @@ setup(
             "distserve.router._heads",
             sources=["distserve/router/_heads.c"],
             optional=True,
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-        )
+            extra_compile_args=_FLAGS,
+        ),
+        Extension(
+            "distserve.router._shortlist",
+            sources=["distserve/router/_shortlist.c"],
+            optional=True,
+            # no fused multiply-add: a cost must round as Python's two products and difference do
+            extra_compile_args=[*_FLAGS, "-ffp-contract=off"],
+        ),
     ]
 )

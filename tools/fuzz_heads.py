@@ -13,16 +13,12 @@ reference that crashes later, or undefined arithmetic stops the run with the san
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import random
-import subprocess
 import sys
-import sysconfig
-import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sanitized import ROOT, load_build, run_sanitized  # noqa: E402
 PIECES = [b"\r\n", b":", b" ", b"\t", b"HTTP/1.1 ", b"HTTP/1.0 ", b"200", b"204", b"101", b"content-length",
           b"Content-Length: ", b"1", b"0", b"9", b"transfer-encoding: chunked", b"connection: close",
           b"Connection: Upgrade", b"x-request-id", b"Authorization: ", b"POST ", b"GET ", b"/v1/completions",
@@ -70,21 +66,10 @@ def main() -> int:
         print("fuzz_heads: --iterations must be >= 1", file=sys.stderr)
         return 2
     if args.sanitize:
-        with tempfile.TemporaryDirectory() as scratch:
-            target = Path(scratch) / f"_heads{sysconfig.get_config_var('EXT_SUFFIX')}"
-            subprocess.run(["gcc", "-shared", "-fPIC", "-O1", "-g", "-fno-omit-frame-pointer",
-                            "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
-                            f"-I{sysconfig.get_paths()['include']}", str(ROOT / "distserve/router/_heads.c"),
-                            "-o", str(target)], check=True, timeout=300)
-            runtime = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True,
-                                     check=True).stdout.strip()
-            env = dict(os.environ, LD_PRELOAD=runtime, ASAN_OPTIONS="detect_leaks=0")
-            return subprocess.run([sys.executable, __file__, "--iterations", str(args.iterations), "--seed",
-                                   str(args.seed), "--module", str(target)], env=env, timeout=3600).returncode
+        return run_sanitized("distserve/router/_heads.c", "distserve.router._heads", __file__,
+                             ["--iterations", str(args.iterations), "--seed", str(args.seed)])
     if args.module:
-        spec = importlib.util.spec_from_file_location("distserve.router._heads", args.module)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = load_build("distserve.router._heads", args.module)
     else:
         sys.path.insert(0, str(ROOT))
         from distserve.router import heads

@@ -53,6 +53,8 @@ from distserve.cluster.records import (
     StrategyParams,
 )
 from distserve.router.load import LoadTracker
+from distserve.router.shortlist import score as score_shortlist
+from distserve.router.shortlist import score_py as score_shortlist_py
 
 # The prefix_affinity ring holds at most this many points (~20 ms to hash and sort from scratch on a busy core;
 # after a topology change it is derived from the last one, _Rings): above it every engine's share is scaled
@@ -883,81 +885,29 @@ class KvAwareStrategy(Strategy):
                     levels += index.levels(keys)
                     if deepest is None:
                         deepest = keys[-1]
-        # the shortlist by the cache: {member: matched tokens} for every holder of a distinctive level (at most
-        # HOLDERS_LIMIT holders), credited at the first (longest) level holding it, and the common levels, deepest
-        # first (the sample's engines are looked up in those only: a holder of a distinctive level is already
-        # credited). Shallowest first: while every distinctive level is deeper than every common one (holders
-        # grow towards the root), an engine's first level is its first distinctive one, so C-level updates, the
-        # longest last; otherwise (rare: several chunk sizes) _credit, one by one.
-        members = None if st.covers else st.member_set
-        matched_of: dict[str, int] = {}
-        common: list[dict[str, int]] = []
-        for holders in reversed(levels):
-            if len(holders) <= HOLDERS_LIMIT:
-                matched_of.update(holders)
-            elif matched_of:
-                matched_of, common = _credit(levels, members)
-                break
-            else:
-                common.append(holders)
-        else:
-            common.reverse()
-            if members is not None and not members.issuperset(matched_of):
-                for c in matched_of.keys() - members:
-                    del matched_of[c]
-        # the sample: the first SAMPLE engines clockwise from the deepest key, looked up in the common levels
-        # only (deepest first; a holder of a distinctive level is already credited)
+        # the sample: the first SAMPLE engines clockwise from the deepest key
         start = deepest if deepest is not None else self._prefix_hash(ctx)
         i = bisect_right(st.hashes, start)
         sample = st.owners[i: i + SAMPLE]  # most often SAMPLE distinct owners already (_ring_walk's first try)
         if len(sample) < SAMPLE or len(set(sample)) < SAMPLE:
             sample = _ring_walk(st.hashes, st.owners, start, min(SAMPLE, len(candidates)), i)
-        if len(common) == 1:  # the usual case (one common level: the shared system prompt)
-            held = common[0].get
-            for c in sample:
-                if c not in matched_of:
-                    matched_of[c] = held(c, 0)
-        else:
-            for c in sample:
-                if c not in matched_of:
-                    for holders in common:
-                        tokens = holders.get(c)
-                        if tokens is not None:
-                            matched_of[c] = tokens
-                            break
-                    else:
-                        matched_of[c] = 0
-        # score them: the blind ones (no stream, or its snapshot overdue) are placed by the hash below; one
-        # awaiting its snapshot holds no key, so it scores as caching nothing
+        # the shortlist (the holders of the request's distinctive levels, then the sample), what each holds and its
+        # cost, the lowest and the engines tied with it (shortlist.py: in C where built); the blind ones (no
+        # stream, or its snapshot overdue) are placed by the hash below; one awaiting its snapshot holds no key,
+        # so it scores as caching nothing
+        members = None if st.covers else st.member_set
         blind = st.blind
-        if blind:
-            for c in st.blind_set.intersection(matched_of):
-                del matched_of[c]
-            if not matched_of:  # the sample held only blind engines: they compete through the hash alone
-                return self._done(self._affinity.pick(blind, ctx), "hash", 0)
-        min_match = self._min_match
-        if min_match:
-            matched_of = {c: m if m >= min_match else 0 for c, m in matched_of.items()}
-        best_match = max(matched_of.values())
-        # the shortlist's loads read from the tracker's current figures (only theirs: no per-pick upkeep of
-        # the whole set's), divided by the weights as the scan does
-        current, speed, weighted = ctx.load.current.get, st.speed, st.weighted
+        loads_now, speed, weighted = ctx.load.current, st.speed, st.weighted
         lw, cw = self._load_weight, self._cache_weight
-        # cost (the scan's very floats: the same products and difference) in one pass that keeps the lowest
-        # and the engines within 1e-9 of it (the cost tie set, as _tied computes it), pruned when it drops
-        low = thr = math.inf
-        near: list[tuple[float, str, float]] = []  # (cost, engine, load)
-        for c, m in matched_of.items():
-            load = current(c, 0)
-            if weighted:  # without weights the integer itself: lw x it is the scan's lw x (it / 1.0)
-                load /= speed[c]
-            cost = lw * load - cw * m
-            if cost <= thr:
-                if cost < low:
-                    low, thr = cost, cost + 1e-9
-                    if near:
-                        near = [n for n in near if n[0] <= thr]
-                near.append((cost, c, load))
+        args = (levels, members, sample, st.blind_set, self._min_match, loads_now, speed if weighted else None,
+                lw, cw, HOLDERS_LIMIT)
+        scored = score_shortlist(*args)
+        if scored is None:  # an input the C version leaves to the specification
+            scored = score_shortlist_py(*args)
+        matched_of, best_match, low, near = scored
+        if not matched_of:  # the sample held only blind engines: they compete through the hash alone
+            return self._done(self._affinity.pick(blind, ctx), "hash", 0)
+        current = loads_now.get
         if blind:
             hashed = self._affinity.pick(blind, ctx)
             if lw * (current(hashed, 0) / speed[hashed]) - cw * best_match < low:
@@ -987,35 +937,6 @@ class KvAwareStrategy(Strategy):
         if self.on_pick is not None:
             self.on_pick(self.phase, basis, matched)
         return engine_id
-
-
-def _credit(levels: list[dict[str, int]],
-            members: frozenset[str] | None) -> tuple[dict[str, int], list[dict[str, int]]]:
-    """kv_aware's shortlist by the cache when a common level is deeper than a distinctive one (its usual shape
-    is handled in KvAwareStrategy._pick_shortlist): {member: matched tokens} for every holder of a distinctive
-    level (at most HOLDERS_LIMIT holders), credited at the first (longest) level holding it, and the common
-    levels, deepest first. Exact: an engine's first level is a common one before its distinctive one, or that
-    one. `members` None: every engine held is a candidate."""
-    matched_of: dict[str, int] = {}
-    common: list[dict[str, int]] = []
-    for holders in levels:
-        if len(holders) > HOLDERS_LIMIT:
-            common.append(holders)
-            continue
-        for c, tokens in holders.items():
-            if c not in matched_of and (members is None or c in members):
-                matched_of[c] = _deepest_common(common, c, tokens)
-    return matched_of, common
-
-
-def _deepest_common(common: list[dict[str, int]], engine_id: str, default: int) -> int:
-    """Tokens of the deepest common level (held by too many engines to list, deepest first) the engine holds,
-    else `default`."""
-    for holders in common:
-        tokens = holders.get(engine_id)
-        if tokens is not None:
-            return tokens
-    return default
 
 
 def _least_cached(tied: list[str], index: Any, loads: Mapping[str, float] | None = None) -> list[str]:

@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Fuzz kv_aware's C shortlist scoring (distserve/router/_shortlist.c) against its Python specification
+(distserve/router/shortlist.py): random levels, members, samples, blind sets, loads and speeds (the shapes the
+router makes and odd ones: huge ints, floats, missing or zero speeds, common levels deeper than distinctive
+ones); the C version must give the specification's result or decline with None where the specification's
+docstring says it may.
+
+`--sanitize` builds the C module with AddressSanitizer and UndefinedBehaviorSanitizer (tools/sanitized.py) and
+runs the fuzzing under them.
+
+    .venv/bin/python tools/fuzz_shortlist.py [--iterations 200000] [--seed 7] [--sanitize]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sanitized import ROOT, load_build, run_sanitized  # noqa: E402
+
+ENGINES = [f"p{i}" for i in range(10)]
+TOKENS = [0, 1, 16, 100, 999, 1000, 3000, 1 << 40, 1 << 62]
+LOADS = [0, 1, 2, 7, 0.5, 1.25, 3.0]
+SPEEDS = [1.0, 1.0, 2.0, 0.5, 3.0]
+ODD = [1 << 64, 1 << 70, 0.0, -1]  # now and then: what the C version declines (a speed of 0, ints past 64 bits)
+
+
+def fuzz(module, iterations: int, seed: int) -> int:
+    sys.path.insert(0, str(ROOT))
+    from distserve.router import shortlist
+
+    rnd = random.Random(seed)
+
+    def engines(k: int) -> list[str]:
+        return rnd.sample(ENGINES, rnd.randint(0, k))
+
+    def pick(values: list):
+        return rnd.choice(ODD) if rnd.random() < 0.005 else rnd.choice(values)
+
+    def outcome(fn, *args):
+        try:
+            return "ok", fn(*args)
+        except (KeyError, ZeroDivisionError, TypeError, ValueError) as exc:
+            return type(exc).__name__, str(exc)
+
+    declined = 0
+    for _ in range(iterations):
+        limit = rnd.randint(0, 4)
+        levels = [{e: pick(TOKENS) for e in engines(7)} for _ in range(rnd.randint(0, 5))]
+        levels = [holders for holders in levels if holders]
+        if rnd.random() < 0.7:
+            levels.sort(key=lambda holders: len(holders) > limit)
+        members = frozenset(engines(10)) if rnd.random() < 0.5 else None
+        sample = engines(8) or ["p0"]
+        blind = frozenset(engines(3)) if rnd.random() < 0.5 else None
+        current = {e: pick(LOADS) for e in engines(10)}
+        speed = {e: pick(SPEEDS) for e in (ENGINES if rnd.random() < 0.95 else engines(10))} if rnd.random() < 0.5 else None
+        args = (levels, members, sample, blind, rnd.choice([0, 16, 1000]), current, speed,
+                rnd.choice([0.0, 1.0, 2.5]), rnd.choice([0.0, 1.0 / 1024, 0.01]), limit)
+        got = module.score(*args)
+        if got is None:
+            declined += 1
+            continue
+        if ("ok", got) != outcome(shortlist.score_py, *args):
+            print(f"fuzz_shortlist: score differs on {args!r}", file=sys.stderr)
+            return 1
+    print(f"fuzz_shortlist: {iterations} inputs, C and Python alike ({declined} declined to the specification)")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--iterations", type=int, default=200_000)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--sanitize", action="store_true", help="build with ASan and UBSan (gcc) and run under them")
+    p.add_argument("--module", help=argparse.SUPPRESS)  # the sanitized build, in the child run
+    args = p.parse_args()
+    if args.iterations < 1:
+        print("fuzz_shortlist: --iterations must be >= 1", file=sys.stderr)
+        return 2
+    if args.sanitize:
+        return run_sanitized("distserve/router/_shortlist.c", "distserve.router._shortlist", __file__,
+                             ["--iterations", str(args.iterations), "--seed", str(args.seed)])
+    if args.module:
+        module = load_build("distserve.router._shortlist", args.module)
+    else:
+        sys.path.insert(0, str(ROOT))
+        from distserve.router import shortlist
+
+        if shortlist._c is None:
+            print("fuzz_shortlist: the C module is not built here (tools/setup builds it)", file=sys.stderr)
+            return 2
+        module = shortlist._c
+    return fuzz(module, args.iterations, args.seed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
