@@ -1,9 +1,9 @@
-"""The compiled parts: the router's HTTP/1.1 head parsers (distserve/router/_heads.c) and kv_aware's shortlist
-scoring (distserve/router/_shortlist.c).
+"""The compiled parts of the router: its HTTP/1.1 head parsers (distserve/router/_heads.c), kv_aware's shortlist
+scoring (_shortlist.c) and the derived rings' splice (_ring_edit.c).
 
 Optional: where no C compiler or Python headers are at hand the build goes on without them, and the router uses
-the same functions in Python (distserve/router/heads.py, shortlist.py). Everything else about the package is in
-pyproject.toml.
+the same functions in Python (distserve/router/heads.py, shortlist.py, ring_edit.py: their specifications).
+Everything else about the package is in pyproject.toml.
 """
 
 from setuptools import Extension, setup
@@ -24,6 +24,12 @@ setup(
             optional=True,
             # no fused multiply-add: a cost must round as Python's two products and difference do
             extra_compile_args=[*_FLAGS, "-ffp-contract=off"],
+        ),
+        Extension(
+            "distserve.router._ring_edit",
+            sources=["distserve/router/_ring_edit.c"],
+            optional=True,
+            extra_compile_args=_FLAGS,
         ),
     ]
 )

@@ -808,8 +808,10 @@ def device_bundle() -> int:
 
 
 def parsers_of(tree: Path) -> str:
-    """Which head parsers a router started from `tree` runs (distserve/router/heads.py): "c" or "python"."""
-    code = "from distserve.router import heads; print(heads.IMPLEMENTATION)"
+    """Which compiled parts a router started from `tree` runs (distserve/router/compiled.py; heads.py in trees from
+    before it): "c", "python", or each part's."""
+    code = ("try:\n from distserve.router import compiled; print(compiled.summary())\nexcept ImportError:\n"
+            " from distserve.router import heads; print('heads ' + heads.IMPLEMENTATION)")
     out = subprocess.run([PY, "-c", code], cwd=tree, env={**bench_env(), "PYTHONPATH": tree_pythonpath(tree)},
                          capture_output=True, text=True, timeout=60)
     if out.returncode == 0:
@@ -819,18 +821,21 @@ def parsers_of(tree: Path) -> str:
 
 
 def build_heads_in_place() -> str:
-    """The router's C head parsers for this interpreter, built in this tree where they are not yet (a C compiler
-    and Python's headers needed; without them the router runs the Python versions). Returns the outcome."""
+    """The router's C modules for this interpreter (distserve/router/compiled.py), built in this tree where they are
+    not yet (a C compiler and Python's headers needed; without them the router runs the Python versions), with
+    setup.py's flags. Returns the outcome."""
     import sysconfig
 
-    target = REPO / "distserve" / "router" / f"_heads{sysconfig.get_config_var('EXT_SUFFIX')}"
-    if not target.exists():
+    include = sysconfig.get_paths()["include"]
+    for source in ("_heads.c", "_shortlist.c", "_ring_edit.c"):
+        target = REPO / "distserve" / "router" / f"{source[:-2]}{sysconfig.get_config_var('EXT_SUFFIX')}"
+        if target.exists():
+            continue
         cc = shutil.which("cc") or shutil.which("gcc")
-        include = sysconfig.get_paths()["include"]
         if cc is None or not (Path(include) / "Python.h").exists():
             return "python (no C compiler or Python headers here)"
-        subprocess.run([cc, "-shared", "-fPIC", "-O2", f"-I{include}", str(REPO / "distserve/router/_heads.c"),
-                        "-o", str(target)], check=True, timeout=300)
+        subprocess.run([cc, "-shared", "-fPIC", "-O2", "-ffp-contract=off", f"-I{include}",
+                        str(REPO / "distserve" / "router" / source), "-o", str(target)], check=True, timeout=300)
     return parsers_of(REPO)
 
 
@@ -862,7 +867,7 @@ def device_setup() -> int:
     with tarfile.open(DEVICE / "lmdeploy.tar.gz") as tar:
         tar.extractall(DEVICE / "lmdeploy_root")
     print("[bench] device set up:", lmdeploy_available() or "lmdeploy proxy importable")
-    print("[bench] router head parsers:", build_heads_in_place())
+    print("[bench] router compiled parts:", build_heads_in_place())
     return 0
 
 
@@ -1537,7 +1542,7 @@ async def amain(args) -> int:
         "python": platform.python_version(),
         "lmdeploy": LMD_VERSION if proxy_ok else f"not run: {why}",
         "sglang_router": SGL_VERSION if sglang_ok else f"not run: {sgl_why or 'skipped'}",
-        # which head parsers each router ran: the C module where it is built, else the Python ones
+        # which compiled parts each router ran: the C modules where built, else the Python versions
         "router_parsers": {"distserve": parsers_of(REPO),
                            **({"distserve-base": parsers_of(Path(args.baseline_tree))} if args.baseline_tree else {})},
         "router_cpus": {"distserve": ROUTER_CPUS, "others": OTHER_CPUS,

@@ -256,9 +256,15 @@ def measure(prefills: int, links_per_prefill: int, changes: int, picks: int, onl
                                              "new_set_across_a_step": _summary(steps)}
         if profiler is not None:
             profiler.dump_stats(str(profile))
+        try:  # which of the router's compiled parts this tree ran (a tree from before them: its head parsers only)
+            from distserve.router import compiled
+
+            parts = compiled.summary()
+        except ImportError:
+            parts = "python (no compiled strategy parts)"
         return {
             "engines": len(engines), "links": len(links), "candidates": len(candidates),
-            "initial_build_s": round(initial, 3),
+            "compiled": parts, "initial_build_s": round(initial, 3),
             "change_cpu": {k: _summary(v) for k, v in per_kind.items() if v},
             "change_cpu_all": _summary([x for v in per_kind.values() for x in v]),
             "pick": decisions,
@@ -404,7 +410,7 @@ def main() -> int:
     results = {name: runs[0] for name, runs in rounds.items()}
     for name, r in results.items():
         print(f"== {name} ({trees[name]}): {r['engines']} engines, {r['links']} links, initial build "
-              f"{r['initial_build_s']} s")
+              f"{r['initial_build_s']} s, compiled parts {r.get('compiled', '?')}")
         for kind, s in {**r["change_cpu"], "all changes": r["change_cpu_all"]}.items():
             print(f"   change {kind:14s} CPU per event: mean {s['mean_us']:>9.1f} us  p50 {s['p50_us']:>9.1f}  "
                   f"p99 {s['p99_us']:>9.1f}  max {s['max_us']:>9.1f}")

@@ -11,7 +11,7 @@ import sys
 
 from discovery.client import EtcdClient, EtcdError
 from discovery.config import EtcdConfig
-from distserve.router import heads
+from distserve.router import compiled
 from distserve.router.app import Router
 from distserve.router.settings import RouterSettings
 
@@ -36,7 +36,7 @@ async def serve(settings: RouterSettings, etcd_config: EtcdConfig, reuse_port: b
         gc.set_threshold(10_000, 50, 100)
         print(
             f"distserve router {router.router_id} listening on {router.url} "
-            f"(cluster {settings.cluster}, strategy {router.strategy_name}, head parsers {heads.IMPLEMENTATION})",
+            f"(cluster {settings.cluster}, strategy {router.strategy_name}, compiled parts {compiled.summary()})",
             flush=True,
         )
         await stop.wait()

@@ -157,8 +157,9 @@ def env_log_level(env: Mapping[str, str] | None = None) -> str:
 
 
 def env_pure_python(env: Mapping[str, str] | None = None) -> bool:
-    """DISTSERVE_PURE_PYTHON: `1` runs the router's head parsers in Python where their C module is built too (to
-    compare, or to rule it out); `0` or unset: the C module where built. ValueError for anything else."""
+    """DISTSERVE_PURE_PYTHON: `1` runs the router's compiled parts (distserve/router/compiled.py) in Python where
+    their C modules are built too (to compare, or to rule them out); `0` or unset: the C modules where built.
+    ValueError for anything else."""
     raw = env_value(ENV_PURE_PYTHON, env)
     if raw is None or raw == "0":
         return False

@@ -37,7 +37,7 @@ import math
 import random
 import time
 from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from itertools import accumulate, islice, repeat
@@ -53,6 +53,9 @@ from distserve.cluster.records import (
     StrategyParams,
 )
 from distserve.router.load import LoadTracker
+from distserve.router.ring_edit import _c as _ring_edit_c
+from distserve.router.ring_edit import splice as splice_ring
+from distserve.router.ring_edit import splice_py as splice_ring_py
 from distserve.router.shortlist import score as score_shortlist
 from distserve.router.shortlist import score_py as score_shortlist_py
 
@@ -618,44 +621,16 @@ class _Rings:
                 if n and len(group) <= _SORT_AHEAD:
                     for c in group:
                         self.owned(c, n)
-        # New lists, never changed in place: the old ones stay valid for the sets that hold them. The points'
-        # positions by bisection (C-level). A hash already on the ring, or repeated among the leaving points (never
-        # seen with 64-bit hashes: the ring orders equal ones by owner, and an engine may even repeat one) sends
-        # the set to the merge from the kept points instead; joining points equal to each other sort by owner.
-        # The new lists in one pass of slices of the old (C-level copies, each point once; a mask and
-        # `compress` over the whole ring cost more, and so did chaining the slices at C level), each edit placed
-        # in the old lists' positions: (i, 0, h, c) inserts before point i, (i, 1) drops it, an insertion at a
-        # dropped point's position first (both keep the ring's order). The hashes are an array: its slices are
-        # copies of memory, where a list's touched the reference count of every point's int, spread over memory
-        # (a new set's first pick -12 to -25 % on the 2-core machine, docs/benchmarks.md "Ninth pass").
-        drops = list(map(bisect_left, repeat(hashes), leave_h))
-        if list(map(owners.__getitem__, drops)) != leave_o or len(set(leave_h)) < len(leave_h):
-            return None
-        if not drops and not join_h:
-            return hashes, owners
-        size = len(hashes)
-        edits: list[tuple] = [(i, 1) for i in drops]
-        for i, h, c in zip(map(bisect_left, repeat(hashes), join_h), join_h, join_o):
-            if i < size and hashes[i] == h:
-                return None
-            edits.append((i, 0, h, c))
-        edits.sort()
-        new_h = array("Q")
-        new_o: list[str] = []
-        prev = 0
-        for edit in edits:
-            i = edit[0]
-            new_h += hashes[prev:i]
-            new_o += owners[prev:i]
-            if edit[1]:
-                prev = i + 1
-            else:
-                new_h.append(edit[2])
-                new_o.append(edit[3])
-                prev = i
-        new_h += hashes[prev:]
-        new_o += owners[prev:]
-        return new_h, new_o
+        # New lists, never changed in place: the old ones stay valid for the sets that hold them (ring_edit.py: in C
+        # where built). A hash already on the ring, or repeated among the leaving points (never seen with 64-bit
+        # hashes: the ring orders equal ones by owner, and an engine may even repeat one) sends the set to the merge
+        # from the kept points instead (None). The hashes are an array: its slices are copies of memory, where a
+        # list's touched the reference count of every point's int, spread over memory (docs/benchmarks.md "Ninth
+        # pass").
+        spliced = splice_ring(hashes, owners, leave_h, leave_o, join_h, join_o)
+        if spliced is None and _ring_edit_c is not None:  # the C version also declines what the router never makes
+            spliced = splice_ring_py(hashes, owners, leave_h, leave_o, join_h, join_o)
+        return spliced
 
 
 class PrefixAffinityStrategy(Strategy):

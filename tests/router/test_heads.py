@@ -102,20 +102,6 @@ def test_request_head_reads_what_the_handler_needs(fn):
     assert fn(buf, buf.find(b"\r\n\r\n"), 6) == "framing"  # over the body limit
 
 
-def test_the_router_runs_the_c_parsers_where_a_compiler_is():
-    if os.environ.get("DISTSERVE_PURE_PYTHON", "") not in ("", "0"):
-        pytest.skip("DISTSERVE_PURE_PYTHON is set")
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler here: the Python parsers are the router's")
-    assert heads.IMPLEMENTATION == "c", "distserve.router._heads was not built: run tools/setup (pip install -e .)"
-
-
-def test_pure_python_can_be_asked_for():
-    out = subprocess.run([sys.executable, "-c", "from distserve.router import heads; print(heads.IMPLEMENTATION)"],
-                         env=dict(os.environ, DISTSERVE_PURE_PYTHON="1"), capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "python", out.stderr
-
-
 @needs_c
 @pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc here")
 def test_the_c_parsers_under_address_and_undefined_behaviour_sanitizers():

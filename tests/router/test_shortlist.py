@@ -118,20 +118,6 @@ def test_the_shortlist_by_hand(fn):
     assert fn([], None, ["p3"], frozenset({"p3"}), 0, {}, None, 1.0, 0.0, LIMIT)[0] == {}
 
 
-def test_the_router_runs_the_c_version_where_a_compiler_is():
-    if os.environ.get("DISTSERVE_PURE_PYTHON", "") not in ("", "0"):
-        pytest.skip("DISTSERVE_PURE_PYTHON is set")
-    if shutil.which("cc") is None and shutil.which("gcc") is None:
-        pytest.skip("no C compiler here: the Python version is the router's")
-    assert shortlist.IMPLEMENTATION == "c", "distserve.router._shortlist was not built: run tools/setup (pip install -e .)"
-
-
-def test_pure_python_can_be_asked_for():
-    out = subprocess.run([sys.executable, "-c", "from distserve.router import shortlist; print(shortlist.IMPLEMENTATION)"],
-                         env=dict(os.environ, DISTSERVE_PURE_PYTHON="1"), capture_output=True, text=True, timeout=60)
-    assert out.stdout.strip() == "python", out.stderr
-
-
 @needs_c
 def test_c_holds_no_reference_it_should_not():
     """Every object handed in or made keeps its reference count: no leak (memory growing per pick) and no extra

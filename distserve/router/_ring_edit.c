@@ -1,0 +1,229 @@
+/* A derived ring's new lists: the C version of distserve/router/ring_edit.py's splice_py (the specification;
+ * read its docstring first). Same results: the old lists' runs between the edits copied in one pass (a memcpy
+ * for the hashes, a reference per owner), where the Python version slices and appends per edit. Returns None
+ * wherever splice_py does, and also for inputs the router never makes (hashes not an array of 64-bit unsigned
+ * ints, owners not a list, a hash not an int of 64 bits, a joining owner not a str): the caller then builds
+ * the ring from the engines' points, as for splice_py's None. No state between calls. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+static PyObject *array_type; /* array.array */
+
+typedef struct {
+    Py_ssize_t at; /* inserted before the old ring's point `at` */
+    uint64_t hash;
+    PyObject *owner; /* borrowed from join_o */
+} Join;
+
+static Py_ssize_t bisect_left(const uint64_t *hashes, Py_ssize_t n, uint64_t h) {
+    Py_ssize_t lo = 0, hi = n;
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (hashes[mid] < h) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    return lo;
+}
+
+static int compare_positions(const void *a, const void *b) {
+    Py_ssize_t x = *(const Py_ssize_t *)a, y = *(const Py_ssize_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* (at, hash, owner) as Python's tuple order: the owners are exact str, whose comparison cannot fail */
+static int compare_joins(const void *a, const void *b) {
+    const Join *x = a, *y = b;
+    if (x->at != y->at) {
+        return x->at < y->at ? -1 : 1;
+    }
+    if (x->hash != y->hash) {
+        return x->hash < y->hash ? -1 : 1;
+    }
+    return PyUnicode_Compare(x->owner, y->owner);
+}
+
+/* A hash as uint64; 0 with *ok = 0 where it is not an int of 64 bits. */
+static uint64_t as_hash(PyObject *v, int *ok) {
+    if (!PyLong_CheckExact(v)) {
+        *ok = 0;
+        return 0;
+    }
+    unsigned long long h = PyLong_AsUnsignedLongLong(v);
+    if (h == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_Clear();
+        *ok = 0;
+        return 0;
+    }
+    *ok = 1;
+    return (uint64_t)h;
+}
+
+/* splice(hashes, owners, leave_h, leave_o, join_h, join_o) -> (new_hashes, new_owners) | None */
+static PyObject *splice(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError, "splice() takes 6 arguments");
+        return NULL;
+    }
+    PyObject *hashes = args[0], *owners = args[1], *leave_h = args[2], *leave_o = args[3], *join_h = args[4];
+    PyObject *join_o = args[5];
+    if (!PyList_CheckExact(owners) || !PyList_CheckExact(leave_h) || !PyList_CheckExact(leave_o) ||
+        !PyList_CheckExact(join_h) || !PyList_CheckExact(join_o) ||
+        PyList_GET_SIZE(leave_h) != PyList_GET_SIZE(leave_o) || PyList_GET_SIZE(join_h) != PyList_GET_SIZE(join_o)) {
+        Py_RETURN_NONE;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(hashes, &view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
+    }
+    PyObject *result = NULL;
+    Py_ssize_t *drops = NULL;
+    Join *joins = NULL;
+    Py_ssize_t n = view.len / 8, n_drops = PyList_GET_SIZE(leave_h), n_joins = PyList_GET_SIZE(join_h);
+    if (view.itemsize != 8 || view.format == NULL || strcmp(view.format, "Q") != 0 || PyList_GET_SIZE(owners) != n) {
+        goto decline;
+    }
+    const uint64_t *hs = view.buf;
+    drops = PyMem_New(Py_ssize_t, n_drops + 1);
+    joins = PyMem_New(Join, n_joins + 1);
+    if (drops == NULL || joins == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < n_drops; k++) { /* each leaving point on the ring, as its owner's */
+        int ok;
+        uint64_t h = as_hash(PyList_GET_ITEM(leave_h, k), &ok);
+        if (!ok) {
+            goto decline;
+        }
+        Py_ssize_t i = bisect_left(hs, n, h);
+        if (i >= n || hs[i] != h) {
+            goto decline;
+        }
+        int same = PyObject_RichCompareBool(PyList_GET_ITEM(owners, i), PyList_GET_ITEM(leave_o, k), Py_EQ);
+        if (same < 0) {
+            goto done;
+        }
+        if (!same) {
+            goto decline;
+        }
+        drops[k] = i;
+    }
+    qsort(drops, n_drops, sizeof(Py_ssize_t), compare_positions);
+    for (Py_ssize_t k = 1; k < n_drops; k++) {
+        if (drops[k] == drops[k - 1]) { /* a hash leaving twice */
+            goto decline;
+        }
+    }
+    if (n_drops == 0 && n_joins == 0) {
+        result = PyTuple_Pack(2, hashes, owners);
+        goto done;
+    }
+    for (Py_ssize_t k = 0; k < n_joins; k++) {
+        int ok;
+        uint64_t h = as_hash(PyList_GET_ITEM(join_h, k), &ok);
+        PyObject *owner = PyList_GET_ITEM(join_o, k);
+        if (!ok || !PyUnicode_CheckExact(owner)) {
+            goto decline;
+        }
+        Py_ssize_t i = bisect_left(hs, n, h);
+        if (i < n && hs[i] == h) { /* on the ring already */
+            goto decline;
+        }
+        joins[k].at = i;
+        joins[k].hash = h;
+        joins[k].owner = owner;
+    }
+    qsort(joins, n_joins, sizeof(Join), compare_joins);
+
+    Py_ssize_t size = n - n_drops + n_joins;
+    PyObject *packed = PyBytes_FromStringAndSize(NULL, size * 8);
+    PyObject *new_o = packed == NULL ? NULL : PyList_New(size);
+    if (new_o == NULL) {
+        Py_XDECREF(packed);
+        goto done;
+    }
+    uint64_t *out_h = (uint64_t *)PyBytes_AS_STRING(packed);
+    Py_ssize_t out = 0, prev = 0, d = 0, j = 0;
+    while (d < n_drops || j < n_joins) {
+        /* the next edit in the old lists' order: an insertion before a drop at the same position */
+        int is_join = j < n_joins && (d >= n_drops || joins[j].at <= drops[d]);
+        Py_ssize_t at = is_join ? joins[j].at : drops[d];
+        Py_ssize_t run = at - prev;
+        memcpy(out_h + out, hs + prev, run * 8);
+        for (Py_ssize_t k = 0; k < run; k++) {
+            PyObject *owner = PyList_GET_ITEM(owners, prev + k);
+            Py_INCREF(owner);
+            PyList_SET_ITEM(new_o, out + k, owner);
+        }
+        out += run;
+        if (is_join) {
+            out_h[out] = joins[j].hash;
+            Py_INCREF(joins[j].owner);
+            PyList_SET_ITEM(new_o, out, joins[j].owner);
+            out++;
+            prev = at;
+            j++;
+        } else {
+            prev = at + 1;
+            d++;
+        }
+    }
+    Py_ssize_t run = n - prev;
+    memcpy(out_h + out, hs + prev, run * 8);
+    for (Py_ssize_t k = 0; k < run; k++) {
+        PyObject *owner = PyList_GET_ITEM(owners, prev + k);
+        Py_INCREF(owner);
+        PyList_SET_ITEM(new_o, out + k, owner);
+    }
+    PyObject *new_h = PyObject_CallFunction(array_type, "sO", "Q", packed);
+    Py_DECREF(packed);
+    if (new_h == NULL) {
+        Py_DECREF(new_o);
+        goto done;
+    }
+    result = PyTuple_New(2);
+    if (result == NULL) {
+        Py_DECREF(new_h);
+        Py_DECREF(new_o);
+        goto done;
+    }
+    PyTuple_SET_ITEM(result, 0, new_h);
+    PyTuple_SET_ITEM(result, 1, new_o);
+    goto done;
+
+decline:
+    result = Py_NewRef(Py_None);
+done:
+    PyMem_Free(drops);
+    PyMem_Free(joins);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"splice", (PyCFunction)(void (*)(void))splice, METH_FASTCALL,
+     "splice(hashes, owners, leave_h, leave_o, join_h, join_o) -> (new_hashes, new_owners), or None: "
+     "ring_edit.splice_py's result"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ring_edit", NULL, -1, methods, NULL, NULL, NULL, NULL};
+
+PyMODINIT_FUNC PyInit__ring_edit(void) {
+    PyObject *array_module = PyImport_ImportModule("array");
+    if (array_module == NULL) {
+        return NULL;
+    }
+    array_type = PyObject_GetAttrString(array_module, "array");
+    Py_DECREF(array_module);
+    if (array_type == NULL) {
+        return NULL;
+    }
+    return PyModule_Create(&module);
+}
