@@ -1,8 +1,8 @@
 """The compiled parts of the router: its HTTP/1.1 head parsers (distserve/router/_heads.c), kv_aware's shortlist
-scoring (_shortlist.c) and the derived rings' splice (_ring_edit.c).
+scoring (_shortlist.c) and the rings' operations (_ring_ops.c).
 
 Optional: where no C compiler or Python headers are at hand the build goes on without them, and the router uses
-the same functions in Python (distserve/router/heads.py, shortlist.py, ring_edit.py: their specifications).
+the same functions in Python (distserve/router/heads.py, shortlist.py, ring_ops.py: their specifications).
 Everything else about the package is in pyproject.toml.
 """
 
@@ -26,8 +26,8 @@ setup(
             extra_compile_args=[*_FLAGS, "-ffp-contract=off"],
         ),
         Extension(
-            "distserve.router._ring_edit",
-            sources=["distserve/router/_ring_edit.c"],
+            "distserve.router._ring_ops",
+            sources=["distserve/router/_ring_ops.c"],
             optional=True,
             extra_compile_args=_FLAGS,
         ),

@@ -827,7 +827,7 @@ def build_heads_in_place() -> str:
     import sysconfig
 
     include = sysconfig.get_paths()["include"]
-    for source in ("_heads.c", "_shortlist.c", "_ring_edit.c"):
+    for source in ("_heads.c", "_shortlist.c", "_ring_ops.c"):
         target = REPO / "distserve" / "router" / f"{source[:-2]}{sysconfig.get_config_var('EXT_SUFFIX')}"
         if target.exists():
             continue

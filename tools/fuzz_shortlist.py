@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Fuzz kv_aware's C shortlist scoring (distserve/router/_shortlist.c) against its Python specification
-(distserve/router/shortlist.py): random levels, members, samples, blind sets, loads and speeds (the shapes the
-router makes and odd ones: huge ints, floats, missing or zero speeds, common levels deeper than distinctive
-ones); the C version must give the specification's result or decline with None where the specification's
-docstring says it may.
+"""Fuzz kv_aware's C shortlist scoring and tie rule (distserve/router/_shortlist.c) against their Python
+specification (distserve/router/shortlist.py): random levels, members, samples, blind sets, loads and speeds (the
+shapes the router makes and odd ones: huge ints, floats, missing or zero speeds, common levels deeper than
+distinctive ones), tied engines with their sizes; the C versions must give the specification's
+result, or decline with None where the specification's docstring says they may.
 
 `--sanitize` builds the C module with AddressSanitizer and UndefinedBehaviorSanitizer (tools/sanitized.py) and
 runs the fuzzing under them.
@@ -26,6 +26,13 @@ TOKENS = [0, 1, 16, 100, 999, 1000, 3000, 1 << 40, 1 << 62]
 LOADS = [0, 1, 2, 7, 0.5, 1.25, 3.0]
 SPEEDS = [1.0, 1.0, 2.0, 0.5, 3.0]
 ODD = [1 << 64, 1 << 70, 0.0, -1]  # now and then: what the C version declines (a speed of 0, ints past 64 bits)
+
+
+class State:
+    __slots__ = ("sizes",)
+
+    def __init__(self, sizes: tuple[int, int]) -> None:
+        self.sizes = sizes
 
 
 def fuzz(module, iterations: int, seed: int) -> int:
@@ -63,11 +70,16 @@ def fuzz(module, iterations: int, seed: int) -> int:
         got = module.score(*args)
         if got is None:
             declined += 1
-            continue
-        if ("ok", got) != outcome(shortlist.score_py, *args):
+        elif ("ok", got) != outcome(shortlist.score_py, *args):
             print(f"fuzz_shortlist: score differs on {args!r}", file=sys.stderr)
             return 1
-    print(f"fuzz_shortlist: {iterations} inputs, C and Python alike ({declined} declined to the specification)")
+        # the tie rule: families, then load, then keys
+        tied = sample
+        states = {e: State((rnd.randint(0, 2), rnd.randint(0, 2))) for e in engines(10)}
+        if module.least_cached(tied, current, states) != shortlist.least_cached_py(tied, current, states):
+            print(f"fuzz_shortlist: least_cached differs on {tied!r} {current!r}", file=sys.stderr)
+            return 1
+    print(f"fuzz_shortlist: {iterations} inputs, C and Python alike ({declined} scores declined to the specification)")
     return 0
 
 

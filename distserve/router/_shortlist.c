@@ -1,5 +1,5 @@
-/* kv_aware's shortlist, scored: the C version of distserve/router/shortlist.py's score_py (the specification;
- * read its docstring first). Same results for every input it accepts; for the rest it returns None and the
+/* kv_aware's shortlist, scored, and its tie rule: the C versions of distserve/router/shortlist.py's score_py and
+ * least_cached_py (the specifications; read their docstrings first). Same results for every input it accepts; for the rest it returns None and the
  * caller runs score_py: a common level deeper than a distinctive one (score_py's _credit), a level, load, speed
  * or match that is not what the router's own structures hold (dicts of ints, floats), a member without a speed.
  * Nothing passed in is changed: the shortlist is a dict of its own. No state between calls.
@@ -382,10 +382,95 @@ done:
     return result;
 }
 
+/* least_cached(engine_ids, loads, engines) -> the engines of the smallest (families, load, keys), as
+ * least_cached_py: the same tuples compared by Python's own rules; None where an argument is not what the router
+ * hands (lists, dicts) or a state's sizes are not a pair. */
+static PyObject *least_cached(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "least_cached() takes 3 arguments");
+        return NULL;
+    }
+    PyObject *ids = args[0], *loads = args[1], *engines = args[2];
+    if (!PyList_CheckExact(ids) || !PyDict_CheckExact(loads) || !PyDict_CheckExact(engines)) {
+        Py_RETURN_NONE;
+    }
+    static PyObject *sizes_name = NULL, *zero_load = NULL, *no_sizes = NULL;
+    if (sizes_name == NULL) {
+        sizes_name = PyUnicode_InternFromString("sizes");
+        zero_load = PyFloat_FromDouble(0.0);
+        no_sizes = Py_BuildValue("(ii)", 0, 0);
+        if (sizes_name == NULL || zero_load == NULL || no_sizes == NULL) {
+            Py_CLEAR(sizes_name);
+            return NULL;
+        }
+    }
+    PyObject *best = NULL, *fewest = PyList_New(0);
+    if (fewest == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(ids); k++) {
+        PyObject *id = PyList_GET_ITEM(ids, k);
+        PyObject *state = PyDict_GetItemWithError(engines, id);
+        PyObject *sizes;
+        if (state == NULL) {
+            if (PyErr_Occurred()) {
+                goto failed;
+            }
+            sizes = Py_NewRef(no_sizes);
+        } else if ((sizes = PyObject_GetAttr(state, sizes_name)) == NULL) {
+            goto failed;
+        }
+        if (!PyTuple_CheckExact(sizes) || PyTuple_GET_SIZE(sizes) != 2) {
+            Py_DECREF(sizes);
+            Py_XDECREF(best);
+            Py_DECREF(fewest);
+            Py_RETURN_NONE;
+        }
+        PyObject *load = PyDict_GetItemWithError(loads, id);
+        if (load == NULL) {
+            if (PyErr_Occurred()) {
+                Py_DECREF(sizes);
+                goto failed;
+            }
+            load = zero_load;
+        }
+        PyObject *size = PyTuple_Pack(3, PyTuple_GET_ITEM(sizes, 0), load, PyTuple_GET_ITEM(sizes, 1));
+        Py_DECREF(sizes);
+        if (size == NULL) {
+            goto failed;
+        }
+        int lower = best == NULL ? 1 : PyObject_RichCompareBool(size, best, Py_LT);
+        int equal = lower ? 0 : PyObject_RichCompareBool(size, best, Py_EQ);
+        if (lower < 0 || equal < 0) {
+            Py_DECREF(size);
+            goto failed;
+        }
+        if (lower) {
+            Py_XSETREF(best, size);
+            if (PyList_SetSlice(fewest, 0, PyList_GET_SIZE(fewest), NULL) < 0 || PyList_Append(fewest, id) < 0) {
+                goto failed;
+            }
+        } else {
+            Py_DECREF(size);
+            if (equal && PyList_Append(fewest, id) < 0) {
+                goto failed;
+            }
+        }
+    }
+    Py_XDECREF(best);
+    return fewest;
+failed:
+    Py_XDECREF(best);
+    Py_DECREF(fewest);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"score", (PyCFunction)(void (*)(void))score, METH_FASTCALL,
      "score(levels, members, sample, blind, min_match, current, speed, load_weight, cache_weight, holders_limit)"
      " -> (matched_of, best_match, low, near), or None: run shortlist.score_py"},
+    {"least_cached", (PyCFunction)(void (*)(void))least_cached, METH_FASTCALL,
+     "least_cached(engine_ids, loads, engines) -> the tied engines kept, or None: run shortlist.least_cached_py"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -4,23 +4,24 @@ missing or where `DISTSERVE_PURE_PYTHON=1` asks for it (distserve/router/setting
 
 - heads (`_heads.c`): the HTTP/1.1 head parsers of the fast path and the engine client;
 - shortlist (`_shortlist.c`): kv_aware's shortlist scoring;
-- ring_edit (`_ring_edit.c`): a derived ring's new lists after an engine change.
+- ring_ops (`_ring_ops.c`): the rings' operations (a derived ring's new lists after an engine change, kv_aware's
+  sample and its first tied engine clockwise).
 
 `python -c "from distserve.router import compiled; print(compiled.summary())"` says `c` where all are compiled.
 """
 
 from __future__ import annotations
 
-from distserve.router import heads, ring_edit, shortlist
+from distserve.router import heads, ring_ops, shortlist
 
 SOURCES = {"heads": "distserve/router/_heads.c", "shortlist": "distserve/router/_shortlist.c",
-           "ring_edit": "distserve/router/_ring_edit.c"}
+           "ring_ops": "distserve/router/_ring_ops.c"}
 
 
 def implementations() -> dict[str, str]:
     """{part: "c" or "python"}."""
     return {"heads": heads.IMPLEMENTATION, "shortlist": shortlist.IMPLEMENTATION,
-            "ring_edit": ring_edit.IMPLEMENTATION}
+            "ring_ops": ring_ops.IMPLEMENTATION}
 
 
 def summary() -> str:

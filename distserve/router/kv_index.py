@@ -50,6 +50,7 @@ import orjson
 from discovery.backoff import Backoff
 from discovery.informer import wait_set
 from distserve.cluster.prefix_keys import CHUNK_BYTES, longest_match, parse_key_hex
+from distserve.router.shortlist import least_cached, least_cached_py
 
 log = logging.getLogger("distserve.router.kv_index")
 
@@ -272,20 +273,9 @@ class KvIndex:
 
     def least_cached(self, engine_ids: list[str], loads: Mapping[str, float]) -> list[str]:
         """The engines of the fewest prefix families, then the lowest `loads` (0 when absent), then the fewest
-        keys: kv_aware's tie rule. One loop, no intermediate lists (built by comprehensions over the sizes
-        first, a tie of two cost ~4 us of a pick in place, 1.3 this way: docs/benchmarks.md, "Eighth pass")."""
-        get = self.engines.get
-        best: tuple | None = None
-        fewest: list[str] = []
-        for engine_id in engine_ids:
-            state = get(engine_id)
-            families, keys = state.sizes if state is not None else (0, 0)
-            size = (families, loads.get(engine_id, 0.0), keys)
-            if best is None or size < best:
-                best, fewest = size, [engine_id]
-            elif size == best:
-                fewest.append(engine_id)
-        return fewest
+        keys: kv_aware's tie rule (distserve/router/shortlist.py: in C where built)."""
+        fewest = least_cached(engine_ids, loads, self.engines)
+        return fewest if fewest is not None else least_cached_py(engine_ids, loads, self.engines)
 
     def chunk_bytes(self, engine_id: str) -> int:
         state = self.engines.get(engine_id)

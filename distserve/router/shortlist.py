@@ -1,11 +1,13 @@
 """kv_aware's shortlist, scored (distserve/router/strategies.py, KvAwareStrategy._pick_shortlist): which engines a
-pick above SCAN_LIMIT candidates weighs, what each holds of the request, and which cost least.
+pick above SCAN_LIMIT candidates weighs, what each holds of the request, and which cost least; and its tie rule
+(`least_cached`; ring_ops.first_clockwise breaks what is left).
 
-`score_py` is the specification, and the fallback. Where the C module `distserve.router._shortlist` was built at
-install (as `distserve.router._heads`: optional, skipped where no compiler is), `score` is its version: the same
-results for every input it accepts (tests/router/test_shortlist.py compares them on generated inputs); for the
-rest (a common level deeper than a distinctive one, a load that is not a number, a member without a speed) it
-returns None and the caller runs `score_py`. In Python these loops were ~9 of a pick's ~11 us on the 16-core host
+The `*_py` functions are the specification, and the fallback. Where the C module `distserve.router._shortlist`
+was built at install (as `distserve.router._heads`: optional, skipped where no compiler is), `score`
+and `least_cached` are its versions: the same results for every input they accept
+(tests/router/test_shortlist.py compares them on generated inputs); for the rest (a common level deeper than a
+distinctive one, a load that is not a number, a member without a speed) they return
+None and the caller runs the `*_py` version. In Python these loops were ~9 of a pick's ~11 us on the 16-core host
 (docs/benchmarks.md, "Fifteenth pass"). `DISTSERVE_PURE_PYTHON=1` selects the Python version.
 """
 
@@ -116,6 +118,26 @@ def _deepest_common(common: list[dict[str, int]], engine_id: str, default: int) 
     return default
 
 
+def least_cached_py(engine_ids: list[str], loads: Mapping[str, Any], engines: Mapping[str, Any]) -> list[str]:
+    """kv_aware's tie rule, first part (KvIndex.least_cached says why): the engines of the fewest prefix families,
+    then the lowest `loads` (0.0 when absent), then the fewest keys; `engines` maps an engine to its stream's
+    state, whose `sizes` is (families, keys); an engine without one counts (0, 0). One loop, no intermediate
+    lists (comprehensions over the sizes first cost a tie of two ~4 us of a pick in place, this 1.3:
+    docs/benchmarks.md, "Eighth pass")."""
+    get = engines.get
+    best: tuple | None = None
+    fewest: list[str] = []
+    for engine_id in engine_ids:
+        state = get(engine_id)
+        families, keys = state.sizes if state is not None else (0, 0)
+        size = (families, loads.get(engine_id, 0.0), keys)
+        if best is None or size < best:
+            best, fewest = size, [engine_id]
+        elif size == best:
+            fewest.append(engine_id)
+    return fewest
+
+
 def _load_c() -> Any:
     try:
         if env_pure_python():
@@ -132,3 +154,4 @@ def _load_c() -> Any:
 _c = _load_c()
 IMPLEMENTATION = "c" if _c is not None else "python"
 score = _c.score if _c is not None else score_py
+least_cached = _c.least_cached if _c is not None else least_cached_py

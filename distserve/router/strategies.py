@@ -53,9 +53,12 @@ from distserve.cluster.records import (
     StrategyParams,
 )
 from distserve.router.load import LoadTracker
-from distserve.router.ring_edit import _c as _ring_edit_c
-from distserve.router.ring_edit import splice as splice_ring
-from distserve.router.ring_edit import splice_py as splice_ring_py
+from distserve.router.ring_ops import _c as _ring_ops_c
+from distserve.router.ring_ops import ring_walk as _ring_walk
+from distserve.router.ring_ops import sample as ring_sample
+from distserve.router.ring_ops import sample_py as ring_sample_py
+from distserve.router.ring_ops import splice as splice_ring
+from distserve.router.ring_ops import splice_py as splice_ring_py
 from distserve.router.shortlist import score as score_shortlist
 from distserve.router.shortlist import score_py as score_shortlist_py
 
@@ -356,27 +359,6 @@ def _hash64(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
-def _ring_walk(hashes: array[int], owners: list[str], start: int, k: int, i: int | None = None) -> list[str]:
-    """The first k distinct owners clockwise from `start` (k <= the number of owners). `i`: where `start` falls
-    (bisect_right), when the caller has it and found the k points from there not distinct already (a bisection
-    of a ring gone cold between picks was ~3 us of the 5 a walk cost kv_aware's pick)."""
-    n = len(owners)
-    if i is None:
-        i = bisect_right(hashes, start)
-        window = owners[i: i + k]
-        if len(window) == k and len(set(window)) == k:  # most often on a ring of many owners: no repeat, no wrap
-            return window
-    span = 2 * k + 8  # a ring of many owners needs barely more than k points for k distinct ones
-    while True:
-        window = owners[i: i + span]
-        if i + span > n:  # wrap around
-            window += owners[: min(i, i + span - n)]
-        out = dict.fromkeys(window)  # C-level, first occurrences in order
-        if len(out) >= k or span >= n:
-            return list(islice(out, k))
-        span *= 4
-
-
 class _KvSet:
     """kv_aware over one candidate set: its members as a set, its ring (prefix_affinity's, the same points),
     each owner's points (ties: the tied engine first clockwise), the members' weights, and which members have
@@ -447,14 +429,22 @@ class _KvSet:
         points = self.by_owner[engine_id] = self._owned(engine_id, self.counts[engine_id])
         return points
 
-    def first_clockwise(self, tied: list[str], start: int) -> str:
-        """The tied engine whose ring point comes first clockwise from `start` (what walking the ring finds)."""
+    def first_clockwise(self, tied: list[str], start: int, i: int | None = None) -> str:
+        """The tied engine whose ring point comes first clockwise from `start` (`i`: where it falls, when the
+        caller has it). In C (ring_ops.py) by walking the ring from there: a few hundred owners for two tied
+        engines of 500. In Python from each tied engine's sorted points, kept per set once looked up (walking the
+        ring in Python would cost more): the same engine."""
+        if _ring_ops_c is not None:
+            chosen = _ring_ops_c.first_clockwise(self.owners, bisect_right(self.hashes, start) if i is None else i,
+                                                 tied)
+            if chosen is not None:
+                return chosen
         by_owner = self.by_owner
         best, best_d = tied[0], 1 << 65
         for c in tied:
             points = by_owner.get(c) or self.owner_points(c)
-            i = bisect_right(points, start)
-            d = (points[i] - start) if i < len(points) else (points[0] + (1 << 64) - start)
+            j = bisect_right(points, start)
+            d = (points[j] - start) if j < len(points) else (points[0] + (1 << 64) - start)
             if d < best_d or (d == best_d and c < best):
                 best, best_d = c, d
         return best
@@ -621,14 +611,14 @@ class _Rings:
                 if n and len(group) <= _SORT_AHEAD:
                     for c in group:
                         self.owned(c, n)
-        # New lists, never changed in place: the old ones stay valid for the sets that hold them (ring_edit.py: in C
+        # New lists, never changed in place: the old ones stay valid for the sets that hold them (ring_ops.py: in C
         # where built). A hash already on the ring, or repeated among the leaving points (never seen with 64-bit
         # hashes: the ring orders equal ones by owner, and an engine may even repeat one) sends the set to the merge
         # from the kept points instead (None). The hashes are an array: its slices are copies of memory, where a
         # list's touched the reference count of every point's int, spread over memory (docs/benchmarks.md "Ninth
         # pass").
         spliced = splice_ring(hashes, owners, leave_h, leave_o, join_h, join_o)
-        if spliced is None and _ring_edit_c is not None:  # the C version also declines what the router never makes
+        if spliced is None and _ring_ops_c is not None:  # the C version also declines what the router never makes
             spliced = splice_ring_py(hashes, owners, leave_h, leave_o, join_h, join_o)
         return spliced
 
@@ -862,10 +852,11 @@ class KvAwareStrategy(Strategy):
                         deepest = keys[-1]
         # the sample: the first SAMPLE engines clockwise from the deepest key
         start = deepest if deepest is not None else self._prefix_hash(ctx)
-        i = bisect_right(st.hashes, start)
-        sample = st.owners[i: i + SAMPLE]  # most often SAMPLE distinct owners already (_ring_walk's first try)
-        if len(sample) < SAMPLE or len(set(sample)) < SAMPLE:
-            sample = _ring_walk(st.hashes, st.owners, start, min(SAMPLE, len(candidates)), i)
+        k = min(SAMPLE, len(candidates))
+        sampled = ring_sample(st.hashes, st.owners, start, k)  # (ring_ops.py: in C where built)
+        if sampled is None:  # an input the C version leaves to the specification
+            sampled = ring_sample_py(st.hashes, st.owners, start, k)
+        i, sample = sampled
         # the shortlist (the holders of the request's distinctive levels, then the sample), what each holds and its
         # cost, the lowest and the engines tied with it (shortlist.py: in C where built); the blind ones (no
         # stream, or its snapshot overdue) are placed by the hash below; one awaiting its snapshot holds no key,
@@ -904,7 +895,7 @@ class KvAwareStrategy(Strategy):
         if len(tied) == 1:
             chosen = tied[0]
         else:  # the first of them clockwise from where the sample starts (the request's deepest key)
-            chosen = st.first_clockwise(tied, start)
+            chosen = st.first_clockwise(tied, start, i)
         matched = matched_of[chosen]
         return self._done(chosen, "cache" if matched else "load", matched)
 

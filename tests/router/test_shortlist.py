@@ -129,7 +129,8 @@ def test_c_holds_no_reference_it_should_not():
     levels = [{engines[7]: tokens[7], engines[8]: tokens[8]}, common]
     current = dict(zip(engines, loads))
     speed = {e: 2.0 for e in engines}
-    watched = [*engines, *tokens, *loads, common, current, speed]
+    states = {e: _State((i % 2, i)) for i, e in enumerate(engines)}
+    watched = [*engines, *tokens, *loads, common, current, speed, *states.values()]
     before = [sys.getrefcount(o) for o in watched]
     for i in range(20_000):
         blind = frozenset(engines[i % 3: i % 3 + 1]) if i % 2 else None
@@ -138,6 +139,9 @@ def test_c_holds_no_reference_it_should_not():
                          speed if i % 2 else None, 1.0, 1.0 / 1024, 1)
         assert result is not None
         del result, blind, members
+        tied = engines[i % 4: i % 4 + 3]
+        assert c.least_cached(tied, current, states) is not None
+        del tied
     assert [sys.getrefcount(o) for o in watched] == before
 
 
@@ -149,3 +153,33 @@ def test_the_c_version_under_address_and_undefined_behaviour_sanitizers():
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "20000 inputs, C and Python alike" in out.stdout
+
+
+class _State:
+    __slots__ = ("sizes",)
+
+    def __init__(self, sizes) -> None:
+        self.sizes = sizes
+
+
+_sizes = st.tuples(st.integers(0, 3), st.integers(0, 3))
+
+
+@needs_c
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(ENGINES), min_size=1, max_size=8),
+       st.dictionaries(st.sampled_from(ENGINES), st.one_of(st.integers(0, 3), st.sampled_from([0.0, 0.5, 1.0, 2.0]))),
+       st.dictionaries(st.sampled_from(ENGINES), _sizes))
+def test_c_ranks_ties_as_the_specification(tied, loads, sizes):
+    engines = {e: _State(s) for e, s in sizes.items()}
+    assert c.least_cached(tied, loads, engines) == shortlist.least_cached_py(tied, loads, engines)
+
+
+@pytest.mark.parametrize("fn", [shortlist.least_cached_py, pytest.param("c", marks=needs_c)])
+def test_least_cached_by_hand(fn):
+    fn = c.least_cached if fn == "c" else fn
+    engines = {"a": _State((1, 5)), "b": _State((1, 3)), "c": _State((2, 0))}
+    assert fn(["a", "b", "c"], {}, engines) == ["b"]  # fewest families, then fewest keys
+    assert fn(["a", "b"], {"b": 1}, engines) == ["a"]  # then the lower load before the keys
+    assert fn(["a", "d", "e"], {}, engines) == ["d", "e"]  # without a stream's state: (0, 0)
+    assert fn(["a", "b"], {"a": 1, "b": 1.0}, {"a": _State((0, 0)), "b": _State((0, 0))}) == ["a", "b"]

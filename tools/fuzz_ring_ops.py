@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Fuzz the derived rings' C splice (distserve/router/_ring_edit.c) against its Python specification
-(distserve/router/ring_edit.py): random rings with equal neighbouring hashes, leaving points on and off the ring,
-joining points new and already there; both must give the same new lists or the same None.
+"""Fuzz the C ring operations (distserve/router/_ring_ops.c) against their Python specification
+(distserve/router/ring_ops.py): random rings with equal neighbouring hashes, leaving points on and off the ring,
+joining points new and already there, samples and first-clockwise walks from anywhere; both must give the same
+results (the splice's new lists or the same None).
 
 `--sanitize` builds the C module with AddressSanitizer and UndefinedBehaviorSanitizer (tools/sanitized.py) and
 runs the fuzzing under them.
 
-    .venv/bin/python tools/fuzz_ring_edit.py [--iterations 100000] [--seed 7] [--sanitize]
+    .venv/bin/python tools/fuzz_ring_ops.py [--iterations 100000] [--seed 7] [--sanitize]
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ OWNERS = ["a", "b", "c", "d"]
 
 def fuzz(module, iterations: int, seed: int) -> int:
     sys.path.insert(0, str(ROOT))
-    from distserve.router import ring_edit
+    from distserve.router import ring_ops
 
     rnd = random.Random(seed)
 
@@ -41,10 +42,18 @@ def fuzz(module, iterations: int, seed: int) -> int:
             leave_h[0] = a_hash()
         joins = [(a_hash(), rnd.choice(OWNERS)) for _ in range(rnd.randint(0, 6))]
         args = (hashes, owners, leave_h, leave_o, [j[0] for j in joins], [j[1] for j in joins])
-        if module.splice(*args) != ring_edit.splice_py(*args):
-            print(f"fuzz_ring_edit: splice differs on {args!r}", file=sys.stderr)
+        if module.splice(*args) != ring_ops.splice_py(*args):
+            print(f"fuzz_ring_ops: splice differs on {args!r}", file=sys.stderr)
             return 1
-    print(f"fuzz_ring_edit: {iterations} edits, C and Python alike")
+        start, k = a_hash(), rnd.randint(0, 6)
+        if module.sample(hashes, owners, start, k) != ring_ops.sample_py(hashes, owners, start, k):
+            print(f"fuzz_ring_ops: sample differs on {hashes!r} {owners!r} {start} {k}", file=sys.stderr)
+            return 1
+        i, tied = rnd.randint(0, len(owners)), rnd.sample(OWNERS + ["z"], rnd.randint(1, 3))
+        if module.first_clockwise(owners, i, tied) != ring_ops.first_clockwise_py(owners, i, tied):
+            print(f"fuzz_ring_ops: first_clockwise differs on {owners!r} {i} {tied!r}", file=sys.stderr)
+            return 1
+    print(f"fuzz_ring_ops: {iterations} rings, C and Python alike")
     return 0
 
 
@@ -56,21 +65,21 @@ def main() -> int:
     p.add_argument("--module", help=argparse.SUPPRESS)  # the sanitized build, in the child run
     args = p.parse_args()
     if args.iterations < 1:
-        print("fuzz_ring_edit: --iterations must be >= 1", file=sys.stderr)
+        print("fuzz_ring_ops: --iterations must be >= 1", file=sys.stderr)
         return 2
     if args.sanitize:
-        return run_sanitized("distserve/router/_ring_edit.c", "distserve.router._ring_edit", __file__,
+        return run_sanitized("distserve/router/_ring_ops.c", "distserve.router._ring_ops", __file__,
                              ["--iterations", str(args.iterations), "--seed", str(args.seed)])
     if args.module:
-        module = load_build("distserve.router._ring_edit", args.module)
+        module = load_build("distserve.router._ring_ops", args.module)
     else:
         sys.path.insert(0, str(ROOT))
-        from distserve.router import ring_edit
+        from distserve.router import ring_ops
 
-        if ring_edit._c is None:
-            print("fuzz_ring_edit: the C module is not built here (tools/setup builds it)", file=sys.stderr)
+        if ring_ops._c is None:
+            print("fuzz_ring_ops: the C module is not built here (tools/setup builds it)", file=sys.stderr)
             return 2
-        module = ring_edit._c
+        module = ring_ops._c
     return fuzz(module, args.iterations, args.seed)
 
 

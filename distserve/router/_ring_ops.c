@@ -1,9 +1,11 @@
-/* A derived ring's new lists: the C version of distserve/router/ring_edit.py's splice_py (the specification;
- * read its docstring first). Same results: the old lists' runs between the edits copied in one pass (a memcpy
- * for the hashes, a reference per owner), where the Python version slices and appends per edit. Returns None
- * wherever splice_py does, and also for inputs the router never makes (hashes not an array of 64-bit unsigned
- * ints, owners not a list, a hash not an int of 64 bits, a joining owner not a str): the caller then builds
- * the ring from the engines' points, as for splice_py's None. No state between calls. */
+/* Ring operations: the C versions of distserve/router/ring_ops.py's splice_py, sample_py and first_clockwise_py
+ * (the specifications; read their docstrings first), with the same results. The splice copies the old lists'
+ * runs between the edits in one pass (a memcpy for the hashes, a reference per owner), where the Python version
+ * slices and appends per edit; it returns None wherever splice_py does. The sample and the first clockwise
+ * bisect the hashes' memory (no int made per probe) and walk the owners. Each also returns None for inputs the
+ * router never makes (hashes not an array('Q'), owners not a list of str, a hash not an int of 64 bits): the
+ * caller then runs the Python version, or for the splice builds the ring from the engines' points, as for
+ * splice_py's None. No state between calls. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
@@ -206,16 +208,169 @@ done:
     return result;
 }
 
+/* The hashes of a ring as uint64 memory (released by the caller); 0 where they are not an array('Q'). */
+static int ring_hashes(PyObject *hashes, Py_buffer *view) {
+    if (PyObject_GetBuffer(hashes, view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        PyErr_Clear();
+        return 0;
+    }
+    if (view->itemsize != 8 || view->format == NULL || strcmp(view->format, "Q") != 0) {
+        PyBuffer_Release(view);
+        return 0;
+    }
+    return 1;
+}
+
+/* Two owners the same for a set: identity, else equal str (their hashes, cached in each str, compared first). */
+static int same_owner(PyObject *a, Py_hash_t ha, PyObject *b, Py_hash_t hb) {
+    if (a == b) {
+        return 1;
+    }
+    if (ha != hb) {
+        return 0;
+    }
+    return PyUnicode_Compare(a, b) == 0;
+}
+
+/* sample(hashes, owners, start, k) -> (i, the first k distinct owners from position i on, wrapping), i where
+ * start falls (bisect_right) */
+static PyObject *sample(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "sample() takes 4 arguments");
+        return NULL;
+    }
+    PyObject *owners = args[1];
+    int ok;
+    uint64_t start = as_hash(args[2], &ok);
+    Py_ssize_t k = PyLong_CheckExact(args[3]) ? PyLong_AsSsize_t(args[3]) : -1;
+    if (k == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+    }
+    Py_buffer view;
+    if (!ok || k < 0 || k > 64 || !PyList_CheckExact(owners) || !ring_hashes(args[0], &view)) {
+        Py_RETURN_NONE;
+    }
+    PyObject *result = NULL;
+    const uint64_t *hs = view.buf;
+    Py_ssize_t n = view.len / 8;
+    if (PyList_GET_SIZE(owners) != n) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    Py_ssize_t lo = 0, hi = n; /* bisect_right */
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (start < hs[mid]) {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    PyObject *picked[64];
+    Py_hash_t picked_hash[64];
+    Py_ssize_t m = 0;
+    for (Py_ssize_t step = 0; step < n && m < k; step++) {
+        PyObject *owner = PyList_GET_ITEM(owners, (lo + step) % n);
+        if (!PyUnicode_CheckExact(owner)) {
+            result = Py_NewRef(Py_None);
+            goto done;
+        }
+        Py_hash_t h = PyObject_Hash(owner);
+        if (h == -1) {
+            goto done;
+        }
+        int seen = 0;
+        for (Py_ssize_t q = 0; q < m && !seen; q++) {
+            seen = same_owner(owner, h, picked[q], picked_hash[q]);
+        }
+        if (!seen) {
+            picked[m] = owner;
+            picked_hash[m] = h;
+            m++;
+        }
+    }
+    PyObject *list = PyList_New(m);
+    if (list == NULL) {
+        goto done;
+    }
+    for (Py_ssize_t q = 0; q < m; q++) {
+        PyList_SET_ITEM(list, q, Py_NewRef(picked[q]));
+    }
+    PyObject *at = PyLong_FromSsize_t(lo);
+    result = at == NULL ? NULL : PyTuple_New(2);
+    if (result == NULL) {
+        Py_XDECREF(at);
+        Py_DECREF(list);
+        goto done;
+    }
+    PyTuple_SET_ITEM(result, 0, at);
+    PyTuple_SET_ITEM(result, 1, list);
+done:
+    PyBuffer_Release(&view);
+    return result;
+}
+
+/* first_clockwise(owners, i, tied) -> the first owner from position i on (wrapping) that is one of tied, or None */
+static PyObject *first_clockwise(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "first_clockwise() takes 3 arguments");
+        return NULL;
+    }
+    PyObject *owners = args[0], *tied = args[2];
+    Py_ssize_t i = PyLong_CheckExact(args[1]) ? PyLong_AsSsize_t(args[1]) : -1;
+    if (i == -1 && PyErr_Occurred()) {
+        PyErr_Clear();
+    }
+    if (i < 0 || !PyList_CheckExact(owners) || !PyList_CheckExact(tied) || PyList_GET_SIZE(tied) > 64) {
+        Py_RETURN_NONE;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(owners), t = PyList_GET_SIZE(tied);
+    if (n == 0) {
+        Py_RETURN_NONE;
+    }
+    Py_hash_t tied_hash[64];
+    for (Py_ssize_t q = 0; q < t; q++) {
+        PyObject *c = PyList_GET_ITEM(tied, q);
+        if (!PyUnicode_CheckExact(c)) {
+            Py_RETURN_NONE;
+        }
+        if ((tied_hash[q] = PyObject_Hash(c)) == -1) {
+            return NULL;
+        }
+    }
+    i = i > n ? n : i;
+    for (Py_ssize_t step = 0; step < n; step++) {
+        PyObject *owner = PyList_GET_ITEM(owners, (i + step) % n);
+        if (!PyUnicode_CheckExact(owner)) {
+            Py_RETURN_NONE;
+        }
+        Py_hash_t h = PyObject_Hash(owner);
+        if (h == -1) {
+            return NULL;
+        }
+        for (Py_ssize_t q = 0; q < t; q++) {
+            if (same_owner(owner, h, PyList_GET_ITEM(tied, q), tied_hash[q])) {
+                return Py_NewRef(owner);
+            }
+        }
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"splice", (PyCFunction)(void (*)(void))splice, METH_FASTCALL,
      "splice(hashes, owners, leave_h, leave_o, join_h, join_o) -> (new_hashes, new_owners), or None: "
-     "ring_edit.splice_py's result"},
+     "ring_ops.splice_py's result"},
+    {"sample", (PyCFunction)(void (*)(void))sample, METH_FASTCALL,
+     "sample(hashes, owners, start, k) -> (i, the first k distinct owners clockwise), or None: run ring_ops.sample_py"},
+    {"first_clockwise", (PyCFunction)(void (*)(void))first_clockwise, METH_FASTCALL,
+     "first_clockwise(owners, i, tied) -> the first tied owner from position i on, or None"},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ring_edit", NULL, -1, methods, NULL, NULL, NULL, NULL};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_ring_ops", NULL, -1, methods, NULL, NULL, NULL, NULL};
 
-PyMODINIT_FUNC PyInit__ring_edit(void) {
+PyMODINIT_FUNC PyInit__ring_ops(void) {
     PyObject *array_module = PyImport_ImportModule("array");
     if (array_module == NULL) {
         return NULL;
