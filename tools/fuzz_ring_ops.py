@@ -45,6 +45,11 @@ def fuzz(module, iterations: int, seed: int) -> int:
         if module.splice(*args) != ring_ops.splice_py(*args):
             print(f"fuzz_ring_ops: splice differs on {args!r}", file=sys.stderr)
             return 1
+        counts = {o: rnd.choice([1, 2, 32, 33]) for o in rnd.sample(OWNERS, rnd.randint(0, 4))}
+        old_counts = {o: rnd.choice([1, 2, 32, 33]) for o in rnd.sample(OWNERS, rnd.randint(0, 4))}
+        if module.count_changes(counts, old_counts) != ring_ops.count_changes_py(counts, old_counts):
+            print(f"fuzz_ring_ops: count_changes differs on {counts!r} {old_counts!r}", file=sys.stderr)
+            return 1
         start, k = a_hash(), rnd.randint(0, 6)
         if module.sample(hashes, owners, start, k) != ring_ops.sample_py(hashes, owners, start, k):
             print(f"fuzz_ring_ops: sample differs on {hashes!r} {owners!r} {start} {k}", file=sys.stderr)

@@ -29,10 +29,10 @@ ODD = [1 << 64, 1 << 70, 0.0, -1]  # now and then: what the C version declines (
 
 
 class State:
-    __slots__ = ("sizes",)
+    __slots__ = ("sizes", "synced", "followed_at")
 
-    def __init__(self, sizes: tuple[int, int]) -> None:
-        self.sizes = sizes
+    def __init__(self, sizes: tuple[int, int], synced: bool = True, followed_at: float = 0.0) -> None:
+        self.sizes, self.synced, self.followed_at = sizes, synced, followed_at
 
 
 def fuzz(module, iterations: int, seed: int) -> int:
@@ -75,9 +75,15 @@ def fuzz(module, iterations: int, seed: int) -> int:
             return 1
         # the tie rule: families, then load, then keys
         tied = sample
-        states = {e: State((rnd.randint(0, 2), rnd.randint(0, 2))) for e in engines(10)}
+        states = {e: State((rnd.randint(0, 2), rnd.randint(0, 2)), rnd.random() < 0.5, rnd.choice([0.0, 4.0, 9.5]))
+                  for e in engines(10)}
         if module.least_cached(tied, current, states) != shortlist.least_cached_py(tied, current, states):
             print(f"fuzz_shortlist: least_cached differs on {tied!r} {current!r}", file=sys.stderr)
+            return 1
+        # the blind members: no stream, or waiting for a snapshot past the timeout
+        now, timeout = rnd.choice([0.0, 5.0, 10.0]), rnd.choice([0.0, 5.0])
+        if module.blind_members(sample, states, now, timeout) != shortlist.blind_members_py(sample, states, now, timeout):
+            print(f"fuzz_shortlist: blind_members differs on {sample!r} at {now}", file=sys.stderr)
             return 1
     print(f"fuzz_shortlist: {iterations} inputs, C and Python alike ({declined} scores declined to the specification)")
     return 0

@@ -1,4 +1,5 @@
-/* Ring operations: the C versions of distserve/router/ring_ops.py's splice_py, sample_py and first_clockwise_py
+/* Ring operations: the C versions of distserve/router/ring_ops.py's count_changes_py, splice_py, sample_py and
+ * first_clockwise_py
  * (the specifications; read their docstrings first), with the same results. The splice copies the old lists'
  * runs between the edits in one pass (a memcpy for the hashes, a reference per owner), where the Python version
  * slices and appends per edit; it returns None wherever splice_py does. The sample and the first clockwise
@@ -357,10 +358,83 @@ static PyObject *first_clockwise(PyObject *module, PyObject *const *args, Py_ssi
     Py_RETURN_NONE;
 }
 
+/* Append `engine` to groups[(old, new)], the list made on first use. */
+static int group_add(PyObject *groups, PyObject *old, PyObject *new, PyObject *engine) {
+    PyObject *key = PyTuple_Pack(2, old, new);
+    if (key == NULL) {
+        return -1;
+    }
+    PyObject *group = PyDict_GetItemWithError(groups, key);
+    if (group == NULL) {
+        if (PyErr_Occurred() || (group = PyList_New(0)) == NULL) {
+            Py_DECREF(key);
+            return -1;
+        }
+        int r = PyDict_SetItem(groups, key, group);
+        Py_DECREF(group); /* the dict holds it */
+        if (r < 0) {
+            Py_DECREF(key);
+            return -1;
+        }
+    }
+    Py_DECREF(key);
+    return PyList_Append(group, engine);
+}
+
+/* count_changes(counts, old_counts) -> {(old, new): [engines]}, as count_changes_py; None where either is not a
+ * dict */
+static PyObject *count_changes(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "count_changes() takes 2 arguments");
+        return NULL;
+    }
+    PyObject *counts = args[0], *old_counts = args[1];
+    if (!PyDict_CheckExact(counts) || !PyDict_CheckExact(old_counts)) {
+        Py_RETURN_NONE;
+    }
+    PyObject *zero = PyLong_FromLong(0);
+    PyObject *groups = zero == NULL ? NULL : PyDict_New();
+    if (groups == NULL) {
+        Py_XDECREF(zero);
+        return NULL;
+    }
+    Py_ssize_t pos = 0;
+    PyObject *c, *n;
+    while (PyDict_Next(counts, &pos, &c, &n)) {
+        PyObject *old = PyDict_GetItemWithError(old_counts, c);
+        if (old == NULL) {
+            if (PyErr_Occurred()) {
+                goto failed;
+            }
+            old = zero;
+        }
+        int differ = old == n ? 0 : PyObject_RichCompareBool(old, n, Py_NE);
+        if (differ < 0 || (differ && group_add(groups, old, n, c) < 0)) {
+            goto failed;
+        }
+    }
+    pos = 0;
+    PyObject *old;
+    while (PyDict_Next(old_counts, &pos, &c, &old)) {
+        int kept = PyDict_Contains(counts, c);
+        if (kept < 0 || (!kept && group_add(groups, old, zero, c) < 0)) {
+            goto failed;
+        }
+    }
+    Py_DECREF(zero);
+    return groups;
+failed:
+    Py_DECREF(zero);
+    Py_DECREF(groups);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"splice", (PyCFunction)(void (*)(void))splice, METH_FASTCALL,
      "splice(hashes, owners, leave_h, leave_o, join_h, join_o) -> (new_hashes, new_owners), or None: "
      "ring_ops.splice_py's result"},
+    {"count_changes", (PyCFunction)(void (*)(void))count_changes, METH_FASTCALL,
+     "count_changes(counts, old_counts) -> {(old, new): [engines]}, or None: run ring_ops.count_changes_py"},
     {"sample", (PyCFunction)(void (*)(void))sample, METH_FASTCALL,
      "sample(hashes, owners, start, k) -> (i, the first k distinct owners clockwise), or None: run ring_ops.sample_py"},
     {"first_clockwise", (PyCFunction)(void (*)(void))first_clockwise, METH_FASTCALL,

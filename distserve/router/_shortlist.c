@@ -1,5 +1,6 @@
-/* kv_aware's shortlist, scored, and its tie rule: the C versions of distserve/router/shortlist.py's score_py and
- * least_cached_py (the specifications; read their docstrings first). Same results for every input it accepts; for the rest it returns None and the
+/* kv_aware's shortlist, scored, its tie rule and its blind members: the C versions of
+ * distserve/router/shortlist.py's score_py, least_cached_py and blind_members_py (the specifications; read their
+ * docstrings first). Same results for every input it accepts; for the rest it returns None and the
  * caller runs score_py: a common level deeper than a distinctive one (score_py's _credit), a level, load, speed
  * or match that is not what the router's own structures hold (dicts of ints, floats), a member without a speed.
  * Nothing passed in is changed: the shortlist is a dict of its own. No state between calls.
@@ -465,10 +466,102 @@ failed:
     return NULL;
 }
 
+/* blind_members(members, engines, now, timeout) -> (blind, expires), as blind_members_py (the same attribute
+ * reads and arithmetic, through Python's own protocols); None where members is not a list or engines not a dict */
+static PyObject *blind_members(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "blind_members() takes 4 arguments");
+        return NULL;
+    }
+    PyObject *members = args[0], *engines = args[1], *now = args[2], *timeout = args[3];
+    if (!PyList_CheckExact(members) || !PyDict_CheckExact(engines)) {
+        Py_RETURN_NONE;
+    }
+    static PyObject *synced_name = NULL, *followed_name = NULL;
+    if (synced_name == NULL) {
+        synced_name = PyUnicode_InternFromString("synced");
+        followed_name = PyUnicode_InternFromString("followed_at");
+        if (synced_name == NULL || followed_name == NULL) {
+            Py_CLEAR(synced_name);
+            return NULL;
+        }
+    }
+    PyObject *blind = PyList_New(0);
+    PyObject *expires = blind == NULL ? NULL : PyFloat_FromDouble(INFINITY);
+    if (expires == NULL) {
+        Py_XDECREF(blind);
+        return NULL;
+    }
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(members); k++) {
+        PyObject *c = PyList_GET_ITEM(members, k);
+        PyObject *state = PyDict_GetItemWithError(engines, c);
+        if (state == NULL) {
+            if (PyErr_Occurred() || PyList_Append(blind, c) < 0) {
+                goto failed;
+            }
+            continue;
+        }
+        Py_INCREF(state); /* attribute reads may run Python code */
+        PyObject *synced = PyObject_GetAttr(state, synced_name);
+        int is_synced = synced == NULL ? -1 : PyObject_IsTrue(synced);
+        Py_XDECREF(synced);
+        if (is_synced < 0) {
+            Py_DECREF(state);
+            goto failed;
+        }
+        if (is_synced) {
+            Py_DECREF(state);
+            continue;
+        }
+        PyObject *followed = PyObject_GetAttr(state, followed_name);
+        Py_DECREF(state);
+        PyObject *until = followed == NULL ? NULL : PyNumber_Add(followed, timeout);
+        Py_XDECREF(followed);
+        if (until == NULL) {
+            goto failed;
+        }
+        int over = PyObject_RichCompareBool(now, until, Py_GE);
+        if (over < 0) {
+            Py_DECREF(until);
+            goto failed;
+        }
+        if (over) {
+            Py_DECREF(until);
+            if (PyList_Append(blind, c) < 0) {
+                goto failed;
+            }
+            continue;
+        }
+        int sooner = PyObject_RichCompareBool(until, expires, Py_LT); /* min(expires, until): expires on a tie */
+        if (sooner < 0) {
+            Py_DECREF(until);
+            goto failed;
+        }
+        if (sooner) {
+            Py_SETREF(expires, until);
+        } else {
+            Py_DECREF(until);
+        }
+    }
+    PyObject *result = PyTuple_New(2);
+    if (result == NULL) {
+        goto failed;
+    }
+    PyTuple_SET_ITEM(result, 0, blind);
+    PyTuple_SET_ITEM(result, 1, expires);
+    return result;
+failed:
+    Py_DECREF(blind);
+    Py_DECREF(expires);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
     {"score", (PyCFunction)(void (*)(void))score, METH_FASTCALL,
      "score(levels, members, sample, blind, min_match, current, speed, load_weight, cache_weight, holders_limit)"
      " -> (matched_of, best_match, low, near), or None: run shortlist.score_py"},
+    {"blind_members", (PyCFunction)(void (*)(void))blind_members, METH_FASTCALL,
+     "blind_members(members, engines, now, timeout) -> (blind, expires), or None: run shortlist.blind_members_py"},
     {"least_cached", (PyCFunction)(void (*)(void))least_cached, METH_FASTCALL,
      "least_cached(engine_ids, loads, engines) -> the tied engines kept, or None: run shortlist.least_cached_py"},
     {NULL, NULL, 0, NULL},

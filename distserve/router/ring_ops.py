@@ -1,8 +1,8 @@
 """Operations on prefix_affinity's and kv_aware's rings (distserve/router/strategies.py): a ring is `hashes`, an
 array('Q') sorted, and `owners`, the engine of each point (equal hashes ordered by owner).
 
-- `splice`: a derived ring's new lists (_Rings._derive): the last ring built, less the points of the engines
-  leaving or losing points, plus those joining or gaining;
+- `count_changes`, then `splice`: a derived ring's new lists (_Rings._derive): the last ring built, less the
+  points of the engines leaving or losing points, plus those joining or gaining;
 - `sample`: the first k distinct owners clockwise from a hash (kv_aware's sample), and where the hash falls;
 - `first_clockwise`: which of some engines owns the first point clockwise from a position (kv_aware's last tie
   rule).
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left, bisect_right
-from itertools import chain, islice, repeat
+from itertools import chain, filterfalse, islice, repeat
 from typing import Any
 
 from distserve.router.settings import env_pure_python
@@ -109,6 +109,23 @@ def first_clockwise_py(owners: list[str], i: int, tied: list[str]) -> str | None
     return None
 
 
+def count_changes_py(counts: dict[str, int], old_counts: dict[str, int]) -> dict[tuple[int, int], list[str]]:
+    """The engines whose point count differs between the last ring built (`old_counts`) and a new one (`counts`),
+    grouped by (old count, new count): 0 for an engine new to the set or gone from it; the new set's members in
+    its order, then those gone in the old set's order. A join or a leave is one engine (and, above the cap, the
+    few that the spare points pass to or from); a weight change of many engines moves them alike."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for c, old, n in zip(counts, map(old_counts.get, counts, repeat(0)), counts.values()):
+        if old != n:
+            group = groups.get((old, n))
+            if group is None:
+                group = groups[(old, n)] = []
+            group.append(c)
+    for c in filterfalse(counts.__contains__, old_counts):  # engines no longer in the set
+        groups.setdefault((old_counts[c], 0), []).append(c)
+    return groups
+
+
 def _load_c() -> Any:
     try:
         if env_pure_python():
@@ -126,3 +143,4 @@ _c = _load_c()
 IMPLEMENTATION = "c" if _c is not None else "python"
 splice = _c.splice if _c is not None else splice_py
 sample = _c.sample if _c is not None else sample_py
+count_changes = _c.count_changes if _c is not None else count_changes_py

@@ -3,8 +3,8 @@ pick above SCAN_LIMIT candidates weighs, what each holds of the request, and whi
 (`least_cached`; ring_ops.first_clockwise breaks what is left).
 
 The `*_py` functions are the specification, and the fallback. Where the C module `distserve.router._shortlist`
-was built at install (as `distserve.router._heads`: optional, skipped where no compiler is), `score`
-and `least_cached` are its versions: the same results for every input they accept
+was built at install (as `distserve.router._heads`: optional, skipped where no compiler is), `score`,
+`least_cached` and `blind_members` are its versions: the same results for every input they accept
 (tests/router/test_shortlist.py compares them on generated inputs); for the rest (a common level deeper than a
 distinctive one, a load that is not a number, a member without a speed) they return
 None and the caller runs the `*_py` version. In Python these loops were ~9 of a pick's ~11 us on the 16-core host
@@ -138,6 +138,27 @@ def least_cached_py(engine_ids: list[str], loads: Mapping[str, Any], engines: Ma
     return fewest
 
 
+def blind_members_py(members: list[str], engines: Mapping[str, Any], now: float,
+                     timeout: float) -> tuple[list[str], float]:
+    """(the members kv_aware places by the hash: without a stream's state in `engines`, or not synced and
+    followed for `timeout` by `now`; when the next member awaiting its snapshot runs out of time, inf if
+    none). A state has `synced` and `followed_at` (KvIndex's engines)."""
+    blind: list[str] = []
+    expires = math.inf
+    get = engines.get
+    for c in members:
+        state = get(c)
+        if state is None:
+            blind.append(c)
+        elif not state.synced:
+            until = state.followed_at + timeout
+            if now >= until:
+                blind.append(c)
+            else:
+                expires = min(expires, until)
+    return blind, expires
+
+
 def _load_c() -> Any:
     try:
         if env_pure_python():
@@ -155,3 +176,4 @@ _c = _load_c()
 IMPLEMENTATION = "c" if _c is not None else "python"
 score = _c.score if _c is not None else score_py
 least_cached = _c.least_cached if _c is not None else least_cached_py
+blind_members = _c.blind_members if _c is not None else blind_members_py

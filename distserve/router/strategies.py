@@ -54,11 +54,13 @@ from distserve.cluster.records import (
 )
 from distserve.router.load import LoadTracker
 from distserve.router.ring_ops import _c as _ring_ops_c
+from distserve.router.ring_ops import count_changes, count_changes_py
 from distserve.router.ring_ops import ring_walk as _ring_walk
 from distserve.router.ring_ops import sample as ring_sample
 from distserve.router.ring_ops import sample_py as ring_sample_py
 from distserve.router.ring_ops import splice as splice_ring
 from distserve.router.ring_ops import splice_py as splice_ring_py
+from distserve.router.shortlist import blind_members, blind_members_py
 from distserve.router.shortlist import score as score_shortlist
 from distserve.router.shortlist import score_py as score_shortlist_py
 
@@ -406,20 +408,11 @@ class _KvSet:
             return
         now = time.monotonic()
         self.index, self.epoch = index, index.epoch
-        engines, timeout = index.engines, index.sync_timeout
-        blind: list[str] = []
-        expires = math.inf
-        for c in self.members:
-            state = engines.get(c)
-            if state is None:
-                blind.append(c)
-            elif not state.synced:
-                until = state.followed_at + timeout
-                if now >= until:
-                    blind.append(c)
-                else:
-                    expires = min(expires, until)
-        self.blind, self.expires = blind, expires
+        engines = index.engines
+        found = blind_members(self.members, engines, now, index.sync_timeout)  # (shortlist.py: in C where built)
+        if found is None:  # an input the C version leaves to the specification
+            found = blind_members_py(self.members, engines, now, index.sync_timeout)
+        blind, expires = self.blind, self.expires = found
         self.blind_set = frozenset(blind)
         self.known = len(self.members) - len(blind)
         self.covers = self.member_set.issuperset(engines)
@@ -577,15 +570,9 @@ class _Rings:
         # the engines whose point count changed, grouped by (old count, new count): a join or a leave is one
         # engine (and, above the cap, the few that the spare points pass to or from); a weight change of many
         # engines moves them alike, so a group's points are gathered by C-level maps, not per engine
-        groups: dict[tuple[int, int], list[str]] = {}
-        for c, old, n in zip(counts, map(old_counts.get, counts, repeat(0)), counts.values()):
-            if old != n:
-                group = groups.get((old, n))
-                if group is None:
-                    group = groups[(old, n)] = []
-                group.append(c)
-        for c in old_counts.keys() - counts.keys():  # engines no longer in the set
-            groups.setdefault((old_counts[c], 0), []).append(c)
+        groups = count_changes(counts, old_counts)  # (ring_ops.py: in C where built)
+        if groups is None:  # an input the C version leaves to the specification
+            groups = count_changes_py(counts, old_counts)
         if sum(abs(n - old) * len(g) for (old, n), g in groups.items()) > max(256, len(hashes) // _DERIVE_SHARE):
             return None
         kept = self._points

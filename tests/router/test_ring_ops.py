@@ -176,3 +176,24 @@ def test_sample_and_first_clockwise_by_hand():
     assert c.first_clockwise(owners, 0, ["z"]) is None
     assert c.sample(list(hashes), owners, 5, 2) is None  # not an array('Q')
     assert c.first_clockwise([b"a"], 0, ["a"]) is None  # an owner not a str
+
+
+_counts = st.dictionaries(st.sampled_from(OWNERS + ["f", "g"]), st.sampled_from([1, 2, 3, 32, 33, 1000]), max_size=7)
+
+
+@needs_c
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_counts, _counts)
+def test_c_counts_changes_as_the_specification(counts, old_counts):
+    assert c.count_changes(counts, old_counts) == ring_ops.count_changes_py(counts, old_counts)
+
+
+@pytest.mark.parametrize("fn", [ring_ops.count_changes_py, pytest.param("c", marks=needs_c)])
+def test_count_changes_by_hand(fn):
+    fn = c.count_changes if fn == "c" else fn
+    old = {"a": 32, "b": 32, "c": 33, "d": 32}
+    new = {"a": 32, "c": 32, "e": 33, "b": 33}
+    groups = fn(new, old)
+    assert groups == {(33, 32): ["c"], (0, 33): ["e"], (32, 33): ["b"], (32, 0): ["d"]}
+    assert list(groups) == [(33, 32), (0, 33), (32, 33), (32, 0)]  # the new set's order, then those gone
+    assert fn(old, old) == {}

@@ -4,6 +4,7 @@ module says it does; the C module is what the router runs wherever it can be bui
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import subprocess
@@ -183,3 +184,29 @@ def test_least_cached_by_hand(fn):
     assert fn(["a", "b"], {"b": 1}, engines) == ["a"]  # then the lower load before the keys
     assert fn(["a", "d", "e"], {}, engines) == ["d", "e"]  # without a stream's state: (0, 0)
     assert fn(["a", "b"], {"a": 1, "b": 1.0}, {"a": _State((0, 0)), "b": _State((0, 0))}) == ["a", "b"]
+
+
+class _Stream:
+    __slots__ = ("synced", "followed_at")
+
+    def __init__(self, synced, followed_at) -> None:
+        self.synced, self.followed_at = synced, followed_at
+
+
+@needs_c
+@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.sampled_from(ENGINES), max_size=10, unique=True),
+       st.dictionaries(st.sampled_from(ENGINES), st.tuples(st.booleans(), st.sampled_from([0.0, 5.0, 9.5, 10.0, 12]))),
+       st.sampled_from([0.0, 10.0, 14.5, 20.0]), st.sampled_from([0.0, 2.5, 5.0]))
+def test_c_finds_the_blind_members_as_the_specification(members, streams, now, timeout):
+    engines = {e: _Stream(*s) for e, s in streams.items()}
+    assert c.blind_members(members, engines, now, timeout) == shortlist.blind_members_py(members, engines, now, timeout)
+
+
+@pytest.mark.parametrize("fn", [shortlist.blind_members_py, pytest.param("c", marks=needs_c)])
+def test_blind_members_by_hand(fn):
+    fn = c.blind_members if fn == "c" else fn
+    engines = {"a": _Stream(True, 0.0), "b": _Stream(False, 8.0), "c": _Stream(False, 1.0), "d": _Stream(False, 9.0)}
+    # x has no stream; c has waited past its 5 s for a snapshot; b and d still wait, b's time ends first
+    assert fn(["a", "b", "c", "d", "x"], engines, 10.0, 5.0) == (["c", "x"], 13.0)
+    assert fn(["a"], engines, 10.0, 5.0) == ([], math.inf)
