@@ -435,6 +435,20 @@ def main() -> int:
                 p50 = statistics.median(r["pick"][strategy]["p50_us"] for r in runs)
                 p99 = statistics.median(r["pick"][strategy]["p99_us"] for r in runs)
                 print(f"   {name:10s} {strategy:32s} p50 {p50:>7.2f}  p99 {p99:>7.2f}")
+        print(f"== the first pick after a set change over {args.rounds} rounds, CPU ms: each round's mean of 20 (range), "
+              "then its worst of 20 (median of the rounds, range)")
+        for name, runs in rounds.items():
+            for strategy in runs[0]["first_pick_after_set_change"]:
+                for kind, label in (("new_set", "a new set"), ("new_set_across_a_step", "496 <-> 497")):
+                    means = [r["first_pick_after_set_change"][strategy][kind]["mean_us"] / 1000 for r in runs]
+                    worst = [r["first_pick_after_set_change"][strategy][kind]["max_us"] / 1000 for r in runs]
+                    if max(worst) < 0.05:  # the strategies that keep no per-set state
+                        continue
+                    print(f"   {name:10s} {strategy:32s} {label:11s} mean {min(means):.2f}-{max(means):.2f}  worst "
+                          f"{statistics.median(worst):.2f} ({min(worst):.2f}-{max(worst):.2f})")
+            changes = [r["change_cpu_all"] for r in runs]
+            print(f"   {name:10s} an engine or link change: p99 {max(c['p99_us'] for c in changes) / 1000:.2f} ms, "
+                  f"max {max(c['max_us'] for c in changes) / 1000:.2f} (the largest over the rounds)")
     if args.json:
         args.json.write_text(json.dumps(results if args.rounds == 1 else rounds, indent=1))
     return 0
