@@ -16,6 +16,7 @@ import pytest
 
 from distserve.cluster.keys import Keys
 from distserve.cluster.records import RouterRecord
+from distserve.router import compiled
 from tests.router.cluster import (
     MODEL,
     engine_metric,
@@ -112,6 +113,8 @@ async def test_every_strategy_routes_to_live_routable_engines_only(farm, etcdc, 
 
     proc, router = start_router(farm["etcd"].endpoints, "--cluster", keys.cluster)
     try:
+        # the start line names the compiled parts it runs (distserve/router/compiled.py: "c" where built)
+        assert f"compiled parts {compiled.summary()}" in proc.tail(20000), proc.tail(3000)
         for name in STRATEGY_NAMES:
             await set_routing(etcdc, keys, name)
             await wait_metric(router, "distserve_router_strategy", {"strategy": name}, 1)
