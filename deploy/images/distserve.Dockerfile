@@ -12,7 +12,7 @@ COPY pyproject.toml setup.py README.md ./
 COPY discovery ./discovery
 COPY distserve ./distserve
 RUN pip wheel --no-deps -w /wheels . \
- && python -c "import glob, sys, zipfile; w = zipfile.ZipFile(glob.glob('/wheels/distserve-*.whl')[0]); names = w.namelist(); missing = [m for m in ('_heads', '_shortlist', '_ring_ops') if not any('/' + m + '.' in n for n in names)]; sys.exit('C modules not built: ' + ', '.join(missing) if missing else 0)"
+ && python -c "import glob, sys, zipfile; w = zipfile.ZipFile(glob.glob('/wheels/distserve-*.whl')[0]); names = w.namelist(); missing = [m for m in ('_heads', '_shortlist', '_ring_ops') if not any('/' + m + '.' in n and n.endswith('.so') for n in names)]; sys.exit('C modules not built: ' + ', '.join(missing) if missing else 0)"
 
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
