@@ -14,6 +14,7 @@ Inputs (each optional; what is missing is reported, not invented):
 
     python tools/bench_report.py                     # everything found, plots next to their JSON
     python tools/bench_report.py --markdown-only     # tables only
+    python tools/bench_report.py --paired docs/bench/<steady>.json   # CPU per request, ratios paired by repeat
 """
 
 from __future__ import annotations
@@ -236,6 +237,36 @@ def migration_plot(data: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# ---------------------------------------------------------------------------------------------- paired ratios
+def paired_table(result: dict) -> str:
+    """bench_router.py --scenarios steady's router CPU per PD request, side by side: per cell the medians over the
+    repeats, and the medians (ranges) of the ratios paired by repeat (the same run, the same repeat: the host's
+    state drifts between repeats more than the front ends differ), distserve against the gateway and against the
+    baseline tree; p99 latencies of distserve, the gateway and one direct engine call."""
+    cells: dict[tuple, dict[str, dict[int, dict]]] = {}
+    for c in result["steady"]:
+        cells.setdefault((c["stream"], c["concurrency"]), {}).setdefault(c["mode"], {})[c["rep"]] = c
+
+    def median(runs: dict[int, dict], key: str, scale: float = 1.0) -> str:
+        return f"{statistics.median(r[key] * scale for r in runs.values()):.3f}" if runs else "-"
+
+    def ratios(a: dict[int, dict], b: dict[int, dict]) -> str:
+        paired = [a[k]["cpu_ms_per_req"] / b[k]["cpu_ms_per_req"] for k in a if k in b and b[k]["cpu_ms_per_req"]]
+        if not paired:
+            return "-"
+        return f"{statistics.median(paired):.2f}× ({min(paired):.2f}-{max(paired):.2f})"
+
+    rows = ["| stream, concurrency | distserve | gateway | baseline tree | distserve / gateway | distserve / baseline "
+            "| p99 ms: distserve / gateway / direct |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for (stream, concurrency), modes in sorted(cells.items()):
+        ds, gw, base = (modes.get(m, {}) for m in ("distserve", "sglang", "distserve-base"))
+        p99 = " / ".join(median(modes.get(m, {}), "p99", 1000.0) for m in ("distserve", "sglang", "direct"))
+        rows.append(f"| {'yes' if stream else 'no'}, {concurrency} | {median(ds, 'cpu_ms_per_req')} | "
+                    f"{median(gw, 'cpu_ms_per_req')} | {median(base, 'cpu_ms_per_req')} | {ratios(ds, gw)} | "
+                    f"{ratios(ds, base)} | {p99} |")
+    return "\n".join(rows)
+
+
 # ---------------------------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tools/bench_report.py", description=__doc__.splitlines()[0])
@@ -249,7 +280,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="tools/bench_migration.py --json output")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "bench", help="where router plots go")
     p.add_argument("--markdown-only", action="store_true")
+    p.add_argument("--paired", type=Path, metavar="JSON",
+                   help="only print bench_router.py --scenarios steady's paired CPU ratios from this JSON")
     args = p.parse_args(argv)
+    if args.paired is not None:
+        print(paired_table(json.loads(args.paired.read_text())))
+        return 0
     made: list[Path] = []
     missing: list[str] = []
 
