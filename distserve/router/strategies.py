@@ -130,7 +130,8 @@ def _speeds(members: list[str], weights: Mapping[str, float]) -> dict[str, float
     speeds = dict.fromkeys(members, 1.0)
     if weights:
         weighted = weights.keys() & speeds.keys()
-        speeds.update(zip(weighted, map(_positive, map(weights.__getitem__, weighted))))
+        positive = {w: _positive(w) for w in set(weights.values())}  # per distinct weight, not per member
+        speeds.update(zip(weighted, map(positive.__getitem__, map(weights.__getitem__, weighted))))
     return speeds
 
 
@@ -475,7 +476,9 @@ class _Rings:
         if not weights and vnodes * len(candidates) > MAX_RING_POINTS:  # the usual large fleet: arithmetic
             base = max(1, int(vnodes * (MAX_RING_POINTS / (vnodes * len(candidates)))))
             return self._spread(candidates, base, MAX_RING_POINTS - base * len(candidates))
-        counts = dict.fromkeys(candidates, max(1, round(vnodes * 1.0)))
+        base = max(1, round(vnodes * 1.0))
+        counts = dict.fromkeys(candidates, base)
+        weighted: set[str] = set()
         if weights:  # C-level maps over the weighted members (the members' order is kept: they are keys already)
             weighted = weights.keys() & counts.keys()
             of_weight = {w: max(1, round(vnodes * (w if w > 0 else 1e-9))) for w in set(weights.values())}
@@ -487,7 +490,12 @@ class _Rings:
             if len(scaled) == 1:
                 base = scaled.popitem()[1]
                 return self._spread(candidates, base, MAX_RING_POINTS - base * len(counts))
-            counts = dict(zip(counts, map(scaled.__getitem__, counts.values())))
+            if base in scaled:  # the members at the base count scaled at once (a dict's keys copied), then the others
+                rescaled = dict.fromkeys(counts, scaled[base])
+                rescaled.update(zip(weighted, map(scaled.__getitem__, map(counts.__getitem__, weighted))))
+                counts = rescaled
+            else:
+                counts = dict(zip(counts, map(scaled.__getitem__, counts.values())))
             line = self._line(counts)
             gaining = list(islice(filter(counts.__contains__, line), max(0, MAX_RING_POINTS - sum(counts.values()))))
             counts.update(zip(gaining, map(add, map(counts.__getitem__, gaining), repeat(1))))
