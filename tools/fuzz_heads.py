@@ -12,13 +12,12 @@ reference that crashes later, or undefined arithmetic stops the run with the san
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sanitized import ROOT, load_build, run_sanitized  # noqa: E402
+from sanitized import ROOT, fuzz_main  # noqa: E402
 PIECES = [b"\r\n", b":", b" ", b"\t", b"HTTP/1.1 ", b"HTTP/1.0 ", b"200", b"204", b"101", b"content-length",
           b"Content-Length: ", b"1", b"0", b"9", b"transfer-encoding: chunked", b"connection: close",
           b"Connection: Upgrade", b"x-request-id", b"Authorization: ", b"POST ", b"GET ", b"/v1/completions",
@@ -56,29 +55,7 @@ def fuzz(module, iterations: int, seed: int) -> int:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--iterations", type=int, default=300_000)
-    p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--sanitize", action="store_true", help="build with ASan and UBSan (gcc) and run under them")
-    p.add_argument("--module", help=argparse.SUPPRESS)  # the sanitized build, in the child run
-    args = p.parse_args()
-    if args.iterations < 1:
-        print("fuzz_heads: --iterations must be >= 1", file=sys.stderr)
-        return 2
-    if args.sanitize:
-        return run_sanitized("distserve/router/_heads.c", "distserve.router._heads", __file__,
-                             ["--iterations", str(args.iterations), "--seed", str(args.seed)])
-    if args.module:
-        module = load_build("distserve.router._heads", args.module)
-    else:
-        sys.path.insert(0, str(ROOT))
-        from distserve.router import heads
-
-        if heads._c is None:
-            print("fuzz_heads: the C module is not built here (tools/setup builds it)", file=sys.stderr)
-            return 2
-        module = heads._c
-    return fuzz(module, args.iterations, args.seed)
+    return fuzz_main(__file__, __doc__, "_heads", fuzz, 300_000)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ runs the fuzzing under them.
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 from array import array
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sanitized import ROOT, load_build, run_sanitized  # noqa: E402
+from sanitized import ROOT, fuzz_main  # noqa: E402
 
 OWNERS = ["a", "b", "c", "d"]
 
@@ -63,29 +62,7 @@ def fuzz(module, iterations: int, seed: int) -> int:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--iterations", type=int, default=100_000)
-    p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--sanitize", action="store_true", help="build with ASan and UBSan (gcc) and run under them")
-    p.add_argument("--module", help=argparse.SUPPRESS)  # the sanitized build, in the child run
-    args = p.parse_args()
-    if args.iterations < 1:
-        print("fuzz_ring_ops: --iterations must be >= 1", file=sys.stderr)
-        return 2
-    if args.sanitize:
-        return run_sanitized("distserve/router/_ring_ops.c", "distserve.router._ring_ops", __file__,
-                             ["--iterations", str(args.iterations), "--seed", str(args.seed)])
-    if args.module:
-        module = load_build("distserve.router._ring_ops", args.module)
-    else:
-        sys.path.insert(0, str(ROOT))
-        from distserve.router import ring_ops
-
-        if ring_ops._c is None:
-            print("fuzz_ring_ops: the C module is not built here (tools/setup builds it)", file=sys.stderr)
-            return 2
-        module = ring_ops._c
-    return fuzz(module, args.iterations, args.seed)
+    return fuzz_main(__file__, __doc__, "_ring_ops", fuzz, 100_000)
 
 
 if __name__ == "__main__":

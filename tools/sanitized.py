@@ -5,6 +5,7 @@ the sanitizer's report."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import subprocess
@@ -13,6 +14,7 @@ import sysconfig
 import tempfile
 from pathlib import Path
 from types import ModuleType
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,3 +41,35 @@ def load_build(module: str, path: str) -> ModuleType:
     loaded = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(loaded)
     return loaded
+
+
+def fuzz_main(tool: str, doc: str, module: str, fuzz: Callable[[ModuleType, int, int], int],
+              default_iterations: int) -> int:
+    """A fuzzing tool's command line: `--iterations`, `--seed`, `--sanitize` (build `module`'s C source with the
+    sanitizers and run `tool` again under them, with `--module`), else fuzz the C module as built here (exit 2
+    where it is not). `module`: "_heads", "_shortlist" or "_ring_ops"."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--iterations", type=int, default=default_iterations)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--sanitize", action="store_true", help="build with ASan and UBSan (gcc) and run under them")
+    p.add_argument("--module", help=argparse.SUPPRESS)  # the sanitized build, in the child run
+    args = p.parse_args()
+    name = Path(tool).stem
+    if args.iterations < 1:
+        print(f"{name}: --iterations must be >= 1", file=sys.stderr)
+        return 2
+    qualified = f"distserve.router.{module}"
+    if args.sanitize:
+        return run_sanitized(f"distserve/router/{module}.c", qualified, tool,
+                             ["--iterations", str(args.iterations), "--seed", str(args.seed)])
+    if args.module:
+        built = load_build(qualified, args.module)
+    else:
+        sys.path.insert(0, str(ROOT))
+        from distserve.router.compiled import load  # noqa: PLC0415 - after the repository is on the path
+
+        built = load(module)
+        if built is None:
+            print(f"{name}: the C module is not built here (tools/setup builds it)", file=sys.stderr)
+            return 2
+    return fuzz(built, args.iterations, args.seed)

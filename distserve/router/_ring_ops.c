@@ -20,6 +20,29 @@ typedef struct {
     PyObject *owner; /* borrowed from join_o */
 } Join;
 
+/* The old ring's points [from, from + run) copied to the new lists at `out`: the hashes' memory, a reference per
+ * owner. */
+static void copy_run(uint64_t *out_h, PyObject *new_o, Py_ssize_t out, const uint64_t *hs, PyObject *owners,
+                     Py_ssize_t from, Py_ssize_t run) {
+    memcpy(out_h + out, hs + from, run * 8);
+    for (Py_ssize_t k = 0; k < run; k++) {
+        PyList_SET_ITEM(new_o, out + k, Py_NewRef(PyList_GET_ITEM(owners, from + k)));
+    }
+}
+
+/* (a, b), taking both references; NULL (both released) where either is NULL or the tuple cannot be made. */
+static PyObject *pair(PyObject *a, PyObject *b) {
+    PyObject *t = (a == NULL || b == NULL) ? NULL : PyTuple_New(2);
+    if (t == NULL) {
+        Py_XDECREF(a);
+        Py_XDECREF(b);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(t, 0, a);
+    PyTuple_SET_ITEM(t, 1, b);
+    return t;
+}
+
 static Py_ssize_t bisect_left(const uint64_t *hashes, Py_ssize_t n, uint64_t h) {
     Py_ssize_t lo = 0, hi = n;
     while (lo < hi) {
@@ -157,14 +180,8 @@ static PyObject *splice(PyObject *module, PyObject *const *args, Py_ssize_t narg
         /* the next edit in the old lists' order: an insertion before a drop at the same position */
         int is_join = j < n_joins && (d >= n_drops || joins[j].at <= drops[d]);
         Py_ssize_t at = is_join ? joins[j].at : drops[d];
-        Py_ssize_t run = at - prev;
-        memcpy(out_h + out, hs + prev, run * 8);
-        for (Py_ssize_t k = 0; k < run; k++) {
-            PyObject *owner = PyList_GET_ITEM(owners, prev + k);
-            Py_INCREF(owner);
-            PyList_SET_ITEM(new_o, out + k, owner);
-        }
-        out += run;
+        copy_run(out_h, new_o, out, hs, owners, prev, at - prev);
+        out += at - prev;
         if (is_join) {
             out_h[out] = joins[j].hash;
             Py_INCREF(joins[j].owner);
@@ -177,27 +194,10 @@ static PyObject *splice(PyObject *module, PyObject *const *args, Py_ssize_t narg
             d++;
         }
     }
-    Py_ssize_t run = n - prev;
-    memcpy(out_h + out, hs + prev, run * 8);
-    for (Py_ssize_t k = 0; k < run; k++) {
-        PyObject *owner = PyList_GET_ITEM(owners, prev + k);
-        Py_INCREF(owner);
-        PyList_SET_ITEM(new_o, out + k, owner);
-    }
+    copy_run(out_h, new_o, out, hs, owners, prev, n - prev);
     PyObject *new_h = PyObject_CallFunction(array_type, "sO", "Q", packed);
     Py_DECREF(packed);
-    if (new_h == NULL) {
-        Py_DECREF(new_o);
-        goto done;
-    }
-    result = PyTuple_New(2);
-    if (result == NULL) {
-        Py_DECREF(new_h);
-        Py_DECREF(new_o);
-        goto done;
-    }
-    PyTuple_SET_ITEM(result, 0, new_h);
-    PyTuple_SET_ITEM(result, 1, new_o);
+    result = pair(new_h, new_o);
     goto done;
 
 decline:
@@ -297,15 +297,7 @@ static PyObject *sample(PyObject *module, PyObject *const *args, Py_ssize_t narg
     for (Py_ssize_t q = 0; q < m; q++) {
         PyList_SET_ITEM(list, q, Py_NewRef(picked[q]));
     }
-    PyObject *at = PyLong_FromSsize_t(lo);
-    result = at == NULL ? NULL : PyTuple_New(2);
-    if (result == NULL) {
-        Py_XDECREF(at);
-        Py_DECREF(list);
-        goto done;
-    }
-    PyTuple_SET_ITEM(result, 0, at);
-    PyTuple_SET_ITEM(result, 1, list);
+    result = pair(PyLong_FromSsize_t(lo), list);
 done:
     PyBuffer_Release(&view);
     return result;

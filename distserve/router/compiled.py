@@ -12,14 +12,33 @@ missing or where `DISTSERVE_PURE_PYTHON=1` asks for it (distserve/router/setting
 
 from __future__ import annotations
 
-from distserve.router import heads, ring_ops, shortlist
+import importlib
+from types import ModuleType
+
+from distserve.router.settings import env_pure_python
 
 SOURCES = {"heads": "distserve/router/_heads.c", "shortlist": "distserve/router/_shortlist.c",
            "ring_ops": "distserve/router/_ring_ops.c"}
 
 
+def load(module: str) -> ModuleType | None:
+    """The C module `distserve.router.<module>` where it is built and not ruled out by DISTSERVE_PURE_PYTHON=1;
+    None where the Python version is to serve."""
+    try:
+        if env_pure_python():
+            return None
+    except ValueError:
+        pass  # `distserve router` refuses the value at its start (exit 2); anything else importing this keeps C
+    try:
+        return importlib.import_module(f"distserve.router.{module}")
+    except ImportError:  # not built here (no compiler at install): the Python versions serve
+        return None
+
+
 def implementations() -> dict[str, str]:
     """{part: "c" or "python"}."""
+    from distserve.router import heads, ring_ops, shortlist  # noqa: PLC0415 - they load their C modules through load()
+
     return {"heads": heads.IMPLEMENTATION, "shortlist": shortlist.IMPLEMENTATION,
             "ring_ops": ring_ops.IMPLEMENTATION}
 

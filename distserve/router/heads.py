@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import operator
 
-from distserve.router.settings import env_pure_python
+from distserve.router.compiled import load
 
 # an engine answer's framing: what the connection reads after the head (http1.py's states, same numbers)
 HEAD, LENGTH, CHUNK_SIZE, UNTIL_CLOSE, DONE = 0, 1, 2, 6, 7
@@ -117,19 +117,11 @@ def request_head_py(buf: bytes, end: int, body_limit: int) -> tuple[int, dict[by
 
 
 def _load_c():
-    try:
-        if env_pure_python():
-            return None
-    except ValueError:
-        pass  # `distserve router` refuses the value at its start (exit 2); anything else importing this keeps C
-    try:
-        from distserve.router import _heads
-    except ImportError:  # not built here (no compiler at install): the Python versions serve
-        return None
-    if (_heads.HEAD, _heads.LENGTH, _heads.CHUNK_SIZE, _heads.UNTIL_CLOSE, _heads.DONE) != (
+    module = load("_heads")
+    if module is not None and (module.HEAD, module.LENGTH, module.CHUNK_SIZE, module.UNTIL_CLOSE, module.DONE) != (
             HEAD, LENGTH, CHUNK_SIZE, UNTIL_CLOSE, DONE):
         return None  # a stale build from another version of this module
-    return _heads
+    return module
 
 
 _c = _load_c()

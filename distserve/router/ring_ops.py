@@ -21,9 +21,8 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_left, bisect_right
 from itertools import chain, filterfalse, islice, repeat
-from typing import Any
 
-from distserve.router.settings import env_pure_python
+from distserve.router.compiled import load
 
 
 def splice_py(hashes: array, owners: list[str], leave_h: list[int], leave_o: list[str], join_h: list[int],
@@ -126,20 +125,7 @@ def count_changes_py(counts: dict[str, int], old_counts: dict[str, int]) -> dict
     return groups
 
 
-def _load_c() -> Any:
-    try:
-        if env_pure_python():
-            return None
-    except ValueError:
-        pass  # `distserve router` refuses the value at its start (exit 2)
-    try:
-        from distserve.router import _ring_ops
-    except ImportError:  # not built here: the Python version serves
-        return None
-    return _ring_ops
-
-
-_c = _load_c()
+_c = load("_ring_ops")
 IMPLEMENTATION = "c" if _c is not None else "python"
 splice = _c.splice if _c is not None else splice_py
 sample = _c.sample if _c is not None else sample_py

@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from distserve.router.settings import env_pure_python
+from distserve.router.compiled import load
 
 Near = list[tuple[float, str, Any]]  # (cost, engine, load): the engines within 1e-9 of the lowest cost
 
@@ -159,20 +159,7 @@ def blind_members_py(members: list[str], engines: Mapping[str, Any], now: float,
     return blind, expires
 
 
-def _load_c() -> Any:
-    try:
-        if env_pure_python():
-            return None
-    except ValueError:
-        pass  # `distserve router` refuses the value at its start (exit 2)
-    try:
-        from distserve.router import _shortlist
-    except ImportError:  # not built here: the Python version serves
-        return None
-    return _shortlist
-
-
-_c = _load_c()
+_c = load("_shortlist")
 IMPLEMENTATION = "c" if _c is not None else "python"
 score = _c.score if _c is not None else score_py
 least_cached = _c.least_cached if _c is not None else least_cached_py
