@@ -122,6 +122,8 @@ _COMMON_CHECKS = (
     ("logit_bias", _opt_obj, ()),
 )
 _COMMON_FIELDS = frozenset({"stream", "stream_options", "stop", *(name for name, _, _ in _COMMON_CHECKS)})
+# field -> (its place in _COMMON_CHECKS, name, check, bounds): a body's present fields checked in that order
+_CHECK_OF = {name: (i, name, check, bounds) for i, (name, check, bounds) in enumerate(_COMMON_CHECKS)}
 
 
 def parse_json_object(raw: bytes) -> dict:
@@ -211,11 +213,14 @@ def _check_common(body: dict) -> None:
         if body.get("stream") is not True:  # OpenAI answers 400 here too
             raise _bad("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
                        "stream_options")
-    # only the fields the body has (a request sets a few of ~20): in this fixed order, so the first bad
-    # field named is the same whatever the body's key order
-    for name, check, bounds in _COMMON_CHECKS:
-        if name in present:
-            check(body, name, *bounds)
+    # only the fields the body has (a request sets a few of ~20; a walk over all of them was 5 % of the
+    # router's bytecodes per request): in _COMMON_CHECKS' order, so the first bad field named is the same
+    # whatever the body's key order
+    checks = [_CHECK_OF[name] for name in present if name in _CHECK_OF]
+    if len(checks) > 1:
+        checks.sort()
+    for _place, name, check, bounds in checks:
+        check(body, name, *bounds)
     stop = body.get("stop")
     if stop is not None:
         if type(stop) is str:

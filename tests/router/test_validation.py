@@ -83,6 +83,29 @@ def test_completions_bad_fields(body, param):
     assert err(COMPLETIONS, body).param == param
 
 
+# a bad value of each checked common field, in _COMMON_CHECKS' order
+_BAD_COMMON = [
+    ("max_tokens", 0), ("max_completion_tokens", 0), ("temperature", 3), ("top_p", 0), ("top_k", -2),
+    ("min_p", 2), ("presence_penalty", 3), ("frequency_penalty", -3), ("repetition_penalty", 0), ("n", 0),
+    ("seed", 1 << 64), ("min_new_tokens", -1), ("min_tokens", -1), ("ignore_eos", 1),
+    ("skip_special_tokens", "yes"), ("user", 1), ("logit_bias", []),
+]
+
+
+@pytest.mark.parametrize("first", range(len(_BAD_COMMON)))
+def test_the_first_bad_common_field_named_whatever_the_key_order(first):
+    """Only the fields a body has are checked, in one fixed order: two bad fields in either key order name
+    the same one, the earlier in that order (what a client fixing its request one error at a time relies on)."""
+    for second in range(first + 1, len(_BAD_COMMON)):
+        a, b = _BAD_COMMON[first], _BAD_COMMON[second]
+        for pair in ((a, b), (b, a)):
+            body = {"model": "m", "prompt": "hi", "stream": False, **dict(pair)}
+            assert err(COMPLETIONS, body).param == a[0], pair
+    name, value = _BAD_COMMON[first]  # alone, with good common fields around it
+    assert err(CHAT, {**OK_CHAT, "max_tokens": 5, name: value, "temperature": 1.0, "stop": "x"}
+               if name not in ("max_tokens", "temperature") else {**OK_CHAT, name: value}).param == name
+
+
 @pytest.mark.parametrize(
     "messages",
     [
