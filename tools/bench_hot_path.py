@@ -14,6 +14,13 @@ answer is out.
     .venv/bin/python tools/bench_hot_path.py [--trees DIR ...] [--concurrency 1 8 64] [--stream]
         [--seconds 3] [--repeats 3] [--profile FILE]
     .venv/bin/python tools/bench_hot_path.py --callgrind --concurrency 16 --seconds 9 --repeats 1 [--trees ...]
+    .venv/bin/python tools/bench_hot_path.py --bytecodes --concurrency 16 --seconds 2 [--trees ...] [--top 25]
+
+`--bytecodes`: the Python bytecodes the router's thread runs per request, in all and per function, counted with
+the interpreter's opcode tracing while measuring (so no CPU time is reported): the Python work per request, free
+of the machine's noise (two runs of one tree agree within the requests in flight at the edges). A cut that
+removes bytecodes without a measurable CPU change is still a cut; one that adds them is not (docs/benchmarks.md,
+"Sixteenth pass").
 """
 
 from __future__ import annotations
@@ -80,8 +87,41 @@ def request_bytes(stream: bool) -> bytes:
             b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
 
 
+class BytecodeCounter:
+    """Counts the bytecodes each function runs on this thread while enabled (sys.settrace's opcode events)."""
+
+    def __init__(self) -> None:
+        self.counts: dict = {}
+
+    def _global(self, frame, event, _arg):
+        frame.f_trace_opcodes = True
+        return self._local
+
+    def _local(self, frame, event, _arg):
+        if event == "opcode":
+            code = frame.f_code
+            self.counts[code] = self.counts.get(code, 0) + 1
+        return self._local
+
+    def enable(self) -> None:
+        sys.settrace(self._global)
+
+    def disable(self) -> None:
+        sys.settrace(None)
+
+    def by_function(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for code, n in self.counts.items():
+            name = f"{code.co_qualname} ({Path(code.co_filename).name})"
+            out[name] = out.get(name, 0) + n
+        return out
+
+
 async def serve_and_measure(etcd: list[str], concurrencies: list[int], stream: bool, seconds: float,
-                            profile: str | None, answered_only: bool = False) -> dict[int, float]:
+                            profile: str | None, answered_only: bool = False,
+                            bytecodes: dict | None = None) -> dict[int, float]:
+    """`bytecodes`: a dict to fill with {concurrency: {"requests": n, "functions": {name: bytecodes}}} instead of
+    measuring CPU time (the caller writes it out, off the loop)."""
     from discovery.client import EtcdClient
     from discovery.config import EtcdConfig
     from distserve.router.app import Router
@@ -124,6 +164,9 @@ async def serve_and_measure(etcd: list[str], concurrencies: list[int], stream: b
 
                     profiler = cProfile.Profile(time.thread_time)
                     profiler.enable()
+                if phase == "measure" and bytecodes is not None:
+                    profiler = BytecodeCounter()
+                    profiler.enable()
                 before, cpu0 = clients.answered, time.thread_time()
                 for conn in conns:
                     conn.data_received(request)
@@ -132,11 +175,14 @@ async def serve_and_measure(etcd: list[str], concurrencies: list[int], stream: b
                 while any(c.task is not None for c in conns):
                     await asyncio.sleep(0.01)
                 cpu = time.thread_time() - cpu0
+                n = clients.answered - before
                 if profiler is not None:
                     profiler.disable()
-                    profiler.dump_stats(f"{profile}.c{concurrency}")
+                    if bytecodes is not None:
+                        bytecodes[concurrency] = {"requests": n, "functions": profiler.by_function()}
+                    else:
+                        profiler.dump_stats(f"{profile}.c{concurrency}")
                     profiler = None
-                n = clients.answered - before
             results[concurrency] = n if answered_only else cpu * 1000 / max(1, n)
             for conn in conns:
                 conn.connection_lost(None)
@@ -149,8 +195,12 @@ async def serve_and_measure(etcd: list[str], concurrencies: list[int], stream: b
 def child(args: argparse.Namespace) -> int:
     import uvloop
 
+    counted: dict | None = {} if args.bytecodes_file else None
     results = uvloop.run(serve_and_measure(args.etcd, args.concurrency, args.stream, args.seconds, args.profile,
-                                           args.answered))
+                                           args.answered, counted))
+    for concurrency, found in (counted or {}).items():
+        with open(f"{args.bytecodes_file}.c{concurrency}", "w") as f:
+            json.dump(found, f)
     print(json.dumps(results))
     return 0
 
@@ -192,6 +242,43 @@ def callgrind(args: argparse.Namespace, null_pd_cluster) -> int:
     return 0
 
 
+def bytecodes(args: argparse.Namespace, null_pd_cluster) -> int:
+    """Bytecodes per request per tree, one run each, and the functions that run the most in the last tree."""
+    import tempfile
+
+    concurrency = args.concurrency[0]
+    per_tree: list[tuple[str, dict[str, float]]] = []  # in --trees order (a tree may come twice: a repeat)
+    with null_pd_cluster(CLUSTER) as (etcd, _urls, _procs), tempfile.TemporaryDirectory() as scratch:
+        for i, tree in enumerate(args.trees):
+            out = os.path.join(scratch, f"tree{i}")
+            argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--etcd", *etcd, "--seconds",
+                    str(args.seconds), "--concurrency", str(concurrency), "--bytecodes-file", out]
+            if args.stream:
+                argv.append("--stream")
+            run = subprocess.run(argv, cwd=tree, env=dict(os.environ, PYTHONPATH=tree), capture_output=True,
+                                 text=True, timeout=600)
+            if run.returncode != 0:
+                raise RuntimeError(f"{tree}: {run.stderr[-3000:]}")
+            with open(f"{out}.c{concurrency}") as f:
+                found = json.load(f)
+            n = max(1, found["requests"])
+            per_tree.append((tree, {name: count / n for name, count in found["functions"].items()}))
+    base_funcs, (last, last_funcs) = per_tree[0][1], per_tree[-1]
+    base_total = sum(base_funcs.values())
+    print(f"| tree | c{concurrency} bytecodes/req ({sys.implementation.cache_tag}) |")
+    print("| --- | --- |")
+    for i, (tree, funcs) in enumerate(per_tree):
+        total = sum(funcs.values())
+        print(f"| {tree} | {total:.0f}{f' ({total - base_total:+.0f})' if i else ''} |")
+    several = len(per_tree) > 1
+    print(f"\n| function ({last}) | bytecodes/req |" + (" against the first tree |" if several else ""))
+    print("| --- | --- |" + (" --- |" if several else ""))
+    for name, count in sorted(last_funcs.items(), key=lambda kv: -kv[1])[: args.top]:
+        delta = f" {count - base_funcs.get(name, 0.0):+.1f} |" if several else ""
+        print(f"| {name} | {count:.1f} |{delta}")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--trees", nargs="+", default=[str(ROOT)], help="source trees to compare (default: this one)")
@@ -204,20 +291,27 @@ def main() -> int:
                    help="instead of CPU time: the router thread's instructions per request under valgrind's "
                         "callgrind (two run lengths, 3 s and 3 + --seconds, differenced so set-up and warm-up "
                         "cancel; one concurrency; needs valgrind): the work, nearly free of the machine's noise")
+    p.add_argument("--bytecodes", action="store_true",
+                   help="instead of CPU time: the Python bytecodes the router's thread runs per request, in all and "
+                        "per function (one run per tree, the first --concurrency; see the docstring)")
+    p.add_argument("--top", type=int, default=25, help="--bytecodes: how many functions to list (default 25)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--bytecodes-file", help=argparse.SUPPRESS)
     p.add_argument("--answered", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--etcd", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
         return child(args)
-    if args.seconds <= 0 or args.repeats < 1 or min(args.concurrency) < 1:
-        print("bench_hot_path: --seconds must be > 0, --repeats and --concurrency >= 1", file=sys.stderr)
+    if args.seconds <= 0 or args.repeats < 1 or min(args.concurrency) < 1 or args.top < 1:
+        print("bench_hot_path: --seconds must be > 0, --repeats, --concurrency and --top >= 1", file=sys.stderr)
         return 2
     sys.path.insert(0, str(ROOT))
     from distserve.testing.cluster import null_pd_cluster
 
     if args.callgrind:
         return callgrind(args, null_pd_cluster)
+    if args.bytecodes:
+        return bytecodes(args, null_pd_cluster)
 
     cells: dict[str, dict[int, list[float]]] = {t: {c: [] for c in args.concurrency} for t in args.trees}
     with null_pd_cluster(CLUSTER) as (etcd, _urls, _procs):
