@@ -16,8 +16,8 @@ answer is out.
     .venv/bin/python tools/bench_hot_path.py --callgrind --concurrency 16 --seconds 9 --repeats 1 [--trees ...]
     .venv/bin/python tools/bench_hot_path.py --bytecodes --concurrency 16 --seconds 2 [--trees ...] [--top 25]
 
-`--bytecodes`: the Python bytecodes the router's thread runs per request, in all and per function, counted with
-the interpreter's opcode tracing while measuring (so no CPU time is reported): the Python work per request, free
+`--bytecodes`: the Python bytecodes the router's thread runs per request, in all and per function, counted while
+measuring (sys.monitoring's instruction events on 3.12+, the opcode trace before; no CPU time is reported): the Python work per request, free
 of the machine's noise (two runs of one tree agree within the requests in flight at the edges). A cut that
 removes bytecodes without a measurable CPU change is still a cut; one that adds them is not (docs/benchmarks.md,
 "Sixteenth pass").
@@ -226,22 +226,30 @@ def child(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_child(tree: str, etcd: list[str], seconds: float, concurrencies: list[int], stream: bool, *extra: str,
+               wrapper: tuple[str, ...] = (), timeout: float = 300) -> dict:
+    """One measuring child on `tree` (its own process, PYTHONPATH = the tree; `wrapper`: a command it runs under);
+    returns the per-concurrency results it prints, raising with its stderr when it fails."""
+    argv = [*wrapper, sys.executable, str(Path(__file__).resolve()), "--child", "--etcd", *etcd,
+            "--seconds", str(seconds), "--concurrency", *map(str, concurrencies), *extra]
+    if stream:
+        argv.append("--stream")
+    run = subprocess.run(argv, cwd=tree, env=dict(os.environ, PYTHONPATH=tree), capture_output=True, text=True,
+                         timeout=timeout)
+    if run.returncode != 0:
+        raise RuntimeError(f"{tree}: {run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
 def _instructions(tree: str, etcd: list[str], concurrency: int, seconds: float, stream: bool) -> tuple[int, int]:
     """(instructions of the router's thread, requests answered) for one child run under callgrind."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as scratch:
         out = os.path.join(scratch, "callgrind.out")
-        argv = ["valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={out}",
-                sys.executable, str(Path(__file__).resolve()), "--child", "--answered", "--etcd", *etcd,
-                "--seconds", str(seconds), "--concurrency", str(concurrency)]
-        if stream:
-            argv.append("--stream")
-        run = subprocess.run(argv, cwd=tree, env=dict(os.environ, PYTHONPATH=tree), capture_output=True, text=True,
-                             timeout=1200)
-        if run.returncode != 0:
-            raise RuntimeError(f"{tree}: {run.stderr[-3000:]}")
-        answered = int(json.loads(run.stdout.strip().splitlines()[-1])[str(concurrency)])
+        wrapper = ("valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={out}")
+        found = _run_child(tree, etcd, seconds, [concurrency], stream, "--answered", wrapper=wrapper, timeout=1200)
+        answered = int(found[str(concurrency)])
         with open(out + "-01") as f:  # the main thread (the router's loop): callgrind numbers threads from 1
             for line in f:
                 if line.startswith(("summary:", "totals:")):
@@ -272,14 +280,7 @@ def bytecodes(args: argparse.Namespace, null_pd_cluster) -> int:
     with null_pd_cluster(CLUSTER) as (etcd, _urls, _procs), tempfile.TemporaryDirectory() as scratch:
         for i, tree in enumerate(args.trees):
             out = os.path.join(scratch, f"tree{i}")
-            argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--etcd", *etcd, "--seconds",
-                    str(args.seconds), "--concurrency", str(concurrency), "--bytecodes-file", out]
-            if args.stream:
-                argv.append("--stream")
-            run = subprocess.run(argv, cwd=tree, env=dict(os.environ, PYTHONPATH=tree), capture_output=True,
-                                 text=True, timeout=600)
-            if run.returncode != 0:
-                raise RuntimeError(f"{tree}: {run.stderr[-3000:]}")
+            _run_child(tree, etcd, args.seconds, [concurrency], args.stream, "--bytecodes-file", out, timeout=600)
             with open(f"{out}.c{concurrency}") as f:
                 found = json.load(f)
             n = max(1, found["requests"])
@@ -338,17 +339,9 @@ def main() -> int:
     with null_pd_cluster(CLUSTER) as (etcd, _urls, _procs):
         for repeat in range(args.repeats):
             for i, tree in enumerate(args.trees):
-                argv = [sys.executable, str(Path(__file__).resolve()), "--child", "--etcd", *etcd,
-                        "--seconds", str(args.seconds), "--concurrency", *map(str, args.concurrency)]
-                if args.stream:
-                    argv.append("--stream")
-                if args.profile and repeat == args.repeats - 1 and i == len(args.trees) - 1:
-                    argv += ["--profile", args.profile]
-                out = subprocess.run(argv, cwd=tree, env=dict(os.environ, PYTHONPATH=tree), capture_output=True,
-                                     text=True, timeout=300)
-                if out.returncode != 0:
-                    raise RuntimeError(f"{tree}: {out.stderr[-3000:]}")
-                for c, v in json.loads(out.stdout.strip().splitlines()[-1]).items():
+                last = args.profile and repeat == args.repeats - 1 and i == len(args.trees) - 1
+                extra = ("--profile", args.profile) if last else ()
+                for c, v in _run_child(tree, etcd, args.seconds, args.concurrency, args.stream, *extra).items():
                     cells[tree][int(c)].append(v)
     base = args.trees[0]
     print(f"| tree | {' | '.join(f'c{c} CPU-ms/req' for c in args.concurrency)} |")

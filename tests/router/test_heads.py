@@ -4,16 +4,13 @@ built (a CI machine has a compiler: a silent fallback would measure and ship the
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from distserve.router import heads
+from tests.router.fuzzing import needs_gcc, run_sanitized_fuzz
 
 c = heads._c
 needs_c = pytest.mark.skipif(c is None, reason="distserve.router._heads is not built here")
@@ -103,10 +100,6 @@ def test_request_head_reads_what_the_handler_needs(fn):
 
 
 @needs_c
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc here")
+@needs_gcc
 def test_the_c_parsers_under_address_and_undefined_behaviour_sanitizers():
-    tool = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "fuzz_heads.py")
-    out = subprocess.run([sys.executable, tool, "--sanitize", "--iterations", "20000"], capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "20000 heads of each kind, C and Python alike" in out.stdout
+    assert "20000 heads of each kind, C and Python alike" in run_sanitized_fuzz("fuzz_heads.py")

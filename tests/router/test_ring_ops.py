@@ -5,9 +5,6 @@ C versions decline (None) only inputs the router never makes."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
 from array import array
 
@@ -16,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from distserve.router import ring_ops
+from tests.router.fuzzing import needs_gcc, run_sanitized_fuzz
 
 c = ring_ops._c
 needs_c = pytest.mark.skipif(c is None, reason="distserve.router._ring_ops is not built here")
@@ -96,13 +94,9 @@ def test_c_holds_no_reference_it_should_not():
 
 
 @needs_c
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc here")
+@needs_gcc
 def test_the_c_version_under_address_and_undefined_behaviour_sanitizers():
-    tool = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "fuzz_ring_ops.py")
-    out = subprocess.run([sys.executable, tool, "--sanitize", "--iterations", "20000"], capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "20000 rings, C and Python alike" in out.stdout
+    assert "20000 rings, C and Python alike" in run_sanitized_fuzz("fuzz_ring_ops.py")
 
 
 @st.composite

@@ -5,9 +5,6 @@ module says it does; the C module is what the router runs wherever it can be bui
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from distserve.router import shortlist
+from tests.router.fuzzing import needs_gcc, run_sanitized_fuzz
 
 c = shortlist._c
 needs_c = pytest.mark.skipif(c is None, reason="distserve.router._shortlist is not built here")
@@ -147,13 +145,9 @@ def test_c_holds_no_reference_it_should_not():
 
 
 @needs_c
-@pytest.mark.skipif(shutil.which("gcc") is None, reason="no gcc here")
+@needs_gcc
 def test_the_c_version_under_address_and_undefined_behaviour_sanitizers():
-    tool = os.path.join(os.path.dirname(__file__), "..", "..", "tools", "fuzz_shortlist.py")
-    out = subprocess.run([sys.executable, tool, "--sanitize", "--iterations", "20000"], capture_output=True,
-                         text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "20000 inputs, C and Python alike" in out.stdout
+    assert "20000 inputs, C and Python alike" in run_sanitized_fuzz("fuzz_shortlist.py")
 
 
 class _State:
