@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -366,14 +368,6 @@ def _shared_outputs(orch, prefill, leader, answer: dict, n: int) -> tuple[list[i
     raise err.to_api_error("prefill")
 
 
-async def _choice_decode(orch, sub, prefill) -> web.StreamResponse:
+def _choice_decode(orch, sub, prefill) -> Coroutine[Any, Any, web.StreamResponse]:
     """One choice's decode; its own session is freed on every exit the decode did not take it on."""
-    try:
-        resp, ok = await orch._decode(sub, prefill)
-    except BaseException:
-        if not sub.answered:
-            orch._spawn(orch._free_cache(prefill, sub.session_id, sub.headers))
-        raise
-    if not ok:
-        orch._spawn(orch._free_cache(prefill, sub.session_id, sub.headers))
-    return resp
+    return orch._decode_freeing(sub, prefill, orch._decode(sub, prefill))

@@ -8,6 +8,9 @@ parser still checks everything it relies on and fails the call (never the proces
 - `EnginePool.request(base_url, method, path, body, headers)` -> `Response` once the status line and
   headers arrived; then `read()` the whole body or `readany(idle_timeout)` it piece by piece (chunked
   transfer coding decoded). A finished response returns its connection to the pool by itself.
+- `EnginePool.call(base_url, method, path, body, headers, deadline, sink)`: the same call by callbacks, for
+  the unary lane (distserve/router/unary.py): the whole answer goes to `sink.answered(status, body)`, or its
+  failure (what `request` would raise) to `sink.failed(exc)`; no task, future or coroutine on the usual path.
 - Failures raise `UpstreamError` with kind "connect" (refused, unreachable, connect timeout) or
   "disconnect" (the connection dropped before the answer ended). A pooled connection the engine closed
   while idle is replaced transparently (the request never reached the engine).
@@ -65,6 +68,7 @@ class Response:
         "_idle_timer",
         "_idle",
         "_wait_since",
+        "_on_end",
     )
 
     def __init__(self, conn: "_Connection", loop: asyncio.AbstractEventLoop) -> None:
@@ -87,6 +91,7 @@ class Response:
         self._idle_timer: asyncio.TimerHandle | None = None
         self._idle = 0.0
         self._wait_since = 0.0
+        self._on_end: Callable[[Response], None] | None = None  # a Call reading its answer through it
 
     @property
     def headers(self) -> dict[str, str]:
@@ -109,6 +114,8 @@ class Response:
         self._conn = None
         self._stop_timers()
         self._wake()
+        if self._on_end is not None:
+            self._on_end(self)
 
     def _complete(self, body: bytes) -> None:
         """The whole body at once (the usual unary answer): no pause check or size to keep."""
@@ -125,6 +132,8 @@ class Response:
             self._head.set_exception(exc)
             self._head.exception()  # retrieved: nobody may be waiting any more
         self._wake()
+        if self._on_end is not None:
+            self._on_end(self)
 
     def _wake(self) -> None:
         w = self._waiter
@@ -235,6 +244,96 @@ class Response:
 
 
 
+class Call:
+    """One engine call answered by callbacks (EnginePool.call): `sink.answered(status, body)` once the whole
+    answer is in, or `sink.failed(exc)` with what EnginePool.request would have raised (UpstreamError,
+    TimeoutError at the deadline); exactly one of them, unless the caller `cancel()`s first. The sink may be
+    swapped while the call runs (a request whose client left hands its prefill answer to a cleaner).
+
+    Why: a task per request, a future per answer and the coroutines between them were a fifth of the router's
+    CPU per non-streamed request (docs/benchmarks.md, "Seventeenth pass")."""
+
+    __slots__ = ("pool", "key", "request", "sink", "conn", "reused", "retried", "done", "deadline",
+                 "_deadlines", "_slot")
+
+    def __init__(self, pool: "EnginePool", key: tuple[str, int], request: bytes, sink, deadline: float) -> None:
+        self.pool = pool
+        self.key = key
+        self.request = request
+        self.sink = sink
+        self.conn: _Connection | None = None
+        self.reused = False  # on a pooled connection: the engine may have closed it meanwhile
+        self.retried = False
+        self.done = False
+        self.deadline = deadline
+        self._deadlines: _Deadlines | None = None
+        self._slot = 0
+
+    def _start(self, conn: "_Connection") -> None:
+        self.conn = conn
+        conn._call = self
+        conn._state = _HEAD
+        conn._buf.clear()
+        conn._got_bytes = False
+        conn.transport.write(self.request)
+
+    def _answered(self, status: int, body: bytes) -> None:
+        self.conn = None
+        self._end()
+        self.sink.answered(status, body)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.done:
+            return
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn._call = None
+            conn.abort()
+        self._end()
+        self.sink.failed(exc)
+
+    def _lost(self, exc: _Lost) -> None:
+        """The connection dropped before the answer ended: a pooled connection the engine had closed (the
+        request never reached it) is replaced once, as EnginePool.request does; otherwise the call fails."""
+        self.conn = None
+        if self.reused and exc.before_response and not self.retried and not self.done:
+            self.retried, self.reused = True, False
+            self.pool._connect_for(self)
+            return
+        self._fail(UpstreamError("disconnect", str(exc)))
+
+    def _ended(self, resp: Response) -> None:
+        """The end of an answer that did not come in one piece (read by a Response on the connection)."""
+        if resp._error is not None:
+            err = resp._error
+            if isinstance(err, _Lost):
+                self._lost(err)
+            else:
+                self._fail(_as_upstream(err))
+            return
+        self._answered(resp.status, resp._take())
+
+    def _expire(self) -> None:
+        """The deadline passed (_Deadlines): the connection, which still owes the answer, is dropped."""
+        self._deadlines = None
+        self._fail(asyncio.TimeoutError("the engine call ran out of time"))
+
+    def _end(self) -> None:
+        self.done = True
+        if self._deadlines is not None:
+            self._deadlines.remove(self)
+
+    def cancel(self) -> None:
+        """Give the call up: no callback follows; an unfinished answer takes its connection down."""
+        if self.done:
+            return
+        self._end()
+        conn, self.conn = self.conn, None
+        if conn is not None:
+            conn._call = None
+            conn.abort()
+
+
 class _Deadlines:
     """The engine calls' deadlines, grouped in slots: one loop timer per slot in use rather than one per call.
     A loop timer per call (made, then cancelled when the answer is in: nearly always) was ~9 % of the
@@ -301,6 +400,7 @@ class _Connection(asyncio.Protocol):
         self._remaining = 0
         self._keep_alive = True
         self._got_bytes = False
+        self._call: Call | None = None  # a callback call (EnginePool.call) waiting for its answer's head
 
     # ------------------------------------------------------------- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -308,8 +408,11 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         resp = self._resp
-        if resp is None:  # nothing asked: a broken peer
-            self.abort()
+        if resp is None:
+            if self._call is not None:
+                self._call_data(data)
+                return
+            self.abort()  # nothing asked: a broken peer
             return
         self._got_bytes = True
         try:
@@ -331,6 +434,33 @@ class _Connection(asyncio.Protocol):
             resp._fail(UpstreamError("disconnect", f"bad HTTP answer from the engine: {exc}"))
             self.abort()
 
+    def _call_data(self, data: bytes) -> None:
+        """An answer for a callback call: whole in this piece (the usual case), handed over at once; else read
+        by a Response like any other, which tells the call when it ends."""
+        call = self._call
+        self._got_bytes = True
+        if not self._buf:
+            end = data.find(b"\r\n\r\n")
+            if end >= 0:
+                try:
+                    status, state, remaining, keep_alive = answer_head(data[:end])
+                except ValueError as exc:
+                    call._fail(UpstreamError("disconnect", f"bad HTTP answer from the engine: {exc}"))
+                    return
+                if state == _LENGTH and len(data) - end - 4 == remaining:
+                    self._call = None
+                    self._keep_alive = keep_alive
+                    self._state = _DONE
+                    self._release()
+                    call._answered(status, data[end + 4 :])
+                    return
+        resp = Response(self, self._loop)
+        resp._whole = True
+        resp._on_end = call._ended
+        self._resp = resp
+        self._call = None
+        self.data_received(data)
+
     def eof_received(self) -> bool:
         return False
 
@@ -338,6 +468,10 @@ class _Connection(asyncio.Protocol):
         self.alive = False
         resp, self._resp = self._resp, None
         if resp is None:
+            call, self._call = self._call, None
+            if call is not None:
+                call._lost(_Lost(f"connection to {self.key[0]}:{self.key[1]} lost" + (f": {exc}" if exc else ""),
+                                 before_response=not self._got_bytes))
             return
         if self._state == _UNTIL_CLOSE:
             resp._finish()
@@ -540,6 +674,7 @@ class EnginePool:
         self._targets: dict[str, tuple[tuple[str, int], bytes]] = {}
         self._closed = False
         self._deadlines = _Deadlines(self.loop)
+        self._connecting: set[asyncio.Task] = set()  # connects for callback calls (owned: cancelled by close)
 
     def _target(self, base_url: str) -> tuple[tuple[str, int], bytes]:
         target = self._targets.get(base_url)
@@ -635,8 +770,50 @@ class EnginePool:
                 raise
         raise AssertionError("unreachable")
 
+    def call(
+        self, base_url: str, method: bytes, path: bytes, body: bytes, headers: bytes, deadline: float, sink,
+    ) -> Call:
+        """`request`, answered by callbacks (see Call): on a pooled connection when one is idle (the usual case:
+        nothing awaited at all), else after connecting in a task of the pool's own. UpstreamError at once for an
+        engine URL the pool cannot use."""
+        key, host = self._target(base_url)
+        call = Call(self, key, b"%s %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n%s" % (
+            method, path, host, headers, len(body), body), sink, deadline)
+        self._deadlines.add(call, deadline)
+        conn = self._take_idle(key)
+        if conn is None:
+            self._connect_for(call)
+        else:
+            call.reused = True
+            call._start(conn)
+        return call
+
+    def _connect_for(self, call: Call) -> None:
+        task = self.loop.create_task(self._connect_call(call))
+        self._connecting.add(task)
+        task.add_done_callback(self._connecting.discard)
+
+    async def _connect_call(self, call: Call) -> None:
+        try:
+            timeout = min(self.connect_timeout, call.deadline - self.loop.time())
+            if timeout <= 0:
+                raise asyncio.TimeoutError("the engine call ran out of time")
+            conn = await self._connect(call.key, timeout)
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001 - the call's failure, classified by its sink
+            call._fail(exc)
+            return
+        if call.done:  # expired or given up meanwhile: the new connection serves the next call
+            self._put_idle(conn)
+            return
+        call._start(conn)
+
     def close(self) -> None:
         self._closed = True
+        for task in self._connecting:
+            task.cancel()
         self._deadlines.close()
         for idle in self._idle.values():
             for conn in idle:

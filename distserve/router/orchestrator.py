@@ -234,7 +234,11 @@ class Orchestrator:
 
     async def _generate(self, pd: PDRequest, pd_attempt: Callable | None = None):
         """`pd_attempt(pd, prefill)`: what a prefill entry runs instead of `_pd` (fanout's shared prefill)."""
-        model = pd.model
+        self._prepare(pd)
+        return await self._on_engines(*self._entry_plan(pd, pd_attempt))
+
+    def _prepare(self, pd: PDRequest) -> None:
+        """What every engine call of the request shares: its headers, the strategies, the pick context."""
         headers = self._engine_headers + b"X-Request-Id: " + pd.rid.encode() + b"\r\n"
         if not tracing.ENABLED:  # on: each engine call names its own span as the parent instead
             headers += tracing.passthrough(pd.request.headers)
@@ -252,6 +256,10 @@ class Orchestrator:
             pd.ctx.kv = routing.kv
             pd.ctx.keys = _keys_once(body)
 
+    def _entry_plan(self, pd: PDRequest, pd_attempt: Callable | None = None) -> tuple:
+        """_on_engines' arguments for the request's entry engine (a prefill or a hybrid)."""
+        model = pd.model
+
         def entries() -> list[str]:
             found = self.view.table().entries.get(model) or ()
             if pd.needs:  # only engines (and paths) that apply every field the request uses
@@ -267,11 +275,11 @@ class Orchestrator:
                 return self._hybrid(pd, engine)
             return (pd_attempt or self._pd)(pd, engine)
 
-        return await self._on_engines(
+        return (
             pd,
             self.s.max_prefill_attempts,
             entries,
-            routing.entry,
+            pd.routing.entry,
             attempt,
             "request %s: %s on %s failed before output (%s), trying another engine",
             lambda: ApiError(503, f"no routable engine serves model `{model}` right now", "no_route"),
@@ -304,13 +312,17 @@ class Orchestrator:
         engine_id = strategy.pick(candidates, pd.ctx)
         try:
             return await attempt(engine_id)
-        except RetryElsewhere as exc:
-            self._note_retry(pd, exc, engine_id, failure_log)
+        except (RetryElsewhere, _Vanished) as exc:
             first: BaseException = exc
-        except _Vanished as exc:
-            first = exc
-        plan = (pd, attempts, routable, strategy, attempt, failure_log, none_left)
-        return await self._retry_engines(plan, engine_id, first)
+        return await self._retry_after((pd, attempts, routable, strategy, attempt, failure_log, none_left),
+                                       engine_id, first)
+
+    def _retry_after(self, plan: tuple, engine_id: str, first: BaseException) -> Coroutine:
+        """The attempts after a first one on `engine_id` failed with `first` (RetryElsewhere or _Vanished), to
+        await."""
+        if isinstance(first, RetryElsewhere):
+            self._note_retry(plan[0], first, engine_id, plan[5])
+        return self._retry_engines(plan, engine_id, first)
 
     def _note_retry(self, pd: PDRequest, exc: RetryElsewhere, engine_id: str, failure_log: str) -> None:
         if tracing.ENABLED:
@@ -466,31 +478,37 @@ class Orchestrator:
 
     async def _pd(self, pd: PDRequest, prefill: EngineRecord) -> web.StreamResponse:
         answer = await self._shielded_prefill(pd, prefill)
+        self._take_prefill_answer(pd, prefill, answer)
+        return await self._decode_freeing(pd, prefill, self._decode(pd, prefill))
+
+    def _take_prefill_answer(self, pd: PDRequest, prefill: EngineRecord, answer: dict) -> None:
+        """What the decode needs of the prefill's answer, kept on the request (ApiError when it lacks it)."""
         pd.session_id, pd.token_id, pd.block_ids = self._prefill_outputs(prefill, answer, pd.headers)
         pd.prefill = prefill
         pd.staging = kv_staging(answer)
         lps = answer.get("remote_logprobs")
         if type(lps) is list and lps and type(lps[0]) is list:
             pd.first_logprobs = lps[0]
-        freed = False
 
-        def free() -> None:
-            nonlocal freed
-            if not freed:
-                freed = True
-                self._spawn(self._free_cache(prefill, pd.session_id, pd.headers))
-
+    async def _decode_freeing(self, pd: PDRequest, prefill: EngineRecord, decoding: Coroutine) -> web.StreamResponse:
+        """Await the decode phase (`decoding`: (response, ended well)); the prefill's preserved blocks are freed
+        when it fails: an error before output, a timeout, the client gone (CancelledError), or a stream that
+        ended badly. Not when the client got the whole answer: the decode has taken them."""
         try:
-            resp, ok = await self._decode(pd, prefill)
+            resp, ok = await decoding
         except BaseException:
-            # decode error before output, timeout, client disconnect (CancelledError): P keeps the blocks
-            # (unless the client got the whole answer: the decode has taken them)
             if not pd.answered:
-                free()
+                self.free_prefill(pd, prefill)
             raise
         if not ok:
-            free()
+            self.free_prefill(pd, prefill)
         return resp
+
+    def free_prefill(self, pd: PDRequest, prefill: EngineRecord) -> None:
+        """Give the prefill's preserved blocks back (in the background), once per request."""
+        if not pd.freed:
+            pd.freed = True
+            self._spawn(self._free_cache(prefill, pd.session_id, pd.headers))
 
     async def _call(
         self, engine: EngineRecord, phase: str, path: str, data: bytes, headers: bytes, timeout: float,
@@ -524,16 +542,44 @@ class Orchestrator:
                 resp = None  # handed over: not closed below
             raise
         except Exception as exc:  # noqa: BLE001 - every transport failure is classified
-            err = classify_exception(exc)
-            self._failed(engine, phase, err)
-            raise err from None
+            raise self.call_failed(engine, phase, exc) from None
         finally:
             if resp is not None:
                 resp.close()
             if span is not None:
                 _end_call_span(span, engine, resp.status if resp is not None else None)
 
+    def call_failed(self, engine: EngineRecord, phase: str, exc: BaseException) -> UpstreamError:
+        """An engine call's failure (a transport error, a timeout) classified and counted."""
+        err = classify_exception(exc)
+        self._failed(engine, phase, err)
+        return err
+
+    @staticmethod
+    def phase_error(err: UpstreamError, phase: str) -> Exception:
+        """What a failed call of `phase` raises: RetryElsewhere when another engine may try, else the
+        client's error."""
+        if err.retryable:
+            return RetryElsewhere(err, phase)
+        return err.to_api_error(phase)
+
     async def _prefill(self, pd: PDRequest, prefill: EngineRecord) -> dict:
+        t0 = time.perf_counter()
+        self.load.begin(prefill.id)
+        try:
+            status, raw = await self._call(
+                prefill, "prefill", pd.path, self.prefill_body(pd), pd.headers, self.s.prefill_timeout,
+                orphaned=True,
+            )
+        except UpstreamError as err:
+            raise self.phase_error(err, "prefill") from None
+        finally:
+            self.load.end(prefill.id)
+        self.metrics.phase.observe(time.perf_counter() - t0, ("prefill",))
+        return self.prefill_answer(prefill, status, raw)
+
+    def prefill_body(self, pd: PDRequest) -> bytes:
+        """The prefill's request: the client's body for one token, its KV preserved for the decode."""
         kind, body = pd.kind, pd.body
         pre = dict(body)
         pre["max_tokens"] = 1
@@ -548,26 +594,12 @@ class Orchestrator:
             pre[DECODE_MAX_TOKENS] = budget  # the prefill rejects what its decode could not hold
         pre["with_cache"] = True
         pre["preserve_cache"] = True
-        t0 = time.perf_counter()
-        self.load.begin(prefill.id)
-        try:
-            status, raw = await self._call(
-                prefill, "prefill", pd.path, orjson.dumps(pre), pd.headers, self.s.prefill_timeout,
-                orphaned=True,
-            )
-        except UpstreamError as err:
-            if err.retryable:
-                raise RetryElsewhere(err, "prefill") from None
-            raise err.to_api_error("prefill") from None
-        finally:
-            self.load.end(prefill.id)
-        self.metrics.phase.observe(time.perf_counter() - t0, ("prefill",))
+        return orjson.dumps(pre)
+
+    def prefill_answer(self, prefill: EngineRecord, status: int, raw: bytes) -> dict:
+        """The prefill's answer as a JSON object, or what its failure raises (RetryElsewhere, ApiError)."""
         if status != 200:
-            err = classify_status(status, raw)
-            self._failed(prefill, "prefill", err)
-            if err.retryable:
-                raise RetryElsewhere(err, "prefill")
-            raise err.to_api_error("prefill")
+            raise self.phase_error(self._status_failed(prefill, "prefill", status, raw), "prefill")
         try:
             answer = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -607,6 +639,11 @@ class Orchestrator:
         return session_id, tokens[0], blocks
 
     async def _decode(self, pd: PDRequest, prefill: EngineRecord) -> tuple[web.StreamResponse, bool]:
+        plan, links_back = self.decode_plan(pd, prefill)
+        return await self._on_engines(*plan, wait_first=links_back)
+
+    def decode_plan(self, pd: PDRequest, prefill: EngineRecord) -> tuple[tuple, Callable]:
+        """_on_engines' arguments for the request's decode after `prefill` answered, and its wait_first."""
         model = pd.model
 
         def decodes() -> list[str]:
@@ -622,39 +659,52 @@ class Orchestrator:
             return await self._wait_for_route("decode", decodes)
 
         async def attempt(decode_id: str) -> tuple[web.StreamResponse, bool]:
-            decode = self.view.engines.get(decode_id)
-            link = self.view.links.get((prefill.id, decode_id))
-            if decode is None or link is None:
-                raise _Vanished(decode_id)
-            self.metrics.picks.inc(("decode", decode_id))
-            pd.engines = f"{prefill.id}>{decode_id}"
-            fields = {
-                "protocol": int(PROTOCOL_BY_NAME[link.protocol]),
-                "remote_engine_id": prefill.handshake_id,
-                "remote_session_id": pd.session_id,
-                "remote_token_id": pd.token_id,
-                "remote_block_ids": pd.block_ids,
-                "is_dummy_prefill": False,
-            }
-            if pd.staging is not None:
-                fields["remote_kv_staging"] = pd.staging
-            data = splice_field(pd.raw, b"migration_request", orjson.dumps(fields))
-            if pd.first_logprobs is not None:  # the decode emits them with the first token
-                data = splice_field(data, b"remote_logprobs", orjson.dumps(pd.first_logprobs))
+            decode, link = self.decode_engine(prefill, decode_id)
+            data = self.decode_body(pd, prefill, decode, link)
             if pd.stream:
                 return await self._stream_through(pd, decode, data, "decode")
             return await self._unary_through(pd, decode, data, "decode"), True
 
-        return await self._on_engines(
-            pd,
-            self.s.max_decode_attempts,
-            decodes,
-            pd.routing.decode,
-            attempt,
-            "request %s: %s on %s failed before its first byte (%s)",
-            lambda: ApiError(503, f"no decode engine linked to prefill {prefill.id} is routable", "no_route"),
-            wait_first=links_back,
+        return (
+            (
+                pd,
+                self.s.max_decode_attempts,
+                decodes,
+                pd.routing.decode,
+                attempt,
+                "request %s: %s on %s failed before its first byte (%s)",
+                lambda: ApiError(503, f"no decode engine linked to prefill {prefill.id} is routable", "no_route"),
+            ),
+            links_back,
         )
+
+    def decode_engine(self, prefill: EngineRecord, decode_id: str) -> tuple[EngineRecord, object]:
+        """The picked decode and its link from `prefill` (_Vanished when either left the view since)."""
+        decode = self.view.engines.get(decode_id)
+        link = self.view.links.get((prefill.id, decode_id))
+        if decode is None or link is None:
+            raise _Vanished(decode_id)
+        return decode, link
+
+    def decode_body(self, pd: PDRequest, prefill: EngineRecord, decode: EngineRecord, link) -> bytes:
+        """The decode's request (counted as its pick): the client's body and where its KV waits."""
+        decode_id = decode.id
+        self.metrics.picks.inc(("decode", decode_id))
+        pd.engines = f"{prefill.id}>{decode_id}"
+        fields = {
+            "protocol": int(PROTOCOL_BY_NAME[link.protocol]),
+            "remote_engine_id": prefill.handshake_id,
+            "remote_session_id": pd.session_id,
+            "remote_token_id": pd.token_id,
+            "remote_block_ids": pd.block_ids,
+            "is_dummy_prefill": False,
+        }
+        if pd.staging is not None:
+            fields["remote_kv_staging"] = pd.staging
+        data = splice_field(pd.raw, b"migration_request", orjson.dumps(fields))
+        if pd.first_logprobs is not None:  # the decode emits them with the first token
+            data = splice_field(data, b"remote_logprobs", orjson.dumps(pd.first_logprobs))
+        return data
 
     async def _free_orphan(self, resp: Response, prefill: EngineRecord, headers: bytes) -> None:
         """Free the sessions of a prefill answer nobody will decode: its request was cancelled after the call
@@ -665,20 +715,18 @@ class Orchestrator:
             return
         finally:
             resp.close()
-        if resp.status != 200:
-            return
-        try:
-            answer = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(answer, dict):
-            return
-        ids = answer.get("remote_session_ids")
-        if type(ids) is not list:
-            ids = [answer.get("remote_session_id")]
-        for sid in ids:
-            if type(sid) is int:
-                await self._free_cache(prefill, sid, headers)
+        for sid in orphan_sessions(resp.status, raw):
+            await self._free_cache(prefill, sid, headers)
+
+    def free_orphaned(self, prefill: EngineRecord, headers: bytes, status: int, raw: bytes) -> None:
+        """A prefill's whole answer nobody will decode (its client left): its sessions freed in the background."""
+        sessions = orphan_sessions(status, raw)
+        if sessions:
+            self._spawn(self._free_sessions(prefill, headers, sessions))
+
+    async def _free_sessions(self, prefill: EngineRecord, headers: bytes, sessions: list[int]) -> None:
+        for sid in sessions:
+            await self._free_cache(prefill, sid, headers)
 
     async def _free_cache(self, prefill: EngineRecord, session_id: int, headers: bytes) -> None:
         body = orjson.dumps({"remote_engine_id": prefill.handshake_id, "remote_session_id": session_id})
@@ -763,21 +811,25 @@ class Orchestrator:
         try:
             status, raw = await self._call(engine, phase, pd.path, data, pd.headers, max(0.001, remaining))
         except UpstreamError as err:
-            if err.retryable:
-                raise RetryElsewhere(err, phase) from None
-            raise err.to_api_error(phase) from None
+            raise self.phase_error(err, phase) from None
         finally:
             self.load.end(engine.id)
-        elapsed = time.perf_counter() - t0
+        return self.unary_answer(pd, engine, phase, status, raw, time.perf_counter() - t0)
+
+    def unary_answer(
+        self, pd: PDRequest, engine: EngineRecord, phase: str, status: int, raw: bytes, elapsed: float
+    ) -> Unary:
+        """A whole answer passed on to the client, or what its failure raises (RetryElsewhere, ApiError)."""
         if status != 200:
-            err = classify_status(status, raw)
-            self._failed(engine, phase, err)
-            if err.retryable:
-                raise RetryElsewhere(err, phase)
-            raise err.to_api_error(phase)
+            raise self.phase_error(self._status_failed(engine, phase, status, raw), phase)
         # non-streamed: the decode phase's first byte is its whole answer (migration + decode)
         self.metrics.phase.observe(elapsed, (phase,))
         return Unary(raw, pd.rid)
+
+    def _status_failed(self, engine: EngineRecord, phase: str, status: int, raw: bytes) -> UpstreamError:
+        err = classify_status(status, raw)
+        self._failed(engine, phase, err)
+        return err
 
     async def _stream_through(
         self, pd: PDRequest, engine: EngineRecord, data: bytes, phase: str
@@ -880,6 +932,22 @@ class Orchestrator:
                 _end_call_span(span, engine, upstream.status if upstream is not None else 200)
             if upstream is not None:
                 upstream.close()  # no-op when complete; else drops the connection: the engine sees it and stops
+
+
+def orphan_sessions(status: int, raw: bytes) -> list[int]:
+    """The sessions a prefill's answer preserved (one, or one per choice), read leniently: nothing on an error."""
+    if status != 200:
+        return []
+    try:
+        answer = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return []
+    if not isinstance(answer, dict):
+        return []
+    ids = answer.get("remote_session_ids")
+    if type(ids) is not list:
+        ids = [answer.get("remote_session_id")]
+    return [sid for sid in ids if type(sid) is int]
 
 
 def _call_span(phase: str, engine: EngineRecord, path: str, headers: bytes):

@@ -26,7 +26,7 @@ class PDRequest:
     __slots__ = (
         "request", "kind", "path", "rid", "started", "raw", "body", "model", "stream", "headers",
         "routing", "ctx", "engines", "outcome", "answered", "prefill", "session_id", "token_id",
-        "block_ids", "staging", "first_at", "span", "needs", "sink", "first_logprobs", "new_stream",
+        "block_ids", "staging", "first_at", "span", "needs", "sink", "first_logprobs", "new_stream", "freed",
     )
 
     def __init__(self, request: web.Request, kind: str, path: str, rid: str, started: float) -> None:
@@ -51,6 +51,7 @@ class PDRequest:
         self.block_ids: list[int] = []
         self.staging: dict | None = None
         self.first_at = 0.0  # perf_counter of the first byte sent to the client (0: not yet)
+        self.freed = False  # the prefill's preserved blocks were given back (Orchestrator.free_prefill)
         self.span = None  # the request's server span while tracing is on
         # capabilities every engine on the request's path must have (distserve.router.capabilities)
         self.needs: frozenset[str] = frozenset()
