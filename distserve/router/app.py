@@ -38,6 +38,7 @@ from distserve.router.request import PDRequest, Unary
 from distserve.router.registration import Registration
 from distserve.router.settings import RouterSettings
 from distserve.router.strategies import make_strategy
+from distserve.router.unary import UnaryExchange
 from distserve.router.validation import CHAT, COMPLETIONS, parse_json_object, validate_request
 from distserve.router.view import ClusterView, ConfigStatus
 
@@ -218,6 +219,7 @@ class Router:
             fast=lambda make_inner: FastDoor(
                 self.serve_fast, make_inner, s.max_body_bytes, s.header_read_timeout, s.body_read_timeout,
                 self._read_timed_out, lambda reason: self.metrics.handed_over.inc((reason,)),
+                serve_now=self.serve_now,
             ),
         )
         await site.start()
@@ -379,15 +381,100 @@ class Router:
         pd.new_stream = conn.new_stream
         return self.serve_generate(pd, body, conn.read_body)
 
+    def serve_now(self, conn: FastConnection, kind: str, path: str, headers, raw: bytes) -> bool:
+        """The fast path's handler of a whole request (FastDoor.serve_now), without a task: a non-streamed PD
+        request through the unary lane (distserve/router/unary.py), an error answered at once, anything else
+        handed to serve_generate's coroutine in the connection's task. False (tracing on): serve_fast's."""
+        if tracing.ENABLED:  # spans follow the request's task context: the coroutine path
+            return False
+        pd = PDRequest(conn, kind, path, self._request_id(headers), time.perf_counter())
+        pd.new_stream = conn.new_stream
+        try:
+            self._admit(headers, False)
+            self._parse(pd, raw)
+            plan = self.orchestrator.unary_plan(pd)
+            if plan is not None:
+                candidates = plan[2]()
+                if not candidates:
+                    raise plan[6]()  # no engine to try at all
+        except ApiError as exc:
+            self.in_flight += 1
+            self.requests_total += 1
+            self._answer_now(pd, exc, True)
+            return True
+        if plan is None:
+            conn.run(self.serve_generate(pd, raw, admitted=True))
+            return True
+        self.in_flight += 1
+        self.requests_total += 1
+        exchange = UnaryExchange(self.orchestrator, pd, self._lane_done, self._lane_resume, self._lane_gone)
+        conn.task = exchange  # the client leaving cancels it, as it would the request's task
+        exchange.start(plan, candidates)
+        return True
+
+    def _answer_now(self, pd: PDRequest, exc: ApiError, within_next: bool) -> None:
+        if exc.status >= 500:
+            log.warning("request %s %s -> %d %s", pd.rid, pd.path, exc.status, exc.message)
+        self._account(pd, exc.status)
+        pd.request.answered_now(exc.response(pd.rid), exc.close, within_next)
+
+    def _lane_done(self, exchange: UnaryExchange, answer, status: int, close: bool) -> None:
+        pd = exchange.pd
+        if status == 200:  # a non-streamed answer: its first byte comes with all of it
+            self.metrics.ttft.observe(time.perf_counter() - pd.started, (pd.path,))
+        self._account(pd, status)
+        pd.request.answered_now(answer, close, False)
+
+    def _lane_resume(self, exchange: UnaryExchange, rest: Callable[[], Coroutine]) -> asyncio.Task:
+        conn = exchange.pd.request
+        return conn.loop.create_task(conn._serve(self._resumed(exchange, rest)))
+
+    async def _resumed(self, exchange: UnaryExchange, rest: Callable[[], Coroutine]) -> tuple:
+        exchange.started()
+        exchange.pd.request.task = asyncio.current_task()
+        return await self.serve_generate(exchange.pd, exchange.pd.raw, resume=rest)
+
+    def _lane_gone(self, exchange: UnaryExchange) -> None:
+        pd = exchange.pd
+        pd.request.task = None
+        self.metrics.client_disconnects.inc((pd.path,))
+        log.debug("request %s: client went away", pd.rid)
+        self._account(pd, 499)
+
+    def _admit(self, headers, counted: bool) -> None:
+        """Who may send a request now: the API key, the router not stopping, the in-flight limit (`counted`:
+        this request is among those in flight already)."""
+        if not self._authorized(headers):
+            raise self._auth_error()
+        if self._closing:
+            raise ApiError(503, "the router is shutting down", "shutting_down")
+        limit = self.settings.max_in_flight
+        if limit and self.in_flight + (0 if counted else 1) > limit:
+            raise ApiError(
+                429,
+                f"too many requests in flight on this router (limit {limit})",
+                "rate_limited",
+                headers={"Retry-After": "1"},
+            )
+
+    @staticmethod
+    def _parse(pd: PDRequest, raw: bytes) -> None:
+        pd.raw = raw
+        pd.body = body = parse_json_object(raw)
+        pd.model = validate_request(pd.kind, body)
+
     async def serve_generate(
-        self, pd: PDRequest, raw: bytes | None, read: Callable[[], Awaitable[bytes]] | None = None
+        self, pd: PDRequest, raw: bytes | None, read: Callable[[], Awaitable[bytes]] | None = None,
+        admitted: bool = False, resume: Callable[[], Coroutine] | None = None,
     ) -> tuple[web.StreamResponse, bool]:
         """One generation request, whichever server path read it: (the answer, whether the connection must
         close after it). `raw`: the body when already read, else `read()` it (by default from the aiohttp
-        request, `pd.request`)."""
+        request, `pd.request`). `admitted`: admitted and parsed already (serve_now). `resume`: the rest of a
+        request the unary lane started (counted and admitted there), its coroutine made by `resume()`."""
         rid, path, started, headers = pd.rid, pd.path, pd.started, pd.request.headers
-        self.in_flight += 1
-        self.requests_total += 1
+        if resume is None:
+            self.in_flight += 1
+            self.requests_total += 1
         status = 500
         prepared = False
         span = token = None
@@ -400,24 +487,16 @@ class Router:
             token = tracing.activate(span)
             pd.span = span
         try:
-            if not self._authorized(headers):
-                raise self._auth_error()
-            limit = self.settings.max_in_flight
-            if self._closing:
-                raise ApiError(503, "the router is shutting down", "shutting_down")
-            if limit and self.in_flight > limit:
-                raise ApiError(
-                    429,
-                    f"too many requests in flight on this router (limit {limit})",
-                    "rate_limited",
-                    headers={"Retry-After": "1"},
-                )
-            if raw is None:
-                raw = await (read() if read is not None else self._read_body(pd.request))
-            pd.raw = raw
-            pd.body = body = parse_json_object(raw)
-            pd.model = validate_request(pd.kind, body)
-            resp = await self.orchestrator.generate(pd)
+            if resume is not None:
+                work = resume()
+            else:
+                if not admitted:
+                    self._admit(headers, True)
+                    if raw is None:
+                        raw = await (read() if read is not None else self._read_body(pd.request))
+                    self._parse(pd, raw)
+                work = self.orchestrator.generate(pd)
+            resp = await work
             status = resp.status
             prepared = resp.prepared
             if not prepared:  # a non-streamed answer: its first byte comes with all of it
@@ -443,32 +522,37 @@ class Router:
                 raise
             return ApiError(500, "internal router error", "internal_error").response(rid), False
         finally:
-            self.in_flight -= 1
             if span is not None:
                 tracing.deactivate(token)
                 span.set_attribute("distserve.engines", pd.engines or "-")
                 if pd.model is not None:
                     span.set_attribute("gen_ai.request.model", pd.model)
                 tracing.end(span, status)
-            elapsed = time.perf_counter() - started
-            self.metrics.requests.inc((path, status))
-            self.metrics.latency.observe(elapsed, (path,))
-            # a streamed answer's 200 goes out with its first byte: say how the stream really ended
-            stream = pd.outcome
-            if stream is not None:
-                if stream == "started":  # ended by an exception (the orchestrator records the rest)
-                    stream = "completed" if status == 200 else "client_gone" if status == 499 else "router_error"
-                self.metrics.streams.inc((path, stream))
-            if log.isEnabledFor(logging.INFO):
-                log.info(
-                    "request %s %s -> %s%s in %.1f ms via %s",
-                    rid,
-                    path,
-                    status,
-                    f" stream={stream}" if stream is not None else "",
-                    elapsed * 1000,
-                    pd.engines or "-",
-                )
+            self._account(pd, status)
+
+    def _account(self, pd: PDRequest, status: int) -> None:
+        """A request's end, whichever path served it: in flight no more, its metrics and access-log line."""
+        self.in_flight -= 1
+        path = pd.path
+        elapsed = time.perf_counter() - pd.started
+        self.metrics.requests.inc((path, status))
+        self.metrics.latency.observe(elapsed, (path,))
+        # a streamed answer's 200 goes out with its first byte: say how the stream really ended
+        stream = pd.outcome
+        if stream is not None:
+            if stream == "started":  # ended by an exception (the orchestrator records the rest)
+                stream = "completed" if status == 200 else "client_gone" if status == 499 else "router_error"
+            self.metrics.streams.inc((path, stream))
+        if log.isEnabledFor(logging.INFO):
+            log.info(
+                "request %s %s -> %s%s in %.1f ms via %s",
+                pd.rid,
+                path,
+                status,
+                f" stream={stream}" if stream is not None else "",
+                elapsed * 1000,
+                pd.engines or "-",
+            )
 
     async def models(self, request: web.Request) -> web.Response:
         if not self._authorized(request.headers):

@@ -24,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from email.utils import formatdate
+from typing import Any
 
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -148,8 +149,12 @@ class FastDoor:
         body_timeout: float,
         on_timeout: Callable[[str], None],
         on_hand_over: Callable[[str], None] = lambda _reason: None,
+        serve_now: Callable[..., bool] | None = None,
     ) -> None:
         self.serve = serve
+        # serve_now(conn, kind, path, headers, body) -> bool: a whole request served without a task (the
+        # router's unary lane); False: `serve`'s coroutine runs in the connection's task
+        self.serve_now = serve_now
         self.on_hand_over = on_hand_over  # counted: which clients miss the fast path, and why
         self.make_inner = make_inner  # the aiohttp side of a handed-over connection
         self.body_limit = body_limit
@@ -297,7 +302,10 @@ class FastConnection(asyncio.Protocol):
         self.headers = headers
         if len(buf) >= stop:  # the usual case: the whole request is here
             self.buf = buf[stop:]
-            self.task = self.loop.create_task(self._serve(kind, path, headers, buf[start:stop]))
+            body = buf[start:stop]
+            serve_now = self.door.serve_now
+            if serve_now is None or not serve_now(self, kind, path, headers, body):
+                self.run(self.door.serve(self, kind, path, headers, body))
             return
         # the handler starts now, as aiohttp's would, and waits for the body within the body timeout
         self.buf = b""
@@ -306,7 +314,7 @@ class FastConnection(asyncio.Protocol):
         self._body = None
         self._body_started = self.loop.time()
         self._arm(self.door.body_timeout, "body")
-        self.task = self.loop.create_task(self._serve(kind, path, headers, None))
+        self.run(self.door.serve(self, kind, path, headers, None))
 
     def _feed_body(self, data: bytes) -> None:
         need = self._body_need
@@ -408,9 +416,13 @@ class FastConnection(asyncio.Protocol):
         self.transport.close()
 
     # ------------------------------------------------------------- serving
-    async def _serve(self, kind: str, path: str, headers: HeadHeaders, body: bytes) -> None:
+    def run(self, work: Coroutine[Any, Any, tuple]) -> None:
+        """Serve the current request in the connection's task: `work` returns (answer, close after it)."""
+        self.task = self.loop.create_task(self._serve(work))
+
+    async def _serve(self, work: Coroutine[Any, Any, tuple]) -> None:
         try:
-            resp, close = await self.door.serve(self, kind, path, headers, body)
+            resp, close = await work
             if not resp.prepared:  # a whole answer (a stream has been written already)
                 self.send(resp, close)
         except (asyncio.CancelledError, ConnectionError):
@@ -424,6 +436,24 @@ class FastConnection(asyncio.Protocol):
             self.task = None
             self.headers = None
             self._body = None
+        self._after_answer(False)
+
+    def answered_now(self, resp, close: bool, within_next: bool) -> None:
+        """A request served without a task (FastDoor.serve_now) is answered. `within_next`: answered from within
+        _next itself (an error found at once): a pipelined request after it starts on the next loop iteration,
+        not by recursion."""
+        self.task = None
+        self.headers = None
+        if self.lost:
+            return
+        try:
+            self.send(resp, close)
+        except ConnectionError:  # closing: the client went away as it was answered
+            self.transport.close()
+            return
+        self._after_answer(within_next)
+
+    def _after_answer(self, later: bool) -> None:
         if not self.keep_alive or self.lost:
             self.transport.close()
             return
@@ -432,6 +462,13 @@ class FastConnection(asyncio.Protocol):
             self._reading_paused = False
             self.transport.resume_reading()
         if self.buf:
+            if later:
+                self.loop.call_soon(self._next_if_idle)
+            else:
+                self._next()
+
+    def _next_if_idle(self) -> None:
+        if self.task is None and self.inner is None and not self.lost:
             self._next()
 
     def write(self, data: bytes) -> None:

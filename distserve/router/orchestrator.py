@@ -317,6 +317,26 @@ class Orchestrator:
         return await self._retry_after((pd, attempts, routable, strategy, attempt, failure_log, none_left),
                                        engine_id, first)
 
+    async def _on_first(self, plan: tuple, engine_id: str, first: Coroutine):
+        """_on_engines from its first attempt on, that attempt (on `engine_id`) already made: `first`."""
+        try:
+            return await first
+        except (RetryElsewhere, _Vanished) as exc:
+            failed: BaseException = exc
+        return await self._retry_after(plan, engine_id, failed)
+
+    def unary_plan(self, pd: PDRequest) -> tuple | None:
+        """The entry plan (_on_engines' arguments) of a request the unary lane serves (distserve/router/unary.py:
+        not streamed, one choice, a route at hand), its checks passed (ApiError otherwise) and its engine calls
+        prepared; None: the coroutine path serves it (generate)."""
+        if pd.body.get("stream") is True or fanout.needed(pd.kind, pd.body):
+            return None
+        if not self.view.table().entries.get(pd.model):  # it may wait for one: generate's
+            return None
+        self._checks(pd)
+        self._prepare(pd)
+        return self._entry_plan(pd)
+
     def _retry_after(self, plan: tuple, engine_id: str, first: BaseException) -> Coroutine:
         """The attempts after a first one on `engine_id` failed with `first` (RetryElsewhere or _Vanished), to
         await."""

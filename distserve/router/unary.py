@@ -1,0 +1,257 @@
+"""A non-streamed PD request served by callbacks: the unary lane.
+
+The usual request (one choice, not streamed, a prefill picked) is served here with no task, future or
+coroutine: the prefill's call is written from the client's `data_received`, the decode's from the prefill
+answer's, the client's answer from the decode's (EnginePool.call). A task per request, a future per engine
+answer and the coroutine layers they resume through cost a fifth of the router's CPU per non-streamed
+request (docs/benchmarks.md, "Seventeenth pass").
+
+Every decision is the orchestrator's own (its plain methods: the bodies, the answers, the picks' plans,
+the failures' classification), so both paths behave alike by construction. Anything off the usual path
+continues as a coroutine in the connection's task from where the lane stands: an engine that fails before
+output (its retries on other engines), a hybrid entry, an engine gone between pick and call, no decode
+linked yet (the wait for one). The client leaving cancels the exchange as it cancels a task: a prefill
+still running is left to finish and its sessions are freed; a decode running is dropped and the prefill's
+blocks are freed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from distserve.cluster.records import EngineRecord
+from distserve.router.errors import ApiError
+from distserve.router.http1 import Call
+from distserve.router.orchestrator import Orchestrator, RetryElsewhere, _Vanished
+from distserve.router.request import PDRequest
+from distserve.router.upstream import UpstreamError
+
+log = logging.getLogger("distserve.router")
+
+# where an exchange stands: an engine call of either phase running, handed to a task that has not started
+# yet (the connection's cancel still reaches the exchange), or over
+_PREFILL, _DECODE, _HANDED, _OVER = 1, 2, 3, 4
+
+
+class UnaryExchange:
+    """One request in the lane, from its prefill's pick to the client's answer. `done(exchange, answer,
+    status, close)` answers the client (a Unary or an error response) and accounts for the request;
+    `resume(exchange, rest)` continues it in a task (`rest()`: the coroutine returning the client's answer;
+    the task calls `started()` first, so a client gone before it ran is still the exchange's to wind down);
+    `gone(exchange)` accounts for a client that left. Set as the client connection's `task` while it runs:
+    `cancel()` is what the connection does when the client goes away."""
+
+    __slots__ = ("orch", "pd", "done", "resume", "gone", "phase", "prefill", "decode", "call", "t0", "plan",
+                 "engine_id", "task", "decoding")
+
+    def __init__(self, orch: Orchestrator, pd: PDRequest, done: Callable, resume: Callable,
+                 gone: Callable) -> None:
+        self.orch = orch
+        self.pd = pd
+        self.done = done
+        self.resume = resume
+        self.gone = gone
+        self.phase = 0
+        self.prefill: EngineRecord | None = None
+        self.decode: EngineRecord | None = None
+        self.call: Call | None = None
+        self.t0 = 0.0
+        self.plan: tuple = ()  # the current phase's _on_engines arguments (its retries, if any)
+        self.engine_id = ""
+        self.task = None  # the task the rest was handed to, until it starts
+        self.decoding = False  # past the prefill: its preserved blocks are the request's to free
+
+    # ------------------------------------------------------------- the entry
+    def start(self, plan: tuple, candidates: list[str]) -> None:
+        """Pick the entry engine among `candidates` (`plan`'s routable engines: Orchestrator.unary_plan) and
+        call it."""
+        try:
+            self._start(plan, candidates)
+        except Exception:  # noqa: BLE001 - a bug must answer the client (500), not drop its connection
+            self._internal_error()
+
+    def _start(self, plan: tuple, candidates: list[str]) -> None:
+        orch, pd = self.orch, self.pd
+        self.plan = plan
+        self.engine_id = engine_id = pd.routing.entry.pick(candidates, pd.ctx)
+        engine = orch.view.engines.get(engine_id)
+        if engine is None:
+            self._continue(lambda: orch._retry_after(plan, engine_id, _Vanished(engine_id)))
+            return
+        if engine.role == "hybrid":
+            self._continue(lambda: orch._on_first(plan, engine_id, plan[4](engine_id)))
+            return
+        orch.metrics.picks.inc(("prefill", engine_id))
+        pd.engines = engine_id
+        self.prefill = engine
+        self.phase = _PREFILL
+        self._call(engine, orch.prefill_body(pd), orch.s.prefill_timeout)
+
+    def _call(self, engine: EngineRecord, data: bytes, timeout: float) -> None:
+        orch = self.orch
+        pool = orch._pool()
+        self.t0 = time.perf_counter()
+        orch.load.begin(engine.id)
+        try:
+            self.call = pool.call(engine.url, b"POST", self.pd.path.encode(), data, self.pd.headers,
+                                  pool.loop.time() + timeout, self)
+        except UpstreamError as err:  # an engine URL the pool cannot use
+            self.failed(err)
+
+    # ------------------------------------------------------------- the engines' answers (Call's sink)
+    def answered(self, status: int, raw: bytes) -> None:
+        try:
+            if self.phase == _PREFILL:
+                self._prefilled(status, raw)
+            elif self.phase == _DECODE:
+                self._decoded(status, raw)
+        except Exception:  # noqa: BLE001 - a bug must answer the client (500), not stall it
+            self._internal_error()
+
+    def failed(self, exc: BaseException) -> None:
+        try:
+            phase = self.phase
+            if phase != _PREFILL and phase != _DECODE:
+                return
+            engine = self.prefill if phase == _PREFILL else self.decode
+            self.orch.load.end(engine.id)
+            name = "prefill" if phase == _PREFILL else "decode"
+            self._phase_failed(self.orch.phase_error(self.orch.call_failed(engine, name, exc), name))
+        except Exception:  # noqa: BLE001
+            self._internal_error()
+
+    def _prefilled(self, status: int, raw: bytes) -> None:
+        orch, pd, prefill = self.orch, self.pd, self.prefill
+        orch.load.end(prefill.id)
+        orch.metrics.phase.observe(time.perf_counter() - self.t0, ("prefill",))
+        try:
+            orch._take_prefill_answer(pd, prefill, orch.prefill_answer(prefill, status, raw))
+        except (RetryElsewhere, ApiError) as exc:
+            self._phase_failed(exc)
+            return
+        # the decode phase: from here on the prefill's preserved blocks are freed on every failure
+        self.plan, links_back = plan, _ = orch.decode_plan(pd, prefill)
+        self.phase = _DECODE
+        self.decoding = True
+        candidates = plan[2]()
+        if not candidates:  # no decode linked right now: wait for one, as the coroutine path does
+            self._continue_decode(lambda: orch._on_engines(*plan, wait_first=links_back))
+            return
+        self.engine_id = decode_id = pd.routing.decode.pick(candidates, pd.ctx)
+        try:
+            decode, link = orch.decode_engine(prefill, decode_id)
+        except _Vanished as exc:
+            vanished = exc
+            self._continue_decode(lambda: orch._retry_after(plan, decode_id, vanished))
+            return
+        data = orch.decode_body(pd, prefill, decode, link)
+        self.decode = decode
+        self._call(decode, data, max(0.001, orch.s.request_timeout - (time.perf_counter() - pd.started)))
+
+    def _decoded(self, status: int, raw: bytes) -> None:
+        orch, decode = self.orch, self.decode
+        orch.load.end(decode.id)
+        try:
+            answer = orch.unary_answer(self.pd, decode, "decode", status, raw, time.perf_counter() - self.t0)
+        except (RetryElsewhere, ApiError) as exc:
+            self._phase_failed(exc)
+            return
+        self.phase = _OVER
+        self.done(self, answer, 200, False)
+
+    def _phase_failed(self, exc: Exception) -> None:
+        """The current phase's call failed: another engine tries (RetryElsewhere, through the coroutine path's
+        retries), or the client gets the error."""
+        orch, pd = self.orch, self.pd
+        if isinstance(exc, RetryElsewhere):
+            plan, engine_id = self.plan, self.engine_id
+            if self.phase == _DECODE:
+                self._continue_decode(lambda: orch._retry_after(plan, engine_id, exc))
+            else:
+                self._continue(lambda: orch._retry_after(plan, engine_id, exc))
+            return
+        if self.phase == _DECODE and not pd.answered:
+            orch.free_prefill(pd, self.prefill)
+        self._error(exc)
+
+    # ------------------------------------------------------------- endings
+    def _continue(self, rest: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        """The rest of the request as a coroutine (made by `rest()` once its task runs), in a task."""
+        self.phase = _HANDED
+        self.call = None
+        self.task = self.resume(self, rest)
+
+    def _continue_decode(self, decoding: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        orch, pd, prefill = self.orch, self.pd, self.prefill
+        self._continue(lambda: orch._decode_freeing(pd, prefill, decoding()))
+
+    def started(self) -> None:
+        """The task the rest was handed to runs: the client's leaving is the task's to handle now."""
+        self.phase = _OVER
+        self.task = None
+
+    def _error(self, exc: ApiError) -> None:
+        self.phase = _OVER
+        if exc.status >= 500:
+            log.warning("request %s %s -> %d %s", self.pd.rid, self.pd.path, exc.status, exc.message)
+        self.done(self, exc.response(self.pd.rid), exc.status, exc.close)
+
+    def _internal_error(self) -> None:
+        log.exception("request %s %s: unexpected error", self.pd.rid, self.pd.path)
+        self.cancel_calls()
+        if self.phase != _OVER:
+            self.phase = _OVER
+            self.done(self, ApiError(500, "internal router error", "internal_error").response(self.pd.rid), 500,
+                      False)
+
+    def cancel_calls(self) -> None:
+        call, self.call = self.call, None
+        if call is not None:
+            call.cancel()
+
+    def cancel(self) -> None:
+        """The client went away (the connection's `task.cancel()`): the engines' work is wound down as a
+        cancelled task's would be."""
+        phase = self.phase
+        if phase == _OVER:
+            return
+        self.phase = _OVER
+        orch, pd, call = self.orch, self.pd, self.call
+        self.call = None
+        if phase == _HANDED:  # its task has not run: nothing of the rest has started
+            self.task.cancel()
+            self.task = None
+            if self.decoding and not pd.answered:
+                orch.free_prefill(pd, self.prefill)
+        elif phase == _PREFILL:
+            orch.load.end(self.prefill.id)
+            if call is not None and not call.done:
+                if call.conn is None:  # still connecting: nothing reached the engine
+                    call.cancel()
+                else:  # the prefill runs on: its answer's sessions are freed when it comes
+                    call.sink = _Orphaned(orch, self.prefill, pd.headers)
+        else:
+            orch.load.end(self.decode.id)
+            if call is not None:
+                call.cancel()
+            if not pd.answered:
+                orch.free_prefill(pd, self.prefill)
+        self.gone(self)
+
+
+class _Orphaned:
+    """The sink of a prefill call whose client left: its answer's sessions are freed, a failure forgotten."""
+
+    __slots__ = ("orch", "prefill", "headers")
+
+    def __init__(self, orch: Orchestrator, prefill: EngineRecord, headers: bytes) -> None:
+        self.orch, self.prefill, self.headers = orch, prefill, headers
+
+    def answered(self, status: int, raw: bytes) -> None:
+        self.orch.free_orphaned(self.prefill, self.headers, status, raw)
+
+    def failed(self, exc: BaseException) -> None:
+        pass
