@@ -392,24 +392,20 @@ class Router:
         try:
             self._admit(headers, False)
             self._parse(pd, raw)
-            plan = self.orchestrator.unary_plan(pd)
-            if plan is not None:
-                candidates = plan[2]()
-                if not candidates:
-                    raise plan[6]()  # no engine to try at all
+            candidates = self.orchestrator.unary_entries(pd)
         except ApiError as exc:
             self.in_flight += 1
             self.requests_total += 1
             self._answer_now(pd, exc, True)
             return True
-        if plan is None:
+        if candidates is None:
             conn.run(self.serve_generate(pd, raw, admitted=True))
             return True
         self.in_flight += 1
         self.requests_total += 1
         exchange = UnaryExchange(self.orchestrator, pd, self._lane_done, self._lane_resume, self._lane_gone)
         conn.task = exchange  # the client leaving cancels it, as it would the request's task
-        exchange.start(plan, candidates)
+        exchange.start(candidates)
         return True
 
     def _answer_now(self, pd: PDRequest, exc: ApiError, within_next: bool) -> None:

@@ -261,10 +261,7 @@ class Orchestrator:
         model = pd.model
 
         def entries() -> list[str]:
-            found = self.view.table().entries.get(model) or ()
-            if pd.needs:  # only engines (and paths) that apply every field the request uses
-                found = [e for e in found if self._honours(e, pd.needs, model)]
-            return found  # the table's own list when unfiltered: read, never changed
+            return self._entries(pd)
 
         def attempt(engine_id: str) -> Coroutine[Any, Any, web.StreamResponse]:
             # the engine's path, to await (no coroutine layer of its own; _Vanished raised before any)
@@ -282,8 +279,15 @@ class Orchestrator:
             pd.routing.entry,
             attempt,
             "request %s: %s on %s failed before output (%s), trying another engine",
-            lambda: ApiError(503, f"no routable engine serves model `{model}` right now", "no_route"),
+            lambda: _no_entry(model),
         )
+
+    def _entries(self, pd: PDRequest) -> list[str]:
+        """The request's routable entry engines."""
+        found = self.view.table().entries.get(pd.model) or ()
+        if pd.needs:  # only engines (and paths) that apply every field the request uses
+            found = [e for e in found if self._honours(e, pd.needs, pd.model)]
+        return found  # the table's own list when unfiltered: read, never changed
 
     async def _on_engines(
         self,
@@ -325,17 +329,20 @@ class Orchestrator:
             failed: BaseException = exc
         return await self._retry_after(plan, engine_id, failed)
 
-    def unary_plan(self, pd: PDRequest) -> tuple | None:
-        """The entry plan (_on_engines' arguments) of a request the unary lane serves (distserve/router/unary.py:
-        not streamed, one choice, a route at hand), its checks passed (ApiError otherwise) and its engine calls
-        prepared; None: the coroutine path serves it (generate)."""
+    def unary_entries(self, pd: PDRequest) -> list[str] | None:
+        """The routable entry engines of a request the unary lane serves (distserve/router/unary.py: not
+        streamed, one choice, a route at hand; ApiError when there is none to try), its checks passed and its
+        engine calls prepared; None: the coroutine path serves it (generate)."""
         if pd.body.get("stream") is True or fanout.needed(pd.kind, pd.body):
             return None
         if not self.view.table().entries.get(pd.model):  # it may wait for one: generate's
             return None
         self._checks(pd)
         self._prepare(pd)
-        return self._entry_plan(pd)
+        found = self._entries(pd)
+        if not found:
+            raise _no_entry(pd.model)
+        return found
 
     def _retry_after(self, plan: tuple, engine_id: str, first: BaseException) -> Coroutine:
         """The attempts after a first one on `engine_id` failed with `first` (RetryElsewhere or _Vanished), to
@@ -664,15 +671,9 @@ class Orchestrator:
 
     def decode_plan(self, pd: PDRequest, prefill: EngineRecord) -> tuple[tuple, Callable]:
         """_on_engines' arguments for the request's decode after `prefill` answered, and its wait_first."""
-        model = pd.model
 
         def decodes() -> list[str]:
-            found = self.view.decodes_for_inflight(prefill, model)
-            rest = pd.needs - {capabilities.SHARED_PREFILL}
-            if rest:
-                engines = self.view.engines
-                found = [d for d in found if d in engines and rest <= effective_capabilities(engines[d])]
-            return found
+            return self.decodes(pd, prefill)
 
         async def links_back() -> bool:
             # The prefill's KV is waiting: give its links a moment to come back (a lease replaced).
@@ -697,6 +698,16 @@ class Orchestrator:
             ),
             links_back,
         )
+
+    def decodes(self, pd: PDRequest, prefill: EngineRecord) -> list[str]:
+        """The decodes the request may finish on after `prefill` answered."""
+        found = self.view.decodes_for_inflight(prefill, pd.model)
+        if pd.needs:
+            rest = pd.needs - {capabilities.SHARED_PREFILL}
+            if rest:
+                engines = self.view.engines
+                found = [d for d in found if d in engines and rest <= effective_capabilities(engines[d])]
+        return found
 
     def decode_engine(self, prefill: EngineRecord, decode_id: str) -> tuple[EngineRecord, object]:
         """The picked decode and its link from `prefill` (_Vanished when either left the view since)."""
@@ -952,6 +963,10 @@ class Orchestrator:
                 _end_call_span(span, engine, upstream.status if upstream is not None else 200)
             if upstream is not None:
                 upstream.close()  # no-op when complete; else drops the connection: the engine sees it and stops
+
+
+def _no_entry(model: str) -> ApiError:
+    return ApiError(503, f"no routable engine serves model `{model}` right now", "no_route")
 
 
 def orphan_sessions(status: int, raw: bytes) -> list[int]:

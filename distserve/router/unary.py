@@ -44,7 +44,7 @@ class UnaryExchange:
     `gone(exchange)` accounts for a client that left. Set as the client connection's `task` while it runs:
     `cancel()` is what the connection does when the client goes away."""
 
-    __slots__ = ("orch", "pd", "done", "resume", "gone", "phase", "prefill", "decode", "call", "t0", "plan",
+    __slots__ = ("orch", "pd", "done", "resume", "gone", "phase", "prefill", "decode", "call", "t0",
                  "engine_id", "task", "decoding")
 
     def __init__(self, orch: Orchestrator, pd: PDRequest, done: Callable, resume: Callable,
@@ -59,30 +59,27 @@ class UnaryExchange:
         self.decode: EngineRecord | None = None
         self.call: Call | None = None
         self.t0 = 0.0
-        self.plan: tuple = ()  # the current phase's _on_engines arguments (its retries, if any)
         self.engine_id = ""
         self.task = None  # the task the rest was handed to, until it starts
         self.decoding = False  # past the prefill: its preserved blocks are the request's to free
 
     # ------------------------------------------------------------- the entry
-    def start(self, plan: tuple, candidates: list[str]) -> None:
-        """Pick the entry engine among `candidates` (`plan`'s routable engines: Orchestrator.unary_plan) and
-        call it."""
+    def start(self, candidates: list[str]) -> None:
+        """Pick the entry engine among `candidates` (Orchestrator.unary_entries) and call it."""
         try:
-            self._start(plan, candidates)
+            self._start(candidates)
         except Exception:  # noqa: BLE001 - a bug must answer the client (500), not drop its connection
             self._internal_error()
 
-    def _start(self, plan: tuple, candidates: list[str]) -> None:
+    def _start(self, candidates: list[str]) -> None:
         orch, pd = self.orch, self.pd
-        self.plan = plan
         self.engine_id = engine_id = pd.routing.entry.pick(candidates, pd.ctx)
         engine = orch.view.engines.get(engine_id)
         if engine is None:
-            self._continue(lambda: orch._retry_after(plan, engine_id, _Vanished(engine_id)))
+            self._continue(lambda: orch._retry_after(orch._entry_plan(pd), engine_id, _Vanished(engine_id)))
             return
         if engine.role == "hybrid":
-            self._continue(lambda: orch._on_first(plan, engine_id, plan[4](engine_id)))
+            self._continue(lambda: orch._on_first(orch._entry_plan(pd), engine_id, orch._hybrid(pd, engine)))
             return
         orch.metrics.picks.inc(("prefill", engine_id))
         pd.engines = engine_id
@@ -133,19 +130,18 @@ class UnaryExchange:
             self._phase_failed(exc)
             return
         # the decode phase: from here on the prefill's preserved blocks are freed on every failure
-        self.plan, links_back = plan, _ = orch.decode_plan(pd, prefill)
         self.phase = _DECODE
         self.decoding = True
-        candidates = plan[2]()
+        candidates = orch.decodes(pd, prefill)
         if not candidates:  # no decode linked right now: wait for one, as the coroutine path does
-            self._continue_decode(lambda: orch._on_engines(*plan, wait_first=links_back))
+            self._continue_decode(lambda: orch._decode(pd, prefill))
             return
         self.engine_id = decode_id = pd.routing.decode.pick(candidates, pd.ctx)
         try:
             decode, link = orch.decode_engine(prefill, decode_id)
         except _Vanished as exc:
             vanished = exc
-            self._continue_decode(lambda: orch._retry_after(plan, decode_id, vanished))
+            self._continue_decode(lambda: orch._retry_after(orch.decode_plan(pd, prefill)[0], decode_id, vanished))
             return
         data = orch.decode_body(pd, prefill, decode, link)
         self.decode = decode
@@ -167,11 +163,11 @@ class UnaryExchange:
         retries), or the client gets the error."""
         orch, pd = self.orch, self.pd
         if isinstance(exc, RetryElsewhere):
-            plan, engine_id = self.plan, self.engine_id
+            engine_id, prefill = self.engine_id, self.prefill
             if self.phase == _DECODE:
-                self._continue_decode(lambda: orch._retry_after(plan, engine_id, exc))
+                self._continue_decode(lambda: orch._retry_after(orch.decode_plan(pd, prefill)[0], engine_id, exc))
             else:
-                self._continue(lambda: orch._retry_after(plan, engine_id, exc))
+                self._continue(lambda: orch._retry_after(orch._entry_plan(pd), engine_id, exc))
             return
         if self.phase == _DECODE and not pd.answered:
             orch.free_prefill(pd, self.prefill)
