@@ -23,6 +23,7 @@ cdef class Response:
     cdef public object _idle_timer
     cdef public double _idle
     cdef public double _wait_since
+    cdef public object _on_end
     cpdef _feed(self, bytes data)
     cpdef _finish(self)
     cpdef _complete(self, bytes body)
@@ -35,8 +36,8 @@ cdef class _Deadlines:
     cdef public object loop
     cdef public dict slots
     cdef public dict timers
-    cpdef add(self, Response resp, double deadline)
-    cpdef remove(self, Response resp)
+    cpdef add(self, object resp, double deadline)
+    cpdef remove(self, object resp)
 
 cdef class _Connection:
     cdef public object pool
@@ -51,6 +52,7 @@ cdef class _Connection:
     cdef public Py_ssize_t _remaining
     cdef public bint _keep_alive
     cdef public bint _got_bytes
+    cdef public object _call
     cpdef Response start(self, bytes request)
     cpdef abort(self)
     cpdef _release(self)
