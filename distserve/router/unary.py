@@ -198,6 +198,8 @@ class UnaryExchange:
     def _internal_error(self) -> None:
         log.exception("request %s %s: unexpected error", self.pd.rid, self.pd.path)
         self.cancel_calls()
+        if self.decoding and not self.pd.answered:  # nothing will decode the prefill's blocks now
+            self.orch.free_prefill(self.pd, self.prefill)
         if self.phase != _OVER:
             self.phase = _OVER
             self.done(self, ApiError(500, "internal router error", "internal_error").response(self.pd.rid), 500,
