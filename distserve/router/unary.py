@@ -45,7 +45,7 @@ class UnaryExchange:
     `cancel()` is what the connection does when the client goes away."""
 
     __slots__ = ("orch", "pd", "done", "resume", "gone", "phase", "prefill", "decode", "call", "t0",
-                 "engine_id", "task", "decoding")
+                 "engine_id", "task", "decoding", "loaded")
 
     def __init__(self, orch: Orchestrator, pd: PDRequest, done: Callable, resume: Callable,
                  gone: Callable) -> None:
@@ -62,6 +62,7 @@ class UnaryExchange:
         self.engine_id = ""
         self.task = None  # the task the rest was handed to, until it starts
         self.decoding = False  # past the prefill: its preserved blocks are the request's to free
+        self.loaded = ""  # the engine whose load count this exchange's running call holds (LoadTracker)
 
     # ------------------------------------------------------------- the entry
     def start(self, candidates: list[str]) -> None:
@@ -92,6 +93,7 @@ class UnaryExchange:
         pool = orch._pool()
         self.t0 = time.perf_counter()
         orch.load.begin(engine.id)
+        self.loaded = engine.id
         try:
             self.call = pool.call(engine.url, b"POST", self.pd.path.encode(), data, self.pd.headers,
                                   pool.loop.time() + timeout, self)
@@ -114,7 +116,7 @@ class UnaryExchange:
             if phase != _PREFILL and phase != _DECODE:
                 return
             engine = self.prefill if phase == _PREFILL else self.decode
-            self.orch.load.end(engine.id)
+            self._unload()
             name = "prefill" if phase == _PREFILL else "decode"
             self._phase_failed(self.orch.phase_error(self.orch.call_failed(engine, name, exc), name))
         except Exception:  # noqa: BLE001
@@ -122,7 +124,7 @@ class UnaryExchange:
 
     def _prefilled(self, status: int, raw: bytes) -> None:
         orch, pd, prefill = self.orch, self.pd, self.prefill
-        orch.load.end(prefill.id)
+        self._unload()
         orch.metrics.phase.observe(time.perf_counter() - self.t0, ("prefill",))
         try:
             orch._take_prefill_answer(pd, prefill, orch.prefill_answer(prefill, status, raw))
@@ -149,7 +151,7 @@ class UnaryExchange:
 
     def _decoded(self, status: int, raw: bytes) -> None:
         orch, decode = self.orch, self.decode
-        orch.load.end(decode.id)
+        self._unload()
         try:
             answer = orch.unary_answer(self.pd, decode, "decode", status, raw, time.perf_counter() - self.t0)
         except (RetryElsewhere, ApiError) as exc:
@@ -172,6 +174,13 @@ class UnaryExchange:
         if self.phase == _DECODE and not pd.answered:
             orch.free_prefill(pd, self.prefill)
         self._error(exc)
+
+    def _unload(self) -> None:
+        """The running call is over (answered, failed or given up): its engine's load count drops, once."""
+        engine_id = self.loaded
+        if engine_id:
+            self.loaded = ""
+            self.orch.load.end(engine_id)
 
     # ------------------------------------------------------------- endings
     def _continue(self, rest: Callable[[], Coroutine[Any, Any, Any]]) -> None:
@@ -198,6 +207,7 @@ class UnaryExchange:
     def _internal_error(self) -> None:
         log.exception("request %s %s: unexpected error", self.pd.rid, self.pd.path)
         self.cancel_calls()
+        self._unload()
         if self.decoding and not self.pd.answered:  # nothing will decode the prefill's blocks now
             self.orch.free_prefill(self.pd, self.prefill)
         if self.phase != _OVER:
@@ -225,14 +235,14 @@ class UnaryExchange:
             if self.decoding and not pd.answered:
                 orch.free_prefill(pd, self.prefill)
         elif phase == _PREFILL:
-            orch.load.end(self.prefill.id)
+            self._unload()
             if call is not None and not call.done:
                 if call.conn is None:  # still connecting: nothing reached the engine
                     call.cancel()
                 else:  # the prefill runs on: its answer's sessions are freed when it comes
                     call.sink = _Orphaned(orch, self.prefill, pd.headers)
         else:
-            orch.load.end(self.decode.id)
+            self._unload()
             if call is not None:
                 call.cancel()
             if not pd.answered:

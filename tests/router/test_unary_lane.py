@@ -152,3 +152,46 @@ async def test_requests_answered_by_callbacks_keep_their_order_when_pipelined(en
         writer.close()
     finally:
         proc.stop()
+
+
+async def test_an_unexpected_error_with_a_call_under_way_answers_500_and_leaves_no_load_behind(engines, monkeypatch):
+    """A bug in the lane after the decode's load was counted (here: the pool raising on the decode's call) must
+    answer the client 500, free the prefill's blocks and end the decode's load count: a count left behind
+    would make every strategy see the engine one request busier for good."""
+    from distserve.router.app import Router
+    from distserve.router.http1 import EnginePool
+    from distserve.router.settings import RouterSettings
+
+    real_call = EnginePool.call
+    decode_url = engines["decode"].url
+
+    def call(self, url, *args, **kwargs):
+        if url == decode_url:
+            raise RuntimeError("a bug")
+        return real_call(self, url, *args, **kwargs)
+
+    router = Router(RouterSettings(cluster=engines["keys"].cluster, port=0, host="127.0.0.1"), engines["client"])
+    await router.start()
+    try:
+        for _ in range(100):
+            if router.view.table().entries.get(MODEL):
+                break
+            await asyncio.sleep(0.05)
+        monkeypatch.setattr(EnginePool, "call", call)
+        reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+        writer.write(_request({"model": MODEL, "prompt": "hi"}))
+        status, body = await asyncio.wait_for(_read_answer(reader), 10)
+        assert status == 500, body
+        assert json.loads(body)["error"]["code"] == "internal_error", body
+        for _ in range(100):
+            if engines["prefill"].requests("/distserve/free_cache"):
+                break
+            await asyncio.sleep(0.05)
+        assert engines["prefill"].requests("/distserve/free_cache"), "the prefill's blocks were not freed"
+        assert router.view.load.own == {"p0": 0, "d0": 0}
+        monkeypatch.setattr(EnginePool, "call", real_call)
+        writer.write(_request({"model": MODEL, "prompt": "hi"}))  # the connection still serves
+        assert (await asyncio.wait_for(_read_answer(reader), 10))[0] == 200
+        writer.close()
+    finally:
+        await router.stop()
