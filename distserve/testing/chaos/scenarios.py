@@ -501,9 +501,13 @@ async def decode_kill(h: Harness) -> None:
     await h.warmup(2.0)
     before = await h.snapshot()
 
-    async def streaming() -> bool:  # wait until several streams run on the victim
-        v = await h.cluster.engine_metric(engine, "distserve_engine_requests_running")
-        return (v or 0) >= 2
+    async def streaming() -> bool:
+        # wait until a long stream is well under way on the victim: it then holds more KV blocks than a short
+        # request can (<= ~13: a 24-word prompt and 24 tokens), with 100+ tokens still to go. A count of running
+        # requests is not enough: short ones alone reach it, and the long streams may all be on the other decode
+        # (a fast machine failed the check so: the kill found no stream on the victim)
+        used = await h.cluster.engine_metric(engine, "distserve_engine_kv_blocks_used")
+        return (used or 0) >= 20
 
     await h.wait_for(streaming, 20.0, interval=0.05)
     t_kill, t_dead = await _kill_and_restart(h, victim, "decode", before, f"SIGKILL {victim} mid-stream")
