@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from distserve.router import heads
 from tests.router.fuzzing import needs_gcc, run_sanitized_fuzz
+from tests.util import examples
 
 c = heads._c
 needs_c = pytest.mark.skipif(c is None, reason="distserve.router._heads is not built here")
@@ -51,7 +52,7 @@ _request_line = st.sampled_from([
 
 
 @needs_c
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(3000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_status, st.lists(_line, max_size=8), st.booleans())
 def test_answer_heads_parse_alike(status, lines, trailing_crlf):
     head = b"\r\n".join([status, *lines]) + (b"\r\n" if trailing_crlf else b"")
@@ -59,7 +60,7 @@ def test_answer_heads_parse_alike(status, lines, trailing_crlf):
 
 
 @needs_c
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(3000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_request_line, st.lists(_line, max_size=8), st.sampled_from([0, 5, 1000, 1 << 40]), st.binary(max_size=4))
 def test_request_heads_parse_alike(request_line, lines, body_limit, after):
     buf = b"\r\n".join([request_line, *lines]) + b"\r\n\r\n" + after

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from distserve.router import ring_ops
 from tests.router.fuzzing import needs_gcc, run_sanitized_fuzz
+from tests.util import examples
 
 c = ring_ops._c
 needs_c = pytest.mark.skipif(c is None, reason="distserve.router._ring_ops is not built here")
@@ -41,7 +42,7 @@ def _edit(draw):
 
 
 @needs_c
-@settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(3000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_edit())
 def test_c_splices_as_the_specification(args):
     assert c.splice(*args) == ring_ops.splice_py(*args)
@@ -106,7 +107,7 @@ def _ring(draw):
 
 
 @needs_c
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(2000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_ring(), _hash, st.integers(0, 7))
 def test_c_samples_as_the_specification(ring, start, k):
     hashes, owners = ring
@@ -114,7 +115,7 @@ def test_c_samples_as_the_specification(ring, start, k):
 
 
 @needs_c
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(2000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_ring(), _hash, st.lists(st.sampled_from(OWNERS + ["z"]), min_size=1, max_size=4, unique=True))
 def test_c_finds_the_first_clockwise_as_the_specification(ring, start, tied):
     from bisect import bisect_right
@@ -124,7 +125,7 @@ def test_c_finds_the_first_clockwise_as_the_specification(ring, start, tied):
     assert c.first_clockwise(owners, i, tied) == ring_ops.first_clockwise_py(owners, i, tied)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from([f"p{i}" for i in range(40)]), min_size=33, max_size=40, unique=True).map(sorted),
        st.integers(0, (1 << 64) - 1), st.data())
 def test_walking_the_ring_finds_what_the_tied_engines_points_find(members, start, data):
@@ -176,7 +177,7 @@ _counts = st.dictionaries(st.sampled_from(OWNERS + ["f", "g"]), st.sampled_from(
 
 
 @needs_c
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(2000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_counts, _counts)
 def test_c_counts_changes_as_the_specification(counts, old_counts):
     assert c.count_changes(counts, old_counts) == ring_ops.count_changes_py(counts, old_counts)

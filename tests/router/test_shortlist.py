@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from distserve.router import shortlist
 from tests.router.fuzzing import needs_gcc, run_sanitized_fuzz
+from tests.util import examples
 
 c = shortlist._c
 needs_c = pytest.mark.skipif(c is None, reason="distserve.router._shortlist is not built here")
@@ -58,7 +59,7 @@ def _inputs(draw):
 
 
 @needs_c
-@settings(max_examples=2500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(2500), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_inputs())
 def test_c_scores_as_the_specification(args):
     expected = outcome(shortlist.score_py, *args)
@@ -85,7 +86,7 @@ def _declines_only_where_documented(args) -> bool:
 
 
 @needs_c
-@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(1000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_inputs())
 def test_c_declines_only_the_documented_inputs(args):
     if c.score(*args) is None:
@@ -161,7 +162,7 @@ _sizes = st.tuples(st.integers(0, 3), st.integers(0, 3))
 
 
 @needs_c
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(2000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from(ENGINES), min_size=1, max_size=8),
        st.dictionaries(st.sampled_from(ENGINES), st.one_of(st.integers(0, 3), st.sampled_from([0.0, 0.5, 1.0, 2.0]))),
        st.dictionaries(st.sampled_from(ENGINES), _sizes))
@@ -188,7 +189,7 @@ class _Stream:
 
 
 @needs_c
-@settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(2000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.sampled_from(ENGINES), max_size=10, unique=True),
        st.dictionaries(st.sampled_from(ENGINES), st.tuples(st.booleans(), st.sampled_from([0.0, 5.0, 9.5, 10.0, 12]))),
        st.sampled_from([0.0, 10.0, 14.5, 20.0]), st.sampled_from([0.0, 2.5, 5.0]))
