@@ -207,3 +207,11 @@ def test_bad_options_exit_2_with_one_line(argv, message):
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_routers_take_turns_at_each_place_in_the_order_across_repeats(bench):
+    fronts = {m: (m, None) for m in ("direct", "direct-parallel", "distserve", "sglang", "distserve-base")}
+    orders = [[m for m, _ in bench.front_order(fronts, rep)] for rep in range(3)]
+    assert all(order[:2] == ["direct", "direct-parallel"] for order in orders)
+    assert {order[2] for order in orders} == {"distserve", "sglang", "distserve-base"}
+    assert all(sorted(order) == sorted(fronts) for order in orders)
