@@ -19,4 +19,6 @@ def examples(n: int) -> int:
     200) in the default run, which CI's time bounds; every run draws new examples, so the runs add up."""
     return n if SLOW else max(200, n // 3)
 
-__all__ = ["REPO", "SLOW", "Proc", "examples", "free_port", "free_port_range", "port_free", "spawn_engine", "wait_http"]
+
+__all__ = ["REPO", "SLOW", "Proc", "examples", "free_port", "free_port_range", "port_free", "spawn_engine",
+           "wait_http"]
