@@ -113,8 +113,13 @@ async def test_every_strategy_routes_to_live_routable_engines_only(farm, etcdc, 
 
     proc, router = start_router(farm["etcd"].endpoints, "--cluster", keys.cluster)
     try:
-        # the start line names the compiled parts it runs (distserve/router/compiled.py: "c" where built)
-        assert f"compiled parts {compiled.summary()}" in proc.tail(20000), proc.tail(3000)
+        # the start line names the compiled parts it runs (distserve/router/compiled.py: "c" where built); it
+        # is printed just after the router starts serving, so /health/ready may answer a moment before it
+        line = f"compiled parts {compiled.summary()}"
+        deadline = time.monotonic() + 15
+        while line not in proc.tail(20000) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert line in proc.tail(20000), proc.tail(3000)
         for name in STRATEGY_NAMES:
             await set_routing(etcdc, keys, name)
             await wait_metric(router, "distserve_router_strategy", {"strategy": name}, 1)
