@@ -340,16 +340,29 @@ class _Deadlines:
     router's samples (py-spy --gil over tools/bench_hot_path.py: creating and cancelling); joining a slot is a
     set insertion. A deadline fires after it, never before: within 25 ms for a call with under 25 s to go,
     200 ms under 200 s, 1 s beyond (the prefill's and the request's timeouts are minutes: a timer per 25 ms
-    for those kept thousands pending)."""
+    for those kept thousands pending).
 
-    __slots__ = ("loop", "slots", "timers")
+    The last slot joined is kept at hand with the deadlines it covers: calls made close together with the same
+    timeout join it without the loop's clock or a lookup (a third of add's work per request). Such a call gets
+    the grain that slot was made with, coarser than its own only where the slot was made long before for a far
+    deadline (then it fires up to that grain after its deadline)."""
+
+    __slots__ = ("loop", "slots", "timers", "_lo", "_hi", "_set", "_key")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.slots: dict[int, set[Response]] = {}
         self.timers: dict[int, asyncio.TimerHandle] = {}
+        # the last slot joined (_set, _key) and the deadlines [_lo, _hi) it covers: an empty range once it is due
+        self._lo = self._hi = 0.0
+        self._set: set[Response] = set()
+        self._key = 0
 
     def add(self, resp: Response, deadline: float) -> None:
+        if self._lo <= deadline < self._hi:
+            self._set.add(resp)
+            resp._deadlines, resp._slot = self, self._key
+            return
         ahead = deadline - self.loop.time()
         per_s = 40 if ahead < 25.0 else 5 if ahead < 200.0 else 1  # slots per second
         slot = int(deadline * per_s) + 1  # the first slot boundary after the deadline
@@ -358,6 +371,8 @@ class _Deadlines:
         if members is None:
             members = self.slots[key] = set()
             self.timers[key] = self.loop.call_at(slot / per_s, self._due, key)
+        # kept at hand, with the deadlines it serves: those whose first boundary after them is the slot's
+        self._lo, self._hi, self._set, self._key = (slot - 1) / per_s, slot / per_s, members, key
         members.add(resp)
         resp._deadlines, resp._slot = self, key
 
@@ -368,6 +383,8 @@ class _Deadlines:
         resp._deadlines = None
 
     def _due(self, slot: int) -> None:
+        if slot == self._key:
+            self._lo = self._hi = 0.0
         self.timers.pop(slot, None)
         for resp in self.slots.pop(slot, ()):
             resp._deadlines = None
@@ -378,6 +395,7 @@ class _Deadlines:
             timer.cancel()
         self.timers.clear()
         self.slots.clear()
+        self._lo = self._hi = 0.0
 
 
 def _as_upstream(exc: BaseException) -> BaseException:

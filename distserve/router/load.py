@@ -18,11 +18,15 @@ JOURNAL = 4096
 
 
 class LoadTracker:
+    """unfinished(e) = max(own, shared + delta): `own` this replica's requests in flight on e, `shared` the last
+    load record's figure, `delta` own starts - own ends since it. Between two records own and delta move
+    together, so that is own + max(0, shared - own at the record): a start or an end moves `current` by one,
+    as it moves `own` (two dict updates a call; the journal's note besides), and a record sets it afresh."""
+
     def __init__(self) -> None:
         self.own: dict[str, int] = {}  # requests this replica has in flight, per engine
-        self._delta: dict[str, int] = {}  # own starts - own ends since the engine's last load record
         self._shared: dict[str, int] = {}  # in_flight from the last load record
-        # unfinished() of every engine with any of the three (absent: 0), set by each mutation: a strategy reads
+        # unfinished() of every engine with any of the two (absent: 0), set by each mutation: a strategy reads
         # it with a dict lookup, or many at once in C, instead of a call per engine
         self.current: dict[str, int] = {}
         # Change journal (distserve.router.strategies' indexes): seq counts every change, `changed` holds the
@@ -31,38 +35,25 @@ class LoadTracker:
         self.changed: deque[str] = deque(maxlen=JOURNAL)
 
     def _note(self, engine_id: str) -> None:
+        """unfinished() from scratch, as of a record (or none): the record's figure, never below own."""
         own = self.own.get(engine_id, 0)
         shared = self._shared.get(engine_id)
-        if shared is None:
-            self.current[engine_id] = own
-        else:
-            estimate = shared + self._delta.get(engine_id, 0)
-            self.current[engine_id] = estimate if estimate > own else own
+        self.current[engine_id] = own if shared is None or shared <= own else shared
         self.seq += 1
         self.changed.append(engine_id)
 
-    # begin and end run twice per request each: _note written out in them (a call less each time)
+    # begin and end run twice per request each: the journal's note written out in them (a call less each time)
     def begin(self, engine_id: str) -> None:
-        own, delta = self.own, self._delta
-        n = own[engine_id] = own.get(engine_id, 0) + 1
-        d = delta[engine_id] = delta.get(engine_id, 0) + 1
-        shared = self._shared.get(engine_id)
-        if shared is None or shared + d <= n:
-            self.current[engine_id] = n
-        else:
-            self.current[engine_id] = shared + d
+        own, current = self.own, self.current
+        own[engine_id] = own.get(engine_id, 0) + 1
+        current[engine_id] = current.get(engine_id, 0) + 1
         self.seq += 1
         self.changed.append(engine_id)
 
     def end(self, engine_id: str) -> None:
-        own, delta = self.own, self._delta
-        n = own[engine_id] = own.get(engine_id, 1) - 1
-        d = delta[engine_id] = delta.get(engine_id, 0) - 1
-        shared = self._shared.get(engine_id)
-        if shared is None or shared + d <= n:
-            self.current[engine_id] = n
-        else:
-            self.current[engine_id] = shared + d
+        own, current = self.own, self.current
+        own[engine_id] = own.get(engine_id, 1) - 1
+        current[engine_id] = current.get(engine_id, 1) - 1
         self.seq += 1
         self.changed.append(engine_id)
 
@@ -71,12 +62,10 @@ class LoadTracker:
             self._shared.pop(engine_id, None)
         else:
             self._shared[engine_id] = record.in_flight
-        self._delta[engine_id] = 0
         self._note(engine_id)
 
     def forget(self, engine_id: str) -> None:
         self._shared.pop(engine_id, None)
-        self._delta.pop(engine_id, None)
         self._note(engine_id)
         if not self.own.get(engine_id):  # nothing of it left here: no entry (engines come and go)
             self.current.pop(engine_id, None)

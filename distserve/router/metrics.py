@@ -1,10 +1,16 @@
-"""Prometheus text exposition, hand-rolled: a few dict updates per request, nothing else on the hot path.
+"""Prometheus text exposition, hand-rolled: a few list appends per request, nothing else on the hot path.
 
-Label values are tuples in declaration order. Gauges can be callbacks read at scrape time.
+Label values are tuples in declaration order. Gauges can be callbacks read at scrape time. The hot path records
+with `Counter.add(labels)` and `Histogram.observer(labels)(value)`: a list append each, no Python call, counted in
+C (collections.Counter, map over bisect) when the metric is read and by `RouterMetrics.fold()` once a second,
+which bounds the pending lists. Seven such records per non-streamed request were 6 % of the router's bytecodes
+(docs/benchmarks.md, "Nineteenth pass").
 """
 
 from __future__ import annotations
 
+import collections
+import functools
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 
@@ -52,17 +58,31 @@ class Counter:
     def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = ()) -> None:
         self.name, self.help, self.labelnames = name, help_text, labels
         self.values: dict[tuple, float] = {}
+        self._ones: list[tuple] = []
+        # count one of `labels` (a tuple): the hot path's increment, a list append counted in when read
+        self.add: Callable[[tuple], None] = self._ones.append
 
     def inc(self, labels: tuple = (), amount: float = 1) -> None:
         self.values[labels] = self.values.get(labels, 0) + amount
 
+    def fold(self) -> None:
+        ones = self._ones
+        if ones:
+            values = self.values
+            for labels, n in collections.Counter(ones).items():
+                values[labels] = values.get(labels, 0) + n
+            ones.clear()  # in place: `add` is this list's append
+
     def get(self, labels: tuple = ()) -> float:
+        self.fold()
         return self.values.get(labels, 0)
 
     def total(self) -> float:
+        self.fold()
         return sum(self.values.values())
 
     def render(self) -> Iterable[str]:
+        self.fold()
         for labels, v in sorted(self.values.items()):
             yield f"{self.name}{_labels(self.labelnames, labels)} {_fmt(v)}"
 
@@ -105,22 +125,47 @@ class Histogram:
     ) -> None:
         self.name, self.help, self.labelnames = name, help_text, labels
         self.buckets = buckets
+        self._bucket_of = functools.partial(bisect_left, buckets)
         # labels -> [per-bucket counts (non-cumulative, last is +Inf), sum, count]
         self.series: dict[tuple, list] = {}
+        # labels -> values observed through observer() not counted in yet (a series appears once it has one)
+        self._pending: dict[tuple, list[float]] = {}
 
-    def observe(self, value: float, labels: tuple = ()) -> None:
+    def _series(self, labels: tuple) -> list:
         s = self.series.get(labels)
         if s is None:
             s = self.series[labels] = [[0] * (len(self.buckets) + 1), 0.0, 0]
+        return s
+
+    def observe(self, value: float, labels: tuple = ()) -> None:
+        s = self._series(labels)
         s[0][bisect_left(self.buckets, value)] += 1
         s[1] += value
         s[2] += 1
 
+    def observer(self, labels: tuple = ()) -> Callable[[float], None]:
+        """Observe into the series of `labels`: the hot path's, a list append per value, counted in when read
+        (hold it: made once per series)."""
+        return self._pending.setdefault(labels, []).append
+
+    def fold(self) -> None:
+        for labels, pending in self._pending.items():
+            if pending:
+                s = self._series(labels)
+                counts = s[0]
+                for i, n in collections.Counter(map(self._bucket_of, pending)).items():
+                    counts[i] += n
+                s[1] += sum(pending)
+                s[2] += len(pending)
+                pending.clear()  # in place: the observers append to this list
+
     def count(self, labels: tuple = ()) -> int:
+        self.fold()
         s = self.series.get(labels)
         return s[2] if s else 0
 
     def render(self) -> Iterable[str]:
+        self.fold()
         for labels, (counts, total, n) in sorted(self.series.items()):
             acc = 0
             for bound, c in zip((*self.buckets, float("inf")), counts):
@@ -138,6 +183,12 @@ class Registry:
     def add(self, metric):  # noqa: ANN001 - returns what it was given
         self.metrics.append(metric)
         return metric
+
+    def fold(self) -> None:
+        """Count in what the hot path recorded since the last fold (bounds its lists between two scrapes)."""
+        for m in self.metrics:
+            if m.kind != "gauge":
+                m.fold()
 
     def render(self) -> bytes:
         lines: list[str] = []
@@ -364,6 +415,23 @@ class RouterMetrics:
                     "kv_aware picks by what decided them: cache (a cached prefix), load (no match), hash "
                     "(an engine without a stream, by prefix_affinity's hash)", ("phase", "basis"))
         )
+
+        # the hot path's observers (Histogram.observer): per phase, and per route (made on a route's first use);
+        # a series still appears only once it has a value
+        self.phase_observers: dict[str, Callable[[float], None]] = {
+            name: self.phase.observer((name,)) for name in ("prefill", "migration", "decode", "hybrid")
+        }
+        self.by_route: dict[str, tuple[Callable[[float], None], Callable[[float], None]]] = {}
+
+    def route_observers(self, path: str) -> tuple[Callable[[float], None], Callable[[float], None]]:
+        """(latency, ttft) observers of a route (hot paths read `by_route` first: a dict lookup, no call)."""
+        obs = self.by_route.get(path)
+        if obs is None:
+            obs = self.by_route[path] = (self.latency.observer((path,)), self.ttft.observer((path,)))
+        return obs
+
+    def fold(self) -> None:
+        self.registry.fold()
 
     def render(self) -> bytes:
         return self.registry.render()

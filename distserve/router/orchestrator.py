@@ -485,7 +485,7 @@ class Orchestrator:
 
     # ------------------------------------------------------------------ hybrid
     async def _hybrid(self, pd: PDRequest, engine: EngineRecord) -> web.StreamResponse:
-        self.metrics.picks.inc(("hybrid", engine.id))
+        self.metrics.picks.add(("hybrid", engine.id))
         pd.engines = engine.id
         if pd.stream:
             resp, _ok = await self._stream_through(pd, engine, pd.raw, "hybrid")
@@ -499,7 +499,7 @@ class Orchestrator:
         out, its answer is read in the background and its sessions are freed (`_call`'s `orphaned`). No
         task of its own per request for that (a shield costs a task and two loop callbacks each time), and
         no coroutine of its own either: it returns `_prefill`'s."""
-        self.metrics.picks.inc(("prefill", prefill.id))
+        self.metrics.picks.add(("prefill", prefill.id))
         pd.engines = prefill.id
         return self._prefill(pd, prefill)
 
@@ -602,7 +602,7 @@ class Orchestrator:
             raise self.phase_error(err, "prefill") from None
         finally:
             self.load.end(prefill.id)
-        self.metrics.phase.observe(time.perf_counter() - t0, ("prefill",))
+        self.metrics.phase_observers["prefill"](time.perf_counter() - t0)
         return self.prefill_answer(prefill, status, raw)
 
     def prefill_body(self, pd: PDRequest) -> bytes:
@@ -720,7 +720,7 @@ class Orchestrator:
     def decode_body(self, pd: PDRequest, prefill: EngineRecord, decode: EngineRecord, link) -> bytes:
         """The decode's request (counted as its pick): the client's body and where its KV waits."""
         decode_id = decode.id
-        self.metrics.picks.inc(("decode", decode_id))
+        self.metrics.picks.add(("decode", decode_id))
         pd.engines = f"{prefill.id}>{decode_id}"
         fields = {
             "protocol": int(PROTOCOL_BY_NAME[link.protocol]),
@@ -854,7 +854,7 @@ class Orchestrator:
         if status != 200:
             raise self.phase_error(self._status_failed(engine, phase, status, raw), phase)
         # non-streamed: the decode phase's first byte is its whole answer (migration + decode)
-        self.metrics.phase.observe(elapsed, (phase,))
+        self.metrics.phase_observers[phase](elapsed)
         return Unary(raw, pd.rid)
 
     def _status_failed(self, engine: EngineRecord, phase: str, status: int, raw: bytes) -> UpstreamError:

@@ -82,7 +82,7 @@ class UnaryExchange:
         if engine.role == "hybrid":
             self._continue(lambda: orch._on_first(orch._entry_plan(pd), engine_id, orch._hybrid(pd, engine)))
             return
-        orch.metrics.picks.inc(("prefill", engine_id))
+        orch.metrics.picks.add(("prefill", engine_id))
         pd.engines = engine_id
         self.prefill = engine
         self.phase = _PREFILL
@@ -125,7 +125,7 @@ class UnaryExchange:
     def _prefilled(self, status: int, raw: bytes) -> None:
         orch, pd, prefill = self.orch, self.pd, self.prefill
         self._unload()
-        orch.metrics.phase.observe(time.perf_counter() - self.t0, ("prefill",))
+        orch.metrics.phase_observers["prefill"](time.perf_counter() - self.t0)
         try:
             orch._take_prefill_answer(pd, prefill, orch.prefill_answer(prefill, status, raw))
         except (RetryElsewhere, ApiError) as exc:

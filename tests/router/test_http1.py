@@ -324,6 +324,47 @@ async def test_deadline_slots_fire_after_the_deadline_and_close_to_it():
     assert all(t.cancelled() for t in timers) and not deadlines.slots
 
 
+async def test_deadlines_joining_the_last_slot_keep_the_bounds_and_a_due_slot_is_never_joined_again():
+    """Calls made close together join the last slot without the clock (_Deadlines' shortcut): every deadline,
+    in any order, is still in the slot whose timer is due at or after it and within its grain, and each call is
+    a member of the slot it names; once a slot has fired, a deadline it covered gets a new slot and timer."""
+    import random
+
+    from distserve.router.http1 import _Deadlines
+
+    class Member:  # what _Deadlines needs of a call
+        _deadlines = None
+        _slot = 0
+        expired = 0
+
+        def _expire(self) -> None:
+            self.expired += 1
+
+    loop = asyncio.get_running_loop()
+    deadlines = _Deadlines(loop)
+    rng = random.Random(4)
+    now = loop.time()
+    for base in (30.0, 300.0, 5.0):  # the three grains
+        grain = 0.025 if base < 25 else 0.2 if base < 200 else 1.0
+        for _ in range(400):
+            member, deadline = Member(), now + base + rng.uniform(-1.5, 1.5) * grain
+            deadlines.add(member, deadline)
+            due = deadlines.timers[member._slot].when()
+            assert deadline <= due <= deadline + grain + 1e-6, (base, deadline - now, due - deadline)
+            assert member in deadlines.slots[member._slot] and member._deadlines is deadlines
+    first, second = Member(), Member()
+    deadlines.add(first, loop.time() + 0.01)
+    await asyncio.sleep(0.08)
+    assert first.expired == 1 and first._slot not in deadlines.slots
+    slot, per_s = divmod(first._slot, 64)
+    late = (slot - 0.5) / per_s  # a deadline (now past) within the fired slot's range
+    deadlines.add(second, late)
+    assert second._slot in deadlines.slots and deadlines.timers[second._slot].when() >= late
+    await asyncio.sleep(0.08)
+    assert second.expired == 1
+    deadlines.close()
+
+
 async def test_chunked_stream_split_in_two_anywhere():
     """Whole chunks at the start of a piece are read in place; a chunk cut anywhere (its size line, its data,
     its CRLF, the last chunk, the trailers) is finished by the general loop: the same bytes either way."""

@@ -195,3 +195,45 @@ async def test_an_unexpected_error_with_a_call_under_way_answers_500_and_leaves_
         writer.close()
     finally:
         await router.stop()
+
+
+async def test_lane_requests_are_in_the_metrics_and_their_records_are_counted_in_without_a_scrape(engines):
+    """The lane records its metrics with list appends (metrics.py), counted in when read and once a second by
+    the router: /metrics shows every request (count, latency, time to first byte, both phases, both picks), and
+    with nothing scraping, the records do not pile up."""
+    from distserve.router.app import METRICS_FOLD_INTERVAL, Router
+    from distserve.router.settings import RouterSettings
+    from distserve.testing.metrics import find
+
+    router = Router(RouterSettings(cluster=engines["keys"].cluster, port=0, host="127.0.0.1"), engines["client"])
+    await router.start()
+    try:
+        for _ in range(100):
+            if router.view.table().entries.get(MODEL):
+                break
+            await asyncio.sleep(0.05)
+        reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+        for _ in range(30):
+            writer.write(_request({"model": MODEL, "prompt": "hi"}))
+            assert (await asyncio.wait_for(_read_answer(reader), 10))[0] == 200
+        m = router.metrics
+        pending = [len(v) for v in m.latency._pending.values()] + [len(m.requests._ones), len(m.picks._ones)]
+        assert max(pending) > 0, "nothing recorded by append: the test would show nothing"
+        await asyncio.sleep(METRICS_FOLD_INTERVAL * 1.5)
+        assert all(not v for h in (m.latency, m.ttft, m.phase) for v in h._pending.values())
+        assert m.requests._ones == [] and m.picks._ones == []
+        writer.write(b"GET /metrics HTTP/1.1\r\nHost: r\r\n\r\n")
+        status, text = await asyncio.wait_for(_read_answer(reader), 10)
+        text = text.decode()
+        route = {"route": "/v1/completions"}
+        assert find(text, "distserve_router_requests_total", {**route, "status": "200"}) == 30
+        assert find(text, "distserve_router_request_duration_seconds_count", route) == 30
+        assert find(text, "distserve_router_ttft_seconds_count", route) == 30
+        assert find(text, "distserve_router_request_duration_seconds_bucket", {**route, "le": "+Inf"}) == 30
+        for phase in ("prefill", "decode"):
+            assert find(text, "distserve_router_phase_seconds_count", {"phase": phase}) == 30
+        assert find(text, "distserve_router_picks_total", {"phase": "prefill", "engine": "p0"}) == 30
+        assert find(text, "distserve_router_picks_total", {"phase": "decode", "engine": "d0"}) == 30
+        writer.close()
+    finally:
+        await router.stop()

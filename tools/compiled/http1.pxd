@@ -36,6 +36,10 @@ cdef class _Deadlines:
     cdef public object loop
     cdef public dict slots
     cdef public dict timers
+    cdef public double _lo
+    cdef public double _hi
+    cdef public set _set
+    cdef public object _key
     cpdef add(self, object resp, double deadline)
     cpdef remove(self, object resp)
 
