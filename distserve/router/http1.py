@@ -342,26 +342,32 @@ class _Deadlines:
     200 ms under 200 s, 1 s beyond (the prefill's and the request's timeouts are minutes: a timer per 25 ms
     for those kept thousands pending).
 
-    The last slot joined is kept at hand with the deadlines it covers: calls made close together with the same
-    timeout join it without the loop's clock or a lookup (a third of add's work per request). Such a call gets
-    the grain that slot was made with, coarser than its own only where the slot was made long before for a far
-    deadline (then it fires up to that grain after its deadline)."""
+    The last two slots joined are kept at hand with the deadlines they cover: calls made close together with the
+    same timeout (the prefills' calls, the decodes') join them without the loop's clock or a lookup (a third of
+    add's work). Such a call gets the grain its slot was made with, coarser than its own only where the slot was
+    made long before for a far deadline (then it fires up to that grain after its deadline)."""
 
-    __slots__ = ("loop", "slots", "timers", "_lo", "_hi", "_set", "_key")
+    __slots__ = ("loop", "slots", "timers", "_lo", "_hi", "_set", "_key", "_lo2", "_hi2", "_set2", "_key2")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.slots: dict[int, set[Response]] = {}
         self.timers: dict[int, asyncio.TimerHandle] = {}
-        # the last slot joined (_set, _key) and the deadlines [_lo, _hi) it covers: an empty range once it is due
-        self._lo = self._hi = 0.0
+        # the last slot joined the long way (_set, _key) and the deadlines [_lo, _hi) it covers, and the one
+        # before it (...2): an empty range once the slot is due
+        self._lo = self._hi = self._lo2 = self._hi2 = 0.0
         self._set: set[Response] = set()
-        self._key = 0
+        self._set2: set[Response] = self._set
+        self._key = self._key2 = 0
 
     def add(self, resp: Response, deadline: float) -> None:
         if self._lo <= deadline < self._hi:
             self._set.add(resp)
             resp._deadlines, resp._slot = self, self._key
+            return
+        if self._lo2 <= deadline < self._hi2:
+            self._set2.add(resp)
+            resp._deadlines, resp._slot = self, self._key2
             return
         ahead = deadline - self.loop.time()
         per_s = 40 if ahead < 25.0 else 5 if ahead < 200.0 else 1  # slots per second
@@ -372,6 +378,7 @@ class _Deadlines:
             members = self.slots[key] = set()
             self.timers[key] = self.loop.call_at(slot / per_s, self._due, key)
         # kept at hand, with the deadlines it serves: those whose first boundary after them is the slot's
+        self._lo2, self._hi2, self._set2, self._key2 = self._lo, self._hi, self._set, self._key
         self._lo, self._hi, self._set, self._key = (slot - 1) / per_s, slot / per_s, members, key
         members.add(resp)
         resp._deadlines, resp._slot = self, key
@@ -385,6 +392,8 @@ class _Deadlines:
     def _due(self, slot: int) -> None:
         if slot == self._key:
             self._lo = self._hi = 0.0
+        if slot == self._key2:
+            self._lo2 = self._hi2 = 0.0
         self.timers.pop(slot, None)
         for resp in self.slots.pop(slot, ()):
             resp._deadlines = None
@@ -395,7 +404,7 @@ class _Deadlines:
             timer.cancel()
         self.timers.clear()
         self.slots.clear()
-        self._lo = self._hi = 0.0
+        self._lo = self._hi = self._lo2 = self._hi2 = 0.0
 
 
 def _as_upstream(exc: BaseException) -> BaseException:

@@ -325,7 +325,7 @@ async def test_deadline_slots_fire_after_the_deadline_and_close_to_it():
 
 
 async def test_deadlines_joining_the_last_slot_keep_the_bounds_and_a_due_slot_is_never_joined_again():
-    """Calls made close together join the last slot without the clock (_Deadlines' shortcut): every deadline,
+    """Calls made close together join the last two slots without the clock (_Deadlines' shortcut): every deadline,
     in any order, is still in the slot whose timer is due at or after it and within its grain, and each call is
     a member of the slot it names; once a slot has fired, a deadline it covered gets a new slot and timer."""
     import random
@@ -352,16 +352,19 @@ async def test_deadlines_joining_the_last_slot_keep_the_bounds_and_a_due_slot_is
             due = deadlines.timers[member._slot].when()
             assert deadline <= due <= deadline + grain + 1e-6, (base, deadline - now, due - deadline)
             assert member in deadlines.slots[member._slot] and member._deadlines is deadlines
-    first, second = Member(), Member()
-    deadlines.add(first, loop.time() + 0.01)
-    await asyncio.sleep(0.08)
-    assert first.expired == 1 and first._slot not in deadlines.slots
-    slot, per_s = divmod(first._slot, 64)
-    late = (slot - 0.5) / per_s  # a deadline (now past) within the fired slot's range
-    deadlines.add(second, late)
-    assert second._slot in deadlines.slots and deadlines.timers[second._slot].when() >= late
-    await asyncio.sleep(0.08)
-    assert second.expired == 1
+    for kept_second in (False, True):  # the fired slot the last one kept, or the one before it
+        first, second = Member(), Member()
+        deadlines.add(first, loop.time() + 0.01)
+        if kept_second:
+            deadlines.add(Member(), loop.time() + 5.0)  # another slot: the first one is now kept second
+        await asyncio.sleep(0.08)
+        assert first.expired == 1 and first._slot not in deadlines.slots
+        slot, per_s = divmod(first._slot, 64)
+        late = (slot - 0.5) / per_s  # a deadline (now past) within the fired slot's range
+        deadlines.add(second, late)
+        assert second._slot in deadlines.slots and deadlines.timers[second._slot].when() >= late, kept_second
+        await asyncio.sleep(0.08)
+        assert second.expired == 1
     deadlines.close()
 
 

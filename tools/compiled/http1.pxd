@@ -40,6 +40,10 @@ cdef class _Deadlines:
     cdef public double _hi
     cdef public set _set
     cdef public object _key
+    cdef public double _lo2
+    cdef public double _hi2
+    cdef public set _set2
+    cdef public object _key2
     cpdef add(self, object resp, double deadline)
     cpdef remove(self, object resp)
 
