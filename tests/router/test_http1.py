@@ -324,7 +324,7 @@ async def test_deadline_slots_fire_after_the_deadline_and_close_to_it():
     assert all(t.cancelled() for t in timers) and not deadlines.slots
 
 
-async def test_deadlines_joining_the_last_slot_keep_the_bounds_and_a_due_slot_is_never_joined_again():
+async def test_deadlines_joining_the_last_two_slots_keep_the_bounds_and_a_due_slot_is_never_joined_again():
     """Calls made close together join the last two slots without the clock (_Deadlines' shortcut): every deadline,
     in any order, is still in the slot whose timer is due at or after it and within its grain, and each call is
     a member of the slot it names; once a slot has fired, a deadline it covered gets a new slot and timer."""
