@@ -9,8 +9,10 @@ A real etcd, a real router (in process where the test counts its tasks), wire st
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -62,13 +64,29 @@ async def engines(etcd):
             await stub.stop()
 
 
+@contextlib.asynccontextmanager
+async def _router_in_process(engines: dict) -> AsyncIterator:
+    """A router in this process (its tasks countable, its parts patchable), once it has a route to MODEL;
+    stopped on exit."""
+    from distserve.router.app import Router
+    from distserve.router.settings import RouterSettings
+
+    router = Router(RouterSettings(cluster=engines["keys"].cluster, port=0, host="127.0.0.1"), engines["client"])
+    await router.start()
+    try:
+        for _ in range(100):
+            if router.view.table().entries.get(MODEL):
+                break
+            await asyncio.sleep(0.05)
+        yield router
+    finally:
+        await router.stop()
+
+
 async def test_a_non_streamed_pd_request_runs_no_router_task_and_a_streamed_one_does(engines):
     """The lane's reason to exist: no task per non-streamed request (a task, a future per engine answer and
     their coroutines were a fifth of the router's CPU per request). Counted by the loop's task factory, for
     tasks running the router's code; a streamed request, which still runs in a task, shows the count works."""
-    from distserve.router.app import Router
-    from distserve.router.settings import RouterSettings
-
     loop = asyncio.get_running_loop()
     made: list[str] = []
 
@@ -78,31 +96,25 @@ async def test_a_non_streamed_pd_request_runs_no_router_task_and_a_streamed_one_
             made.append(code.co_qualname)
         return asyncio.Task(coro, loop=loop, **kwargs)
 
-    router = Router(RouterSettings(cluster=engines["keys"].cluster, port=0, host="127.0.0.1"), engines["client"])
-    await router.start()
-    loop.set_task_factory(factory)
-    try:
-        for _ in range(100):
-            if router.view.table().entries.get(MODEL):
-                break
-            await asyncio.sleep(0.05)
-        reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
-        for _ in range(3):  # warm: the engine connections made (a connect runs in a task of the pool's)
-            writer.write(_request({"model": MODEL, "prompt": "hi"}))
-            assert (await _read_answer(reader))[0] == 200
-        made.clear()
-        for _ in range(20):
-            writer.write(_request({"model": MODEL, "prompt": "hi", "max_tokens": 4}))
-            status, body = await _read_answer(reader)
-            assert status == 200, body
-        assert made == [], made
-        writer.write(_request({"model": MODEL, "prompt": "hi", "stream": True}))
-        await reader.readuntil(b"0\r\n\r\n")
-        assert made, "a streamed request runs in a task: the count must see it"
-        writer.close()
-    finally:
-        loop.set_task_factory(None)
-        await router.stop()
+    async with _router_in_process(engines) as router:
+        loop.set_task_factory(factory)
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+            for _ in range(3):  # warm: the engine connections made (a connect runs in a task of the pool's)
+                writer.write(_request({"model": MODEL, "prompt": "hi"}))
+                assert (await _read_answer(reader))[0] == 200
+            made.clear()
+            for _ in range(20):
+                writer.write(_request({"model": MODEL, "prompt": "hi", "max_tokens": 4}))
+                status, body = await _read_answer(reader)
+                assert status == 200, body
+            assert made == [], made
+            writer.write(_request({"model": MODEL, "prompt": "hi", "stream": True}))
+            await reader.readuntil(b"0\r\n\r\n")
+            assert made, "a streamed request runs in a task: the count must see it"
+            writer.close()
+        finally:
+            loop.set_task_factory(None)
     assert len(engines["decode"].requests("/v1/completions")) == 24
 
 
@@ -158,9 +170,7 @@ async def test_an_unexpected_error_with_a_call_under_way_answers_500_and_leaves_
     """A bug in the lane after the decode's load was counted (here: the pool raising on the decode's call) must
     answer the client 500, free the prefill's blocks and end the decode's load count: a count left behind
     would make every strategy see the engine one request busier for good."""
-    from distserve.router.app import Router
     from distserve.router.http1 import EnginePool
-    from distserve.router.settings import RouterSettings
 
     real_call = EnginePool.call
     decode_url = engines["decode"].url
@@ -170,13 +180,7 @@ async def test_an_unexpected_error_with_a_call_under_way_answers_500_and_leaves_
             raise RuntimeError("a bug")
         return real_call(self, url, *args, **kwargs)
 
-    router = Router(RouterSettings(cluster=engines["keys"].cluster, port=0, host="127.0.0.1"), engines["client"])
-    await router.start()
-    try:
-        for _ in range(100):
-            if router.view.table().entries.get(MODEL):
-                break
-            await asyncio.sleep(0.05)
+    async with _router_in_process(engines) as router:
         monkeypatch.setattr(EnginePool, "call", call)
         reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
         writer.write(_request({"model": MODEL, "prompt": "hi"}))
@@ -193,25 +197,16 @@ async def test_an_unexpected_error_with_a_call_under_way_answers_500_and_leaves_
         writer.write(_request({"model": MODEL, "prompt": "hi"}))  # the connection still serves
         assert (await asyncio.wait_for(_read_answer(reader), 10))[0] == 200
         writer.close()
-    finally:
-        await router.stop()
 
 
 async def test_lane_requests_are_in_the_metrics_and_their_records_are_counted_in_without_a_scrape(engines):
     """The lane records its metrics with list appends (metrics.py), counted in when read and once a second by
     the router: /metrics shows every request (count, latency, time to first byte, both phases, both picks), and
     with nothing scraping, the records do not pile up."""
-    from distserve.router.app import METRICS_FOLD_INTERVAL, Router
-    from distserve.router.settings import RouterSettings
+    from distserve.router.app import METRICS_FOLD_INTERVAL
     from distserve.testing.metrics import find
 
-    router = Router(RouterSettings(cluster=engines["keys"].cluster, port=0, host="127.0.0.1"), engines["client"])
-    await router.start()
-    try:
-        for _ in range(100):
-            if router.view.table().entries.get(MODEL):
-                break
-            await asyncio.sleep(0.05)
+    async with _router_in_process(engines) as router:
         reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
         for _ in range(30):
             writer.write(_request({"model": MODEL, "prompt": "hi"}))
@@ -235,5 +230,3 @@ async def test_lane_requests_are_in_the_metrics_and_their_records_are_counted_in
         assert find(text, "distserve_router_picks_total", {"phase": "prefill", "engine": "p0"}) == 30
         assert find(text, "distserve_router_picks_total", {"phase": "decode", "engine": "d0"}) == 30
         writer.close()
-    finally:
-        await router.stop()
