@@ -159,6 +159,11 @@ class ReadyPool:
         self.period = period
         self.first_not_ready: dict[str, float] = {}
         self._task: asyncio.Task | None = None
+        self._quiet_until = 0.0
+
+    def hold(self, seconds: float) -> None:
+        """No poll for `seconds`: a balancer whose next poll is that far away (it keeps sending as it last saw)."""
+        self._quiet_until = time.monotonic() + seconds
 
     def __call__(self) -> list[tuple[str, str]]:
         return list(self.ready.items())
@@ -166,6 +171,8 @@ class ReadyPool:
     async def _poll(self) -> None:
         async with httpx.AsyncClient(timeout=2.0) as http:
             while True:
+                if time.monotonic() < self._quiet_until:
+                    await asyncio.sleep(self._quiet_until - time.monotonic())
                 for name, url in self.routers.items():
                     try:
                         ok = (await http.get(f"{url}/health/ready")).status_code == 200
@@ -173,6 +180,8 @@ class ReadyPool:
                         ok = False
                     except httpx.HTTPError:  # a slow answer on a busy machine: no verdict
                         continue
+                    if time.monotonic() < self._quiet_until:  # held while this poll ran: it never happened
+                        break
                     if ok:
                         self.ready[name] = url
                     else:
@@ -216,6 +225,7 @@ async def test_rolling_restart_under_load_fails_no_request(farm, cluster):
                 break
             await asyncio.sleep(0.002)
         victim = procs["ra"]
+        pool.hold(0.3)  # the balancer's next poll 0.3 s away: requests keep coming to the victim meanwhile
         t_term = time.time()
         victim.signal(signal.SIGTERM)
         record_gone = None
