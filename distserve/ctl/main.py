@@ -8,6 +8,14 @@ bad arguments; 130 interrupted. Errors are one line on stderr, never a traceback
 from __future__ import annotations
 
 import os
+import signal
+import sys
+
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "distserve-ctl":
+    # Ctrl-C while the modules below load (grpc, rich: a second or more on a busy machine) ends the program
+    # quietly with 130, not with a traceback from inside an import; nothing needs cleaning up yet. Only when
+    # this is the program: a process that imports main() (the tests) keeps its own handler.
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
 # gRPC's C core logs TLS handshake failures and the like straight to stderr; our errors are one line.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
@@ -15,9 +23,10 @@ os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import argparse  # noqa: E402
 import asyncio  # noqa: E402
 import importlib  # noqa: E402
-import sys  # noqa: E402
+import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
+from collections.abc import Coroutine  # noqa: E402
 from typing import Any, NoReturn  # noqa: E402
 
 from .context import Ctx, close_quietly, connect, describe_error  # noqa: E402
@@ -30,6 +39,7 @@ from distserve.cluster.settings import cluster_name, env_value  # noqa: E402
 PROG = "distserve-ctl"
 # The one variable distserve-ctl reads besides the shared DISTSERVE_CLUSTER and DISTSERVE_ETCD_* ones.
 ENV_DEBUG = "DISTSERVE_CTL_DEBUG"
+INTERRUPT_RESEND_S = 0.5  # after Ctrl-C, how often the command is cancelled again until it has ended
 
 
 def debug_enabled() -> bool:
@@ -123,13 +133,48 @@ async def _run(args: argparse.Namespace, cfg: Any, keys: Any, started: float) ->
         await close_quietly(client)
 
 
+async def _interruptible(work: Coroutine[Any, Any, int]) -> int:
+    """`work`, ended by Ctrl-C even where a library call swallows the cancellation (Python 3.11's wait_for can
+    lose one, a gRPC call cancelled under it can end with its own error): asyncio.run cancels once, so a lost
+    cancellation left `distserve-ctl top` running after Ctrl-C. Here every SIGINT cancels again, and so does
+    a timer until the command has ended; a second Ctrl-C is never needed."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    interrupted = False
+
+    def on_sigint() -> None:
+        nonlocal interrupted
+        interrupted = True
+        if not task.done():
+            task.cancel()
+            loop.call_later(INTERRUPT_RESEND_S, on_sigint)
+
+    # signal handlers belong to the main thread: main() run in a thread (the tests) keeps the default
+    own_sigint = threading.current_thread() is threading.main_thread()
+    if own_sigint:
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+    try:
+        result = await work
+    except asyncio.CancelledError:
+        if interrupted:
+            raise KeyboardInterrupt from None
+        raise
+    finally:
+        if own_sigint:
+            loop.remove_signal_handler(signal.SIGINT)
+    if interrupted:
+        raise KeyboardInterrupt
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
         cfg, keys = _settings(args)
-        return asyncio.run(_run(args, cfg, keys, started))
+        return asyncio.run(_interruptible(_run(args, cfg, keys, started)))
     except CtlError as exc:
         _fail(str(exc))
         return exc.code
