@@ -34,10 +34,6 @@ async def test_long_form(name, tmp_path):
     assert result.passed, f"{result.text()}\nlogs: {tmp_path / 'run' / 'logs'}"
 
 
-# The two short forms outside the issue's CI set run with the long forms (DISTSERVE_SLOW=1): what they check under
-# load is checked without it by tests/router/test_routing_config.py and tests/router/test_workers.py, and CI's
-# time is bounded (~40 s between them).
-@pytest.mark.slow
 async def test_bad_routing_config_short_form(tmp_path):
     """An operator's bad routing config under load (outside the issue's CI set, ~16 s): 0 failed requests,
     the bad value reported by every router, doctor and status."""
@@ -46,7 +42,6 @@ async def test_bad_routing_config_short_form(tmp_path):
     assert sum(1 for r in result.requests if r.ok) >= 50
 
 
-@pytest.mark.slow
 async def test_router_rolling_restart_short_form(tmp_path):
     """One of two routers SIGTERMed under load behind a readiness-polling balancer (outside the issue's CI set):
     readiness turns 503 and the record leaves etcd first, in-flight requests and streams finish, none fails."""

@@ -7,12 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow  # ~50 s: with the long tests (DISTSERVE_SLOW=1); tests/router/test_kv_aware_e2e.py runs by default
 def test_quick_run_shape_and_kv_aware_beats_round_robin(tmp_path):
     out = tmp_path / "prefix.json"
     proc = subprocess.run(
