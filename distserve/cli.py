@@ -45,9 +45,10 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
-    parser = build_parser()
-    args = parser.parse_args()
     try:
+        # Ctrl-C while the sub-command's modules load (torch takes seconds) is an interruption like any other:
+        # 130, not a traceback from inside an import
+        args = build_parser().parse_args()
         return int(args._module.main(args) or 0)
     except KeyboardInterrupt:
         return 130

@@ -1,8 +1,10 @@
 """The engine's environment (distserve.migration.settings): typed, bounded, one line at start-up."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -48,3 +50,21 @@ def test_values_in_bounds_are_used():
 def test_control_character_in_engine_api_keys_is_refused():
     with pytest.raises(settings.SettingsError, match="DISTSERVE_ENGINE_API_KEYS"):
         settings.load({"DISTSERVE_ENGINE_API_KEYS": "good,bad\x07key"})
+
+
+@pytest.mark.parametrize("seconds", [0.3, 0.6, 1.0])
+def test_ctrl_c_while_the_engine_loads_exits_130_without_a_traceback(seconds):
+    """`distserve engine` imports torch for seconds: Ctrl-C then is an interruption like any other (130, one
+    clean exit), not a traceback from inside whichever import it hit."""
+    from distserve.testing.ports import free_port
+
+    proc = subprocess.Popen([sys.executable, "-m", "distserve", "engine", "--role", "hybrid",
+                             "--host", "127.0.0.1", "--port", str(free_port())],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(seconds)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in out, out[-2000:]
