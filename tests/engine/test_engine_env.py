@@ -9,7 +9,7 @@ import time
 import pytest
 
 from distserve.migration import settings
-from tests.util import REPO
+from tests.util import REPO, free_port
 
 
 @pytest.mark.parametrize("name, value", [
@@ -56,8 +56,6 @@ def test_control_character_in_engine_api_keys_is_refused():
 def test_ctrl_c_while_the_engine_loads_exits_130_without_a_traceback(seconds):
     """`distserve engine` imports torch for seconds: Ctrl-C then is an interruption like any other (130, one
     clean exit), not a traceback from inside whichever import it hit."""
-    from distserve.testing.ports import free_port
-
     proc = subprocess.Popen([sys.executable, "-m", "distserve", "engine", "--role", "hybrid",
                              "--host", "127.0.0.1", "--port", str(free_port())],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
