@@ -65,4 +65,7 @@ def test_ctrl_c_while_the_engine_loads_exits_130_without_a_traceback(seconds):
         out, _ = proc.communicate(timeout=30)
     finally:
         proc.kill()
-    assert proc.returncode == 130 and "Traceback" not in out, out[-2000:]
+    assert "Traceback" not in out, out[-2000:]
+    # A fast machine may finish loading before the press: then Ctrl-C is the served engine's graceful shutdown (0).
+    expected = 0 if "distserve engine ready" in out else 130
+    assert proc.returncode == expected, out[-2000:]
