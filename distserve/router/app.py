@@ -399,9 +399,10 @@ class Router:
         return self.serve_generate(pd, body, conn.read_body)
 
     def serve_now(self, conn: FastConnection, kind: str, path: str, headers, raw: bytes) -> bool:
-        """The fast path's handler of a whole request (FastDoor.serve_now), without a task: a non-streamed PD
-        request through the unary lane (distserve/router/unary.py), an error answered at once, anything else
-        handed to serve_generate's coroutine in the connection's task. False (tracing on): serve_fast's."""
+        """The fast path's handler of a whole request (FastDoor.serve_now), without a task: a PD request (one
+        choice, streamed or not) through the lane (distserve/router/unary.py), an error answered at once,
+        anything else handed to serve_generate's coroutine in the connection's task. False (tracing on):
+        serve_fast's."""
         if tracing.ENABLED:  # spans follow the request's task context: the coroutine path
             return False
         pd = PDRequest(conn, kind, path, self._request_id(headers), time.perf_counter())
@@ -409,7 +410,7 @@ class Router:
         try:
             self._admit(headers, False)
             self._parse(pd, raw)
-            candidates = self.orchestrator.unary_entries(pd)
+            candidates = self.orchestrator.lane_entries(pd)
         except ApiError as exc:
             self.in_flight += 1
             self.requests_total += 1
@@ -433,6 +434,10 @@ class Router:
 
     def _lane_done(self, exchange: UnaryExchange, answer, status: int, close: bool) -> None:
         pd = exchange.pd
+        if answer is None:  # a stream, written already (its first byte counted when it went out)
+            self._account(pd, status)
+            pd.request.stream_ended(close)
+            return
         self._account(pd, status, status == 200)  # a non-streamed answer: its first byte comes with all of it
         pd.request.answered_now(answer, close, False)
 

@@ -193,7 +193,7 @@ class FastConnection(asyncio.Protocol):
     __slots__ = (
         "door", "loop", "transport", "inner", "buf", "task", "head", "timer", "timer_phase", "last",
         "keep_alive", "lost", "headers", "_reading_paused", "_writing_paused", "_drain", "_body_need",
-        "_body_parts", "_body", "_body_started",
+        "_body_parts", "_body", "_body_started", "on_drained",
     )
 
     def __init__(self, door: FastDoor) -> None:
@@ -219,6 +219,8 @@ class FastConnection(asyncio.Protocol):
         self._body_parts: list[bytes] = []
         self._body: object = None
         self._body_started = 0.0
+        # a callback (the lane's stream relay) waiting for the client to read again: called once, then cleared
+        self.on_drained: Callable[[], None] | None = None
 
     @property
     def idle(self) -> bool:
@@ -274,6 +276,10 @@ class FastConnection(asyncio.Protocol):
         self._writing_paused = False
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
+        drained = self.on_drained
+        if drained is not None:
+            self.on_drained = None
+            drained()
 
     # ------------------------------------------------------------- reading requests
     def _next(self) -> None:
@@ -453,6 +459,16 @@ class FastConnection(asyncio.Protocol):
             return
         self._after_answer(within_next)
 
+    def stream_ended(self, close: bool = False) -> None:
+        """A stream served without a task (the lane) has ended, written in full: the connection goes on, or ends
+        (`close`: after an error that cut the stream)."""
+        self.task = None
+        self.headers = None
+        if close:
+            self.keep_alive = False
+        if not self.lost:
+            self._after_answer(False)
+
     def _after_answer(self, later: bool) -> None:
         if not self.keep_alive or self.lost:
             self.transport.close()
@@ -526,9 +542,7 @@ class FastStream:
         self.prepared = False
         self._ended = False
 
-    async def prepare(self, _request=None) -> None:
-        if self.prepared:
-            return
+    def _head(self) -> bytes:
         conn = self.conn
         head = [b"HTTP/1.1 200 OK\r\n"]
         for name, value in self.headers.items():
@@ -537,7 +551,12 @@ class FastStream:
         if not conn.keep_alive:
             head.append(b"Connection: close\r\n")
         head.append(b"Transfer-Encoding: chunked\r\n\r\n")
-        conn.write(b"".join(head))
+        return b"".join(head)
+
+    async def prepare(self, _request=None) -> None:
+        if self.prepared:
+            return
+        self.conn.write(self._head())
         self.prepared = True
 
     async def write(self, data: bytes) -> None:
@@ -555,3 +574,24 @@ class FastStream:
             await self.write(data)
         self.conn.write(b"0\r\n\r\n")
         await self.conn.drain()
+
+    # ------------------------------------------------------------- without awaiting (the lane's stream relay)
+    def start(self, first: bytes) -> bool:
+        """The head and the first piece in one write. Whether the client is behind (resume when
+        `conn.on_drained` is called) or gone (ConnectionResetError) is the caller's to check."""
+        self.prepared = True
+        return self._send(self._head() + b"%x\r\n%b\r\n" % (len(first), first))
+
+    def send(self, data: bytes) -> bool:
+        """One piece; True when the client is behind (stop reading from the engine until on_drained)."""
+        return self._send(b"%x\r\n%b\r\n" % (len(data), data))
+
+    def end(self, data: bytes = b"") -> bool:
+        """The last piece (if any) and the stream's end; True when the client has not read all of it yet."""
+        self._ended = True
+        return self._send((b"%x\r\n%b\r\n0\r\n\r\n" % (len(data), data)) if data else b"0\r\n\r\n")
+
+    def _send(self, data: bytes) -> bool:
+        conn = self.conn
+        conn.write(data)
+        return conn._writing_paused

@@ -9,8 +9,10 @@ parser still checks everything it relies on and fails the call (never the proces
   headers arrived; then `read()` the whole body or `readany(idle_timeout)` it piece by piece (chunked
   transfer coding decoded). A finished response returns its connection to the pool by itself.
 - `EnginePool.call(base_url, method, path, body, headers, deadline, sink)`: the same call by callbacks, for
-  the unary lane (distserve/router/unary.py): the whole answer goes to `sink.answered(status, body)`, or its
+  the lane (distserve/router/unary.py): the whole answer goes to `sink.answered(status, body)`, or its
   failure (what `request` would raise) to `sink.failed(exc)`; no task, future or coroutine on the usual path.
+  With `stream=True` (a StreamCall) a 200 answer's body goes to `sink.piece(data)` piece by piece as it
+  arrives, and its end to `sink.ended(failure or None)`.
 - Failures raise `UpstreamError` with kind "connect" (refused, unreachable, connect timeout) or
   "disconnect" (the connection dropped before the answer ended). A pooled connection the engine closed
   while idle is replaced transparently (the request never reached the engine).
@@ -69,6 +71,7 @@ class Response:
         "_idle",
         "_wait_since",
         "_on_end",
+        "_relay",
     )
 
     def __init__(self, conn: "_Connection", loop: asyncio.AbstractEventLoop) -> None:
@@ -92,6 +95,7 @@ class Response:
         self._idle = 0.0
         self._wait_since = 0.0
         self._on_end: Callable[[Response], None] | None = None  # a Call reading its answer through it
+        self._relay: StreamCall | None = None  # a streamed Call taking each piece as it comes, not buffered
 
     @property
     def headers(self) -> dict[str, str]:
@@ -102,6 +106,10 @@ class Response:
 
     # ------------------------------------------------------------- fed by the connection
     def _feed(self, data: bytes) -> None:
+        relay = self._relay
+        if relay is not None:
+            relay._piece(self, data)
+            return
         self._chunks.append(data)
         self._size += len(data)
         if self._size > PAUSE_ABOVE and self._conn is not None and not self._paused and not self._whole:
@@ -318,6 +326,11 @@ class Call:
         self._deadlines = None
         self._fail(asyncio.TimeoutError("the engine call ran out of time"))
 
+    def _read_by(self, resp: Response) -> None:
+        """The answer did not come whole in its first piece: `resp` reads it and tells the call when it ends."""
+        resp._whole = True
+        resp._on_end = self._ended
+
     def _end(self) -> None:
         self.done = True
         if self._deadlines is not None:
@@ -332,6 +345,78 @@ class Call:
         if conn is not None:
             conn._call = None
             conn.abort()
+
+
+class StreamCall(Call):
+    """A streamed engine call answered by callbacks (EnginePool.call with stream=True): each piece of a 200
+    answer's body goes to `sink.piece(data)` as it arrives, not buffered (the first one ends the call's
+    deadline: its first byte came in time; idle timeouts between pieces are the sink's), and the end of such a
+    stream to `sink.ended(None)`, or `sink.ended(UpstreamError)` when it broke off. Before the first piece,
+    what a Call would say: `sink.answered(status, body)` for an answer that is not a 200 stream (a non-200's
+    whole body) or `sink.failed(exc)`. `pause()` / `resume()` reading from the engine: back-pressure from a
+    client reading slower than the engine writes.
+
+    Why: the streamed request's decode served with no task, future or coroutine per piece (docs/benchmarks.md,
+    "Twenty-first pass")."""
+
+    __slots__ = ("pieces", "held")
+
+    def __init__(self, pool: "EnginePool", key: tuple[str, int], request: bytes, sink, deadline: float) -> None:
+        super().__init__(pool, key, request, sink, deadline)
+        self.pieces = 0  # pieces relayed to the sink
+        self.held: list[bytes] = []  # a non-200 answer's body, kept whole for sink.answered
+
+    def _read_by(self, resp: Response) -> None:
+        resp._on_end = self._ended
+        resp._relay = self
+
+    def _piece(self, resp: Response, data: bytes) -> None:
+        if self.done:  # given up (cancel): nothing more for the sink
+            return
+        if resp.status != 200:
+            self.held.append(data)
+            return
+        if not self.pieces and self._deadlines is not None:
+            self._deadlines.remove(self)
+        self.pieces += 1
+        self.sink.piece(data)
+
+    def _ended(self, resp: Response) -> None:
+        if self.pieces:
+            if not self.done:
+                self.conn = None
+                self._end()
+                self.sink.ended(None if resp._error is None else _as_upstream(resp._error))
+            return
+        if resp._error is not None:  # a failure before the first piece: a Call's (its retry included)
+            Call._ended(self, resp)
+            return
+        body = b"".join(self.held) if self.held else resp._take() if resp._chunks else b""
+        if resp.status == 200 and not body:
+            self._fail(UpstreamError("disconnect", "the engine closed the stream before its first byte"))
+            return
+        self._answered(resp.status, body)
+
+    def _answered(self, status: int, body: bytes) -> None:
+        if status == 200 and body:  # a 200 stream in one piece (its whole body came at once): relayed, then ended
+            self.conn = None
+            self.pieces = 1
+            self.sink.piece(body)
+            if not self.done:
+                self._end()
+                self.sink.ended(None)
+            return
+        Call._answered(self, status, body)
+
+    def pause(self) -> None:
+        conn = self.conn
+        if conn is not None and conn.transport is not None:
+            conn.transport.pause_reading()
+
+    def resume(self) -> None:
+        conn = self.conn
+        if conn is not None and conn.transport is not None:
+            conn.transport.resume_reading()
 
 
 class _Deadlines:
@@ -482,8 +567,7 @@ class _Connection(asyncio.Protocol):
                     call._answered(status, data[end + 4 :])
                     return
         resp = Response(self, self._loop)
-        resp._whole = True
-        resp._on_end = call._ended
+        call._read_by(resp)
         self._resp = resp
         self._call = None
         self.data_received(data)
@@ -799,13 +883,15 @@ class EnginePool:
 
     def call(
         self, base_url: str, method: bytes, path: bytes, body: bytes, headers: bytes, deadline: float, sink,
+        stream: bool = False,
     ) -> Call:
-        """`request`, answered by callbacks (see Call): on a pooled connection when one is idle (the usual case:
-        nothing awaited at all), else after connecting in a task of the pool's own. UpstreamError at once for an
-        engine URL the pool cannot use."""
+        """`request`, answered by callbacks (see Call; `stream`: a StreamCall): on a pooled connection when one is
+        idle (the usual case: nothing awaited at all), else after connecting in a task of the pool's own.
+        UpstreamError at once for an engine URL the pool cannot use."""
         key, host = self._target(base_url)
-        call = Call(self, key, b"%s %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n%s" % (
-            method, path, host, headers, len(body), body), sink, deadline)
+        call = (StreamCall if stream else Call)(
+            self, key, b"%s %s HTTP/1.1\r\nHost: %s\r\n%sContent-Length: %d\r\n\r\n%s" % (
+                method, path, host, headers, len(body), body), sink, deadline)
         self._deadlines.add(call, deadline)
         conn = self._take_idle(key)
         if conn is None:

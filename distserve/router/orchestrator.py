@@ -329,11 +329,11 @@ class Orchestrator:
             failed: BaseException = exc
         return await self._retry_after(plan, engine_id, failed)
 
-    def unary_entries(self, pd: PDRequest) -> list[str] | None:
-        """The routable entry engines of a request the unary lane serves (distserve/router/unary.py: not
-        streamed, one choice, a route at hand; ApiError when there is none to try), its checks passed and its
+    def lane_entries(self, pd: PDRequest) -> list[str] | None:
+        """The routable entry engines of a request the lane serves (distserve/router/unary.py: one choice,
+        streamed or not, a route at hand; ApiError when there is none to try), its checks passed and its
         engine calls prepared; None: the coroutine path serves it (generate)."""
-        if pd.body.get("stream") is True or fanout.needed(pd.kind, pd.body):
+        if fanout.needed(pd.kind, pd.body):
             return None
         if not self.view.table().entries.get(pd.model):  # it may wait for one: generate's
             return None
@@ -811,6 +811,39 @@ class Orchestrator:
             return
         self.metrics.free_cache.inc(("ok",))
 
+    # ------------------------------------------------------------------ a stream's milestones (both paths)
+    def stream_first_byte(self, phase: str, t0: float) -> float:
+        """The engine's first byte of a stream came (its call started at `t0`): now, for stream_completed."""
+        first_at = time.perf_counter()
+        if phase == "decode":
+            self.metrics.phase.observe(first_at - t0, ("migration",))
+        return first_at
+
+    def stream_started(self, pd: PDRequest) -> None:
+        """The client's stream is out with its first piece: how it ends is recorded later (stream_completed,
+        stream_failed) or by the handler on an exception."""
+        pd.outcome = "started"
+        pd.first_at = time.perf_counter()
+        self.metrics.ttft.observe(pd.first_at - pd.started, (pd.path,))
+
+    def stream_completed(self, pd: PDRequest, phase: str, t0: float, first_at: float) -> None:
+        pd.outcome = "completed"
+        self.metrics.phase.observe(time.perf_counter() - (first_at if phase == "decode" else t0), (phase,))
+
+    def stream_failed(self, pd: PDRequest, engine: EngineRecord, phase: str, failure: UpstreamError) -> bytes:
+        """The engine's stream broke off after its first byte: counted, and the SSE error event the client gets
+        before the stream ends."""
+        self._failed(engine, phase, failure)
+        pd.outcome = "upstream_timeout" if failure.kind == "timeout" else "upstream_error"
+        return ApiError(502, f"{phase} failed mid-stream: {failure.message}", f"{phase}_failed").sse_event()
+
+    @staticmethod
+    def stream_unfinished(tail: bytes) -> UpstreamError | None:
+        """The failure of an engine stream that ended with `tail` (its last bytes): one without [DONE]."""
+        if tail.find(DONE_MARK) < 0:
+            return UpstreamError("disconnect", "the engine ended the stream without [DONE]")
+        return None
+
     @staticmethod
     def _answered(pd: PDRequest, tail: bytes) -> bool:
         """Whether the client has been sent the stream's final [DONE] event (`tail`: its last bytes).
@@ -905,15 +938,11 @@ class Orchestrator:
                     raise RetryElsewhere(err, phase) from None
                 raise err.to_api_error(phase) from None
 
-            first_at = time.perf_counter()
-            if phase == "decode":
-                self.metrics.phase.observe(first_at - t0, ("migration",))
+            first_at = self.stream_first_byte(phase, t0)
             out = pd.sink or pd.new_stream({**SSE_HEADERS, "X-Request-Id": pd.rid})
             await out.prepare(pd.request)
-            pd.outcome = "started"  # how it ends is recorded below, or by the handler on an exception
+            self.stream_started(pd)
             await out.write(first)
-            pd.first_at = time.perf_counter()
-            self.metrics.ttft.observe(pd.first_at - pd.started, (path,))
             tail = first[-16:]
             failure: UpstreamError | None = None
             idle = self.s.decode_idle_timeout
@@ -927,21 +956,12 @@ class Orchestrator:
                     break
                 await out.write(chunk)  # raises when the client went away (handled by the caller)
                 tail = (tail + chunk)[-16:]
-            if failure is None and tail.find(DONE_MARK) < 0:
-                failure = UpstreamError("disconnect", "the engine ended the stream without [DONE]")
+            if failure is None:
+                failure = self.stream_unfinished(tail)
             if failure is not None:
-                self._failed(engine, phase, failure)
-                pd.outcome = "upstream_timeout" if failure.kind == "timeout" else "upstream_error"
-                await out.write(
-                    ApiError(
-                        502, f"{phase} failed mid-stream: {failure.message}", f"{phase}_failed"
-                    ).sse_event()
-                )
+                await out.write(self.stream_failed(pd, engine, phase, failure))
             else:
-                pd.outcome = "completed"
-                self.metrics.phase.observe(
-                    time.perf_counter() - (first_at if phase == "decode" else t0), (phase,)
-                )
+                self.stream_completed(pd, phase, t0, first_at)
             try:
                 await out.write_eof()
             except ConnectionResetError:

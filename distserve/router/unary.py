@@ -1,10 +1,14 @@
-"""A non-streamed PD request served by callbacks: the unary lane.
+"""A PD request served by callbacks: the lane (first built for non-streamed requests: the unary lane).
 
-The usual request (one choice, not streamed, a prefill picked) is served here with no task, future or
+The usual request (one choice, a prefill picked, streamed or not) is served here with no task, future or
 coroutine: the prefill's call is written from the client's `data_received`, the decode's from the prefill
 answer's, the client's answer from the decode's (EnginePool.call). A task per request, a future per engine
 answer and the coroutine layers they resume through cost a fifth of the router's CPU per non-streamed
-request (docs/benchmarks.md, "Seventeenth pass").
+request (docs/benchmarks.md, "Seventeenth pass"). A streamed decode is relayed the same way (a StreamCall):
+each piece the engine sends is written to the client from the engine connection's `data_received`; a client
+reading slower than the engine writes pauses reading from the engine until it has caught up; the engine
+silent for the decode's idle timeout ends the stream with the coroutine path's error event
+(docs/benchmarks.md, "Twenty-first pass").
 
 Every decision is the orchestrator's own (its plain methods: the bodies, the answers, the picks' plans,
 the failures' classification), so both paths behave alike by construction. Anything off the usual path
@@ -17,6 +21,7 @@ blocks are freed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable, Coroutine
@@ -25,15 +30,16 @@ from typing import Any
 from distserve.cluster.records import EngineRecord
 from distserve.router.errors import ApiError
 from distserve.router.http1 import Call
-from distserve.router.orchestrator import Orchestrator, RetryElsewhere, _Vanished
+from distserve.router.orchestrator import SSE_HEADERS, Orchestrator, RetryElsewhere, _Vanished
 from distserve.router.request import PDRequest
-from distserve.router.upstream import UpstreamError
+from distserve.router.upstream import UpstreamError, classify_exception
 
 log = logging.getLogger("distserve.router")
 
 # where an exchange stands: an engine call of either phase running, handed to a task that has not started
-# yet (the connection's cancel still reaches the exchange), or over
-_PREFILL, _DECODE, _HANDED, _OVER = 1, 2, 3, 4
+# yet (the connection's cancel still reaches the exchange), or over; a streamed decode past its first byte
+# (relaying), and its stream written to the end but not all read by the client yet (ending)
+_PREFILL, _DECODE, _HANDED, _OVER, _STREAMING, _ENDING = 1, 2, 3, 4, 5, 6
 
 
 class UnaryExchange:
@@ -42,10 +48,12 @@ class UnaryExchange:
     `resume(exchange, rest)` continues it in a task (`rest()`: the coroutine returning the client's answer;
     the task calls `started()` first, so a client gone before it ran is still the exchange's to wind down);
     `gone(exchange)` accounts for a client that left. Set as the client connection's `task` while it runs:
-    `cancel()` is what the connection does when the client goes away."""
+    `cancel()` is what the connection does when the client goes away. A streamed request's `done` gets no
+    answer (None): its stream is written already."""
 
     __slots__ = ("orch", "pd", "done", "resume", "gone", "phase", "prefill", "decode", "call", "t0",
-                 "engine_id", "task", "decoding", "loaded")
+                 "engine_id", "task", "decoding", "loaded", "out", "tail", "first_at", "last_piece",
+                 "idle_timer", "behind")
 
     def __init__(self, orch: Orchestrator, pd: PDRequest, done: Callable, resume: Callable,
                  gone: Callable) -> None:
@@ -63,10 +71,18 @@ class UnaryExchange:
         self.task = None  # the task the rest was handed to, until it starts
         self.decoding = False  # past the prefill: its preserved blocks are the request's to free
         self.loaded = ""  # the engine whose load count this exchange's running call holds (LoadTracker)
+        # a streamed decode's relay: the client's stream once its first piece is out, the last bytes sent (for
+        # [DONE]), when the engine's first and latest pieces came, the idle timer, the client behind
+        self.out = None
+        self.tail = b""
+        self.first_at = 0.0
+        self.last_piece = 0.0
+        self.idle_timer = None
+        self.behind = False
 
     # ------------------------------------------------------------- the entry
     def start(self, candidates: list[str]) -> None:
-        """Pick the entry engine among `candidates` (Orchestrator.unary_entries) and call it."""
+        """Pick the entry engine among `candidates` (Orchestrator.lane_entries) and call it."""
         try:
             self._start(candidates)
         except Exception:  # noqa: BLE001 - a bug must answer the client (500), not drop its connection
@@ -88,7 +104,7 @@ class UnaryExchange:
         self.phase = _PREFILL
         self._call(engine, orch.prefill_body(pd), orch.s.prefill_timeout)
 
-    def _call(self, engine: EngineRecord, data: bytes, timeout: float) -> None:
+    def _call(self, engine: EngineRecord, data: bytes, timeout: float, stream: bool = False) -> None:
         orch = self.orch
         pool = orch._pool()
         self.t0 = time.perf_counter()
@@ -96,7 +112,7 @@ class UnaryExchange:
         self.loaded = engine.id
         try:
             self.call = pool.call(engine.url, b"POST", self.pd.path.encode(), data, self.pd.headers,
-                                  pool.loop.time() + timeout, self)
+                                  pool.loop.time() + timeout, self, stream)
         except UpstreamError as err:  # an engine URL the pool cannot use
             self.failed(err)
 
@@ -147,6 +163,9 @@ class UnaryExchange:
             return
         data = orch.decode_body(pd, prefill, decode, link)
         self.decode = decode
+        if pd.stream:  # its first byte within the decode's first-byte timeout, as the coroutine path's
+            self._call(decode, data, orch.s.decode_first_byte_timeout, True)
+            return
         self._call(decode, data, max(0.001, orch.s.request_timeout - (time.perf_counter() - pd.started)))
 
     def _decoded(self, status: int, raw: bytes) -> None:
@@ -159,6 +178,122 @@ class UnaryExchange:
             return
         self.phase = _OVER
         self.done(self, answer, 200, False)
+
+    # ------------------------------------------------------------- a streamed decode (StreamCall's sink)
+    def piece(self, data: bytes) -> None:
+        """A piece of the decode's stream: the first opens the client's stream (its head written with it)."""
+        try:
+            if self.phase == _STREAMING:
+                behind = self.out.send(data)
+                self.tail = (self.tail + data)[-16:]
+                self.last_piece = self.pd.request.loop.time()
+            elif self.phase == _DECODE:
+                behind = self._open(data)
+            else:
+                return
+            if self.orch._answered(self.pd, self.tail):
+                self._finish(None)
+            elif behind:  # the client reads slower than the engine writes: stop reading until it caught up
+                self.behind = True
+                self.call.pause()
+                self.pd.request.on_drained = self._caught_up
+        except ConnectionResetError:  # the client went away as it was written to
+            self.cancel()
+        except Exception:  # noqa: BLE001
+            self._internal_error()
+
+    def ended(self, failure: UpstreamError | None) -> None:
+        """The decode's stream ended (None: whole) or broke off, after its first piece."""
+        if self.phase != _STREAMING:
+            return
+        try:
+            self.call = None
+            self._finish(failure if failure is not None else self.orch.stream_unfinished(self.tail))
+        except Exception:  # noqa: BLE001
+            self._internal_error()
+
+    def _open(self, first: bytes) -> bool:
+        orch, pd = self.orch, self.pd
+        self.first_at = orch.stream_first_byte("decode", self.t0)
+        self.phase = _STREAMING
+        self.out = out = pd.new_stream({**SSE_HEADERS, "X-Request-Id": pd.rid})
+        orch.stream_started(pd)
+        self.tail = first[-16:]
+        loop = pd.request.loop
+        self.last_piece = now = loop.time()
+        self.idle_timer = loop.call_at(now + orch.s.decode_idle_timeout, self._idle_check)
+        return out.start(first)
+
+    def _caught_up(self) -> None:
+        """The client read what it was behind on: the engine's stream is read again."""
+        if self.phase == _STREAMING:
+            self.behind = False
+            self.last_piece = self.pd.request.loop.time()
+            self.call.resume()
+
+    def _idle_check(self) -> None:
+        """The idle timer: the stream fails once the engine has sent nothing for the decode's idle timeout
+        (while the client is behind, the silence is the client's, not the engine's)."""
+        self.idle_timer = None
+        if self.phase != _STREAMING:
+            return
+        orch = self.orch
+        now, idle = self.pd.request.loop.time(), orch.s.decode_idle_timeout
+        if not self.behind and now >= self.last_piece + idle:
+            try:
+                self._finish(classify_exception(asyncio.TimeoutError("the engine stayed silent for too long")))
+            except Exception:  # noqa: BLE001
+                self._internal_error()
+            return
+        self.idle_timer = self.pd.request.loop.call_at(now + idle if self.behind else self.last_piece + idle,
+                                            self._idle_check)
+
+    def _finish(self, failure: UpstreamError | None) -> None:
+        """The stream's end: [DONE] sent (the engine's own end is read on in the background, so its connection
+        is reused), or the engine's stream ended or broke off (then the client gets the error event)."""
+        orch, pd = self.orch, self.pd
+        self._stop_idle()
+        self._unload()
+        call, self.call = self.call, None
+        if failure is None:
+            orch.stream_completed(pd, "decode", self.t0, self.first_at)
+            last = b""
+            if call is not None and not call.done:
+                call.sink = _Draining(call, pd.request.loop, orch.s.decode_idle_timeout)
+        else:
+            last = orch.stream_failed(pd, self.decode, "decode", failure)
+            if call is not None:
+                call.cancel()  # still running (timed out): its connection goes, and the engine sees it
+            orch.free_prefill(pd, self.prefill)
+        self.phase = _ENDING
+        pd.request.on_drained = None
+        try:
+            behind = self.out.end(last)
+        except ConnectionResetError:  # the client left as its stream ended (the openai SDK closes on [DONE])
+            self._left_at_end()
+            return
+        if behind:  # the next request on the connection waits until the client has read this one
+            pd.request.on_drained = self._ended_read
+            return
+        self.phase = _OVER
+        self.done(self, None, 200, False)
+
+    def _ended_read(self) -> None:
+        if self.phase == _ENDING:
+            self.phase = _OVER
+            self.done(self, None, 200, False)
+
+    def _left_at_end(self) -> None:
+        self.phase = _OVER
+        if self.pd.answered:  # it had the whole answer: a completed request
+            self.done(self, None, 200, True)
+        else:
+            self.gone(self)
+
+    def _stop_idle(self) -> None:
+        timer, self.idle_timer = self.idle_timer, None
+        if timer is not None:
+            timer.cancel()
 
     def _phase_failed(self, exc: Exception) -> None:
         """The current phase's call failed: another engine tries (RetryElsewhere, through the coroutine path's
@@ -208,10 +343,15 @@ class UnaryExchange:
         log.exception("request %s %s: unexpected error", self.pd.rid, self.pd.path)
         self.cancel_calls()
         self._unload()
+        self._stop_idle()
         if self.decoding and not self.pd.answered:  # nothing will decode the prefill's blocks now
             self.orch.free_prefill(self.pd, self.prefill)
         if self.phase != _OVER:
             self.phase = _OVER
+            if self.out is not None:  # a stream's 200 is out: nothing else can be answered; the connection ends
+                self.pd.request.on_drained = None
+                self.done(self, None, 500, True)
+                return
             self.done(self, ApiError(500, "internal router error", "internal_error").response(self.pd.rid), 500,
                       False)
 
@@ -226,8 +366,13 @@ class UnaryExchange:
         phase = self.phase
         if phase == _OVER:
             return
+        if phase == _ENDING:  # its stream written to the end, not all read
+            self._left_at_end()
+            return
         self.phase = _OVER
         orch, pd, call = self.orch, self.pd, self.call
+        self._stop_idle()
+        pd.request.on_drained = None
         self.call = None
         if phase == _HANDED:  # its task has not run: nothing of the rest has started
             self.task.cancel()
@@ -263,3 +408,25 @@ class _Orphaned:
 
     def failed(self, exc: BaseException) -> None:
         pass
+
+
+class _Draining:
+    """The sink of a stream call whose client has its [DONE]: the rest of the engine's stream (its end) is read
+    and dropped so the connection is reused; given up after `timeout`, as the coroutine path's drain is."""
+
+    __slots__ = ("timer",)
+
+    def __init__(self, call: Call, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self.timer = loop.call_later(timeout, call.cancel)
+
+    def piece(self, _data: bytes) -> None:
+        pass
+
+    def ended(self, _failure) -> None:
+        self.timer.cancel()
+
+    def answered(self, _status: int, _raw: bytes) -> None:
+        self.timer.cancel()
+
+    def failed(self, _exc: BaseException) -> None:
+        self.timer.cancel()

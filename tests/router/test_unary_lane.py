@@ -15,6 +15,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
 
 from discovery.client import EtcdClient
 from discovery.config import EtcdConfig
@@ -83,10 +84,11 @@ async def _router_in_process(engines: dict) -> AsyncIterator:
         await router.stop()
 
 
-async def test_a_non_streamed_pd_request_runs_no_router_task_and_a_streamed_one_does(engines):
-    """The lane's reason to exist: no task per non-streamed request (a task, a future per engine answer and
-    their coroutines were a fifth of the router's CPU per request). Counted by the loop's task factory, for
-    tasks running the router's code; a streamed request, which still runs in a task, shows the count works."""
+async def test_a_pd_request_streamed_or_not_runs_no_router_task(engines):
+    """The lane's reason to exist: no task per request (a task, a future per engine answer or piece and their
+    coroutines were a fifth of the router's CPU per non-streamed request, a third per streamed one). Counted by
+    the loop's task factory, for tasks running the router's code; a request for a model no engine serves, which
+    the coroutine path answers in a task, shows the count works."""
     loop = asyncio.get_running_loop()
     made: list[str] = []
 
@@ -108,14 +110,18 @@ async def test_a_non_streamed_pd_request_runs_no_router_task_and_a_streamed_one_
                 writer.write(_request({"model": MODEL, "prompt": "hi", "max_tokens": 4}))
                 status, body = await _read_answer(reader)
                 assert status == 200, body
+            for _ in range(20):
+                writer.write(_request({"model": MODEL, "prompt": "hi", "stream": True}))
+                stream = await reader.readuntil(b"0\r\n\r\n")
+                assert stream.startswith(b"HTTP/1.1 200") and b"data: [DONE]" in stream, stream
             assert made == [], made
-            writer.write(_request({"model": MODEL, "prompt": "hi", "stream": True}))
-            await reader.readuntil(b"0\r\n\r\n")
-            assert made, "a streamed request runs in a task: the count must see it"
+            writer.write(_request({"model": "no-such-model", "prompt": "hi"}))
+            assert (await _read_answer(reader))[0] == 404
+            assert made, "a request the coroutine path serves runs in a task: the count must see it"
             writer.close()
         finally:
             loop.set_task_factory(None)
-    assert len(engines["decode"].requests("/v1/completions")) == 24
+    assert len(engines["decode"].requests("/v1/completions")) == 43
 
 
 async def test_thousands_of_pipelined_bad_requests_are_answered_in_order_on_one_connection(engines):
@@ -230,3 +236,162 @@ async def test_lane_requests_are_in_the_metrics_and_their_records_are_counted_in
         assert find(text, "distserve_router_picks_total", {"phase": "prefill", "engine": "p0"}) == 30
         assert find(text, "distserve_router_picks_total", {"phase": "decode", "engine": "d0"}) == 30
         writer.close()
+
+
+# ---------------------------------------------------------------------------------- streamed requests in the lane
+class StreamingStub(WireStub):
+    """A decode whose stream is shaped by the test: `pieces` pieces of `piece_bytes` each (numbered, so order and
+    loss show), `stall_after` seconds of silence after the first; when its last write returned (`finished_at`,
+    the loop's clock) and how many pieces it wrote before its client (the router) went away (`written`)."""
+
+    def __init__(self, pieces: int, piece_bytes: int = 64, stall_after: float = 0.0, pace: float = 0.0) -> None:
+        super().__init__()
+        self.pieces, self.piece_bytes, self.stall_after, self.pace = pieces, piece_bytes, stall_after, pace
+        self.finished_at = 0.0
+        self.written = 0
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        raw = await request.read()  # kept by aiohttp: the stub's own handler reads it again
+        body = json.loads(raw) if request.path == "/v1/completions" else {}
+        if not body.get("stream") or "preserve_cache" in body:
+            return await super().handle(request)
+        self.seen.append((request.path, request.headers.copy(), raw))
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            for i in range(self.pieces):
+                await resp.write(_event(i, self.piece_bytes))
+                self.written += 1
+                if i == 0 and self.stall_after:
+                    await asyncio.sleep(self.stall_after)
+                elif self.pace:
+                    await asyncio.sleep(self.pace)
+            await resp.write(b"data: [DONE]\n\n")
+            self.finished_at = asyncio.get_running_loop().time()
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        return resp
+
+
+def _event(i: int, size: int) -> bytes:
+    text = b"%08d" % i
+    return b'data: {"choices": [{"index": 0, "text": "' + text + b"." * max(0, size - 48) + b'"}]}\n\n'
+
+
+@contextlib.asynccontextmanager
+async def _lane_cluster(etcd, decode: WireStub, **settings) -> AsyncIterator[dict]:
+    """A prefill stub and `decode` published with a link, and a router in this process with `settings`."""
+    from distserve.router.app import Router
+    from distserve.router.settings import RouterSettings
+
+    prefill = WireStub()
+    prefill.prefill_answer = dict(ANSWER)
+    for stub in (prefill, decode):
+        await stub.start()
+    keys = Keys(f"s{uuid.uuid4().hex[:6]}")
+    client = EtcdClient(EtcdConfig(endpoints=etcd.endpoints))
+    await client.connect()
+    router = None
+    try:
+        p, d = engine_record("p0", prefill.url, "prefill"), engine_record("d0", decode.url, "decode")
+        await publish_engine(client, keys, p)
+        await publish_engine(client, keys, d)
+        await publish_link(client, keys, link_record(p, d))
+        router = Router(RouterSettings(cluster=keys.cluster, port=0, host="127.0.0.1", **settings), client)
+        await router.start()
+        for _ in range(100):
+            if router.view.table().entries.get(MODEL):
+                break
+            await asyncio.sleep(0.05)
+        yield {"router": router, "prefill": prefill, "decode": decode}
+    finally:
+        if router is not None:
+            await router.stop()
+        await client.close()
+        for stub in (prefill, decode):
+            await stub.stop()
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    """A chunked answer's body, to its last chunk."""
+    out = []
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")
+            return b"".join(out)
+        out.append(await reader.readexactly(size))
+        await reader.readexactly(2)
+
+
+async def _settled(router, prefill: WireStub) -> None:
+    """Until the prefill's blocks were freed and no engine counts the request any more (or 5 s)."""
+    for _ in range(100):
+        if prefill.requests("/distserve/free_cache") and router.view.load.own == {"p0": 0, "d0": 0}:
+            return
+        await asyncio.sleep(0.05)
+
+
+async def test_a_client_reading_slowly_holds_the_engine_back_and_is_not_an_idle_engine(etcd):
+    """A client that stops reading mid-stream: the router stops reading the engine's stream (it does not buffer
+    the whole of it: the engine cannot finish before the client reads again), and the engine's silence while the
+    client is behind is not the engine's idle timeout (1 s here; the client pauses 2.5 s). Every piece arrives,
+    in order, then [DONE]."""
+    pieces = 640  # 40 MiB: more than every socket buffer between the engine and the client
+    decode = StreamingStub(pieces, piece_bytes=64 * 1024)
+    async with _lane_cluster(etcd, decode, decode_idle_timeout=1.0) as cluster:
+        router = cluster["router"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", router.port, limit=1 << 16)
+        writer.write(_request({"model": MODEL, "prompt": "hi", "stream": True}))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower(), head
+        await asyncio.sleep(2.5)  # not reading
+        resumed = asyncio.get_running_loop().time()
+        body = await asyncio.wait_for(_read_chunked(reader), 60)
+        assert decode.finished_at > resumed, "the engine finished while the client was not reading: buffered"
+        events = body.split(b"\n\n")
+        numbers = [int(e[e.index(b'"text": "') + 9:][:8]) for e in events if b'"text": "' in e]
+        assert numbers == list(range(pieces)), "pieces lost or out of order"
+        assert body.endswith(b"data: [DONE]\n\n") and b"failed mid-stream" not in body
+        writer.close()
+        assert router.metrics.streams.get(("/v1/completions", "completed")) == 1
+
+
+async def test_an_engine_silent_mid_stream_ends_it_with_an_error_event_and_frees_the_prefill(etcd):
+    decode = StreamingStub(3, stall_after=30.0)
+    async with _lane_cluster(etcd, decode, decode_idle_timeout=1.0) as cluster:
+        router, prefill = cluster["router"], cluster["prefill"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+        writer.write(_request({"model": MODEL, "prompt": "hi", "stream": True}))
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        started = asyncio.get_running_loop().time()
+        body = await asyncio.wait_for(_read_chunked(reader), 10)
+        assert 0.9 < asyncio.get_running_loop().time() - started < 4.0
+        assert body.startswith(b'data: {"choices"') and b"decode failed mid-stream" in body, body
+        assert b"[DONE]" not in body
+        await _settled(router, prefill)
+        assert prefill.requests("/distserve/free_cache"), "the prefill's blocks were not freed"
+        assert router.view.load.own == {"p0": 0, "d0": 0}
+        assert router.metrics.streams.get(("/v1/completions", "upstream_timeout")) == 1
+        writer.write(_request({"model": MODEL, "prompt": "hi"}))  # the connection still serves
+        assert (await asyncio.wait_for(_read_answer(reader), 10))[0] == 200
+        writer.close()
+
+
+async def test_a_client_leaving_mid_stream_stops_the_decode_and_frees_the_prefill(etcd):
+    decode = StreamingStub(1000, pace=0.02)  # 20 s of stream
+    async with _lane_cluster(etcd, decode) as cluster:
+        router, prefill = cluster["router"], cluster["prefill"]
+        reader, writer = await asyncio.open_connection("127.0.0.1", router.port)
+        writer.write(_request({"model": MODEL, "prompt": "hi", "stream": True}))
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        await asyncio.wait_for(reader.readuntil(b"\n\n"), 10)
+        writer.close()
+        await _settled(router, prefill)
+        written = decode.written
+        await asyncio.sleep(0.5)
+        assert prefill.requests("/distserve/free_cache"), "the prefill's blocks were not freed"
+        assert router.view.load.own == {"p0": 0, "d0": 0}
+        assert decode.written <= written + 2, "the decode ran on after the client left"
+        assert router.metrics.streams.get(("/v1/completions", "client_gone")) == 1
+        assert router.metrics.client_disconnects.get(("/v1/completions",)) == 1
