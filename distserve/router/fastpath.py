@@ -120,6 +120,8 @@ class HeadHeaders(Mapping):
 
 
 _MISSING = object()
+# a stream's head up to its request id: orchestrator.SSE_HEADERS, as FastStream writes them
+_SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\nX-Request-Id: "
 
 
 class _Date:
@@ -528,25 +530,36 @@ class FastConnection(asyncio.Protocol):
         """The client's stream (what PDRequest.new_stream makes): chunked SSE on this connection."""
         return FastStream(self, headers)
 
+    def sse_stream(self, rid: str) -> FastStream:
+        """new_stream with the orchestrator's SSE headers (SSE_HEADERS and the request id), its head written
+        from bytes made once."""
+        stream = FastStream(self, None)
+        stream.rid = rid
+        return stream
+
 
 class FastStream:
     """A streamed answer on a FastConnection, with the part of aiohttp's StreamResponse the orchestrator
     uses: prepare, write (waits while the client is not reading), write_eof, status, prepared."""
 
-    __slots__ = ("conn", "headers", "status", "prepared", "_ended")
+    __slots__ = ("conn", "headers", "status", "prepared", "_ended", "rid")
 
-    def __init__(self, conn: FastConnection, headers: dict) -> None:
+    def __init__(self, conn: FastConnection, headers: dict | None) -> None:
         self.conn = conn
-        self.headers = headers
+        self.headers = headers  # None: the SSE head (FastConnection.sse_stream)
+        self.rid = ""
         self.status = 200
         self.prepared = False
         self._ended = False
 
     def _head(self) -> bytes:
         conn = self.conn
-        head = [b"HTTP/1.1 200 OK\r\n"]
-        for name, value in self.headers.items():
-            head.append(f"{name}: {value}\r\n".encode("latin-1"))
+        if self.headers is None:
+            head = [_SSE_HEAD, self.rid.encode("latin-1"), b"\r\n"]
+        else:
+            head = [b"HTTP/1.1 200 OK\r\n"]
+            for name, value in self.headers.items():
+                head.append(f"{name}: {value}\r\n".encode("latin-1"))
         head.append(_Date.get())
         if not conn.keep_alive:
             head.append(b"Connection: close\r\n")

@@ -114,7 +114,7 @@ class Response:
         self._size += len(data)
         if self._size > PAUSE_ABOVE and self._conn is not None and not self._paused and not self._whole:
             self._paused = True
-            self._conn.transport.pause_reading()
+            self._conn.pause_reading()
         self._wake()
 
     def _finish(self) -> None:
@@ -200,7 +200,7 @@ class Response:
 
     def _resume(self) -> None:
         self._paused = False
-        self._conn.transport.resume_reading()
+        self._conn.resume_reading()
 
     @property
     def complete(self) -> bool:
@@ -371,7 +371,7 @@ class StreamCall(Call):
         resp._relay = self
 
     def _piece(self, resp: Response, data: bytes) -> None:
-        if self.done:  # given up (cancel): nothing more for the sink
+        if self.done or not data:  # given up (cancel): nothing more for the sink
             return
         if resp.status != 200:
             self.held.append(data)
@@ -391,32 +391,29 @@ class StreamCall(Call):
         if resp._error is not None:  # a failure before the first piece: a Call's (its retry included)
             Call._ended(self, resp)
             return
-        body = b"".join(self.held) if self.held else resp._take() if resp._chunks else b""
-        if resp.status == 200 and not body:
-            self._fail(UpstreamError("disconnect", "the engine closed the stream before its first byte"))
-            return
-        self._answered(resp.status, body)
+        self._answered(resp.status, b"".join(self.held) if self.held else resp._take() if resp._chunks else b"")
 
     def _answered(self, status: int, body: bytes) -> None:
-        if status == 200 and body:  # a 200 stream in one piece (its whole body came at once): relayed, then ended
-            self.conn = None
-            self.pieces = 1
-            self.sink.piece(body)
-            if not self.done:
-                self._end()
-                self.sink.ended(None)
+        if status != 200:
+            Call._answered(self, status, body)
             return
-        Call._answered(self, status, body)
+        self.conn = None  # back in the pool already
+        if not body:
+            self._fail(UpstreamError("disconnect", "the engine closed the stream before its first byte"))
+            return
+        self.pieces = 1  # a 200 stream whose whole body came at once: one piece, then its end
+        self.sink.piece(body)
+        if not self.done:
+            self._end()
+            self.sink.ended(None)
 
     def pause(self) -> None:
-        conn = self.conn
-        if conn is not None and conn.transport is not None:
-            conn.transport.pause_reading()
+        if self.conn is not None:
+            self.conn.pause_reading()
 
     def resume(self) -> None:
-        conn = self.conn
-        if conn is not None and conn.transport is not None:
-            conn.transport.resume_reading()
+        if self.conn is not None:
+            self.conn.resume_reading()
 
 
 class _Deadlines:
@@ -513,6 +510,7 @@ class _Connection(asyncio.Protocol):
         self._keep_alive = True
         self._got_bytes = False
         self._call: Call | None = None  # a callback call (EnginePool.call) waiting for its answer's head
+        self.reading_paused = False  # back-pressure from the answer's reader: undone before the connection is reused
 
     # ------------------------------------------------------------- asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -566,11 +564,29 @@ class _Connection(asyncio.Protocol):
                     self._release()
                     call._answered(status, data[end + 4 :])
                     return
+                if state != _HEAD:  # the head is read (a stream's, usually): the body from here, not parsed twice
+                    resp = self._read_for(call)
+                    self._state, self._remaining, self._keep_alive = state, remaining, keep_alive
+                    resp.status = status
+                    resp._raw_head = data[:end]
+                    rest = data[end + 4 :]
+                    try:
+                        if rest or state == _DONE:
+                            self._parse(resp, rest)
+                    except ValueError as exc:
+                        resp._fail(UpstreamError("disconnect", f"bad HTTP answer from the engine: {exc}"))
+                        self.abort()
+                    return
+        self._read_for(call)
+        self.data_received(data)
+
+    def _read_for(self, call: Call) -> Response:
+        """The call's answer is read by a Response from here on (it tells the call when it ends)."""
         resp = Response(self, self._loop)
         call._read_by(resp)
         self._resp = resp
         self._call = None
-        self.data_received(data)
+        return resp
 
     def eof_received(self) -> bool:
         return False
@@ -604,6 +620,16 @@ class _Connection(asyncio.Protocol):
         self.transport.write(request)
         return resp
 
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self.transport.resume_reading()
+
     def abort(self) -> None:
         self.alive = False
         if self.transport is not None:
@@ -611,6 +637,8 @@ class _Connection(asyncio.Protocol):
 
     def _release(self) -> None:
         self._resp = None
+        if self.reading_paused:  # its answer ended in the piece that paused it: the next call must be read
+            self.resume_reading()
         if self._keep_alive and self.alive and not self._buf:
             self.pool._put_idle(self)
         else:

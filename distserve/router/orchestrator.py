@@ -582,6 +582,14 @@ class Orchestrator:
         self._failed(engine, phase, err)
         return err
 
+    def stream_call_failed(self, engine: EngineRecord, phase: str, exc: BaseException) -> UpstreamError:
+        """call_failed for a streamed call before its first byte (its deadline is the first byte's)."""
+        err = classify_exception(exc)
+        if err.kind == "timeout":
+            err = UpstreamError("timeout", f"no first byte within {self.s.decode_first_byte_timeout}s")
+        self._failed(engine, phase, err)
+        return err
+
     @staticmethod
     def phase_error(err: UpstreamError, phase: str) -> Exception:
         """What a failed call of `phase` raises: RetryElsewhere when another engine may try, else the
@@ -928,12 +936,7 @@ class Orchestrator:
             except (RetryElsewhere, ApiError, asyncio.CancelledError):
                 raise
             except Exception as exc:  # noqa: BLE001
-                err = classify_exception(exc)
-                if err.kind == "timeout":
-                    err = UpstreamError(
-                        "timeout", f"no first byte within {self.s.decode_first_byte_timeout}s"
-                    )
-                self._failed(engine, phase, err)
+                err = self.stream_call_failed(engine, phase, exc)
                 if err.retryable:
                     raise RetryElsewhere(err, phase) from None
                 raise err.to_api_error(phase) from None

@@ -30,7 +30,7 @@ from typing import Any
 from distserve.cluster.records import EngineRecord
 from distserve.router.errors import ApiError
 from distserve.router.http1 import Call
-from distserve.router.orchestrator import SSE_HEADERS, Orchestrator, RetryElsewhere, _Vanished
+from distserve.router.orchestrator import Orchestrator, RetryElsewhere, _Vanished
 from distserve.router.request import PDRequest
 from distserve.router.upstream import UpstreamError, classify_exception
 
@@ -53,7 +53,7 @@ class UnaryExchange:
 
     __slots__ = ("orch", "pd", "done", "resume", "gone", "phase", "prefill", "decode", "call", "t0",
                  "engine_id", "task", "decoding", "loaded", "out", "tail", "first_at", "last_piece",
-                 "idle_timer", "behind")
+                 "idle_timer", "behind", "draining")
 
     def __init__(self, orch: Orchestrator, pd: PDRequest, done: Callable, resume: Callable,
                  gone: Callable) -> None:
@@ -79,6 +79,7 @@ class UnaryExchange:
         self.last_piece = 0.0
         self.idle_timer = None
         self.behind = False
+        self.draining: Call | None = None  # a stream call read on after [DONE] (its end), under the idle timer
 
     # ------------------------------------------------------------- the entry
     def start(self, candidates: list[str]) -> None:
@@ -133,8 +134,14 @@ class UnaryExchange:
                 return
             engine = self.prefill if phase == _PREFILL else self.decode
             self._unload()
-            name = "prefill" if phase == _PREFILL else "decode"
-            self._phase_failed(self.orch.phase_error(self.orch.call_failed(engine, name, exc), name))
+            orch = self.orch
+            if phase == _PREFILL:
+                err = orch.call_failed(engine, "prefill", exc)
+            elif self.pd.stream:
+                err = orch.stream_call_failed(engine, "decode", exc)
+            else:
+                err = orch.call_failed(engine, "decode", exc)
+            self._phase_failed(orch.phase_error(err, "prefill" if phase == _PREFILL else "decode"))
         except Exception:  # noqa: BLE001
             self._internal_error()
 
@@ -216,7 +223,7 @@ class UnaryExchange:
         orch, pd = self.orch, self.pd
         self.first_at = orch.stream_first_byte("decode", self.t0)
         self.phase = _STREAMING
-        self.out = out = pd.new_stream({**SSE_HEADERS, "X-Request-Id": pd.rid})
+        self.out = out = pd.request.sse_stream(pd.rid)
         orch.stream_started(pd)
         self.tail = first[-16:]
         loop = pd.request.loop
@@ -233,34 +240,45 @@ class UnaryExchange:
 
     def _idle_check(self) -> None:
         """The idle timer: the stream fails once the engine has sent nothing for the decode's idle timeout
-        (while the client is behind, the silence is the client's, not the engine's)."""
+        (while the client is behind, the silence is the client's, not the engine's); after [DONE], the engine's
+        end of stream is given up (its connection dropped) after as long."""
         self.idle_timer = None
-        if self.phase != _STREAMING:
+        streaming = self.phase == _STREAMING
+        if not streaming and self.draining is None:
             return
-        orch = self.orch
-        now, idle = self.pd.request.loop.time(), orch.s.decode_idle_timeout
-        if not self.behind and now >= self.last_piece + idle:
-            try:
-                self._finish(classify_exception(asyncio.TimeoutError("the engine stayed silent for too long")))
-            except Exception:  # noqa: BLE001
-                self._internal_error()
+        loop, idle = self.pd.request.loop, self.orch.s.decode_idle_timeout
+        now = loop.time()
+        if streaming and self.behind:
+            self.idle_timer = loop.call_at(now + idle, self._idle_check)
             return
-        self.idle_timer = self.pd.request.loop.call_at(now + idle if self.behind else self.last_piece + idle,
-                                            self._idle_check)
+        if now < self.last_piece + idle:
+            self.idle_timer = loop.call_at(self.last_piece + idle, self._idle_check)
+            return
+        if not streaming:
+            draining, self.draining = self.draining, None
+            draining.cancel()
+            return
+        try:
+            self._finish(classify_exception(asyncio.TimeoutError("the engine stayed silent for too long")))
+        except Exception:  # noqa: BLE001
+            self._internal_error()
 
     def _finish(self, failure: UpstreamError | None) -> None:
         """The stream's end: [DONE] sent (the engine's own end is read on in the background, so its connection
         is reused), or the engine's stream ended or broke off (then the client gets the error event)."""
         orch, pd = self.orch, self.pd
-        self._stop_idle()
         self._unload()
         call, self.call = self.call, None
         if failure is None:
             orch.stream_completed(pd, "decode", self.t0, self.first_at)
             last = b""
-            if call is not None and not call.done:
-                call.sink = _Draining(call, pd.request.loop, orch.s.decode_idle_timeout)
+            if call is not None and not call.done:  # read on to its end (usually in this same piece), the
+                self.draining = call  # idle timer giving it up
+                call.sink = _Draining(self)
+            else:
+                self._stop_idle()
         else:
+            self._stop_idle()
             last = orch.stream_failed(pd, self.decode, "decode", failure)
             if call is not None:
                 call.cancel()  # still running (timed out): its connection goes, and the engine sees it
@@ -412,21 +430,27 @@ class _Orphaned:
 
 class _Draining:
     """The sink of a stream call whose client has its [DONE]: the rest of the engine's stream (its end) is read
-    and dropped so the connection is reused; given up after `timeout`, as the coroutine path's drain is."""
+    and dropped so the connection is reused; given up at the exchange's idle timeout, as the coroutine path's
+    drain is."""
 
-    __slots__ = ("timer",)
+    __slots__ = ("exchange",)
 
-    def __init__(self, call: Call, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
-        self.timer = loop.call_later(timeout, call.cancel)
+    def __init__(self, exchange: UnaryExchange) -> None:
+        self.exchange = exchange
 
     def piece(self, _data: bytes) -> None:
         pass
 
     def ended(self, _failure) -> None:
-        self.timer.cancel()
+        self._over()
 
     def answered(self, _status: int, _raw: bytes) -> None:
-        self.timer.cancel()
+        self._over()
 
     def failed(self, _exc: BaseException) -> None:
-        self.timer.cancel()
+        self._over()
+
+    def _over(self) -> None:
+        exchange = self.exchange
+        exchange.draining = None
+        exchange._stop_idle()

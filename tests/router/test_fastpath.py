@@ -6,8 +6,10 @@ counter to know which path answered.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import re
 from collections.abc import Iterator
 import socket
 import time
@@ -201,3 +203,36 @@ def test_slow_heads_and_bodies_get_408_on_the_fast_path_too(live):
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: rou")
         got = sock.recv(65536)
     assert got.startswith(b"HTTP/1.1 408 ") and b"the request headers did not arrive within 2s" in got
+
+
+@pytest.mark.parametrize("keep_alive", [True, False])
+def test_the_lanes_sse_head_is_the_orchestrators_headers_written_the_usual_way(keep_alive):
+    """FastConnection.sse_stream writes its head from bytes made once; it must be what new_stream writes for the
+    orchestrator's SSE headers (a header changed in one place and not the other would differ by path)."""
+    from distserve.router.fastpath import FastConnection, FastDoor
+    from distserve.router.orchestrator import SSE_HEADERS
+
+    class Written:
+        def __init__(self) -> None:
+            self.data = b""
+
+        def write(self, data: bytes) -> None:
+            self.data += data
+
+        def is_closing(self) -> bool:
+            return False
+
+    async def heads() -> tuple[bytes, bytes]:
+        door = FastDoor(None, None, 1 << 20, 1.0, 1.0, lambda _phase: None)
+        out = []
+        for make in (lambda c: c.new_stream({**SSE_HEADERS, "X-Request-Id": "rid-1"}),
+                     lambda c: c.sse_stream("rid-1")):
+            conn = FastConnection(door)
+            conn.transport = Written()
+            conn.keep_alive = keep_alive
+            make(conn).start(b"data: x\n\n")
+            out.append(conn.transport.data)
+        return out[0], out[1]
+
+    usual, lane = (re.sub(rb"Date: [^\r]*\r\n", b"", head) for head in asyncio.run(heads()))  # its second may tick
+    assert usual == lane and b"X-Request-Id: rid-1\r\n" in lane

@@ -422,3 +422,119 @@ class SplitServer(ScriptedServer):
         await writer.drain()
         await reader.read()
         writer.close()
+
+
+# ------------------------------------------------------------------------------ streamed calls by callbacks
+class _Sink:
+    """What EnginePool.call(stream=True) tells its sink, in order; `ended_event` set once anything ends it.
+    `on_piece(data)`: run on each piece (as the lane writes it to its client)."""
+
+    def __init__(self, on_piece=None) -> None:
+        self.events: list[tuple] = []
+        self.ended_event = asyncio.Event()
+        self.on_piece = on_piece
+
+    def piece(self, data: bytes) -> None:
+        self.events.append(("piece", data))
+        if self.on_piece is not None:
+            self.on_piece(data)
+
+    def ended(self, failure) -> None:
+        self.events.append(("ended", failure))
+        self.ended_event.set()
+
+    def answered(self, status: int, body: bytes) -> None:
+        self.events.append(("answered", status, body))
+        self.ended_event.set()
+
+    def failed(self, exc: BaseException) -> None:
+        self.events.append(("failed", exc))
+        self.ended_event.set()
+
+
+async def _stream_call(server: ScriptedServer, pool: EnginePool, sink: _Sink, deadline_s: float = 5.0):
+    call = pool.call(server.url, b"POST", b"/v1/completions", b"{}", b"", pool.loop.time() + deadline_s, sink,
+                     stream=True)
+    await asyncio.wait_for(sink.ended_event.wait(), 10)
+    return call
+
+
+@pytest.mark.parametrize("pieces", [0, 1, 5, CHUNKED.index(b"\r\n\r\n") + 4])  # the last: its head alone first
+async def test_a_stream_call_relays_each_piece_then_its_end(pieces):
+    server = await ScriptedServer([CHUNKED, CL], pieces=pieces).start()
+    pool = EnginePool()
+    try:
+        sink = _Sink()
+        await _stream_call(server, pool, sink)
+        relayed = b"".join(e[1] for e in sink.events if e[0] == "piece")
+        assert relayed == b"data: 1\ndata: [DONE]\n\n\n" and sink.events[-1] == ("ended", None), sink.events
+        if 0 < pieces < 10:
+            assert len([e for e in sink.events if e[0] == "piece"]) > 1, "pieces held back, not relayed as they came"
+        sink = _Sink()  # the connection went back to the pool; a Content-Length 200 is relayed the same way
+        await _stream_call(server, pool, sink)
+        assert b"".join(e[1] for e in sink.events[:-1]) == b'{"a": "b"}\n' and sink.events[-1] == ("ended", None)
+        assert server.connections == 1
+    finally:
+        pool.close()
+        await server.stop()
+
+
+async def test_a_stream_call_gets_a_non_200_whole_and_an_empty_200_as_a_failure():
+    error = b'{"error": {"message": "no"}}'
+    not_ok = b"HTTP/1.1 503 Service Unavailable\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (
+        len(error), error)
+    empty = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    server = await ScriptedServer([not_ok, empty], pieces=4).start()
+    pool = EnginePool()
+    try:
+        sink = _Sink()
+        await _stream_call(server, pool, sink)
+        assert sink.events == [("answered", 503, error)]
+        sink = _Sink()
+        await _stream_call(server, pool, sink)
+        assert [e[0] for e in sink.events] == ["failed"] and "before its first byte" in str(sink.events[0][1])
+    finally:
+        pool.close()
+        await server.stop()
+
+
+async def test_a_stream_calls_deadline_is_its_first_bytes():
+    """Before the first piece the deadline fails the call; after it, the stream may run past it."""
+    silent = await ScriptedServer([], hold_open=True).start()
+    slow = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"".join(b"2\r\nab\r\n" for _ in range(40))
+    late = await ScriptedServer([slow + b"0\r\n\r\n"], pieces=7).start()
+    pool = EnginePool()
+    try:
+        sink = _Sink()
+        await _stream_call(silent, pool, sink, deadline_s=0.2)
+        assert [e[0] for e in sink.events] == ["failed"] and isinstance(sink.events[0][1], asyncio.TimeoutError)
+        sink = _Sink()
+        started = pool.loop.time()
+        await _stream_call(late, pool, sink, deadline_s=0.1)  # 40 pieces of 7 bytes, a loop turn each
+        assert sink.events[-1] == ("ended", None), sink.events
+        assert b"".join(e[1] for e in sink.events if e[0] == "piece") == b"ab" * 40
+        assert pool.loop.time() - started < 5
+    finally:
+        pool.close()
+        await silent.stop()
+        await late.stop()
+
+
+async def test_a_connection_paused_by_its_stream_reader_reads_the_next_call():
+    """A reader that pauses the stream (a client behind) in the piece that also ends it: the connection goes back
+    to the pool, and the next call on it must still be read (paused, it waited for ever)."""
+    server = await ScriptedServer([CHUNKED, CL]).start()
+    pool = EnginePool()
+    try:
+        holder: dict = {}
+        sink = _Sink(on_piece=lambda _data: holder["call"].pause())
+        holder["call"] = pool.call(server.url, b"POST", b"/", b"{}", b"", pool.loop.time() + 5, sink, stream=True)
+        await asyncio.wait_for(sink.ended_event.wait(), 10)
+        assert sink.events[-1] == ("ended", None), sink.events
+        sink = _Sink()
+        await _stream_call(server, pool, sink)
+        assert sink.events == [("piece", b'{"a": "b"}\n'), ("ended", None)]
+        assert server.connections == 1
+    finally:
+        pool.close()
+        await server.stop()

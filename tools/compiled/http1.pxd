@@ -24,6 +24,7 @@ cdef class Response:
     cdef public double _idle
     cdef public double _wait_since
     cdef public object _on_end
+    cdef public object _relay
     cpdef _feed(self, bytes data)
     cpdef _finish(self)
     cpdef _complete(self, bytes body)
@@ -61,6 +62,7 @@ cdef class _Connection:
     cdef public bint _keep_alive
     cdef public bint _got_bytes
     cdef public object _call
+    cdef public bint reading_paused
     cpdef Response start(self, bytes request)
     cpdef abort(self)
     cpdef _release(self)
