@@ -824,19 +824,20 @@ class Orchestrator:
         """The engine's first byte of a stream came (its call started at `t0`): now, for stream_completed."""
         first_at = time.perf_counter()
         if phase == "decode":
-            self.metrics.phase.observe(first_at - t0, ("migration",))
+            self.metrics.phase_observers["migration"](first_at - t0)
         return first_at
 
     def stream_started(self, pd: PDRequest) -> None:
         """The client's stream is out with its first piece: how it ends is recorded later (stream_completed,
         stream_failed) or by the handler on an exception."""
         pd.outcome = "started"
-        pd.first_at = time.perf_counter()
-        self.metrics.ttft.observe(pd.first_at - pd.started, (pd.path,))
+        pd.first_at = now = time.perf_counter()
+        metrics = self.metrics
+        (metrics.by_route.get(pd.path) or metrics.route_observers(pd.path))[1](now - pd.started)
 
     def stream_completed(self, pd: PDRequest, phase: str, t0: float, first_at: float) -> None:
         pd.outcome = "completed"
-        self.metrics.phase.observe(time.perf_counter() - (first_at if phase == "decode" else t0), (phase,))
+        self.metrics.phase_observers[phase](time.perf_counter() - (first_at if phase == "decode" else t0))
 
     def stream_failed(self, pd: PDRequest, engine: EngineRecord, phase: str, failure: UpstreamError) -> bytes:
         """The engine's stream broke off after its first byte: counted, and the SSE error event the client gets
