@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Fuzz the router's C head parsers (distserve/router/_heads.c) against their Python specification
-(distserve/router/heads.py): random heads made of the pieces the parsers treat specially and of odd bytes; both
-must give the same answer or raise the same error, and `request_head` must be safe for any `end` in its buffer.
+"""Fuzz the router's C head parsers and chunk reader (distserve/router/_heads.c) against their Python specification
+(distserve/router/heads.py): random heads and chunked pieces made of what the parsers treat specially and of odd
+bytes; both must give the same answer or raise the same error, and `request_head` must be safe for any `end` in
+its buffer.
 
 `--sanitize` builds the C module afresh with AddressSanitizer and UndefinedBehaviorSanitizer (gcc) into a
 temporary directory and runs the fuzzing under it (its runtime preloaded): a read past a buffer, a leak of a
@@ -22,6 +23,11 @@ PIECES = [b"\r\n", b":", b" ", b"\t", b"HTTP/1.1 ", b"HTTP/1.0 ", b"200", b"204"
           b"Content-Length: ", b"1", b"0", b"9", b"transfer-encoding: chunked", b"connection: close",
           b"Connection: Upgrade", b"x-request-id", b"Authorization: ", b"POST ", b"GET ", b"/v1/completions",
           b"/v1/chat/completions", b" HTTP/1.1", b"\r", b"\n", b"a", b"\x00", b"\xff", b"expect", b"99999999999999999999"]
+
+
+# a chunked body's pieces
+CHUNKS = [b"3\r\nabc\r\n", b"a\r\n0123456789\r\n", b"0\r\n\r\n", b"1;e=1\r\nx\r\n", b"F \r\n", b"-1\r\n",
+          b"0x2\r\nab\r\n", b"fffffffffffffff\r\n", b"1000000000000000\r\n", b"3\r\nabcXY", b"\r\n", b"2\r\n"]
 
 
 def fuzz(module, iterations: int, seed: int) -> int:
@@ -50,7 +56,12 @@ def fuzz(module, iterations: int, seed: int) -> int:
             print(f"fuzz_heads: request_head differs on {buf!r} (end {end}, limit {limit})", file=sys.stderr)
             return 1
         module.request_head(buf, rnd.randint(0, len(buf)), limit)  # any end in the buffer is safe
-    print(f"fuzz_heads: {iterations} heads of each kind, C and Python alike")
+        body = b"".join(rnd.choice(CHUNKS) if rnd.random() < 0.7 else rnd.choice(PIECES) for _ in range(rnd.randint(0, 12)))
+        body = body[: rnd.randint(0, len(body))] if rnd.random() < 0.5 else body
+        if outcome(module.whole_chunks, body) != outcome(heads.whole_chunks_py, body):
+            print(f"fuzz_heads: whole_chunks differs on {body!r}", file=sys.stderr)
+            return 1
+    print(f"fuzz_heads: {iterations} heads of each kind, C and Python alike, and as many chunked pieces")
     return 0
 
 

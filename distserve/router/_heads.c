@@ -1,9 +1,10 @@
-/* The router's two HTTP/1.1 head parsers in C: distserve/router/heads.py is their specification (its
- * Python functions are the fallback where this module is not built, and tests/router/test_heads.py checks
- * that both give the same answer, or raise the same error, for every head). Why C: each PD request parses
- * one client head and two engine heads; here that is one pass over the bytes in place instead of split lists,
- * lower-cased copies and per-line calls: 17 % fewer instructions and 5-11 % less CPU per request for the
- * router (docs/benchmarks.md, "Fourteenth pass").
+/* The router's two HTTP/1.1 head parsers in C, and a chunked stream's whole chunks: distserve/router/heads.py is
+ * their specification (its Python functions are the fallback where this module is not built, and
+ * tests/router/test_heads.py checks that both give the same answer, or raise the same error, for every input).
+ * Why C: each PD request parses one client head and two engine heads; here that is one pass over the bytes in
+ * place instead of split lists, lower-cased copies and per-line calls: 17 % fewer instructions and 5-11 % less
+ * CPU per request for the router (docs/benchmarks.md, "Fourteenth pass"); a streamed answer's pieces are cut out
+ * of their chunks here too ("Twenty-first pass").
  *
  * Only ASCII is case-folded (as bytes.lower() does); nothing here keeps state, allocates beyond its result,
  * or reads past the buffer it was given. */
@@ -279,11 +280,104 @@ static PyObject *request_head(PyObject *module, PyObject *const *args, Py_ssize_
     return tuple_of(4, items);
 }
 
+/* a hex digit's value, or -1 */
+static inline int hex_value(unsigned char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    c = lower(c);
+    if (c >= 'a' && c <= 'f') return c - 'a' + 10;
+    return -1;
+}
+
+/* the first "\r\n" lying wholly in s[from:limit], or -1 (bytes.find(b"\r\n", from, limit)) */
+static Py_ssize_t crlf_within(const unsigned char *s, Py_ssize_t from, Py_ssize_t limit) {
+    while (from + 1 < limit) {
+        const unsigned char *cr = memchr(s + from, '\r', (size_t)(limit - from - 1));
+        if (cr == NULL) return -1;
+        Py_ssize_t at = cr - s;
+        if (s[at + 1] == '\n') return at;
+        from = at + 1;
+    }
+    return -1;
+}
+
+/* the size on the chunk-size line s[a:b] (its CRLF excluded), or -1 with ValueError set: heads.chunk_size_py */
+static long long chunk_size_of(const unsigned char *s, Py_ssize_t a, Py_ssize_t b) {
+    Py_ssize_t i = a;
+    while (i < b && hex_value(s[i]) >= 0) i++;
+    Py_ssize_t j = i;
+    while (j < b && (s[j] == ' ' || s[j] == '\t')) j++;
+    if (i == a || i - a > 15 || (j < b && s[j] != ';')) {
+        value_error_with("bad chunk size", (const char *)s + a, b - a < 40 ? b - a : 40);
+        return -1;
+    }
+    long long v = 0;
+    for (Py_ssize_t k = a; k < i; k++) v = v * 16 + hex_value(s[k]);
+    return v;
+}
+
+/* the next whole chunk at `pos` of s[:n]: its size (> 0) with its data at s[*data:*data + size] and the next
+ * chunk at *next; 0 where none is whole there (the last chunk, a cut one, a size line not within 1,024 bytes);
+ * -1 with ValueError set for a bad size or a chunk not followed by CRLF */
+static long long next_chunk(const unsigned char *s, Py_ssize_t n, Py_ssize_t pos, Py_ssize_t *data, Py_ssize_t *next) {
+    Py_ssize_t end = crlf_within(s, pos, pos + 1024 < n ? pos + 1024 : n);
+    if (end < 0) return 0;
+    long long size = chunk_size_of(s, pos, end);
+    if (size <= 0) return size;
+    if (size > n) return 0;  /* cannot be whole here (and no overflow below) */
+    Py_ssize_t stop = end + 2 + (Py_ssize_t)size;
+    if (stop + 2 > n) return 0;
+    if (s[stop] != '\r' || s[stop + 1] != '\n') {
+        PyErr_SetString(PyExc_ValueError, "missing CRLF after a chunk");
+        return -1;
+    }
+    *data = end + 2;
+    *next = stop + 2;
+    return size;
+}
+
+/* whole_chunks(data: bytes) -> (payload, pos); ValueError as heads.whole_chunks_py, its specification */
+static PyObject *whole_chunks(PyObject *module, PyObject *arg) {
+    (void)module;
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "whole_chunks() takes bytes");
+        return NULL;
+    }
+    const unsigned char *s = (const unsigned char *)PyBytes_AS_STRING(arg);
+    Py_ssize_t n = PyBytes_GET_SIZE(arg), pos = 0, count = 0, total = 0, first = 0, data = 0, next = 0;
+    long long size;
+    while ((size = next_chunk(s, n, pos, &data, &next)) > 0) {
+        if (count++ == 0) first = data;
+        total += (Py_ssize_t)size;
+        pos = next;
+    }
+    if (size < 0) return NULL;
+    PyObject *payload;
+    if (count <= 1) {
+        payload = PyBytes_FromStringAndSize((const char *)s + first, total);
+    } else {  /* joined: a second walk over what the first found whole */
+        payload = PyBytes_FromStringAndSize(NULL, total);
+        if (payload != NULL) {
+            char *out = PyBytes_AS_STRING(payload);
+            Py_ssize_t at = 0;
+            for (Py_ssize_t k = 0, p = 0; k < count; k++) {
+                size = next_chunk(s, n, p, &data, &next);
+                memcpy(out + at, s + data, (size_t)size);
+                at += (Py_ssize_t)size;
+                p = next;
+            }
+        }
+    }
+    PyObject *items[2] = {payload, PyLong_FromSsize_t(pos)};
+    return tuple_of(2, items);
+}
+
 static PyMethodDef methods[] = {
     {"answer_head", (PyCFunction)answer_head, METH_O,
      "answer_head(head) -> (status, state, remaining, keep_alive): an engine answer's head (no final CRLF CRLF)"},
     {"request_head", (PyCFunction)(void (*)(void))request_head, METH_FASTCALL,
      "request_head(buf, end, body_limit) -> (route, watched, keep_alive, length) or why it is aiohttp's"},
+    {"whole_chunks", (PyCFunction)whole_chunks, METH_O,
+     "whole_chunks(data) -> (payload, pos): the whole chunks at the start of a chunked body's piece"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,10 +1,12 @@
-"""The router's two HTTP/1.1 head parsers: an engine answer's (http1.py) and a hot client request's (fastpath.py).
+"""The router's two HTTP/1.1 head parsers: an engine answer's (http1.py) and a hot client request's (fastpath.py);
+and the whole chunks at the start of a piece of a chunked answer (a stream's pieces, http1.py).
 
 The functions here are the specification, and the fallback. Where the C module `distserve.router._heads` was
 built at install (a C compiler and Python's headers: `pip install` builds it, quietly skipped where it cannot),
-`answer_head` and `request_head` are its versions: the same answers and errors (tests/router/test_heads.py
-compares them on generated heads), in one pass over the bytes instead of split lists, lower-cased copies and a
-call per line: 5-11 % less of the router's CPU per PD request (docs/benchmarks.md, "Fourteenth pass").
+`answer_head`, `request_head` and `whole_chunks` are its versions: the same answers and errors
+(tests/router/test_heads.py compares them on generated input), in one pass over the bytes instead of split lists,
+lower-cased copies and a call per line: 5-11 % less of the router's CPU per PD request (docs/benchmarks.md,
+"Fourteenth pass"; `whole_chunks`: "Twenty-first pass").
 `DISTSERVE_PURE_PYTHON=1` in the environment makes the router use the Python versions (distserve/router/settings.py).
 """
 
@@ -116,10 +118,52 @@ def request_head_py(buf: bytes, end: int, body_limit: int) -> tuple[int, dict[by
     return ROUTES.index(parts[1]), watched, keep_alive, length
 
 
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+
+
+def chunk_size_py(line: bytes) -> int:
+    """The size on a chunk-size line (its CRLF excluded): 1 to 15 hex digits, then nothing, or spaces or tabs and
+    `;` extensions (ignored), as RFC 9112 has it; ValueError for anything else (a sign, a `0x`, `_` or leading
+    whitespace, which int(x, 16) would take and no HTTP peer sends)."""
+    n = len(line)
+    i = 0
+    while i < n and line[i] in _HEX_DIGITS:
+        i += 1
+    j = i
+    while j < n and (line[j] == 32 or line[j] == 9):
+        j += 1
+    if i == 0 or i > 15 or (j < n and line[j] != 59):  # 59: ";"
+        raise ValueError(f"bad chunk size {line[:40]!r}")
+    return int(line[:i], 16)
+
+
+def whole_chunks_py(data: bytes) -> tuple[bytes, int]:
+    """The whole chunks at the start of `data`, a piece of a chunked body that begins at a chunk: (their data
+    joined, where they end). It stops at the last chunk (size 0), at a chunk not whole in `data` and at a size
+    line not within its first 1,024 bytes (the caller's general parser goes on from there); ValueError for a bad
+    size (chunk_size_py) or a chunk not followed by CRLF."""
+    pos, n, parts = 0, len(data), []
+    while True:
+        end = data.find(b"\r\n", pos, pos + 1024)
+        if end < 0:
+            break
+        size = chunk_size_py(data[pos:end])
+        if size == 0:
+            break
+        stop = end + 2 + size
+        if stop + 2 > n:
+            break
+        if data[stop : stop + 2] != b"\r\n":
+            raise ValueError("missing CRLF after a chunk")
+        parts.append(data[end + 2 : stop])
+        pos = stop + 2
+    return (parts[0] if len(parts) == 1 else b"".join(parts)), pos
+
+
 def _load_c():
     module = load("_heads")
-    if module is not None and (module.HEAD, module.LENGTH, module.CHUNK_SIZE, module.UNTIL_CLOSE, module.DONE) != (
-            HEAD, LENGTH, CHUNK_SIZE, UNTIL_CLOSE, DONE):
+    if module is not None and ((module.HEAD, module.LENGTH, module.CHUNK_SIZE, module.UNTIL_CLOSE, module.DONE) != (
+            HEAD, LENGTH, CHUNK_SIZE, UNTIL_CLOSE, DONE) or not hasattr(module, "whole_chunks")):
         return None  # a stale build from another version of this module
     return module
 
@@ -128,3 +172,4 @@ _c = _load_c()
 IMPLEMENTATION = "c" if _c is not None else "python"
 answer_head = _c.answer_head if _c is not None else answer_head_py
 request_head = _c.request_head if _c is not None else request_head_py
+whole_chunks = _c.whole_chunks if _c is not None else whole_chunks_py

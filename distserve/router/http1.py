@@ -29,7 +29,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from distserve.router import heads
-from distserve.router.heads import answer_head
+from distserve.router.heads import answer_head, chunk_size_py, whole_chunks
 from distserve.router.upstream import UpstreamError
 
 MAX_HEAD = 64 * 1024
@@ -693,10 +693,8 @@ class _Connection(asyncio.Protocol):
                     if len(buf) > 1024:
                         raise ValueError("chunk size line too long")
                     return
-                size = _chunk_size(bytes(buf[:end]))
+                size = chunk_size_py(bytes(buf[:end]))
                 del buf[: end + 2]
-                if size < 0:
-                    raise ValueError("negative chunk size")
                 if size == 0:
                     self._state = _TRAILERS
                 else:
@@ -735,25 +733,12 @@ class _Connection(asyncio.Protocol):
 
     def _whole_chunks(self, resp: Response, data: bytes) -> bytes:
         """Feed the whole chunks at the start of `data` (at a chunk boundary, nothing buffered) as one piece,
-        found by searches in place: the general loop below copies into the buffer and deletes from it per
-        chunk. Returns the rest (a partial chunk, the last chunk and trailers) for that loop."""
-        pos, n, parts = 0, len(data), []
-        while True:
-            end = data.find(b"\r\n", pos, pos + 1024)
-            if end < 0:
-                break
-            size = _chunk_size(data[pos:end])
-            if size <= 0:  # the last chunk (or a bad size): the loop handles trailers and errors
-                break
-            stop = end + 2 + size
-            if stop + 2 > n:
-                break
-            if data[stop : stop + 2] != b"\r\n":
-                raise ValueError("missing CRLF after a chunk")
-            parts.append(data[end + 2 : stop])
-            pos = stop + 2
-        if parts:
-            resp._feed(parts[0] if len(parts) == 1 else b"".join(parts))
+        cut out in place (heads.whole_chunks: in C where built): the general loop below copies into the buffer
+        and deletes from it per chunk. Returns the rest (a partial chunk, the last chunk and trailers) for that
+        loop."""
+        payload, pos = whole_chunks(data)
+        if payload:
+            resp._feed(payload)
         return data[pos:] if pos else data
 
     def _head(self, resp: Response, head: bytes) -> bool:
@@ -770,11 +755,6 @@ class _Connection(asyncio.Protocol):
         if not resp._head.done():
             resp._head.set_result(None)
         return True
-
-
-def _chunk_size(line: bytes) -> int:
-    """A chunk-size line's size (hex, extensions after ";" ignored); ValueError when it is not a number."""
-    return int(line.split(b";", 1)[0], 16)
 
 
 def _parse_headers(head: bytes) -> dict[str, str]:

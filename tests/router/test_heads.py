@@ -100,6 +100,43 @@ def test_request_head_reads_what_the_handler_needs(fn):
     assert fn(buf, buf.find(b"\r\n\r\n"), 6) == "framing"  # over the body limit
 
 
+# a chunked body's pieces: well-formed chunks, their sizes and CRLFs varied and broken, cut anywhere
+_chunk = st.one_of(
+    st.binary(min_size=1, max_size=40).map(lambda d: b"%x\r\n%s\r\n" % (len(d), d)),
+    st.tuples(st.binary(max_size=12), st.sampled_from([b"", b";e=1", b" ;x", b"\t", b" ", b"x", b" 1"]))
+    .map(lambda t: b"%X%s\r\n%s\r\n" % (len(t[0]), t[1], t[0])),
+    st.sampled_from([b"0\r\n\r\n", b"0\r\nX-T: 1\r\n\r\n", b"-3\r\nabc\r\n", b"0x3\r\nabc\r\n",
+                     b"+3\r\nabc\r\n", b" 3\r\nabc\r\n", b"1_0\r\n", b"3\r\nabcXY", b"fffffffffffffff\r\n",
+                     b"1000000000000000\r\nx\r\n", b"\r\n", b"3\r\nab", b"g\r\n", b"3" * 1100 + b"\r\n"]),
+    st.binary(max_size=8),
+)
+
+
+@needs_c
+@settings(max_examples=examples(3000), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_chunk, max_size=8), st.integers(min_value=0, max_value=400))
+def test_whole_chunks_alike(chunks, cut):
+    data = b"".join(chunks)
+    for piece in (data, data[:cut]):
+        assert outcome(c.whole_chunks, piece) == outcome(heads.whole_chunks_py, piece)
+
+
+@pytest.mark.parametrize("fn", [heads.whole_chunks_py, pytest.param("c", marks=needs_c)])
+def test_whole_chunks_reads_the_whole_chunks_and_leaves_the_rest(fn):
+    fn = c.whole_chunks if fn == "c" else fn
+    assert fn(b"3\r\nabc\r\nA;ext=1\r\n0123456789\r\n0\r\n\r\n") == (b"abc0123456789", 29)
+    assert fn(b"3\r\nabc\r\n") == (b"abc", 8)
+    assert fn(b"3 \t;x\r\nabc\r\n5\r\nab") == (b"abc", 12)  # the second chunk is not whole: the rest
+    assert fn(b"0\r\n\r\n") == (b"", 0) and fn(b"") == (b"", 0) and fn(b"3\r\nabc") == (b"", 0)
+    assert fn(b"1" * 2000) == (b"", 0)  # no size line within 1,024 bytes: the caller's parser decides
+    for bad, message in [(b"3\r\nabcXY", "missing CRLF after a chunk"), (b"-3\r\nabc\r\n", "bad chunk size b'-3'"),
+                         (b"0x3\r\nabc\r\n", "bad chunk size"), (b" 3\r\nabc\r\n", "bad chunk size"),
+                         (b"1_0\r\n", "bad chunk size"), (b"3 x\r\nabc\r\n", "bad chunk size"),
+                         (b"1000000000000000\r\n", "bad chunk size")]:
+        with pytest.raises(ValueError, match=message):
+            fn(bad)
+
+
 @needs_c
 @needs_gcc
 def test_the_c_parsers_under_address_and_undefined_behaviour_sanitizers():
