@@ -192,7 +192,7 @@ class UnaryExchange:
         try:
             if self.phase == _STREAMING:
                 behind = self.out.send(data)
-                self.tail = (self.tail + data)[-16:]
+                self.tail = data[-16:] if len(data) >= 16 else (self.tail + data)[-16:]  # no copy of a long piece
                 self.last_piece = self.pd.request.loop.time()
             elif self.phase == _DECODE:
                 behind = self._open(data)
