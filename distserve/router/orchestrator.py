@@ -959,7 +959,7 @@ class Orchestrator:
                 if not chunk:
                     break
                 await out.write(chunk)  # raises when the client went away (handled by the caller)
-                tail = (tail + chunk)[-16:]
+                tail = chunk[-16:] if len(chunk) >= 16 else (tail + chunk)[-16:]
             if failure is None:
                 failure = self.stream_unfinished(tail)
             if failure is not None:

@@ -395,3 +395,22 @@ async def test_a_client_leaving_mid_stream_stops_the_decode_and_frees_the_prefil
         assert decode.written <= written + 2, "the decode ran on after the client left"
         assert router.metrics.streams.get(("/v1/completions", "client_gone")) == 1
         assert router.metrics.client_disconnects.get(("/v1/completions",)) == 1
+
+
+async def test_pipelined_streamed_requests_are_answered_in_order(etcd):
+    """Streams the lane serves back to back on one connection: each ends (its last chunk) before the next starts,
+    in order, each with its own request id and whole."""
+    decode = StreamingStub(5)
+    async with _lane_cluster(etcd, decode) as cluster:
+        reader, writer = await asyncio.open_connection("127.0.0.1", cluster["router"].port)
+        writer.write(b"".join(
+            _request({"model": MODEL, "prompt": "x", "stream": True}).replace(
+                b"Host: r\r\n", b"Host: r\r\nX-Request-Id: s-%d\r\n" % i)
+            for i in range(10)
+        ))
+        for i in range(10):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert head.startswith(b"HTTP/1.1 200") and b"X-Request-Id: s-%d\r\n" % i in head, (i, head)
+            body = await asyncio.wait_for(_read_chunked(reader), 10)
+            assert body.count(b'"text": "') == 5 and body.endswith(b"data: [DONE]\n\n"), body
+        writer.close()
