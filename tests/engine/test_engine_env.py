@@ -9,7 +9,7 @@ import time
 import pytest
 
 from distserve.migration import settings
-from tests.util import REPO, free_port
+from tests.util import REPO, free_port, wait_until_interruptible
 
 
 @pytest.mark.parametrize("name, value", [
@@ -60,6 +60,7 @@ def test_ctrl_c_while_the_engine_loads_exits_130_without_a_traceback(seconds):
                              "--host", "127.0.0.1", "--port", str(free_port())],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        wait_until_interruptible(proc.pid)  # the interpreter's own start: no program can handle a press in it
         time.sleep(seconds)
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
