@@ -43,21 +43,22 @@ async def _read_answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return status, body
 
 
-@pytest.fixture
-async def engines(etcd):
-    prefill, decode = WireStub(), WireStub()
+@contextlib.asynccontextmanager
+async def _published(etcd, decode: WireStub) -> AsyncIterator[dict]:
+    """A prefill stub and `decode` started and published in etcd with a link between them; stopped on exit."""
+    prefill = WireStub()
     prefill.prefill_answer = dict(ANSWER)
     for stub in (prefill, decode):
         await stub.start()
     keys = Keys(f"u{uuid.uuid4().hex[:6]}")
     client = EtcdClient(EtcdConfig(endpoints=etcd.endpoints))
     await client.connect()
-    p = engine_record("p0", prefill.url, "prefill")
-    d = engine_record("d0", decode.url, "decode")
-    await publish_engine(client, keys, p)
-    await publish_engine(client, keys, d)
-    await publish_link(client, keys, link_record(p, d))
     try:
+        p = engine_record("p0", prefill.url, "prefill")
+        d = engine_record("d0", decode.url, "decode")
+        await publish_engine(client, keys, p)
+        await publish_engine(client, keys, d)
+        await publish_link(client, keys, link_record(p, d))
         yield {"etcd": etcd, "keys": keys, "client": client, "prefill": prefill, "decode": decode}
     finally:
         await client.close()
@@ -65,14 +66,21 @@ async def engines(etcd):
             await stub.stop()
 
 
+@pytest.fixture
+async def engines(etcd):
+    async with _published(etcd, WireStub()) as found:
+        yield found
+
+
 @contextlib.asynccontextmanager
-async def _router_in_process(engines: dict) -> AsyncIterator:
-    """A router in this process (its tasks countable, its parts patchable), once it has a route to MODEL;
-    stopped on exit."""
+async def _router_in_process(engines: dict, **settings) -> AsyncIterator:
+    """A router in this process (its tasks countable, its parts patchable) with `settings`, once it has a route
+    to MODEL; stopped on exit."""
     from distserve.router.app import Router
     from distserve.router.settings import RouterSettings
 
-    router = Router(RouterSettings(cluster=engines["keys"].cluster, port=0, host="127.0.0.1"), engines["client"])
+    router = Router(RouterSettings(cluster=engines["keys"].cluster, port=0, host="127.0.0.1", **settings),
+                    engines["client"])
     await router.start()
     try:
         for _ in range(100):
@@ -281,35 +289,8 @@ def _event(i: int, size: int) -> bytes:
 @contextlib.asynccontextmanager
 async def _lane_cluster(etcd, decode: WireStub, **settings) -> AsyncIterator[dict]:
     """A prefill stub and `decode` published with a link, and a router in this process with `settings`."""
-    from distserve.router.app import Router
-    from distserve.router.settings import RouterSettings
-
-    prefill = WireStub()
-    prefill.prefill_answer = dict(ANSWER)
-    for stub in (prefill, decode):
-        await stub.start()
-    keys = Keys(f"s{uuid.uuid4().hex[:6]}")
-    client = EtcdClient(EtcdConfig(endpoints=etcd.endpoints))
-    await client.connect()
-    router = None
-    try:
-        p, d = engine_record("p0", prefill.url, "prefill"), engine_record("d0", decode.url, "decode")
-        await publish_engine(client, keys, p)
-        await publish_engine(client, keys, d)
-        await publish_link(client, keys, link_record(p, d))
-        router = Router(RouterSettings(cluster=keys.cluster, port=0, host="127.0.0.1", **settings), client)
-        await router.start()
-        for _ in range(100):
-            if router.view.table().entries.get(MODEL):
-                break
-            await asyncio.sleep(0.05)
-        yield {"router": router, "prefill": prefill, "decode": decode}
-    finally:
-        if router is not None:
-            await router.stop()
-        await client.close()
-        for stub in (prefill, decode):
-            await stub.stop()
+    async with _published(etcd, decode) as found, _router_in_process(found, **settings) as router:
+        yield {"router": router, "prefill": found["prefill"], "decode": decode}
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
